@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""A null SMTP sink: the cheapest server that speaks enough SMTP for bench/loadgen.py.
+
+Owns the measurement of the load generator's own ceiling (bench/run target
+`null-sink`): with a server this cheap, the msg/s reached is the client's limit on
+this machine, not a server's. It stores nothing and checks almost nothing: it answers
+each command line with a canned reply, swallows DATA up to the "." line and says 250.
+Never use it as a baseline for a real server.
+
+Invariant: one reply per command line, in order, so pipelined clients stay in step.
+Prints "ready" on stdout once listening; stops on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+try:
+    import uvloop
+except ImportError:  # slower on the stdlib loop, still correct
+    uvloop = None
+
+EHLO_REPLY = b"250-sink.bench\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+REPLIES = {b"MAIL": b"250 OK\r\n", b"RCPT": b"250 OK\r\n", b"DATA": b"354 go ahead\r\n",
+           b"RSET": b"250 OK\r\n", b"NOOP": b"250 OK\r\n", b"HELO": b"250 sink.bench\r\n",
+           b"EHLO": EHLO_REPLY}
+
+
+class SinkProtocol(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buffer = b""
+        self.in_data = False
+        transport.write(b"220 sink.bench ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        out = []
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    # Keep only a tail that could still hold the start of the terminator.
+                    self.buffer = self.buffer[-4:]
+                    break
+                self.buffer = self.buffer[end + 5:]
+                self.in_data = False
+                out.append(b"250 OK queued\r\n")
+                continue
+            line_end = self.buffer.find(b"\r\n")
+            if line_end < 0:
+                break
+            verb = self.buffer[:4].upper()
+            self.buffer = self.buffer[line_end + 2:]
+            if verb == b"QUIT":
+                out.append(b"221 bye\r\n")
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            out.append(REPLIES.get(verb, b"500 unknown command\r\n"))
+            if verb == b"DATA":
+                self.in_data = True
+                # A CRLF before the body lets one search find "." as its first line too.
+                self.buffer = b"\r\n" + self.buffer
+        if out:
+            self.transport.write(b"".join(out))
+
+
+async def serve(host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(SinkProtocol, host, port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--spool", help="ignored; accepted so bench/run can treat targets alike")
+    a = p.parse_args(argv)
+    if uvloop is not None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(a.host, a.port))
+    else:
+        asyncio.run(serve(a.host, a.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

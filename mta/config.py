@@ -1,0 +1,244 @@
+"""The typed configuration: TOML in, one frozen Config out, or a ConfigError.
+
+Every default lives on its field; with no file at all the defaults make a working
+relay (SMTP on 127.0.0.1:2525, spool under ./var/). Validation names the key and says
+what is wrong (`[limits] max_recipients: must be an integer >= 1, got "ten"`).
+
+Invariants: a loaded Config is fully validated; unknown keys are errors (a typo must
+not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LISTENER_MODES: Final = ("smtp", "submission", "smtps")
+BARE_NEWLINE_MODES: Final = ("reject", "normalize")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    inbound_workers: int = 1
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    address: str = "127.0.0.1:2525"
+    mode: str = "smtp"
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.address)[1]
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: str = "var/spool"
+    max_size_bytes: int = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = 25 * 1024**2
+    max_recipients: int = 100
+    max_connections_per_ip: int = 50
+    command_timeout_seconds: float = 300.0
+    data_timeout_seconds: float = 600.0
+    max_errors: int = 20
+    max_received_headers: int = 50
+    bare_newline: str = "reject"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    local_domains: tuple[str, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    mynetworks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listener: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    source: str = "<embedded defaults>"
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """'127.0.0.1:25' or '[::1]:25' -> (host, port); ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f'expected "host:port", got {address!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    if ":" in host:
+        ipaddress.ip_address(host)  # a bare IPv6 literal must at least parse
+    return host, number
+
+
+# --- loading -------------------------------------------------------------------------
+
+def load(path: str | None = None) -> Config:
+    """Load `path`, else $MTA_CONFIG, else the embedded defaults."""
+    path = path or os.environ.get("MTA_CONFIG")
+    if not path:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (pass -c FILE or set MTA_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, source=path)
+
+
+def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
+    """Validate a decoded TOML document into a Config."""
+    known = {"server", "listener", "queue", "limits", "relay"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
+    listeners_raw = raw.get("listener", None)
+    if listeners_raw is None:
+        listeners: tuple[ListenerConfig, ...] = Config().listener
+    else:
+        if not isinstance(listeners_raw, list) or not listeners_raw:
+            raise ConfigError(f"{source}: [[listener]] must be an array of tables with at least one entry")
+        listeners = tuple(
+            _section(ListenerConfig, item, f"[[listener]] #{i + 1}", source)
+            for i, item in enumerate(listeners_raw)
+        )
+    config = Config(
+        server=_section(ServerConfig, raw.get("server", {}), "[server]", source),
+        listener=listeners,
+        queue=_section(QueueConfig, raw.get("queue", {}), "[queue]", source),
+        limits=_section(LimitsConfig, raw.get("limits", {}), "[limits]", source),
+        relay=_section(RelayConfig, raw.get("relay", {}), "[relay]", source),
+        source=source,
+    )
+    _check(config, source)
+    return config
+
+
+def _section(cls: type, table: Any, name: str, source: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {name} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: {name} {key}: unknown key (known: {', '.join(sorted(fields))})")
+        try:
+            values[key] = _coerce(hints[key], value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {name} {key}: {exc}") from None
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"must be a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"must be a list, got {value!r}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if item_hint is str:
+            # Domains compare case-insensitively and without the root dot.
+            return tuple(_coerce(str, v).strip().lower().rstrip(".") for v in value)
+        return tuple(_network(v) for v in value)
+    raise TypeError(f"unsupported type {hint!r}")  # our bug: a field type with no coercion
+
+
+def _network(value: Any) -> Network:
+    if not isinstance(value, str):
+        raise TypeError(f"must be a list of CIDR strings, got {value!r}")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f'{value!r} is not an IP network (e.g. "10.0.0.0/8")') from None
+
+
+def _check(config: Config, source: str) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    if not config.server.hostname or " " in config.server.hostname:
+        fail("[server] hostname", "must be a host name without spaces")
+    if config.server.inbound_workers < 1:
+        fail("[server] inbound_workers", "must be >= 1")
+    seen: set[str] = set()
+    for i, lst in enumerate(config.listener):
+        key = f"[[listener]] #{i + 1}"
+        try:
+            split_hostport(lst.address)
+        except ValueError as exc:
+            fail(f"{key} address", str(exc))
+        if lst.address in seen:
+            fail(f"{key} address", f"{lst.address} is configured twice")
+        seen.add(lst.address)
+        if lst.mode not in LISTENER_MODES:
+            fail(f"{key} mode", f"must be one of {', '.join(LISTENER_MODES)}, got {lst.mode!r}")
+        if lst.proxy_protocol and not lst.trusted_proxies:
+            fail(f"{key} trusted_proxies", "proxy_protocol = true needs at least one trusted proxy CIDR")
+    if not config.queue.path:
+        fail("[queue] path", "must not be empty")
+    if config.queue.max_size_bytes < 1024 * 1024:
+        fail("[queue] max_size_bytes", "must be at least 1048576 (1 MiB)")
+    limits = config.limits
+    for name in ("max_message_bytes", "max_recipients", "max_connections_per_ip", "max_errors"):
+        if getattr(limits, name) < 1:
+            fail(f"[limits] {name}", "must be >= 1")
+    if limits.max_recipients < 100:
+        fail("[limits] max_recipients", "RFC 5321 requires accepting at least 100 recipients")
+    for name in ("command_timeout_seconds", "data_timeout_seconds"):
+        if getattr(limits, name) <= 0:
+            fail(f"[limits] {name}", "must be > 0")
+    if limits.bare_newline not in BARE_NEWLINE_MODES:
+        fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
+    for name in ("local_domains", "relay_domains"):
+        for domain in getattr(config.relay, name):
+            if not domain or any(c.isspace() or c in "@<>[]" for c in domain):
+                fail(f"[relay] {name}", f"{domain!r} is not a domain name")

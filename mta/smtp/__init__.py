@@ -1,0 +1,1 @@
+"""The SMTP protocol core: sans-I/O, no sockets, no clocks."""

@@ -1,0 +1,122 @@
+"""SMTP replies: the Reply value and every canonical reply the server sends.
+
+One place for codes, enhanced status codes (RFC 3463) and texts, so transcripts, the
+server core and the workers agree. Texts never echo unsanitised client input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    status: str  # enhanced status code "x.y.z", or "" where none applies (220, EHLO)
+    text: str | tuple[str, ...]
+
+    @property
+    def positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        texts = (self.text,) if isinstance(self.text, str) else self.text
+        prefix = f"{self.status} " if self.status else ""
+        return tuple(f"{prefix}{t}" for t in texts)
+
+    def to_bytes(self) -> bytes:
+        lines = self.lines
+        out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
+        out.append(f"{self.code} {lines[-1]}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return " ".join((str(self.code), *self.lines))
+
+
+# Positive
+OK = Reply(250, "2.0.0", "Ok")
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY")
+
+# Sequence and syntax
+UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Error: bad characters in command line")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+MIXED_BDAT_DATA = Reply(503, "5.5.1", "Error: DATA and BDAT cannot be mixed in one transaction")
+EXPN_DISABLED = Reply(502, "5.5.1", "Error: EXPN not available")
+SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization (commands sent before 354)")
+NO_PARAMETERS = Reply(501, "5.5.4", "Syntax: this command takes no parameters")
+
+
+def syntax(usage: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
+def bad_parameter(why: str) -> Reply:
+    return Reply(501, "5.5.4", f"Error: {why}")
+
+
+def unknown_parameter(name: str) -> Reply:
+    return Reply(555, "5.5.4", f"Error: unsupported parameter {sanitize(name, 32)}")
+
+
+def bad_sender(why: str) -> Reply:
+    return Reply(501, "5.1.7", f"Bad sender address syntax: {why}")
+
+
+def bad_recipient(why: str) -> Reply:
+    return Reply(501, "5.1.3", f"Bad recipient address syntax: {why}")
+
+
+UTF8_NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops (Received headers)")
+BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> in message content (only <CR><LF> is allowed)")
+QUEUE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
+QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue write failed, try again later")
+CONNECTION_LIMIT = Reply(421, "4.7.0", "Error: too many connections from your address")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def chunk_ok(octets: int) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: {octets} octets received")
+
+
+def greeting(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP")
+
+
+def closing(hostname: str) -> Reply:
+    return Reply(221, "2.0.0", f"{hostname} closing connection")
+
+
+def too_many_errors(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors, closing connection")
+
+
+def timeout(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded, closing connection")
+
+
+def shutting_down(hostname: str) -> Reply:
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing connection")
+
+
+def sanitize(text: str, limit: int = 64) -> str:
+    """Client text made safe to echo in a reply or a log line: printable, bounded."""
+    clean = "".join(c if c.isprintable() and c not in "\r\n" else "?" for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "")

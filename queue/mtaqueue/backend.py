@@ -1,0 +1,46 @@
+"""The queue backend interface and its errors; implementations are backend_<kind>.py.
+
+Contract (tests/mtaqueue/test_contract.py runs it against every backend):
+- commit(messages) stores all of them in one durable transaction or none of them;
+  it raises QueueFull when the store has no room, QueueIOError on any other failure.
+- Nothing half-written is ever visible: an envelope is listed only with its body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mtaqueue.ids import MessageId
+from mtaqueue.records import Envelope, NewMessage
+
+
+class QueueError(Exception):
+    """A queue operation failed; nothing was changed."""
+
+
+class QueueFull(QueueError):
+    """No room (map full or disk full): the client should retry later (452 4.3.1)."""
+
+
+class QueueIOError(QueueError):
+    """The store failed for another reason (451 4.3.0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    messages: int
+    used_bytes: int  # message data stored (envelopes + bodies)
+    max_bytes: int
+
+
+class QueueBackend(Protocol):
+    def commit(self, messages: Sequence[NewMessage]) -> None: ...
+    def envelope(self, msgid: MessageId) -> Envelope | None: ...
+    def body(self, msgid: MessageId) -> bytes | None: ...
+    def envelopes(self) -> Iterator[Envelope]: ...
+    def delete(self, msgids: Sequence[MessageId]) -> int: ...
+    def due(self, now: float, limit: int) -> list[MessageId]: ...
+    def stats(self) -> QueueStats: ...
+    def close(self) -> None: ...

@@ -1,0 +1,22 @@
+"""Message ids: one NewType, one form (13 upper-case hex digits of time + 8 of randomness), sortable by arrival.
+
+The time part (microseconds since the epoch) makes listings read in arrival order;
+the random part keeps ids unique across processes without coordination.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import NewType
+
+MessageId = NewType("MessageId", str)
+
+
+def new_id(now: float | None = None) -> MessageId:
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return MessageId(f"{micros:013X}{os.urandom(4).hex().upper()}")
+
+
+def is_id(text: str) -> bool:
+    return len(text) == 21 and all(c in "0123456789ABCDEF" for c in text)

@@ -1,0 +1,78 @@
+"""Property tests: no input makes the core raise, and every command line gets a reply."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mta.smtp.server import ServerConnection, ServerOptions
+from tests.mta.smtp.transcript import App
+
+VERBS = ["HELO", "EHLO", "MAIL FROM:", "RCPT TO:", "RSET", "NOOP", "HELP", "VRFY", "EXPN",
+         "QUIT", "DATA", "BDAT", "XYZZY", "mail from:", "rcpt to:", "STARTTLS", ""]
+ARGS = st.one_of(
+    st.just(""),
+    st.sampled_from(["<a@local.test>", "<>", "<@x,@y:a@b.test>", "<\"q q\"@local.test>", "<a@[1.2.3.4]>",
+                     "<ü@local.test> SMTPUTF8", "<a@b> SIZE=99999999999", "<a@b> NOTIFY=NEVER",
+                     "<a@b> ORCPT=rfc822;x+41", " c.test", "10", "0 LAST", "<a@b> RET=FULL ENVID=x"]),
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=40),
+)
+
+
+def _new() -> App:
+    conn = ServerConnection(ServerOptions(hostname="mx.test", max_errors=1000, max_message_bytes=4096))
+    conn.greet()
+    conn.data_to_send()
+    return App(conn)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=1, max_value=400), max_size=20))
+def test_random_bytes_in_random_splits_never_raise(data: bytes, cuts: list[int]) -> None:
+    app = _new()
+    pos = 0
+    for cut in cuts + [len(data)]:
+        app.feed(data[pos:pos + cut])
+        pos += cut
+        if app.closed:
+            break
+    app.conn.receive_eof()
+    app.pump()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(VERBS), ARGS), min_size=1, max_size=30))
+def test_every_command_line_gets_exactly_one_reply(commands: list[tuple[str, str]]) -> None:
+    """Lines that do not enter DATA or BDAT each get one final reply, in order."""
+    app = _new()
+    for verb, arg in commands:
+        if verb in ("DATA", "BDAT"):
+            continue  # these switch to content framing: covered by transcripts
+        line = (verb + (" " if arg and not verb.endswith(":") else "") + arg).encode("utf-8", "replace")
+        out = app.feed(line.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n")
+        finals = [ln for ln in out.split(b"\r\n")[:-1] if ln[3:4] == b" "]
+        if verb == "QUIT" and not arg:
+            assert finals and finals[0].startswith(b"221")
+            return
+        assert len(finals) == 1, (line, out)
+        assert finals[0][:1] in b"2345"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000), st.lists(st.integers(min_value=1, max_value=300), max_size=10))
+def test_data_content_survives_any_split(body: bytes, cuts: list[int]) -> None:
+    """Properly stuffed content, split anywhere, is delivered byte-exact (or rejected for bare CR/LF)."""
+    app = _new()
+    app.feed(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@local.test>\r\n")
+    app.feed(b"DATA\r\n")
+    content = body if body.endswith(b"\r\n") or not body else body + b"\r\n"
+    stuffed = (b"\r\n" + content).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+    pos, out = 0, b""
+    for cut in cuts + [len(stuffed)]:
+        out += app.feed(stuffed[pos:pos + cut])
+        pos += cut
+    clean = content.count(b"\n") == content.count(b"\r\n") == content.count(b"\r")
+    if len(content) > 4096:
+        assert out.startswith(b"552 5.3.4")
+    elif clean:
+        assert out.startswith(b"250 2.0.0") and app.messages[-1].data == content
+    else:
+        assert out.startswith(b"550 5.5.2")

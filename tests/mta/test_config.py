@@ -1,0 +1,81 @@
+"""Configuration: embedded defaults, validation errors that name the key."""
+
+import ipaddress
+
+import pytest
+
+from mta.config import Config, ConfigError, load, parse
+
+
+def test_embedded_defaults_listen_on_2525_with_spool_under_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MTA_CONFIG", raising=False)
+    config = load(None)
+    assert [l.address for l in config.listener] == ["127.0.0.1:2525"]
+    assert config.queue.path.startswith("var/")
+    assert config.limits.bare_newline == "reject"
+
+
+def test_mta_config_environment_variable(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mta.toml"
+    path.write_text('[server]\nhostname = "mx.example"\n')
+    monkeypatch.setenv("MTA_CONFIG", str(path))
+    assert load(None).server.hostname == "mx.example"
+
+
+def test_full_config_parses() -> None:
+    config = parse({
+        "server": {"hostname": "mx.example", "inbound_workers": 2},
+        "listener": [{"address": "0.0.0.0:25", "mode": "smtp"},
+                     {"address": "[::1]:587", "mode": "submission", "proxy_protocol": True,
+                      "trusted_proxies": ["10.0.0.0/8"]}],
+        "queue": {"path": "/var/spool/mta", "max_size_bytes": 1 << 30},
+        "limits": {"max_message_bytes": 1000, "max_recipients": 500, "max_connections_per_ip": 5,
+                   "command_timeout_seconds": 60, "data_timeout_seconds": 120, "max_errors": 5,
+                   "bare_newline": "normalize"},
+        "relay": {"local_domains": ["Example.COM."], "relay_domains": [], "mynetworks": ["192.0.2.0/24"]},
+    })
+    assert config.listener[1].host == "::1" and config.listener[1].port == 587
+    assert config.relay.local_domains == ("example.com",)
+    assert config.relay.mynetworks == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert config.limits.command_timeout_seconds == 60.0
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"limits": {"max_recipients": "ten"}}, "[limits] max_recipients: must be an integer"),
+    ({"limits": {"max_recipients": 10}}, "[limits] max_recipients: RFC 5321 requires"),
+    ({"limits": {"max_recipeints": 10}}, "[limits] max_recipeints: unknown key"),
+    ({"limits": {"bare_newline": "allow"}}, "[limits] bare_newline: must be one of reject, normalize"),
+    ({"serverr": {}}, "unknown section [serverr]"),
+    ({"listener": [{"address": "localhost"}]}, '[[listener]] #1 address: expected "host:port"'),
+    ({"listener": [{"address": "127.0.0.1:99999"}]}, "port 99999 is out of range"),
+    ({"listener": [{"address": "127.0.0.1:25", "mode": "lmtp"}]}, "[[listener]] #1 mode: must be one of"),
+    ({"listener": [{"address": "127.0.0.1:25", "proxy_protocol": True}]}, "trusted_proxies"),
+    ({"relay": {"mynetworks": ["10.0.0.300/8"]}}, "[relay] mynetworks: '10.0.0.300/8' is not an IP network"),
+    ({"queue": {"max_size_bytes": 1000}}, "[queue] max_size_bytes: must be at least 1048576"),
+    ({"server": {"inbound_workers": True}}, "[server] inbound_workers: must be an integer"),
+])
+def test_errors_name_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, source="test.toml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("test.toml: ")
+
+
+def test_missing_and_malformed_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load(str(tmp_path / "absent.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(str(bad))
+
+
+def test_defaults_live_on_the_fields() -> None:
+    assert parse({}) == Config(source="<string>")
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[2] / "deploy" / "mta.example.toml"
+    config = load(str(example))
+    assert config.server.hostname == "mx1.example.com"

@@ -1,0 +1,1 @@
+"""One subpackage per process kind: inbound (more come: scheduler, delivery, control)."""

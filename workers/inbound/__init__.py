@@ -1,0 +1,1 @@
+"""The inbound worker: SMTP server sessions -> policy -> durable queue commit -> 250."""

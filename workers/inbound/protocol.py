@@ -1,0 +1,202 @@
+"""The asyncio adapter: one InboundProtocol per client connection, glue over the core.
+
+Bytes go to the sans-I/O ServerConnection; its events get policy replies (sync) or a
+queue commit (async, through the worker's GroupCommitter); replies are written once
+per batch of input, so pipelined replies leave in one write. Back-pressure: reading
+pauses while a decision is pending and unprocessed input piles up past HIGH_WATER.
+A 250 is written only after the commit (and its fsync) returned.
+
+Timeouts: one timer per session, re-armed lazily from the last activity time; it
+never fires while we (not the client) are the ones being waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from typing import TYPE_CHECKING
+
+from mta import logs
+from mta.config import ListenerConfig
+from mta.smtp import replies
+from mta.smtp.commands import MailFrom, RcptTo
+from mta.smtp.server import CLOSED, Message, ServerConnection
+from mta.smtp.states import State
+from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
+from workers.inbound import policy
+from workers.inbound.received import received_header
+
+if TYPE_CHECKING:
+    from workers.inbound.main import WorkerContext
+
+HIGH_WATER = 256 * 1024
+
+
+class InboundProtocol(asyncio.Protocol):
+    def __init__(self, ctx: WorkerContext, listener: ListenerConfig) -> None:
+        self._ctx = ctx
+        self._listener = listener
+        self._conn = ServerConnection(ctx.server_options)
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+        self._commit_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
+        self.client_ip = "unknown"
+        self.client_port = 0
+        self._client_addr: policy.IPAddress | None = None
+
+    # --- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip, self.client_port = peer[0], peer[1]
+            self._client_addr = ipaddress.ip_address(self.client_ip)
+        ctx = self._ctx
+        ctx.sessions.add(self)
+        count = ctx.connections_per_ip.get(self.client_ip, 0) + 1
+        ctx.connections_per_ip[self.client_ip] = count
+        if count > ctx.config.limits.max_connections_per_ip:
+            logs.event("refused", client=self.client_ip, reason="max_connections_per_ip")
+            self._conn.refuse(replies.CONNECTION_LIMIT)
+        else:
+            self._conn.greet()
+        self._last_activity = time.monotonic()
+        self._arm_timer(ctx.config.limits.command_timeout_seconds)
+        self._flush()
+        if self._conn.state is State.CLOSED:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        self._conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self._conn.receive_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ctx = self._ctx
+        ctx.sessions.discard(self)
+        left = ctx.connections_per_ip.get(self.client_ip, 1) - 1
+        if left > 0:
+            ctx.connections_per_ip[self.client_ip] = left
+        else:
+            ctx.connections_per_ip.pop(self.client_ip, None)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._conn.receive_eof()
+        # A commit in flight still completes: the message may be stored without the
+        # client having seen 250 (it will retry; a duplicate, never a loss).
+
+    # --- the session -------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Between transactions with nothing pending: safe to close during a drain."""
+        return self._conn.pending is None and self._conn.state in (State.GREETED, State.READY)
+
+    def shut_down(self) -> None:
+        self._conn.close_with(replies.shutting_down(self._ctx.config.server.hostname))
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _pump(self) -> None:
+        conn = self._conn
+        while True:
+            event = conn.next_event()
+            if isinstance(event, MailFrom):
+                conn.reply(policy.check_mail_from(self._ctx.config.relay, self._client_addr, event))
+            elif isinstance(event, RcptTo):
+                reply = policy.check_rcpt_to(self._ctx.config.relay, self._client_addr, event)
+                if not reply.positive:
+                    logs.event("rejected", client=self.client_ip, rcpt=event.address.text, reply=str(reply))
+                conn.reply(reply)
+            elif isinstance(event, Message):
+                self._commit_task = asyncio.get_running_loop().create_task(self._commit(event))
+                break
+            else:  # NEED_DATA, PAUSED or CLOSED
+                break
+        self._flush()
+        transport = self._transport
+        if transport is None:
+            return
+        if event is CLOSED:
+            transport.close()
+            return
+        backed_up = conn.pending is not None and conn.buffered_bytes > HIGH_WATER
+        if backed_up and not self._paused:
+            transport.pause_reading()
+            self._paused = True
+        elif not backed_up and self._paused:
+            transport.resume_reading()
+            self._paused = False
+
+    async def _commit(self, message: Message) -> None:
+        ctx = self._ctx
+        msgid = new_id()
+        rcpts = [r.address.text for r in message.recipients]
+        protocol = ("UTF8SMTP" if message.sender.smtputf8 else "ESMTP") if self._conn.esmtp else "SMTP"
+        header = received_header(helo=self._conn.helo_name, client_ip=self.client_ip,
+                                 hostname=ctx.config.server.hostname, protocol=protocol,
+                                 msgid=msgid, recipients=rcpts)
+        body = header + message.data
+        now = time.time()
+        envelope = Envelope(
+            id=msgid, sender=message.sender.address.text,
+            recipients=[Recipient(r.address.text, r.notify, r.orcpt) for r in message.recipients],
+            size=len(body), arrival=now, next_attempt=now, ret=message.sender.ret,
+            envid=message.sender.envid, body_type=message.sender.body,
+            smtputf8=message.sender.smtputf8,
+            client={"ip": self.client_ip, "port": self.client_port, "helo": self._conn.helo_name,
+                    "listener": self._listener.address, "protocol": protocol},
+        )
+        try:
+            await ctx.committer.commit(NewMessage(envelope, body))
+        except QueueFull as exc:
+            logs.event("queue_full", msgid=msgid, client=self.client_ip, error=str(exc))
+            reply = replies.QUEUE_FULL
+        except QueueError as exc:
+            logs.event("queue_error", msgid=msgid, client=self.client_ip, error=str(exc))
+            reply = replies.QUEUE_ERROR
+        else:
+            reply = replies.queued(msgid)
+            logs.event("received", msgid=msgid, client=self.client_ip, sender=envelope.sender,
+                       nrcpt=len(rcpts), size=len(body))
+        self._commit_task = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._conn.reply(reply)
+        self._pump()
+
+    def _flush(self) -> None:
+        out = self._conn.data_to_send()
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(out)
+
+    def _arm_timer(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        limits = self._ctx.config.limits
+        conn = self._conn
+        if conn.state is State.CLOSED:
+            return
+        timeout = limits.data_timeout_seconds if conn.state is State.DATA else limits.command_timeout_seconds
+        if conn.pending is not None:  # we are the slow side: wait for ourselves
+            self._arm_timer(timeout)
+            return
+        left = self._last_activity + timeout - time.monotonic()
+        if left > 0:
+            self._arm_timer(left)
+            return
+        logs.event("timeout", client=self.client_ip, state=conn.state.value)
+        conn.close_with(replies.timeout(self._ctx.config.server.hostname))
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()

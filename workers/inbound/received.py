@@ -1,0 +1,42 @@
+"""The Received header we prepend to every accepted message (RFC 5321 4.4, RFC 5322 3.6.7).
+
+    Received: from client.example ([192.0.2.1])
+            by mx.example (mta) with ESMTP id 18C2B3A4F5E6D7A8B9C0D1E2F;
+            Sun, 29 Nov 2026 06:43:03 +0000
+
+`for <rcpt>` is added only for a single recipient, so a copy never discloses the
+others. The HELO name is the client's claim: sanitised, never trusted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import time
+
+from mtaqueue.ids import MessageId
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol: str,
+                    msgid: MessageId, recipients: list[str]) -> bytes:
+    claimed = _clean(helo or "unknown")
+    for_clause = f"\r\n\tfor <{_clean(recipients[0])}>" if len(recipients) == 1 else ""
+    return (
+        f"Received: from {claimed} ([{client_ip}])\r\n"
+        f"\tby {hostname} (mta) with {protocol} id {msgid}{for_clause};\r\n"
+        f"\t{_rfc5322_now()}\r\n"
+    ).encode("utf-8")
+
+
+def _clean(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "()<>;\\\"" else "?" for c in text[:255])
+
+
+def _rfc5322_now() -> str:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC)))
+    return _date_cache[1]
