@@ -1,5 +1,7 @@
 # Quick start: `make run` (install and serve on the embedded defaults), `make test`.
 PYTHON ?= python3
+# Debian packages the integration tests drive as real peers and tools.
+TEST_DEBS = strace haproxy
 
 .PHONY: install run test test-deps bench-smoke
 
@@ -11,7 +13,11 @@ run: install
 
 test-deps:
 	$(PYTHON) -m pip install -q -e '.[test]'
-	@command -v strace >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; }
+	@missing=""; for tool in $(TEST_DEBS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 test: test-deps
 	$(PYTHON) -m pytest -q

@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = "localhost"
-    inbound_workers: int = 1
+    inbound_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    drain_timeout_seconds: float = 30.0
+    heartbeat_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,9 @@ def _check(config: Config, source: str) -> None:
         fail("[server] hostname", "must be a host name without spaces")
     if config.server.inbound_workers < 1:
         fail("[server] inbound_workers", "must be >= 1")
+    for name in ("drain_timeout_seconds", "heartbeat_timeout_seconds"):
+        if getattr(config.server, name) <= 0:
+            fail(f"[server] {name}", "must be > 0")
     seen: set[str] = set()
     for i, lst in enumerate(config.listener):
         key = f"[[listener]] #{i + 1}"

@@ -1,11 +1,12 @@
-"""`mta serve`: take the spool lock, bind every listener, run the inbound process.
+"""`mta serve`: take the spool lock, then run the prefork master (mta/master).
 
-This is the code path the prefork master takes: listeners are bound once here, and
-the inbound worker body (`workers.inbound.main.run`) receives them. Until the master
-exists the worker runs in this process; with the master it runs in forked children.
+Binding lives here too: the master binds every listener once at start and on reload
+(`bind_all` keeps sockets whose address is unchanged, so reloads never close them).
 
-Only one server may run on one spool: an exclusive flock on <queue path>/mta.lock,
-held for the life of the process, released by the kernel even on kill -9.
+Only one master may run on one spool: an exclusive flock on <queue path>/mta.lock,
+held by the master alone (children close it), released by the kernel even on kill -9.
+Workers left behind by a killed master finish their sessions and exit; a new master
+may start at once (LMDB is safe for several processes).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def lock_spool(path: str) -> int:
     return fd
 
 
-def bind(listener: ListenerConfig) -> socket.socket:
+def bind_listener(listener: ListenerConfig) -> socket.socket:
     host, port = listener.host, listener.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -48,13 +49,28 @@ def bind(listener: ListenerConfig) -> socket.socket:
     return sock
 
 
+def bind_all(config: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
+    """A socket per configured listener address, reusing the ones already bound."""
+    bound: dict[str, socket.socket] = {}
+    try:
+        for listener in config.listener:
+            bound[listener.address] = existing.get(listener.address) or bind_listener(listener)
+    except ServeError:
+        for address, sock in bound.items():
+            if address not in existing:
+                sock.close()
+        raise
+    return bound
+
+
 def serve(config: Config) -> int:
     logs.setup("master")
     lock_fd = lock_spool(config.queue.path)
-    sockets = [(listener, bind(listener)) for listener in config.listener]
-    logs.event("starting", config=config.source, listeners=",".join(l.address for l in config.listener))
-    from workers.inbound.main import run  # imported here: nothing event-loop related before fork
+    logs.event("starting", config=config.source, workers=config.server.inbound_workers,
+               listeners=",".join(lst.address for lst in config.listener))
+    from mta.master.arbiter import Arbiter
+    from workers.inbound.main import run  # the body forked children run; it imports uvloop lazily
     try:
-        return run(config, sockets)
+        return Arbiter(config, run, bind_all, master_fds=(lock_fd,)).run()
     finally:
         os.close(lock_fd)

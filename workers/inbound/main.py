@@ -1,30 +1,41 @@
-"""The inbound worker process: a uvloop event loop serving SMTP on listening sockets.
+"""The inbound worker process: a uvloop event loop serving SMTP sessions the master hands over.
 
-`run(config, sockets)` is the process body the master forks into: it opens the LMDB
-spool (after fork, never before), starts one GroupCommitter (the process's single
-queue writer thread) and serves every listener until SIGTERM/SIGINT. On a stop
-signal it closes the listeners, sends 421 4.3.2 to idle sessions, lets sessions
-inside a transaction finish (up to `drain_seconds`), then flushes the committer.
+`run(config, channel, generation, index)` is the body of a forked child. It opens the
+LMDB spool (after fork, never before), starts the process's one queue writer thread
+(GroupCommitter), then takes connections from its SEQPACKET channel to the master:
+
+  master -> worker  {"t": "conn", "id": n, "l": listener address}  + the socket (SCM_RIGHTS)
+  worker -> master  {"t": "took", "id": n, "active": sessions}      as soon as it owns it
+  worker -> master  {"t": "status", "state": "ready"|"retiring", "active": n}  every second
+
+The status frame is the heartbeat: it is sent from the event loop, so a blocked loop
+goes silent and the master replaces the worker.
+
+Signals: SIGTERM/SIGINT = shutdown (idle sessions get 421 4.3.2 now, transactions
+finish, up to [server] drain_timeout_seconds); SIGUSR1 = retire (a reload: sessions end
+on their own, up to the same timeout). Test hooks, only with MTA_TEST_HOOKS=1 in the environment:
+SIGUSR2 blocks the event loop (heartbeat supervision); a file named `crash-workers`
+in the spool makes workers exit at start (spawn back-off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import os
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
 
-import uvloop
-
-from mta import logs
+from mta import frames, logs
 from mta.config import Config, ListenerConfig
 from mta.smtp.server import ServerOptions
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.committer import GroupCommitter
 from workers.inbound.protocol import InboundProtocol
 
-DRAIN_SECONDS = 30.0
+HEARTBEAT_SECONDS = 1.0
 
 
 @dataclass
@@ -48,38 +59,117 @@ def server_options(config: Config) -> ServerOptions:
     )
 
 
-def run(config: Config, sockets: list[tuple[ListenerConfig, socket.socket]]) -> int:
-    logs.setup("inbound")
-    return uvloop.run(_serve(config, sockets))
+def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
+    import uvloop  # imported in the child: the master never has an event loop
+
+    logs.setup(f"inbound#{index}")
+    if os.environ.get("MTA_TEST_HOOKS") == "1" and os.path.exists(os.path.join(config.queue.path, "crash-workers")):
+        logs.event("test_hook", hook="crash-workers")  # lets tests exercise the spawn back-off
+        return 3
+    faulthandler.enable()  # SIGABRT from the master prints where the loop was stuck
+    return uvloop.run(Worker(config, channel, generation).serve())
 
 
-async def _serve(config: Config, sockets: list[tuple[ListenerConfig, socket.socket]]) -> int:
-    loop = asyncio.get_running_loop()
-    backend = LmdbBackend(config.queue.path, config.queue.max_size_bytes)
-    committer = GroupCommitter(backend, loop)
-    ctx = WorkerContext(config, server_options(config), committer)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    servers = []
-    for listener, sock in sockets:
-        server = await loop.create_server(lambda lst=listener: InboundProtocol(ctx, lst), sock=sock)
-        servers.append(server)
-        logs.event("listening", address=listener.address, mode=listener.mode)
-    logs.event("ready", spool=config.queue.path)
-    await stop.wait()
-    logs.event("draining", sessions=len(ctx.sessions))
-    for server in servers:
-        server.close()
-    deadline = time.monotonic() + DRAIN_SECONDS
-    while ctx.sessions and time.monotonic() < deadline:
-        for session in [s for s in ctx.sessions if s.idle]:
+class Worker:
+    def __init__(self, config: Config, channel: socket.socket, generation: int) -> None:
+        self.config = config
+        self.channel = channel
+        self.generation = generation
+        self.listeners: dict[str, ListenerConfig] = {lst.address: lst for lst in config.listener}
+        self.state = "ready"
+        self._stop = asyncio.Event()
+        self._shutdown = False
+        self._unsent: list[dict[str, object]] = []
+        self.ctx: WorkerContext | None = None
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        backend = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        committer = GroupCommitter(backend, loop)
+        self.ctx = WorkerContext(self.config, server_options(self.config), committer)
+        loop.add_signal_handler(signal.SIGTERM, self._stop_now, True)
+        loop.add_signal_handler(signal.SIGINT, self._stop_now, True)
+        loop.add_signal_handler(signal.SIGUSR1, self._stop_now, False)
+        if os.environ.get("MTA_TEST_HOOKS") == "1":
+            loop.add_signal_handler(signal.SIGUSR2, time.sleep, 3600)
+        loop.add_reader(self.channel.fileno(), self._on_channel)
+        self._beat()
+        await self._stop.wait()
+        loop.remove_reader(self.channel.fileno())
+        await self._drain()
+        committer.close()
+        backend.close()
+        logs.event("stopped", sessions=len(self.ctx.sessions))
+        return 0
+
+    def _stop_now(self, shutdown: bool) -> None:
+        self._shutdown = self._shutdown or shutdown
+        self.state = "retiring"
+        self._stop.set()
+        self._send_status()
+
+    async def _drain(self) -> None:
+        assert self.ctx is not None
+        sessions = self.ctx.sessions
+        logs.event("draining", sessions=len(sessions), mode="shutdown" if self._shutdown else "retire")
+        deadline = time.monotonic() + self.config.server.drain_timeout_seconds
+        while sessions and time.monotonic() < deadline:
+            if self._shutdown:
+                for session in [s for s in sessions if s.idle]:
+                    session.shut_down()
+            await asyncio.sleep(0.05)
+        for session in list(sessions):
             session.shut_down()
-        await asyncio.sleep(0.05)
-    for session in list(ctx.sessions):
-        session.shut_down()
-    await asyncio.sleep(0)
-    committer.close()
-    backend.close()
-    logs.event("stopped")
-    return 0
+        await asyncio.sleep(0)  # let the transports flush their 421s
+
+    def _on_channel(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.ctx is not None
+        while True:
+            try:
+                got = frames.recv_frame(self.channel)
+            except BlockingIOError:
+                return
+            if got is None:  # the master is gone: finish what we have and exit
+                logs.event("master_gone")
+                self._stop_now(True)
+                loop.remove_reader(self.channel.fileno())
+                return
+            frame, fds = got
+            if frame.get("t") != "conn" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sock = socket.socket(fileno=fds[0])
+            self._send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + 1})
+            listener = self.listeners.get(frame["l"])
+            if listener is None:  # a listener this generation does not know: cannot serve it
+                sock.close()
+                continue
+            sock.setblocking(False)
+            loop.create_task(self._adopt(sock, listener))
+
+    async def _adopt(self, sock: socket.socket, listener: ListenerConfig) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: InboundProtocol(ctx, listener), sock)
+        except OSError as exc:  # the client went away between accept and now
+            logs.event("adopt_failed", error=exc.strerror)
+            sock.close()
+
+    def _beat(self) -> None:
+        self._send_status()
+        asyncio.get_running_loop().call_later(HEARTBEAT_SECONDS, self._beat)
+
+    def _send_status(self) -> None:
+        active = len(self.ctx.sessions) if self.ctx is not None else 0
+        self._send({"t": "status", "state": self.state, "active": active})
+
+    def _send(self, frame: dict[str, object]) -> None:
+        # An acknowledgement must never be lost (the master would re-hand a socket we
+        # serve), so frames the channel cannot take now wait for the next attempt.
+        self._unsent.append(frame)
+        while self._unsent and frames.send_frame(self.channel, self._unsent[0]):
+            self._unsent.pop(0)

@@ -6,6 +6,11 @@ per batch of input, so pipelined replies leave in one write. Back-pressure: read
 pauses while a decision is pending and unprocessed input piles up past HIGH_WATER.
 A 250 is written only after the commit (and its fsync) returned.
 
+PROXY protocol (listeners with proxy_protocol = true): only peers in trusted_proxies
+may connect; the header must arrive within PROXY_HEADER_SECONDS; its source address
+then is the client for the Received header, relay control, per-IP limits and logs.
+Anything else closes the connection before any greeting.
+
 Timeouts: one timer per session, re-armed lazily from the last activity time; it
 never fires while we (not the client) are the ones being waited on.
 """
@@ -17,7 +22,7 @@ import ipaddress
 import time
 from typing import TYPE_CHECKING
 
-from mta import logs
+from mta import logs, proxyproto
 from mta.config import ListenerConfig
 from mta.smtp import replies
 from mta.smtp.commands import MailFrom, RcptTo
@@ -31,6 +36,8 @@ if TYPE_CHECKING:
     from workers.inbound.main import WorkerContext
 
 HIGH_WATER = 256 * 1024
+PROXY_HEADER_SECONDS = 5.0
+LINGER_SECONDS = 2.0
 
 
 class InboundProtocol(asyncio.Protocol):
@@ -45,7 +52,11 @@ class InboundProtocol(asyncio.Protocol):
         self._last_activity = 0.0
         self.client_ip = "unknown"
         self.client_port = 0
-        self._client_addr: policy.IPAddress | None = None
+        self._client_addr: policy.IPAddress | None = None  # None: never in mynetworks
+        self._proxy_buffer: bytes | None = None  # PROXY header bytes while we wait for it
+        self._counted = False  # in connections_per_ip
+        self._lingering = False  # our last reply is sent: discard input until EOF
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -55,23 +66,77 @@ class InboundProtocol(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
             self._client_addr = ipaddress.ip_address(self.client_ip)
+        self._ctx.sessions.add(self)
+        self._last_activity = time.monotonic()
+        if not self._listener.proxy_protocol:
+            self._start_session()
+            return
+        trusted = self._client_addr is not None and any(
+            self._client_addr in net for net in self._listener.trusted_proxies)
+        if not trusted:
+            logs.event("proxy_refused", client=self.client_ip, listener=self._listener.address,
+                       reason="not in trusted_proxies")
+            transport.close()
+            return
+        self._proxy_buffer = b""
+        self._timer = asyncio.get_running_loop().call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
+
+    def _start_session(self) -> None:
         ctx = self._ctx
-        ctx.sessions.add(self)
         count = ctx.connections_per_ip.get(self.client_ip, 0) + 1
         ctx.connections_per_ip[self.client_ip] = count
+        self._counted = True
+        logs.event("connect", client=self.client_ip, listener=self._listener.address)
         if count > ctx.config.limits.max_connections_per_ip:
             logs.event("refused", client=self.client_ip, reason="max_connections_per_ip")
             self._conn.refuse(replies.CONNECTION_LIMIT)
         else:
             self._conn.greet()
-        self._last_activity = time.monotonic()
         self._arm_timer(ctx.config.limits.command_timeout_seconds)
         self._flush()
         if self._conn.state is State.CLOSED:
-            transport.close()
+            self._linger_close()
+
+    def _on_proxy_data(self, data: bytes) -> None:
+        self._proxy_buffer += data
+        try:
+            parsed = proxyproto.parse(self._proxy_buffer)
+        except proxyproto.ProxyError as exc:
+            logs.event("proxy_refused", client=self.client_ip, reason=str(exc))
+            self._close_now()
+            return
+        if parsed is None:
+            return
+        header, used = parsed
+        rest, self._proxy_buffer = self._proxy_buffer[used:], None
+        if self._timer is not None:
+            self._timer.cancel()
+        if header.source is None:
+            # LOCAL / UNKNOWN (e.g. a health check): the proxy itself, never a relay client.
+            self._client_addr = None
+        else:
+            self.client_ip, self.client_port = header.source
+            self._client_addr = ipaddress.ip_address(self.client_ip)
+        self._start_session()
+        if rest and self._conn.state is not State.CLOSED:
+            self._conn.receive_data(rest)
+            self._pump()
+
+    def _on_proxy_timeout(self) -> None:
+        logs.event("proxy_refused", client=self.client_ip, reason="no PROXY header in time")
+        self._close_now()
+
+    def _close_now(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         self._last_activity = time.monotonic()
+        if self._lingering:
+            return
+        if self._proxy_buffer is not None:
+            self._on_proxy_data(data)
+            return
         self._conn.receive_data(data)
         self._pump()
 
@@ -82,13 +147,16 @@ class InboundProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self._ctx
         ctx.sessions.discard(self)
-        left = ctx.connections_per_ip.get(self.client_ip, 1) - 1
-        if left > 0:
-            ctx.connections_per_ip[self.client_ip] = left
-        else:
-            ctx.connections_per_ip.pop(self.client_ip, None)
+        if self._counted:
+            left = ctx.connections_per_ip.get(self.client_ip, 1) - 1
+            if left > 0:
+                ctx.connections_per_ip[self.client_ip] = left
+            else:
+                ctx.connections_per_ip.pop(self.client_ip, None)
         if self._timer is not None:
             self._timer.cancel()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self._conn.receive_eof()
         # A commit in flight still completes: the message may be stored without the
         # client having seen 250 (it will retry; a duplicate, never a loss).
@@ -103,8 +171,24 @@ class InboundProtocol(asyncio.Protocol):
     def shut_down(self) -> None:
         self._conn.close_with(replies.shutting_down(self._ctx.config.server.hostname))
         self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after our last reply without resetting the client.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy
+        our 421 (or 221) before the client reads it. So: half-close, discard what the
+        client still sends, and close on its EOF or after LINGER_SECONDS.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        self._lingering = True
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
     def _pump(self) -> None:
         conn = self._conn
@@ -127,7 +211,7 @@ class InboundProtocol(asyncio.Protocol):
         if transport is None:
             return
         if event is CLOSED:
-            transport.close()
+            self._linger_close()
             return
         backed_up = conn.pending is not None and conn.buffered_bytes > HIGH_WATER
         if backed_up and not self._paused:
@@ -198,5 +282,4 @@ class InboundProtocol(asyncio.Protocol):
         logs.event("timeout", client=self.client_ip, state=conn.state.value)
         conn.close_with(replies.timeout(self._ctx.config.server.hostname))
         self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        self._linger_close()

@@ -1,0 +1,48 @@
+"""Frames between processes: one msgpack map per SOCK_SEQPACKET packet, optionally with fds.
+
+SEQPACKET keeps packet boundaries, so a frame never arrives split and the file
+descriptors passed with it (SCM_RIGHTS) belong to exactly that frame. Every frame is a
+map with a "t" (type) key. Sockets are non-blocking: send_frame returns False when the
+peer's buffer is full (the caller decides: retry elsewhere, or drop a heartbeat).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+MAX_FRAME_BYTES = 64 * 1024
+MAX_FDS = 8
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """(master side, child side); both non-blocking, both close-on-exec."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent.setblocking(False)
+    child.setblocking(False)
+    return parent, child
+
+
+def send_frame(sock: socket.socket, frame: dict[str, Any], fds: Sequence[int] = ()) -> bool:
+    data = msgpack.packb(frame)
+    try:
+        if fds:
+            socket.send_fds(sock, [data], list(fds))
+        else:
+            sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return False
+    return True
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """The next frame and its fds; None at EOF. Raises BlockingIOError when none is waiting."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_FRAME_BYTES, MAX_FDS)
+    if not data:
+        for fd in fds:  # never leak a descriptor that came with an empty packet
+            socket.close(fd)
+        return None
+    return msgpack.unpackb(data), fds

@@ -1,0 +1,1 @@
+"""The prefork master: listeners, worker processes, connection handoff, supervision."""

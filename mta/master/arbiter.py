@@ -1,0 +1,389 @@
+"""The master loop: accept, hand each connection to the least-loaded worker, supervise.
+
+One thread, no event loop, no LMDB: a selector over the listeners, the children's
+channels and the signal wake-up pipe. Signal handlers only record the signal.
+
+- Handoff: every accepted socket goes to the READY inbound worker of the serving
+  generation with the lowest load (reported sessions + handoffs not yet acknowledged)
+  over its SEQPACKET channel (SCM_RIGHTS). The master keeps its copy until the worker
+  acknowledges; if the worker dies first, the connection goes to another worker.
+  With no READY worker the listeners are left alone (the kernel backlog holds clients).
+- Supervision: a dead worker is reaped and replaced; one that dies within
+  CRASH_WINDOW_SECONDS of its start is replaced after a doubling back-off (never a halt).
+  A worker silent for heartbeat_timeout_seconds gets SIGABRT (faulthandler prints its
+  stack), then SIGKILL after KILL_GRACE_SECONDS.
+- SIGHUP: re-read the config; an invalid one is logged and the old one kept. A new
+  generation starts; once all its workers are READY it serves, and the old generation
+  gets SIGUSR1 (finish sessions, then exit). Listeners stay open throughout.
+- SIGTERM/SIGINT: close the listeners, SIGTERM every worker (idle sessions get 421
+  4.3.2, transactions finish), exit 0 when all are gone. A second signal: SIGKILL, exit 1.
+
+Invariant: every accepted socket is owned by exactly one of: a Child's pending map,
+the orphan queue, or a worker (after its acknowledgement). None is dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from mta import config as configmod
+from mta import frames, logs
+from mta.config import Config, ConfigError
+from mta.serve import ServeError
+from mta.master.children import Child, ChildState, describe_status, set_title, spawn
+
+CRASH_WINDOW_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 30.0
+KILL_GRACE_SECONDS = 2.0
+STARTUP_TIMEOUT_SECONDS = 30.0
+RELOAD_READY_TIMEOUT_SECONDS = 30.0
+ACCEPT_BATCH = 64
+TICK_SECONDS = 0.25
+
+WorkerBody = Callable[[Config, socket.socket, int, int], int]
+Binder = Callable[[Config, dict[str, socket.socket]], dict[str, socket.socket]]
+
+
+class Arbiter:
+    def __init__(self, config: Config, worker_body: WorkerBody, bind: Binder,
+                 master_fds: tuple[int, ...] = ()) -> None:
+        self.config = config
+        self._master_fds = master_fds  # e.g. the spool lock: only the master holds it
+        self._worker_body = worker_body
+        self._bind = bind
+        self._selector = selectors.DefaultSelector()
+        self._listeners: dict[str, socket.socket] = {}
+        self._listener_generation: dict[str, int] = {}
+        self._children: dict[int, Child] = {}
+        self._generation = 0
+        self._serving_generation = 0
+        self._reload_started = 0.0
+        self._respawn_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._orphans: collections.deque[tuple[str, socket.socket]] = collections.deque()
+        self._next_conn_id = 0
+        self._signals: list[int] = []
+        self._accepting = False
+        self._draining = False
+        self._drain_deadline = 0.0
+        self._wakeup_r, self._wakeup_w = os.pipe()
+
+    # --- main loop ---------------------------------------------------------------
+
+    def run(self) -> int:
+        set_title("mta: master")
+        self._install_signals()
+        self._listeners = self._bind(self.config, {})
+        self._generation = 1
+        self._listener_generation = {address: 1 for address in self._listeners}
+        self._spawn_generation()
+        while True:
+            for key, _mask in self._selector.select(TICK_SECONDS):
+                key.data(key.fileobj)
+            code = self._handle_signals()
+            if code is not None:
+                return code
+            now = time.monotonic()
+            self._reap(now)
+            self._check_heartbeats(now)
+            self._respawn_due(now)
+            self._advance_generation(now)
+            self._hand_orphans()
+            self._update_accepting()
+            if self._draining:
+                if not self._children:
+                    logs.event("stopped")
+                    return 0
+                if now > self._drain_deadline:
+                    self._kill_all("drain timeout")
+
+    # --- signals -----------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(self._wakeup_w, False)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._record_signal)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+
+    def _record_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def _drain_wakeup(self, fd: int) -> None:
+        try:
+            while os.read(fd, 512):
+                pass
+        except BlockingIOError:
+            return
+
+    def _handle_signals(self) -> int | None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self._draining:
+                    self._kill_all(f"second {signal.Signals(signum).name}")
+                    logs.event("stopped", forced=True)
+                    return 1
+                self._start_drain(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP and not self._draining:
+                self._reload()
+        return None
+
+    # --- connections -------------------------------------------------------------
+
+    def _on_listener(self, address: str, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _peer = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ECONNABORTED: log and retry next tick
+                logs.event("accept_failed", listener=address, error=exc.strerror)
+                return
+            self._hand(address, conn)
+
+    def _hand(self, address: str, conn: socket.socket) -> None:
+        tried: set[int] = set()
+        while True:
+            child = self._least_loaded(exclude=tried)
+            if child is None:
+                self._orphans.append((address, conn))
+                return
+            conn_id = self._next_conn_id
+            self._next_conn_id += 1
+            if frames.send_frame(child.channel, {"t": "conn", "id": conn_id, "l": address}, [conn.fileno()]):
+                child.pending[conn_id] = (address, conn)
+                return
+            tried.add(child.pid)  # its channel is full: it is not keeping up
+
+    def _least_loaded(self, exclude: set[int]) -> Child | None:
+        ready = [c for c in self._children.values()
+                 if c.state is ChildState.READY and c.kind == "inbound" and c.pid not in exclude]
+        if not ready:
+            return None
+        serving = [c for c in ready if c.generation == self._serving_generation]
+        return min(serving or ready, key=lambda c: c.load)
+
+    def _hand_orphans(self) -> None:
+        while self._orphans and self._least_loaded(exclude=set()) is not None:
+            address, conn = self._orphans.popleft()
+            self._hand(address, conn)
+
+    def _update_accepting(self) -> None:
+        want = not self._draining and self._least_loaded(exclude=set()) is not None
+        for address, sock in self._listeners.items():
+            usable = want and self._listener_generation[address] <= self._serving_generation
+            registered = self._is_registered(sock)
+            if usable and not registered:
+                self._selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_listener, address))
+            elif not usable and registered:
+                self._selector.unregister(sock)
+
+    def _is_registered(self, fileobj: object) -> bool:
+        try:
+            self._selector.get_key(fileobj)
+        except KeyError:
+            return False
+        return True
+
+    # --- children ----------------------------------------------------------------
+
+    def _spawn_generation(self) -> None:
+        for index in range(1, self.config.server.inbound_workers + 1):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        config, generation = self.config, self._generation
+        body = self._worker_body
+
+        def run_child(channel: socket.socket) -> int:
+            return body(config, channel, generation, index)
+
+        child = spawn("inbound", index, generation, run_child, self._close_in_child)
+        self._children[child.pid] = child
+        self._selector.register(child.channel, selectors.EVENT_READ, functools.partial(self._on_channel, child))
+        logs.event("spawned", child=child.title, child_pid=child.pid)
+
+    def _close_in_child(self) -> None:
+        """In a freshly forked child: drop every descriptor that belongs to the master."""
+        self._selector.close()
+        for fd in self._master_fds:
+            os.close(fd)
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+        for sock in self._listeners.values():
+            sock.close()
+        for child in self._children.values():
+            child.channel.close()
+            for _address, conn in child.pending.values():
+                conn.close()
+        for _address, conn in self._orphans:
+            conn.close()
+
+    def _on_channel(self, child: Child, channel: socket.socket) -> None:
+        now = time.monotonic()
+        while True:
+            try:
+                got = frames.recv_frame(channel)
+            except BlockingIOError:
+                return
+            except OSError:
+                got = None
+            if got is None:  # the child closed its end: it is exiting; _reap handles it
+                self._selector.unregister(channel)
+                return
+            frame, fds = got
+            for fd in fds:
+                os.close(fd)
+            child.last_seen = now
+            kind = frame.get("t")
+            if kind == "took":
+                taken = child.pending.pop(frame["id"], None)
+                if taken is not None:
+                    taken[1].close()
+                child.active = frame["active"]
+            elif kind == "status":
+                child.active = frame["active"]
+                if child.state is ChildState.STARTING and frame["state"] == "ready":
+                    child.state = ChildState.READY
+                    logs.event("ready", child=child.title, child_pid=child.pid)
+
+    def _reap(self, now: float) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self._children.pop(pid, None)
+            if child is None:
+                continue
+            if self._is_registered(child.channel):
+                self._selector.unregister(child.channel)
+            child.channel.close()
+            self._orphans.extend(child.pending.values())
+            logs.event("exited", child=child.title, child_pid=pid, status=describe_status(status),
+                       rehanded=len(child.pending) or None)
+            child.pending.clear()
+            if child.replace and not self._draining:
+                if now - child.started < CRASH_WINDOW_SECONDS:
+                    delay = self._backoff.get(child.index, 0.5) * 2
+                    self._backoff[child.index] = min(delay, MAX_BACKOFF_SECONDS)
+                else:
+                    self._backoff.pop(child.index, None)
+                    delay = 0.0
+                delay = min(delay, MAX_BACKOFF_SECONDS)
+                self._respawn_at[child.index] = now + delay
+                logs.event("replacing", child=child.title, delay_seconds=round(delay, 1))
+
+    def _respawn_due(self, now: float) -> None:
+        for index, when in list(self._respawn_at.items()):
+            if now >= when:
+                del self._respawn_at[index]
+                self._spawn(index)
+
+    def _check_heartbeats(self, now: float) -> None:
+        timeout = self.config.server.heartbeat_timeout_seconds
+        for child in list(self._children.values()):
+            if child.state is ChildState.KILLING:
+                if child.kill_sent and now - child.kill_sent > KILL_GRACE_SECONDS:
+                    _signal(child.pid, signal.SIGKILL)
+                    child.kill_sent = 0.0
+                continue
+            limit = STARTUP_TIMEOUT_SECONDS if child.state is ChildState.STARTING else timeout
+            if now - child.last_seen > limit:
+                logs.event("heartbeat_lost", child=child.title, child_pid=child.pid,
+                           silent_seconds=round(now - child.last_seen, 1))
+                _signal(child.pid, signal.SIGABRT)
+                child.state = ChildState.KILLING
+                child.kill_sent = now
+                self._orphans.extend(child.pending.values())
+                child.pending.clear()
+
+    # --- reload and drain --------------------------------------------------------
+
+    def _reload(self) -> None:
+        source = None if self.config.source == "<embedded defaults>" else self.config.source
+        try:
+            new = configmod.load(source)
+        except ConfigError as exc:
+            logs.event("reload_failed", error=str(exc), action="kept the running configuration")
+            return
+        if new.queue.path != self.config.queue.path:
+            logs.event("reload_failed", error="[queue] path changed: that needs a restart",
+                       action="kept the running configuration")
+            return
+        try:
+            listeners = self._bind(new, self._listeners)
+        except ServeError as exc:
+            logs.event("reload_failed", error=str(exc), action="kept the running configuration")
+            return
+        for address, sock in self._listeners.items():
+            if address not in listeners:
+                if self._is_registered(sock):
+                    self._selector.unregister(sock)
+                sock.close()
+                self._listener_generation.pop(address, None)
+        self._generation += 1
+        for address in listeners:
+            self._listener_generation.setdefault(address, self._generation)
+        self._listeners = listeners
+        self.config = new
+        self._respawn_at.clear()
+        self._reload_started = time.monotonic()
+        logs.event("reload", generation=self._generation, config=new.source)
+        self._spawn_generation()
+
+    def _advance_generation(self, now: float) -> None:
+        if self._serving_generation == self._generation:
+            return
+        current = [c for c in self._children.values() if c.generation == self._generation]
+        ready = [c for c in current if c.state is ChildState.READY]
+        all_ready = len(ready) == self.config.server.inbound_workers
+        if not (all_ready or (ready and now - self._reload_started > RELOAD_READY_TIMEOUT_SECONDS)):
+            return
+        self._serving_generation = self._generation
+        for child in self._children.values():
+            if child.generation < self._generation and child.state is ChildState.READY:
+                child.state = ChildState.RETIRING
+                child.replace = False
+                _signal(child.pid, signal.SIGUSR1)
+                logs.event("retiring", child=child.title, child_pid=child.pid)
+
+    def _start_drain(self, reason: str) -> None:
+        self._draining = True
+        self._drain_deadline = time.monotonic() + self.config.server.drain_timeout_seconds + 5.0
+        logs.event("drain", reason=reason, children=len(self._children))
+        for sock in self._listeners.values():
+            if self._is_registered(sock):
+                self._selector.unregister(sock)
+            sock.close()
+        self._listeners.clear()
+        while self._orphans:
+            self._orphans.popleft()[1].close()
+        for child in self._children.values():
+            if child.state is not ChildState.KILLING:
+                child.state = ChildState.RETIRING
+            child.replace = False
+            _signal(child.pid, signal.SIGTERM)
+
+    def _kill_all(self, reason: str) -> None:
+        logs.event("killing_children", reason=reason, children=len(self._children))
+        for child in self._children.values():
+            _signal(child.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return  # already gone: _reap will see it
