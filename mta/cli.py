@@ -1,7 +1,9 @@
-"""The `mta` command line: serve, config check, queue list/show/delete.
+"""The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete.
 
-Queue commands read the spool directly, so they work whether or not the server runs
-(LMDB allows readers and one writer across processes).
+Queue reads go to the spool directly (LMDB allows readers across processes), so they
+work whether or not the server runs. Queue changes go to the running scheduler over its
+socket, so they take effect at once; with no server running they are applied to the
+spool directly.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import sys
+import time
 from typing import Any
 
+import msgpack
+
 from mta import config as configmod
+from mta import frames
 from mta.config import Config, ConfigError
 
 
@@ -55,9 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("id")
     q.add_argument("--body", action="store_true", help="write the stored message bytes to stdout")
     q.set_defaults(func=_queue_show)
-    q = qsub.add_parser("delete", parents=[common], help="delete messages from the spool")
-    q.add_argument("ids", nargs="+", metavar="ID")
-    q.set_defaults(func=_queue_delete)
+    for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
+                     ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
+        q = qsub.add_parser(op, parents=[common], help=text)
+        which = q.add_mutually_exclusive_group(required=True)
+        which.add_argument("ids", nargs="*", metavar="ID", default=[])
+        which.add_argument("--domain", help="every message with a recipient in this domain")
+        which.add_argument("--all", action="store_true", help="every message")
+        q.set_defaults(func=_queue_operation, op=op)
     return parser
 
 
@@ -71,6 +83,14 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _config_check(cfg: Config, args: argparse.Namespace) -> int:
+    from mta.aliases import AliasError, Aliases
+    if cfg.local.aliases:
+        try:
+            aliases = Aliases.load(cfg.local.aliases)
+        except (AliasError, OSError) as exc:
+            print(f"mta: configuration error: [local] aliases: {exc}", file=sys.stderr)
+            return 2
+        print(f"aliases OK: {len(aliases)} in {cfg.local.aliases}")
     print(f"configuration OK: {cfg.source}")
     return 0
 
@@ -85,6 +105,12 @@ def _open_spool(cfg: Config):  # type: ignore[no-untyped-def]
 def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
     spool = _open_spool(cfg)
     envelopes = list(spool.envelopes()) if spool is not None else []
+    answer = _ask_scheduler(cfg, {"t": "cmd", "op": "active"})
+    active = answer["active"] if answer is not None else {}
+    for e in envelopes:  # in flight is known only to the running scheduler
+        for i in active.get(e.id, []):
+            if e.recipients[i].state == "ready":
+                e.recipients[i].state = "active"
     if args.json:
         json.dump([_envelope_json(e) for e in envelopes], sys.stdout, indent=1)
         print()
@@ -94,9 +120,12 @@ def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':21}  {'ARRIVAL (UTC)':19}  {'SIZE':>9}  SENDER / RECIPIENTS")
     for e in envelopes:
-        print(f"{e.id:21}  {_iso(e.arrival)[:19]:19}  {e.size:>9}  <{e.sender}>")
+        retry = f"  next attempt {_iso(e.next_attempt)[:19]}" if any(r.state == "deferred" for r in e.recipients) else ""
+        print(f"{e.id:21}  {_iso(e.arrival)[:19]:19}  {e.size:>9}  <{e.sender}>{retry}")
         for r in e.recipients:
-            print(f"{'':55}  {r.state:9} <{r.address}>")
+            print(f"{'':55}  {r.state:9} <{r.address}>  attempts={r.attempts}")
+            if r.last_reply:
+                print(f"{'':66}{r.last_reply}")
     print(f"-- {len(envelopes)} message(s), {sum(e.size for e in envelopes)} bytes")
     return 0
 
@@ -119,12 +148,68 @@ def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_delete(cfg: Config, args: argparse.Namespace) -> int:
-    from mtaqueue.ids import MessageId
+def _queue_operation(cfg: Config, args: argparse.Namespace) -> int:
+    if not (args.ids or args.domain or args.all):
+        print(f"mta: queue {args.op}: name message IDs, --domain D or --all", file=sys.stderr)
+        return 2
+    frame = {"t": "cmd", "op": args.op, "ids": [i.upper() for i in args.ids], "domain": args.domain,
+             "all": args.all}
+    answer = _ask_scheduler(cfg, frame)
+    if answer is not None:
+        print(f"{args.op}: {answer['count']} message(s) (applied by the running scheduler)")
+        return 0 if answer["count"] or not args.ids else 1
+    count = _apply_offline(cfg, args)
+    print(f"{args.op}: {count} message(s) (server not running: applied to the spool)")
+    return 0 if count or not args.ids else 1
+
+
+def _apply_offline(cfg: Config, args: argparse.Namespace) -> int:
     spool = _open_spool(cfg)
-    removed = spool.delete([MessageId(i.upper()) for i in args.ids]) if spool is not None else 0
-    print(f"deleted {removed} of {len(args.ids)} message(s)")
-    return 0 if removed == len(args.ids) else 1
+    if spool is None:
+        return 0
+    wanted = {i.upper() for i in args.ids}
+    domain = (args.domain or "").lower()
+    chosen = [e for e in spool.envelopes()
+              if args.all or e.id in wanted
+              or (domain and any(r.address.rpartition("@")[2].lower() == domain for r in e.recipients))]
+    if args.op == "delete":
+        return spool.delete([e.id for e in chosen])
+    now = time.time()
+    change = {"hold": ({"ready", "deferred"}, "held"), "release": ({"held"}, "ready"),
+              "retry": ({"deferred"}, "ready")}[args.op]
+    for e in chosen:
+        for r in e.recipients:
+            if r.state in change[0]:
+                r.state = change[1]
+        if args.op in ("release", "retry"):
+            e.next_attempt = now
+    spool.apply(update=chosen)
+    return len(chosen)
+
+
+def _ask_scheduler(cfg: Config, frame: dict[str, Any]) -> dict[str, Any] | None:
+    """Send one command to the running scheduler; None when it is not running."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(cfg.queue.scheduler_socket)
+    except OSError:
+        sock.close()
+        return None
+    with sock:
+        sock.sendall(frames.encode_stream_frame(frame))
+        head = _read_exactly(sock, 4)
+        return msgpack.unpackb(_read_exactly(sock, int.from_bytes(head, "big")))
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the scheduler closed the connection")
+        data += chunk
+    return data
 
 
 def _envelope_json(e: Any) -> dict[str, Any]:

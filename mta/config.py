@@ -57,6 +57,11 @@ class QueueConfig:
     path: str = "var/spool"
     max_size_bytes: int = 4 * 1024**3
 
+    @property
+    def scheduler_socket(self) -> str:
+        """The scheduler's Unix socket, inside the spool (mode 0600: operators only)."""
+        return os.path.join(self.path, "scheduler.sock")
+
 
 @dataclass(frozen=True)
 class LimitsConfig:
@@ -81,13 +86,87 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    workers: int = 1  # delivery processes; 0 = hold everything in the queue (receive-only node)
+    max_connections: int = 200  # outbound sessions in total
+    concurrency: int = 20  # sessions per destination domain
+    initial_concurrency: int = 5  # slow start: a destination's window starts here
+    max_messages_per_connection: int = 100
+    max_messages_per_second: float = 0.0  # per destination domain; 0 = unlimited
+    port: int = 25
+    smarthost: str = ""  # "host:port": every remote message goes there
+    tls: str = "may"  # none | may | encrypt | verify
+    min_backoff_seconds: float = 300.0
+    max_backoff_seconds: float = 14400.0
+    max_queue_lifetime_seconds: float = 5 * 86400.0
+    connect_timeout_seconds: float = 30.0
+    command_timeout_seconds: float = 300.0
+    data_timeout_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """Per destination domain overrides of [delivery]; None = use the [delivery] value."""
+
+    priority: int = 0
+    concurrency: int | None = None
+    max_messages_per_connection: int | None = None
+    max_messages_per_second: float | None = None
+    tls: str | None = None
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """Messages matching every given field get `priority` (the highest matching rule wins)."""
+
+    priority: int = 0
+    sender_domain: str | None = None
+    recipient_domain: str | None = None
+    listener: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()  # "host:port"; empty = the system resolver's
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    path: str = "var/cache"  # LMDB environment shared by the DNS and auth caches
+    max_size_bytes: int = 256 * 1024**2
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    maildir_root: str = "var/mail"  # mailboxes are <root>/<domain>/<user>/ (create one to add a user)
+    aliases: str = ""  # path of the aliases file; empty = none
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     listener: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     queue: QueueConfig = field(default_factory=QueueConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
+    priority_rule: tuple[PriorityRule, ...] = ()
+    routes: dict[str, str] = field(default_factory=dict)  # domain -> "host:port" | "lmtp:host:port" | "maildir"
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     source: str = "<embedded defaults>"
+
+    def domain(self, name: str) -> DomainConfig:
+        return self.domains.get(name) or _NO_OVERRIDES
+
+
+_NO_OVERRIDES = DomainConfig()
+TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -124,7 +203,8 @@ def load(path: str | None = None) -> Config:
 
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
-    known = {"server", "listener", "queue", "limits", "relay"}
+    known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
+             "routes", "dns", "cache", "local"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -138,12 +218,30 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
             _section(ListenerConfig, item, f"[[listener]] #{i + 1}", source)
             for i, item in enumerate(listeners_raw)
         )
+    domains_raw = raw.get("domains", {})
+    if not isinstance(domains_raw, dict):
+        raise ConfigError(f"{source}: [domains] must be tables like [domains.\"example.com\"]")
+    rules_raw = raw.get("priority_rule", [])
+    if not isinstance(rules_raw, list):
+        raise ConfigError(f"{source}: [[priority_rule]] must be an array of tables")
+    routes_raw = raw.get("routes", {})
+    if not isinstance(routes_raw, dict) or not all(isinstance(v, str) for v in routes_raw.values()):
+        raise ConfigError(f"{source}: [routes] must map domains to strings")
     config = Config(
         server=_section(ServerConfig, raw.get("server", {}), "[server]", source),
         listener=listeners,
         queue=_section(QueueConfig, raw.get("queue", {}), "[queue]", source),
         limits=_section(LimitsConfig, raw.get("limits", {}), "[limits]", source),
         relay=_section(RelayConfig, raw.get("relay", {}), "[relay]", source),
+        delivery=_section(DeliveryConfig, raw.get("delivery", {}), "[delivery]", source),
+        domains={_domain_key(name): _section(DomainConfig, table, f'[domains."{name}"]', source)
+                 for name, table in domains_raw.items()},
+        priority_rule=tuple(_section(PriorityRule, item, f"[[priority_rule]] #{i + 1}", source)
+                            for i, item in enumerate(rules_raw)),
+        routes={_domain_key(name): target for name, target in routes_raw.items()},
+        dns=_section(DnsConfig, raw.get("dns", {}), "[dns]", source),
+        cache=_section(CacheConfig, raw.get("cache", {}), "[cache]", source),
+        local=_section(LocalConfig, raw.get("local", {}), "[local]", source),
         source=source,
     )
     _check(config, source)
@@ -166,7 +264,15 @@ def _section(cls: type, table: Any, name: str, source: str) -> Any:
     return cls(**values)
 
 
+def _domain_key(name: str) -> str:
+    return name.strip().lower().rstrip(".")
+
+
 def _coerce(hint: Any, value: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # "X | None": TOML has no null, so a present value is an X
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value)
     if hint is bool:
         if not isinstance(value, bool):
             raise TypeError(f"must be true or false, got {value!r}")
@@ -243,7 +349,53 @@ def _check(config: Config, source: str) -> None:
             fail(f"[limits] {name}", "must be > 0")
     if limits.bare_newline not in BARE_NEWLINE_MODES:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
+    _check_delivery(config, fail)
     for name in ("local_domains", "relay_domains"):
         for domain in getattr(config.relay, name):
             if not domain or any(c.isspace() or c in "@<>[]" for c in domain):
                 fail(f"[relay] {name}", f"{domain!r} is not a domain name")
+
+
+def _check_delivery(config: Config, fail: Any) -> None:
+    d = config.delivery
+    if d.workers < 0:
+        fail("[delivery] workers", "must be >= 0 (0 = deliver nothing)")
+    for name in ("max_connections", "concurrency", "initial_concurrency", "max_messages_per_connection"):
+        if getattr(d, name) < 1:
+            fail(f"[delivery] {name}", "must be >= 1")
+    for name in ("min_backoff_seconds", "max_backoff_seconds", "max_queue_lifetime_seconds",
+                 "connect_timeout_seconds", "command_timeout_seconds", "data_timeout_seconds"):
+        if getattr(d, name) <= 0:
+            fail(f"[delivery] {name}", "must be > 0")
+    if d.max_backoff_seconds < d.min_backoff_seconds:
+        fail("[delivery] max_backoff_seconds", "must be >= min_backoff_seconds")
+    if d.max_messages_per_second < 0:
+        fail("[delivery] max_messages_per_second", "must be >= 0 (0 = unlimited)")
+    if not 1 <= d.port <= 65535:
+        fail("[delivery] port", "must be a port number 1-65535")
+    if d.tls not in TLS_POLICIES:
+        fail("[delivery] tls", f"must be one of {', '.join(TLS_POLICIES)}, got {d.tls!r}")
+    if d.smarthost:
+        try:
+            split_hostport(d.smarthost)
+        except ValueError as exc:
+            fail("[delivery] smarthost", str(exc))
+    for name, dom in config.domains.items():
+        key = f'[domains."{name}"]'
+        if dom.tls is not None and dom.tls not in TLS_POLICIES:
+            fail(f"{key} tls", f"must be one of {', '.join(TLS_POLICIES)}, got {dom.tls!r}")
+        for field_name in ("concurrency", "max_messages_per_connection"):
+            value = getattr(dom, field_name)
+            if value is not None and value < 1:
+                fail(f"{key} {field_name}", "must be >= 1")
+    for name, target in config.routes.items():
+        if target != "maildir":
+            try:
+                split_hostport(target.removeprefix("lmtp:"))
+            except ValueError as exc:
+                fail(f'[routes] "{name}"', f'{exc} (or "lmtp:host:port", or "maildir")')
+    for server in config.dns.nameservers:
+        try:
+            split_hostport(server)
+        except ValueError as exc:
+            fail("[dns] nameservers", str(exc))

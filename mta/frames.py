@@ -1,4 +1,8 @@
-"""Frames between processes: one msgpack map per SOCK_SEQPACKET packet, optionally with fds.
+"""Frames between processes: msgpack maps, over SEQPACKET channels or stream sockets.
+
+Master <-> children: one msgpack map per SOCK_SEQPACKET packet, optionally with fds.
+Scheduler <-> delivery workers, inbound workers and the CLI: a Unix stream socket
+with each map prefixed by its length (4 bytes, big-endian).
 
 SEQPACKET keeps packet boundaries, so a frame never arrives split and the file
 descriptors passed with it (SCM_RIGHTS) belong to exactly that frame. Every frame is a
@@ -8,7 +12,9 @@ peer's buffer is full (the caller decides: retry elsewhere, or drop a heartbeat)
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +22,7 @@ import msgpack
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_FDS = 8
+MAX_STREAM_FRAME_BYTES = 16 * 1024 * 1024
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -46,3 +53,28 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
             socket.close(fd)
         return None
     return msgpack.unpackb(data), fds
+
+
+# --- stream sockets (the scheduler's Unix socket) ----------------------------------------
+# The same maps, each prefixed with its length as 4 bytes big-endian.
+
+_LENGTH = struct.Struct(">I")
+
+
+def encode_stream_frame(frame: dict[str, Any]) -> bytes:
+    data = msgpack.packb(frame)
+    return _LENGTH.pack(len(data)) + data
+
+
+async def read_stream_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next frame, or None at a clean EOF between frames."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    (length,) = _LENGTH.unpack(head)
+    if length > MAX_STREAM_FRAME_BYTES:
+        raise ValueError(f"frame of {length} bytes exceeds {MAX_STREAM_FRAME_BYTES}")
+    return msgpack.unpackb(await reader.readexactly(length))

@@ -69,8 +69,12 @@ def serve(config: Config) -> int:
     logs.event("starting", config=config.source, workers=config.server.inbound_workers,
                listeners=",".join(lst.address for lst in config.listener))
     from mta.master.arbiter import Arbiter
-    from workers.inbound.main import run  # the body forked children run; it imports uvloop lazily
+    # The bodies forked children run; each imports uvloop itself, after the fork.
+    from workers.delivery.main import run as run_delivery
+    from workers.inbound.main import run as run_inbound
+    from workers.scheduler.main import run as run_scheduler
+    bodies = {"inbound": run_inbound, "scheduler": run_scheduler, "delivery": run_delivery}
     try:
-        return Arbiter(config, run, bind_all, master_fds=(lock_fd,)).run()
+        return Arbiter(config, bodies, bind_all, master_fds=(lock_fd,)).run()
     finally:
         os.close(lock_fd)

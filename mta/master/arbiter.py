@@ -48,15 +48,19 @@ ACCEPT_BATCH = 64
 TICK_SECONDS = 0.25
 
 WorkerBody = Callable[[Config, socket.socket, int, int], int]
+# Kinds of children. Inbound workers come in generations (a reload replaces them);
+# the others are restarted only when they die, and reload their config on SIGHUP.
+INBOUND = "inbound"
+GENERATIONLESS = ("scheduler", "delivery")
 Binder = Callable[[Config, dict[str, socket.socket]], dict[str, socket.socket]]
 
 
 class Arbiter:
-    def __init__(self, config: Config, worker_body: WorkerBody, bind: Binder,
+    def __init__(self, config: Config, bodies: dict[str, WorkerBody], bind: Binder,
                  master_fds: tuple[int, ...] = ()) -> None:
         self.config = config
         self._master_fds = master_fds  # e.g. the spool lock: only the master holds it
-        self._worker_body = worker_body
+        self._bodies = bodies
         self._bind = bind
         self._selector = selectors.DefaultSelector()
         self._listeners: dict[str, socket.socket] = {}
@@ -65,8 +69,8 @@ class Arbiter:
         self._generation = 0
         self._serving_generation = 0
         self._reload_started = 0.0
-        self._respawn_at: dict[int, float] = {}
-        self._backoff: dict[int, float] = {}
+        self._respawn_at: dict[tuple[str, int], float] = {}
+        self._backoff: dict[tuple[str, int], float] = {}
         self._orphans: collections.deque[tuple[str, socket.socket]] = collections.deque()
         self._next_conn_id = 0
         self._signals: list[int] = []
@@ -84,6 +88,9 @@ class Arbiter:
         self._generation = 1
         self._listener_generation = {address: 1 for address in self._listeners}
         self._spawn_generation()
+        for kind in GENERATIONLESS:
+            for index in range(1, self._count(kind) + 1):
+                self._spawn(kind, index)
         while True:
             for key, _mask in self._selector.select(TICK_SECONDS):
                 key.data(key.fileobj)
@@ -196,18 +203,25 @@ class Arbiter:
 
     # --- children ----------------------------------------------------------------
 
-    def _spawn_generation(self) -> None:
-        for index in range(1, self.config.server.inbound_workers + 1):
-            self._spawn(index)
+    def _count(self, kind: str) -> int:
+        if kind == INBOUND:
+            return self.config.server.inbound_workers
+        if kind == "delivery":
+            return self.config.delivery.workers
+        return 1 if kind in self._bodies else 0
 
-    def _spawn(self, index: int) -> None:
-        config, generation = self.config, self._generation
-        body = self._worker_body
+    def _spawn_generation(self) -> None:
+        for index in range(1, self._count(INBOUND) + 1):
+            self._spawn(INBOUND, index)
+
+    def _spawn(self, kind: str, index: int) -> None:
+        config, generation = self.config, self._generation if kind == INBOUND else 1
+        body = self._bodies[kind]
 
         def run_child(channel: socket.socket) -> int:
             return body(config, channel, generation, index)
 
-        child = spawn("inbound", index, generation, run_child, self._close_in_child)
+        child = spawn(kind, index, generation, run_child, self._close_in_child)
         self._children[child.pid] = child
         self._selector.register(child.channel, selectors.EVENT_READ, functools.partial(self._on_channel, child))
         logs.event("spawned", child=child.title, child_pid=child.pid)
@@ -275,21 +289,24 @@ class Arbiter:
                        rehanded=len(child.pending) or None)
             child.pending.clear()
             if child.replace and not self._draining:
+                slot = (child.kind, child.index)
                 if now - child.started < CRASH_WINDOW_SECONDS:
-                    delay = self._backoff.get(child.index, 0.5) * 2
-                    self._backoff[child.index] = min(delay, MAX_BACKOFF_SECONDS)
+                    delay = self._backoff.get(slot, 0.5) * 2
+                    self._backoff[slot] = min(delay, MAX_BACKOFF_SECONDS)
                 else:
-                    self._backoff.pop(child.index, None)
+                    self._backoff.pop(slot, None)
                     delay = 0.0
                 delay = min(delay, MAX_BACKOFF_SECONDS)
-                self._respawn_at[child.index] = now + delay
+                self._respawn_at[slot] = now + delay
                 logs.event("replacing", child=child.title, delay_seconds=round(delay, 1))
 
     def _respawn_due(self, now: float) -> None:
-        for index, when in list(self._respawn_at.items()):
+        for slot, when in list(self._respawn_at.items()):
             if now >= when:
-                del self._respawn_at[index]
-                self._spawn(index)
+                del self._respawn_at[slot]
+                kind, index = slot
+                if kind != INBOUND or index <= self._count(INBOUND):
+                    self._spawn(kind, index)
 
     def _check_heartbeats(self, now: float) -> None:
         timeout = self.config.server.heartbeat_timeout_seconds
@@ -338,22 +355,26 @@ class Arbiter:
             self._listener_generation.setdefault(address, self._generation)
         self._listeners = listeners
         self.config = new
-        self._respawn_at.clear()
+        for slot in [s for s in self._respawn_at if s[0] == INBOUND]:
+            del self._respawn_at[slot]
         self._reload_started = time.monotonic()
         logs.event("reload", generation=self._generation, config=new.source)
         self._spawn_generation()
+        for child in self._children.values():
+            if child.kind in GENERATIONLESS:
+                _signal(child.pid, signal.SIGHUP)  # they re-read the (validated) config themselves
 
     def _advance_generation(self, now: float) -> None:
         if self._serving_generation == self._generation:
             return
-        current = [c for c in self._children.values() if c.generation == self._generation]
+        current = [c for c in self._children.values() if c.kind == INBOUND and c.generation == self._generation]
         ready = [c for c in current if c.state is ChildState.READY]
         all_ready = len(ready) == self.config.server.inbound_workers
         if not (all_ready or (ready and now - self._reload_started > RELOAD_READY_TIMEOUT_SECONDS)):
             return
         self._serving_generation = self._generation
         for child in self._children.values():
-            if child.generation < self._generation and child.state is ChildState.READY:
+            if child.kind == INBOUND and child.generation < self._generation and child.state is ChildState.READY:
                 child.state = ChildState.RETIRING
                 child.replace = False
                 _signal(child.pid, signal.SIGUSR1)

@@ -9,6 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class ReplyClass:
+    """ok / temporary / permanent from an SMTP reply code (mixed into reply values)."""
+
+    __slots__ = ()
+    code: int
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     code: int

@@ -4,6 +4,9 @@ Contract (tests/mtaqueue/test_contract.py runs it against every backend):
 - commit(messages) stores all of them in one durable transaction or none of them;
   it raises QueueFull when the store has no room, QueueIOError on any other failure.
 - Nothing half-written is ever visible: an envelope is listed only with its body.
+- apply() is the scheduler's one transaction for delivery outcomes: updated envelopes
+  (states, attempts, next attempt: the due index moves with them), finished messages
+  deleted, and bounces added, all or nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class QueueStats:
 
 class QueueBackend(Protocol):
     def commit(self, messages: Sequence[NewMessage]) -> None: ...
+    def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
+              add: Sequence[NewMessage] = ()) -> None: ...  # one transaction; `add` ignores the size limit
     def envelope(self, msgid: MessageId) -> Envelope | None: ...
     def body(self, msgid: MessageId) -> bytes | None: ...
     def envelopes(self) -> Iterator[Envelope]: ...

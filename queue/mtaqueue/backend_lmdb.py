@@ -60,25 +60,57 @@ class LmdbBackend:
         self._readonly = readonly
 
     def commit(self, messages: Sequence[NewMessage]) -> None:
+        self._write(add=messages, enforce_limit=True)
+
+    def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
+              add: Sequence[NewMessage] = ()) -> None:
+        # Bounces (`add` here) are not held to max_size_bytes: a failure record and its
+        # bounce commit together, and the map's headroom is there for exactly this.
+        self._write(update=update, delete=delete, add=add, enforce_limit=False)
+
+    def _write(self, *, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
+               add: Sequence[NewMessage] = (), enforce_limit: bool) -> int:
+        removed = 0
         try:
             with self._env.begin(write=True) as txn:
                 stored = self._stored_bytes(txn)
-                for m in messages:
+                for envelope in update:
+                    key = envelope.id.encode()
+                    old = txn.get(key, db=self._envelope)
+                    if old is None:
+                        continue  # deleted meanwhile (e.g. by an operator): nothing to update
+                    raw = records.encode(envelope)
+                    stored += len(raw) - len(old)
+                    txn.delete(due_key(records.decode(old)), db=self._due)
+                    txn.put(key, raw, db=self._envelope)
+                    txn.put(due_key(envelope), b"", db=self._due)
+                for msgid in delete:
+                    key = msgid.encode()
+                    raw = txn.get(key, db=self._envelope)
+                    if raw is None:
+                        continue
+                    stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
+                    txn.delete(due_key(records.decode(raw)), db=self._due)
+                    txn.delete(key, db=self._envelope)
+                    txn.delete(key, db=self._body)
+                    removed += 1
+                for m in add:
                     key = m.envelope.id.encode()
                     raw = records.encode(m.envelope)
                     stored += len(raw) + len(m.body)
-                    if stored > self.max_size_bytes:
+                    if enforce_limit and stored > self.max_size_bytes:
                         raise QueueFull(f"the queue holds its limit of {self.max_size_bytes} bytes "
                                         "([queue] max_size_bytes)")
                     if not txn.put(key, raw, db=self._envelope, overwrite=False):
                         raise QueueIOError(f"message id {m.envelope.id} already exists")
                     txn.put(key, m.body, db=self._body)
                     txn.put(due_key(m.envelope), b"", db=self._due)
-                txn.put(_BYTES, _BE64.pack(stored), db=self._meta)
+                txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
         except (lmdb.MapFullError, lmdb.DiskError) as exc:
             raise QueueFull(str(exc)) from exc
         except lmdb.Error as exc:
             raise QueueIOError(str(exc)) from exc
+        return removed
 
     def envelope(self, msgid: MessageId) -> Envelope | None:
         with self._env.begin() as txn:
@@ -108,25 +140,7 @@ class LmdbBackend:
             after = batch[-1][0]
 
     def delete(self, msgids: Sequence[MessageId]) -> int:
-        removed = 0
-        try:
-            with self._env.begin(write=True) as txn:
-                stored = self._stored_bytes(txn)
-                for msgid in msgids:
-                    key = msgid.encode()
-                    raw = txn.get(key, db=self._envelope)
-                    if raw is None:
-                        continue
-                    body = txn.get(key, db=self._body) or b""
-                    stored -= len(raw) + len(body)
-                    txn.delete(due_key(records.decode(raw)), db=self._due)
-                    txn.delete(key, db=self._envelope)
-                    txn.delete(key, db=self._body)
-                    removed += 1
-                txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
-        except lmdb.Error as exc:
-            raise QueueIOError(str(exc)) from exc
-        return removed
+        return self._write(delete=msgids, enforce_limit=False)
 
     def due(self, now: float, limit: int) -> list[MessageId]:
         bound = _BE64.pack(int(now * 1000) + 1)

@@ -33,6 +33,22 @@ class MemoryBackend:
             self._bodies[m.envelope.id] = bytes(m.body)
         self._used += size
 
+    def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
+              add: Sequence[NewMessage] = ()) -> None:
+        ids = [m.envelope.id for m in add]
+        if len(set(ids)) != len(ids) or any(i in self._envelopes for i in ids):
+            raise QueueIOError("message id already exists")
+        for envelope in update:
+            old = self._envelopes.get(envelope.id)
+            if old is not None:
+                self._used += len(records.encode(envelope)) - len(records.encode(old))
+                self._envelopes[envelope.id] = copy.deepcopy(envelope)
+        self.delete(delete)
+        for m in add:  # not held to max_bytes, as on LMDB
+            self._envelopes[m.envelope.id] = copy.deepcopy(m.envelope)
+            self._bodies[m.envelope.id] = bytes(m.body)
+            self._used += len(m.body) + len(records.encode(m.envelope))
+
     def envelope(self, msgid: MessageId) -> Envelope | None:
         found = self._envelopes.get(msgid)
         return copy.deepcopy(found) if found is not None else None

@@ -56,7 +56,10 @@ def server_config(port: int, spool: Path, **sections: dict[str, Any]) -> dict[st
         "listener": [{"address": f"127.0.0.1:{port}"}],
         "queue": {"path": str(spool), "max_size_bytes": 64 * MIB},
         "limits": {"max_message_bytes": 10 * MIB},
-        "relay": {"local_domains": ["local.test"], "mynetworks": []},
+        # local.test is a relay domain (no mailbox check) and nothing is delivered: tests of
+        # receiving see the spool exactly as inbound left it. Delivery tests override both.
+        "relay": {"relay_domains": ["local.test"], "mynetworks": []},
+        "delivery": {"workers": 0},
     }
     for name, values in sections.items():
         if isinstance(values, list):
@@ -67,16 +70,30 @@ def server_config(port: int, spool: Path, **sections: dict[str, Any]) -> dict[st
 
 
 def toml_dumps(doc: dict[str, Any]) -> str:
-    """Tables and arrays of tables of strings, numbers, booleans and lists of them."""
+    """Tables, tables of tables ([domains."x.test"]) and arrays of tables of plain values."""
     out: list[str] = []
+
+    def table(header: str, values: dict[str, Any]) -> None:
+        out.append(header)
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+        out.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if k not in nested)
+        out.append("")
+        for key, sub in nested.items():
+            table(f"{header[:-1]}.{_toml_key(key)}]", sub)
+
     for name, value in doc.items():
-        tables = value if isinstance(value, list) else [value]
-        header = f"[[{name}]]" if isinstance(value, list) else f"[{name}]"
-        for table in tables:
-            out.append(header)
-            out.extend(f"{key} = {_toml_value(v)}" for key, v in table.items())
-            out.append("")
+        if isinstance(value, list):
+            for item in value:
+                out.append(f"[[{name}]]")
+                out.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items())
+                out.append("")
+        else:
+            table(f"[{name}]", value)
     return "\n".join(out)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
 def _toml_value(value: Any) -> str:
@@ -302,9 +319,21 @@ def mta_server(tmp_path: Path) -> Iterator[Callable[..., MtaServer]]:
         made.append(server)
         return server.start() if start else server
 
-    yield make
-    for server in made:
-        server.stop()
+    with contextlib.ExitStack() as stack:  # every server is stopped, even if stopping one fails
+        yield make
+        for server in made:
+            stack.callback(server.stop)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, server: MtaServer | None = None) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{server.log_tail()}" if server else ""))
 
 
 # --- reading the spool directly ------------------------------------------------------------

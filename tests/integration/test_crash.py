@@ -1,10 +1,11 @@
 """Crash safety: kill -9 under load, restart on the same spool, nothing acknowledged is lost.
 
 50 sessions push up to 2000 unique messages; after a random number of 250s (seeded,
-printed; rerun one with MTA_CRASH_SEED=n) the whole server is SIGKILLed. On restart:
-every acknowledged id is listed with exactly the bytes sent after our Received header;
-every stored message (acknowledged or not: a commit may beat its 250 to the wire)
-is one that was sent, whole, once, with its envelope; no record lacks its partner.
+printed; rerun one with MTA_CRASH_SEED=n) the server is SIGKILLed: all its processes,
+or the master alone. On restart: every acknowledged id is listed with exactly the bytes
+sent after our Received header; every stored message (acknowledged or not: a commit
+may beat its 250 to the wire) is one that was sent, whole, once, with its envelope;
+no record lacks its partner. Then the restarted server takes more mail.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.integration.conftest import (MtaServer, SmtpClient, free_port, queued
 pytestmark = pytest.mark.integration
 
 MESSAGES = 2000
+AFTER_RESTART = 200
 CONNECTIONS = 50
 KILL_AFTER_ACKS = (200, 1500)
 BODY_BYTES = (1024, 20 * 1024)
@@ -111,7 +113,8 @@ def push(port: int, messages: list[Sent], connections: int,
     return result
 
 
-def check_spool(server: MtaServer, sent: list[Sent], acked: dict[str, Sent], rng: random.Random) -> int:
+def check_spool(server: MtaServer, sent: list[Sent], acked: dict[str, Sent], rng: random.Random,
+                cli_sample: int = 0) -> int:
     """Assert every acked message is stored exactly and everything stored is whole; the count stored."""
     listing = {e["id"]: e for e in server.queue_list()}
     missing = sorted(acked.keys() - listing.keys())
@@ -135,7 +138,7 @@ def check_spool(server: MtaServer, sent: list[Sent], acked: dict[str, Sent], rng
         assert tuple(r["address"] for r in entry["recipients"]) == m.recipients, qid
         assert {r["state"] for r in entry["recipients"]} == {"ready"}, qid
         assert entry["size"] == len(body), qid
-    for qid in rng.sample(sorted(acked), min(CLI_SAMPLE, len(acked))):
+    for qid in rng.sample(sorted(acked), min(cli_sample, len(acked))):
         assert server.queue_body(qid) == snap.bodies[qid], qid
     return len(snap.bodies)
 
@@ -150,11 +153,11 @@ def test_kill9_under_load_loses_no_acknowledged_message(mta_server: Callable[...
     rng = random.Random(seed)
     kill_after = rng.randint(*KILL_AFTER_ACKS)
     print(f"crash test: MTA_CRASH_SEED={seed} kill -9 after {kill_after} acknowledged messages")
-    sent = make_messages(rng, MESSAGES, str(seed))
+    sent = make_messages(rng, MESSAGES + AFTER_RESTART, str(seed))
     server = mta_server(server={"drain_timeout_seconds": 5}, limits={"max_connections_per_ip": 1000})
 
     started = time.monotonic()
-    first = push(server.port, sent, CONNECTIONS, kill_after, lambda: server.kill9(whole_group))
+    first = push(server.port, sent[:MESSAGES], CONNECTIONS, kill_after, lambda: server.kill9(whole_group))
     assert not server.running
     assert [r for r in first.refused if not r[2] or not r[1].startswith("421 4.3.2")] == []
     assert len(first.acked) >= kill_after
@@ -166,12 +169,12 @@ def test_kill9_under_load_loses_no_acknowledged_message(mta_server: Callable[...
     while server.orphans_alive():  # kill-master: the old workers finish and exit
         assert time.monotonic() < deadline, f"workers of the killed master still run\n{server.log_tail()}"
         time.sleep(0.05)
-    stored = check_spool(server, sent, first.acked, rng)
+    stored = check_spool(server, sent, first.acked, rng, cli_sample=CLI_SAMPLE)
     print(f"crash test: {stored} stored, {stored - len(first.acked)} of them never acknowledged")
     assert stored <= first.attempted
 
     # The restarted server takes mail, and the spool stays whole.
-    more = sent[first.attempted:][:200]
+    more = sent[first.attempted:][:AFTER_RESTART]
     second = push(server.port, more, 10)
     assert second.refused == []
     assert len(second.acked) == len(more)
@@ -190,3 +193,25 @@ def test_a_second_server_on_the_same_spool_is_refused(mta_server: Callable[..., 
     with pytest.raises(RuntimeError, match="another mta is already serving the queue"):
         second.start()
     assert not second.running
+
+
+def test_workers_of_a_killed_master_close_idle_sessions_and_exit_cleanly(
+        mta_server: Callable[..., MtaServer]) -> None:
+    server = mta_server()
+
+    async def idle_session_after_the_kill() -> str:
+        client = await SmtpClient.connect(server.port)
+        server.kill9(whole_group=False)
+        try:
+            return str(await asyncio.wait_for(client.read_reply(), 10))
+        finally:
+            await client.close()
+
+    assert asyncio.run(idle_session_after_the_kill()).startswith("421 4.3.2 ")
+    deadline = time.monotonic() + 10
+    while server.orphans_alive():
+        assert time.monotonic() < deadline, f"workers of the killed master still run\n{server.log_tail()}"
+        time.sleep(0.05)
+    log = server.log_bytes().decode()
+    assert "event=master_gone" in log
+    assert "Traceback" not in log, server.log_tail()

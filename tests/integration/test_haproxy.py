@@ -68,7 +68,7 @@ def relay_behind_haproxy(mta_server, tmp_path: Path) -> Iterator[tuple[MtaServer
                   {"address": f"127.0.0.1:{proxied}", "proxy_protocol": True,
                    "trusted_proxies": ["127.0.0.1/32"]}],
         # The proxy's own address is in mynetworks on purpose: it must grant nothing.
-        relay={"local_domains": ["local.test"], "mynetworks": ["127.0.0.1/32", "127.0.0.5/32"]},
+        relay={"relay_domains": ["local.test"], "mynetworks": ["127.0.0.1/32", "127.0.0.5/32"]},
         server={"inbound_workers": 2},
     )))
     server.start()

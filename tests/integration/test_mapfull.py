@@ -92,7 +92,7 @@ def test_full_queue_answers_452_and_recovers_after_deletes(mta_server: Callable[
         gone = sorted(acked)[::2]
         done = server.queue_delete(*gone)
         assert done.returncode == 0, done
-        assert done.stdout.decode().strip() == f"deleted {len(gone)} of {len(gone)} message(s)"
+        assert done.stdout.decode().startswith(f"delete: {len(gone)} message(s)")
         for qid in gone:
             del acked[qid]
         check_stored(server, acked)
@@ -109,13 +109,13 @@ def test_full_queue_answers_452_and_recovers_after_deletes(mta_server: Callable[
 def test_fill_and_empty_cycles_reuse_freed_pages(mta_server: Callable[..., MtaServer]) -> None:
     server = mta_server(queue={"max_size_bytes": MIB})
     counts = []
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=30) as smtp:
-        assert smtp.ehlo()[0] == 250
-        for cycle in range(CYCLES):
+    for cycle in range(CYCLES):  # a session per cycle: each 452 counts toward [limits] max_errors
+        with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=30) as smtp:
+            assert smtp.ehlo()[0] == 250
             acked: dict[str, bytes] = {}
             fill(smtp, cycle * MAX_TRIES, acked)
-            counts.append(len(acked))
-            assert server.queue_delete(*acked).returncode == 0
+        counts.append(len(acked))
+        assert server.queue_delete(*acked).returncode == 0
     assert server.queue_list() == []
     assert min(counts) >= 40, counts  # the 20th fill takes as much as the first
     data_file = os.path.getsize(server.spool / "data.mdb")

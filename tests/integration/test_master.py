@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import (
-    MtaServer, SmtpClient, free_port, queued_id, run_mta, server_config, toml_dumps,
+    MtaServer, SmtpClient, free_port, queued_id, run_mta, server_config, toml_dumps, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -38,19 +38,14 @@ def children_of(pid: int) -> dict[int, str]:
     return found
 
 
-def wait_for(predicate, timeout: float, what: str, server: MtaServer):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}\n{server.log_tail()}")
+def inbound_workers(pid: int) -> dict[int, str]:
+    return {p: t for p, t in children_of(pid).items() if "inbound#" in t}
 
 
 def started(server: MtaServer, workers: int = 2) -> MtaServer:
     """The server, once all its workers are READY (the first greeting needs only one)."""
-    wait_for(lambda: server.log_bytes().count(b"event=ready") >= workers, 15, f"{workers} ready workers", server)
+    wait_until(lambda: server.log_bytes().count(b"event=ready child=\"inbound") >= workers, 15,
+             f"{workers} ready workers", server)
     return server
 
 
@@ -61,7 +56,7 @@ def received_by_pid(server: MtaServer) -> dict[str, int]:
 def test_titles_and_200_sessions_spread_over_two_workers(mta_server) -> None:
     server = started(mta_server(server={"inbound_workers": 2}, limits={"max_connections_per_ip": 1000}))
     titles = sorted(children_of(server.master_pid).values())
-    assert titles == ["mta: inbound#1 gen1", "mta: inbound#2 gen1"]
+    assert titles == ["mta: inbound#1 gen1", "mta: inbound#2 gen1", "mta: scheduler#1 gen1"]
     assert Path(f"/proc/{server.master_pid}/cmdline").read_bytes().startswith(b"mta: master")
     before = server.log_bytes().count(b"event=connect")
 
@@ -107,7 +102,7 @@ async def _sessions(port: int, sessions: int, per_session: int, on_ack=None):  #
 
 def test_kill9_of_one_worker_under_load(mta_server) -> None:
     server = started(mta_server(server={"inbound_workers": 2}))
-    workers = sorted(children_of(server.master_pid))
+    workers = sorted(inbound_workers(server.master_pid))
     victim = workers[0]
     acks = 0
 
@@ -130,7 +125,7 @@ def test_kill9_of_one_worker_under_load(mta_server) -> None:
     assert snapshot.problems() == []
     missing = [m for ids in acked for m in ids if m not in snapshot.envelopes]
     assert missing == []
-    replaced = wait_for(lambda: [p for p, t in children_of(server.master_pid).items()
+    replaced = wait_until(lambda: [p for p, t in inbound_workers(server.master_pid).items()
                                  if p not in workers and t.endswith("gen1")], 10, "a replacement", server)
     assert len(replaced) == 1
     assert b"status=\"signal SIGKILL\"" in server.log_bytes()
@@ -143,7 +138,7 @@ def test_kill9_of_one_worker_under_load(mta_server) -> None:
 
 def test_sighup_under_load_refuses_nothing_and_applies_the_new_config(mta_server) -> None:
     server = started(mta_server(server={"inbound_workers": 2, "hostname": "mx.test"}))
-    gen1 = set(children_of(server.master_pid))
+    gen1 = set(inbound_workers(server.master_pid))
     doc = server_config(server.port, server.spool, server={"inbound_workers": 2, "hostname": "mx2.test"})
     acks = 0
 
@@ -168,8 +163,8 @@ def test_sighup_under_load_refuses_nothing_and_applies_the_new_config(mta_server
     assert sum(len(a) for a in acked) == 1200
     snapshot = server.spool_snapshot()
     assert all(m in snapshot.envelopes for ids in acked for m in ids)
-    wait_for(lambda: not (gen1 & set(children_of(server.master_pid))), 15, "generation 1 to retire", server)
-    assert sorted(children_of(server.master_pid).values()) == ["mta: inbound#1 gen2", "mta: inbound#2 gen2"]
+    wait_until(lambda: not (gen1 & set(inbound_workers(server.master_pid))), 15, "generation 1 to retire", server)
+    assert sorted(inbound_workers(server.master_pid).values()) == ["mta: inbound#1 gen2", "mta: inbound#2 gen2"]
 
     async def greeting() -> str:
         client = await SmtpClient.connect(server.port, helo=None)
@@ -180,13 +175,13 @@ def test_sighup_under_load_refuses_nothing_and_applies_the_new_config(mta_server
 
 def test_invalid_config_on_sighup_keeps_the_old_one(mta_server) -> None:
     server = mta_server(server={"inbound_workers": 1})
-    gen1 = set(children_of(server.master_pid))
+    gen1 = set(inbound_workers(server.master_pid))
     assert server.config_path is not None
     server.config_path.write_text("[limits]\nmax_recipients = \"ten\"\n")
     os.kill(server.master_pid, signal.SIGHUP)
-    wait_for(lambda: b"event=reload_failed" in server.log_bytes(), 5, "reload_failed", server)
+    wait_until(lambda: b"event=reload_failed" in server.log_bytes(), 5, "reload_failed", server)
     assert b"max_recipients" in server.log_bytes()
-    assert set(children_of(server.master_pid)) == gen1
+    assert set(inbound_workers(server.master_pid)) == gen1
     acked, errors = asyncio.run(_sessions(server.port, sessions=2, per_session=2))
     assert errors == [None, None]
 
@@ -273,10 +268,10 @@ def test_a_second_sigterm_stops_at_once(mta_server) -> None:
 def test_a_blocked_worker_is_killed_and_replaced(mta_server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTA_TEST_HOOKS", "1")
     server = started(mta_server(server={"inbound_workers": 2, "heartbeat_timeout_seconds": 2}))
-    workers = set(children_of(server.master_pid))
+    workers = set(inbound_workers(server.master_pid))
     victim = min(workers)
     os.kill(victim, signal.SIGUSR2)  # the hook: time.sleep(3600) on its event loop
-    wait_for(lambda: len(set(children_of(server.master_pid)) - workers) == 1, 15, "a replacement", server)
+    wait_until(lambda: len(set(inbound_workers(server.master_pid)) - workers) == 1, 15, "a replacement", server)
     log = server.log_bytes()
     assert re.search(rb"event=heartbeat_lost child=\S+ gen1\" child_pid=%d" % victim, log)
     assert b"child_pid=%d status=\"signal SIGABRT\"" % victim in log
@@ -290,9 +285,9 @@ def test_workers_crashing_at_start_back_off_and_recover(mta_server, monkeypatch:
     server = started(mta_server(server={"inbound_workers": 2}))
     crash = server.spool / "crash-workers"
     crash.write_text("")
-    victim = min(children_of(server.master_pid))
+    victim = min(inbound_workers(server.master_pid))
     os.kill(victim, signal.SIGKILL)
-    delays = wait_for(lambda: [float(d) for d in re.findall(rb"event=replacing \S+ \S+ delay_seconds=([\d.]+)",
+    delays = wait_until(lambda: [float(d) for d in re.findall(rb"event=replacing \S+ \S+ delay_seconds=([\d.]+)",
                                                              server.log_bytes())][:4] if len(re.findall(
         rb"event=replacing", server.log_bytes())) >= 4 else None, 20, "4 replacements", server)
     assert delays == sorted(delays) and delays[-1] >= 2 * delays[1] > 0, delays
@@ -300,8 +295,8 @@ def test_workers_crashing_at_start_back_off_and_recover(mta_server, monkeypatch:
     acked, errors = asyncio.run(_sessions(server.port, sessions=3, per_session=2))  # the other worker serves
     assert errors == [None] * 3
     crash.unlink()
-    wait_for(lambda: len(children_of(server.master_pid)) == 2 and
-             server.log_bytes().count(b"event=ready") >= 3, 40, "recovery", server)
+    wait_until(lambda: len(inbound_workers(server.master_pid)) == 2 and
+             server.log_bytes().count(b"event=ready child=\"inbound") >= 3, 40, "recovery", server)
 
 
 def test_only_one_master_per_spool(mta_server, tmp_path: Path) -> None:

@@ -95,3 +95,27 @@ def test_envelope_codec_round_trips() -> None:
     e = message(rcpts=2).envelope
     e.recipients[1].state, e.recipients[1].last_reply, e.recipients[1].notify = "deferred", "451 4.3.0 x", None
     assert decode(encode(e)) == e
+
+
+def test_apply_moves_due_deletes_and_adds_in_one_transaction(backend: QueueBackend) -> None:
+    a, b = message(when=1000.0), message(when=1001.0)
+    backend.commit([a, b])
+    a.envelope.next_attempt = 5000.0
+    a.envelope.recipients[0].state, a.envelope.recipients[0].last_reply = "deferred", "451 4.3.0 later"
+    bounce = message(when=1002.0)
+    bounce.envelope.sender = ""
+    backend.apply(update=[a.envelope], delete=[b.envelope.id], add=[bounce])
+    assert backend.envelope(a.envelope.id) == a.envelope
+    assert backend.envelope(b.envelope.id) is None
+    assert backend.due(now=2000.0, limit=10) == [bounce.envelope.id]
+    assert backend.due(now=6000.0, limit=10) == [bounce.envelope.id, a.envelope.id]
+    before = backend.stats().used_bytes
+    backend.apply(delete=[a.envelope.id, bounce.envelope.id])
+    assert backend.stats().messages == 0 and backend.stats().used_bytes == 0 < before
+
+
+def test_bounces_are_added_even_when_the_queue_is_full(backend: QueueBackend) -> None:
+    with pytest.raises(QueueFull):
+        for _ in range(200):
+            backend.commit([message(body=b"x" * 20_000)])
+    backend.apply(add=[message(body=b"bounce" * 100)])  # never refused

@@ -28,14 +28,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mta import frames, logs
+from mta import logs
 from mta.config import Config, ListenerConfig
 from mta.smtp.server import ServerOptions
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.committer import GroupCommitter
+from workers.inbound.notify import SchedulerNotifier
+from workers.inbound.policy import LocalRecipients
 from workers.inbound.protocol import InboundProtocol
-
-HEARTBEAT_SECONDS = 1.0
+from workers.link import MasterLink
 
 
 @dataclass
@@ -43,6 +44,8 @@ class WorkerContext:
     config: Config
     server_options: ServerOptions
     committer: GroupCommitter
+    local: LocalRecipients
+    notifier: SchedulerNotifier
     sessions: set[InboundProtocol] = field(default_factory=set)
     connections_per_ip: dict[str, int] = field(default_factory=dict)
 
@@ -79,25 +82,27 @@ class Worker:
         self.state = "ready"
         self._stop = asyncio.Event()
         self._shutdown = False
-        self._unsent: list[dict[str, object]] = []
+        self.link: MasterLink | None = None
         self.ctx: WorkerContext | None = None
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         backend = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
         committer = GroupCommitter(backend, loop)
-        self.ctx = WorkerContext(self.config, server_options(self.config), committer)
+        self.ctx = WorkerContext(self.config, server_options(self.config), committer,
+                                 LocalRecipients(self.config), SchedulerNotifier(self.config.queue.scheduler_socket))
         loop.add_signal_handler(signal.SIGTERM, self._stop_now, True)
         loop.add_signal_handler(signal.SIGINT, self._stop_now, True)
         loop.add_signal_handler(signal.SIGUSR1, self._stop_now, False)
         if os.environ.get("MTA_TEST_HOOKS") == "1":
             loop.add_signal_handler(signal.SIGUSR2, time.sleep, 3600)
-        loop.add_reader(self.channel.fileno(), self._on_channel)
-        self._beat()
+        self.link = MasterLink(self.channel, self._status, lambda: self._stop_now(True), self._on_frame)
+        self.link.start()
         await self._stop.wait()
-        loop.remove_reader(self.channel.fileno())
+        self.link.stop_reading()
         await self._drain()
         committer.close()
+        self.ctx.notifier.close()
         backend.close()
         logs.event("stopped", sessions=len(self.ctx.sessions))
         return 0
@@ -106,7 +111,8 @@ class Worker:
         self._shutdown = self._shutdown or shutdown
         self.state = "retiring"
         self._stop.set()
-        self._send_status()
+        if self.link is not None:
+            self.link.send_status()
 
     async def _drain(self) -> None:
         assert self.ctx is not None
@@ -122,32 +128,20 @@ class Worker:
             session.shut_down()
         await asyncio.sleep(0)  # let the transports flush their 421s
 
-    def _on_channel(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.ctx is not None
-        while True:
-            try:
-                got = frames.recv_frame(self.channel)
-            except BlockingIOError:
-                return
-            if got is None:  # the master is gone: finish what we have and exit
-                logs.event("master_gone")
-                self._stop_now(True)
-                loop.remove_reader(self.channel.fileno())
-                return
-            frame, fds = got
-            if frame.get("t") != "conn" or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            sock = socket.socket(fileno=fds[0])
-            self._send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + 1})
-            listener = self.listeners.get(frame["l"])
-            if listener is None:  # a listener this generation does not know: cannot serve it
-                sock.close()
-                continue
-            sock.setblocking(False)
-            loop.create_task(self._adopt(sock, listener))
+    def _on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+        assert self.ctx is not None and self.link is not None
+        if frame.get("t") != "conn" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        sock = socket.socket(fileno=fds[0])
+        self.link.send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + 1})
+        listener = self.listeners.get(str(frame["l"]))
+        if listener is None:  # a listener this generation does not know: cannot serve it
+            sock.close()
+            return
+        sock.setblocking(False)
+        asyncio.get_running_loop().create_task(self._adopt(sock, listener))
 
     async def _adopt(self, sock: socket.socket, listener: ListenerConfig) -> None:
         ctx = self.ctx
@@ -159,17 +153,5 @@ class Worker:
             logs.event("adopt_failed", error=exc.strerror)
             sock.close()
 
-    def _beat(self) -> None:
-        self._send_status()
-        asyncio.get_running_loop().call_later(HEARTBEAT_SECONDS, self._beat)
-
-    def _send_status(self) -> None:
-        active = len(self.ctx.sessions) if self.ctx is not None else 0
-        self._send({"t": "status", "state": self.state, "active": active})
-
-    def _send(self, frame: dict[str, object]) -> None:
-        # An acknowledgement must never be lost (the master would re-hand a socket we
-        # serve), so frames the channel cannot take now wait for the next attempt.
-        self._unsent.append(frame)
-        while self._unsent and frames.send_frame(self.channel, self._unsent[0]):
-            self._unsent.pop(0)
+    def _status(self) -> dict[str, object]:
+        return {"state": self.state, "active": len(self.ctx.sessions) if self.ctx is not None else 0}

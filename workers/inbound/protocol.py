@@ -197,7 +197,7 @@ class InboundProtocol(asyncio.Protocol):
             if isinstance(event, MailFrom):
                 conn.reply(policy.check_mail_from(self._ctx.config.relay, self._client_addr, event))
             elif isinstance(event, RcptTo):
-                reply = policy.check_rcpt_to(self._ctx.config.relay, self._client_addr, event)
+                reply = policy.check_rcpt_to(self._ctx.config.relay, self._client_addr, event, self._ctx.local)
                 if not reply.positive:
                     logs.event("rejected", client=self.client_ip, rcpt=event.address.text, reply=str(reply))
                 conn.reply(reply)
@@ -232,9 +232,10 @@ class InboundProtocol(asyncio.Protocol):
         body = header + message.data
         now = time.time()
         envelope = Envelope(
-            id=msgid, sender=message.sender.address.text,
-            recipients=[Recipient(r.address.text, r.notify, r.orcpt) for r in message.recipients],
+            id=msgid, sender=message.sender.address.text, recipients=self._final_recipients(message),
             size=len(body), arrival=now, next_attempt=now, ret=message.sender.ret,
+            priority=policy.message_priority(ctx.config, sender=message.sender.address.text,
+                                             recipients=rcpts, listener=self._listener.address),
             envid=message.sender.envid, body_type=message.sender.body,
             smtputf8=message.sender.smtputf8,
             client={"ip": self.client_ip, "port": self.client_port, "helo": self._conn.helo_name,
@@ -251,12 +252,29 @@ class InboundProtocol(asyncio.Protocol):
         else:
             reply = replies.queued(msgid)
             logs.event("received", msgid=msgid, client=self.client_ip, sender=envelope.sender,
-                       nrcpt=len(rcpts), size=len(body))
+                       nrcpt=len(rcpts), size=len(body), priority=envelope.priority or None)
+            ctx.notifier.new(msgid)
         self._commit_task = None
         if self._transport is None or self._transport.is_closing():
             return
         self._conn.reply(reply)
         self._pump()
+
+    def _final_recipients(self, message: Message) -> list[Recipient]:
+        """Accepted recipients with aliases expanded (the original kept as ORCPT), deduplicated."""
+        out: list[Recipient] = []
+        seen: set[str] = set()
+        for rcpt in message.recipients:
+            address = rcpt.address.text
+            if not rcpt.address.domain and self._ctx.config.relay.local_domains:
+                address = f"postmaster@{self._ctx.config.relay.local_domains[0]}"  # the bare <postmaster>
+            targets = self._ctx.local.expand(address)
+            orcpt = rcpt.orcpt or (f"rfc822;{rcpt.address.text}" if targets != [address] else None)
+            for target in targets:
+                if target.lower() not in seen:
+                    seen.add(target.lower())
+                    out.append(Recipient(target, rcpt.notify, orcpt))
+        return out
 
     def _flush(self) -> None:
         out = self._conn.data_to_send()

@@ -1,0 +1,445 @@
+"""The sans-I/O SMTP/LMTP client connection: commands as bytes, server replies as events.
+
+    conn = ClientConnection("relay.test", lmtp=False)
+    conn.receive_data(data)            # frames reply lines; multi-line replies are one event
+    ev = conn.next_event()             # ServerReply | NEED_DATA | CLOSED
+    out = conn.ehlo()                  # every command method returns the bytes to send
+
+One session may carry several transactions (MAIL ... final dot, or RSET). Every
+command pushes the reply it expects onto a FIFO, so pipelined replies are matched
+to their commands in order; each ServerReply names the command it answers.
+
+What the core decides alone: the EHLO extensions (forgotten after STARTTLS, RFC
+3207 4.2); which MAIL/RCPT parameters the server may see (only advertised ones:
+SIZE, BODY=8BITMIME, SMTPUTF8, and the DSN parameters RET/ENVID/NOTIFY/ORCPT);
+dot-stuffing, with any bare CR or LF in the body sent as CRLF; how many replies
+follow the final dot (one, or under LMTP one per accepted recipient, RFC 2033 4.2).
+`check_message` names the local refusal (552 5.3.4, 553 5.6.7) for a message the
+server cannot take.
+
+Errors: ProtocolError is the peer's fault (a malformed or unexpected reply, bytes
+after the 220 to STARTTLS); it is sticky and the connection is unusable after it.
+LocalProtocolError is ours (a command out of order, CR or LF in an address).
+
+Pure: no asyncio, socket or time imports.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from mta.smtp.replies import Reply, ReplyClass
+
+MAX_REPLY_LINE: Final = 4096  # octets; RFC 5321 says 512, real servers send longer text
+MAX_REPLY_LINES: Final = 256  # lines in one multi-line reply
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
+_KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# Local refusals: the message never reaches DATA at this server.
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "message size exceeds the size limit of the server")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the server")
+
+
+class ProtocolError(Exception):
+    """The server broke the protocol; the connection cannot be used any more."""
+
+
+class LocalProtocolError(Exception):
+    """We broke the protocol: a bug in the caller, never the peer's doing."""
+
+
+class Verb(enum.Enum):
+    """What a reply answers."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"  # LHLO under LMTP
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    MAIL = "MAIL FROM"
+    RCPT = "RCPT TO"
+    DATA = "DATA"
+    DOT = "end of data"
+    RSET = "RSET"
+    NOOP = "NOOP"
+    QUIT = "QUIT"
+
+
+# Reply classes each command may get; anything else is a ProtocolError.
+_ALLOWED_CLASSES: Final[dict[Verb, str]] = {verb: "245" for verb in Verb} | {Verb.DATA: "345"}
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Marker("NEED_DATA")  # feed more bytes with receive_data()
+CLOSED = _Marker("CLOSED")  # the server closed the connection; no reply is coming
+
+
+@dataclass(frozen=True, slots=True)
+class ServerReply(ReplyClass):
+    code: int
+    status: str  # enhanced status code "x.y.z" (RFC 3463), "" when the reply has none
+    lines: tuple[str, ...]  # text of each line, status removed, control characters replaced
+    command: Verb | None = None  # what it answers; None from parse_reply()
+
+    @property
+    def text(self) -> str:
+        return " ".join(line for line in self.lines if line)
+
+    def __str__(self) -> str:
+        return " ".join(str(part) for part in (self.code, self.status, self.text) if part)
+
+
+Event = ServerReply | _Marker
+
+
+@dataclass(frozen=True, slots=True)
+class Extensions:
+    """The EHLO keywords (upper case) and their parameters, as the server listed them."""
+
+    keywords: dict[str, str]
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.keywords
+
+    @property
+    def max_size(self) -> int | None:
+        """The SIZE limit in octets; None when absent, 0 ("no fixed limit") or malformed."""
+        value = self.keywords.get("SIZE", "")
+        return int(value) if value.isdigit() and 0 < len(value) <= 20 and int(value) > 0 else None
+
+
+NO_EXTENSIONS = Extensions({})
+
+
+def parse_extensions(lines: tuple[str, ...]) -> Extensions:
+    """The lines of a 250 EHLO reply -> Extensions (the first line is the greeting)."""
+    keywords: dict[str, str] = {}
+    for line in lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if _KEYWORD.fullmatch(keyword):
+            keywords[keyword] = params.strip()
+    return Extensions(keywords)
+
+
+def parse_reply(lines: list[bytes]) -> ServerReply:
+    """Complete reply lines (CRLF removed) -> ServerReply. Raises only ProtocolError."""
+    if not lines:
+        raise ProtocolError("empty reply")
+    code = _check_line(lines[0])
+    texts: list[str] = []
+    for i, raw in enumerate(lines):
+        if _check_line(raw) != code:
+            raise ProtocolError("multi-line reply with mixed reply codes")
+        last = i == len(lines) - 1
+        if (raw[3:4] == b"-") == last:
+            raise ProtocolError("multi-line reply not ended by a 'code SP' line")
+        texts.append(_CONTROL.sub("?", raw[4:].decode("utf-8", "replace")))
+    status = ""
+    match = _ENHANCED.match(texts[0])
+    if match is not None and match.group(1) == str(code)[0]:
+        status = match.group(0)
+        texts = [t[len(status):].lstrip(" ") if t.startswith(status) else t for t in texts]
+    return ServerReply(code, status, tuple(texts))
+
+
+def _check_line(raw: bytes) -> int:
+    code, sep = raw[:3], raw[3:4]
+    if len(code) != 3 or not code.isdigit() or code[:1] not in b"2345" or sep not in (b"", b" ", b"-"):
+        raise ProtocolError(f"malformed reply line {raw[:40]!r}")
+    return int(code)
+
+
+def check_message(extensions: Extensions, size: int, smtputf8: bool) -> Reply | None:
+    """The local refusal for a message this server cannot take, or None (check before MAIL)."""
+    if smtputf8 and "SMTPUTF8" not in extensions:
+        return NEEDS_SMTPUTF8
+    limit = extensions.max_size
+    if limit is not None and size > limit:
+        return MESSAGE_TOO_BIG
+    return None
+
+
+def bad_address(address: str) -> str | None:
+    """Why `address` cannot go into a MAIL or RCPT command, or None."""
+    if _CONTROL.search(address):
+        return "control character in address"
+    local, _, domain = address.rpartition("@")
+    if not local.startswith('"') and ("<" in address or ">" in address):
+        return "angle bracket in address"
+    if "<" in domain or ">" in domain:
+        return "angle bracket in address"
+    return None
+
+
+def xtext(value: str) -> str | None:
+    """RFC 3461 xtext encoding; None for non-ASCII text (it has no xtext form)."""
+    if not value.isascii():
+        return None
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+def canonical_body(body: bytes) -> bytes:
+    """Content as it goes out, before stuffing: every line end CRLF, the last line ended.
+
+    Its length is what SIZE= announces (RFC 1870: CRLFs counted, stuffing not).
+    """
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        body = _ANY_NEWLINE.sub(b"\r\n", body)  # bare CR or LF: never on the wire
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body
+
+
+def stuff_body(body: bytes) -> bytes:
+    """Message content -> the DATA wire form: canonical, dot-stuffed, ending CRLF.CRLF."""
+    body = canonical_body(body)
+    if body.startswith(b"."):
+        body = b"." + body
+    return body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+class ClientConnection:
+    def __init__(self, helo_name: str, lmtp: bool = False) -> None:
+        self.helo_name = helo_name
+        self.lmtp = lmtp
+        self.extensions = NO_EXTENSIONS
+        self.greeted = False  # a 2xx greeting arrived
+        self.helo_done = False  # EHLO/LHLO/HELO accepted since the greeting or STARTTLS
+        self.esmtp = False
+        self.tls = False
+        self.accepted = 0  # RCPTs accepted in the current transaction
+        self._awaiting: deque[Verb] = deque([Verb.GREETING])
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []  # lines of the multi-line reply being read
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._tls_pending = False  # 220 to STARTTLS: nothing but the handshake until tls_established()
+        self._in_mail = False  # MAIL sent and not refused; until the final dot or RSET
+        self._data_ok = False  # 354 received: the body may be sent
+        self._utf8 = False  # the current transaction is SMTPUTF8
+
+    # --- input -----------------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def awaiting(self) -> tuple[Verb, ...]:
+        return tuple(self._awaiting)
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
+    def receive_data(self, data: bytes) -> None:
+        if not self._eof:
+            self._buffer += data
+
+    def receive_eof(self) -> None:
+        self._eof = True
+
+    def next_event(self) -> Event:
+        if self._error is not None:
+            raise self._error
+        try:
+            reply = self._read_reply()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        if reply is None:
+            return CLOSED if self._eof else NEED_DATA
+        return reply
+
+    def _read_reply(self) -> ServerReply | None:
+        buf = self._buffer
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > MAX_REPLY_LINE:
+                    raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
+                return None
+            raw = bytes(buf[:end])
+            del buf[: end + 1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if len(raw) > MAX_REPLY_LINE:
+                raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
+            _check_line(raw)
+            self._lines.append(raw)
+            if raw[3:4] == b"-":
+                if len(self._lines) >= MAX_REPLY_LINES:
+                    raise ProtocolError(f"reply of more than {MAX_REPLY_LINES} lines")
+                continue
+            lines, self._lines = self._lines, []
+            return self._commit(parse_reply(lines))
+
+    def _commit(self, parsed: ServerReply) -> ServerReply:
+        if not self._awaiting:
+            raise ProtocolError(f"reply with no command outstanding: {parsed}")
+        verb = self._awaiting.popleft()
+        if str(parsed.code)[0] not in _ALLOWED_CLASSES[verb]:
+            raise ProtocolError(f"unexpected reply to {verb.value}: {parsed}")
+        reply = ServerReply(parsed.code, parsed.status, parsed.lines, verb)
+        if verb is Verb.GREETING:
+            self.greeted = reply.ok
+        elif verb in (Verb.EHLO, Verb.HELO) and reply.ok:
+            self.helo_done = True
+            self.esmtp = verb is Verb.EHLO
+            self.extensions = parse_extensions(reply.lines) if self.esmtp else NO_EXTENSIONS
+        elif verb is Verb.STARTTLS and reply.code == 220:
+            if self._buffer:
+                # Plaintext sent after the 220 would be read as if it came over TLS.
+                raise ProtocolError("data after the 220 reply to STARTTLS (response injection)")
+            self._tls_pending = True
+        elif verb is Verb.MAIL and not reply.ok:
+            self._in_mail = False
+        elif verb is Verb.RCPT and reply.ok:
+            self.accepted += 1
+        elif verb is Verb.DATA:
+            self._data_ok = reply.code == 354
+            if self._data_ok and self.lmtp and self.accepted == 0:
+                raise ProtocolError("354 to DATA with no accepted recipient (RFC 2033 4.2)")
+        elif verb is Verb.DOT and Verb.DOT not in self._awaiting:
+            self._end_transaction()
+        elif verb is Verb.RSET and reply.ok:
+            self._end_transaction()
+        return reply
+
+    # --- commands --------------------------------------------------------------------
+
+    def ehlo(self) -> bytes:
+        self._check_ready(helo=False)
+        return self._command(Verb.EHLO, f"{'LHLO' if self.lmtp else 'EHLO'} {self.helo_name}")
+
+    def helo(self) -> bytes:
+        if self.lmtp:
+            raise LocalProtocolError("LMTP has no HELO (RFC 2033 4.1)")
+        self._check_ready(helo=False)
+        return self._command(Verb.HELO, f"HELO {self.helo_name}")
+
+    def starttls(self) -> bytes:
+        self._check_ready(helo=True)
+        if self.tls or "STARTTLS" not in self.extensions:
+            raise LocalProtocolError("STARTTLS not offered, or TLS already active")
+        return self._command(Verb.STARTTLS, "STARTTLS")
+
+    def tls_established(self) -> None:
+        """The handshake after the 220 to STARTTLS succeeded: forget what we knew; EHLO again."""
+        if not self._tls_pending:
+            raise LocalProtocolError("tls_established() without a 220 to STARTTLS")
+        self._tls_pending = False
+        self.tls = True
+        self.helo_done = self.esmtp = False
+        self.extensions = NO_EXTENSIONS
+
+    def mail_from(self, sender: str, size: int | None = None, body_type: str | None = None,
+                  smtputf8: bool = False, ret: str | None = None, envid: str | None = None) -> bytes:
+        """MAIL FROM with the parameters the server advertised (SMTPUTF8 must be)."""
+        self._check_ready(helo=True)
+        if self._in_mail:
+            raise LocalProtocolError("MAIL inside a transaction")
+        self._check_address(sender, smtputf8)
+        ext = self.extensions
+        params: list[str] = []
+        if size is not None and "SIZE" in ext:
+            params.append(f"SIZE={size}")
+        if body_type is not None and "8BITMIME" in ext:
+            params.append(f"BODY={body_type.upper()}")
+        if smtputf8:
+            if "SMTPUTF8" not in ext:
+                raise LocalProtocolError("SMTPUTF8 transaction to a server without SMTPUTF8")
+            params.append("SMTPUTF8")
+        if "DSN" in ext:
+            if ret is not None:
+                params.append(f"RET={ret.upper()}")
+            encoded = xtext(envid) if envid else None
+            if encoded:
+                params.append(f"ENVID={encoded}")
+        self._in_mail = True
+        self._data_ok = False
+        self.accepted = 0
+        self._utf8 = smtputf8
+        return self._command(Verb.MAIL, " ".join([f"MAIL FROM:<{sender}>", *params]))
+
+    def rcpt_to(self, address: str, notify: tuple[str, ...] | None = None, orcpt: str | None = None) -> bytes:
+        if not self._in_mail:
+            raise LocalProtocolError("RCPT without MAIL")
+        if not address:
+            raise LocalProtocolError("empty recipient")
+        self._check_address(address, self._utf8)
+        params: list[str] = []
+        if "DSN" in self.extensions:
+            if notify:
+                params.append("NOTIFY=" + ",".join(n.upper() for n in notify))
+            addr_type, semi, original = (orcpt or "").partition(";")
+            encoded = xtext(original) if semi and addr_type.isascii() and addr_type else None
+            if encoded:
+                params.append(f"ORCPT={addr_type};{encoded}")
+        return self._command(Verb.RCPT, " ".join([f"RCPT TO:<{address}>", *params]))
+
+    def data(self) -> bytes:
+        if not self._in_mail:
+            raise LocalProtocolError("DATA without MAIL")
+        return self._command(Verb.DATA, "DATA")
+
+    def message_body(self, body: bytes) -> bytes:
+        """After the 354: the content, stuffed and terminated (b"" sends a lone dot)."""
+        if not self._data_ok or self._awaiting:
+            raise LocalProtocolError("message body before the 354 reply to DATA")
+        self._data_ok = False
+        replies = self.accepted if self.lmtp else 1
+        self._awaiting.extend([Verb.DOT] * replies)
+        return stuff_body(body)
+
+    def rset(self) -> bytes:
+        self._check_ready(helo=False)
+        return self._command(Verb.RSET, "RSET")
+
+    def noop(self) -> bytes:
+        self._check_ready(helo=False)
+        return self._command(Verb.NOOP, "NOOP")
+
+    def quit(self) -> bytes:
+        if self._tls_pending:
+            raise LocalProtocolError("QUIT between STARTTLS and the handshake")
+        return self._command(Verb.QUIT, "QUIT")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _command(self, verb: Verb, line: str) -> bytes:
+        self._awaiting.append(verb)
+        return line.encode("utf-8") + b"\r\n"
+
+    def _check_ready(self, helo: bool) -> None:
+        if not self.greeted:
+            raise LocalProtocolError("command before a 2xx greeting")
+        if self._tls_pending or Verb.STARTTLS in self._awaiting:
+            raise LocalProtocolError("command between STARTTLS and the handshake")
+        if helo and not self.helo_done:
+            raise LocalProtocolError("command before EHLO/HELO was accepted")
+
+    def _check_address(self, address: str, utf8: bool) -> None:
+        why = bad_address(address)
+        if why is not None:
+            raise LocalProtocolError(why)
+        if not utf8 and not address.isascii():
+            raise LocalProtocolError("non-ASCII address in a transaction without SMTPUTF8")
+
+    def _end_transaction(self) -> None:
+        self._in_mail = self._data_ok = False
+        self.accepted = 0

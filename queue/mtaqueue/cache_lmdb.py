@@ -1,0 +1,220 @@
+"""The shared cache: a small LMDB-backed TTL cache used by every delivery worker process.
+
+One environment, separate from the spool, shared by the DNS cache (and later the auth
+cache). Layout (named databases):
+  entry   ns + b"\\0" + key -> be64(expiry in ms) + msgpack(value)
+          (keys too long for LMDB: ns + b"\\1" + blake2b(key))
+  expiry  be64(expiry in ms) + entry key -> b""   (byte order is the eviction order)
+  meta    b"bytes" -> be64 estimated bytes of entries + index
+
+Opened with sync and metasync off: a crash may lose the last writes, which for a cache
+is harmless. Open it after fork, never before: an LMDB handle must not cross a fork
+(checked on every call). LMDB makes it safe for many processes at once.
+
+Bounded: a put that would pass `max_entries`, or the byte budget (half the map: LMDB is
+copy-on-write and needs free pages even to delete), first evicts expired entries, then
+the ones expiring soonest, in the same transaction. Should LMDB still run out of map
+(the byte estimate fell short), a quarter of the entries go in a transaction of their
+own, and if even that cannot commit (a map full to its last page cannot delete), the
+cache is emptied. A full cache is never the caller's problem: at worst the put is
+skipped. Expired entries are never returned; each put also sweeps a few of them, so
+they do not pile up.
+
+Invariants: every entry has exactly one expiry index key and vice versa; meta b"bytes"
+is the sum of `_cost` over the entries. Values round-trip through msgpack (tuples come
+back as lists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from typing import Any
+
+import lmdb
+import msgpack
+
+_BE64 = struct.Struct(">Q")
+_BYTES = b"bytes"
+_MAX_KEY_BYTES = 511 - _BE64.size  # LMDB's default key limit, less the expiry prefix of the index key
+_NODE_OVERHEAD_BYTES = 64  # per entry: node headers and half-full pages of both trees (measured)
+_SWEEP_BATCH = 16  # expired entries removed by each put, beyond what room requires
+MIB = 1024 * 1024
+
+
+class LmdbCache:
+    def __init__(self, path: str, max_size_bytes: int = 256 * MIB, max_entries: int = 100_000) -> None:
+        if max_entries < 1 or max_size_bytes < MIB:
+            raise ValueError(f"cache bounds too small: max_entries={max_entries}, max_size_bytes={max_size_bytes}")
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.max_entries = max_entries
+        self.budget_bytes = max_size_bytes // 2
+        self._pid = os.getpid()
+        self._env = lmdb.open(
+            path, map_size=max_size_bytes, max_dbs=3, sync=False, metasync=False, writemap=False,
+            readahead=False, max_readers=512, subdir=True,
+        )
+        self._env.reader_check()  # clear reader slots of processes killed with -9
+        self._entry = self._env.open_db(b"entry")
+        self._expiry = self._env.open_db(b"expiry")
+        self._meta = self._env.open_db(b"meta")
+
+    def get(self, namespace: str, key: str, now: float) -> Any | None:
+        """The value, or None when absent or expired at `now`."""
+        self._check_pid()
+        with self._begin() as txn:
+            raw = txn.get(_entry_key(namespace, key), db=self._entry)
+        if raw is None or _BE64.unpack_from(raw)[0] <= _ms(now):
+            return None
+        return msgpack.unpackb(raw[_BE64.size:], raw=False)
+
+    def put(self, namespace: str, key: str, value: Any, ttl_seconds: float, now: float) -> None:
+        """Store `value` until now + ttl; a ttl <= 0 removes the entry. Skipped when the cache is full."""
+        self._check_pid()
+        ekey = _entry_key(namespace, key)
+        if ttl_seconds <= 0:
+            self.delete(namespace, key)
+            return
+        packed = msgpack.packb(value, use_bin_type=True)
+        expiry = _ms(now + ttl_seconds)
+        raw = _BE64.pack(expiry) + packed
+        try:
+            self._write(ekey, raw, expiry, _ms(now))
+            return
+        except (lmdb.MapFullError, lmdb.DiskError):
+            pass
+        # The estimate fell short of LMDB's real use: make room in a transaction of its
+        # own (freed pages are reusable only after it commits), then try once more. A map
+        # filled to its last page cannot even delete: then empty the cache at once.
+        for make_room in (self._evict_quarter, self._clear):
+            try:
+                make_room()
+                self._write(ekey, raw, expiry, _ms(now))
+                return
+            except (lmdb.MapFullError, lmdb.DiskError):
+                continue
+        # Still full: skip caching, the caller works without it.
+
+    def delete(self, namespace: str, key: str) -> None:
+        self._check_pid()
+        ekey = _entry_key(namespace, key)
+        try:
+            with self._begin(write=True) as txn:
+                stored = self._stored_bytes(txn)
+                stored -= self._remove(txn, ekey)
+                txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
+        except (lmdb.MapFullError, lmdb.DiskError):
+            return  # cannot even delete: the entry expires on its own
+
+    def entries(self) -> int:
+        """Entries stored, including expired ones not yet swept."""
+        self._check_pid()
+        with self._begin() as txn:
+            return int(txn.stat(self._entry)["entries"])
+
+    def close(self) -> None:
+        self._env.close()
+
+    # --- internals ------------------------------------------------------------------
+
+    def _write(self, ekey: bytes, raw: bytes, expiry: int, now_ms: int) -> None:
+        cost = _cost(ekey, raw)
+        with self._begin(write=True) as txn:
+            stored = self._stored_bytes(txn)
+            stored -= self._remove(txn, ekey)
+            if cost <= self.budget_bytes:  # one value larger than the whole budget is not cached
+                count = int(txn.stat(self._entry)["entries"])
+                stored, count = self._make_room(txn, stored, count, cost, now_ms)
+                txn.put(ekey, raw, db=self._entry)
+                txn.put(_BE64.pack(expiry) + ekey, b"", db=self._expiry)
+                stored += cost
+            txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
+
+    def _make_room(self, txn: lmdb.Transaction, stored: int, count: int, cost: int, now_ms: int) -> tuple[int, int]:
+        """Evict from the front of the expiry index: expired entries first, as the order has them."""
+        swept = 0
+        cursor = txn.cursor(db=self._expiry)
+        cursor.first()
+        while index_key := cursor.key():  # b"" once past the last key (or the tree is empty)
+            expired = _BE64.unpack_from(index_key)[0] <= now_ms
+            over = count + 1 > self.max_entries or stored + cost > self.budget_bytes
+            if not over and not (expired and swept < _SWEEP_BATCH):
+                break
+            ekey = bytes(index_key[_BE64.size:])
+            raw = txn.get(ekey, db=self._entry)
+            if raw is None:  # an index key without its entry breaks the invariant
+                raise RuntimeError(f"cache {self.path}: expiry index key without an entry")
+            txn.delete(ekey, db=self._entry)
+            stored -= _cost(ekey, raw)
+            count -= 1
+            swept += expired
+            cursor.delete()  # moves to the next key
+        return stored, count
+
+    def _evict_quarter(self) -> None:
+        with self._begin(write=True) as txn:
+            stored = self._stored_bytes(txn)
+            victims = max(1, int(txn.stat(self._entry)["entries"]) // 4)
+            cursor = txn.cursor(db=self._expiry)
+            cursor.first()
+            while victims > 0 and (index_key := cursor.key()):
+                ekey = bytes(index_key[_BE64.size:])
+                stored -= _cost(ekey, txn.get(ekey, db=self._entry) or b"")
+                txn.delete(ekey, db=self._entry)
+                cursor.delete()
+                victims -= 1
+            txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
+
+    def _clear(self) -> None:
+        with self._begin(write=True) as txn:
+            txn.drop(self._entry, delete=False)
+            txn.drop(self._expiry, delete=False)
+            txn.put(_BYTES, _BE64.pack(0), db=self._meta)
+
+    def _remove(self, txn: lmdb.Transaction, ekey: bytes) -> int:
+        """Delete one entry and its index key; returns the bytes it cost (0 when absent)."""
+        old = txn.get(ekey, db=self._entry)
+        if old is None:
+            return 0
+        txn.delete(bytes(old[:_BE64.size]) + ekey, db=self._expiry)
+        txn.delete(ekey, db=self._entry)
+        return _cost(ekey, old)
+
+    def _stored_bytes(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_BYTES, db=self._meta)
+        return _BE64.unpack(raw)[0] if raw is not None else 0
+
+    def _begin(self, write: bool = False) -> lmdb.Transaction:
+        try:
+            return self._env.begin(write=write)
+        except lmdb.MapResizedError:
+            # Another process opened the environment with a larger map (a changed
+            # max_size_bytes): adopt its size and go on.
+            self._env.set_mapsize(0)
+            return self._env.begin(write=write)
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"cache {self.path} was opened in process {self._pid}, before a fork: "
+                               "open the cache after fork")
+
+
+def _entry_key(namespace: str, key: str) -> bytes:
+    ns = namespace.encode()
+    if b"\0" in ns or b"\1" in ns:
+        raise ValueError(f"cache namespace {namespace!r} contains a separator byte")
+    k = key.encode()
+    if len(ns) + 1 + len(k) <= _MAX_KEY_BYTES:
+        return ns + b"\0" + k
+    return ns + b"\1" + hashlib.blake2b(k, digest_size=32).digest()
+
+
+def _cost(ekey: bytes, raw: bytes | memoryview) -> int:
+    # The entry (key + value) and its index key (expiry + key), with B-tree node overhead.
+    return len(ekey) + len(raw) + _BE64.size + len(ekey) + _NODE_OVERHEAD_BYTES
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 0)

@@ -1,0 +1,214 @@
+"""LmdbCache: TTLs, the entry and space bounds, sharing between processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtaqueue.cache_lmdb import MIB, LmdbCache
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD_TIMEOUT_SECONDS = 30.0
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[LmdbCache]:
+    c = LmdbCache(str(tmp_path / "cache"), max_size_bytes=4 * MIB, max_entries=100)
+    yield c
+    c.close()
+
+
+def test_get_returns_what_put_stored_until_the_ttl_ends(cache: LmdbCache) -> None:
+    cache.put("dns", "example.test/MX", {"r": "ok", "d": [[10, "mx.example.test"]]}, 60, now=1000.0)
+    assert cache.get("dns", "example.test/MX", now=1000.0) == {"r": "ok", "d": [[10, "mx.example.test"]]}
+    assert cache.get("dns", "example.test/MX", now=1059.9) == {"r": "ok", "d": [[10, "mx.example.test"]]}
+    assert cache.get("dns", "example.test/MX", now=1060.0) is None
+    assert cache.get("dns", "absent/MX", now=1000.0) is None
+
+
+def test_namespaces_are_separate(cache: LmdbCache) -> None:
+    cache.put("dns", "k", 1, 60, now=0.0)
+    cache.put("auth", "k", 2, 60, now=0.0)
+    assert (cache.get("dns", "k", 1.0), cache.get("auth", "k", 1.0)) == (1, 2)
+    cache.delete("dns", "k")
+    assert (cache.get("dns", "k", 1.0), cache.get("auth", "k", 1.0)) == (None, 2)
+    with pytest.raises(ValueError):
+        cache.put("a\0b", "k", 1, 60, now=0.0)
+
+
+def test_overwrite_replaces_value_and_expiry(cache: LmdbCache) -> None:
+    cache.put("dns", "k", "old", 100, now=0.0)
+    cache.put("dns", "k", "new", 10, now=0.0)
+    assert cache.get("dns", "k", now=5.0) == "new"
+    assert cache.get("dns", "k", now=50.0) is None
+    assert cache.entries() == 1
+
+
+def test_zero_ttl_removes_the_entry(cache: LmdbCache) -> None:
+    cache.put("dns", "k", "v", 100, now=0.0)
+    cache.put("dns", "k", "v2", 0, now=0.0)
+    assert cache.get("dns", "k", now=0.0) is None
+    assert cache.entries() == 0
+
+
+def test_long_keys_are_hashed_not_refused(cache: LmdbCache) -> None:
+    long_a, long_b = "a" * 2000, "a" * 1999 + "b"
+    cache.put("auth", long_a, "A", 60, now=0.0)
+    cache.put("auth", long_b, "B", 60, now=0.0)
+    assert (cache.get("auth", long_a, 1.0), cache.get("auth", long_b, 1.0)) == ("A", "B")
+
+
+def test_max_entries_evicts_expired_entries_first(cache: LmdbCache) -> None:
+    for i in range(50):
+        cache.put("t", f"short{i}", i, 10, now=0.0)  # expired by now=20
+    for i in range(50):
+        cache.put("t", f"long{i}", i, 1000, now=0.0)
+    assert cache.entries() == 100
+    for i in range(50):
+        cache.put("t", f"new{i}", i, 500, now=20.0)
+    assert cache.entries() <= 100
+    assert all(cache.get("t", f"long{i}", 20.0) == i for i in range(50))
+    assert all(cache.get("t", f"new{i}", 20.0) == i for i in range(50))
+
+
+def test_max_entries_then_evicts_the_soonest_expiring(cache: LmdbCache) -> None:
+    for i in range(100):
+        cache.put("t", f"k{i}", i, 100 + i, now=0.0)  # k0 expires first
+    cache.put("t", "extra", "x", 1000, now=1.0)
+    assert cache.entries() == 100
+    assert cache.get("t", "k0", 1.0) is None
+    assert cache.get("t", "k1", 1.0) == 1
+    assert cache.get("t", "extra", 1.0) == "x"
+
+
+def test_puts_sweep_expired_entries(cache: LmdbCache) -> None:
+    for i in range(40):
+        cache.put("t", f"k{i}", i, 1, now=0.0)
+    for i in range(3):
+        cache.put("t", f"fresh{i}", i, 100, now=10.0)
+    assert cache.entries() == 3
+
+
+def test_a_full_map_never_raises_and_keeps_recent_entries(tmp_path: Path) -> None:
+    c = LmdbCache(str(tmp_path / "cache"), max_size_bytes=1 * MIB, max_entries=1_000_000)
+    value = "x" * 900
+    for i in range(5000):  # ~5 MB of values into a 1 MiB map
+        c.put("t", f"key{i}", value, 1000 + i, now=0.0)
+    assert c.get("t", "key4999", now=1.0) == value
+    assert c.entries() < 1200
+    c.put("t", "huge", "y" * (2 * MIB), 1000, now=0.0)  # larger than the map: skipped, no error
+    assert c.get("t", "huge", now=1.0) is None
+    c.close()
+
+
+def test_map_full_despite_the_estimate_is_survived(tmp_path: Path) -> None:
+    c = LmdbCache(str(tmp_path / "cache"), max_size_bytes=1 * MIB, max_entries=1_000_000)
+    c.budget_bytes = 64 * MIB  # pretend the estimate is far off: LMDB itself runs out of map
+    for i in range(3000):
+        c.put("t", f"key{i}", "x" * 900, 1000 + i, now=0.0)
+    assert c.get("t", "key2999", now=1.0) == "x" * 900
+    c.close()
+
+
+def test_cache_survives_reopen(tmp_path: Path) -> None:
+    c = LmdbCache(str(tmp_path / "cache"))
+    c.put("dns", "k", [1, "two", b"three"], 60, now=0.0)
+    c.close()
+    c = LmdbCache(str(tmp_path / "cache"))
+    assert c.get("dns", "k", now=1.0) == [1, "two", b"three"]
+    c.close()
+
+
+def test_use_after_fork_is_refused(cache: LmdbCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a forked child
+    with pytest.raises(RuntimeError, match="after fork"):
+        cache.get("t", "k", 0.0)
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from mtaqueue.cache_lmdb import LmdbCache
+    path, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cache = LmdbCache(path, max_size_bytes=4 * 1024 * 1024, max_entries=10_000)
+    print(repr(cache.get("t", "from-parent", time.time())), flush=True)
+    for i in range(count):
+        cache.put("t", f"{name}-{i}", i, 600, time.time())
+    cache.close()
+""")
+
+
+def _child(path: Path, name: str, count: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "queue")])}
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(path), name, str(count)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_processes_see_each_others_entries(tmp_path: Path) -> None:
+    import time
+    path = tmp_path / "cache"
+    parent = LmdbCache(str(path), max_size_bytes=4 * MIB, max_entries=10_000)
+    parent.put("t", "from-parent", "hello", 600, time.time())
+    children = [_child(path, name, 300) for name in ("a", "b")]  # two writers at once
+    outputs = [c.communicate(timeout=CHILD_TIMEOUT_SECONDS)[0] for c in children]
+    assert [c.returncode for c in children] == [0, 0]
+    assert outputs == ["'hello'\n", "'hello'\n"]
+    now = time.time()
+    assert all(parent.get("t", f"{name}-{i}", now) == i for name in ("a", "b") for i in range(300))
+    assert parent.entries() == 601
+    parent.close()
+
+
+# --- property: never a wrong or stale value, always within bounds ------------------------
+
+_ops = st.lists(
+    st.tuples(st.sampled_from(["put", "get", "delete", "tick"]), st.integers(0, 15), st.integers(0, 30)),
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_ops)
+def test_model(ops: list[tuple[str, int, int]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        c = LmdbCache(tmp, max_size_bytes=MIB, max_entries=8)
+        model: dict[str, tuple[int, float]] = {}  # key -> (value, expiry)
+        now = 0.0
+        for serial, (op, k, n) in enumerate(ops):
+            key = f"k{k}"
+            if op == "put":
+                c.put("t", key, serial, n, now)
+                if n > 0:
+                    model[key] = (serial, now + n)
+                else:
+                    model.pop(key, None)
+            elif op == "delete":
+                c.delete("t", key)
+                model.pop(key, None)
+            elif op == "tick":
+                now += n / 3
+            got = c.get("t", key, now)
+            value, expiry = model.get(key, (None, 0.0))
+            if expiry <= now:
+                assert got is None  # expired or absent: never returned
+            else:
+                assert got in (value, None)  # present, or evicted; never another value
+            assert c.entries() <= 8
+        c.close()
+
+
+def test_lmdb_is_opened_without_sync(tmp_path: Path) -> None:
+    c = LmdbCache(str(tmp_path / "cache"))
+    flags = c._env.flags()
+    c.close()
+    assert flags["sync"] is False and flags["metasync"] is False and flags["writemap"] is False
+    assert lmdb.version()  # the binding is the real one

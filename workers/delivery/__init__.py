@@ -1,0 +1,1 @@
+"""The delivery worker: outbound SMTP/LMTP sessions and local Maildir delivery."""

@@ -1,0 +1,165 @@
+"""Local delivery into Maildir (https://cr.yp.to/proc/maildir.html).
+
+Layout: `root/<domain>/<user>/{tmp,new,cur}`. A mailbox exists when
+`root/<domain>/<user>/` is a directory; operators provision it, `deliver` only adds a
+missing tmp/, new/ or cur/ inside it. `domain` and `user` are lower-cased and must be
+plain names (no `/`, no `..`, no leading dot, no NUL or controls): anything else is 5.1.3.
+
+Invariant: when `deliver` returns, the message is in new/ and both the file and the
+new/ directory entry have been fsynced; when it raises, nothing is left behind in
+tmp/ or new/. Files are written in the local Unix form: LF line ends (as qmail,
+Postfix local and Dovecot store them), the CRLF of the wire converted.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import time
+
+_counter = itertools.count(1)
+_TEMPORARY_STORAGE = {errno.ENOSPC: "4.3.0", errno.EIO: "4.3.0", errno.EDQUOT: "4.2.2", errno.EROFS: "4.3.0"}
+_PERMISSION = {errno.EACCES, errno.EPERM}
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+_MAX_NAME_ATTEMPTS = 5
+
+
+class MaildirError(Exception):
+    """Delivery refused or failed: `status` is the enhanced status code (RFC 3463)."""
+
+    def __init__(self, temporary: bool, status: str, text: str) -> None:
+        super().__init__(f"{status} {text}")
+        self.temporary = temporary
+        self.status = status
+        self.text = text
+
+
+def mailbox_exists(root: str, domain: str, user: str) -> bool:
+    """True when the provisioned mailbox directory exists; False for unsafe names."""
+    try:
+        return os.path.isdir(_mailbox_path(root, domain, user))
+    except MaildirError:
+        return False
+
+
+def deliver(root: str, domain: str, user: str, body: bytes, *, return_path: str,
+            delivered_to: str, hostname: str) -> str:
+    """Store one message durably in the mailbox's new/; return the file's path."""
+    mailbox = _mailbox_path(root, domain, user)
+    if not os.path.isdir(mailbox):
+        if not os.path.isdir(root):
+            # The whole store is missing: our configuration, not the recipient.
+            raise MaildirError(True, "4.3.5", f"maildir root {root} does not exist")
+        raise MaildirError(False, "5.1.1", f"no mailbox for {user.lower()}@{domain.lower()}")
+    data = (f"Return-Path: <{_one_line(return_path)}>\n"
+            f"Delivered-To: {_one_line(delivered_to)}\n").encode("utf-8") + body.replace(b"\r\n", b"\n")
+    try:
+        for sub in ("tmp", "new", "cur"):
+            _ensure_dir(os.path.join(mailbox, sub))
+        return _store(mailbox, data, hostname)
+    except OSError as exc:
+        raise _as_maildir_error(exc) from exc
+
+
+def _store(mailbox: str, data: bytes, hostname: str) -> str:
+    for _ in range(_MAX_NAME_ATTEMPTS):
+        name = _unique_name(hostname)
+        tmp_path = os.path.join(mailbox, "tmp", name)
+        new_path = os.path.join(mailbox, "new", name)
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not _publish(tmp_path, new_path):
+                continue
+            try:
+                _fsync_dir(os.path.join(mailbox, "new"))
+            except OSError:
+                # Visible but maybe not durable: take it back, the sender retries.
+                _unlink_quietly(new_path)
+                raise
+            return new_path
+        finally:
+            _unlink_quietly(tmp_path)
+    raise MaildirError(True, "4.3.0", f"no unique file name in {mailbox} after {_MAX_NAME_ATTEMPTS} attempts")
+
+
+def _publish(tmp_path: str, new_path: str) -> bool:
+    """tmp/ -> new/ without ever replacing a file; False if the name is taken."""
+    try:
+        os.link(tmp_path, new_path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS or os.path.lexists(new_path):
+            raise
+    os.rename(tmp_path, new_path)  # a file system without hard links
+    return True
+
+
+def _mailbox_path(root: str, domain: str, user: str) -> str:
+    domain, user = domain.lower().rstrip("."), user.lower()
+    for label, name in (("domain", domain), ("user", user)):
+        if (not name or name.startswith(".") or "/" in name or ".." in name
+                or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)):
+            raise MaildirError(False, "5.1.3", f"unsafe {label} name {name!r} for a mailbox")
+    return os.path.join(root, domain, user)
+
+
+def _unique_name(hostname: str) -> str:
+    # time.MusecPpidQcounterRrandom.host: unique across processes, restarts and hosts.
+    now = time.time()
+    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    return (f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}"
+            f"R{secrets.token_hex(8)}.{host}")
+
+
+def _ensure_dir(path: str) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _as_maildir_error(exc: OSError) -> MaildirError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in _PERMISSION:
+        return MaildirError(True, "4.2.0", f"mailbox not writable: {exc.strerror}{where}")
+    status = _TEMPORARY_STORAGE.get(exc.errno or 0, "4.3.0")
+    return MaildirError(True, status, f"mailbox write failed: {exc.strerror}{where}")
+
+
+def _one_line(text: str) -> str:
+    return "".join("?" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)

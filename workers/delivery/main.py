@@ -1,0 +1,235 @@
+"""The delivery worker process: runs the sessions the scheduler opens, many at once.
+
+It connects to the scheduler's socket, says `hello` with its capacity, and for every
+`open` runs one session task: route the destination ([delivery] smarthost, then
+[routes], then MX through the shared DNS cache), connect to the first target that
+greets (421/5xx greeting or connect failure -> next target), deliver the job, report
+`done` with per-recipient replies, and wait for the next `job` or `close`. Local
+destinations ("maildir" routes, and local domains without a route) are written to
+Maildir instead. Envelopes and bodies are read from the spool (short read
+transactions); nothing here writes to it: outcomes go to the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from mta import frames, logs
+from mta.config import Config, ConfigError, split_hostport
+from mta.config import load as load_config
+from mtaqueue.backend_lmdb import LmdbBackend
+from mtaqueue.cache_lmdb import LmdbCache
+from mtaqueue.ids import MessageId
+from mtaqueue.records import Envelope
+from workers.delivery import maildir
+from workers.delivery.mx import MxResolver
+from workers.delivery.session import Outbound, OutboundRecipient, OutboundSession, SessionError
+from workers.link import MasterLink
+
+CAPACITY = 500  # concurrent sessions per delivery worker
+RECONNECT_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Hop:
+    host: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str  # "smtp" | "lmtp" | "maildir"
+    targets: tuple[Hop, ...] = ()
+    error: str | None = None  # resolution failed: reply text
+    permanent: bool = False
+    status: str | None = None
+
+
+def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
+    import uvloop
+
+    logs.setup(f"delivery#{index}")
+    return uvloop.run(DeliveryWorker(config, channel).serve())
+
+
+class DeliveryWorker:
+    def __init__(self, config: Config, channel: socket.socket) -> None:
+        self.config = config
+        self.channel = channel
+        self._stop = asyncio.Event()
+        self._inbox: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.spool = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes,
+                               self.config.cache.max_entries)
+        self.resolver = MxResolver(list(self.config.dns.nameservers) or None, self.cache,
+                                   self.config.dns.timeout_seconds)
+        link = MasterLink(self.channel, lambda: {"state": "ready", "active": len(self._inbox)}, self._stop.set)
+        link.start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        conversation = loop.create_task(self._converse_forever())
+        await self._stop.wait()
+        conversation.cancel()
+        self.spool.close()
+        self.cache.close()
+        logs.event("stopped")
+        return 0
+
+    def _reload(self) -> None:
+        try:
+            self.config = load_config(None if self.config.source == "<embedded defaults>" else self.config.source)
+        except ConfigError as exc:
+            logs.event("reload_failed", error=str(exc))
+            return
+        logs.event("reload", config=self.config.source)
+
+    async def _converse_forever(self) -> None:
+        path = self.config.queue.scheduler_socket
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(path)
+            except OSError:
+                await asyncio.sleep(RECONNECT_SECONDS)  # the scheduler is (re)starting
+                continue
+            self._writer = writer
+            writer.write(frames.encode_stream_frame({"t": "hello", "capacity": CAPACITY, "pid": os.getpid()}))
+            try:
+                while (frame := await frames.read_stream_frame(reader)) is not None:
+                    self._on_frame(frame)
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                logs.event("scheduler_lost", error=str(exc))
+            writer.close()
+            self._writer = None
+            for queue in self._inbox.values():  # the scheduler forgot them: abandon the sessions
+                queue.put_nowait({"t": "close"})
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        kind, sid = frame.get("t"), int(frame.get("sid", 0))
+        if kind == "open":
+            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            self._inbox[sid] = queue
+            queue.put_nowait(frame)
+            asyncio.get_running_loop().create_task(self._session(sid, str(frame["dest"]), queue))
+        elif sid in self._inbox:
+            self._inbox[sid].put_nowait(frame)
+
+    def _send(self, frame: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frames.encode_stream_frame(frame))
+
+    # --- one session -------------------------------------------------------------------
+
+    async def _session(self, sid: int, dest: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        outbound: OutboundSession | None = None
+        ok = True
+        try:
+            route = await self._route(dest)
+            while True:
+                frame = await queue.get()
+                if frame.get("t") == "close":
+                    break
+                job = frame["job"]
+                envelope = self.spool.envelope(MessageId(job["msgid"]))
+                rcpts: list[int] = list(job["rcpts"])
+                if envelope is None:  # deleted meanwhile
+                    self._send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None})
+                    continue
+                if route.kind == "maildir":
+                    replies = await self._deliver_local(envelope, rcpts)
+                    self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None})
+                    continue
+                if outbound is None or not outbound.usable:
+                    outbound, failure = await self._connect(route, dest)
+                    if outbound is None:
+                        assert failure is not None
+                        ok = False
+                        self._send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
+                                    "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts]})
+                        continue
+                replies = await self._deliver_remote(outbound, envelope, rcpts)
+                self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
+                            "remote": outbound.remote.split("[")[0]})
+        finally:
+            if outbound is not None:
+                await outbound.close()
+            self._inbox.pop(sid, None)
+            self._send({"t": "closed", "sid": sid, "ok": ok})
+
+    async def _route(self, dest: str) -> Route:
+        config = self.config
+        route = config.routes.get(dest)
+        if route == "maildir" or (route is None and dest in config.relay.local_domains):
+            return Route("maildir")
+        if route is None and config.delivery.smarthost:
+            route = config.delivery.smarthost
+        if route is not None:
+            kind = "lmtp" if route.startswith("lmtp:") else "smtp"
+            host, port = split_hostport(route.removeprefix("lmtp:"))
+            return Route(kind, (Hop(host, host, port),))
+        resolution = await self.resolver.resolve(dest)
+        if resolution.error is not None:
+            return Route("smtp", (), resolution.error, resolution.permanent, resolution.status)
+        port = config.delivery.port
+        return Route("smtp", tuple(Hop(t.host, t.address, port) for t in resolution.targets))
+
+    async def _connect(self, route: Route, dest: str) -> tuple[OutboundSession | None, tuple[int, str, str] | None]:
+        if route.error is not None:
+            code = 550 if route.permanent else 451
+            return None, (code, route.status or ("5.1.2" if route.permanent else "4.4.3"), route.error)
+        d = self.config.delivery
+        tls = self.config.domain(dest).tls or d.tls
+        last = (451, "4.4.1", f"no target for {dest}")
+        for target in route.targets:
+            try:
+                session = await OutboundSession.open(
+                    target.host, target.address, target.port, helo_name=self.config.server.hostname,
+                    tls=tls, lmtp=route.kind == "lmtp", connect_timeout=d.connect_timeout_seconds,
+                    command_timeout=d.command_timeout_seconds, data_timeout=d.data_timeout_seconds)
+            except SessionError as exc:
+                logs.event("connect_failed", dest=dest, relay=f"{target.host}[{target.address}]:{target.port}",
+                           reply=f"{exc.code} {exc.status} {exc.text}")
+                last = (exc.code, exc.status, f"{target.host}: {exc.text}")
+                continue
+            return session, None
+        # A 5xx greeting from every MX is still a temporary failure for the destination.
+        return None, (451 if last[0] >= 500 else last[0], "4.4.1" if last[0] >= 500 else last[1], last[2])
+
+    async def _deliver_remote(self, session: OutboundSession, envelope: Envelope, rcpts: list[int]) -> list[list[Any]]:
+        body = self.spool.body(envelope.id) or b""
+        message = Outbound(
+            msgid=envelope.id, sender=envelope.sender, body=body, smtputf8=envelope.smtputf8,
+            body_type=envelope.body_type, ret=envelope.ret, envid=envelope.envid,
+            recipients=[OutboundRecipient(envelope.recipients[i].address, envelope.recipients[i].notify,
+                                          envelope.recipients[i].orcpt) for i in rcpts])
+        results = await session.send(message)
+        return [[i, r.code, r.status, r.text] for i, r in zip(rcpts, results)]
+
+    async def _deliver_local(self, envelope: Envelope, rcpts: list[int]) -> list[list[Any]]:
+        body = self.spool.body(envelope.id) or b""
+        root = self.config.local.maildir_root
+        replies: list[list[Any]] = []
+        loop = asyncio.get_running_loop()
+        for i in rcpts:
+            address = envelope.recipients[i].address
+            user, _, domain = address.rpartition("@")
+            try:
+                path = await loop.run_in_executor(None, lambda: maildir.deliver(
+                    root, domain.lower(), user, body, return_path=envelope.sender, delivered_to=address,
+                    hostname=self.config.server.hostname))
+            except maildir.MaildirError as exc:
+                replies.append([i, 450 if exc.temporary else 550, exc.status, exc.text])
+                continue
+            replies.append([i, 250, "2.0.0", f"delivered to maildir as {os.path.basename(path)}"])
+        return replies

@@ -1,0 +1,1 @@
+"""The scheduler: one process owning the delivery plan and every delivery outcome."""

@@ -1,0 +1,494 @@
+"""The scheduler process: owns the delivery plan and is the only writer of delivery outcomes.
+
+At start it loads every envelope from the spool: recipients that were in flight when a
+process died are simply `ready` again (in-flight state is never persisted), deferred
+ones get a timer. It listens on `<spool>/scheduler.sock` ([queue] scheduler_socket) (length-prefixed msgpack
+frames, mta/frames.py) for:
+
+  inbound workers   {"t": "new", "ids": [...]}            after each durable commit
+  delivery workers  {"t": "hello", "capacity": n}, then per session:
+                    scheduler: {"t": "open", "sid", "dest", "job"} / {"t": "job", "sid", "job"} / {"t": "close", "sid"}
+                    worker:    {"t": "done", "sid", "job", "replies", "remote", "failed"} / {"t": "closed", "sid"}
+  the CLI           {"t": "cmd", "op": retry|hold|release|delete|active, "ids"|"domain"|"all"} -> {"t": "ok", ...}
+
+A job is one message's recipients for one destination domain; a session carries up to
+max_messages_per_connection jobs, taking the destination's best job each time, so a
+high-priority message overtakes queued ones even on a reused connection. Outcomes are
+applied in memory at once and written to LMDB by one writer thread in batches
+(apply(): states, retry times, deletions and bounces in one transaction).
+A full rescan of the due index every RESCAN_SECONDS catches messages whose "new"
+notification was lost (e.g. sent while this process was restarting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import heapq
+import itertools
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mta import config as configmod
+from mta import frames, logs
+from mta.config import Config
+from mtaqueue.backend_lmdb import LmdbBackend
+from mtaqueue.ids import MessageId
+from mtaqueue.records import Envelope, NewMessage
+from workers.link import MasterLink
+from workers.scheduler.outcome import FINAL_STATES, RecipientReply, RetryPolicy, settle
+from workers.scheduler.plan import Destination, Job, Limits, Plan
+
+RESCAN_SECONDS = 30.0
+def destination_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
+
+
+@dataclass
+class Session:
+    sid: int
+    dest: Destination
+    worker: WorkerLink
+    job: Job | None
+    jobs_sent: int = 1
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    writer: asyncio.StreamWriter
+    capacity: int
+    pid: int
+    sessions: set[int] = field(default_factory=set)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(frames.encode_stream_frame(frame))
+
+
+def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
+    import uvloop
+
+    logs.setup("scheduler")
+    return uvloop.run(Scheduler(config, channel).serve())
+
+
+class Scheduler:
+    def __init__(self, config: Config, channel: socket.socket) -> None:
+        self.config = config
+        self.channel = channel
+        self.plan = Plan()
+        self.messages: dict[MessageId, Envelope] = {}
+        self.in_flight: dict[MessageId, set[int]] = {}
+        self.timers: list[tuple[float, MessageId]] = []
+        self.sessions: dict[int, Session] = {}
+        self.workers: list[WorkerLink] = []
+        self._sids = itertools.count(1)
+        self._jobs = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._dispatch_scheduled = False
+        self._wake: asyncio.TimerHandle | None = None
+        self._pending_update: dict[MessageId, Envelope] = {}
+        self._pending_delete: set[MessageId] = set()
+        self._pending_add: list[NewMessage] = []
+        self._flushing = False
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+
+    # --- process -------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.backend = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        path = self.config.queue.scheduler_socket
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket of a dead scheduler
+        server = await asyncio.start_unix_server(self._on_peer, path=path)
+        os.chmod(path, 0o600)
+        loaded = self._load(time.time())
+        logs.event("ready", loaded=loaded, ready_jobs=self.plan.ready_jobs())
+        link = MasterLink(self.channel, lambda: {"state": "ready", "active": len(self.sessions)},
+                          self._stop.set)
+        link.start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        rescan = loop.create_task(self._rescan_forever())
+        self._schedule_dispatch()
+        await self._stop.wait()
+        rescan.cancel()
+        server.close()
+        for worker in self.workers:
+            worker.writer.close()
+        await self._flush_now()
+        self._writer.shutdown(wait=True)
+        self.backend.close()
+        logs.event("stopped", in_flight_sessions=len(self.sessions))
+        return 0
+
+    def _reload(self) -> None:
+        try:
+            self.config = configmod.load(None if self.config.source == "<embedded defaults>" else self.config.source)
+        except configmod.ConfigError as exc:
+            logs.event("reload_failed", error=str(exc))
+            return
+        logs.event("reload", config=self.config.source)
+        self._schedule_dispatch()
+
+    # --- the queue view ---------------------------------------------------------------
+
+    def _load(self, now: float) -> int:
+        count = 0
+        for envelope in self.backend.envelopes():
+            if envelope.id not in self.messages:
+                self._track(envelope, now)
+                count += 1
+        return count
+
+    async def _rescan_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESCAN_SECONDS)
+            now = time.time()
+            found = [m for m in self.backend.due(now, 1_000_000) if m not in self.messages]
+            if found:
+                logs.event("rescan_found", messages=len(found))
+                self._on_new(found)
+
+    def _on_new(self, ids: Iterable[str]) -> None:
+        now = time.time()
+        for raw in ids:
+            msgid = MessageId(raw)
+            if msgid in self.messages:
+                continue
+            envelope = self.backend.envelope(msgid)
+            if envelope is not None:
+                self._track(envelope, now)
+        self._schedule_dispatch()
+
+    def _track(self, envelope: Envelope, now: float) -> None:
+        self.messages[envelope.id] = envelope
+        if all(r.state in FINAL_STATES for r in envelope.recipients):
+            self._pending_delete.add(envelope.id)  # finished but not deleted before a crash
+            self._schedule_flush()
+            del self.messages[envelope.id]
+            return
+        if envelope.next_attempt > now and any(r.state == "deferred" for r in envelope.recipients):
+            self._add_timer(envelope.next_attempt, envelope.id)
+        else:
+            for r in envelope.recipients:
+                if r.state == "deferred":
+                    r.state = "ready"
+        self._enqueue(envelope)
+
+    def _enqueue(self, envelope: Envelope) -> None:
+        busy = self.in_flight.get(envelope.id, set())
+        by_dest: dict[str, list[int]] = {}
+        for i, r in enumerate(envelope.recipients):
+            if r.state == "ready" and i not in busy:
+                by_dest.setdefault(destination_of(r.address), []).append(i)
+        for dest, rcpts in by_dest.items():
+            priority = max(envelope.priority, self.config.domain(dest).priority)
+            job = Job(next(self._jobs), envelope.id, dest, tuple(rcpts), priority, envelope.arrival)
+            self.in_flight.setdefault(envelope.id, set()).update(rcpts)
+            self.plan.add(job, self._limits(dest))
+
+    def _limits(self, dest: str) -> Limits:
+        d, o = self.config.delivery, self.config.domain(dest)
+        return Limits(
+            concurrency=o.concurrency or d.concurrency,
+            initial_concurrency=d.initial_concurrency,
+            max_messages_per_connection=o.max_messages_per_connection or d.max_messages_per_connection,
+            max_messages_per_second=o.max_messages_per_second if o.max_messages_per_second is not None
+            else d.max_messages_per_second,
+        )
+
+    def _add_timer(self, when: float, msgid: MessageId) -> None:
+        heapq.heappush(self.timers, (when, msgid))
+        self._arm_wake(when)
+
+    def _arm_wake(self, when: float) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.time())
+        if self._wake is not None and self._wake.when() <= loop.time() + delay:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_later(delay, self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._wake = None
+        now = time.time()
+        while self.timers and self.timers[0][0] <= now:
+            _when, msgid = heapq.heappop(self.timers)
+            envelope = self.messages.get(msgid)
+            if envelope is None or envelope.next_attempt > now:
+                continue  # deleted, or rescheduled to later (a later timer exists)
+            for r in envelope.recipients:
+                if r.state == "deferred":
+                    r.state = "ready"
+            self._enqueue(envelope)
+        if self.timers:
+            self._arm_wake(self.timers[0][0])
+        self._schedule_dispatch()
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def _schedule_dispatch(self) -> None:
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        now = time.time()
+        while len(self.sessions) < self.config.delivery.max_connections:
+            dest = self.plan.next_destination(now)
+            if dest is None:
+                break
+            worker = min((w for w in self.workers if len(w.sessions) < w.capacity),
+                         key=lambda w: len(w.sessions), default=None)
+            if worker is None:
+                break
+            if not dest.take_token(now):
+                dest.suspended_until = now + dest.token_wait(now)  # a pause, not a failure
+                self._arm_wake(dest.suspended_until)
+                continue
+            job = dest.pop()
+            sid = next(self._sids)
+            self.sessions[sid] = Session(sid, dest, worker, job)
+            worker.sessions.add(sid)
+            dest.in_flight += 1
+            dest.last_served = now
+            worker.send({"t": "open", "sid": sid, "dest": dest.name, "job": self._job_frame(job)})
+        suspended = [d.suspended_until for d in self.plan.destinations.values() if d.suspended_until > now and len(d)]
+        if suspended:
+            self._arm_wake(min(suspended))
+
+    def _job_frame(self, job: Job) -> dict[str, Any]:
+        return {"id": job.id, "msgid": job.msgid, "rcpts": list(job.rcpts)}
+
+    def _next_for(self, session: Session) -> None:
+        """After a job: give the session the destination's best job, or close it."""
+        dest, now = session.dest, time.time()
+        if (session.jobs_sent < dest.limits.max_messages_per_connection and len(dest)
+                and dest.in_flight <= dest.limit and dest.take_token(now)):
+            job = dest.pop()
+            session.job = job
+            session.jobs_sent += 1
+            dest.last_served = now
+            session.worker.send({"t": "job", "sid": session.sid, "job": self._job_frame(job)})
+        else:
+            session.job = None
+            session.worker.send({"t": "close", "sid": session.sid})
+
+    # --- peers ---------------------------------------------------------------------------
+
+    async def _on_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link: WorkerLink | None = None
+        try:
+            while (frame := await frames.read_stream_frame(reader)) is not None:
+                kind = frame.get("t")
+                if kind == "new":
+                    self._on_new(frame["ids"])
+                elif kind == "hello":
+                    link = WorkerLink(writer, int(frame["capacity"]), int(frame["pid"]))
+                    self.workers.append(link)
+                    logs.event("delivery_worker", worker_pid=link.pid, capacity=link.capacity)
+                    self._schedule_dispatch()
+                elif kind == "done" and link is not None:
+                    self._on_done(frame)
+                elif kind == "closed" and link is not None:
+                    self._on_closed(link, int(frame["sid"]), bool(frame.get("ok", True)))
+                elif kind == "cmd":
+                    answer = self._command(frame)
+                    await self._flush_now()  # the operator's change is on disk before we answer
+                    writer.write(frames.encode_stream_frame(answer))
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            logs.event("peer_error", error=str(exc))
+        finally:
+            if link is not None:
+                self._lost_worker(link)
+            writer.close()
+
+    def _lost_worker(self, link: WorkerLink) -> None:
+        self.workers.remove(link)
+        requeued = 0
+        for sid in list(link.sessions):
+            session = self.sessions.pop(sid)
+            session.dest.in_flight -= 1
+            if session.job is not None:
+                self._release(session.job)
+                requeued += 1
+        logs.event("delivery_worker_lost", worker_pid=link.pid, requeued=requeued)
+        self._schedule_dispatch()
+
+    def _release(self, job: Job) -> None:
+        """A job that will not complete: its recipients are ready again."""
+        busy = self.in_flight.get(job.msgid)
+        if busy is not None:
+            busy.difference_update(job.rcpts)
+        envelope = self.messages.get(job.msgid)
+        if envelope is not None:
+            self._enqueue(envelope)
+
+    def _on_done(self, frame: dict[str, Any]) -> None:
+        session = self.sessions.get(int(frame["sid"]))
+        if session is None or session.job is None:
+            return
+        job, session.job = session.job, None
+        now = time.time()
+        replies = [RecipientReply(int(i), int(code), str(status), str(text))
+                   for i, code, status, text in frame["replies"]]
+        if frame.get("failed"):
+            session.dest.on_session_failed(now)
+        elif any(200 <= r.code < 300 for r in replies):
+            session.dest.on_session_ok()
+        self._settle(job, replies, frame.get("remote"), now)
+        if frame.get("failed"):
+            session.worker.send({"t": "close", "sid": session.sid})
+        else:
+            self._next_for(session)
+        self._schedule_dispatch()
+
+    def _on_closed(self, link: WorkerLink, sid: int, ok: bool) -> None:
+        session = self.sessions.pop(sid, None)
+        link.sessions.discard(sid)
+        if session is None:
+            return
+        session.dest.in_flight -= 1
+        if session.job is not None:  # closed while a job was assigned: it did not run
+            self._release(session.job)
+        self._schedule_dispatch()
+
+    # --- outcomes --------------------------------------------------------------------------
+
+    def _settle(self, job: Job, replies: list[RecipientReply], remote: str | None, now: float) -> None:
+        busy = self.in_flight.get(job.msgid)
+        if busy is not None:
+            busy.difference_update(job.rcpts)
+            if not busy:
+                del self.in_flight[job.msgid]
+        envelope = self.messages.get(job.msgid)
+        if envelope is None:
+            return  # deleted by an operator while in flight
+        d = self.config.delivery
+        policy = RetryPolicy(d.min_backoff_seconds, d.max_backoff_seconds, d.max_queue_lifetime_seconds)
+        answered = {r.index for r in replies}
+        missing = [RecipientReply(i, 451, "4.3.0", "no reply for this recipient") for i in job.rcpts
+                   if i not in answered]
+        result = settle(envelope, replies + missing, remote=remote, now=now, policy=policy,
+                        hostname=self.config.server.hostname,
+                        load_body=lambda: self.backend.body(job.msgid) or b"")
+        for r in replies + missing:
+            rcpt = envelope.recipients[r.index]
+            logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
+                       attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
+        if result.bounce is not None:
+            self._pending_add.append(result.bounce)
+            logs.event("bounce_queued", msgid=result.bounce.envelope.id, origin=job.msgid,
+                       rcpt=envelope.sender)
+        if result.finished and not self.in_flight.get(job.msgid):
+            del self.messages[job.msgid]
+            self._pending_update.pop(job.msgid, None)
+            self._pending_delete.add(job.msgid)
+        else:
+            self._pending_update[job.msgid] = copy.deepcopy(envelope)
+            if result.deferred:
+                self._add_timer(envelope.next_attempt, job.msgid)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending_update or self._pending_delete or self._pending_add:
+                update = list(self._pending_update.values())
+                delete = list(self._pending_delete)
+                add = self._pending_add
+                self._pending_update, self._pending_delete, self._pending_add = {}, set(), []
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._writer, lambda: self.backend.apply(update, delete, add))
+                now = time.time()
+                for bounce in add:  # committed: now it may be delivered
+                    self._track(copy.deepcopy(bounce.envelope), now)
+                self._schedule_dispatch()
+        finally:
+            self._flushing = False
+
+    async def _flush_now(self) -> None:
+        while self._flushing or self._pending_update or self._pending_delete or self._pending_add:
+            if not self._flushing:
+                self._schedule_flush()
+            await asyncio.sleep(0.005)
+
+    # --- operator commands ------------------------------------------------------------------
+
+    def _command(self, frame: dict[str, Any]) -> dict[str, Any]:
+        op = frame.get("op")
+        if op == "active":  # being delivered right now (queued jobs are still "ready")
+            active: dict[str, list[int]] = {}
+            for session in self.sessions.values():
+                if session.job is not None:
+                    active.setdefault(session.job.msgid, []).extend(session.job.rcpts)
+            return {"t": "ok", "active": active}
+        targets = self._select(frame)
+        now = time.time()
+        count = 0
+        for envelope in targets:
+            count += 1
+            if op == "delete":
+                del self.messages[envelope.id]
+                self.in_flight.pop(envelope.id, None)
+                for dest in self.plan.destinations.values():
+                    dest.remove(lambda job, mid=envelope.id: job.msgid == mid)
+                self._pending_update.pop(envelope.id, None)
+                self._pending_delete.add(envelope.id)
+                logs.event("deleted", msgid=envelope.id, by="operator")
+                continue
+            changed = False
+            for r in envelope.recipients:
+                if op == "hold" and r.state in ("ready", "deferred"):
+                    r.state, changed = "held", True
+                elif op == "release" and r.state == "held":
+                    r.state, changed = "ready", True
+                elif op == "retry" and r.state == "deferred":
+                    r.state, changed = "ready", True
+            if op == "hold":
+                for dest in self.plan.destinations.values():
+                    for job in dest.remove(lambda job, mid=envelope.id: job.msgid == mid):
+                        self.in_flight.get(job.msgid, set()).difference_update(job.rcpts)
+            if changed:
+                if op in ("release", "retry"):
+                    envelope.next_attempt = now
+                    self._enqueue(envelope)
+                self._pending_update[envelope.id] = copy.deepcopy(envelope)
+                logs.event(f"{op}", msgid=envelope.id, by="operator")
+        self._schedule_flush()
+        self._schedule_dispatch()
+        return {"t": "ok", "count": count}
+
+    def _select(self, frame: dict[str, Any]) -> list[Envelope]:
+        if frame.get("all"):
+            return list(self.messages.values())
+        if frame.get("domain"):
+            domain = str(frame["domain"]).lower()
+            return [e for e in self.messages.values()
+                    if any(destination_of(r.address) == domain for r in e.recipients)]
+        chosen = []
+        for raw in frame.get("ids", []):
+            msgid = MessageId(raw)
+            if msgid not in self.messages:  # not notified yet: the spool is the truth
+                envelope = self.backend.envelope(msgid)
+                if envelope is None:
+                    continue
+                self._track(envelope, time.time())
+            if msgid in self.messages:
+                chosen.append(self.messages[msgid])
+        return chosen

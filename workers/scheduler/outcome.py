@@ -1,0 +1,111 @@
+"""Delivery outcomes -> new recipient states, retry times and bounces (pure).
+
+`settle` applies one attempt's per-recipient replies to an envelope:
+  2xx -> delivered; 5xx -> bounced; 4xx -> deferred with exponential back-off between
+  min_backoff_seconds and max_backoff_seconds, or bounced (status 4.4.7, action failed)
+  once the message is older than max_queue_lifetime_seconds.
+Bounced recipients whose NOTIFY allows it get one RFC 3464 DSN, from <> to the
+envelope sender, returned as a NewMessage to commit in the same transaction as the
+failure. A message from <> is never bounced. Pure: `now` and the body loader are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mta.dsn import DsnRecipient, build_dsn, should_notify
+from mtaqueue.ids import new_id
+from mtaqueue.records import Envelope, NewMessage, Recipient
+
+FINAL_STATES = frozenset({"delivered", "bounced"})
+
+
+@dataclass(frozen=True)
+class RecipientReply:
+    index: int
+    code: int
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return " ".join(part for part in (str(self.code), self.status, self.text) if part)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    min_backoff_seconds: float
+    max_backoff_seconds: float
+    max_queue_lifetime_seconds: float
+
+    def backoff(self, attempts: int) -> float:
+        return min(self.max_backoff_seconds, self.min_backoff_seconds * 2 ** max(0, attempts - 1))
+
+
+@dataclass
+class Settlement:
+    delivered: list[int] = field(default_factory=list)
+    bounced: list[int] = field(default_factory=list)
+    deferred: list[int] = field(default_factory=list)
+    bounce: NewMessage | None = None
+    finished: bool = False  # every recipient is delivered or bounced: delete the message
+
+
+def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str | None, now: float,
+           policy: RetryPolicy, hostname: str, load_body: Callable[[], bytes]) -> Settlement:
+    """Mutates `envelope` (states, attempts, next_attempt) and says what else to do."""
+    result = Settlement()
+    expired = now - envelope.arrival >= policy.max_queue_lifetime_seconds
+    dsn: list[DsnRecipient] = []
+    retry_at: list[float] = []
+    for reply in replies:
+        rcpt = envelope.recipients[reply.index]
+        rcpt.attempts += 1
+        rcpt.last_reply = str(reply)
+        if 200 <= reply.code < 300:
+            rcpt.state = "delivered"
+            result.delivered.append(reply.index)
+            continue
+        if 400 <= reply.code < 500 and not expired:
+            rcpt.state = "deferred"
+            result.deferred.append(reply.index)
+            retry_at.append(now + policy.backoff(rcpt.attempts))
+            continue
+        rcpt.state = "bounced"
+        result.bounced.append(reply.index)
+        status = reply.status or ("5.0.0" if reply.code >= 500 else "4.0.0")
+        if 400 <= reply.code < 500:
+            status = "4.4.7"  # delivery time expired
+            rcpt.last_reply = f"{reply} (gave up after {int(now - envelope.arrival)} s in the queue)"
+        if should_notify(rcpt.notify, "failed"):
+            dsn.append(_dsn_recipient(rcpt, status, remote, rcpt.last_reply, now))
+    envelope.attempts += 1
+    pending = [r for r in envelope.recipients if r.state not in FINAL_STATES]
+    result.finished = not pending
+    if retry_at:
+        earlier = [envelope.next_attempt] if envelope.next_attempt > now and any(
+            r.state == "deferred" and i not in result.deferred for i, r in enumerate(envelope.recipients)) else []
+        envelope.next_attempt = min(retry_at + earlier)
+    if dsn and envelope.sender:
+        result.bounce = make_bounce(envelope, dsn, now=now, hostname=hostname, original=load_body())
+    return result
+
+
+def make_bounce(envelope: Envelope, recipients: list[DsnRecipient], *, now: float, hostname: str,
+                original: bytes) -> NewMessage:
+    msgid = new_id(now)
+    body = build_dsn(reporting_mta=hostname, original_sender=envelope.sender, recipients=recipients,
+                     original=original, arrival=envelope.arrival, now=now, envid=envelope.envid,
+                     ret=envelope.ret, queue_id=envelope.id)
+    bounce = Envelope(
+        id=msgid, sender="", recipients=[Recipient(envelope.sender)], size=len(body), arrival=now,
+        next_attempt=now, priority=envelope.priority, smtputf8=envelope.smtputf8,
+        client={"protocol": "bounce", "origin": envelope.id},
+    )
+    return NewMessage(bounce, body)
+
+
+def _dsn_recipient(rcpt: Recipient, status: str, remote: str | None, diagnostic: str | None,
+                   now: float) -> DsnRecipient:
+    return DsnRecipient(address=rcpt.address, action="failed", status=status, orcpt=rcpt.orcpt,
+                        remote_mta=remote, diagnostic=diagnostic, last_attempt=now)

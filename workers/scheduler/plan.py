@@ -1,0 +1,154 @@
+"""The delivery plan: per-destination ready queues, windows, rate limits, fair choice.
+
+A Job is one message's recipients for one destination domain. Each Destination keeps
+its ready jobs ordered by (priority desc, arrival, sequence) and a Window: the number of
+concurrent sessions allowed, which starts at `initial_concurrency`, grows by one per
+successful session up to `concurrency`, halves on a session that could not be
+established, and suspends the destination for a while when that happens at window 1
+(cf. Postfix qmgr_feedback). An optional token bucket caps messages per second.
+
+`next_destination` picks, among destinations that may open a session now, the one whose
+best job has the highest priority, and among equals the one served longest ago, so a
+huge domain never starves a small one.
+
+Invariants: 0 <= in_flight <= limit for every destination with no pending shrink;
+every queued job appears in exactly one destination heap. Pure: no I/O, no clock reads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from mtaqueue.ids import MessageId
+
+SUSPEND_SECONDS = 60.0
+
+
+@dataclass
+class Job:
+    id: int
+    msgid: MessageId
+    dest: str
+    rcpts: tuple[int, ...]  # indices into the envelope's recipients
+    priority: int
+    arrival: float
+
+
+@dataclass
+class Limits:
+    concurrency: int
+    initial_concurrency: int
+    max_messages_per_connection: int
+    max_messages_per_second: float  # 0 = unlimited
+
+
+@dataclass
+class Destination:
+    name: str
+    limits: Limits
+    window: float = 0.0
+    in_flight: int = 0  # open sessions
+    suspended_until: float = 0.0
+    last_served: float = 0.0
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+    _heap: list[tuple[int, float, int, Job]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.window = float(min(self.limits.initial_concurrency, self.limits.concurrency))
+        self.tokens = max(1.0, self.limits.max_messages_per_second)
+
+    @property
+    def limit(self) -> int:
+        return max(1, min(int(self.window), self.limits.concurrency))
+
+    def push(self, job: Job, seq: int) -> None:
+        heapq.heappush(self._heap, (-job.priority, job.arrival, seq, job))
+
+    def peek(self) -> Job | None:
+        return self._heap[0][3] if self._heap else None
+
+    def pop(self) -> Job:
+        return heapq.heappop(self._heap)[3]
+
+    def remove(self, predicate) -> list[Job]:  # type: ignore[no-untyped-def]
+        kept = [entry for entry in self._heap if not predicate(entry[3])]
+        removed = [entry[3] for entry in self._heap if predicate(entry[3])]
+        if removed:
+            self._heap = kept
+            heapq.heapify(self._heap)
+        return removed
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    # --- rate -------------------------------------------------------------------
+
+    def take_token(self, now: float) -> bool:
+        rate = self.limits.max_messages_per_second
+        if rate <= 0:
+            return True
+        self.tokens = min(max(1.0, rate), self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def token_wait(self, now: float) -> float:
+        rate = self.limits.max_messages_per_second
+        return 0.0 if rate <= 0 else max(0.0, (1.0 - self.tokens) / rate)
+
+    # --- window feedback ------------------------------------------------------------
+
+    def on_session_ok(self) -> None:
+        self.window = min(float(self.limits.concurrency), self.window + 1.0)
+
+    def on_session_failed(self, now: float) -> None:
+        if self.window <= 1.0:
+            self.suspended_until = now + SUSPEND_SECONDS
+        self.window = max(1.0, self.window / 2.0)
+
+    def may_open(self, now: float) -> bool:
+        return bool(self._heap) and self.in_flight < self.limit and now >= self.suspended_until
+
+
+class Plan:
+    def __init__(self) -> None:
+        self.destinations: dict[str, Destination] = {}
+        self._seq = itertools.count()
+
+    def destination(self, name: str, limits: Limits) -> Destination:
+        dest = self.destinations.get(name)
+        if dest is None:
+            dest = self.destinations[name] = Destination(name, limits)
+        else:
+            dest.limits = limits  # a reload may have changed them
+        return dest
+
+    def add(self, job: Job, limits: Limits) -> None:
+        self.destination(job.dest, limits).push(job, next(self._seq))
+
+    def next_destination(self, now: float) -> Destination | None:
+        best: Destination | None = None
+        best_key: tuple[int, float] | None = None
+        for dest in self.destinations.values():
+            if not dest.may_open(now):
+                continue
+            top = dest.peek()
+            assert top is not None
+            key = (-top.priority, dest.last_served)
+            if best_key is None or key < best_key:
+                best, best_key = dest, key
+        return best
+
+    def ready_jobs(self) -> int:
+        return sum(len(d) for d in self.destinations.values())
+
+    def forget_idle(self) -> None:
+        """Drop destinations with nothing queued or open (their windows restart from slow start)."""
+        for name in [n for n, d in self.destinations.items() if not d and not d.in_flight
+                     and d.suspended_until == 0.0]:
+            del self.destinations[name]
