@@ -1,0 +1,78 @@
+"""The delivery plan (pure): priorities, fairness, windows, rate limits."""
+
+from mtaqueue.ids import MessageId
+from workers.scheduler.plan import SUSPEND_SECONDS, Job, Limits, Plan
+
+LIMITS = Limits(concurrency=3, initial_concurrency=5, max_messages_per_connection=100, max_messages_per_second=0)
+
+
+def job(n: int, dest: str, priority: int = 0, arrival: float = 0.0) -> Job:
+    return Job(n, MessageId(f"M{n}"), dest, (0,), priority, arrival or float(n))
+
+
+def test_higher_priority_first_then_arrival() -> None:
+    plan = Plan()
+    for n in range(5):
+        plan.add(job(n, "a.test"), LIMITS)
+    plan.add(job(99, "a.test", priority=10, arrival=100.0), LIMITS)
+    dest = plan.destinations["a.test"]
+    assert [dest.pop().id for _ in range(6)] == [99, 0, 1, 2, 3, 4]
+
+
+def test_window_starts_at_min_of_initial_and_limit_and_caps_sessions() -> None:
+    plan = Plan()
+    for n in range(10):
+        plan.add(job(n, "a.test"), LIMITS)
+    dest = plan.destinations["a.test"]
+    assert dest.limit == 3
+    opened = 0
+    while (d := plan.next_destination(now=0.0)) is not None:
+        d.pop()
+        d.in_flight += 1
+        opened += 1
+    assert opened == 3
+
+
+def test_failures_halve_the_window_then_suspend_and_success_grows_it() -> None:
+    plan = Plan()
+    limits = Limits(concurrency=8, initial_concurrency=8, max_messages_per_connection=1, max_messages_per_second=0)
+    plan.add(job(1, "b.test"), limits)
+    dest = plan.destinations["b.test"]
+    dest.on_session_failed(now=0.0)
+    assert dest.limit == 4
+    for _ in range(2):
+        dest.on_session_failed(now=0.0)
+    assert dest.limit == 1 and dest.suspended_until == 0.0
+    dest.on_session_failed(now=10.0)
+    assert dest.suspended_until == 10.0 + SUSPEND_SECONDS
+    assert plan.next_destination(now=11.0) is None
+    assert plan.next_destination(now=10.0 + SUSPEND_SECONDS) is dest
+    dest.on_session_ok()
+    assert dest.limit == 2
+
+
+def test_a_small_domain_is_not_starved_by_a_large_one() -> None:
+    plan = Plan()
+    for n in range(1000):
+        plan.add(job(n, "big.test"), LIMITS)
+    plan.add(job(5000, "small.test", arrival=5000.0), LIMITS)
+    served = []
+    for step in range(4):
+        d = plan.next_destination(now=1.0 + step)
+        assert d is not None
+        served.append(d.name)
+        d.pop()
+        d.last_served = 1.0 + step
+    assert "small.test" in served[:2]
+
+
+def test_rate_limit_tokens() -> None:
+    plan = Plan()
+    limits = Limits(concurrency=5, initial_concurrency=5, max_messages_per_connection=100, max_messages_per_second=2)
+    plan.add(job(1, "r.test"), limits)
+    dest = plan.destinations["r.test"]
+    dest.tokens_at = 0.0
+    assert dest.take_token(0.0) and dest.take_token(0.0)
+    assert not dest.take_token(0.0)
+    assert 0 < dest.token_wait(0.0) <= 0.5
+    assert dest.take_token(0.6)
