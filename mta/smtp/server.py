@@ -359,7 +359,9 @@ class ServerConnection:
 
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.to_bytes())
-        if reply.code >= 400 and reply.code != 421:
+        # Errors count against the client; 421s and our own system trouble (4.3.x: queue
+        # full or failing) do not: a client must not be cut off for our full disk.
+        if reply.code >= 400 and reply.code != 421 and not reply.status.startswith("4.3."):
             self.errors += 1
             if self.errors >= self.options.max_errors:
                 self._out.append(replies.too_many_errors(self.options.hostname).to_bytes())

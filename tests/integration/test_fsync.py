@@ -9,6 +9,10 @@ write, between the read that brought the end of its data and the start of that w
 - then a pwrite of the meta page through LMDB's O_DSYNC descriptor returned: the commit
   itself is on disk (LMDB with sync and metasync on, without writemap).
 
+Both must come from the process that wrote the 250 (its queue writer thread): another
+process syncing the spool at that moment proves nothing. Threads are mapped to their
+process through the clone calls in the trace.
+
 Event order is line order: strace -f writes one line per syscall entry or exit, and a
 syscall interrupted by another thread's line is split into "<unfinished ...>" and
 "<... name resumed>" lines.
@@ -31,7 +35,7 @@ pytestmark = pytest.mark.integration
 
 MESSAGES = 20
 SYSCALLS = ("fdatasync,fsync,msync,sync_file_range,write,writev,sendto,sendmsg,"
-            "read,readv,recvfrom,recvmsg,pwrite64,pwritev,openat")
+            "read,readv,recvfrom,recvmsg,pwrite64,pwritev,openat,clone,clone3")
 SOCKET_READS = {"read", "readv", "recvfrom", "recvmsg"}
 SOCKET_WRITES = {"write", "writev", "sendto", "sendmsg"}
 SYNCS = {"fdatasync", "fsync"}
@@ -88,14 +92,28 @@ def parse_strace(text: str) -> list[Syscall]:
     return sorted(calls, key=lambda c: c.start)
 
 
+def processes(calls: list[Syscall]) -> dict[int, int]:
+    """Thread id -> the pid of its process, from the clone(CLONE_THREAD) calls in the trace."""
+    parent = {c.result: c.tid for c in calls if c.name in ("clone", "clone3")
+              and "CLONE_THREAD" in c.text and c.result is not None and c.result > 0}
+
+    def pid(tid: int) -> int:
+        while tid in parent:
+            tid = parent[tid]
+        return tid
+
+    return {c.tid: pid(c.tid) for c in calls}
+
+
 def check_synced_before_each_250(calls: list[Syscall]) -> list[str]:
     """The queue ids of the 250 writes, in order; asserts the sync order for each."""
-    dsync_fds = {c.result for c in calls if c.name == "openat" and "data.mdb" in c.text
+    pid = processes(calls)
+    dsync_fds = {(pid[c.tid], c.result) for c in calls if c.name == "openat" and "data.mdb" in c.text
                  and "O_DSYNC" in c.text and (c.result or -1) >= 0}
     assert dsync_fds, "LMDB opened no O_DSYNC descriptor for its meta page (metasync off?)"
     syncs = [c for c in calls if c.name in SYNCS and c.path.endswith("/data.mdb") and c.result == 0]
     meta_writes = [c for c in calls if c.name in ("pwrite64", "pwritev") and c.path.endswith("/data.mdb")
-                   and c.fd in dsync_fds and (c.result or 0) > 0]
+                   and (pid[c.tid], c.fd) in dsync_fds and (c.result or 0) > 0]
     replies = [c for c in calls if c.name in SOCKET_WRITES and "250 2.0.0 Ok: queued as " in c.text]
     ids = []
     for reply in replies:
@@ -107,10 +125,12 @@ def check_synced_before_each_250(calls: list[Syscall]) -> list[str]:
         assert reads, f"no read before {reply.text[:80]}"
         data_end = reads[-1]  # sequential sends: the client waits for this 250, so this read ended DATA
         assert '.\\r\\n", ' in data_end.text, f"the last read before the 250 is not the end of data: {data_end.text[-80:]}"
-        synced = [s for s in syncs if data_end.end < s.start and s.end < reply.start]
+        synced = [s for s in syncs if pid[s.tid] == pid[reply.tid]
+                  and data_end.end < s.start and s.end < reply.start]
         assert synced, (f"{qid.group(1)}: no fdatasync/fsync of data.mdb between the end of its data "
                         f"(line {data_end.end + 1}) and its 250 (line {reply.start + 1})")
-        committed = [m for m in meta_writes if synced[0].end < m.start and m.end < reply.start]
+        committed = [m for m in meta_writes if pid[m.tid] == pid[reply.tid]
+                     and synced[0].end < m.start and m.end < reply.start]
         assert committed, (f"{qid.group(1)}: no O_DSYNC meta page write between its fdatasync "
                            f"(line {synced[0].end + 1}) and its 250 (line {reply.start + 1})")
     return ids
@@ -132,6 +152,9 @@ def test_parse_strace_joins_unfinished_and_resumed_lines() -> None:
     assert write.text == 'write(17<socket:[9]>, "250 ok\\r\\n", 8) = 8'
 
 
+_THREAD = ('1 07:00:00.000000 clone3({flags=CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD'
+           '|CLONE_SYSVSEM, child_tid=0x7f0, exit_signal=0}, 88) = 2')
+_FORK = '1 07:00:00.000000 clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|SIGCHLD, child_tidptr=0x7f0) = 3'
 _OPEN = '1 07:00:00.000000 openat(AT_FDCWD</w>, "/s/data.mdb", O_WRONLY|O_DSYNC|O_CLOEXEC) = 15</s/data.mdb>'
 _READ = '1 07:00:00.000000 read(16<socket:[9]>, "Subject: x\\r\\n\\r\\nx\\r\\n.\\r\\n", 256000) = 23'
 _SYNC = '2 07:00:00.000000 fdatasync(14</s/data.mdb>) = 0'
@@ -147,9 +170,11 @@ _250 = '1 07:00:00.000000 write(16<socket:[9]>, "250 2.0.0 Ok: queued as 6616516
     (False, [_OPEN, _SYNC, _READ, _META, _250]),
     (False, [_OPEN, _READ, _SYNC, _250, _META]),
     (False, [_OPEN.replace("|O_DSYNC", ""), _READ, _SYNC, _META, _250]),
-], ids=["in-order", "sync-returns-after-250", "250-first", "sync-before-data", "meta-after-250", "no-dsync"])
+    (False, [_OPEN, _READ, _SYNC.replace("2 ", "3 ", 1), _META, _250]),
+], ids=["in-order", "sync-returns-after-250", "250-first", "sync-before-data", "meta-after-250", "no-dsync",
+        "sync-by-another-process"])
 def test_checker_rejects_a_250_before_the_commit_is_durable(durable: bool, lines: list[str]) -> None:
-    calls = parse_strace("\n".join(lines) + "\n")
+    calls = parse_strace("\n".join([_THREAD, _FORK, *lines]) + "\n")
     if durable:
         assert check_synced_before_each_250(calls) == ["66165161021830DB59BAD"]
     else:

@@ -98,6 +98,8 @@ class Scheduler:
         self._pending_add: list[NewMessage] = []
         self._flushing = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+        self._peers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._stopping = False
 
     # --- process -------------------------------------------------------------------
 
@@ -120,10 +122,15 @@ class Scheduler:
         rescan = loop.create_task(self._rescan_forever())
         self._schedule_dispatch()
         await self._stop.wait()
+        self._stopping = True
         rescan.cancel()
         server.close()
-        for worker in self.workers:
-            worker.writer.close()
+        # Close the peers' connections rather than cancel their tasks (a cancelled
+        # stream handler task makes Python 3.11's asyncio log a spurious traceback); no
+        # frame is handled once the spool is closed.
+        for writer in self._peers.values():
+            writer.close()
+        await asyncio.gather(rescan, *self._peers, return_exceptions=True)
         await self._flush_now()
         self._writer.shutdown(wait=True)
         self.backend.close()
@@ -288,6 +295,12 @@ class Scheduler:
     # --- peers ---------------------------------------------------------------------------
 
     async def _on_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._stopping:
+            writer.close()
+            return
+        self._peers[task] = writer
         link: WorkerLink | None = None
         try:
             while (frame := await frames.read_stream_frame(reader)) is not None:
@@ -310,7 +323,8 @@ class Scheduler:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             logs.event("peer_error", error=str(exc))
         finally:
-            if link is not None:
+            self._peers.pop(task, None)
+            if link is not None and not self._stopping:
                 self._lost_worker(link)
             writer.close()
 
