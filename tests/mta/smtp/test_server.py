@@ -74,3 +74,19 @@ def test_decisions_pause_the_pipeline() -> None:
     conn.reply(replies.Reply(451, "4.3.0", "try later"))
     assert repr(conn.next_event()) == "NEED_DATA"
     assert reply_lines(conn.data_to_send()) == ["451 4.3.0 try later", "250 2.0.0 Ok"]
+
+
+def test_our_queue_trouble_does_not_count_as_client_errors() -> None:
+    app, _ = new_app(max_errors=3)
+    conn = app.conn
+    app.feed(b"EHLO c.test\r\n")
+    for _ in range(5):  # five messages refused because *our* queue is full
+        conn.receive_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@local.test>\r\nDATA\r\n")
+        app.pump()
+        conn.data_to_send()
+        conn.receive_data(b"x\r\n.\r\n")
+        assert type(conn.next_event()).__name__ == "Message"
+        conn.reply(replies.QUEUE_FULL)
+        assert reply_lines(conn.data_to_send()) == ["452 4.3.1 Error: insufficient system storage, try again later"]
+    assert conn.state is State.READY
+    assert reply_lines(app.feed(b"FOO\r\nBAR\r\nBAZ\r\n"))[-1].startswith("421 4.7.0")  # the client's own do
