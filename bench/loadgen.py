@@ -63,7 +63,7 @@ class LoadResult:
     accepted: int = 0
     rejected: int = 0
     errors: int = 0
-    connections: int = 0
+    connections: int = 0  # TCP connects that succeeded (refused/timed-out ones are errors)
     elapsed_seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU over the run: near elapsed = client-bound
     accepted_per_second: float = 0.0
@@ -234,13 +234,13 @@ async def _session(run: _Run, host: str, port: int, per_session: int, pipelining
             res.connections += 1
             code, _ = await read_reply(reader, timeout)
             if code != 220:
-                run.note_error("greeting", f"{code}")
+                run.note_error(f"greeting:{code}", "unexpected reply code")
                 in_flight = False
                 continue
             writer.write(f"EHLO {ehlo_name}\r\n".encode("ascii"))
             code, ehlo_lines = await read_reply(reader, timeout)
             if code != 250:
-                run.note_error("ehlo", f"{code}")
+                run.note_error(f"ehlo:{code}", "unexpected reply code")
                 in_flight = False
                 continue
             keywords = {line.split(b" ", 1)[0].upper() for line in ehlo_lines[1:]}

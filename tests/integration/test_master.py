@@ -307,3 +307,24 @@ def test_only_one_master_per_spool(mta_server, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert b"another mta is already serving the queue" in result.stderr
     assert first.running
+
+
+def test_connections_per_ip_limit_and_quit_releases_at_once(mta_server) -> None:
+    server = started(mta_server(server={"inbound_workers": 1}, limits={"max_connections_per_ip": 3}), workers=1)
+
+    async def scenario() -> tuple[bytes, list[int]]:
+        clients = [await SmtpClient.connect(server.port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        refused = await reader.readline()
+        writer.close()
+        for client in clients:
+            await client.close()
+        again = [await SmtpClient.connect(server.port) for _ in range(3)]  # right after QUIT
+        codes = [c.greeting.code if c.greeting else 0 for c in again]
+        for client in again:
+            await client.close()
+        return refused, codes
+
+    refused, codes = asyncio.run(scenario())
+    assert refused.startswith(b"421 4.7.0")
+    assert codes == [220, 220, 220]

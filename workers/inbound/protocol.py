@@ -145,14 +145,8 @@ class InboundProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        ctx = self._ctx
-        ctx.sessions.discard(self)
-        if self._counted:
-            left = ctx.connections_per_ip.get(self.client_ip, 1) - 1
-            if left > 0:
-                ctx.connections_per_ip[self.client_ip] = left
-            else:
-                ctx.connections_per_ip.pop(self.client_ip, None)
+        self._ctx.sessions.discard(self)
+        self._release_ip()
         if self._timer is not None:
             self._timer.cancel()
         if self._linger_timer is not None:
@@ -160,6 +154,17 @@ class InboundProtocol(asyncio.Protocol):
         self._conn.receive_eof()
         # A commit in flight still completes: the message may be stored without the
         # client having seen 250 (it will retry; a duplicate, never a loss).
+
+    def _release_ip(self) -> None:
+        if not self._counted:
+            return
+        self._counted = False
+        counts = self._ctx.connections_per_ip
+        left = counts.get(self.client_ip, 1) - 1
+        if left > 0:
+            counts[self.client_ip] = left
+        else:
+            counts.pop(self.client_ip, None)
 
     # --- the session -------------------------------------------------------------
 
@@ -184,6 +189,7 @@ class InboundProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing() or self._lingering:
             return
         self._lingering = True
+        self._release_ip()  # the session is over: a reconnect must not count it twice
         if not transport.can_write_eof():
             transport.close()
             return
