@@ -201,3 +201,37 @@ def test_kill9_of_delivery_worker_and_scheduler_loses_nothing(mta_server, tmp_pa
         # Per kill, at most one delivery per session (concurrency 4) can be in flight at the
         # worker or reported but not yet committed by the scheduler: 2 kills x 2 x 4.
         assert duplicates <= 2 * 2 * 4, f"{duplicates} duplicates: more than the deliveries in flight"
+
+
+def test_queue_commands_act_on_the_running_scheduler(mta_server, tmp_path: Path) -> None:
+    tries: Counter[str] = Counter()
+
+    def rcpt_rule(address: str):  # type: ignore[no-untyped-def]
+        tries[address] += 1
+        return (451, "4.3.0", "not yet") if address.startswith("slow") and tries[address] < 3 else None
+
+    with SmtpSink("127.0.0.2", rcpt_rule=rcpt_rule) as sink:
+        server = delivering(mta_server, tmp_path, {"remote.test": f"{sink.address}:{sink.port}"},
+                            delivery={"min_backoff_seconds": 3600, "max_backoff_seconds": 7200})
+        server.mta("queue", "hold", "--domain", "remote.test")  # nothing queued yet
+        [slow] = asyncio.run(send_all(server.port, [("a@client.test", ["slow@remote.test"], message(1))]))
+        wait_until(lambda: any(r["state"] == "deferred" for e in server.queue_list() for r in e["recipients"]),
+                   10, "a deferral", server)
+        [entry] = server.queue_list()
+        assert entry["recipients"][0]["attempts"] == 1 and "451 4.3.0 not yet" in entry["recipients"][0]["last_reply"]
+        assert entry["next_attempt"] > entry["arrival"]  # an hour away: only `retry` brings it back
+        assert b"retry: 1 message(s) (applied by the running scheduler)" in server.mta("queue", "retry", slow).stdout
+        wait_until(lambda: tries["slow@remote.test"] == 2, 10, "the retry", server)
+        server.mta("queue", "hold", slow)
+        assert [r["state"] for e in server.queue_list() for r in e["recipients"]] == ["held"]
+        server.mta("queue", "retry", "--all")  # held is not deferred: nothing happens
+        time.sleep(0.5)
+        assert tries["slow@remote.test"] == 2
+        server.mta("queue", "release", slow)
+        wait_until(lambda: any(m.recipients == ["slow@remote.test"] for m in sink.messages), 10, "delivery", server)
+        wait_until(lambda: server.queue_list() == [], 10, "an empty spool", server)
+        [gone] = asyncio.run(send_all(server.port, [("a@client.test", ["slow2@remote.test"], message(2))]))
+        wait_until(lambda: tries["slow2@remote.test"] == 1, 10, "the first attempt", server)
+        assert b"delete: 1 message(s)" in server.mta("queue", "delete", "--domain", "remote.test").stdout
+        assert server.queue_list() == []
+        assert re.search(rb"event=deleted msgid=" + gone.encode() + rb" by=operator", server.log_bytes())
