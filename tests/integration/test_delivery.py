@@ -235,3 +235,19 @@ def test_queue_commands_act_on_the_running_scheduler(mta_server, tmp_path: Path)
         assert b"delete: 1 message(s)" in server.mta("queue", "delete", "--domain", "remote.test").stdout
         assert server.queue_list() == []
         assert re.search(rb"event=deleted msgid=" + gone.encode() + rb" by=operator", server.log_bytes())
+
+
+def test_lmtp_route_gives_per_recipient_results(mta_server, tmp_path: Path) -> None:
+    with SmtpSink("127.0.0.2", lmtp=True) as sink:
+        server = delivering(mta_server, tmp_path, {"box.test": f"lmtp:{sink.address}:{sink.port}"},
+                            delivery={"min_backoff_seconds": 3600, "max_backoff_seconds": 7200})
+        mailbox(tmp_path, "local.test", "sender")
+        asyncio.run(send_all(server.port, [("sender@local.test",
+                                            ["ann@box.test", "d452-full@box.test", "bob@box.test"], message(1))]))
+        [got] = sink.wait_for_messages(1, timeout=10)
+        assert got.recipients == ["ann@box.test", "d452-full@box.test", "bob@box.test"]
+        [entry] = wait_until(lambda: [e for e in server.queue_list()
+                                      if any(r["state"] == "deferred" for r in e["recipients"])], 10,
+                             "the over-quota recipient deferred", server)
+        states = {r["address"]: r["state"] for r in entry["recipients"]}
+        assert states == {"ann@box.test": "delivered", "d452-full@box.test": "deferred", "bob@box.test": "delivered"}
