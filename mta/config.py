@@ -90,6 +90,7 @@ class DeliveryConfig:
     workers: int = 1  # delivery processes; 0 = hold everything in the queue (receive-only node)
     max_connections: int = 200  # outbound sessions in total
     concurrency: int = 20  # sessions per destination domain
+    max_connections_per_host: int = 50  # sessions per MX host (address:port), per delivery process
     initial_concurrency: int = 5  # slow start: a destination's window starts here
     max_messages_per_connection: int = 100
     max_messages_per_second: float = 0.0  # per destination domain; 0 = unlimited
@@ -360,7 +361,8 @@ def _check_delivery(config: Config, fail: Any) -> None:
     d = config.delivery
     if d.workers < 0:
         fail("[delivery] workers", "must be >= 0 (0 = deliver nothing)")
-    for name in ("max_connections", "concurrency", "initial_concurrency", "max_messages_per_connection"):
+    for name in ("max_connections", "concurrency", "initial_concurrency", "max_messages_per_connection",
+                 "max_connections_per_host"):
         if getattr(d, name) < 1:
             fail(f"[delivery] {name}", "must be >= 1")
     for name in ("min_backoff_seconds", "max_backoff_seconds", "max_queue_lifetime_seconds",

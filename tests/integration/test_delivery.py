@@ -251,3 +251,15 @@ def test_lmtp_route_gives_per_recipient_results(mta_server, tmp_path: Path) -> N
                              "the over-quota recipient deferred", server)
         states = {r["address"]: r["state"] for r in entry["recipients"]}
         assert states == {"ann@box.test": "delivered", "d452-full@box.test": "deferred", "bob@box.test": "delivered"}
+
+
+def test_domains_sharing_one_host_respect_the_per_host_limit(mta_server, tmp_path: Path) -> None:
+    with SmtpSink("127.0.0.2", delay_seconds=0.02) as sink:
+        hop = f"{sink.address}:{sink.port}"
+        server = delivering(mta_server, tmp_path, {"one.test": hop, "two.test": hop},
+                            delivery={"max_connections_per_host": 3},
+                            domains={"one.test": {"concurrency": 5}, "two.test": {"concurrency": 5}})
+        mails = [("a@client.test", [f"u{n}@{'one' if n % 2 else 'two'}.test"], message(n)) for n in range(200)]
+        asyncio.run(send_all(server.port, mails, sessions=10))
+        sink.wait_for_messages(200, timeout=60)
+        assert sink.peak_connections == 3  # 10 allowed by the two domains, 3 by the host

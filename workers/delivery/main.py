@@ -3,7 +3,9 @@
 It connects to the scheduler's socket, says `hello` with its capacity, and for every
 `open` runs one session task: route the destination ([delivery] smarthost, then
 [routes], then MX through the shared DNS cache), connect to the first target that
-greets (421/5xx greeting or connect failure -> next target), deliver the job, report
+greets (421/5xx greeting or connect failure -> next target) while holding one of the
+host's `max_connections_per_host` slots (per process; a full host is skipped for the
+next MX, or waited for when all are full), deliver the job, report
 `done` with per-recipient replies, and wait for the next `job` or `close`. Local
 destinations ("maildir" routes, and local domains without a route) are written to
 Maildir instead. Envelopes and bodies are read from the spool (short read
@@ -41,6 +43,42 @@ class Hop:
     address: str
     port: int
 
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+class HostSlots:
+    """At most `limit` sessions per MX host (address:port) in this process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used: dict[str, int] = {}
+        self._freed = asyncio.Condition()
+
+    def try_take(self, key: str) -> bool:
+        if self._used.get(key, 0) >= self.limit:
+            return False
+        self._used[key] = self._used.get(key, 0) + 1
+        return True
+
+    async def take(self, key: str) -> None:
+        async with self._freed:
+            await self._freed.wait_for(lambda: self._used.get(key, 0) < self.limit)
+            self._used[key] = self._used.get(key, 0) + 1
+
+    def give(self, key: str) -> None:
+        left = self._used.get(key, 1) - 1
+        if left > 0:
+            self._used[key] = left
+        else:
+            self._used.pop(key, None)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._freed:
+            self._freed.notify_all()
+
 
 @dataclass(frozen=True)
 class Route:
@@ -65,6 +103,8 @@ class DeliveryWorker:
         self._stop = asyncio.Event()
         self._inbox: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._slots = HostSlots(config.delivery.max_connections_per_host)
+        self._session_slot: dict[int, str] = {}
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -151,6 +191,8 @@ class DeliveryWorker:
                     self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None})
                     continue
                 if outbound is None or not outbound.usable:
+                    if outbound is not None:
+                        await self._close(outbound)
                     outbound, failure = await self._connect(route, dest)
                     if outbound is None:
                         assert failure is not None
@@ -163,7 +205,7 @@ class DeliveryWorker:
                             "remote": outbound.remote.split("[")[0]})
         finally:
             if outbound is not None:
-                await outbound.close()
+                await self._close(outbound)
             self._inbox.pop(sid, None)
             self._send({"t": "closed", "sid": sid, "ok": ok})
 
@@ -185,26 +227,50 @@ class DeliveryWorker:
         return Route("smtp", tuple(Hop(t.host, t.address, port) for t in resolution.targets))
 
     async def _connect(self, route: Route, dest: str) -> tuple[OutboundSession | None, tuple[int, str, str] | None]:
+        """A session to the first target that greets, within the per-host limit."""
         if route.error is not None:
             code = 550 if route.permanent else 451
             return None, (code, route.status or ("5.1.2" if route.permanent else "4.4.3"), route.error)
-        d = self.config.delivery
-        tls = self.config.domain(dest).tls or d.tls
         last = (451, "4.4.1", f"no target for {dest}")
-        for target in route.targets:
-            try:
-                session = await OutboundSession.open(
-                    target.host, target.address, target.port, helo_name=self.config.server.hostname,
-                    tls=tls, lmtp=route.kind == "lmtp", connect_timeout=d.connect_timeout_seconds,
-                    command_timeout=d.command_timeout_seconds, data_timeout=d.data_timeout_seconds)
-            except SessionError as exc:
-                logs.event("connect_failed", dest=dest, relay=f"{target.host}[{target.address}]:{target.port}",
-                           reply=f"{exc.code} {exc.status} {exc.text}")
-                last = (exc.code, exc.status, f"{target.host}: {exc.text}")
+        busy: list[Hop] = []
+        for target in route.targets:  # first pass: targets with a free slot, in MX order
+            if not self._slots.try_take(target.key):
+                busy.append(target)
                 continue
-            return session, None
+            session, last = await self._open(target, route, dest, last)
+            if session is not None:
+                return session, None
+        for target in busy:  # every free one failed or none was free: wait our turn
+            await self._slots.take(target.key)
+            session, last = await self._open(target, route, dest, last)
+            if session is not None:
+                return session, None
         # A 5xx greeting from every MX is still a temporary failure for the destination.
         return None, (451 if last[0] >= 500 else last[0], "4.4.1" if last[0] >= 500 else last[1], last[2])
+
+    async def _open(self, target: Hop, route: Route, dest: str, last: tuple[int, str, str]
+                    ) -> tuple[OutboundSession | None, tuple[int, str, str]]:
+        """Open a session on a slot we hold; the slot goes with the session (or back on failure)."""
+        d = self.config.delivery
+        try:
+            session = await OutboundSession.open(
+                target.host, target.address, target.port, helo_name=self.config.server.hostname,
+                tls=self.config.domain(dest).tls or d.tls, lmtp=route.kind == "lmtp",
+                connect_timeout=d.connect_timeout_seconds, command_timeout=d.command_timeout_seconds,
+                data_timeout=d.data_timeout_seconds)
+        except SessionError as exc:
+            self._slots.give(target.key)
+            logs.event("connect_failed", dest=dest, relay=f"{target.host}[{target.address}]:{target.port}",
+                       reply=f"{exc.code} {exc.status} {exc.text}")
+            return None, (exc.code, exc.status, f"{target.host}: {exc.text}")
+        self._session_slot[id(session)] = target.key
+        return session, last
+
+    async def _close(self, session: OutboundSession) -> None:
+        await session.close()
+        key = self._session_slot.pop(id(session), None)
+        if key is not None:
+            self._slots.give(key)
 
     async def _deliver_remote(self, session: OutboundSession, envelope: Envelope, rcpts: list[int]) -> list[list[Any]]:
         body = self.spool.body(envelope.id) or b""
