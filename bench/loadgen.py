@@ -65,6 +65,10 @@ class LoadResult:
     errors: int = 0
     connections: int = 0  # TCP connects that succeeded (refused/timed-out ones are errors)
     elapsed_seconds: float = 0.0
+    # time.monotonic() (CLOCK_MONOTONIC: one clock for every process on the machine)
+    # when the run started, i.e. just before the first connect: bench/run --e2e
+    # measures from here to the arrival of the last message at its sink.
+    started_monotonic: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU over the run: near elapsed = client-bound
     accepted_per_second: float = 0.0
     latency_p50_ms: float | None = None
@@ -346,6 +350,7 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
                         event_loop="uvloop" if loop_module.startswith("uvloop") else "asyncio")
     run = _Run(result, io_timeout_seconds)
     stuffed_body = dot_stuff(build_body(size))
+    result.started_monotonic = time.monotonic()
     started = time.perf_counter()
     cpu_started = time.process_time()
     tasks = [asyncio.create_task(_session(run, host, port, per_session, pipelining, sender,

@@ -7,6 +7,10 @@ this machine, not a server's. It stores nothing and checks almost nothing: it an
 each command line with a canned reply, swallows DATA up to the "." line and says 250.
 Never use it as a baseline for a real server.
 
+It is also bench/run's fallback common next hop for `--e2e` when Postfix's smtp-sink
+is not installed: with `--count` it writes "mesg=N\\r" on stdout (as `smtp-sink -c`
+does) whenever messages arrived, N being the running total of "." lines received.
+
 Invariant: one reply per command line, in order, so pipelined clients stay in step.
 Prints "ready" on stdout once listening; stops on SIGTERM/SIGINT.
 """
@@ -29,6 +33,21 @@ REPLIES = {b"MAIL": b"250 OK\r\n", b"RCPT": b"250 OK\r\n", b"DATA": b"354 go ahe
            b"EHLO": EHLO_REPLY}
 
 
+class Counter:
+    """Messages received so far by every connection; reported when `enabled`."""
+
+    enabled = False
+    messages = 0
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        cls.messages += n
+        if cls.enabled:
+            # One record per batch: cheap, and the last one is always the total.
+            sys.stdout.buffer.write(b"mesg=%d\r" % cls.messages)
+            sys.stdout.buffer.flush()
+
+
 class SinkProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -39,6 +58,7 @@ class SinkProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         out = []
+        received = 0  # messages whose "." this batch held
         while True:
             if self.in_data:
                 end = self.buffer.find(b"\r\n.\r\n")
@@ -49,6 +69,7 @@ class SinkProtocol(asyncio.Protocol):
                 self.buffer = self.buffer[end + 5:]
                 self.in_data = False
                 out.append(b"250 OK queued\r\n")
+                received += 1
                 continue
             line_end = self.buffer.find(b"\r\n")
             if line_end < 0:
@@ -58,6 +79,8 @@ class SinkProtocol(asyncio.Protocol):
             if verb == b"QUIT":
                 out.append(b"221 bye\r\n")
                 self.transport.write(b"".join(out))
+                if received:
+                    Counter.add(received)
                 self.transport.close()
                 return
             out.append(REPLIES.get(verb, b"500 unknown command\r\n"))
@@ -67,6 +90,8 @@ class SinkProtocol(asyncio.Protocol):
                 self.buffer = b"\r\n" + self.buffer
         if out:
             self.transport.write(b"".join(out))
+            if received:
+                Counter.add(received)
 
 
 async def serve(host: str, port: int) -> None:
@@ -85,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--spool", help="ignored; accepted so bench/run can treat targets alike")
+    p.add_argument("--count", action="store_true",
+                   help='write "mesg=N\\r" on stdout as messages arrive (like smtp-sink -c)')
     a = p.parse_args(argv)
+    Counter.enabled = a.count
     if uvloop is not None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(a.host, a.port))

@@ -202,7 +202,7 @@ class DeliveryWorker:
                         continue
                 replies = await self._deliver_remote(outbound, envelope, rcpts)
                 self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
-                            "remote": outbound.remote.split("[")[0]})
+                            "remote": outbound.remote})
         finally:
             if outbound is not None:
                 await self._close(outbound)

@@ -394,7 +394,8 @@ class Scheduler:
         answered = {r.index for r in replies}
         missing = [RecipientReply(i, 451, "4.3.0", "no reply for this recipient") for i in job.rcpts
                    if i not in answered]
-        result = settle(envelope, replies + missing, remote=remote, now=now, policy=policy,
+        remote_host = remote.split("[")[0] if remote else None  # "host[address]:port" -> DSN Remote-MTA
+        result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=policy,
                         hostname=self.config.server.hostname,
                         load_body=lambda: self.backend.body(job.msgid) or b"")
         for r in replies + missing:

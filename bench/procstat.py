@@ -1,0 +1,139 @@
+"""CPU accounting from /proc for bench/run: per process, per process group, per machine.
+
+Owns every /proc read the benchmark makes. Linux only; values are seconds of CPU
+(user + sys), from SC_CLK_TCK ticks (10 ms here) or, where a tick is too coarse (many
+small processes), from the scheduler's nanosecond run times.
+
+Invariant: a process that exits between listing /proc and reading it is skipped, never
+an error; a reaped child's CPU moves into its parent's cutime/cstime, so summing own
+CPU plus cutime/cstime over a live process tree loses nothing but what was reaped by
+a parent outside the tree.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def read_stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat fields from field 3 (state) on; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and ")": split after its last ")".
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process alone (not its children); None if it is gone."""
+    fields = read_stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # fields 14, 15
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes whose process group is `pgid` (field 5 of /proc/PID/stat)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = read_stat_fields(entry.name)
+        if fields is not None and int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def group_titles(pgid: int) -> dict[int, bytes]:
+    """pid -> process title (argv as ps shows it) of every live process in a group."""
+    titles = {}
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                titles[pid] = f.read().replace(b"\0", b" ").strip()
+        except OSError:
+            continue  # exited between the two reads
+    return titles
+
+
+def threads_runtime_seconds(pid: int | str) -> float:
+    """CPU time of a process's live threads, in ns precision (/proc/PID/task/*/schedstat,
+    first field: sum_exec_runtime). 0.0 if unreadable (a zombie has no live threads)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread exited meanwhile
+    return total / 1e9
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds of every live process in a group, plus the children they reaped.
+
+    bench/run starts each server as a session leader, so its workers share its group;
+    Postfix's master makes itself a session leader the same way.
+
+    Per process: its own CPU is the larger of utime+stime (/proc/PID/stat, whole
+    10 ms ticks, truncated, but including threads that already exited) and the sum of
+    its live threads' schedstat run time (exact): truncation alone would lose up to
+    10 ms per process, i.e. about a second per run over Postfix's ~130 daemons. Reaped
+    children come from cutime+cstime (one truncated sum per parent).
+    """
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = read_stat_fields(entry.name)  # None: exited between listing and read
+        if fields is None or int(fields[2]) != pgid:
+            continue
+        ticks_own = (int(fields[11]) + int(fields[12])) / TICKS  # utime stime
+        own = max(ticks_own, threads_runtime_seconds(entry.name))
+        total += own + (int(fields[13]) + int(fields[14])) / TICKS  # cutime cstime
+    return total
+
+
+def _cpu_line() -> list[int]:
+    """/proc/stat's "cpu" line: user nice system idle iowait irq softirq steal ...
+    in ticks, summed over CPUs (guest time is inside user)."""
+    with open("/proc/stat", "rb") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
+def machine_busy_seconds(interrupts: bool = True) -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat), summed over CPUs.
+
+    interrupts=False leaves out irq and softirq time: loopback TCP is processed in
+    softirq context, which is charged to no process, so a run that moves a lot of
+    traffic over loopback would otherwise look like interference."""
+    fields = _cpu_line()
+    busy = sum(fields[:3]) + fields[7] + (fields[5] + fields[6] if interrupts else 0)
+    return busy / TICKS
+
+
+def machine_interrupt_seconds() -> float:
+    """CPU seconds all CPUs spent in irq and softirq since boot (/proc/stat)."""
+    fields = _cpu_line()
+    return (fields[5] + fields[6]) / TICKS
+
+
+def reaped_children_cpu_seconds() -> float:
+    """User + sys CPU of this process's waited-for children (each loadgen run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu_seconds() -> float:
+    """User + sys CPU of this process, all threads (bench/run's own reader threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
