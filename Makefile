@@ -1,7 +1,7 @@
 # Quick start: `make run` (install and serve on the embedded defaults), `make test`.
 PYTHON ?= python3
 # Debian packages the integration tests drive as real peers and tools.
-TEST_DEBS = strace haproxy
+TEST_DEBS = strace haproxy postfix
 
 .PHONY: install run test test-deps bench-smoke
 
@@ -13,9 +13,10 @@ run: install
 
 test-deps:
 	$(PYTHON) -m pip install -q -e '.[test]'
-	@missing=""; for tool in $(TEST_DEBS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for tool in $(TEST_DEBS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 

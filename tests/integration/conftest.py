@@ -60,6 +60,10 @@ def server_config(port: int, spool: Path, **sections: dict[str, Any]) -> dict[st
         # receiving see the spool exactly as inbound left it. Delivery tests override both.
         "relay": {"relay_domains": ["local.test"], "mynetworks": []},
         "delivery": {"workers": 0},
+        # Per-test DNS cache, and a resolver on a loopback port where nothing answers:
+        # no test can ever reach the machine's own resolver.
+        "cache": {"path": str(spool.parent / f"{spool.name}-cache")},
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout_seconds": 1},
     }
     for name, values in sections.items():
         if isinstance(values, list):

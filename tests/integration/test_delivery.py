@@ -243,14 +243,14 @@ def test_lmtp_route_gives_per_recipient_results(mta_server, tmp_path: Path) -> N
                             delivery={"min_backoff_seconds": 3600, "max_backoff_seconds": 7200})
         mailbox(tmp_path, "local.test", "sender")
         asyncio.run(send_all(server.port, [("sender@local.test",
-                                            ["ann@box.test", "d452-full@box.test", "bob@box.test"], message(1))]))
+                                            ["ann@box.test", "d450-full@box.test", "bob@box.test"], message(1))]))
         [got] = sink.wait_for_messages(1, timeout=10)
-        assert got.recipients == ["ann@box.test", "d452-full@box.test", "bob@box.test"]
+        assert got.recipients == ["ann@box.test", "d450-full@box.test", "bob@box.test"]
         [entry] = wait_until(lambda: [e for e in server.queue_list()
                                       if any(r["state"] == "deferred" for r in e["recipients"])], 10,
                              "the over-quota recipient deferred", server)
         states = {r["address"]: r["state"] for r in entry["recipients"]}
-        assert states == {"ann@box.test": "delivered", "d452-full@box.test": "deferred", "bob@box.test": "delivered"}
+        assert states == {"ann@box.test": "delivered", "d450-full@box.test": "deferred", "bob@box.test": "delivered"}
 
 
 def test_domains_sharing_one_host_respect_the_per_host_limit(mta_server, tmp_path: Path) -> None:

@@ -61,3 +61,17 @@ def test_all_final_means_finished() -> None:
     e = envelope(n=2)
     result = run(e, [RecipientReply(0, 250, "2.0.0", "ok"), RecipientReply(1, 250, "2.0.0", "ok")])
     assert result.finished and result.bounce is None
+
+
+def test_too_many_recipients_is_retried_at_once_without_an_attempt() -> None:
+    e = envelope(n=3)
+    result = run(e, [RecipientReply(0, 250, "2.0.0", "ok"), RecipientReply(1, 452, "4.5.3", "too many recipients"),
+                     RecipientReply(2, 452, "4.5.3", "too many recipients")])
+    assert result.retry_now == [1, 2] and result.deferred == [] and result.bounce is None
+    assert [(r.state, r.attempts) for r in e.recipients] == [("delivered", 1), ("ready", 0), ("ready", 0)]
+
+
+def test_too_many_recipients_alone_is_an_ordinary_deferral() -> None:
+    e = envelope(n=1)
+    result = run(e, [RecipientReply(0, 452, "4.5.3", "too many recipients")])
+    assert result.retry_now == [] and result.deferred == [0]

@@ -92,7 +92,8 @@ class Scheduler:
         self._jobs = itertools.count(1)
         self._stop = asyncio.Event()
         self._dispatch_scheduled = False
-        self._wake: asyncio.TimerHandle | None = None
+        self._wake: asyncio.Handle | None = None
+        self._wake_at = 0.0
         self._pending_update: dict[MessageId, Envelope] = {}
         self._pending_delete: set[MessageId] = set()
         self._pending_add: list[NewMessage] = []
@@ -218,13 +219,14 @@ class Scheduler:
         self._arm_wake(when)
 
     def _arm_wake(self, when: float) -> None:
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, when - time.time())
-        if self._wake is not None and self._wake.when() <= loop.time() + delay:
+        # The deadline is kept here: uvloop's call_later returns a Handle without
+        # .when() for delays under a millisecond.
+        if self._wake is not None and self._wake_at <= when:
             return
         if self._wake is not None:
             self._wake.cancel()
-        self._wake = loop.call_later(delay, self._on_wake)
+        self._wake_at = when
+        self._wake = asyncio.get_running_loop().call_later(max(0.0, when - time.time()), self._on_wake)
 
     def _on_wake(self) -> None:
         self._wake = None
@@ -406,6 +408,8 @@ class Scheduler:
             self._pending_add.append(result.bounce)
             logs.event("bounce_queued", msgid=result.bounce.envelope.id, origin=job.msgid,
                        rcpt=envelope.sender)
+        if result.retry_now:  # refused for this transaction only (452 4.5.3): a new one at once
+            self._enqueue(envelope)
         if result.finished and not self.in_flight.get(job.msgid):
             del self.messages[job.msgid]
             self._pending_update.pop(job.msgid, None)

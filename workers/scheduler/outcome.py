@@ -1,7 +1,8 @@
 """Delivery outcomes -> new recipient states, retry times and bounces (pure).
 
 `settle` applies one attempt's per-recipient replies to an envelope:
-  2xx -> delivered; 5xx -> bounced; 4xx -> deferred with exponential back-off between
+  2xx -> delivered; 5xx -> bounced; 452 4.5.3 (too many recipients) -> ready again at
+  once; other 4xx -> deferred with exponential back-off between
   min_backoff_seconds and max_backoff_seconds, or bounced (status 4.4.7, action failed)
   once the message is older than max_queue_lifetime_seconds.
 Bounced recipients whose NOTIFY allows it get one RFC 3464 DSN, from <> to the
@@ -47,6 +48,7 @@ class Settlement:
     delivered: list[int] = field(default_factory=list)
     bounced: list[int] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
+    retry_now: list[int] = field(default_factory=list)  # 452 4.5.3: ready for a new transaction
     bounce: NewMessage | None = None
     finished: bool = False  # every recipient is delivered or bounced: delete the message
 
@@ -58,6 +60,9 @@ def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str
     expired = now - envelope.arrival >= policy.max_queue_lifetime_seconds
     dsn: list[DsnRecipient] = []
     retry_at: list[float] = []
+    # "Too many recipients" is retried at once only while it makes progress: some
+    # recipient of the same transaction was accepted (else it is an ordinary deferral).
+    progress = len(replies) > 1 and any(200 <= r.code < 300 for r in replies)
     for reply in replies:
         rcpt = envelope.recipients[reply.index]
         rcpt.attempts += 1
@@ -65,6 +70,13 @@ def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str
         if 200 <= reply.code < 300:
             rcpt.state = "delivered"
             result.delivered.append(reply.index)
+            continue
+        if reply.code == 452 and reply.status == "4.5.3" and progress and not expired:
+            # "Too many recipients": not a failure of this recipient (RFC 5321 4.5.3.1.10);
+            # it goes in the next transaction, now, without counting an attempt.
+            rcpt.attempts -= 1
+            rcpt.state = "ready"
+            result.retry_now.append(reply.index)
             continue
         if 400 <= reply.code < 500 and not expired:
             rcpt.state = "deferred"
