@@ -292,6 +292,10 @@ def _greets(port: int, deadline: float) -> bool:
         return False
 
 
+def greets_within(port: int, seconds: float = 5.0) -> bool:
+    return _greets(port, time.monotonic() + seconds)
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any process of group `pgid` still runs (zombies do not count)."""
     for name in os.listdir("/proc"):

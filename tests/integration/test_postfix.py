@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import MtaServer, free_port
+from tests.integration.conftest import MtaServer, free_port, greets_within
 from tests.integration.sink import SinkMessage, SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -174,7 +174,7 @@ class Postfix:
     def start(self) -> None:
         self._run("postfix", "-c", str(self.config_dir), "start")
         deadline = time.monotonic() + START_SECONDS
-        while not _greets(self.port):
+        while not greets_within(self.port):
             if time.monotonic() > deadline:
                 raise AssertionError(f"Postfix smtpd did not greet on 127.0.0.1:{self.port}\n{self.log_tail()}")
             time.sleep(0.05)
@@ -253,22 +253,6 @@ class Postfix:
                 pending[pid] = params.strip()
         ids = dict(re.findall(r"/cleanup\[\d+\]: ([0-9A-F]+): message-id=(<[^>]*>)$", log, re.MULTILINE))
         return {ids[qid].encode(): params for qid, params in params_of.items() if qid in ids}
-
-
-def _greets(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
-            sock.settimeout(5.0)
-            greeting = b""
-            while not greeting.endswith(b"\n"):
-                chunk = sock.recv(512)
-                if not chunk:
-                    return False
-                greeting += chunk
-            sock.sendall(b"QUIT\r\n")
-            return greeting.startswith(b"220 ")
-    except OSError:
-        return False
 
 
 @pytest.fixture
