@@ -147,6 +147,12 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    listen: str = "127.0.0.1:9025"  # /metrics, /healthz, /readyz
+    metrics_dir: str = "var/metrics"  # prometheus-client multiprocess files (wiped at start)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     listener: tuple[ListenerConfig, ...] = (ListenerConfig(),)
@@ -160,6 +166,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     source: str = "<embedded defaults>"
 
     def domain(self, name: str) -> DomainConfig:
@@ -205,7 +212,7 @@ def load(path: str | None = None) -> Config:
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
-             "routes", "dns", "cache", "local"}
+             "routes", "dns", "cache", "local", "control"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -243,6 +250,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         dns=_section(DnsConfig, raw.get("dns", {}), "[dns]", source),
         cache=_section(CacheConfig, raw.get("cache", {}), "[cache]", source),
         local=_section(LocalConfig, raw.get("local", {}), "[local]", source),
+        control=_section(ControlConfig, raw.get("control", {}), "[control]", source),
         source=source,
     )
     _check(config, source)
@@ -351,6 +359,10 @@ def _check(config: Config, source: str) -> None:
     if limits.bare_newline not in BARE_NEWLINE_MODES:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
     _check_delivery(config, fail)
+    try:
+        split_hostport(config.control.listen)
+    except ValueError as exc:
+        fail("[control] listen", str(exc))
     for name in ("local_domains", "relay_domains"):
         for domain in getattr(config.relay, name):
             if not domain or any(c.isspace() or c in "@<>[]" for c in domain):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 
 from mta import logs
@@ -63,17 +64,27 @@ def bind_all(config: Config, existing: dict[str, socket.socket]) -> dict[str, so
     return bound
 
 
+def prepare_metrics(directory: str) -> None:
+    """Before anything imports prometheus_client: it picks multiprocess mode at import."""
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.abspath(directory)
+
+
 def serve(config: Config) -> int:
     logs.setup("master")
     lock_fd = lock_spool(config.queue.path)
+    prepare_metrics(config.control.metrics_dir)
     logs.event("starting", config=config.source, workers=config.server.inbound_workers,
                listeners=",".join(lst.address for lst in config.listener))
     from mta.master.arbiter import Arbiter
     # The bodies forked children run; each imports uvloop itself, after the fork.
     from workers.delivery.main import run as run_delivery
     from workers.inbound.main import run as run_inbound
+    from workers.control.main import run as run_control
     from workers.scheduler.main import run as run_scheduler
-    bodies = {"inbound": run_inbound, "scheduler": run_scheduler, "delivery": run_delivery}
+    bodies = {"inbound": run_inbound, "scheduler": run_scheduler, "delivery": run_delivery,
+              "control": run_control}
     try:
         return Arbiter(config, bodies, bind_all, master_fds=(lock_fd,)).run()
     finally:

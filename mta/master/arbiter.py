@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from mta import config as configmod
-from mta import frames, logs
+from mta import frames, logs, metrics
 from mta.config import Config, ConfigError
 from mta.serve import ServeError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
@@ -51,7 +51,8 @@ WorkerBody = Callable[[Config, socket.socket, int, int], int]
 # Kinds of children. Inbound workers come in generations (a reload replaces them);
 # the others are restarted only when they die, and reload their config on SIGHUP.
 INBOUND = "inbound"
-GENERATIONLESS = ("scheduler", "delivery")
+CONTROL = "control"
+GENERATIONLESS = ("scheduler", "delivery", CONTROL)
 Binder = Callable[[Config, dict[str, socket.socket]], dict[str, socket.socket]]
 
 
@@ -105,6 +106,11 @@ class Arbiter:
             self._hand_orphans()
             self._update_accepting()
             if self._draining:
+                if all(c.kind == CONTROL for c in self._children.values()):
+                    for child in self._children.values():
+                        if not child.kill_sent:
+                            _signal(child.pid, signal.SIGTERM)
+                            child.kill_sent = now
                 if not self._children:
                     logs.event("stopped")
                     return 0
@@ -284,6 +290,7 @@ class Arbiter:
             if self._is_registered(child.channel):
                 self._selector.unregister(child.channel)
             child.channel.close()
+            metrics.process_dead(pid)
             self._orphans.extend(child.pending.values())
             logs.event("exited", child=child.title, child_pid=pid, status=describe_status(status),
                        rehanded=len(child.pending) or None)
@@ -298,6 +305,7 @@ class Arbiter:
                     delay = 0.0
                 delay = min(delay, MAX_BACKOFF_SECONDS)
                 self._respawn_at[slot] = now + delay
+                metrics.MASTER_RESTARTS.labels(child.kind).inc()
                 logs.event("replacing", child=child.title, delay_seconds=round(delay, 1))
 
     def _respawn_due(self, now: float) -> None:
@@ -333,6 +341,7 @@ class Arbiter:
         try:
             new = configmod.load(source)
         except ConfigError as exc:
+            metrics.MASTER_RELOADS.labels("failed").inc()
             logs.event("reload_failed", error=str(exc), action="kept the running configuration")
             return
         if new.queue.path != self.config.queue.path:
@@ -358,6 +367,7 @@ class Arbiter:
         for slot in [s for s in self._respawn_at if s[0] == INBOUND]:
             del self._respawn_at[slot]
         self._reload_started = time.monotonic()
+        metrics.MASTER_RELOADS.labels("ok").inc()
         logs.event("reload", generation=self._generation, config=new.source)
         self._spawn_generation()
         for child in self._children.values():
@@ -384,6 +394,9 @@ class Arbiter:
         self._draining = True
         self._drain_deadline = time.monotonic() + self.config.server.drain_timeout_seconds + 5.0
         logs.event("drain", reason=reason, children=len(self._children))
+        for child in self._children.values():  # /readyz turns false before the listeners close
+            if child.kind == CONTROL:
+                _signal(child.pid, signal.SIGUSR1)
         for sock in self._listeners.values():
             if self._is_registered(sock):
                 self._selector.unregister(sock)
@@ -395,7 +408,8 @@ class Arbiter:
             if child.state is not ChildState.KILLING:
                 child.state = ChildState.RETIRING
             child.replace = False
-            _signal(child.pid, signal.SIGTERM)
+            if child.kind != CONTROL:  # it answers /readyz = 503 until the others are gone
+                _signal(child.pid, signal.SIGTERM)
 
     def _kill_all(self, reason: str) -> None:
         logs.event("killing_children", reason=reason, children=len(self._children))

@@ -63,6 +63,7 @@ def server_config(port: int, spool: Path, **sections: dict[str, Any]) -> dict[st
         # Per-test DNS cache, and a resolver on a loopback port where nothing answers:
         # no test can ever reach the machine's own resolver.
         "cache": {"path": str(spool.parent / f"{spool.name}-cache")},
+        "control": {"listen": f"127.0.0.1:{free_port()}", "metrics_dir": str(spool.parent / f"{spool.name}-metrics")},
         "dns": {"nameservers": ["127.0.0.1:9"], "timeout_seconds": 1},
     }
     for name, values in sections.items():

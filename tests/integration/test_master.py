@@ -56,7 +56,7 @@ def received_by_pid(server: MtaServer) -> dict[str, int]:
 def test_titles_and_200_sessions_spread_over_two_workers(mta_server) -> None:
     server = started(mta_server(server={"inbound_workers": 2}, limits={"max_connections_per_ip": 1000}))
     titles = sorted(children_of(server.master_pid).values())
-    assert titles == ["mta: inbound#1 gen1", "mta: inbound#2 gen1", "mta: scheduler#1 gen1"]
+    assert titles == ["mta: control#1 gen1", "mta: inbound#1 gen1", "mta: inbound#2 gen1", "mta: scheduler#1 gen1"]
     assert Path(f"/proc/{server.master_pid}/cmdline").read_bytes().startswith(b"mta: master")
     before = server.log_bytes().count(b"event=connect")
 

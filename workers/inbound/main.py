@@ -28,7 +28,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mta import logs
+from mta import logs, metrics
 from mta.config import Config, ListenerConfig
 from mta.smtp.server import ServerOptions
 from mtaqueue.backend_lmdb import LmdbBackend
@@ -73,6 +73,11 @@ def run(config: Config, channel: socket.socket, generation: int, index: int) -> 
     return uvloop.run(Worker(config, channel, generation).serve())
 
 
+def _observe_commit(messages: int, seconds: float) -> None:
+    metrics.QUEUE_COMMIT_SECONDS.observe(seconds)
+    metrics.QUEUE_COMMIT_MESSAGES.observe(messages)
+
+
 class Worker:
     def __init__(self, config: Config, channel: socket.socket, generation: int) -> None:
         self.config = config
@@ -88,7 +93,7 @@ class Worker:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         backend = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
-        committer = GroupCommitter(backend, loop)
+        committer = GroupCommitter(backend, loop, on_commit=_observe_commit)
         self.ctx = WorkerContext(self.config, server_options(self.config), committer,
                                  LocalRecipients(self.config), SchedulerNotifier(self.config.queue.scheduler_socket))
         loop.add_signal_handler(signal.SIGTERM, self._stop_now, True)

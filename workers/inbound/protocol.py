@@ -22,7 +22,7 @@ import ipaddress
 import time
 from typing import TYPE_CHECKING
 
-from mta import logs, proxyproto
+from mta import logs, metrics, proxyproto
 from mta.config import ListenerConfig
 from mta.smtp import replies
 from mta.smtp.commands import MailFrom, RcptTo
@@ -87,6 +87,7 @@ class InboundProtocol(asyncio.Protocol):
         ctx.connections_per_ip[self.client_ip] = count
         self._counted = True
         logs.event("connect", client=self.client_ip, listener=self._listener.address)
+        metrics.INBOUND_CONNECTIONS.labels(self._listener.address).inc()
         if count > ctx.config.limits.max_connections_per_ip:
             logs.event("refused", client=self.client_ip, reason="max_connections_per_ip")
             self._conn.refuse(replies.CONNECTION_LIMIT)
@@ -206,6 +207,8 @@ class InboundProtocol(asyncio.Protocol):
                 reply = policy.check_rcpt_to(self._ctx.config.relay, self._client_addr, event, self._ctx.local)
                 if not reply.positive:
                     logs.event("rejected", client=self.client_ip, rcpt=event.address.text, reply=str(reply))
+                    reason = "relay" if reply.status == "5.7.1" else "user_unknown" if reply.status == "5.1.1" else "rcpt"
+                    metrics.INBOUND_REJECTED.labels(reason, f"{reply.code // 100}xx").inc()
                 conn.reply(reply)
             elif isinstance(event, Message):
                 self._commit_task = asyncio.get_running_loop().create_task(self._commit(event))
@@ -251,15 +254,18 @@ class InboundProtocol(asyncio.Protocol):
             await ctx.committer.commit(NewMessage(envelope, body))
         except QueueFull as exc:
             logs.event("queue_full", msgid=msgid, client=self.client_ip, error=str(exc))
+            metrics.INBOUND_REJECTED.labels("queue_full", "4xx").inc()
             reply = replies.QUEUE_FULL
         except QueueError as exc:
             logs.event("queue_error", msgid=msgid, client=self.client_ip, error=str(exc))
+            metrics.INBOUND_REJECTED.labels("queue_error", "4xx").inc()
             reply = replies.QUEUE_ERROR
         else:
             reply = replies.queued(msgid)
             logs.event("received", msgid=msgid, client=self.client_ip, sender=envelope.sender,
                        nrcpt=len(rcpts), size=len(body), priority=envelope.priority or None)
             ctx.notifier.new(msgid)
+            metrics.INBOUND_MESSAGES.labels(self._listener.address).inc()
         self._commit_task = None
         if self._transport is None or self._transport.is_closing():
             return

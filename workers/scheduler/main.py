@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mta import config as configmod
-from mta import frames, logs
+from mta import frames, logs, metrics
 from mta.config import Config
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.ids import MessageId
@@ -402,9 +402,12 @@ class Scheduler:
                         load_body=lambda: self.backend.body(job.msgid) or b"")
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
+            metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
+                                             else "retried").inc()
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         if result.bounce is not None:
+            metrics.BOUNCES.inc()
             self._pending_add.append(result.bounce)
             logs.event("bounce_queued", msgid=result.bounce.envelope.id, origin=job.msgid,
                        rcpt=envelope.sender)

@@ -1,0 +1,45 @@
+"""Prometheus metrics: every metric mta exports, with its help text, in one module.
+
+prometheus-client's multiprocess mode: `mta.serve.prepare_metrics` sets
+PROMETHEUS_MULTIPROC_DIR and wipes the directory in the master before anything imports
+prometheus_client (the value class is chosen at import); every forked child writes
+its own files there, the master calls `process_dead(pid)` when it reaps one, and the
+control process serves the merged view (`render()`). Labels are low-cardinality only.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+
+def render() -> bytes:
+    """The merged view of every process's metric files (the control process serves it)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def process_dead(pid: int) -> None:
+    multiprocess.mark_process_dead(pid)
+
+
+INBOUND_CONNECTIONS = Counter(
+    "mta_inbound_connections_total", "Client connections that reached an inbound worker.", ["listener"])
+INBOUND_MESSAGES = Counter(
+    "mta_inbound_messages_total", "Messages accepted with 250 after DATA/BDAT (durably queued).", ["listener"])
+INBOUND_REJECTED = Counter(
+    "mta_inbound_rejected_total",
+    "Messages or recipients refused, by reason (relay, user_unknown, queue_full, queue_error, size, "
+    "bare_newline, hops) and reply code class.", ["reason", "code"])
+QUEUE_COMMIT_SECONDS = Histogram(
+    "mta_queue_commit_seconds", "Time of one durable queue commit (one fsync).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
+QUEUE_COMMIT_MESSAGES = Histogram(
+    "mta_queue_commit_messages", "Messages per group commit.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512))
+DELIVERY_OUTCOMES = Counter(
+    "mta_delivery_recipients_total",
+    "Recipient delivery outcomes: delivered, deferred, bounced, retried (452 4.5.3: next transaction).", ["result"])
+BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
+MASTER_RESTARTS = Counter(
+    "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])
+MASTER_RELOADS = Counter("mta_master_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"])

@@ -1,0 +1,105 @@
+"""The control process: /metrics across processes, /healthz, /readyz during a drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import MtaServer, SmtpClient, queued_id, wait_until
+from tests.integration.sink import SmtpSink
+from tests.integration.test_delivery import delivering, mailbox, message, send_all
+
+pytestmark = pytest.mark.integration
+
+
+def control_url(server: MtaServer, path: str) -> str:
+    assert server.config_path is not None
+    listen = re.search(r'listen = "([^"]+)"', server.config_path.read_text())
+    assert listen is not None
+    return f"http://{listen.group(1)}{path}"
+
+
+def get(server: MtaServer, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(control_url(server, path), timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_counters_match_what_happened(mta_server, tmp_path: Path) -> None:
+    with SmtpSink("127.0.0.2") as sink:
+        server = delivering(mta_server, tmp_path, {"remote.test": f"{sink.address}:{sink.port}"},
+                            delivery={"min_backoff_seconds": 3600, "max_backoff_seconds": 7200})
+        mailbox(tmp_path, "local.test", "sender")
+        wait_until(lambda: get(server, "/healthz")[0] == 200, 10, "the control process", server)
+        asyncio.run(send_all(server.port, [
+            ("sender@local.test", [f"ok{n}@remote.test"], message(n)) for n in range(4)] + [
+            ("sender@local.test", ["r450-a@remote.test", "r550-b@remote.test"], message(9))]))
+
+        async def refused() -> None:
+            client = await SmtpClient.connect(server.port)
+            await client.command("MAIL FROM:<x@client.test>")
+            assert (await client.command("RCPT TO:<nobody@local.test>")).code == 550  # no such mailbox
+            await client.close()
+        asyncio.run(refused())
+        wait_until(lambda: sample(get(server, "/metrics")[1], "mta_delivery_recipients_total", result="delivered") >= 5,
+                   15, "the outcomes", server)
+        text = get(server, "/metrics")[1]
+        listener = f"127.0.0.1:{server.port}"
+        # 5 injected + 1 bounce to the local sender (bounces are not counted as inbound)
+        assert sample(text, "mta_inbound_messages_total", listener=listener) == 5
+        assert sample(text, "mta_inbound_rejected_total", reason="user_unknown", code="5xx") == 1
+        assert sample(text, "mta_delivery_recipients_total", result="delivered") == 4 + 1  # + the DSN to Maildir
+        assert sample(text, "mta_delivery_recipients_total", result="deferred") == 1
+        assert sample(text, "mta_delivery_recipients_total", result="bounced") == 1
+        assert sample(text, "mta_scheduler_bounces_total") == 1
+        assert sample(text, "mta_queue_commit_seconds_count") >= 1
+
+
+def test_readyz_is_false_during_a_drain_and_restarts_do_not_grow_the_directory(mta_server) -> None:
+    server = mta_server(server={"inbound_workers": 2, "drain_timeout_seconds": 30})
+    wait_until(lambda: get(server, "/readyz") == (200, "ready\n"), 10, "ready", server)
+    metrics_dir = Path(re.search(r'metrics_dir = "([^"]+)"', server.config_path.read_text()).group(1))  # type: ignore[union-attr]
+    from tests.integration.test_master import inbound_workers
+    for _ in range(5):  # kill and replace workers: files of dead processes are merged, not kept growing
+        victim = min(inbound_workers(server.master_pid))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in inbound_workers(server.master_pid)
+                   and len(inbound_workers(server.master_pid)) == 2, 10, "a replacement", server)
+    files = sorted(p.name for p in metrics_dir.iterdir())
+    assert len(files) <= 2 * 12, files  # per live process at most a counter and a histogram file, + merged dead
+
+    async def hold_a_transaction() -> None:
+        client = await SmtpClient.connect(server.port)
+        await client.command("MAIL FROM:<a@client.test>")
+        await client.command("RCPT TO:<u@local.test>")
+        assert (await client.command("DATA")).code == 354
+        os.kill(server.master_pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        status = get(server, "/readyz")
+        client.writer.write(b"Subject: finished during the drain\r\n\r\nx\r\n.\r\n")
+        reply = await client.read_reply()
+        client.writer.close()
+        assert status == (503, "draining\n")
+        assert queued_id(reply) is not None
+
+    asyncio.run(hold_a_transaction())
+    assert server.proc is not None
+    assert server.proc.wait(15) == 0

@@ -1,0 +1,1 @@
+"""The control process: /metrics, /healthz, /readyz (the admin API comes later)."""
