@@ -147,6 +147,11 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    format: str = "keyvalue"  # or "json": one JSON object per line
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     listen: str = "127.0.0.1:9025"  # /metrics, /healthz, /readyz
     metrics_dir: str = "var/metrics"  # prometheus-client multiprocess files (wiped at start)
@@ -167,6 +172,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = "<embedded defaults>"
 
     def domain(self, name: str) -> DomainConfig:
@@ -212,7 +218,7 @@ def load(path: str | None = None) -> Config:
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
-             "routes", "dns", "cache", "local", "control"}
+             "routes", "dns", "cache", "local", "control", "log"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -251,6 +257,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         cache=_section(CacheConfig, raw.get("cache", {}), "[cache]", source),
         local=_section(LocalConfig, raw.get("local", {}), "[local]", source),
         control=_section(ControlConfig, raw.get("control", {}), "[control]", source),
+        log=_section(LogConfig, raw.get("log", {}), "[log]", source),
         source=source,
     )
     _check(config, source)
@@ -359,6 +366,8 @@ def _check(config: Config, source: str) -> None:
     if limits.bare_newline not in BARE_NEWLINE_MODES:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
     _check_delivery(config, fail)
+    if config.log.format not in ("keyvalue", "json"):
+        fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
     try:
         split_hostport(config.control.listen)
     except ValueError as exc:

@@ -73,6 +73,7 @@ def prepare_metrics(directory: str) -> None:
 
 def serve(config: Config) -> int:
     logs.setup("master")
+    logs.set_format(config.log.format)
     lock_fd = lock_spool(config.queue.path)
     prepare_metrics(config.control.metrics_dir)
     logs.event("starting", config=config.source, workers=config.server.inbound_workers,

@@ -103,3 +103,23 @@ def test_readyz_is_false_during_a_drain_and_restarts_do_not_grow_the_directory(m
     asyncio.run(hold_a_transaction())
     assert server.proc is not None
     assert server.proc.wait(15) == 0
+
+
+def test_json_logs_carry_the_message_id_through_its_life(mta_server) -> None:
+    server = mta_server(log={"format": "json"})
+
+    async def one() -> str:
+        client = await SmtpClient.connect(server.port)
+        reply = await client.send_mail("a@client.test", ["u@local.test"], b"Subject: j\r\n\r\nx\r\n")
+        await client.close()
+        msgid = queued_id(reply)
+        assert msgid is not None
+        return msgid
+
+    msgid = asyncio.run(one())
+    server.stop()
+    import json
+    records = [json.loads(line) for line in server.log_bytes().decode().splitlines() if line.strip()]
+    assert {r["proc"] for r in records} >= {"master", "inbound#1", "scheduler"}
+    [received] = [r for r in records if r["event"] == "received"]
+    assert received["msgid"] == msgid and received["client"] == "127.0.0.1"
