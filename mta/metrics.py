@@ -9,7 +9,7 @@ control process serves the merged view (`render()`). Labels are low-cardinality 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 
 def render() -> bytes:
@@ -43,3 +43,24 @@ BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])
 MASTER_RELOADS = Counter("mta_master_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"])
+
+# Gauges: "livesum" adds the values of live processes (dead ones drop out).
+INBOUND_ACTIVE_SESSIONS = Gauge(
+    "mta_inbound_active_sessions", "SMTP sessions open right now, summed over inbound workers.",
+    multiprocess_mode="livesum")
+QUEUE_RECIPIENTS = Gauge(
+    "mta_queue_recipients", "Recipients in the queue by state (ready, active, deferred, held), "
+    "as the scheduler sees them.", ["state"], multiprocess_mode="livesum")
+QUEUE_MESSAGES = Gauge("mta_queue_messages", "Messages in the queue.", multiprocess_mode="livesum")
+QUEUE_OLDEST_SECONDS = Gauge(
+    "mta_queue_oldest_message_age_seconds", "Age of the oldest queued message.", multiprocess_mode="livemax")
+QUEUE_BYTES = Gauge(
+    "mta_queue_stored_bytes", "Message data stored in the spool (envelopes + bodies).", multiprocess_mode="livesum")
+QUEUE_LIMIT_BYTES = Gauge(
+    "mta_queue_limit_bytes", "[queue] max_size_bytes: beyond it clients get 452 4.3.1.", multiprocess_mode="livemax")
+DELIVERY_LATENCY_SECONDS = Histogram(
+    "mta_delivery_latency_seconds", "Arrival to successful delivery, per recipient.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400))
+CHILDREN = Gauge(
+    "mta_master_children", "Child processes by kind and state (starting, ready, retiring, killing).",
+    ["kind", "state"], multiprocess_mode="livesum")

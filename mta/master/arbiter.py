@@ -105,6 +105,7 @@ class Arbiter:
             self._advance_generation(now)
             self._hand_orphans()
             self._update_accepting()
+            self._update_gauges()
             if self._draining:
                 if all(c.kind == CONTROL for c in self._children.values()):
                     for child in self._children.values():
@@ -410,6 +411,13 @@ class Arbiter:
             child.replace = False
             if child.kind != CONTROL:  # it answers /readyz = 503 until the others are gone
                 _signal(child.pid, signal.SIGTERM)
+
+    def _update_gauges(self) -> None:
+        counts = {(kind, state.value): 0 for kind in (INBOUND, *GENERATIONLESS) for state in ChildState}
+        for child in self._children.values():
+            counts[(child.kind, child.state.value)] += 1
+        for (kind, state), count in counts.items():
+            metrics.CHILDREN.labels(kind, state).set(count)
 
     def _kill_all(self, reason: str) -> None:
         logs.event("killing_children", reason=reason, children=len(self._children))

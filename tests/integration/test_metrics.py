@@ -71,6 +71,15 @@ def test_counters_match_what_happened(mta_server, tmp_path: Path) -> None:
         assert sample(text, "mta_delivery_recipients_total", result="bounced") == 1
         assert sample(text, "mta_scheduler_bounces_total") == 1
         assert sample(text, "mta_queue_commit_seconds_count") >= 1
+        assert sample(text, "mta_delivery_latency_seconds_count") == 5
+        assert sample(text, "mta_master_children", kind="inbound", state="ready") == 1
+        assert sample(text, "mta_master_children", kind="delivery", state="ready") == 1
+        wait_until(lambda: sample(get(server, "/metrics")[1], "mta_queue_recipients", state="deferred") == 1,
+                   10, "the queue gauges", server)
+        text = get(server, "/metrics")[1]
+        assert sample(text, "mta_queue_messages") == 1  # the one with the deferred recipient
+        assert sample(text, "mta_queue_stored_bytes") > 0
+        assert sample(text, "mta_inbound_active_sessions") == 0
 
 
 def test_readyz_is_false_during_a_drain_and_restarts_do_not_grow_the_directory(mta_server) -> None:

@@ -67,6 +67,7 @@ class InboundProtocol(asyncio.Protocol):
             self.client_ip, self.client_port = peer[0], peer[1]
             self._client_addr = ipaddress.ip_address(self.client_ip)
         self._ctx.sessions.add(self)
+        metrics.INBOUND_ACTIVE_SESSIONS.inc()
         self._last_activity = time.monotonic()
         if not self._listener.proxy_protocol:
             self._start_session()
@@ -147,6 +148,7 @@ class InboundProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ctx.sessions.discard(self)
+        metrics.INBOUND_ACTIVE_SESSIONS.dec()
         self._release_ip()
         if self._timer is not None:
             self._timer.cancel()

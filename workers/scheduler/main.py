@@ -46,6 +46,7 @@ from workers.scheduler.outcome import FINAL_STATES, RecipientReply, RetryPolicy,
 from workers.scheduler.plan import Destination, Job, Limits, Plan
 
 RESCAN_SECONDS = 30.0
+GAUGE_SECONDS = 2.0
 def destination_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
 
@@ -121,17 +122,19 @@ class Scheduler:
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         rescan = loop.create_task(self._rescan_forever())
+        gauges = loop.create_task(self._gauges_forever())
         self._schedule_dispatch()
         await self._stop.wait()
         self._stopping = True
         rescan.cancel()
+        gauges.cancel()
         server.close()
         # Close the peers' connections rather than cancel their tasks (a cancelled
         # stream handler task makes Python 3.11's asyncio log a spurious traceback); no
         # frame is handled once the spool is closed.
         for writer in self._peers.values():
             writer.close()
-        await asyncio.gather(rescan, *self._peers, return_exceptions=True)
+        await asyncio.gather(rescan, gauges, *self._peers, return_exceptions=True)
         await self._flush_now()
         self._writer.shutdown(wait=True)
         self.backend.close()
@@ -156,6 +159,29 @@ class Scheduler:
                 self._track(envelope, now)
                 count += 1
         return count
+
+    async def _gauges_forever(self) -> None:
+        while True:
+            self._update_gauges(time.time())
+            await asyncio.sleep(GAUGE_SECONDS)
+
+    def _update_gauges(self, now: float) -> None:
+        states = {"ready": 0, "active": 0, "deferred": 0, "held": 0}
+        for envelope in self.messages.values():
+            for r in envelope.recipients:
+                if r.state in states:
+                    states[r.state] += 1
+        active = sum(len(s.job.rcpts) for s in self.sessions.values() if s.job is not None)
+        states["ready"] -= active
+        states["active"] = active
+        for state, count in states.items():
+            metrics.QUEUE_RECIPIENTS.labels(state).set(count)
+        metrics.QUEUE_MESSAGES.set(len(self.messages))
+        oldest = min((e.arrival for e in self.messages.values()), default=now)
+        metrics.QUEUE_OLDEST_SECONDS.set(now - oldest)
+        stats = self.backend.stats()
+        metrics.QUEUE_BYTES.set(stats.used_bytes)
+        metrics.QUEUE_LIMIT_BYTES.set(stats.max_bytes)
 
     async def _rescan_forever(self) -> None:
         while True:
@@ -404,6 +430,8 @@ class Scheduler:
             rcpt = envelope.recipients[r.index]
             metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
                                              else "retried").inc()
+            if rcpt.state == "delivered":
+                metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         if result.bounce is not None:
