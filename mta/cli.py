@@ -9,7 +9,6 @@ spool directly.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -20,7 +19,7 @@ from typing import Any
 import msgpack
 
 from mta import config as configmod
-from mta import frames
+from mta import frames, queueview
 from mta.config import Config, ConfigError
 
 
@@ -106,13 +105,9 @@ def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
     spool = _open_spool(cfg)
     envelopes = list(spool.envelopes()) if spool is not None else []
     answer = _ask_scheduler(cfg, {"t": "cmd", "op": "active"})
-    active = answer["active"] if answer is not None else {}
-    for e in envelopes:  # in flight is known only to the running scheduler
-        for i in active.get(e.id, []):
-            if e.recipients[i].state == "ready":
-                e.recipients[i].state = "active"
+    queueview.mark_active(envelopes, answer["active"] if answer is not None else {})
     if args.json:
-        json.dump([_envelope_json(e) for e in envelopes], sys.stdout, indent=1)
+        json.dump([queueview.envelope_json(e) for e in envelopes], sys.stdout, indent=1)
         print()
         return 0
     if not envelopes:
@@ -120,8 +115,8 @@ def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':21}  {'ARRIVAL (UTC)':19}  {'SIZE':>9}  SENDER / RECIPIENTS")
     for e in envelopes:
-        retry = f"  next attempt {_iso(e.next_attempt)[:19]}" if any(r.state == "deferred" for r in e.recipients) else ""
-        print(f"{e.id:21}  {_iso(e.arrival)[:19]:19}  {e.size:>9}  <{e.sender}>{retry}")
+        retry = f"  next attempt {queueview.iso(e.next_attempt)[:19]}" if any(r.state == "deferred" for r in e.recipients) else ""
+        print(f"{e.id:21}  {queueview.iso(e.arrival)[:19]:19}  {e.size:>9}  <{e.sender}>{retry}")
         for r in e.recipients:
             print(f"{'':55}  {r.state:9} <{r.address}>  attempts={r.attempts}")
             if r.last_reply:
@@ -143,7 +138,7 @@ def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(body or b"")
         sys.stdout.buffer.flush()
         return 0
-    json.dump(_envelope_json(envelope), sys.stdout, indent=1)
+    json.dump(queueview.envelope_json(envelope), sys.stdout, indent=1)
     print()
     return 0
 
@@ -210,19 +205,3 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("the scheduler closed the connection")
         data += chunk
     return data
-
-
-def _envelope_json(e: Any) -> dict[str, Any]:
-    return {
-        "id": e.id, "sender": e.sender, "size": e.size, "arrival": _iso(e.arrival),
-        "next_attempt": _iso(e.next_attempt), "attempts": e.attempts, "priority": e.priority,
-        "ret": e.ret, "envid": e.envid, "body": e.body_type, "smtputf8": e.smtputf8,
-        "client": e.client,
-        "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                        "last_reply": r.last_reply, "notify": list(r.notify) if r.notify else None,
-                        "orcpt": r.orcpt} for r in e.recipients],
-    }
-
-
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -153,8 +153,9 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    listen: str = "127.0.0.1:9025"  # /metrics, /healthz, /readyz
+    listen: str = "127.0.0.1:9025"  # /metrics, /healthz, /readyz, /api/...
     metrics_dir: str = "var/metrics"  # prometheus-client multiprocess files (wiped at start)
+    token: str = ""  # bearer token for /api/...; required when listen is not loopback
 
 
 @dataclass(frozen=True)
@@ -369,9 +370,11 @@ def _check(config: Config, source: str) -> None:
     if config.log.format not in ("keyvalue", "json"):
         fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
     try:
-        split_hostport(config.control.listen)
+        control_host, _ = split_hostport(config.control.listen)
     except ValueError as exc:
         fail("[control] listen", str(exc))
+    if not _loopback(control_host) and not config.control.token:
+        fail("[control] token", f"the admin API listens beyond loopback ({config.control.listen}): set a token")
     for name in ("local_domains", "relay_domains"):
         for domain in getattr(config.relay, name):
             if not domain or any(c.isspace() or c in "@<>[]" for c in domain):
@@ -422,3 +425,12 @@ def _check_delivery(config: Config, fail: Any) -> None:
             split_hostport(server)
         except ValueError as exc:
             fail("[dns] nameservers", str(exc))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -132,3 +132,45 @@ def test_json_logs_carry_the_message_id_through_its_life(mta_server) -> None:
     assert {r["proc"] for r in records} >= {"master", "inbound#1", "scheduler"}
     [received] = [r for r in records if r["event"] == "received"]
     assert received["msgid"] == msgid and received["client"] == "127.0.0.1"
+
+
+def test_admin_api_needs_the_token_and_acts_on_the_queue(mta_server) -> None:
+    server = mta_server(control={"token": "s3cret"})
+    auth = {"Authorization": "Bearer s3cret"}
+
+    def call(method: str, path: str, body: object | None = None, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        import json as jsonlib
+        data = jsonlib.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(control_url(server, path), data=data, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, jsonlib.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, jsonlib.loads(exc.read())
+
+    wait_until(lambda: get(server, "/healthz")[0] == 200, 10, "the control process", server)
+
+    async def two() -> list[str]:
+        client = await SmtpClient.connect(server.port)
+        ids = []
+        for rcpt in ("a@local.test", "b@local.test"):
+            reply = await client.send_mail("s@client.test", [rcpt], b"Subject: api\r\n\r\nx\r\n")
+            ids.append(queued_id(reply))
+        await client.close()
+        return ids  # type: ignore[return-value]
+
+    first, second = asyncio.run(two())
+    assert call("GET", "/api/queue")[0] == 401
+    assert call("GET", "/api/queue", headers={"Authorization": "Bearer wrong"})[0] == 401
+    status, listing = call("GET", "/api/queue", headers=auth)
+    assert status == 200 and sorted(e["id"] for e in listing) == sorted([first, second])
+    assert call("GET", f"/api/queue/{first}", headers=auth)[1]["recipients"][0]["address"] == "a@local.test"
+    assert call("GET", "/api/queue/00000000000000000000Z", headers=auth)[0] == 404
+    assert call("GET", "/api/domains", headers=auth)[1] == {"local.test": {"ready": 2}}
+    assert call("POST", "/api/queue/hold", {"ids": [first]}, auth) == (200, {"op": "hold", "count": 1})
+    assert [r["state"] for r in call("GET", f"/api/queue/{first}", headers=auth)[1]["recipients"]] == ["held"]
+    assert call("POST", "/api/queue/delete", {}, auth)[0] == 400
+    assert call("POST", "/api/queue/delete", {"domain": "local.test"}, auth) == (200, {"op": "delete", "count": 2})
+    assert server.queue_list() == []
+    assert get(server, "/metrics")[0] == 200  # scrapes need no token

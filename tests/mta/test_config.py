@@ -79,3 +79,10 @@ def test_the_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "mta.example.toml"
     config = load(str(example))
     assert config.server.hostname == "mx1.example.com"
+
+
+def test_admin_api_beyond_loopback_needs_a_token() -> None:
+    with pytest.raises(ConfigError, match=r"\[control\] token: the admin API listens beyond loopback"):
+        parse({"control": {"listen": "0.0.0.0:9025"}})
+    assert parse({"control": {"listen": "0.0.0.0:9025", "token": "s3cret"}}).control.token == "s3cret"
+    assert parse({"control": {"listen": "[::1]:9025"}}).control.token == ""

@@ -5,6 +5,13 @@
   GET /readyz   200 while mta accepts mail; 503 from the start of a drain, which the
                 master announces with SIGUSR1 *before* it closes the listeners, so a
                 load balancer stops sending first
+  the admin API (JSON; `Authorization: Bearer <[control] token>` when a token is set,
+  and a token is required to listen beyond loopback):
+  GET  /api/queue            every queued message (mta queue list --json)
+  GET  /api/queue/ID         one message
+  GET  /api/domains          recipients per destination domain and state
+  POST /api/queue/OP         OP = retry | hold | release | delete; body {"ids": [...]} or
+                             {"domain": "d"} or {"all": true}; applied by the scheduler
 
 One request per connection (Connection: close); requests are bounded in size and time.
 SIGTERM exits (the master sends it once every other child is gone).
@@ -13,11 +20,15 @@ SIGTERM exits (the master sends it once every other child is gone).
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import signal
 import socket
 
-from mta import logs, metrics
+from mta import frames, logs, metrics, queueview
 from mta.config import Config, split_hostport
+from mtaqueue.backend_lmdb import LmdbBackend
+from mtaqueue.ids import MessageId
 from workers.link import MasterLink
 
 MAX_REQUEST_BYTES = 8192
@@ -40,6 +51,7 @@ class Control:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        self.spool = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
         host, port = split_hostport(self.config.control.listen)
         server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
         link = MasterLink(self.channel, lambda: {"state": "ready", "active": 0}, self._stop.set)
@@ -51,6 +63,7 @@ class Control:
         await self._stop.wait()
         server.close()
         await server.wait_closed()
+        self.spool.close()
         return 0
 
     def _drain(self) -> None:
@@ -60,12 +73,21 @@ class Control:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            headers = _headers(head)
+            length = int(headers.get(b"content-length", b"0") or 0)
+            if not 0 <= length <= MAX_REQUEST_BYTES:
+                raise ValueError("request body too large")
+            payload = await asyncio.wait_for(reader.readexactly(length), REQUEST_SECONDS) if length else b""
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                ValueError):
             writer.close()
             return
         method, _, rest = head.partition(b" ")
         path = rest.partition(b" ")[0].partition(b"?")[0]
-        status, body, kind = self._route(method, path)
+        if path.startswith(b"/api/"):
+            status, body, kind = await self._api(method, path.decode("ascii", "replace"), headers, payload)
+        else:
+            status, body, kind = self._route(method, path)
         writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                      % (status, kind, len(body)) + body)
         try:
@@ -73,6 +95,52 @@ class Control:
         except ConnectionError:
             pass  # the client left: nothing to tell it
         writer.close()
+
+    async def _api(self, method: bytes, path: str, headers: dict[bytes, bytes],
+                   payload: bytes) -> tuple[bytes, bytes, bytes]:
+        token = self.config.control.token
+        if token and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {token}".encode()):
+            return _json(b"401 Unauthorized", {"error": "a bearer token is required"})
+        if method == b"GET" and path == "/api/queue":
+            envelopes = list(self.spool.envelopes())
+            queueview.mark_active(envelopes, (await self._ask({"op": "active"})).get("active", {}))
+            return _json(b"200 OK", [queueview.envelope_json(e) for e in envelopes])
+        if method == b"GET" and path == "/api/domains":
+            return _json(b"200 OK", queueview.domain_summary(self.spool.envelopes()))
+        if method == b"GET" and path.startswith("/api/queue/"):
+            envelope = self.spool.envelope(MessageId(path.rsplit("/", 1)[1].upper()))
+            if envelope is None:
+                return _json(b"404 Not Found", {"error": "no such message"})
+            return _json(b"200 OK", queueview.envelope_json(envelope))
+        op = path.removeprefix("/api/queue/")
+        if method == b"POST" and op in ("retry", "hold", "release", "delete"):
+            try:
+                which = json.loads(payload or b"{}")
+            except ValueError:
+                return _json(b"400 Bad Request", {"error": "the body must be JSON"})
+            if not isinstance(which, dict) or not (which.get("ids") or which.get("domain") or which.get("all")):
+                return _json(b"400 Bad Request", {"error": 'name {"ids": [...]}, {"domain": "d"} or {"all": true}'})
+            answer = await self._ask({"op": op, "ids": [str(i).upper() for i in which.get("ids") or []],
+                                      "domain": which.get("domain"), "all": bool(which.get("all"))})
+            if "count" not in answer:
+                return _json(b"503 Service Unavailable", {"error": "the scheduler is not running"})
+            return _json(b"200 OK", {"op": op, "count": answer["count"]})
+        return _json(b"404 Not Found", {"error": "no such endpoint"})
+
+    async def _ask(self, command: dict[str, object]) -> dict[str, object]:
+        """One command to the scheduler; {} when it is not reachable."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.config.queue.scheduler_socket)
+        except OSError:
+            return {}
+        try:
+            writer.write(frames.encode_stream_frame({"t": "cmd", **command}))
+            answer = await asyncio.wait_for(frames.read_stream_frame(reader), REQUEST_SECONDS)
+        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            answer = None
+        finally:
+            writer.close()
+        return answer or {}
 
     def _route(self, method: bytes, path: bytes) -> tuple[bytes, bytes, bytes]:
         text = b"text/plain; charset=utf-8"
@@ -85,3 +153,16 @@ class Control:
         if path == b"/readyz":
             return (b"503 Service Unavailable", b"draining\n", text) if self.draining else (b"200 OK", b"ready\n", text)
         return b"404 Not Found", b"not found\n", text
+
+
+def _headers(head: bytes) -> dict[bytes, bytes]:
+    out = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    return out
+
+
+def _json(status: bytes, value: object) -> tuple[bytes, bytes, bytes]:
+    return status, json.dumps(value, indent=1).encode() + b"\n", b"application/json"
