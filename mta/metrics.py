@@ -29,8 +29,8 @@ INBOUND_MESSAGES = Counter(
     "mta_inbound_messages_total", "Messages accepted with 250 after DATA/BDAT (durably queued).", ["listener"])
 INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
-    "Messages or recipients refused, by reason (relay, user_unknown, queue_full, queue_error, size, "
-    "bare_newline, hops) and reply code class.", ["reason", "code"])
+    "Recipients or messages refused, by reason (relay, user_unknown, rcpt, queue_full, queue_error) "
+    "and reply code class.", ["reason", "code"])
 QUEUE_COMMIT_SECONDS = Histogram(
     "mta_queue_commit_seconds", "Time of one durable queue commit (one fsync).",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
