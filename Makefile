@@ -1,7 +1,7 @@
 # Quick start: `make run` (install and serve on the embedded defaults), `make test`.
 PYTHON ?= python3
-# Debian packages the integration tests drive as real peers and tools.
-TEST_DEBS = strace haproxy postfix
+# Debian packages the integration tests drive as real peers and tools, as package:command.
+TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool
 
 .PHONY: install run test test-deps bench-smoke
 
@@ -13,7 +13,7 @@ run: install
 
 test-deps:
 	$(PYTHON) -m pip install -q -e '.[test]'
-	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for tool in $(TEST_DEBS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for pair in $(TEST_DEBS); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
