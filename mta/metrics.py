@@ -9,18 +9,59 @@ control process serves the merged view (`render()`). Labels are low-cardinality 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.mmap_dict import MmapedDict
+
+
+@contextlib.contextmanager
+def _files_locked(exclusive: bool) -> Iterator[str]:
+    """Readers share, the merge of a dead process's files is exclusive: a scrape never sees
+    a counter twice (merged and dead) or not at all (mid-merge), which would read as a reset."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    with open(os.path.join(directory, ".merge.lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield directory
 
 
 def render() -> bytes:
     """The merged view of every process's metric files (the control process serves it)."""
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry)
+    with _files_locked(exclusive=False):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 def process_dead(pid: int) -> None:
-    multiprocess.mark_process_dead(pid)
+    """A child is gone: drop its live gauges, fold its counters into one merged file.
+
+    Stock prometheus-client keeps a dead process's counter and histogram files (their
+    values still count), so the directory would grow by a file per restart. Adding them
+    into `<type>_merged.db` keeps totals monotonic and the directory at one file per
+    live process and type.
+    """
+    with _files_locked(exclusive=True) as directory:
+        multiprocess.mark_process_dead(pid, directory)
+        _merge(directory, pid)
+
+
+def _merge(directory: str, pid: int) -> None:
+    for kind in ("counter", "histogram"):
+        dead = os.path.join(directory, f"{kind}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        merged = MmapedDict(os.path.join(directory, f"{kind}_merged.db"))
+        try:
+            for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(dead):
+                total, _ = merged.read_value(key)
+                merged.write_value(key, total + value, timestamp)
+        finally:
+            merged.close()
+        os.remove(dead)
 
 
 INBOUND_CONNECTIONS = Counter(

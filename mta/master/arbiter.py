@@ -8,8 +8,9 @@ channels and the signal wake-up pipe. Signal handlers only record the signal.
   over its SEQPACKET channel (SCM_RIGHTS). The master keeps its copy until the worker
   acknowledges; if the worker dies first, the connection goes to another worker.
   With no READY worker the listeners are left alone (the kernel backlog holds clients).
-- Supervision: a dead worker is reaped and replaced; one that dies within
-  CRASH_WINDOW_SECONDS of its start is replaced after a doubling back-off (never a halt).
+- Supervision: a dead worker is reaped and replaced; one that dies before it is READY
+  or within CRASH_WINDOW_SECONDS of its start is replaced after a doubling back-off
+  (never a halt).
   A worker silent for heartbeat_timeout_seconds gets SIGABRT (faulthandler prints its
   stack), then SIGKILL after KILL_GRACE_SECONDS.
 - SIGHUP: re-read the config; an invalid one is logged and the old one kept. A new
@@ -39,7 +40,7 @@ from mta.config import Config, ConfigError
 from mta.serve import ServeError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
 
-CRASH_WINDOW_SECONDS = 5.0
+CRASH_WINDOW_SECONDS = 1.0  # dying before READY, or this soon after starting, is a crash at start
 MAX_BACKOFF_SECONDS = 30.0
 KILL_GRACE_SECONDS = 2.0
 STARTUP_TIMEOUT_SECONDS = 30.0
@@ -298,7 +299,7 @@ class Arbiter:
             child.pending.clear()
             if child.replace and not self._draining:
                 slot = (child.kind, child.index)
-                if now - child.started < CRASH_WINDOW_SECONDS:
+                if child.state is ChildState.STARTING or now - child.started < CRASH_WINDOW_SECONDS:
                     delay = self._backoff.get(slot, 0.5) * 2
                     self._backoff[slot] = min(delay, MAX_BACKOFF_SECONDS)
                 else:

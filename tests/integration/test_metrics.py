@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -87,13 +88,30 @@ def test_readyz_is_false_during_a_drain_and_restarts_do_not_grow_the_directory(m
     wait_until(lambda: get(server, "/readyz") == (200, "ready\n"), 10, "ready", server)
     metrics_dir = Path(re.search(r'metrics_dir = "([^"]+)"', server.config_path.read_text()).group(1))  # type: ignore[union-attr]
     from tests.integration.test_master import inbound_workers
-    for _ in range(5):  # kill and replace workers: files of dead processes are merged, not kept growing
+    listener = f"127.0.0.1:{server.port}"
+    seen, sizes = [], []
+
+    async def one() -> None:
+        client = await SmtpClient.connect(server.port)
+        assert queued_id(await client.send_mail("a@client.test", ["u@local.test"], b"Subject: r\r\n\r\nx\r\n"))
+        await client.close()
+
+    for _ in range(20):  # kill and replace: dead processes' counters merge into one file
+        asyncio.run(one())
+        time.sleep(1.1)  # older than the crash-at-start window: replaced at once, no back-off
         victim = min(inbound_workers(server.master_pid))
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: victim not in inbound_workers(server.master_pid)
                    and len(inbound_workers(server.master_pid)) == 2, 10, "a replacement", server)
-    files = sorted(p.name for p in metrics_dir.iterdir())
-    assert len(files) <= 2 * 12, files  # per live process at most a counter and a histogram file, + merged dead
+        seen.append(sample(get(server, "/metrics")[1], "mta_inbound_messages_total", listener=listener))
+        sizes.append(len(list(metrics_dir.iterdir())))
+    assert seen == sorted(seen) and seen[-1] == 20, seen  # monotonic, nothing lost with the dead
+    assert max(sizes[5:]) <= max(sizes[:5]), sizes  # the directory does not grow with restarts
+    pids = {int(m) for m in re.findall(r"_(\d+)\.db$", "\n".join(p.name for p in metrics_dir.iterdir()), re.M)}
+    live = set(inbound_workers(server.master_pid)) | {server.master_pid}
+    from tests.integration.test_master import children_of
+    live |= set(children_of(server.master_pid))
+    assert pids <= live, (pids - live)  # only live processes have files of their own
 
     async def hold_a_transaction() -> None:
         client = await SmtpClient.connect(server.port)

@@ -147,7 +147,11 @@ class Control:
         if method != b"GET":
             return b"405 Method Not Allowed", b"only GET\n", text
         if path == b"/metrics":
-            return b"200 OK", metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+            try:
+                return b"200 OK", metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+            except OSError as exc:  # a metrics file vanished or is unreadable: say so, stay up
+                logs.event("metrics_error", error=str(exc))
+                return b"500 Internal Server Error", f"metrics unavailable: {exc}\n".encode(), text
         if path == b"/healthz":
             return b"200 OK", b"ok\n", text
         if path == b"/readyz":
