@@ -42,6 +42,13 @@ class ListenerConfig:
     mode: str = "smtp"
     proxy_protocol: bool = False
     trusted_proxies: tuple[Network, ...] = ()
+    # AUTH offered here (default: on submission and smtps listeners, off on smtp).
+    auth: bool | None = None
+    auth_plaintext: bool = False  # offer AUTH without TLS (loopback test rigs only)
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.auth if self.auth is not None else self.mode in ("submission", "smtps")
 
     @property
     def host(self) -> str:
@@ -71,6 +78,7 @@ class LimitsConfig:
     command_timeout_seconds: float = 300.0
     data_timeout_seconds: float = 600.0
     max_errors: int = 20
+    max_junk_commands: int = 100  # NOOP, RSET, HELP, VRFY, EXPN per session, then 421 4.7.0
     max_received_headers: int = 50
     bare_newline: str = "reject"
 
@@ -147,6 +155,51 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The server certificate for STARTTLS and implicit TLS (re-read on SIGHUP)."""
+
+    cert_file: str = ""  # PEM chain; empty = no TLS (STARTTLS not offered)
+    key_file: str = ""
+    handshake_timeout_seconds: float = 10.0
+    min_version: str = "TLSv1.2"  # or "TLSv1.3"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    users_file: str = ""  # `mta users add` manages it; empty = AUTH never offered
+    cache_ttl_seconds: float = 3600.0  # a verified login is trusted this long without scrypt
+    sender_login_match: bool = False  # MAIL FROM must be one of the user's own addresses
+    slow_after_failures: int = 3  # AUTH failures from one IP before replies slow down
+    failure_delay_seconds: float = 1.0  # added per failure beyond slow_after_failures (max 5 s)
+    max_failures: int = 10  # failures from one IP within lockout_seconds, then 421 4.7.0 and lockout
+    lockout_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    client_allow: tuple[Network, ...] = ()  # never refused by client_deny or DNSBLs (grants no relay)
+    client_deny: tuple[Network, ...] = ()  # 554 5.7.1 at connect
+    sender_deny: tuple[str, ...] = ()  # "user@example.com" or "example.com": 553 5.7.1 at MAIL
+    recipient_deny: tuple[str, ...] = ()  # same forms: 550 5.7.1 at RCPT
+    dnsbl: tuple[str, ...] = ()  # zones, e.g. "zen.spamhaus.org": a listed client gets 554 5.7.1 at MAIL
+    vrfy: bool = False  # VRFY answers whether a local recipient exists (252 for everyone when false)
+    expn: bool = False  # EXPN expands local aliases (502 when false)
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    """Per client IP (mynetworks exempt) and per authenticated user; 0 = no limit."""
+
+    window_seconds: float = 60.0
+    connections_per_window: int = 0  # 421 4.7.0 at connect
+    messages_per_window: int = 0  # 450 4.7.1 at MAIL
+    recipients_per_window: int = 0  # 450 4.7.1 at RCPT
+    user_messages_per_window: int = 0
+    user_recipients_per_window: int = 0
+    exempt_mynetworks: bool = True
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "keyvalue"  # or "json": one JSON object per line
 
@@ -174,6 +227,10 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rate: RateConfig = field(default_factory=RateConfig)
     source: str = "<embedded defaults>"
 
     def domain(self, name: str) -> DomainConfig:
@@ -182,6 +239,7 @@ class Config:
 
 _NO_OVERRIDES = DomainConfig()
 TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")
+TLS_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -219,7 +277,7 @@ def load(path: str | None = None) -> Config:
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
-             "routes", "dns", "cache", "local", "control", "log"}
+             "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -259,6 +317,10 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         local=_section(LocalConfig, raw.get("local", {}), "[local]", source),
         control=_section(ControlConfig, raw.get("control", {}), "[control]", source),
         log=_section(LogConfig, raw.get("log", {}), "[log]", source),
+        tls=_section(TlsConfig, raw.get("tls", {}), "[tls]", source),
+        auth=_section(AuthConfig, raw.get("auth", {}), "[auth]", source),
+        policy=_section(PolicyConfig, raw.get("policy", {}), "[policy]", source),
+        rate=_section(RateConfig, raw.get("rate", {}), "[rate]", source),
         source=source,
     )
     _check(config, source)
@@ -367,6 +429,7 @@ def _check(config: Config, source: str) -> None:
     if limits.bare_newline not in BARE_NEWLINE_MODES:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
     _check_delivery(config, fail)
+    _check_security(config, fail)
     if config.log.format not in ("keyvalue", "json"):
         fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
     try:
@@ -425,6 +488,52 @@ def _check_delivery(config: Config, fail: Any) -> None:
             split_hostport(server)
         except ValueError as exc:
             fail("[dns] nameservers", str(exc))
+
+
+def _check_security(config: Config, fail: Any) -> None:
+    tls = config.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        fail("[tls] key_file" if tls.cert_file else "[tls] cert_file", "cert_file and key_file go together")
+    if tls.handshake_timeout_seconds <= 0:
+        fail("[tls] handshake_timeout_seconds", "must be > 0")
+    if tls.min_version not in TLS_VERSIONS:
+        fail("[tls] min_version", f"must be one of {', '.join(TLS_VERSIONS)}, got {tls.min_version!r}")
+    for i, lst in enumerate(config.listener):
+        key = f"[[listener]] #{i + 1}"
+        if lst.mode == "smtps" and not tls.cert_file:
+            fail(f"{key} mode", "smtps (implicit TLS) needs [tls] cert_file and key_file")
+        if lst.offers_auth and not config.auth.users_file:
+            if lst.mode == "submission" or lst.auth:
+                fail("[auth] users_file", f"{key} ({lst.address}) offers AUTH: set a users file "
+                     "(create it with `mta users add NAME`)")
+        if lst.offers_auth and not tls.cert_file and not lst.auth_plaintext:
+            fail(f"{key} auth_plaintext", f"{lst.address} offers AUTH but [tls] has no certificate: "
+                 "configure [tls], or set auth_plaintext = true (loopback test rigs only)")
+    auth = config.auth
+    for name in ("cache_ttl_seconds", "lockout_seconds"):
+        if getattr(auth, name) < 0:
+            fail(f"[auth] {name}", "must be >= 0")
+    if auth.failure_delay_seconds < 0:
+        fail("[auth] failure_delay_seconds", "must be >= 0")
+    if auth.max_failures < 1 or auth.slow_after_failures < 0:
+        fail("[auth] max_failures", "must be >= 1 (and slow_after_failures >= 0)")
+    rate = config.rate
+    if rate.window_seconds <= 0:
+        fail("[rate] window_seconds", "must be > 0")
+    for name in ("connections_per_window", "messages_per_window", "recipients_per_window",
+                 "user_messages_per_window", "user_recipients_per_window"):
+        if getattr(rate, name) < 0:
+            fail(f"[rate] {name}", "must be >= 0 (0 = no limit)")
+    if config.limits.max_junk_commands < 1:
+        fail("[limits] max_junk_commands", "must be >= 1")
+    for name in ("sender_deny", "recipient_deny"):
+        for entry in getattr(config.policy, name):
+            local, _, domain = entry.rpartition("@")
+            if not domain or any(c.isspace() or c in "<>" for c in entry):
+                fail(f"[policy] {name}", f'{entry!r}: use "user@example.com" or "example.com"')
+    for zone in config.policy.dnsbl:
+        if not zone or "@" in zone or any(c.isspace() for c in zone):
+            fail("[policy] dnsbl", f"{zone!r} is not a DNS zone")
 
 
 def _loopback(host: str) -> bool:

@@ -33,7 +33,13 @@ def test_full_config_parses() -> None:
                    "command_timeout_seconds": 60, "data_timeout_seconds": 120, "max_errors": 5,
                    "bare_newline": "normalize"},
         "relay": {"local_domains": ["Example.COM."], "relay_domains": [], "mynetworks": ["192.0.2.0/24"]},
+        "tls": {"cert_file": "/etc/mta/cert.pem", "key_file": "/etc/mta/key.pem"},
+        "auth": {"users_file": "/etc/mta/users", "sender_login_match": True},
+        "policy": {"client_deny": ["198.51.100.0/24"], "sender_deny": ["Spam.Example"], "dnsbl": ["bl.test"]},
+        "rate": {"messages_per_window": 100},
     })
+    assert config.listener[1].offers_auth and not config.listener[0].offers_auth
+    assert config.policy.sender_deny == ("spam.example",)
     assert config.listener[1].host == "::1" and config.listener[1].port == 587
     assert config.relay.local_domains == ("example.com",)
     assert config.relay.mynetworks == (ipaddress.ip_network("192.0.2.0/24"),)
@@ -43,6 +49,13 @@ def test_full_config_parses() -> None:
 @pytest.mark.parametrize(("raw", "message"), [
     ({"limits": {"max_recipients": "ten"}}, "[limits] max_recipients: must be an integer"),
     ({"limits": {"max_recipients": 10}}, "[limits] max_recipients: RFC 5321 requires"),
+    ({"listener": [{"mode": "smtps"}]}, "smtps (implicit TLS) needs [tls] cert_file"),
+    ({"listener": [{"mode": "submission"}]}, "[auth] users_file: [[listener]] #1 (127.0.0.1:2525) offers AUTH"),
+    ({"listener": [{"mode": "submission"}], "auth": {"users_file": "u"}}, "auth_plaintext: 127.0.0.1:2525 offers AUTH"),
+    ({"tls": {"cert_file": "c"}}, "[tls] key_file: cert_file and key_file go together"),
+    ({"tls": {"cert_file": "c", "key_file": "k", "min_version": "SSLv3"}}, "[tls] min_version: must be one of"),
+    ({"policy": {"sender_deny": ["a b"]}}, "[policy] sender_deny"),
+    ({"rate": {"window_seconds": 0}}, "[rate] window_seconds: must be > 0"),
     ({"limits": {"max_recipeints": 10}}, "[limits] max_recipeints: unknown key"),
     ({"limits": {"bare_newline": "allow"}}, "[limits] bare_newline: must be one of reject, normalize"),
     ({"serverr": {}}, "unknown section [serverr]"),
