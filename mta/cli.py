@@ -1,9 +1,10 @@
-"""The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete.
+"""The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete, users.
 
 Queue reads go to the spool directly (LMDB allows readers across processes), so they
 work whether or not the server runs. Queue changes go to the running scheduler over its
 socket, so they take effect at once; with no server running they are applied to the
-spool directly.
+spool directly. `mta users` edits [auth] users_file (one editor at a time, atomic
+replace); inbound workers pick the change up at the next AUTH, with no reload.
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument("--domain", help="every message with a recipient in this domain")
         which.add_argument("--all", action="store_true", help="every message")
         q.set_defaults(func=_queue_operation, op=op)
+
+    users_common = argparse.ArgumentParser(add_help=False, parents=[common])
+    users_common.add_argument("--file", metavar="PATH", help="the users file (default: [auth] users_file)")
+    p = sub.add_parser("users", help="manage SMTP AUTH users (passwords are read from the terminal or stdin)")
+    usub = p.add_subparsers(metavar="ACTION")
+    u = usub.add_parser("add", parents=[users_common], help="add a user")
+    u.add_argument("name")
+    u.add_argument("--sender", action="append", default=[], metavar="ADDR_OR_@DOMAIN",
+                   help="an address or @domain the user may send from (repeat; default: the name itself)")
+    u.set_defaults(func=_users, action=_users_add)
+    u = usub.add_parser("passwd", parents=[users_common], help="set a user's password")
+    u.add_argument("name")
+    u.set_defaults(func=_users, action=_users_passwd)
+    u = usub.add_parser("delete", parents=[users_common], help="delete a user")
+    u.add_argument("name")
+    u.set_defaults(func=_users, action=_users_delete)
+    u = usub.add_parser("list", parents=[users_common], help="list users and their senders (never hashes)")
+    u.add_argument("--json", action="store_true", help="one JSON array instead of lines")
+    u.set_defaults(func=_users, action=_users_list)
     return parser
 
 
@@ -83,6 +103,12 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def _config_check(cfg: Config, args: argparse.Namespace) -> int:
     from mta.aliases import AliasError, Aliases
+    from mta.tls import TlsError, server_context
+    try:
+        server_context(cfg.tls)
+    except TlsError as exc:
+        print(f"mta: configuration error: {exc}", file=sys.stderr)
+        return 2
     if cfg.local.aliases:
         try:
             aliases = Aliases.load(cfg.local.aliases)
@@ -92,6 +118,112 @@ def _config_check(cfg: Config, args: argparse.Namespace) -> int:
         print(f"aliases OK: {len(aliases)} in {cfg.local.aliases}")
     print(f"configuration OK: {cfg.source}")
     return 0
+
+
+# --- users -------------------------------------------------------------------------------
+
+def _users(cfg: Config, args: argparse.Namespace) -> int:
+    from mta.users import UsersError
+    path = args.file or cfg.auth.users_file
+    if not path:
+        print("mta users: no users file: set [auth] users_file in the configuration (-c FILE) "
+              "or pass --file PATH", file=sys.stderr)
+        return 2
+    try:
+        return int(args.action(path, args))
+    except (UsersError, OSError) as exc:
+        print(f"mta users: {exc}", file=sys.stderr)
+        return 1
+
+
+def _users_add(path: str, args: argparse.Namespace) -> int:
+    from mta import users
+    users.check_name(args.name)
+    for entry in args.sender:
+        users.check_sender(entry)
+    _users_require(path, args.name, exists=False)
+    password = _read_password()
+    if password is None:
+        return 1
+    user = users.User(args.name, users.hash_password(password), tuple(args.sender))
+    with users.edit_users(path) as table:
+        _users_require(path, args.name, exists=False, table=table)
+        table[args.name] = user
+    print(f"mta users: added {args.name} to {path}", file=sys.stderr)
+    return 0
+
+
+def _users_passwd(path: str, args: argparse.Namespace) -> int:
+    from mta import users
+    _users_require(path, args.name, exists=True)
+    password = _read_password()
+    if password is None:
+        return 1
+    new_hash = users.hash_password(password)
+    with users.edit_users(path) as table:
+        _users_require(path, args.name, exists=True, table=table)
+        table[args.name] = users.User(args.name, new_hash, table[args.name].senders)
+    print(f"mta users: changed the password of {args.name} in {path}", file=sys.stderr)
+    return 0
+
+
+def _users_delete(path: str, args: argparse.Namespace) -> int:
+    from mta import users
+    with users.edit_users(path) as table:
+        _users_require(path, args.name, exists=True, table=table)
+        del table[args.name]
+    print(f"mta users: deleted {args.name} from {path}", file=sys.stderr)
+    return 0
+
+
+def _users_list(path: str, args: argparse.Namespace) -> int:
+    from mta import users
+    try:
+        table = users.load_users(path)
+    except FileNotFoundError:
+        table = {}
+    if args.json:
+        json.dump([{"name": u.name, "senders": list(u.senders)} for u in table.values()], sys.stdout, indent=1)
+        print()
+        return 0
+    for u in table.values():
+        print(f"{u.name}  {', '.join(u.may_send_as) or '(no sender address)'}")
+    print(f"-- {len(table)} user(s) in {path}", file=sys.stderr)
+    return 0
+
+
+def _users_require(path: str, name: str, *, exists: bool, table: dict[str, Any] | None = None) -> None:
+    """Refuse (UsersError: exit 1) unless `name` exists, or does not, in `table` (default: the file now)."""
+    from mta import users
+    if table is None:
+        try:
+            table = users.load_users(path)
+        except FileNotFoundError:
+            table = {}
+    if exists and name not in table:
+        raise users.UsersError(f"no user {name} in {path}")
+    if not exists and name in table:
+        raise users.UsersError(f"user {name} exists, use `mta users passwd {name}`")
+
+
+def _read_password() -> str | None:
+    """A new password: asked twice on a terminal, else one line of stdin. Never from argv, never echoed."""
+    import getpass
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("New password: ")
+            if getpass.getpass("Again: ") != password:
+                print("mta users: the passwords differ", file=sys.stderr)
+                return None
+        else:
+            password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    except (EOFError, KeyboardInterrupt):
+        print("mta users: no password given", file=sys.stderr)
+        return None
+    if not password or "\0" in password:
+        print("mta users: the password must not be empty or contain NUL", file=sys.stderr)
+        return None
+    return password
 
 
 def _open_spool(cfg: Config):  # type: ignore[no-untyped-def]

@@ -502,6 +502,9 @@ def _check_security(config: Config, fail: Any) -> None:
         key = f"[[listener]] #{i + 1}"
         if lst.mode == "smtps" and not tls.cert_file:
             fail(f"{key} mode", "smtps (implicit TLS) needs [tls] cert_file and key_file")
+        if lst.mode == "smtps" and lst.proxy_protocol:
+            fail(f"{key} proxy_protocol", "not supported with smtps: let the proxy pass TLS through "
+                 "without a PROXY header, or use a submission listener with STARTTLS")
         if lst.offers_auth and not config.auth.users_file:
             if lst.mode == "submission" or lst.auth:
                 fail("[auth] users_file", f"{key} ({lst.address}) offers AUTH: set a users file "
@@ -532,7 +535,7 @@ def _check_security(config: Config, fail: Any) -> None:
             if not domain or any(c.isspace() or c in "<>" for c in entry):
                 fail(f"[policy] {name}", f'{entry!r}: use "user@example.com" or "example.com"')
     for zone in config.policy.dnsbl:
-        if not zone or "@" in zone or any(c.isspace() for c in zone):
+        if not zone or "@" in zone or any(c.isspace() for c in zone) or not all(zone.split(".")):
             fail("[policy] dnsbl", f"{zone!r} is not a DNS zone")
 
 

@@ -70,8 +70,16 @@ INBOUND_MESSAGES = Counter(
     "mta_inbound_messages_total", "Messages accepted with 250 after DATA/BDAT (durably queued).", ["listener"])
 INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
-    "Recipients or messages refused, by reason (relay, user_unknown, rcpt, queue_full, queue_error) "
-    "and reply code class.", ["reason", "code"])
+    "Connections, senders, recipients or messages refused, by reason and reply code class. reason: "
+    "relay, user_unknown, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
+    "auth_lockout, max_connections_per_ip, connection_rate (connections); sender_denied, "
+    "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT).",
+    ["reason", "code"])
+INBOUND_TLS = Counter(
+    "mta_inbound_tls_handshakes_total",
+    "TLS handshakes with clients, by listener mode (smtp and submission: STARTTLS; smtps: implicit) and "
+    "result (ok, failed). Failures are clients that cannot speak our TLS versions or ciphers, scanners, "
+    "or a certificate problem if they are all failing.", ["mode", "result"])
 QUEUE_COMMIT_SECONDS = Histogram(
     "mta_queue_commit_seconds", "Time of one durable queue commit (one fsync).",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))

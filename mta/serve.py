@@ -18,6 +18,7 @@ import socket
 
 from mta import logs
 from mta.config import Config, ListenerConfig
+from mta.tls import TlsError, server_context
 
 
 class ServeError(RuntimeError):
@@ -74,6 +75,10 @@ def prepare_metrics(directory: str) -> None:
 def serve(config: Config) -> int:
     logs.setup("master")
     logs.set_format(config.log.format)
+    try:
+        server_context(config.tls)  # refuse to start on a bad certificate, before any fork
+    except TlsError as exc:
+        raise ServeError(str(exc)) from None
     lock_fd = lock_spool(config.queue.path)
     prepare_metrics(config.control.metrics_dir)
     logs.event("starting", config=config.source, workers=config.server.inbound_workers,

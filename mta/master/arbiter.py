@@ -39,6 +39,7 @@ from mta import frames, logs, metrics
 from mta.config import Config, ConfigError
 from mta.serve import ServeError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
+from mta.tls import TlsError, server_context
 
 CRASH_WINDOW_SECONDS = 1.0  # dying before READY, or this soon after starting, is a crash at start
 MAX_BACKOFF_SECONDS = 30.0
@@ -343,6 +344,12 @@ class Arbiter:
         try:
             new = configmod.load(source)
         except ConfigError as exc:
+            metrics.MASTER_RELOADS.labels("failed").inc()
+            logs.event("reload_failed", error=str(exc), action="kept the running configuration")
+            return
+        try:
+            server_context(new.tls)  # a broken certificate must not reach the new workers
+        except TlsError as exc:
             metrics.MASTER_RELOADS.labels("failed").inc()
             logs.event("reload_failed", error=str(exc), action="kept the running configuration")
             return

@@ -1,7 +1,9 @@
 """SMTP command lines -> Command values, or the Reply that says why not.
 
 Parses verbs, paths and ESMTP parameters: SIZE and BODY (RFC 1870, 6152), SMTPUTF8
-(RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461, xtext decoded), BDAT (RFC 3030).
+(RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461, xtext decoded), BDAT (RFC 3030),
+STARTTLS (RFC 3207), AUTH and MAIL FROM's AUTH= (RFC 4954; the latter accepted and
+ignored, as we trust no other server's claim about who submitted a message).
 Parsing depends on no session state except whether the transaction is SMTPUTF8.
 
 Pure: no I/O.
@@ -85,7 +87,18 @@ class Expn:
     argument: str
 
 
-Command = Helo | Ehlo | MailFrom | RcptTo | Data | Bdat | Rset | Noop | Quit | Help | Vrfy | Expn
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    mechanism: str  # upper case
+    initial: str | None  # the initial response as sent (base64, or "=" for empty); None: absent
+
+
+Command = Helo | Ehlo | MailFrom | RcptTo | Data | Bdat | Rset | Noop | Quit | Help | Vrfy | Expn | StartTls | Auth
 
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
 _MAX_SIZE_DIGITS = 20
@@ -156,6 +169,9 @@ def _mail(arg: str, utf8: bool) -> Command | Reply:
             if envid is None or len(value or "") > _MAX_ENVID:
                 return replies.bad_parameter("ENVID takes xtext of at most 100 characters")
             fields["envid"] = envid
+        elif key == "AUTH":
+            if value != "<>" and _xtext(value) is None:
+                return replies.bad_parameter("AUTH takes <> or xtext")
         else:
             return replies.unknown_parameter(key)
     try:
@@ -217,6 +233,13 @@ def _expn(arg: str, utf8: bool) -> Command | Reply:
     return Expn(arg.strip(" ")) if arg.strip(" ") else replies.syntax("EXPN list")
 
 
+def _auth(arg: str, utf8: bool) -> Command | Reply:
+    words = arg.strip(" ").split(" ")
+    if not words[0] or len(words) > 2 or not words[0].isascii():
+        return replies.syntax("AUTH mechanism [initial-response]")
+    return Auth(words[0].upper(), words[1] if len(words) == 2 else None)
+
+
 def _params(text: str) -> dict[str, str | None] | Reply:
     """'SIZE=10 SMTPUTF8' -> {'SIZE': '10', 'SMTPUTF8': None}; duplicates are errors."""
     params: dict[str, str | None] = {}
@@ -257,4 +280,6 @@ _PARSERS = {
     "HELP": lambda arg, utf8: Help(),
     "VRFY": _vrfy,
     "EXPN": _expn,
+    "STARTTLS": _no_args(StartTls()),
+    "AUTH": _auth,
 }

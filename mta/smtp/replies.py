@@ -60,7 +60,9 @@ MAIL_OK = Reply(250, "2.1.0", "Ok")
 RCPT_OK = Reply(250, "2.1.5", "Ok")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY")
+START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 
 # Sequence and syntax
 UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
@@ -105,6 +107,25 @@ BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> in message content 
 QUEUE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue write failed, try again later")
 CONNECTION_LIMIT = Reply(421, "4.7.0", "Error: too many connections from your address")
+
+# TLS and AUTH (RFC 3207, RFC 4954)
+TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "Error: command not implemented")
+TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_ALREADY = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Error: encryption required for requested authentication mechanism")
+AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Error: malformed authentication data (base64 expected)")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Error: sender address not owned by the authenticated user")
+
+
+def too_many_junk_commands(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many NOOP/RSET/HELP/VRFY/EXPN commands, closing connection")
 
 
 def queued(queue_id: str) -> Reply:

@@ -1,14 +1,23 @@
 """The sans-I/O SMTP server connection: bytes in, events out, replies as bytes.
 
     conn.receive_data(data)            # frames lines, DATA content and BDAT chunks
-    ev = conn.next_event()             # MailFrom | RcptTo | Message | NEED_DATA | PAUSED | CLOSED
-    conn.reply(policy_reply)           # answers the pending MailFrom/RcptTo/Message
+    ev = conn.next_event()             # MailFrom | RcptTo | Message | Credentials | Vrfy | Expn
+                                       # | StartTls | NEED_DATA | PAUSED | CLOSED
+    conn.reply(policy_reply)           # answers the pending event (StartTls: conn.tls_started())
     out = conn.data_to_send()          # replies, in command order (pipelining-safe)
 
 The core answers everything it can decide alone (HELO/EHLO, sequence and syntax
-errors, limits, RSET/NOOP/HELP/VRFY/EXPN/QUIT) and hands the application only the
-decisions that need policy or storage. While a decision is pending no further input
-is processed, so pipelined replies stay in order.
+errors, limits, RSET/NOOP/HELP/QUIT, VRFY/EXPN unless enabled, the SASL exchange)
+and hands the application only the decisions that need policy, storage, a password
+check or a TLS handshake. While a decision is pending no further input is processed,
+so pipelined replies stay in order.
+
+STARTTLS (RFC 3207): after our 220 every byte already received is discarded, so a
+command pipelined behind STARTTLS in plaintext is never executed (CVE-2011-0411,
+CVE-2024-34083); after the handshake the session starts over (EHLO needed, no
+STARTTLS offered, nothing learned before TLS kept). AUTH PLAIN/LOGIN (RFC 4954) is
+offered only under TLS unless auth_plaintext; the decoded credentials go to the
+application as one Credentials event, and appear nowhere else.
 
 Framing rules (SMTP smuggling, CVE-2023-51764 family): DATA ends only at CRLF.CRLF;
 a bare CR or LF anywhere in the content is rejected (550 5.5.2) after the real end of
@@ -20,19 +29,25 @@ Pure: no asyncio, socket or time imports.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from mta.smtp import replies, states
 from mta.smtp.commands import (
-    Bdat, Command, Data, Ehlo, Expn, Help, Helo, MailFrom, Noop, Quit, RcptTo, Rset, Vrfy,
+    Auth, Bdat, Command, Data, Ehlo, Expn, Help, Helo, MailFrom, Noop, Quit, RcptTo, Rset, StartTls, Vrfy,
     parse_command,
 )
 from mta.smtp.replies import Reply
 from mta.smtp.states import State
 
 MAX_COMMAND_LINE: Final = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+MAX_AUTH_LINE: Final = 12288  # AUTH command and SASL responses (RFC 4954 section 4)
+_LOGIN_USERNAME: Final = Reply(334, "", base64.b64encode(b"Username:").decode())
+_LOGIN_PASSWORD: Final = Reply(334, "", base64.b64encode(b"Password:").decode())
+_PLAIN_READY: Final = Reply(334, "", "")
 END_OF_DATA: Final = b"\r\n.\r\n"
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
@@ -59,6 +74,13 @@ class ServerOptions:
     max_errors: int = 20
     max_received_headers: int = 50
     bare_newline: str = "reject"  # or "normalize"
+    max_junk_commands: int = 100  # NOOP/RSET/HELP/VRFY/EXPN per session, then 421 4.7.0
+    starttls: bool = False  # a certificate is there: offer STARTTLS until TLS is active
+    auth_mechanisms: tuple[str, ...] = ()  # e.g. ("PLAIN", "LOGIN"); empty: AUTH not offered
+    auth_plaintext: bool = False  # offer AUTH without TLS as well
+    auth_required: bool = False  # MAIL needs a successful AUTH first (submission)
+    vrfy: bool = False  # hand VRFY to the application (else 252 for everyone)
+    expn: bool = False  # hand EXPN to the application (else 502)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +92,37 @@ class Message:
     data: bytes  # unstuffed content, CRLF line ends
 
 
-Event = MailFrom | RcptTo | Message | _Marker
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A completed SASL exchange awaiting verification; the password never leaves the app."""
+
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+    authzid: str = ""  # PLAIN's authorisation identity; anything but "" or username must fail
+
+
+@dataclass(slots=True)
+class _Sasl:
+    mechanism: str
+    username: str | None = None  # LOGIN: the first response
+
+
+Event = MailFrom | RcptTo | Message | Credentials | Vrfy | Expn | StartTls | _Marker
 
 
 class ServerConnection:
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, *, tls: bool = False) -> None:
         self.options = options
         self.state = State.CONNECTED
         self.helo_name: str | None = None
         self.esmtp = False
+        self.tls_active = tls  # implicit TLS: the handshake came before the greeting
+        self.authenticated: str | None = None
         self.errors = 0
+        self.junk = 0
+        self.auth_refusals: list[str] = []  # "no_tls" / "malformed" AUTH attempts, for the app's metrics
+        self._sasl: _Sasl | None = None
         self._out: list[bytes] = []
         self._buffer = bytearray()
         self._pending: Command | Message | None = None
@@ -146,12 +189,28 @@ class ServerConnection:
             if event is not None:
                 return event
 
+    @property
+    def auth_offered(self) -> bool:
+        return bool(self.options.auth_mechanisms) and (self.tls_active or self.options.auth_plaintext)
+
     def reply(self, reply: Reply) -> None:
-        """Answer the pending MailFrom, RcptTo or Message."""
+        """Answer the pending MailFrom, RcptTo, Message, Credentials, Vrfy or Expn."""
         pending = self._pending
-        if pending is None:
-            raise RuntimeError("reply() with no pending event")  # our bug, not the peer's
+        if pending is None or isinstance(pending, StartTls):
+            raise RuntimeError(f"reply() with pending {pending!r}")  # our bug, not the peer's
         self._pending = None
+        if reply.code == 421:  # e.g. a lockout: a 421 always ends the session
+            self._send(reply)
+            self.state = State.CLOSED
+            return
+        if isinstance(pending, Credentials):
+            if reply.positive:
+                self.authenticated = pending.username
+            self._send(reply)
+            return
+        if isinstance(pending, (Vrfy, Expn)):
+            self._send(reply)
+            return
         if isinstance(pending, Message):
             self._reset_transaction()
             self.state = State.READY
@@ -164,13 +223,27 @@ class ServerConnection:
                 self._rcpts.append(pending)
         self._answer(pending, reply)
 
+    def tls_started(self) -> None:
+        """The handshake after our 220 to STARTTLS succeeded: start the session over."""
+        if not isinstance(self._pending, StartTls):
+            raise RuntimeError(f"tls_started() with pending {self._pending!r}")
+        self._pending = None
+        self._buffer.clear()  # nothing sent in plaintext survives into the TLS session
+        self.tls_active = True
+        self.helo_name = None
+        self.esmtp = False
+        self.authenticated = None
+        self._reset_transaction()
+        self.state = states.after_tls(self.state)
+
     # --- framing -----------------------------------------------------------------
 
     def _step_command(self) -> Event | None:
         buf = self._buffer
+        limit = MAX_AUTH_LINE if self._sasl is not None or buf[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
         end = buf.find(b"\n")
         if end < 0:
-            if len(buf) > MAX_COMMAND_LINE:
+            if len(buf) > limit:
                 self._discarding = True
                 buf.clear()
             return NEED_DATA
@@ -182,7 +255,8 @@ class ServerConnection:
             return None
         if raw.endswith(b"\r"):
             raw = raw[:-1]
-        if len(raw) + 2 > MAX_COMMAND_LINE:
+        if len(raw) + 2 > limit:
+            self._sasl = None
             self._send(replies.LINE_TOO_LONG)
             return None
         if b"\r" in raw or b"\x00" in raw:
@@ -193,6 +267,8 @@ class ServerConnection:
         except UnicodeDecodeError:
             self._send(replies.BAD_CHARACTERS)
             return None
+        if self._sasl is not None:
+            return self._sasl_response(line)
         utf8 = self._mail is not None and self._mail.smtputf8
         command = parse_command(line, utf8=utf8)
         if isinstance(command, Reply):
@@ -261,6 +337,11 @@ class ServerConnection:
     def _dispatch(self, command: Command) -> Event | None:
         if isinstance(command, Bdat):
             return self._start_bdat(command)
+        if isinstance(command, Auth):
+            return self._start_auth(command)
+        if isinstance(command, StartTls) and self.tls_active:
+            self._send(replies.TLS_ACTIVE)
+            return None
         error = states.sequence_error(self.state, command)
         if error is not None:
             self._send(error)
@@ -270,7 +351,18 @@ class ServerConnection:
             self.helo_name = command.name
             self.esmtp = isinstance(command, Ehlo)
             self._answer(command, self._ehlo_reply() if self.esmtp else Reply(250, "", self.options.hostname))
+        elif isinstance(command, StartTls):
+            if not self.options.starttls:
+                self._send(replies.TLS_NOT_AVAILABLE)
+                return None
+            self._buffer.clear()  # pipelined behind STARTTLS in plaintext: never executed
+            self._send(replies.START_TLS)
+            self._pending = command
+            return command
         elif isinstance(command, MailFrom):
+            if self.options.auth_required and self.authenticated is None:
+                self._send(replies.AUTH_REQUIRED)
+                return None
             if command.size is not None and command.size > self.options.max_message_bytes:
                 self._send(replies.SIZE_EXCEEDED)
                 return None
@@ -290,7 +382,20 @@ class ServerConnection:
             self._answer(command, replies.START_DATA)
             self._buffer += b"\r\n"  # the CRLF that ended DATA starts the first line
             self._scan_from = 0
-        elif isinstance(command, Rset):
+        elif isinstance(command, (Rset, Noop, Help, Vrfy, Expn)):
+            return self._junk_command(command)
+        elif isinstance(command, Quit):
+            self._send(replies.closing(self.options.hostname))
+            self.state = State.CLOSED
+        return None
+
+    def _junk_command(self, command: Rset | Noop | Help | Vrfy | Expn) -> Event | None:
+        self.junk += 1
+        if self.junk > self.options.max_junk_commands:
+            self._send(replies.too_many_junk_commands(self.options.hostname))
+            self.state = State.CLOSED
+            return None
+        if isinstance(command, Rset):
             self._reset_transaction()
             self.state = states.after_reset(self.state)
             self._send(replies.OK)
@@ -298,14 +403,71 @@ class ServerConnection:
             self._send(replies.OK)
         elif isinstance(command, Help):
             self._send(replies.HELP)
-        elif isinstance(command, Vrfy):
+        elif isinstance(command, Vrfy) and not self.options.vrfy:
             self._send(replies.VRFY_CANNOT)
-        elif isinstance(command, Expn):
+        elif isinstance(command, Expn) and not self.options.expn:
             self._send(replies.EXPN_DISABLED)
-        elif isinstance(command, Quit):
-            self._send(replies.closing(self.options.hostname))
-            self.state = State.CLOSED
+        else:  # VRFY/EXPN enabled: the application looks the address up
+            self._pending = command
+            return command
         return None
+
+    def _start_auth(self, command: Auth) -> Event | None:
+        if not self.options.auth_mechanisms:
+            error: Reply | None = replies.AUTH_NOT_ENABLED
+        elif not self.esmtp or self.state in (State.CONNECTED, State.GREETED):
+            error = replies.AUTH_NEED_EHLO
+        elif self.state is not State.READY:
+            error = replies.AUTH_IN_TRANSACTION
+        elif self.authenticated is not None:
+            error = replies.AUTH_ALREADY
+        elif not self.auth_offered:
+            error = replies.AUTH_NEEDS_TLS
+        elif command.mechanism not in self.options.auth_mechanisms:
+            error = replies.AUTH_UNKNOWN_MECHANISM
+        else:
+            error = None
+        if error is not None:
+            if error is replies.AUTH_NEEDS_TLS:
+                self.auth_refusals.append("no_tls")
+            self._send(error)
+            return None
+        self._sasl = _Sasl(command.mechanism)
+        if command.initial is not None:
+            return self._sasl_response(command.initial)
+        self._send(_PLAIN_READY if command.mechanism == "PLAIN" else _LOGIN_USERNAME)
+        return None
+
+    def _sasl_response(self, line: str) -> Event | None:
+        sasl = self._sasl
+        assert sasl is not None
+        if line.strip() == "*":
+            self._sasl = None
+            self._send(replies.AUTH_ABORTED)
+            return None
+        decoded = _decode_sasl(line)
+        if decoded is None:
+            self._sasl = None
+            self.auth_refusals.append("malformed")
+            self._send(replies.AUTH_MALFORMED)
+            return None
+        if sasl.mechanism == "LOGIN" and sasl.username is None:
+            sasl.username = decoded
+            self._send(_LOGIN_PASSWORD)
+            return None
+        self._sasl = None
+        if sasl.mechanism == "LOGIN":
+            assert sasl.username is not None
+            event = Credentials("LOGIN", sasl.username, decoded)
+        else:
+            parts = decoded.split("\0")
+            if len(parts) != 3:
+                self.auth_refusals.append("malformed")
+                self._send(replies.AUTH_MALFORMED)
+                return None
+            event = Credentials("PLAIN", parts[1], parts[2], authzid=parts[0])
+        self._pending = event
+        return event
 
     def _start_bdat(self, command: Bdat) -> Event | None:
         # The chunk's octets follow the command whatever we answer: read them all
@@ -316,7 +478,7 @@ class ServerConnection:
         return None
 
     def _ehlo_reply(self) -> Reply:
-        return Reply(250, "", (
+        lines = [
             self.options.hostname,
             "PIPELINING",
             f"SIZE {self.options.max_message_bytes}",
@@ -325,7 +487,12 @@ class ServerConnection:
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
             "DSN",
-        ))
+        ]
+        if self.options.starttls and not self.tls_active:
+            lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH " + " ".join(self.options.auth_mechanisms))
+        return Reply(250, "", tuple(lines))
 
     # --- helpers -----------------------------------------------------------------
 
@@ -366,6 +533,17 @@ class ServerConnection:
             if self.errors >= self.options.max_errors:
                 self._out.append(replies.too_many_errors(self.options.hostname).to_bytes())
                 self.state = State.CLOSED
+
+
+def _decode_sasl(line: str) -> str | None:
+    """A SASL response (base64, "=" for empty) -> text; None when malformed."""
+    text = line.strip()
+    if text == "=":
+        return ""
+    try:
+        return base64.b64decode(text, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # bad base64 or not UTF-8
+        return None
 
 
 def _count_received(data: bytes) -> int:

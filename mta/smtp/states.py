@@ -5,7 +5,9 @@ Rule 2: a transition happens when we send a 2xx/3xx reply, never on receipt.
 Rule 3: a command not allowed in a state gets the reply SEQUENCE_ERRORS names.
 
 RSET and the reply to a finished message always return to READY (or stay in
-GREETED before HELO/EHLO); NOOP, HELP, VRFY, EXPN and QUIT never change the state.
+GREETED before HELO/EHLO); NOOP, HELP, VRFY, EXPN, AUTH and QUIT never change the
+state. A completed STARTTLS handshake returns to GREETED (RFC 3207 4.2: the client
+must send EHLO again).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import enum
 from typing import Final
 
 from mta.smtp import replies
-from mta.smtp.commands import Bdat, Data, Ehlo, Helo, MailFrom, RcptTo
+from mta.smtp.commands import Bdat, Data, Ehlo, Helo, MailFrom, RcptTo, StartTls
 from mta.smtp.replies import Reply
 
 
@@ -38,14 +40,17 @@ ON_POSITIVE_REPLY: Final[dict[State, dict[type, State]]] = {
 }
 
 _RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")
+_TLS_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 
 SEQUENCE_ERRORS: Final[dict[State, dict[type, Reply]]] = {
     State.GREETED: {MailFrom: replies.NEED_HELO, RcptTo: replies.NEED_HELO,
-                    Data: replies.NEED_HELO, Bdat: replies.NEED_HELO},
+                    Data: replies.NEED_HELO, Bdat: replies.NEED_HELO, StartTls: replies.NEED_HELO},
     State.READY: {RcptTo: replies.NEED_MAIL, Data: replies.NEED_MAIL, Bdat: replies.NEED_MAIL},
-    State.MAIL: {MailFrom: replies.NESTED_MAIL, Data: replies.NEED_RCPT, Bdat: replies.NEED_RCPT},
-    State.RCPT: {MailFrom: replies.NESTED_MAIL},
-    State.BDAT: {MailFrom: replies.NESTED_MAIL, RcptTo: _RCPT_AFTER_BDAT, Data: replies.MIXED_BDAT_DATA},
+    State.MAIL: {MailFrom: replies.NESTED_MAIL, Data: replies.NEED_RCPT, Bdat: replies.NEED_RCPT,
+                 StartTls: _TLS_IN_TRANSACTION},
+    State.RCPT: {MailFrom: replies.NESTED_MAIL, StartTls: _TLS_IN_TRANSACTION},
+    State.BDAT: {MailFrom: replies.NESTED_MAIL, RcptTo: _RCPT_AFTER_BDAT, Data: replies.MIXED_BDAT_DATA,
+                 StartTls: _TLS_IN_TRANSACTION},
 }
 
 
@@ -56,6 +61,10 @@ def after_positive(state: State, command: object) -> State:
 
 def sequence_error(state: State, command: object) -> Reply | None:
     return SEQUENCE_ERRORS.get(state, {}).get(type(command))
+
+
+def after_tls(state: State) -> State:
+    return State.GREETED
 
 
 def after_reset(state: State) -> State:

@@ -1,7 +1,8 @@
-"""The shared cache: a small LMDB-backed TTL cache used by every delivery worker process.
+"""The shared cache: a small LMDB-backed TTL cache used by every worker process.
 
-One environment, separate from the spool, shared by the DNS cache (and later the auth
-cache). Layout (named databases):
+One environment, separate from the spool, shared by the DNS cache, the auth cache and
+the inbound rate limits (which count with `update`, a read-modify-write in one write
+transaction: LMDB serialises writers across processes). Layout (named databases):
   entry   ns + b"\\0" + key -> be64(expiry in ms) + msgpack(value)
           (keys too long for LMDB: ns + b"\\1" + blake2b(key))
   expiry  be64(expiry in ms) + entry key -> b""   (byte order is the eviction order)
@@ -11,14 +12,14 @@ Opened with sync and metasync off: a crash may lose the last writes, which for a
 is harmless. Open it after fork, never before: an LMDB handle must not cross a fork
 (checked on every call). LMDB makes it safe for many processes at once.
 
-Bounded: a put that would pass `max_entries`, or the byte budget (half the map: LMDB is
-copy-on-write and needs free pages even to delete), first evicts expired entries, then
-the ones expiring soonest, in the same transaction. Should LMDB still run out of map
-(the byte estimate fell short), a quarter of the entries go in a transaction of their
-own, and if even that cannot commit (a map full to its last page cannot delete), the
-cache is emptied. A full cache is never the caller's problem: at worst the put is
-skipped. Expired entries are never returned; each put also sweeps a few of them, so
-they do not pile up.
+Bounded: a put (or update) that would pass `max_entries`, or the byte budget (half the
+map: LMDB is copy-on-write and needs free pages even to delete), first evicts expired
+entries, then the ones expiring soonest, in the same transaction. Should LMDB still run
+out of map (the byte estimate fell short), a quarter of the entries go in a transaction
+of their own, and if even that cannot commit (a map full to its last page cannot
+delete), the cache is emptied. A full cache is never the caller's problem: at worst the
+write is skipped. Expired entries are never returned; each write also sweeps a few of
+them, so they do not pile up.
 
 Invariants: every entry has exactly one expiry index key and vice versa; meta b"bytes"
 is the sum of `_cost` over the entries. Values round-trip through msgpack (tuples come
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import lmdb
@@ -41,6 +43,7 @@ _MAX_KEY_BYTES = 511 - _BE64.size  # LMDB's default key limit, less the expiry p
 _NODE_OVERHEAD_BYTES = 64  # per entry: node headers and half-full pages of both trees (measured)
 _SWEEP_BATCH = 16  # expired entries removed by each put, beyond what room requires
 MIB = 1024 * 1024
+_RawUpdate = Callable[[bytes | memoryview | None], bytes | None]  # stored raw value -> new one (None: remove)
 
 
 class LmdbCache:
@@ -66,36 +69,42 @@ class LmdbCache:
         self._check_pid()
         with self._begin() as txn:
             raw = txn.get(_entry_key(namespace, key), db=self._entry)
-        if raw is None or _BE64.unpack_from(raw)[0] <= _ms(now):
-            return None
-        return msgpack.unpackb(raw[_BE64.size:], raw=False)
+        return _live_value(raw, _ms(now))
 
     def put(self, namespace: str, key: str, value: Any, ttl_seconds: float, now: float) -> None:
         """Store `value` until now + ttl; a ttl <= 0 removes the entry. Skipped when the cache is full."""
         self._check_pid()
-        ekey = _entry_key(namespace, key)
         if ttl_seconds <= 0:
             self.delete(namespace, key)
             return
-        packed = msgpack.packb(value, use_bin_type=True)
-        expiry = _ms(now + ttl_seconds)
-        raw = _BE64.pack(expiry) + packed
-        try:
-            self._write(ekey, raw, expiry, _ms(now))
-            return
-        except (lmdb.MapFullError, lmdb.DiskError):
-            pass
-        # The estimate fell short of LMDB's real use: make room in a transaction of its
-        # own (freed pages are reusable only after it commits), then try once more. A map
-        # filled to its last page cannot even delete: then empty the cache at once.
-        for make_room in (self._evict_quarter, self._clear):
-            try:
-                make_room()
-                self._write(ekey, raw, expiry, _ms(now))
-                return
-            except (lmdb.MapFullError, lmdb.DiskError):
-                continue
-        # Still full: skip caching, the caller works without it.
+        raw = _BE64.pack(_ms(now + ttl_seconds)) + msgpack.packb(value, use_bin_type=True)
+        self._store(_entry_key(namespace, key), lambda _old: raw, _ms(now))
+
+    def update(self, namespace: str, key: str, fn: Callable[[Any | None], Any], ttl_seconds: float,
+               now: float) -> Any:
+        """Read-modify-write in one write transaction: store fn(current value) until now + ttl.
+
+        fn gets the value, or None when absent or expired; what it returns is stored (None:
+        the entry is removed) and returned, as fn returned it (not round-tripped through
+        msgpack). LMDB serialises writers, so concurrent updates from many processes never
+        lose one another. fn may run more than once (again after a full map), and must
+        therefore only compute. With a ttl <= 0, or a cache too full to store anything,
+        fn's value is returned but not stored.
+        """
+        self._check_pid()
+        now_ms = _ms(now)
+        expiry = _BE64.pack(_ms(now + ttl_seconds))
+        result: Any = None
+
+        def new_raw(old: bytes | memoryview | None) -> bytes | None:
+            nonlocal result
+            result = fn(_live_value(old, now_ms))
+            if result is None or ttl_seconds <= 0:
+                return None
+            return expiry + msgpack.packb(result, use_bin_type=True)
+
+        self._store(_entry_key(namespace, key), new_raw, now_ms)
+        return result
 
     def delete(self, namespace: str, key: str) -> None:
         self._check_pid()
@@ -119,16 +128,40 @@ class LmdbCache:
 
     # --- internals ------------------------------------------------------------------
 
-    def _write(self, ekey: bytes, raw: bytes, expiry: int, now_ms: int) -> None:
-        cost = _cost(ekey, raw)
+    def _store(self, ekey: bytes, new_raw: _RawUpdate, now_ms: int) -> None:
+        """_write, making room when LMDB runs out of map; at worst nothing is stored."""
+        try:
+            self._write(ekey, new_raw, now_ms)
+            return
+        except (lmdb.MapFullError, lmdb.DiskError):
+            pass
+        # The estimate fell short of LMDB's real use: make room in a transaction of its
+        # own (freed pages are reusable only after it commits), then try once more. A map
+        # filled to its last page cannot even delete: then empty the cache at once.
+        for make_room in (self._evict_quarter, self._clear):
+            try:
+                make_room()
+                self._write(ekey, new_raw, now_ms)
+                return
+            except (lmdb.MapFullError, lmdb.DiskError):
+                continue
+        # Still full: skip caching, the caller works without it.
+
+    def _write(self, ekey: bytes, new_raw: _RawUpdate, now_ms: int) -> None:
+        """One write transaction: replace the entry by new_raw(its stored raw value, or None).
+
+        new_raw returns be64(expiry in ms) + msgpack(value), or None to remove the entry.
+        """
         with self._begin(write=True) as txn:
             stored = self._stored_bytes(txn)
+            raw = new_raw(txn.get(ekey, db=self._entry))
             stored -= self._remove(txn, ekey)
-            if cost <= self.budget_bytes:  # one value larger than the whole budget is not cached
+            cost = _cost(ekey, raw) if raw is not None else 0
+            if raw is not None and cost <= self.budget_bytes:  # a value larger than the budget is not cached
                 count = int(txn.stat(self._entry)["entries"])
                 stored, count = self._make_room(txn, stored, count, cost, now_ms)
                 txn.put(ekey, raw, db=self._entry)
-                txn.put(_BE64.pack(expiry) + ekey, b"", db=self._expiry)
+                txn.put(raw[:_BE64.size] + ekey, b"", db=self._expiry)
                 stored += cost
             txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
 
@@ -209,6 +242,13 @@ def _entry_key(namespace: str, key: str) -> bytes:
     if len(ns) + 1 + len(k) <= _MAX_KEY_BYTES:
         return ns + b"\0" + k
     return ns + b"\1" + hashlib.blake2b(k, digest_size=32).digest()
+
+
+def _live_value(raw: bytes | memoryview | None, now_ms: int) -> Any | None:
+    """The value of a stored entry; None when absent or expired at now_ms."""
+    if raw is None or _BE64.unpack_from(raw)[0] <= now_ms:
+        return None
+    return msgpack.unpackb(raw[_BE64.size:], raw=False)
 
 
 def _cost(ekey: bytes, raw: bytes | memoryview) -> int:

@@ -11,12 +11,14 @@ Invariant: after stop() or kill9() returns, no process of that server is alive.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -241,9 +243,9 @@ class MtaServer:
 
     # the queue CLI
 
-    def mta(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    def mta(self, *args: str, check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """`python -m mta ARGS -c CONFIG`, in the server's working directory."""
-        return run_mta(*args, *self._config_args(), cwd=self.cwd, check=check)
+        return run_mta(*args, *self._config_args(), cwd=self.cwd, check=check, stdin=stdin)
 
     def queue_list(self) -> list[dict[str, Any]]:
         return json.loads(self.mta("queue", "list", "--json").stdout)
@@ -261,8 +263,9 @@ class MtaServer:
         return ["-c", str(self.config_path)] if self.config_path is not None else []
 
 
-def run_mta(*args: str, cwd: Path = REPO_ROOT, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    done = subprocess.run([sys.executable, "-m", "mta", *args], cwd=cwd, env=_env(),
+def run_mta(*args: str, cwd: Path = REPO_ROOT, check: bool = True,
+            stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    done = subprocess.run([sys.executable, "-m", "mta", *args], cwd=cwd, env=_env(), input=stdin,
                           capture_output=True, timeout=CLI_TIMEOUT_SECONDS)
     if check and done.returncode != 0:
         raise AssertionError(f"mta {' '.join(args)} exited {done.returncode}: "
@@ -427,8 +430,13 @@ class SmtpClient:
         self.greeting: Reply | None = None
 
     @classmethod
-    async def connect(cls, port: int, helo: str | None = "client.test") -> SmtpClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024 * 1024)
+    async def connect(cls, port: int, helo: str | None = "client.test", *, source: str | None = None,
+                      tls: ssl.SSLContext | None = None) -> SmtpClient:
+        """`source`: the client's own loopback address (e.g. 127.0.0.9, outside mynetworks);
+        `tls`: implicit TLS (smtps), verified against that context, server name mx.test."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, limit=1024 * 1024, local_addr=(source, 0) if source else None,
+            ssl=tls, server_hostname="mx.test" if tls else None)
         client = cls(reader, writer)
         client.greeting = await client.read_reply()
         if helo is not None:
@@ -446,6 +454,17 @@ class SmtpClient:
             lines.append(text[4:])
             if text[3:4] != "-":
                 return Reply(int(text[:3]), "\n".join(lines))
+
+    async def starttls(self, context: ssl.SSLContext) -> Reply:
+        """STARTTLS, the handshake (verifying mx.test against `context`), then EHLO again."""
+        reply = await self.command("STARTTLS")
+        assert reply.code == 220, reply
+        await self.writer.start_tls(context, server_hostname="mx.test")
+        return await self.command("EHLO client.test")
+
+    async def auth_plain(self, user: str, password: str) -> Reply:
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        return await self.command(f"AUTH PLAIN {token}")
 
     async def command(self, line: str) -> Reply:
         self.writer.write(line.encode() + b"\r\n")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtaqueue.cache_lmdb import MIB, LmdbCache
+from mtaqueue.cache_lmdb import _BE64, _BYTES, MIB, LmdbCache, _cost
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_SECONDS = 30.0
@@ -135,6 +138,121 @@ def test_use_after_fork_is_refused(cache: LmdbCache, monkeypatch: pytest.MonkeyP
         cache.get("t", "k", 0.0)
 
 
+def check_invariants(cache: LmdbCache) -> None:
+    """One index key per entry and vice versa; meta bytes = the sum of the entries' costs."""
+    with cache._env.begin() as txn:
+        entries = {bytes(k): bytes(v) for k, v in txn.cursor(db=cache._entry)}
+        index = {bytes(k) for k, _ in txn.cursor(db=cache._expiry)}
+        stored = _BE64.unpack(txn.get(_BYTES, db=cache._meta) or _BE64.pack(0))[0]
+    assert index == {raw[:_BE64.size] + ekey for ekey, raw in entries.items()}
+    assert stored == sum(_cost(ekey, raw) for ekey, raw in entries.items())
+
+
+# --- update: read-modify-write in one transaction ------------------------------------------
+
+def increment(value: int | None) -> int:
+    return (value or 0) + 1
+
+
+def test_update_stores_and_returns_what_fn_made_of_the_current_value(cache: LmdbCache) -> None:
+    seen: list[object] = []
+
+    def append(value: list[int] | None) -> list[int]:
+        seen.append(value)
+        return [*(value or []), len(seen)]
+
+    assert cache.update("rate", "k", append, 60, now=0.0) == [1]
+    assert cache.update("rate", "k", append, 60, now=1.0) == [1, 2]
+    assert seen == [None, [1]]
+    assert cache.get("rate", "k", now=2.0) == [1, 2]
+    check_invariants(cache)
+
+
+def test_update_sees_an_expired_entry_as_absent_and_moves_the_expiry(cache: LmdbCache) -> None:
+    cache.put("rate", "k", 41, 10, now=0.0)
+    assert cache.update("rate", "k", increment, 10, now=10.0) == 1  # 41 expired at 10.0
+    assert cache.update("rate", "k", increment, 10, now=15.0) == 2  # expiry moved to 25.0
+    assert cache.get("rate", "k", now=24.9) == 2
+    assert cache.get("rate", "k", now=25.0) is None
+    assert cache.entries() == 1
+    check_invariants(cache)
+
+
+def test_update_returning_none_removes_the_entry(cache: LmdbCache) -> None:
+    cache.put("rate", "k", 1, 60, now=0.0)
+    cache.put("rate", "other", 2, 60, now=0.0)
+    assert cache.update("rate", "k", lambda value: None, 60, now=1.0) is None
+    assert cache.update("rate", "absent", lambda value: None, 60, now=1.0) is None
+    assert (cache.get("rate", "k", 1.0), cache.get("rate", "other", 1.0), cache.entries()) == (None, 2, 1)
+    check_invariants(cache)
+
+
+def test_update_with_a_ttl_of_zero_returns_without_storing(cache: LmdbCache) -> None:
+    cache.put("rate", "k", 1, 60, now=0.0)
+    assert cache.update("rate", "k", increment, 0, now=1.0) == 2
+    assert cache.entries() == 0
+    check_invariants(cache)
+
+
+def test_update_raising_changes_nothing(cache: LmdbCache) -> None:
+    cache.put("rate", "k", 1, 60, now=0.0)
+
+    def broken(value: int | None) -> int:
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        cache.update("rate", "k", broken, 60, now=1.0)
+    assert cache.get("rate", "k", now=1.0) == 1
+    check_invariants(cache)
+
+
+def test_update_respects_max_entries(cache: LmdbCache) -> None:
+    for i in range(150):
+        cache.update("rate", f"k{i}", increment, 100 + i, now=0.0)
+    assert cache.entries() == 100
+    assert cache.get("rate", "k149", now=1.0) == 1
+    assert cache.get("rate", "k0", now=1.0) is None  # the soonest expiring went first
+    check_invariants(cache)
+
+
+def test_update_survives_a_full_map(tmp_path: Path) -> None:
+    c = LmdbCache(str(tmp_path / "cache"), max_size_bytes=1 * MIB, max_entries=1_000_000)
+    c.budget_bytes = 64 * MIB  # pretend the estimate is far off: LMDB itself runs out of map
+    for i in range(3000):
+        assert c.update("t", f"key{i}", lambda value: "x" * 900, 1000 + i, now=0.0) == "x" * 900
+    assert c.get("t", "key2999", now=1.0) == "x" * 900
+    huge = "y" * (2 * MIB)  # larger than the map: returned, never stored
+    assert c.update("t", "huge", lambda value: huge, 1000, now=0.0) == huge
+    assert c.get("t", "huge", now=1.0) is None
+    check_invariants(c)
+    c.close()
+
+
+def _increment_many(path: str, count: int, start: multiprocessing.synchronize.Event) -> None:
+    cache = LmdbCache(path, max_size_bytes=4 * MIB, max_entries=10_000)  # opened after the fork
+    start.wait(CHILD_TIMEOUT_SECONDS)
+    for _ in range(count):
+        cache.update("rate", "counter", increment, 600, time.time())
+    cache.close()
+
+
+def test_concurrent_updates_from_processes_lose_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "cache")
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    children = [context.Process(target=_increment_many, args=(path, 500, start)) for _ in range(4)]
+    for child in children:
+        child.start()
+    start.set()  # all four increment at once
+    for child in children:
+        child.join(CHILD_TIMEOUT_SECONDS)
+    assert [c.exitcode for c in children] == [0, 0, 0, 0]
+    cache = LmdbCache(path, max_size_bytes=4 * MIB, max_entries=10_000)
+    assert cache.get("rate", "counter", time.time()) == 2000
+    check_invariants(cache)
+    cache.close()
+
+
 _CHILD = textwrap.dedent("""
     import sys, time
     from mtaqueue.cache_lmdb import LmdbCache
@@ -171,7 +289,7 @@ def test_processes_see_each_others_entries(tmp_path: Path) -> None:
 # --- property: never a wrong or stale value, always within bounds ------------------------
 
 _ops = st.lists(
-    st.tuples(st.sampled_from(["put", "get", "delete", "tick"]), st.integers(0, 15), st.integers(0, 30)),
+    st.tuples(st.sampled_from(["put", "update", "get", "delete", "tick"]), st.integers(0, 15), st.integers(0, 30)),
     max_size=60,
 )
 
@@ -191,6 +309,17 @@ def test_model(ops: list[tuple[str, int, int]]) -> None:
                     model[key] = (serial, now + n)
                 else:
                     model.pop(key, None)
+            elif op == "update":  # removes the entry on every third key
+                def fn(old: int | None) -> int | None:
+                    value, expiry = model.get(key, (None, 0.0))
+                    assert old in ((value, None) if expiry > now else (None,))
+                    return None if k % 3 == 0 else serial
+
+                c.update("t", key, fn, n, now)
+                if n > 0 and k % 3:
+                    model[key] = (serial, now + n)
+                else:
+                    model.pop(key, None)
             elif op == "delete":
                 c.delete("t", key)
                 model.pop(key, None)
@@ -203,6 +332,7 @@ def test_model(ops: list[tuple[str, int, int]]) -> None:
             else:
                 assert got in (value, None)  # present, or evicted; never another value
             assert c.entries() <= 8
+        check_invariants(c)
         c.close()
 
 

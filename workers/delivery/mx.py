@@ -182,6 +182,15 @@ class MxResolver:
         v4, v6 = await asyncio.gather(self._lookup(name, dns.rdatatype.A), self._lookup(name, dns.rdatatype.AAAA))
         return v4.records + v6.records, f"A {v4.result}, AAAA {v6.result}"
 
+    async def lookup_addresses(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """The A records of `name` through the shared cache (DNSBL queries): (result, addresses).
+
+        result is that of mta_dns_queries_total (ok, nxdomain, nodata, servfail, timeout);
+        addresses is empty unless ok. Raises dns.exception.DNSException for an invalid name.
+        """
+        answer = await self._lookup(dns.name.from_text(name), dns.rdatatype.A)
+        return answer.result, answer.records
+
     # --- one DNS lookup, through the cache ------------------------------------------------
 
     async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Answer:

@@ -25,6 +25,7 @@ import faulthandler
 import os
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,13 @@ from mta import logs, metrics
 from mta.config import Config, ListenerConfig
 from mta.smtp.server import ServerOptions
 from mtaqueue.backend_lmdb import LmdbBackend
+from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.committer import GroupCommitter
+from mta.tls import server_context
+from workers.delivery.mx import MxResolver
+from workers.inbound.access import Access
+from workers.inbound.auth import Authenticator
+from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.protocol import InboundProtocol
@@ -42,16 +49,23 @@ from workers.link import MasterLink
 @dataclass
 class WorkerContext:
     config: Config
-    server_options: ServerOptions
+    server_options: dict[str, ServerOptions]  # by listener address
     committer: GroupCommitter
     local: LocalRecipients
     notifier: SchedulerNotifier
+    ssl_context: ssl.SSLContext | None
+    authenticator: Authenticator
+    limiter: RateLimiter
+    access: Access
     sessions: set[InboundProtocol] = field(default_factory=set)
-    connections_per_ip: dict[str, int] = field(default_factory=dict)
 
 
-def server_options(config: Config) -> ServerOptions:
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
+
+def server_options(config: Config, listener: ListenerConfig) -> ServerOptions:
     limits = config.limits
+    auth = listener.offers_auth and bool(config.auth.users_file)
     return ServerOptions(
         hostname=config.server.hostname,
         max_message_bytes=limits.max_message_bytes,
@@ -59,6 +73,13 @@ def server_options(config: Config) -> ServerOptions:
         max_errors=limits.max_errors,
         max_received_headers=limits.max_received_headers,
         bare_newline=limits.bare_newline,
+        max_junk_commands=limits.max_junk_commands,
+        starttls=bool(config.tls.cert_file) and listener.mode != "smtps",
+        auth_mechanisms=AUTH_MECHANISMS if auth else (),
+        auth_plaintext=listener.auth_plaintext,
+        auth_required=listener.mode == "submission",
+        vrfy=config.policy.vrfy,
+        expn=config.policy.expn,
     )
 
 
@@ -92,10 +113,20 @@ class Worker:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        backend = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        config = self.config
+        backend = LmdbBackend(config.queue.path, config.queue.max_size_bytes)
         committer = GroupCommitter(backend, loop, on_commit=_observe_commit)
-        self.ctx = WorkerContext(self.config, server_options(self.config), committer,
-                                 LocalRecipients(self.config), SchedulerNotifier(self.config.queue.scheduler_socket))
+        cache = LmdbCache(config.cache.path, config.cache.max_size_bytes, config.cache.max_entries)
+        resolver = (MxResolver(list(config.dns.nameservers), cache, config.dns.timeout_seconds)
+                    if config.policy.dnsbl else None)
+        self.ctx = WorkerContext(
+            config, {lst.address: server_options(config, lst) for lst in config.listener}, committer,
+            LocalRecipients(config), SchedulerNotifier(config.queue.scheduler_socket),
+            ssl_context=server_context(config.tls),
+            authenticator=Authenticator(config.auth, cache, config.cache.path),
+            limiter=RateLimiter(config, cache),
+            access=Access(config, resolver),
+        )
         loop.add_signal_handler(signal.SIGTERM, self._stop_now, True)
         loop.add_signal_handler(signal.SIGINT, self._stop_now, True)
         loop.add_signal_handler(signal.SIGUSR1, self._stop_now, False)
@@ -108,7 +139,9 @@ class Worker:
         await self._drain()
         committer.close()
         self.ctx.notifier.close()
+        self.ctx.authenticator.close()
         backend.close()
+        cache.close()
         logs.event("stopped", sessions=len(self.ctx.sessions))
         return 0
 
@@ -152,10 +185,19 @@ class Worker:
         ctx = self.ctx
         assert ctx is not None
         loop = asyncio.get_running_loop()
+        implicit_tls = ctx.ssl_context if listener.mode == "smtps" else None
         try:
-            await loop.connect_accepted_socket(lambda: InboundProtocol(ctx, listener), sock)
-        except OSError as exc:  # the client went away between accept and now
-            logs.event("adopt_failed", error=exc.strerror)
+            if implicit_tls is None:
+                await loop.connect_accepted_socket(lambda: InboundProtocol(ctx, listener), sock)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: InboundProtocol(ctx, listener), sock, ssl=implicit_tls,
+                    ssl_handshake_timeout=self.config.tls.handshake_timeout_seconds)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            # The client went away between accept and now, or its TLS handshake failed.
+            if implicit_tls is not None:
+                metrics.INBOUND_TLS.labels("smtps", "failed").inc()
+            logs.event("adopt_failed", listener=listener.address, error=str(exc) or type(exc).__name__)
             sock.close()
 
     def _status(self) -> dict[str, object]:

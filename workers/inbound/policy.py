@@ -2,8 +2,9 @@
 
 Relay control (never an open relay): a recipient is accepted when its domain is in
 [relay] local_domains or relay_domains (exact match, case-insensitive, no subdomain
-wildcard), when it is the bare <postmaster> (RFC 5321 4.5.1), or when the client is in
-[relay] mynetworks. Everything else gets 554 5.7.1 for that recipient only.
+wildcard), when it is the bare <postmaster> (RFC 5321 4.5.1), when the client is in
+[relay] mynetworks, or when it has authenticated (SMTP AUTH). Everything else gets
+554 5.7.1 for that recipient only. HELO names grant nothing.
 
 Local recipients: in a local domain delivered to Maildir (no [routes] entry, or
 "maildir"), a recipient must be an alias or have a mailbox directory, else 550 5.1.1
@@ -21,6 +22,7 @@ from mta import logs
 from mta.aliases import AliasError, Aliases
 from mta.config import Config, RelayConfig
 from mta.smtp import replies
+from mta.smtp.address import AddressError, parse_path
 from mta.smtp.commands import MailFrom, RcptTo
 from mta.smtp.replies import Reply
 from workers.delivery.maildir import mailbox_exists
@@ -55,6 +57,19 @@ class LocalRecipients:
             return None
         return USER_UNKNOWN
 
+    def verify(self, argument: str, *, expand: bool = False) -> Reply:
+        """VRFY/EXPN, when the operator enabled them: only local Maildir recipients are known."""
+        try:
+            address = parse_path(argument if argument.startswith("<") else f"<{argument}>", utf8=False)
+        except AddressError:
+            return replies.bad_recipient("VRFY/EXPN take an address")
+        if address.domain_key not in self.domains:
+            return replies.VRFY_CANNOT
+        if self.check(RcptTo(address)) is not None:
+            return USER_UNKNOWN
+        targets = self.expand(address.text) if expand else [address.text]
+        return Reply(250, "2.1.5", tuple(f"<{t}>" for t in targets))
+
     def expand(self, address: str) -> list[str]:
         """Final recipients for an accepted address: alias targets, or the address itself."""
         try:
@@ -69,7 +84,7 @@ def check_mail_from(relay: RelayConfig, client: IPAddress | None, command: MailF
 
 
 def check_rcpt_to(relay: RelayConfig, client: IPAddress | None, command: RcptTo,
-                  local: LocalRecipients | None = None) -> Reply:
+                  local: LocalRecipients | None = None, *, authenticated: bool = False) -> Reply:
     address = command.address
     if not address.domain and address.local.lower() == "postmaster":
         return replies.RCPT_OK
@@ -77,7 +92,7 @@ def check_rcpt_to(relay: RelayConfig, client: IPAddress | None, command: RcptTo,
     if not domain.startswith("[") and (domain in relay.local_domains or domain in relay.relay_domains):
         unknown = local.check(command) if local is not None else None
         return unknown or replies.RCPT_OK
-    if client is not None and any(client in net for net in relay.mynetworks):
+    if authenticated or (client is not None and any(client in net for net in relay.mynetworks)):
         return replies.RCPT_OK
     return replies.RELAY_DENIED
 

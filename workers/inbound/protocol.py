@@ -11,6 +11,14 @@ may connect; the header must arrive within PROXY_HEADER_SECONDS; its source addr
 then is the client for the Received header, relay control, per-IP limits and logs.
 Anything else closes the connection before any greeting.
 
+Security (docs/operations.md): at connect, [policy] client lists, the AUTH lockout
+(submission/smtps listeners) and the shared per-IP limits; a DNSBL lookup starts in
+the background and is awaited at the first MAIL. STARTTLS pauses reading before our
+220 leaves, so nothing sent in plaintext after it is read as a command; implicit TLS
+(smtps) completes its handshake before the protocol exists. AUTH verifies through
+the shared auth cache; failures are counted per IP, slow the replies down and end in
+a lockout. A password is never logged.
+
 Timeouts: one timer per session, re-armed lazily from the last activity time; it
 never fires while we (not the client) are the ones being waited on.
 """
@@ -19,17 +27,25 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 import time
 from typing import TYPE_CHECKING
 
-from mta import logs, metrics, proxyproto
+from collections.abc import Coroutine
+from typing import Any
+
+from mta import logs, metrics, proxyproto, tls
 from mta.config import ListenerConfig
 from mta.smtp import replies
-from mta.smtp.commands import MailFrom, RcptTo
-from mta.smtp.server import CLOSED, Message, ServerConnection
+from mta.smtp.commands import Expn, MailFrom, RcptTo, StartTls, Vrfy
+from mta.smtp.replies import Reply
+from mta.smtp.server import CLOSED, Credentials, Message, ServerConnection
 from mta.smtp.states import State
+from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from workers.inbound import policy
+from workers.inbound.auth import AUTH_ATTEMPTS
+from workers.inbound.ratelimit import LOCKED_OUT
 from workers.inbound.received import received_header
 
 if TYPE_CHECKING:
@@ -44,10 +60,14 @@ class InboundProtocol(asyncio.Protocol):
     def __init__(self, ctx: WorkerContext, listener: ListenerConfig) -> None:
         self._ctx = ctx
         self._listener = listener
-        self._conn = ServerConnection(ctx.server_options)
+        self._conn = ServerConnection(ctx.server_options[listener.address], tls=listener.mode == "smtps")
         self._transport: asyncio.Transport | None = None
         self._paused = False
-        self._commit_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # a decision being made (commit, AUTH, TLS, DNSBL)
+        self._dnsbl: asyncio.Task[Reply | None] | None = None
+        self._user: User | None = None  # authenticated
+        self._tls_info = ""  # "TLSv1.3 with cipher ..." once encrypted
+        self._gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self.client_ip = "unknown"
@@ -66,6 +86,9 @@ class InboundProtocol(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
             self._client_addr = ipaddress.ip_address(self.client_ip)
+        if self._conn.tls_active:  # implicit TLS: the handshake is already done
+            self._tls_info = tls.describe(transport.get_extra_info("ssl_object"))
+            metrics.INBOUND_TLS.labels(self._listener.mode, "ok").inc()
         self._ctx.sessions.add(self)
         metrics.INBOUND_ACTIVE_SESSIONS.inc()
         self._last_activity = time.monotonic()
@@ -84,20 +107,41 @@ class InboundProtocol(asyncio.Protocol):
 
     def _start_session(self) -> None:
         ctx = self._ctx
-        count = ctx.connections_per_ip.get(self.client_ip, 0) + 1
-        ctx.connections_per_ip[self.client_ip] = count
-        self._counted = True
-        logs.event("connect", client=self.client_ip, listener=self._listener.address)
+        logs.event("connect", client=self.client_ip, listener=self._listener.address,
+                   tls=self._tls_info or None)
         metrics.INBOUND_CONNECTIONS.labels(self._listener.address).inc()
-        if count > ctx.config.limits.max_connections_per_ip:
-            logs.event("refused", client=self.client_ip, reason="max_connections_per_ip")
-            self._conn.refuse(replies.CONNECTION_LIMIT)
+        refusal, reason = self._check_connect()
+        if refusal is not None:
+            logs.event("refused", client=self.client_ip, reason=reason, reply=str(refusal))
+            metrics.INBOUND_REJECTED.labels(reason, f"{refusal.code // 100}xx").inc()
+            self._conn.refuse(refusal)
         else:
             self._conn.greet()
+            if ctx.config.policy.dnsbl and not self._trusted and not ctx.access.allowed(self.client_ip):
+                self._dnsbl = asyncio.get_running_loop().create_task(ctx.access.dnsbl(self.client_ip))
         self._arm_timer(ctx.config.limits.command_timeout_seconds)
         self._flush()
         if self._conn.state is State.CLOSED:
             self._linger_close()
+
+    def _check_connect(self) -> tuple[Reply | None, str]:
+        ctx, ip = self._ctx, self.client_ip
+        denied = ctx.access.client(ip)
+        if denied is not None:
+            return denied, "client_denied"
+        if self._listener.mode in ("submission", "smtps") and ctx.limiter.locked_out(ip):
+            return LOCKED_OUT, "auth_lockout"
+        limited = ctx.limiter.open_connection(ip, self._trusted)
+        if limited is not None:
+            return limited, "connection_rate" if limited is not replies.CONNECTION_LIMIT else "max_connections_per_ip"
+        self._counted = True
+        return None, ""
+
+    @property
+    def _trusted(self) -> bool:
+        """In [relay] mynetworks: may relay, exempt from the rate windows. HELO grants nothing."""
+        return self._client_addr is not None and any(self._client_addr in net
+                                                     for net in self._ctx.config.relay.mynetworks)
 
     def _on_proxy_data(self, data: bytes) -> None:
         self._proxy_buffer += data
@@ -147,9 +191,14 @@ class InboundProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:
+            return
+        self._gone = True
         self._ctx.sessions.discard(self)
         metrics.INBOUND_ACTIVE_SESSIONS.dec()
         self._release_ip()
+        if self._dnsbl is not None:
+            self._dnsbl.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self._linger_timer is not None:
@@ -162,12 +211,7 @@ class InboundProtocol(asyncio.Protocol):
         if not self._counted:
             return
         self._counted = False
-        counts = self._ctx.connections_per_ip
-        left = counts.get(self.client_ip, 1) - 1
-        if left > 0:
-            counts[self.client_ip] = left
-        else:
-            counts.pop(self.client_ip, None)
+        self._ctx.limiter.close_connection(self.client_ip)
 
     # --- the session -------------------------------------------------------------
 
@@ -204,19 +248,29 @@ class InboundProtocol(asyncio.Protocol):
         while True:
             event = conn.next_event()
             if isinstance(event, MailFrom):
-                conn.reply(policy.check_mail_from(self._ctx.config.relay, self._client_addr, event))
+                if self._dnsbl is not None and not self._dnsbl.done() and self._user is None:
+                    self._decide(self._mail_after_dnsbl(event))
+                    break
+                conn.reply(self._check_mail(event))
             elif isinstance(event, RcptTo):
-                reply = policy.check_rcpt_to(self._ctx.config.relay, self._client_addr, event, self._ctx.local)
-                if not reply.positive:
-                    logs.event("rejected", client=self.client_ip, rcpt=event.address.text, reply=str(reply))
-                    reason = "relay" if reply.status == "5.7.1" else "user_unknown" if reply.status == "5.1.1" else "rcpt"
-                    metrics.INBOUND_REJECTED.labels(reason, f"{reply.code // 100}xx").inc()
-                conn.reply(reply)
+                conn.reply(self._check_rcpt(event))
             elif isinstance(event, Message):
-                self._commit_task = asyncio.get_running_loop().create_task(self._commit(event))
+                self._decide(self._commit(event))
                 break
+            elif isinstance(event, Credentials):
+                self._decide(self._authenticate(event))
+                break
+            elif isinstance(event, (Vrfy, Expn)):
+                conn.reply(self._ctx.local.verify(event.argument, expand=isinstance(event, Expn)))
+            elif isinstance(event, StartTls):
+                self._flush()  # our 220 leaves; nothing more is read in plaintext
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                self._decide(self._start_tls())
+                return
             else:  # NEED_DATA, PAUSED or CLOSED
                 break
+        self._count_auth_refusals()
         self._flush()
         transport = self._transport
         if transport is None:
@@ -232,25 +286,152 @@ class InboundProtocol(asyncio.Protocol):
             transport.resume_reading()
             self._paused = False
 
+    def _decide(self, decision: Coroutine[Any, Any, None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(decision)
+
+    def _answer(self, reply: Reply) -> None:
+        """Deliver an asynchronous decision and go on with the input."""
+        self._task = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._conn.reply(reply)
+        self._pump()
+
+    # --- policy --------------------------------------------------------------------
+
+    def _check_mail(self, command: MailFrom) -> Reply:
+        ctx = self._ctx
+        sender = command.address.text
+        reply = ctx.access.sender(sender)
+        reason = "sender_denied"
+        if reply is None and self._user is not None and ctx.config.auth.sender_login_match \
+                and not self._user.owns(sender):
+            reply, reason = replies.SENDER_NOT_OWNED, "sender_login_mismatch"
+        if reply is None and self._dnsbl is not None and self._user is None:
+            reply, reason = self._dnsbl.result(), "dnsbl"
+        if reply is None:
+            reply, reason = ctx.limiter.message(self.client_ip, self._user_name, self._trusted), "message_rate"
+        if reply is None:
+            return policy.check_mail_from(ctx.config.relay, self._client_addr, command)
+        self._rejected(reason, reply, sender=sender)
+        return reply
+
+    async def _mail_after_dnsbl(self, command: MailFrom) -> None:
+        assert self._dnsbl is not None
+        await asyncio.wait([self._dnsbl])
+        self._answer(self._check_mail(command))
+
+    def _check_rcpt(self, command: RcptTo) -> Reply:
+        ctx = self._ctx
+        rcpt = command.address.text
+        reply = ctx.access.recipient(rcpt)
+        if reply is not None:
+            self._rejected("recipient_denied", reply, rcpt=rcpt)
+            return reply
+        reply = policy.check_rcpt_to(ctx.config.relay, self._client_addr, command, ctx.local,
+                                     authenticated=self._user is not None)
+        if not reply.positive:
+            reason = "relay" if reply.status == "5.7.1" else "user_unknown" if reply.status == "5.1.1" else "rcpt"
+            self._rejected(reason, reply, rcpt=rcpt)
+            return reply
+        limited = ctx.limiter.recipient(self.client_ip, self._user_name, self._trusted)
+        if limited is not None:
+            self._rejected("recipient_rate", limited, rcpt=rcpt)
+            return limited
+        return reply
+
+    def _rejected(self, reason: str, reply: Reply, **fields: object) -> None:
+        logs.event("rejected", client=self.client_ip, user=self._user_name, reason=reason, reply=str(reply), **fields)
+        metrics.INBOUND_REJECTED.labels(reason, f"{reply.code // 100}xx").inc()
+
+    @property
+    def _user_name(self) -> str | None:
+        return self._user.name if self._user is not None else None
+
+    # --- TLS and AUTH --------------------------------------------------------------
+
+    async def _start_tls(self) -> None:
+        ctx = self._ctx
+        transport = self._transport
+        assert transport is not None and ctx.ssl_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(transport, self, ctx.ssl_context, server_side=True,
+                                          ssl_handshake_timeout=ctx.config.tls.handshake_timeout_seconds)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            metrics.INBOUND_TLS.labels(self._listener.mode, "failed").inc()
+            logs.event("tls_failed", client=self.client_ip, error=str(exc) or type(exc).__name__)
+            self._task = None
+            transport.close()
+            self.connection_lost(None)
+            return
+        self._task = None
+        if secure is None or self._gone:
+            return
+        self._transport = secure  # type: ignore[assignment]
+        self._paused = False  # start_tls resumed reading
+        self._tls_info = tls.describe(secure.get_extra_info("ssl_object"))
+        metrics.INBOUND_TLS.labels(self._listener.mode, "ok").inc()
+        logs.event("tls", client=self.client_ip, tls=self._tls_info)
+        self._last_activity = time.monotonic()
+        self._conn.tls_started()
+        self._pump()
+
+    async def _authenticate(self, credentials: Credentials) -> None:
+        ctx, ip = self._ctx, self.client_ip
+        if ctx.limiter.locked_out(ip):
+            AUTH_ATTEMPTS.labels("locked_out").inc()
+            logs.event("auth", client=ip, user=replies.sanitize(credentials.username), result="locked_out")
+            self._answer(LOCKED_OUT)
+            return
+        delay = ctx.limiter.auth_delay(ip)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        result = None
+        if credentials.authzid in ("", credentials.username):
+            result = await ctx.authenticator.verify(credentials.username, credentials.password)
+        if result is not None and result.ok and result.user is not None:
+            self._user = result.user
+            AUTH_ATTEMPTS.labels("success").inc()
+            logs.event("auth", client=ip, user=result.user.name, mechanism=credentials.mechanism,
+                       result="success", cached=result.cached)
+            self._answer(replies.AUTH_OK)
+            return
+        failures = ctx.limiter.auth_failed(ip)
+        AUTH_ATTEMPTS.labels("failure").inc()
+        logs.event("auth", client=ip, user=replies.sanitize(credentials.username), mechanism=credentials.mechanism,
+                   result="failure", failures=failures)
+        self._answer(LOCKED_OUT if ctx.limiter.locked_out(ip) else replies.AUTH_FAILED)
+
+    def _count_auth_refusals(self) -> None:
+        """AUTH attempts the core refused alone (no TLS, malformed): counted here."""
+        for result in self._conn.auth_refusals:
+            AUTH_ATTEMPTS.labels(result).inc()
+        self._conn.auth_refusals.clear()
+
     async def _commit(self, message: Message) -> None:
         ctx = self._ctx
         msgid = new_id()
         rcpts = [r.address.text for r in message.recipients]
         protocol = ("UTF8SMTP" if message.sender.smtputf8 else "ESMTP") if self._conn.esmtp else "SMTP"
+        # RFC 3848: S for TLS, A for an authenticated submission.
+        protocol += ("S" if self._conn.tls_active else "") + ("A" if self._user is not None else "")
         header = received_header(helo=self._conn.helo_name, client_ip=self.client_ip,
                                  hostname=ctx.config.server.hostname, protocol=protocol,
-                                 msgid=msgid, recipients=rcpts)
+                                 msgid=msgid, recipients=rcpts, tls=self._tls_info)
         body = header + message.data
         now = time.time()
         envelope = Envelope(
             id=msgid, sender=message.sender.address.text, recipients=self._final_recipients(message),
             size=len(body), arrival=now, next_attempt=now, ret=message.sender.ret,
             priority=policy.message_priority(ctx.config, sender=message.sender.address.text,
-                                             recipients=rcpts, listener=self._listener.address),
+                                             recipients=rcpts, listener=self._listener.address,
+                                             user=self._user_name),
             envid=message.sender.envid, body_type=message.sender.body,
             smtputf8=message.sender.smtputf8,
             client={"ip": self.client_ip, "port": self.client_port, "helo": self._conn.helo_name,
-                    "listener": self._listener.address, "protocol": protocol},
+                    "listener": self._listener.address, "protocol": protocol,
+                    "tls": self._tls_info or None, "user": self._user_name},
         )
         try:
             await ctx.committer.commit(NewMessage(envelope, body))
@@ -268,11 +449,7 @@ class InboundProtocol(asyncio.Protocol):
                        nrcpt=len(rcpts), size=len(body), priority=envelope.priority or None)
             ctx.notifier.new(msgid)
             metrics.INBOUND_MESSAGES.labels(self._listener.address).inc()
-        self._commit_task = None
-        if self._transport is None or self._transport.is_closing():
-            return
-        self._conn.reply(reply)
-        self._pump()
+        self._answer(reply)
 
     def _final_recipients(self, message: Message) -> list[Recipient]:
         """Accepted recipients with aliases expanded (the original kept as ORCPT), deduplicated."""

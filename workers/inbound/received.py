@@ -1,7 +1,8 @@
 """The Received header we prepend to every accepted message (RFC 5321 4.4, RFC 5322 3.6.7).
 
     Received: from client.example ([192.0.2.1])
-            by mx.example (mta) with ESMTP id 18C2B3A4F5E6D7A8B9C0D1E2F;
+            (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))
+            by mx.example (mta) with ESMTPS id 18C2B3A4F5E6D7A8B9C0D1E2F;
             Sun, 29 Nov 2026 06:43:03 +0000
 
 `for <rcpt>` is added only for a single recipient, so a copy never discloses the
@@ -20,11 +21,12 @@ _date_cache: tuple[int, str] = (0, "")
 
 
 def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol: str,
-                    msgid: MessageId, recipients: list[str]) -> bytes:
+                    msgid: MessageId, recipients: list[str], tls: str = "") -> bytes:
     claimed = _clean(helo or "unknown")
     for_clause = f"\r\n\tfor <{_clean(recipients[0])}>" if len(recipients) == 1 else ""
+    tls_comment = f"\r\n\t(using {_clean(tls)})" if tls else ""
     return (
-        f"Received: from {claimed} ([{client_ip}])\r\n"
+        f"Received: from {claimed} ([{client_ip}]){tls_comment}\r\n"
         f"\tby {hostname} (mta) with {protocol} id {msgid}{for_clause};\r\n"
         f"\t{_rfc5322_now()}\r\n"
     ).encode("utf-8")

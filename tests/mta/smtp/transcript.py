@@ -2,7 +2,8 @@
 
 File format (tests/mta/smtp/transcripts/*.txt):
     # comment
-    ! max_message_bytes=100        option for ServerOptions (int or str), before the first S:/C:
+    ! max_message_bytes=100        option for ServerOptions (int, true/false, str; a str with spaces
+                                   for auth_mechanisms is a tuple), before the first S:/C:; `! tls=true`: implicit TLS
     S: 220 mx.test ESMTP            a line we must send, exactly
     C: EHLO c.test                  a client line; CRLF is appended
     C< raw bytes                    client bytes with nothing appended
@@ -14,7 +15,9 @@ looks like on the wire); the S lines after them are everything we must answer.
 Escapes \\r \\n \\t \\\\ and \\xHH are decoded in C, C< and M lines.
 The application is the real relay policy (workers.inbound.policy) with client
 192.0.2.10, local_domains = local.test, relay_domains = relay.test, no mynetworks;
-every message is answered `250 2.0.0 Ok: queued as Q<n>`.
+every message is answered `250 2.0.0 Ok: queued as Q<n>`; every STARTTLS handshake
+succeeds; only alice / secret (no authzid, or authzid alice) authenticates; VRFY and
+EXPN (when enabled) know only <alice@local.test>.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from pathlib import Path
 
 from mta.config import RelayConfig
 from mta.smtp import replies
-from mta.smtp.commands import MailFrom, RcptTo
-from mta.smtp.server import CLOSED, Message, ServerConnection, ServerOptions
+from mta.smtp.commands import Expn, MailFrom, RcptTo, StartTls, Vrfy
+from mta.smtp.replies import Reply
+from mta.smtp.server import CLOSED, Credentials, Message, ServerConnection, ServerOptions
 from workers.inbound import policy
 
 RELAY = RelayConfig(local_domains=("local.test",), relay_domains=("relay.test",), mynetworks=())
@@ -66,15 +70,32 @@ class App:
             elif isinstance(event, Message):
                 self.messages.append(event)
                 self.conn.reply(replies.queued(f"Q{len(self.messages)}"))
+            elif isinstance(event, StartTls):
+                self.conn.tls_started()
+            elif isinstance(event, Credentials):
+                good = (event.username, event.password) == ("alice", "secret") and event.authzid in ("", "alice")
+                self.conn.reply(replies.AUTH_OK if good else replies.AUTH_FAILED)
+            elif isinstance(event, (Vrfy, Expn)):
+                known = event.argument.strip("<>").lower() == "alice@local.test"
+                self.conn.reply(Reply(250, "2.1.5", "<alice@local.test>") if known
+                                else Reply(550, "5.1.1", "User unknown"))
             else:
                 self.closed = event is CLOSED
                 return
 
 
-def new_app(**options: object) -> tuple[App, bytes]:
-    conn = ServerConnection(ServerOptions(hostname="mx.test", **options))  # type: ignore[arg-type]
+def new_app(tls: bool = False, **options: object) -> tuple[App, bytes]:
+    conn = ServerConnection(ServerOptions(hostname="mx.test", **options), tls=tls)  # type: ignore[arg-type]
     conn.greet()
     return App(conn), conn.data_to_send()
+
+
+def _option(key: str, value: str) -> object:
+    if value.isdigit():
+        return int(value)
+    if value in ("true", "false"):
+        return value == "true"
+    return tuple(value.split()) if key == "auth_mechanisms" else value
 
 
 def run_transcript(path: Path) -> None:
@@ -86,7 +107,7 @@ def run_transcript(path: Path) -> None:
             continue
         if line.startswith("! "):
             key, _, value = line[2:].partition("=")
-            options[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+            options[key.strip()] = _option(key.strip(), value.strip())
             continue
         kind, text = line[:2], line[3:]
         if kind not in ("S:", "C:", "C<", "M:", "X:"):

@@ -1,0 +1,51 @@
+"""The server side of TLS: one SSLContext from [tls], for STARTTLS and implicit TLS.
+
+Modern defaults: TLS 1.2 at least (or 1.3 by [tls] min_version), OpenSSL's default
+cipher list at security level 2 (forward-secret AEAD suites first), no compression,
+no renegotiation, server cipher preference. No client certificates are requested.
+
+`server_context` raises TlsError with the file and what is wrong, so the master can
+refuse to start (or keep the running configuration on SIGHUP) with a useful message
+before any worker tries the certificate.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from mta.config import TlsConfig
+
+
+class TlsError(ValueError):
+    """The certificate or key is unusable; the message says which file and why."""
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The context for inbound TLS, or None when no certificate is configured."""
+    if not tls.cert_file:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except FileNotFoundError as exc:
+        raise TlsError(f"[tls] {exc.filename}: no such file") from None
+    except PermissionError as exc:
+        raise TlsError(f"[tls] {exc.filename}: permission denied (the master reads it as its own user)") from None
+    except ssl.SSLError as exc:
+        raise TlsError(f"[tls] cert_file {tls.cert_file} / key_file {tls.key_file}: not a matching PEM "
+                       f"certificate chain and private key ({exc.reason or exc})") from None
+    return context
+
+
+def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """'TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)' for Received and logs."""
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    if cipher is None:
+        return ssl_object.version() or ""
+    name, _, bits = cipher
+    return f"{ssl_object.version()} with cipher {name} ({bits}/{bits} bits)"

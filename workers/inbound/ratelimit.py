@@ -1,0 +1,218 @@
+"""Inbound rate limits and AUTH failure accounting, shared by every inbound worker process.
+
+All state lives in the shared LmdbCache (namespace "rate"), so a limit holds across the
+worker processes and survives a worker restart; each count is one `LmdbCache.update`
+(one LMDB write transaction, serialised across processes). Keys:
+  conn/<ip>                     {pid: open connections}: [limits] max_connections_per_ip
+  conn-window/<ip>              [window_start, count]: [rate] connections_per_window
+  msg/ip/<ip>, msg/user/<u>     [window_start, count]: messages_per_window, user_messages_per_window
+  rcpt/ip/<ip>, rcpt/user/<u>   [window_start, count]: recipients_per_window, user_recipients_per_window
+  auth/<ip>                     [first_failure, failures]: [auth] max_failures within lockout_seconds
+
+Windows are fixed: a new one starts at the first count at or after window_start +
+window_seconds. A refused attempt consumes no budget (a count taken for one limit is
+given back when the next refuses). Entries expire a window after their last use.
+A limit of 0 costs nothing: no LMDB transaction (the concurrency limit is always on).
+Rate windows skip clients in [relay] mynetworks ("trusted") unless [rate]
+exempt_mynetworks = false; the concurrency limit and AUTH failures count everyone.
+
+Invariant: conn/<ip> counts the open connections of live processes only, except those
+of a worker killed before closing them: they are dropped the next time the limit is
+reached (or when the entry expires, a day after its last use).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from mta.config import Config
+from mta.smtp import replies
+from mta.smtp.replies import Reply
+from mtaqueue.cache_lmdb import LmdbCache
+
+CACHE_NAMESPACE: Final = "rate"
+CONNECTION_TTL_SECONDS: Final = 86_400.0  # conn/<ip> outlives any session; bounds what a killed worker leaks
+MAX_AUTH_DELAY_SECONDS: Final = 5.0
+
+CONNECTION_RATE = Reply(421, "4.7.0", "Error: too many connections from your address, try again later")
+LOCKED_OUT = Reply(421, "4.7.0", "Error: too many failed authentications from your address, try again later")
+
+Window = list[float]  # [window_start, count], as stored
+
+
+def too_much_mail(who: str) -> Reply:
+    return Reply(450, "4.7.1", f"Error: too much mail from {replies.sanitize(who)}, try again later")
+
+
+def too_many_recipients(who: str) -> Reply:
+    return Reply(450, "4.7.1", f"Error: too many recipients from {replies.sanitize(who)}, try again later")
+
+
+class RateLimiter:
+    def __init__(self, config: Config, cache: LmdbCache, *, clock: Callable[[], float] = time.time,
+                 pid: int | None = None) -> None:
+        """pid: the process whose connections this instance counts (default: this one, at construction)."""
+        self._cache = cache
+        self._clock = clock
+        self._pid = str(pid if pid is not None else os.getpid())  # msgpack map keys: strings
+        self._max_connections = config.limits.max_connections_per_ip
+        self._rate = config.rate
+        self._auth = config.auth
+
+    # --- connections ------------------------------------------------------------------
+
+    def open_connection(self, ip: str, trusted: bool) -> Reply | None:
+        """Take a concurrency slot and count the connection; None when allowed, else the 421."""
+        now = self._clock()
+        refused = False
+
+        def take(counts: dict[str, int] | None) -> dict[str, int] | None:
+            nonlocal refused
+            counts = dict(counts or {})
+            refused = sum(counts.values()) >= self._max_connections
+            if refused:  # over the limit: first forget workers that died without closing
+                counts = {pid: n for pid, n in counts.items() if pid == self._pid or _alive(int(pid))}
+                refused = sum(counts.values()) >= self._max_connections
+            if not refused:
+                counts[self._pid] = counts.get(self._pid, 0) + 1
+            return counts or None
+
+        self._cache.update(CACHE_NAMESPACE, f"conn/{ip}", take, CONNECTION_TTL_SECONDS, now)
+        if refused:
+            return replies.CONNECTION_LIMIT
+        if self._rate.connections_per_window and not self._exempt(trusted):
+            if self._charge([(f"conn-window/{ip}", self._rate.connections_per_window, ip)], now) is not None:
+                self.close_connection(ip)
+                return CONNECTION_RATE
+        return None
+
+    def close_connection(self, ip: str) -> None:
+        """Give back the slot of an open_connection that returned None."""
+
+        def release(counts: dict[str, int] | None) -> dict[str, int] | None:
+            counts = dict(counts or {})
+            left = counts.pop(self._pid, 0) - 1
+            if left > 0:
+                counts[self._pid] = left
+            return counts or None
+
+        self._cache.update(CACHE_NAMESPACE, f"conn/{ip}", release, CONNECTION_TTL_SECONDS, self._clock())
+
+    # --- messages and recipients -----------------------------------------------------------
+
+    def message(self, ip: str, user: str | None, trusted: bool) -> Reply | None:
+        """Count one MAIL from `ip` (and `user`, when authenticated); None when allowed, else 450."""
+        return self._count("msg", ip, user, trusted, self._rate.messages_per_window,
+                           self._rate.user_messages_per_window, too_much_mail)
+
+    def recipient(self, ip: str, user: str | None, trusted: bool) -> Reply | None:
+        """Count one RCPT from `ip` (and `user`, when authenticated); None when allowed, else 450."""
+        return self._count("rcpt", ip, user, trusted, self._rate.recipients_per_window,
+                           self._rate.user_recipients_per_window, too_many_recipients)
+
+    def _count(self, kind: str, ip: str, user: str | None, trusted: bool, ip_limit: int, user_limit: int,
+               refusal: Callable[[str], Reply]) -> Reply | None:
+        limits: list[tuple[str, int, str]] = []  # (key, limit, who for the reply)
+        if ip_limit and not self._exempt(trusted):
+            limits.append((f"{kind}/ip/{ip}", ip_limit, ip))
+        if user_limit and user is not None:
+            limits.append((f"{kind}/user/{user}", user_limit, user))
+        if not limits:
+            return None  # the fast path: no LMDB transaction
+        refused = self._charge(limits, self._clock())
+        return refusal(refused) if refused is not None else None
+
+    def _exempt(self, trusted: bool) -> bool:
+        return trusted and self._rate.exempt_mynetworks
+
+    def _charge(self, limits: list[tuple[str, int, str]], now: float) -> str | None:
+        """Count one in the window of each (key, limit, who); None when all allow, else who was refused.
+
+        A refusal gives back the counts already taken, so a refused attempt costs nothing.
+        """
+        window = self._rate.window_seconds
+        taken: list[tuple[str, float]] = []
+        for key, limit, who in limits:
+            count = _Count(now, window, limit)
+            start = self._cache.update(CACHE_NAMESPACE, key, count, window, now)[0]
+            if count.refused:
+                for done, done_start in taken:
+                    self._cache.update(CACHE_NAMESPACE, done, _Uncount(done_start), window, now)
+                return who
+            taken.append((key, start))
+        return None
+
+    # --- AUTH failures -------------------------------------------------------------------
+
+    def auth_failed(self, ip: str) -> int:
+        """Record one failed AUTH from `ip`; returns the failures in its lockout window."""
+        lockout = self._auth.lockout_seconds
+        now = self._clock()
+
+        def add(value: Any) -> Window:
+            start, failures = _current(value, now, lockout)
+            return [start, failures + 1]
+
+        return int(self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", add, lockout, now)[1])
+
+    def auth_delay(self, ip: str) -> float:
+        """Seconds to wait before answering an AUTH from `ip`: grows past slow_after_failures, at most 5."""
+        beyond = self._auth_failures(ip) - self._auth.slow_after_failures
+        if beyond <= 0:
+            return 0.0
+        return min(self._auth.failure_delay_seconds * beyond, MAX_AUTH_DELAY_SECONDS)
+
+    def locked_out(self, ip: str) -> bool:
+        """True while `ip` has max_failures failures in the lockout window of its first failure."""
+        return self._auth_failures(ip) >= self._auth.max_failures
+
+    def _auth_failures(self, ip: str) -> int:
+        now = self._clock()
+        value = self._cache.get(CACHE_NAMESPACE, f"auth/{ip}", now)
+        return int(_current(value, now, self._auth.lockout_seconds)[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, as another user
+    return True
+
+
+def _current(value: Any, now: float, window_seconds: float) -> tuple[float, int]:
+    """(window_start, count) of the window running at `now`: a fresh one when none is."""
+    if isinstance(value, list) and len(value) == 2 and now < value[0] + window_seconds:
+        return float(value[0]), int(value[1])
+    return now, 0
+
+
+class _Count:
+    """The update counting one in the window running at `now`; at the limit it refuses
+    and leaves the window as it is."""
+
+    def __init__(self, now: float, window_seconds: float, limit: int) -> None:
+        self.now, self.window_seconds, self.limit = now, window_seconds, limit
+        self.refused = False
+
+    def __call__(self, value: Any) -> Window:
+        start, count = _current(value, self.now, self.window_seconds)
+        self.refused = count >= self.limit
+        return [start, count if self.refused else count + 1]
+
+
+class _Uncount:
+    """The update giving back one count taken in the window that started at `start`."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+
+    def __call__(self, value: Any) -> Window | None:
+        if not (isinstance(value, list) and len(value) == 2 and value[0] == self.start):
+            return value  # that window is over (or gone): nothing to give back
+        return [value[0], max(int(value[1]) - 1, 0)]
