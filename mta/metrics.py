@@ -80,6 +80,9 @@ INBOUND_TLS = Counter(
     "TLS handshakes with clients, by listener mode (smtp and submission: STARTTLS; smtps: implicit) and "
     "result (ok, failed). Failures are clients that cannot speak our TLS versions or ciphers, scanners, "
     "or a certificate problem if they are all failing.", ["mode", "result"])
+for _mode in ("smtp", "submission", "smtps"):
+    for _result in ("ok", "failed"):
+        INBOUND_TLS.labels(_mode, _result)  # every series from the start, at 0
 QUEUE_COMMIT_SECONDS = Histogram(
     "mta_queue_commit_seconds", "Time of one durable queue commit (one fsync).",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))

@@ -35,7 +35,8 @@ def shared_port(addresses: list[str]) -> int:
     raise RuntimeError("no port free on all addresses")
 
 
-def mx_relay(mta_server, tmp_path: Path, dns: DnsServer, port: int, relay_domains: list[str]) -> MtaServer:  # type: ignore[no-untyped-def]
+def mx_relay(mta_server, tmp_path: Path, dns: DnsServer, port: int, relay_domains: list[str],  # type: ignore[no-untyped-def]
+             **sections: dict) -> MtaServer:
     (tmp_path / "mail" / "local.test").mkdir(parents=True, exist_ok=True)
     return mta_server(
         server={"inbound_workers": 1},
@@ -43,6 +44,7 @@ def mx_relay(mta_server, tmp_path: Path, dns: DnsServer, port: int, relay_domain
         delivery={"workers": 1, "port": port, "min_backoff_seconds": 1, "max_backoff_seconds": 2},
         dns={"nameservers": [dns.nameserver], "timeout_seconds": 2},
         local={"maildir_root": str(tmp_path / "mail")},
+        **sections,
     )
 
 

@@ -102,7 +102,8 @@ def test_every_queried_metric_is_exported_by_a_running_mta(mta_server, tmp_path:
     with SmtpSink("127.0.0.2", port) as sink:
         dns_server.mx("remote.test", (10, "mx.remote.test"), ttl=300)
         dns_server.host("mx.remote.test", "127.0.0.2", ttl=300)
-        server: MtaServer = mx_relay(mta_server, tmp_path, dns_server, port, ["remote.test"])
+        server: MtaServer = mx_relay(mta_server, tmp_path, dns_server, port, ["remote.test"],
+                                     policy={"dnsbl": ["bl.test"]})  # exports the DNSBL series
         mailbox(tmp_path, "local.test", "sender")
         wait_until(lambda: get(server, "/readyz")[0] == 200, 10, "the control process", server)
         # one at a time: the first MX lookup misses the DNS cache, the second hits it

@@ -8,7 +8,9 @@ unless a test says otherwise).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -358,3 +360,32 @@ def test_a_dnsbl_listed_client_is_refused_at_mail_unless_authenticated(mta_serve
     assert out["listed"].startswith("554 5.7.1") and "bl.test" in out["listed"], out
     assert out["clean"].startswith("250"), out
     assert out["authenticated"].startswith("250"), out
+
+
+def test_sighup_loads_a_renewed_certificate_and_keeps_the_old_one_when_broken(mta_server, tmp_path, pki) -> None:
+    server, ports = secure_server(mta_server, tmp_path, pki)
+    renewed = make_pki(tmp_path / "renewed")  # another CA: clients of the old one cannot verify it
+
+    async def handshake(port: int, context: ssl.SSLContext) -> str:
+        client = await SmtpClient.connect(port, helo=None, tls=context)
+        text = str(client.greeting)
+        await client.close()
+        return text
+
+    def verifies(context: ssl.SSLContext) -> bool:
+        try:
+            return run(handshake(ports["smtps"], context)).startswith("220")
+        except ssl.SSLCertVerificationError:
+            return False
+
+    assert verifies(pki.client_context()) and not verifies(renewed.client_context())
+    pki.cert.write_bytes(renewed.cert.read_bytes())  # renewal in place, then reload
+    pki.key.write_bytes(renewed.key.read_bytes())
+    os.kill(server.master_pid, signal.SIGHUP)
+    wait_until(lambda: verifies(renewed.client_context()), 15, "the renewed certificate", server)
+
+    pki.key.write_bytes(b"not a key\n")  # a broken renewal: refused, the running one stays
+    os.kill(server.master_pid, signal.SIGHUP)
+    wait_until(lambda: b"event=reload_failed" in server.log_bytes(), 10, "the reload to be refused", server)
+    assert b"[tls] cert_file" in server.log_bytes()
+    assert verifies(renewed.client_context())
