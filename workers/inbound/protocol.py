@@ -308,13 +308,19 @@ class InboundProtocol(asyncio.Protocol):
                 and not self._user.owns(sender):
             reply, reason = replies.SENDER_NOT_OWNED, "sender_login_mismatch"
         if reply is None and self._dnsbl is not None and self._user is None:
-            reply, reason = self._dnsbl.result(), "dnsbl"
+            reply, reason = self._dnsbl_verdict(), "dnsbl"
         if reply is None:
             reply, reason = ctx.limiter.message(self.client_ip, self._user_name, self._trusted), "message_rate"
         if reply is None:
             return policy.check_mail_from(ctx.config.relay, self._client_addr, command)
         self._rejected(reason, reply, sender=sender)
         return reply
+
+    def _dnsbl_verdict(self) -> Reply | None:
+        assert self._dnsbl is not None and self._dnsbl.done()
+        if self._dnsbl.cancelled() or self._dnsbl.exception() is not None:
+            return None  # a lookup that broke lets the client through, like a timeout
+        return self._dnsbl.result()
 
     async def _mail_after_dnsbl(self, command: MailFrom) -> None:
         assert self._dnsbl is not None
@@ -445,7 +451,7 @@ class InboundProtocol(asyncio.Protocol):
             reply = replies.QUEUE_ERROR
         else:
             reply = replies.queued(msgid)
-            logs.event("received", msgid=msgid, client=self.client_ip, sender=envelope.sender,
+            logs.event("received", msgid=msgid, client=self.client_ip, user=self._user_name, sender=envelope.sender,
                        nrcpt=len(rcpts), size=len(body), priority=envelope.priority or None)
             ctx.notifier.new(msgid)
             metrics.INBOUND_MESSAGES.labels(self._listener.address).inc()
