@@ -1,27 +1,34 @@
 """The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete, users.
 
-Queue reads go to the spool directly (LMDB allows readers across processes), so they
-work whether or not the server runs. Queue changes go to the running scheduler over its
-socket, so they take effect at once; with no server running they are applied to the
-spool directly. `mta users` edits [auth] users_file (one editor at a time, atomic
+`mta queue` talks to the running server's admin API ([control] listen, with the bearer
+[control] token), so changes take effect at once in the scheduler. When nothing answers
+there (the server is stopped, or its control process is not up yet) it does what it did
+before the API: reads the spool directly (LMDB allows readers across processes) and
+sends changes to the scheduler's socket, or applies them to the spool when that does not
+answer either. A refused token fails the command, naming [control] token. `mta users` edits [auth] users_file (one editor at a time, atomic
 replace); inbound workers pick the change up at the next AUTH, with no reload.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 import msgpack
 
 from mta import config as configmod
 from mta import frames, queueview
-from mta.config import Config, ConfigError
+from mta.config import Config, ConfigError, split_hostport
+
+CONTROL_CONNECT_SECONDS = 5.0  # nothing accepts on [control] listen by then: the server is stopped
+CONTROL_ANSWER_SECONDS = 120.0  # a listing of a large queue takes a while
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,11 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     qsub = p.add_subparsers(metavar="ACTION")
     q = qsub.add_parser("list", parents=[common], help="list queued messages")
     q.add_argument("--json", action="store_true", help="one JSON array instead of a table")
-    q.set_defaults(func=_queue_list)
+    q.set_defaults(func=_queue, action=_queue_list)
     q = qsub.add_parser("show", parents=[common], help="show one message")
     q.add_argument("id")
     q.add_argument("--body", action="store_true", help="write the stored message bytes to stdout")
-    q.set_defaults(func=_queue_show)
+    q.set_defaults(func=_queue, action=_queue_show)
     for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
                      ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
         q = qsub.add_parser(op, parents=[common], help=text)
@@ -69,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument("ids", nargs="*", metavar="ID", default=[])
         which.add_argument("--domain", help="every message with a recipient in this domain")
         which.add_argument("--all", action="store_true", help="every message")
-        q.set_defaults(func=_queue_operation, op=op)
+        q.set_defaults(func=_queue, action=_queue_operation, op=op)
 
     users_common = argparse.ArgumentParser(add_help=False, parents=[common])
     users_common.add_argument("--file", metavar="PATH", help="the users file (default: [auth] users_file)")
@@ -233,44 +240,70 @@ def _open_spool(cfg: Config):  # type: ignore[no-untyped-def]
     return LmdbBackend(cfg.queue.path, cfg.queue.max_size_bytes)
 
 
+class ControlError(Exception):
+    """The admin API answered, but not with what the command needs (or broke off)."""
+
+
+def _queue(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        return int(args.action(cfg, args))
+    except ControlError as exc:
+        print(f"mta queue: {exc}", file=sys.stderr)
+        return 1
+
+
 def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
-    spool = _open_spool(cfg)
-    envelopes = list(spool.envelopes()) if spool is not None else []
-    answer = _ask_scheduler(cfg, {"t": "cmd", "op": "active"})
-    queueview.mark_active(envelopes, answer["active"] if answer is not None else {})
+    answer = _ask_control(cfg, "GET", "/api/queue", expect=(200,))
+    if answer is not None:
+        entries = json.loads(answer[1])
+    else:  # the server is stopped: the spool itself
+        spool = _open_spool(cfg)
+        envelopes = list(spool.envelopes()) if spool is not None else []
+        active = _ask_scheduler(cfg, {"t": "cmd", "op": "active"})
+        queueview.mark_active(envelopes, active["active"] if active is not None else {})
+        entries = [queueview.envelope_json(e) for e in envelopes]
     if args.json:
-        json.dump([queueview.envelope_json(e) for e in envelopes], sys.stdout, indent=1)
+        json.dump(entries, sys.stdout, indent=1)
         print()
         return 0
-    if not envelopes:
+    if not entries:
         print(f"queue is empty ({cfg.queue.path})")
         return 0
     print(f"{'ID':21}  {'ARRIVAL (UTC)':19}  {'SIZE':>9}  SENDER / RECIPIENTS")
-    for e in envelopes:
-        retry = f"  next attempt {queueview.iso(e.next_attempt)[:19]}" if any(r.state == "deferred" for r in e.recipients) else ""
-        print(f"{e.id:21}  {queueview.iso(e.arrival)[:19]:19}  {e.size:>9}  <{e.sender}>{retry}")
-        for r in e.recipients:
-            print(f"{'':55}  {r.state:9} <{r.address}>  attempts={r.attempts}")
-            if r.last_reply:
-                print(f"{'':66}{r.last_reply}")
-    print(f"-- {len(envelopes)} message(s), {sum(e.size for e in envelopes)} bytes")
+    for e in entries:  # the envelope_json form: times are ISO strings already
+        deferred = any(r["state"] == "deferred" for r in e["recipients"])
+        retry = f"  next attempt {e['next_attempt'][:19]}" if deferred else ""
+        print(f"{e['id']:21}  {e['arrival'][:19]:19}  {e['size']:>9}  <{e['sender']}>{retry}")
+        for r in e["recipients"]:
+            print(f"{'':55}  {r['state']:9} <{r['address']}>  attempts={r['attempts']}")
+            if r["last_reply"]:
+                print(f"{'':66}{r['last_reply']}")
+    print(f"-- {len(entries)} message(s), {sum(e['size'] for e in entries)} bytes")
     return 0
 
 
 def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
     from mtaqueue.ids import MessageId
-    spool = _open_spool(cfg)
-    msgid = MessageId(args.id.upper())
-    envelope = spool.envelope(msgid) if spool is not None else None
-    if envelope is None:
+    path = f"/api/queue/{urllib.parse.quote(args.id, safe='')}" + ("/body" if args.body else "")
+    answer = _ask_control(cfg, "GET", path, expect=(200, 404))
+    found: Any = None
+    if answer is not None:
+        if answer[0] == 200:
+            found = answer[1] if args.body else json.loads(answer[1])
+    else:  # the server is stopped: the spool itself
+        spool = _open_spool(cfg)
+        msgid = MessageId(args.id.upper())
+        envelope = spool.envelope(msgid) if spool is not None else None
+        if envelope is not None:
+            found = (spool.body(msgid) or b"") if args.body else queueview.envelope_json(envelope)
+    if found is None:
         print(f"mta: no message {args.id} in {cfg.queue.path}", file=sys.stderr)
         return 1
     if args.body:
-        body = spool.body(msgid)
-        sys.stdout.buffer.write(body or b"")
+        sys.stdout.buffer.write(found)
         sys.stdout.buffer.flush()
         return 0
-    json.dump(queueview.envelope_json(envelope), sys.stdout, indent=1)
+    json.dump(found, sys.stdout, indent=1)
     print()
     return 0
 
@@ -279,9 +312,12 @@ def _queue_operation(cfg: Config, args: argparse.Namespace) -> int:
     if not (args.ids or args.domain or args.all):
         print(f"mta: queue {args.op}: name message IDs, --domain D or --all", file=sys.stderr)
         return 2
-    frame = {"t": "cmd", "op": args.op, "ids": [i.upper() for i in args.ids], "domain": args.domain,
-             "all": args.all}
-    answer = _ask_scheduler(cfg, frame)
+    which = {"ids": [i.upper() for i in args.ids], "domain": args.domain, "all": args.all}
+    via_api = _ask_control(cfg, "POST", f"/api/queue/{args.op}", which, expect=(200, 503))
+    if via_api is not None and via_api[0] == 200:
+        answer = json.loads(via_api[1])
+    else:  # stopped, or 503 (the control process runs, the scheduler not yet): as before the API
+        answer = _ask_scheduler(cfg, {"t": "cmd", "op": args.op, **which})
     if answer is not None:
         print(f"{args.op}: {answer['count']} message(s) (applied by the running scheduler)")
         return 0 if answer["count"] or not args.ids else 1
@@ -312,6 +348,41 @@ def _apply_offline(cfg: Config, args: argparse.Namespace) -> int:
             e.next_attempt = now
     spool.apply(update=chosen)
     return len(chosen)
+
+
+def _ask_control(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None, *,
+                 expect: tuple[int, ...]) -> tuple[int, bytes] | None:
+    """One request to the running server's admin API: (status, body), or None when nothing
+    accepts on [control] listen (the server is stopped). ControlError for a refused token,
+    a status not in `expect`, or a connection that broke off."""
+    host, port = split_hostport(cfg.control.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard listener: ask it on loopback
+    where = f"the admin API on [control] listen {cfg.control.listen}"
+    conn = http.client.HTTPConnection(host, port, timeout=CONTROL_CONNECT_SECONDS)
+    try:
+        conn.connect()
+    except OSError:
+        conn.close()
+        return None
+    headers = {"Content-Type": "application/json"}
+    if cfg.control.token:
+        headers["Authorization"] = f"Bearer {cfg.control.token}"
+    try:
+        assert conn.sock is not None
+        conn.sock.settimeout(CONTROL_ANSWER_SECONDS)
+        conn.request(method, path, json.dumps(body).encode() if body is not None else None, headers)
+        response = conn.getresponse()
+        status, data = response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ControlError(f"{where} did not answer {method} {path}: {exc}") from exc
+    finally:
+        conn.close()
+    if status == 401:
+        given = f"the [control] token of {cfg.source}" if cfg.control.token else f"no [control] token ({cfg.source})"
+        raise ControlError(f"{where} refused {given}: set [control] token to the running server's token")
+    if status not in expect:
+        raise ControlError(f"{where} answered {method} {path} with {status}: {data[:200].decode('utf-8', 'replace')}")
+    return status, data
 
 
 def _ask_scheduler(cfg: Config, frame: dict[str, Any]) -> dict[str, Any] | None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.registry import Collector
 
 
 @contextlib.contextmanager
@@ -68,6 +71,8 @@ INBOUND_CONNECTIONS = Counter(
     "mta_inbound_connections_total", "Client connections that reached an inbound worker.", ["listener"])
 INBOUND_MESSAGES = Counter(
     "mta_inbound_messages_total", "Messages accepted with 250 after DATA/BDAT (durably queued).", ["listener"])
+INBOUND_BYTES = Counter(
+    "mta_inbound_bytes_total", "Bytes of accepted messages as stored (our Received header included).", ["listener"])
 INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
     "Connections, senders, recipients or messages refused, by reason and reply code class. reason: "
@@ -110,9 +115,71 @@ QUEUE_BYTES = Gauge(
     "mta_queue_stored_bytes", "Message data stored in the spool (envelopes + bodies).", multiprocess_mode="livesum")
 QUEUE_LIMIT_BYTES = Gauge(
     "mta_queue_limit_bytes", "[queue] max_size_bytes: beyond it clients get 452 4.3.1.", multiprocess_mode="livemax")
+QUEUE_MAP_BYTES = Gauge(
+    "mta_queue_map_bytes", "Size of the spool's LMDB map (2 x [queue] max_size_bytes + 16 MiB).",
+    multiprocess_mode="livemax")
+QUEUE_MAP_USED_BYTES = Gauge(
+    "mta_queue_map_used_bytes", "Spool LMDB pages up to the highest one ever written (free pages inside are "
+    "reused). Near mta_queue_map_bytes, writes fail with 452 4.3.1 even below max_size_bytes.",
+    multiprocess_mode="livemax")
 DELIVERY_LATENCY_SECONDS = Histogram(
     "mta_delivery_latency_seconds", "Arrival to successful delivery, per recipient.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400))
 CHILDREN = Gauge(
     "mta_master_children", "Child processes by kind and state (starting, ready, retiring, killing).",
     ["kind", "state"], multiprocess_mode="livesum")
+
+# Per-destination gauges: the scheduler's top destinations by queued recipients (tally.py
+# TOP_DESTINATIONS) plus one destination="other" row. Not Gauge objects: in multiprocess
+# mode a Gauge cannot drop a label set (remove() only warns; the value stays in the
+# process's mmap file until it exits), so every destination that was ever in the top would
+# stay in the scrape. The scheduler keeps a snapshot (every GAUGE_SECONDS), the control
+# process asks for it at each scrape and renders it here: at most TOP_DESTINATIONS + 1
+# destination values, none while the scheduler is down.
+DESTINATION_RECIPIENTS_HELP = (
+    "Recipients queued for each of the top destinations by queued recipients, by state (ready, active, "
+    "deferred); destination=\"other\" sums every other destination. Held recipients are not broken down.")
+DESTINATION_CONNECTIONS_HELP = "Open delivery sessions to each of the top destinations."
+DESTINATION_LIMIT_HELP = (
+    "The concurrency window the scheduler applies to each of the top destinations now (slow start, "
+    "halved on connection failures, at most its concurrency).")
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+CACHE_NAMESPACES = ("dns", "auth", "rate")
+
+
+def render_cache_entries(counts: dict[str, int]) -> bytes:
+    """mta_cache_entries{namespace}: counted in the shared cache at each scrape (dns, auth, rate)."""
+    family = GaugeMetricFamily(
+        "mta_cache_entries", "Entries in the shared LMDB cache by namespace: dns (answers), auth (verified "
+        "logins), rate (rate-limit windows and connection counts). Bounded by [cache] max_entries in total; "
+        "near it, the entries expiring soonest are evicted.", labels=["namespace"])
+    for name in CACHE_NAMESPACES:
+        family.add_metric([name], counts.get(name, 0))
+    return generate_latest(_Families([family]))
+
+
+def render_destinations(top: Sequence[Sequence[Any]], other: Sequence[int]) -> bytes:
+    """The per-destination gauges of a scheduler snapshot, as exposition text. `top`: rows
+    [destination, ready, active, deferred, open sessions, window]; `other`: [ready, active, deferred]."""
+    recipients = GaugeMetricFamily("mta_destination_recipients", DESTINATION_RECIPIENTS_HELP,
+                                   labels=["destination", "state"])
+    connections = GaugeMetricFamily("mta_destination_connections", DESTINATION_CONNECTIONS_HELP,
+                                    labels=["destination"])
+    limit = GaugeMetricFamily("mta_destination_connection_limit", DESTINATION_LIMIT_HELP, labels=["destination"])
+    for name, ready, active, deferred, open_sessions, window in top:
+        for state, value in (("ready", ready), ("active", active), ("deferred", deferred)):
+            recipients.add_metric([name, state], value)
+        connections.add_metric([name], open_sessions)
+        limit.add_metric([name], window)
+    for state, value in zip(("ready", "active", "deferred"), other):
+        recipients.add_metric(["other", state], value)
+    return generate_latest(_Families([recipients, connections, limit]))

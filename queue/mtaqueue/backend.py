@@ -36,6 +36,8 @@ class QueueStats:
     messages: int
     used_bytes: int  # message data stored (envelopes + bodies)
     max_bytes: int
+    map_bytes: int = 0  # LMDB: the map's size (0 for backends without one)
+    map_used_bytes: int = 0  # LMDB: pages in use up to the last one written, free pages included
 
 
 class QueueBackend(Protocol):

@@ -156,7 +156,10 @@ class LmdbBackend:
         with self._env.begin() as txn:
             count = txn.stat(self._envelope)["entries"]
             stored = self._stored_bytes(txn)
-        return QueueStats(messages=count, used_bytes=stored, max_bytes=self.max_size_bytes)
+        info = self._env.info()
+        page = self._env.stat()["psize"]
+        return QueueStats(messages=count, used_bytes=stored, max_bytes=self.max_size_bytes,
+                          map_bytes=info["map_size"], map_used_bytes=(info["last_pgno"] + 1) * page)
 
     def _stored_bytes(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(_BYTES, db=self._meta)

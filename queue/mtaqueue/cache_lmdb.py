@@ -123,6 +123,18 @@ class LmdbCache:
         with self._begin() as txn:
             return int(txn.stat(self._entry)["entries"])
 
+    def entries_by_namespace(self) -> dict[str, int]:
+        """Entries per namespace (expired ones not yet swept included): one pass over the keys."""
+        self._check_pid()
+        counts: dict[str, int] = {}
+        with self._begin() as txn:
+            for key in txn.cursor(db=self._entry).iternext(keys=True, values=False):
+                raw = bytes(key)
+                end = min((i for i in (raw.find(b"\0"), raw.find(b"\1")) if i >= 0), default=len(raw))
+                name = raw[:end].decode("utf-8", "replace")
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def close(self) -> None:
         self._env.close()
 

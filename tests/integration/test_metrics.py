@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -81,6 +82,13 @@ def test_counters_match_what_happened(mta_server, tmp_path: Path) -> None:
         assert sample(text, "mta_queue_messages") == 1  # the one with the deferred recipient
         assert sample(text, "mta_queue_stored_bytes") > 0
         assert sample(text, "mta_inbound_active_sessions") == 0
+        # Bytes in = what reached the sink (4 messages, stored bytes relayed as they are) + what waits.
+        relayed = sum(len(m.data) for m in sink.messages if m.recipients[0].startswith("ok"))
+        queued = sum(m["size"] for m in server.queue_list())
+        assert sample(text, "mta_inbound_bytes_total", listener=listener) == relayed + queued
+        assert 0 < sample(text, "mta_queue_map_used_bytes") < sample(text, "mta_queue_map_bytes")
+        assert sample(text, "mta_cache_entries", namespace="dns") == 0  # routes only: no DNS asked
+        assert sample(text, "mta_cache_entries", namespace="auth") == 0
 
 
 def test_readyz_is_false_during_a_drain_and_restarts_do_not_grow_the_directory(mta_server) -> None:
@@ -192,3 +200,49 @@ def test_admin_api_needs_the_token_and_acts_on_the_queue(mta_server) -> None:
     assert call("POST", "/api/queue/delete", {"domain": "local.test"}, auth) == (200, {"op": "delete", "count": 2})
     assert server.queue_list() == []
     assert get(server, "/metrics")[0] == 200  # scrapes need no token
+
+
+def test_queue_commands_go_through_the_admin_api_and_work_with_the_server_stopped(mta_server, tmp_path: Path) -> None:
+    from tests.integration.conftest import run_mta
+
+    server = mta_server(control={"token": "s3cret"})  # [delivery] workers = 0: mail stays queued
+    wait_until(lambda: get(server, "/healthz")[0] == 200, 10, "the control process", server)
+
+    async def two() -> list[str]:
+        client = await SmtpClient.connect(server.port)
+        ids = [queued_id(await client.send_mail("s@client.test", [rcpt], b"Subject: cli\r\n\r\nx\r\n"))
+               for rcpt in ("a@local.test", "b@local.test")]
+        await client.close()
+        return ids  # type: ignore[return-value]
+
+    first, second = asyncio.run(two())
+    assert server.mta("queue", "hold", first).stdout == b"hold: 1 message(s) (applied by the running scheduler)\n"
+    log = server.log_bytes()
+    assert re.search(rb"proc=control .*event=api method=POST path=/api/queue/hold status=200 client=127.0.0.1", log)
+    running = [server.mta("queue", "list").stdout, server.mta("queue", "list", "--json").stdout,
+               server.mta("queue", "show", first).stdout, server.queue_body(first)]
+    log = server.log_bytes()
+    for path in (b"/api/queue", b"/api/queue/" + first.encode(), b"/api/queue/" + first.encode() + b"/body"):
+        assert re.search(rb"event=api method=GET path=" + path + rb" status=200", log), path
+    assert [r["state"] for e in json.loads(running[1]) for r in e["recipients"]] == ["held", "ready"]
+    missing = server.mta("queue", "show", "0" * 21, check=False)
+    assert missing.returncode == 1 and b"no message" in missing.stderr
+
+    assert server.config_path is not None
+    config = server.config_path.read_text()
+    for name, text in (("wrong", config.replace('token = "s3cret"', 'token = "nope"')),
+                       ("none", config.replace('token = "s3cret"', ""))):
+        other = tmp_path / f"{name}.toml"
+        other.write_text(text)
+        for args in (("release", first), ("list",)):
+            done = run_mta("queue", *args, "-c", str(other), check=False)
+            assert done.returncode == 1 and b"[control] token" in done.stderr, done.stderr
+    assert [r["state"] for e in server.queue_list() for r in e["recipients"]] == ["held", "ready"]  # unchanged
+
+    server.stop()
+    stopped = [server.mta("queue", "list").stdout, server.mta("queue", "list", "--json").stdout,
+               server.mta("queue", "show", first).stdout, server.queue_body(first)]
+    assert stopped == running  # the same output whichever way it was read
+    done = server.mta("queue", "release", first, second)
+    assert done.stdout == b"release: 2 message(s) (server not running: applied to the spool)\n"
+    assert [r["state"] for e in server.queue_list() for r in e["recipients"]] == ["ready", "ready"]

@@ -1,6 +1,7 @@
 """The control process: a small HTTP/1.1 server on [control] listen.
 
-  GET /metrics  the merged prometheus-client multiprocess view of every mta process
+  GET /metrics  the merged prometheus-client multiprocess view of every mta process, then
+                the per-destination gauges the scheduler answers to {"op": "gauges"}
   GET /healthz  200 while this process runs
   GET /readyz   200 while mta accepts mail; 503 from the start of a drain, which the
                 master announces with SIGUSR1 *before* it closes the listeners, so a
@@ -9,11 +10,14 @@
   and a token is required to listen beyond loopback):
   GET  /api/queue            every queued message (mta queue list --json)
   GET  /api/queue/ID         one message
+  GET  /api/queue/ID/body    its stored bytes (mta queue show --body)
   GET  /api/domains          recipients per destination domain and state
   POST /api/queue/OP         OP = retry | hold | release | delete; body {"ids": [...]} or
                              {"domain": "d"} or {"all": true}; applied by the scheduler
 
 One request per connection (Connection: close); requests are bounded in size and time.
+Every /api/ request is logged (event=api: method, path, status, client). The `mta queue`
+commands use this API while the server runs.
 SIGTERM exits (the master sends it once every other child is gone).
 """
 
@@ -28,11 +32,13 @@ import socket
 from mta import frames, logs, metrics, queueview
 from mta.config import Config, split_hostport
 from mtaqueue.backend_lmdb import LmdbBackend
+from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from workers.link import MasterLink
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_SECONDS = 5.0
+SCRAPE_ASK_SECONDS = 1.0  # a scrape waits this long for the scheduler's per-destination gauges
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
@@ -52,6 +58,7 @@ class Control:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         self.spool = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
         server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
         link = MasterLink(self.channel, lambda: {"state": "ready", "active": 0}, self._stop.set)
@@ -64,6 +71,7 @@ class Control:
         server.close()
         await server.wait_closed()
         self.spool.close()
+        self.cache.close()
         return 0
 
     def _drain(self) -> None:
@@ -86,6 +94,11 @@ class Control:
         path = rest.partition(b" ")[0].partition(b"?")[0]
         if path.startswith(b"/api/"):
             status, body, kind = await self._api(method, path.decode("ascii", "replace"), headers, payload)
+            peer = writer.get_extra_info("peername")
+            logs.event("api", method=method.decode("ascii", "replace"), path=path.decode("ascii", "replace"),
+                       status=int(status[:3]), client=peer[0] if isinstance(peer, tuple) else None)
+        elif method == b"GET" and path == b"/metrics":
+            status, body, kind = await self._metrics()
         else:
             status, body, kind = self._route(method, path)
         writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
@@ -107,6 +120,12 @@ class Control:
             return _json(b"200 OK", [queueview.envelope_json(e) for e in envelopes])
         if method == b"GET" and path == "/api/domains":
             return _json(b"200 OK", queueview.domain_summary(self.spool.envelopes()))
+        parts = path.split("/")  # "", "api", "queue", ID, "body"
+        if method == b"GET" and len(parts) == 5 and parts[2] == "queue" and parts[4] == "body":
+            body = self.spool.body(MessageId(parts[3].upper()))
+            if body is None:
+                return _json(b"404 Not Found", {"error": "no such message"})
+            return b"200 OK", body, b"application/octet-stream"
         if method == b"GET" and path.startswith("/api/queue/"):
             envelope = self.spool.envelope(MessageId(path.rsplit("/", 1)[1].upper()))
             if envelope is None:
@@ -127,7 +146,21 @@ class Control:
             return _json(b"200 OK", {"op": op, "count": answer["count"]})
         return _json(b"404 Not Found", {"error": "no such endpoint"})
 
-    async def _ask(self, command: dict[str, object]) -> dict[str, object]:
+    async def _metrics(self) -> tuple[bytes, bytes, bytes]:
+        """The merged files, then the scheduler's per-destination snapshot (none while it is down)."""
+        text = b"text/plain; charset=utf-8"
+        try:
+            body = metrics.render()
+        except OSError as exc:  # a metrics file vanished or is unreadable: say so, stay up
+            logs.event("metrics_error", error=str(exc))
+            return b"500 Internal Server Error", f"metrics unavailable: {exc}\n".encode(), text
+        snapshot = (await self._ask({"op": "gauges"}, SCRAPE_ASK_SECONDS)).get("destinations")
+        if isinstance(snapshot, dict):
+            body += metrics.render_destinations(snapshot["top"], snapshot["other"])
+        body += metrics.render_cache_entries(self.cache.entries_by_namespace())
+        return b"200 OK", body, b"text/plain; version=0.0.4; charset=utf-8"
+
+    async def _ask(self, command: dict[str, object], timeout: float = REQUEST_SECONDS) -> dict[str, object]:
         """One command to the scheduler; {} when it is not reachable."""
         try:
             reader, writer = await asyncio.open_unix_connection(self.config.queue.scheduler_socket)
@@ -135,7 +168,7 @@ class Control:
             return {}
         try:
             writer.write(frames.encode_stream_frame({"t": "cmd", **command}))
-            answer = await asyncio.wait_for(frames.read_stream_frame(reader), REQUEST_SECONDS)
+            answer = await asyncio.wait_for(frames.read_stream_frame(reader), timeout)
         except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             answer = None
         finally:
@@ -146,12 +179,6 @@ class Control:
         text = b"text/plain; charset=utf-8"
         if method != b"GET":
             return b"405 Method Not Allowed", b"only GET\n", text
-        if path == b"/metrics":
-            try:
-                return b"200 OK", metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
-            except OSError as exc:  # a metrics file vanished or is unreadable: say so, stay up
-                logs.event("metrics_error", error=str(exc))
-                return b"500 Internal Server Error", f"metrics unavailable: {exc}\n".encode(), text
         if path == b"/healthz":
             return b"200 OK", b"ok\n", text
         if path == b"/readyz":

@@ -455,6 +455,7 @@ class InboundProtocol(asyncio.Protocol):
                        nrcpt=len(rcpts), size=len(body), priority=envelope.priority or None)
             ctx.notifier.new(msgid)
             metrics.INBOUND_MESSAGES.labels(self._listener.address).inc()
+            metrics.INBOUND_BYTES.labels(self._listener.address).inc(len(body))
         self._answer(reply)
 
     def _final_recipients(self, message: Message) -> list[Recipient]:

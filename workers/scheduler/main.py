@@ -9,7 +9,7 @@ frames, mta/frames.py) for:
   delivery workers  {"t": "hello", "capacity": n}, then per session:
                     scheduler: {"t": "open", "sid", "dest", "job"} / {"t": "job", "sid", "job"} / {"t": "close", "sid"}
                     worker:    {"t": "done", "sid", "job", "replies", "remote", "failed"} / {"t": "closed", "sid"}
-  the CLI           {"t": "cmd", "op": retry|hold|release|delete|active, "ids"|"domain"|"all"} -> {"t": "ok", ...}
+  the CLI, control  {"t": "cmd", "op": retry|hold|release|delete|active|gauges, "ids"|"domain"|"all"} -> {"t": "ok", ...}
 
 A job is one message's recipients for one destination domain; a session carries up to
 max_messages_per_connection jobs, taking the destination's best job each time, so a
@@ -18,12 +18,18 @@ applied in memory at once and written to LMDB by one writer thread in batches
 (apply(): states, retry times, deletions and bounces in one transaction).
 A full rescan of the due index every RESCAN_SECONDS catches messages whose "new"
 notification was lost (e.g. sent while this process was restarting).
+
+The queue gauges come from running counts (tally.py) kept at every recipient state
+change, so publishing them every GAUGE_SECONDS costs O(destinations), not a walk; the
+per-destination snapshot (top TOP_DESTINATIONS + "other") is answered to the control
+process's `gauges` command. Invariant: `check_tally()` (tests only) holds after any event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import heapq
 import itertools
@@ -31,7 +37,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +51,11 @@ from mtaqueue.records import Envelope, NewMessage
 from workers.link import MasterLink
 from workers.scheduler.outcome import FINAL_STATES, RecipientReply, RetryPolicy, settle
 from workers.scheduler.plan import Destination, Job, Limits, Plan
+from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally, destination_of, recount
 
 RESCAN_SECONDS = 30.0
 GAUGE_SECONDS = 2.0
-def destination_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
+READ_OPS = frozenset({"active", "gauges"})  # commands that change nothing: answered without a flush
 
 
 @dataclass
@@ -87,6 +94,13 @@ class Scheduler:
         self.messages: dict[MessageId, Envelope] = {}
         self.in_flight: dict[MessageId, set[int]] = {}
         self.timers: list[tuple[float, MessageId]] = []
+        # The gauges' running counts (tally.py). carried: recipient indices in the job a
+        # session carries now (a multiset: a message deleted and tracked again while its old
+        # job runs may have the same index in two jobs); those recipients count as active.
+        self.tally = Tally()
+        self.arrivals = Arrivals()
+        self.carried: dict[MessageId, Counter[int]] = {}
+        self.destination_gauges: dict[str, Any] = {"top": [], "other": [0, 0, 0]}
         self.sessions: dict[int, Session] = {}
         self.workers: list[WorkerLink] = []
         self._sids = itertools.count(1)
@@ -166,22 +180,44 @@ class Scheduler:
             await asyncio.sleep(GAUGE_SECONDS)
 
     def _update_gauges(self, now: float) -> None:
-        states = {"ready": 0, "active": 0, "deferred": 0, "held": 0}
-        for envelope in self.messages.values():
-            for r in envelope.recipients:
-                if r.state in states:
-                    states[r.state] += 1
-        active = sum(len(s.job.rcpts) for s in self.sessions.values() if s.job is not None)
-        states["ready"] -= active
-        states["active"] = active
-        for state, count in states.items():
+        """O(destinations): the counts are kept at every state change (tally.py), never walked."""
+        for state, count in self.tally.totals.items():
             metrics.QUEUE_RECIPIENTS.labels(state).set(count)
         metrics.QUEUE_MESSAGES.set(len(self.messages))
-        oldest = min((e.arrival for e in self.messages.values()), default=now)
-        metrics.QUEUE_OLDEST_SECONDS.set(now - oldest)
+        oldest = self.arrivals.oldest(self.messages)
+        metrics.QUEUE_OLDEST_SECONDS.set(0.0 if oldest is None else now - oldest)
         stats = self.backend.stats()
         metrics.QUEUE_BYTES.set(stats.used_bytes)
         metrics.QUEUE_LIMIT_BYTES.set(stats.max_bytes)
+        metrics.QUEUE_MAP_BYTES.set(stats.map_bytes)
+        metrics.QUEUE_MAP_USED_BYTES.set(stats.map_used_bytes)
+        self.destination_gauges = self._destination_snapshot()
+
+    def _destination_snapshot(self) -> dict[str, Any]:
+        """The top destinations by queued recipients, for the control process to render at
+        each scrape (metrics.render_destinations): rows [name, ready, active, deferred,
+        open sessions, window], and the ready/active/deferred sums of the others."""
+        top, other = self.tally.top(TOP_DESTINATIONS)
+        rows = []
+        for name, counts in top:
+            dest = self.plan.destinations.get(name)
+            if dest is None:  # nothing ready yet: the window it would start with
+                dest = Destination(name, self._limits(name))
+            rows.append([name, counts["ready"], counts["active"], counts["deferred"], dest.in_flight, dest.limit])
+        return {"top": rows, "other": [other["ready"], other["active"], other["deferred"]]}
+
+    def check_tally(self) -> None:
+        """Tests only (it walks everything): the running counts equal a recount, the carried
+        recipients are exactly those of the sessions' jobs, the oldest arrival is right."""
+        carried: dict[MessageId, Counter[int]] = {}
+        for session in self.sessions.values():
+            if session.job is not None:
+                carried.setdefault(session.job.msgid, Counter()).update(session.job.rcpts)
+        assert carried == self.carried, (carried, self.carried)
+        walked = recount(self.messages, self.carried)
+        assert walked == self.tally, f"running {self.tally}\nwalked  {walked}"
+        oldest = min((e.arrival for e in self.messages.values()), default=None)
+        assert self.arrivals.oldest(self.messages) == oldest
 
     async def _rescan_forever(self) -> None:
         while True:
@@ -204,11 +240,13 @@ class Scheduler:
         self._schedule_dispatch()
 
     def _track(self, envelope: Envelope, now: float) -> None:
-        self.messages[envelope.id] = envelope
+        """Start tracking a message. One tracked already keeps its copy: a rescan may find
+        a bounce in the spool before the flush that wrote it resumes to track it."""
+        if envelope.id in self.messages:
+            return
         if all(r.state in FINAL_STATES for r in envelope.recipients):
             self._pending_delete.add(envelope.id)  # finished but not deleted before a crash
             self._schedule_flush()
-            del self.messages[envelope.id]
             return
         if envelope.next_attempt > now and any(r.state == "deferred" for r in envelope.recipients):
             self._add_timer(envelope.next_attempt, envelope.id)
@@ -216,7 +254,47 @@ class Scheduler:
             for r in envelope.recipients:
                 if r.state == "deferred":
                     r.state = "ready"
+        self.messages[envelope.id] = envelope
+        self.arrivals.push(envelope.arrival, envelope.id)
+        self._count(envelope, range(len(envelope.recipients)), +1)
         self._enqueue(envelope)
+
+    def _forget(self, msgid: MessageId) -> None:
+        """Stop tracking a message (finished, or deleted by an operator)."""
+        envelope = self.messages.pop(msgid)
+        self._count(envelope, range(len(envelope.recipients)), -1)
+
+    # Every change of a tracked recipient's state, or of whether a session carries it,
+    # goes through _recounting or _count: the gauges read the running counts only.
+
+    def _count(self, envelope: Envelope, indices: Iterable[int], sign: int) -> None:
+        self.tally.add_recipients(envelope, indices, self.carried.get(envelope.id, ()), sign)
+
+    @contextlib.contextmanager
+    def _recounting(self, envelope: Envelope | None, indices: Sequence[int] | None = None) -> Iterator[None]:
+        """Recipient states of `envelope` (these `indices`, default all) change inside the block."""
+        if envelope is None or self.messages.get(envelope.id) is not envelope:
+            yield  # not tracked: not counted
+            return
+        which = range(len(envelope.recipients)) if indices is None else indices
+        self._count(envelope, which, -1)
+        yield
+        self._count(envelope, which, +1)
+
+    def _carry(self, session: Session, job: Job) -> None:
+        """`session` carries `job` now: its ready recipients count as active."""
+        session.job = job
+        with self._recounting(self.messages.get(job.msgid), job.rcpts):
+            self.carried.setdefault(job.msgid, Counter()).update(job.rcpts)
+
+    def _uncarry(self, job: Job) -> None:
+        """A session's job is over (answered, or it will not run)."""
+        with self._recounting(self.messages.get(job.msgid), job.rcpts):
+            left = self.carried[job.msgid]
+            left.subtract(job.rcpts)
+            left += Counter()  # drop the zeros
+            if not left:
+                del self.carried[job.msgid]
 
     def _enqueue(self, envelope: Envelope) -> None:
         busy = self.in_flight.get(envelope.id, set())
@@ -262,9 +340,10 @@ class Scheduler:
             envelope = self.messages.get(msgid)
             if envelope is None or envelope.next_attempt > now:
                 continue  # deleted, or rescheduled to later (a later timer exists)
-            for r in envelope.recipients:
-                if r.state == "deferred":
-                    r.state = "ready"
+            with self._recounting(envelope):
+                for r in envelope.recipients:
+                    if r.state == "deferred":
+                        r.state = "ready"
             self._enqueue(envelope)
         if self.timers:
             self._arm_wake(self.timers[0][0])
@@ -294,7 +373,8 @@ class Scheduler:
                 continue
             job = dest.pop()
             sid = next(self._sids)
-            self.sessions[sid] = Session(sid, dest, worker, job)
+            self.sessions[sid] = session = Session(sid, dest, worker, None)
+            self._carry(session, job)
             worker.sessions.add(sid)
             dest.in_flight += 1
             dest.last_served = now
@@ -312,7 +392,7 @@ class Scheduler:
         if (session.jobs_sent < dest.limits.max_messages_per_connection and len(dest)
                 and dest.in_flight <= dest.limit and dest.take_token(now)):
             job = dest.pop()
-            session.job = job
+            self._carry(session, job)
             session.jobs_sent += 1
             dest.last_served = now
             session.worker.send({"t": "job", "sid": session.sid, "job": self._job_frame(job)})
@@ -346,7 +426,8 @@ class Scheduler:
                     self._on_closed(link, int(frame["sid"]), bool(frame.get("ok", True)))
                 elif kind == "cmd":
                     answer = self._command(frame)
-                    await self._flush_now()  # the operator's change is on disk before we answer
+                    if frame.get("op") not in READ_OPS:
+                        await self._flush_now()  # the operator's change is on disk before we answer
                     writer.write(frames.encode_stream_frame(answer))
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             logs.event("peer_error", error=str(exc))
@@ -369,7 +450,8 @@ class Scheduler:
         self._schedule_dispatch()
 
     def _release(self, job: Job) -> None:
-        """A job that will not complete: its recipients are ready again."""
+        """A session's job that will not complete: its recipients are ready again."""
+        self._uncarry(job)
         busy = self.in_flight.get(job.msgid)
         if busy is not None:
             busy.difference_update(job.rcpts)
@@ -382,6 +464,7 @@ class Scheduler:
         if session is None or session.job is None:
             return
         job, session.job = session.job, None
+        self._uncarry(job)
         now = time.time()
         replies = [RecipientReply(int(i), int(code), str(status), str(text))
                    for i, code, status, text in frame["replies"]]
@@ -423,9 +506,10 @@ class Scheduler:
         missing = [RecipientReply(i, 451, "4.3.0", "no reply for this recipient") for i in job.rcpts
                    if i not in answered]
         remote_host = remote.split("[")[0] if remote else None  # "host[address]:port" -> DSN Remote-MTA
-        result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=policy,
-                        hostname=self.config.server.hostname,
-                        load_body=lambda: self.backend.body(job.msgid) or b"")
+        with self._recounting(envelope, sorted({r.index for r in replies} | set(job.rcpts))):
+            result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=policy,
+                            hostname=self.config.server.hostname,
+                            load_body=lambda: self.backend.body(job.msgid) or b"")
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
             metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
@@ -442,7 +526,7 @@ class Scheduler:
         if result.retry_now:  # refused for this transaction only (452 4.5.3): a new one at once
             self._enqueue(envelope)
         if result.finished and not self.in_flight.get(job.msgid):
-            del self.messages[job.msgid]
+            self._forget(job.msgid)
             self._pending_update.pop(job.msgid, None)
             self._pending_delete.add(job.msgid)
         else:
@@ -488,13 +572,15 @@ class Scheduler:
                 if session.job is not None:
                     active.setdefault(session.job.msgid, []).extend(session.job.rcpts)
             return {"t": "ok", "active": active}
+        if op == "gauges":  # the control process renders them at each scrape
+            return {"t": "ok", "destinations": self.destination_gauges}
         targets = self._select(frame)
         now = time.time()
         count = 0
         for envelope in targets:
             count += 1
             if op == "delete":
-                del self.messages[envelope.id]
+                self._forget(envelope.id)
                 self.in_flight.pop(envelope.id, None)
                 for dest in self.plan.destinations.values():
                     dest.remove(lambda job, mid=envelope.id: job.msgid == mid)
@@ -503,13 +589,14 @@ class Scheduler:
                 logs.event("deleted", msgid=envelope.id, by="operator")
                 continue
             changed = False
-            for r in envelope.recipients:
-                if op == "hold" and r.state in ("ready", "deferred"):
-                    r.state, changed = "held", True
-                elif op == "release" and r.state == "held":
-                    r.state, changed = "ready", True
-                elif op == "retry" and r.state == "deferred":
-                    r.state, changed = "ready", True
+            with self._recounting(envelope):
+                for r in envelope.recipients:
+                    if op == "hold" and r.state in ("ready", "deferred"):
+                        r.state, changed = "held", True
+                    elif op == "release" and r.state == "held":
+                        r.state, changed = "ready", True
+                    elif op == "retry" and r.state == "deferred":
+                        r.state, changed = "ready", True
             if op == "hold":
                 for dest in self.plan.destinations.values():
                     for job in dest.remove(lambda job, mid=envelope.id: job.msgid == mid):

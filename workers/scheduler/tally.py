@@ -1,0 +1,120 @@
+"""Running queue counts: recipients per destination and state, and the oldest arrival.
+
+The scheduler adds and subtracts at every recipient state change, so the queue gauges
+cost O(destinations) every GAUGE_SECONDS instead of a walk over every recipient.
+Counted states: ready, active (ready and in a job a session carries), deferred, held;
+delivered and bounced recipients have left the queue.
+
+`Arrivals` keeps (arrival, id) in a heap with lazy deletion: an id that is no longer
+tracked is popped when it reaches the top, and the heap is rebuilt from the live
+messages when stale entries outnumber them (amortised O(1) per message).
+
+`recount` is the walk the running counts replace: tests compare the two after random
+operation sequences; production code never calls it.
+
+Invariants: every count >= 0 (a negative one raises: a state change was missed);
+totals[state] == the sum over destinations; a destination whose counts are all 0 has
+no entry. Pure: no I/O, no clock reads.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Iterable, Mapping
+from operator import itemgetter
+
+from mtaqueue.ids import MessageId
+from mtaqueue.records import Envelope
+
+COUNTED = ("ready", "active", "deferred", "held")
+PER_DESTINATION = ("ready", "active", "deferred")  # held recipients are not broken down
+TOP_DESTINATIONS = 10  # per-destination gauges: this many rows + "other" (docs/metrics.md)
+OTHER = "other"
+
+
+def destination_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
+
+
+def counted_state(state: str, carried: bool) -> str:
+    """The gauge state of a recipient: a ready one in a session's job is active."""
+    return "active" if carried and state == "ready" else state
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = dict.fromkeys(COUNTED, 0)
+        self.by_dest: dict[str, dict[str, int]] = {}
+        self.queued: dict[str, int] = {}  # ready + active + deferred, destinations with any only
+
+    def add(self, dest: str, state: str, n: int) -> None:
+        if state not in self.totals:
+            return  # delivered, bounced
+        counts = self.by_dest.get(dest)
+        if counts is None:
+            counts = self.by_dest[dest] = dict.fromkeys(COUNTED, 0)
+        counts[state] += n
+        self.totals[state] += n
+        if counts[state] < 0:
+            raise AssertionError(f"queue tally: {dest} {state} = {counts[state]} (a state change was not counted)")
+        if state != "held":
+            queued = self.queued.get(dest, 0) + n
+            if queued:
+                self.queued[dest] = queued
+            else:
+                del self.queued[dest]
+        if not any(counts.values()):
+            del self.by_dest[dest]
+
+    def add_recipients(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int],
+                       sign: int) -> None:
+        """Count (+1) or uncount (-1) these recipients of `envelope`; `carried`: indices in a session's job."""
+        for i in indices:
+            r = envelope.recipients[i]
+            self.add(destination_of(r.address), counted_state(r.state, i in carried), sign)
+
+    def top(self, n: int) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:
+        """The n destinations with the most queued (ready + active + deferred) recipients,
+        most first, and the sums of every other destination. O(destinations); at the cut,
+        among equals, the destination counted first wins. A domain named "other" is always
+        in the sums: a row of its own would repeat the series of the sums."""
+        chosen = heapq.nlargest(n, (item for item in self.queued.items() if item[0] != OTHER), key=itemgetter(1))
+        best = [(d, self.by_dest[d]) for d, _ in sorted(chosen, key=lambda item: (-item[1], item[0]))]
+        other = {s: self.totals[s] - sum(c[s] for _, c in best) for s in PER_DESTINATION}
+        return best, other
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tally) and (self.totals, self.by_dest, self.queued) == (
+            other.totals, other.by_dest, other.queued)
+
+    def __repr__(self) -> str:
+        return f"Tally(totals={self.totals}, by_dest={self.by_dest}, queued={self.queued})"
+
+
+def recount(messages: Mapping[MessageId, Envelope], carried: Mapping[MessageId, Collection[int]]) -> Tally:
+    """The counts by walking every recipient (tests only: O(recipients))."""
+    tally = Tally()
+    for envelope in messages.values():
+        tally.add_recipients(envelope, range(len(envelope.recipients)), carried.get(envelope.id, ()), +1)
+    return tally
+
+
+class Arrivals:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, MessageId]] = []
+
+    def push(self, arrival: float, msgid: MessageId) -> None:
+        heapq.heappush(self._heap, (arrival, msgid))
+
+    def oldest(self, live: Mapping[MessageId, Envelope]) -> float | None:
+        """The earliest arrival among `live` (the tracked messages), None when there are none."""
+        heap = self._heap
+        while heap and heap[0][1] not in live:
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(live) + 64:  # mostly stale below the top: rebuild
+            self._heap = heap = [(e.arrival, msgid) for msgid, e in live.items()]
+            heapq.heapify(heap)
+        return heap[0][0] if heap else None
+
+    def __len__(self) -> int:
+        return len(self._heap)
