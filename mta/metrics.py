@@ -95,7 +95,9 @@ QUEUE_COMMIT_MESSAGES = Histogram(
     "mta_queue_commit_messages", "Messages per group commit.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512))
 DELIVERY_OUTCOMES = Counter(
     "mta_delivery_recipients_total",
-    "Recipient delivery outcomes: delivered, deferred, bounced, retried (452 4.5.3: next transaction).", ["result"])
+    "Recipient delivery outcomes: result delivered, deferred, bounced, retried (452 4.5.3: next transaction); "
+    "reply: the class of the reply that decided it (2xx, 4xx, 5xx; when no server answered, the class of "
+    "the reply we made up, e.g. 4xx for a refused connection).", ["result", "reply"])
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])
@@ -103,8 +105,8 @@ MASTER_RELOADS = Counter("mta_master_reloads_total", "Configuration reloads (SIG
 
 # Gauges: "livesum" adds the values of live processes (dead ones drop out).
 INBOUND_ACTIVE_SESSIONS = Gauge(
-    "mta_inbound_active_sessions", "SMTP sessions open right now, summed over inbound workers.",
-    multiprocess_mode="livesum")
+    "mta_inbound_active_sessions", "SMTP sessions open right now, per inbound worker (pid label; sum them "
+    "for the total).", multiprocess_mode="liveall")
 QUEUE_RECIPIENTS = Gauge(
     "mta_queue_recipients", "Recipients in the queue by state (ready, active, deferred, held), "
     "as the scheduler sees them.", ["state"], multiprocess_mode="livesum")

@@ -59,7 +59,9 @@ def secure_server(mta_server, tmp_path: Path, pki: Pki, **sections: Any) -> tupl
     if "auth" not in sections:
         extra += f'\n[auth]\nusers_file = "{users_file(tmp_path, alice="correct horse")}"\n'
     server.config_path.write_text(text + extra)
-    return server.start(), ports
+    server.start()
+    wait_until(lambda: get(server, "/healthz")[0] == 200, 10, "the control process", server)
+    return server, ports
 
 
 def run(coro: Any) -> Any:
@@ -191,7 +193,8 @@ def test_smtplib_logs_in_with_login_and_plain(mta_server, tmp_path, pki) -> None
 def test_a_second_login_through_another_worker_hits_the_cache_and_a_new_password_invalidates_it(
         mta_server, tmp_path, pki) -> None:
     server, ports = secure_server(mta_server, tmp_path, pki, server={"inbound_workers": 2})
-    wait_until(lambda: get(server, "/healthz")[0] == 200, 10, "the control process", server)
+    wait_until(lambda: sample(get(server, "/metrics")[1], "mta_master_children", kind="inbound", state="ready") == 2,
+               10, "both inbound workers ready", server)
 
     def counters() -> tuple[float, float]:
         text = get(server, "/metrics")[1]

@@ -513,7 +513,7 @@ class Scheduler:
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
             metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
-                                             else "retried").inc()
+                                             else "retried", f"{r.code // 100}xx" if r.code >= 200 else "none").inc()
             if rcpt.state == "delivered":
                 metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
