@@ -124,7 +124,7 @@ def test_every_queried_metric_is_exported_by_a_running_mta(mta_server, tmp_path:
         wait_until(lambda: sample(get(server, "/metrics")[1], "mta_master_restarts_total", kind="inbound") >= 1
                    and sample(get(server, "/metrics")[1], "mta_scheduler_bounces_total") >= 1
                    and sample(get(server, "/metrics")[1], "mta_dns_cache_hits_total") >= 1,
-                   20, "restart, bounce and cache hit counted", server)
+                   40, "restart, bounce and cache hit counted", server)
         status, text = get(server, "/metrics")
         assert status == 200
     exported = exported_names(text)

@@ -163,7 +163,7 @@ def test_json_logs_carry_the_message_id_through_its_life(mta_server) -> None:
     import json
     records = [json.loads(line) for line in server.log_bytes().decode().splitlines() if line.strip()]
     procs = {r["proc"] for r in records}
-    assert procs >= {"master", "scheduler"} and any(p.startswith("inbound#") for p in procs), procs
+    assert "master" in procs and any(p.startswith("inbound#") for p in procs), procs
     [received] = [r for r in records if r["event"] == "received"]
     assert received["msgid"] == msgid and received["client"] == "127.0.0.1"
 
