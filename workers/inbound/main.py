@@ -110,6 +110,7 @@ class Worker:
         self._shutdown = False
         self.link: MasterLink | None = None
         self.ctx: WorkerContext | None = None
+        self.adopting = 0  # sockets taken whose session has not started (e.g. in a TLS handshake)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -173,8 +174,10 @@ class Worker:
                 os.close(fd)
             return
         sock = socket.socket(fileno=fds[0])
-        self.link.send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + 1})
         listener = self.listeners.get(str(frame["l"]))
+        if listener is not None:
+            self.adopting += 1  # load from now until the session exists (a TLS handshake takes a while)
+        self.link.send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + self.adopting})
         if listener is None:  # a listener this generation does not know: cannot serve it
             sock.close()
             return
@@ -199,6 +202,8 @@ class Worker:
                 metrics.INBOUND_TLS.labels("smtps", "failed").inc()
             logs.event("adopt_failed", listener=listener.address, error=str(exc) or type(exc).__name__)
             sock.close()
+        finally:
+            self.adopting -= 1
 
     def _status(self) -> dict[str, object]:
-        return {"state": self.state, "active": len(self.ctx.sessions) if self.ctx is not None else 0}
+        return {"state": self.state, "active": self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)}
