@@ -286,3 +286,26 @@ def test_at_most_n_destinations_however_many_come_and_go() -> None:
         await s._flush_now()
 
     uvloop.run(main())
+
+
+def test_a_rescan_before_the_delete_is_committed_does_not_deliver_again() -> None:
+    """Found by bench/soak.py: a message delivered and forgotten, its spool delete not yet
+    committed, was found by the periodic rescan and delivered a second time."""
+    async def main() -> None:
+        s = new_scheduler(config())
+        driver = Driver(s, random.Random(0))
+        msgid = driver.commit(["a@one.test"])
+        s._on_new([msgid])
+        s._dispatch()
+        [session] = driver.carried_sessions()
+        s._on_done({"sid": session.sid, "job": session.job.id, "remote": None,
+                    "replies": [[0, 250, "2.0.0", "ok"]]})
+        assert msgid not in s.messages and msgid in s.backend.due(time.time() + 1, 10)  # not deleted yet
+        s._on_new(m for m in s.backend.due(time.time() + 1, 10**6) if m not in s.messages)  # the rescan
+        assert msgid not in s.messages and not driver.carried_sessions()
+        await s._flush_now()
+        assert s.backend.envelope(msgid) is None
+        if s._wake is not None:
+            s._wake.cancel()
+
+    uvloop.run(main())

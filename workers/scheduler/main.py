@@ -111,6 +111,7 @@ class Scheduler:
         self._wake_at = 0.0
         self._pending_update: dict[MessageId, Envelope] = {}
         self._pending_delete: set[MessageId] = set()
+        self._deleting: set[MessageId] = set()  # deletes being committed right now
         self._pending_add: list[NewMessage] = []
         self._flushing = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
@@ -232,7 +233,9 @@ class Scheduler:
         now = time.time()
         for raw in ids:
             msgid = MessageId(raw)
-            if msgid in self.messages:
+            # A finished message stays in the spool until its delete is committed: a rescan
+            # that finds it then must not deliver it again.
+            if msgid in self.messages or msgid in self._pending_delete or msgid in self._deleting:
                 continue
             envelope = self.backend.envelope(msgid)
             if envelope is not None:
@@ -547,8 +550,12 @@ class Scheduler:
                 delete = list(self._pending_delete)
                 add = self._pending_add
                 self._pending_update, self._pending_delete, self._pending_add = {}, set(), []
+                self._deleting.update(delete)
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._writer, lambda: self.backend.apply(update, delete, add))
+                try:
+                    await loop.run_in_executor(self._writer, lambda: self.backend.apply(update, delete, add))
+                finally:
+                    self._deleting.difference_update(delete)
                 now = time.time()
                 for bounce in add:  # committed: now it may be delivered
                     self._track(copy.deepcopy(bounce.envelope), now)
