@@ -195,6 +195,9 @@ def test_a_second_login_through_another_worker_hits_the_cache_and_a_new_password
     server, ports = secure_server(mta_server, tmp_path, pki, server={"inbound_workers": 2})
     wait_until(lambda: sample(get(server, "/metrics")[1], "mta_master_children", kind="inbound", state="ready") == 2,
                10, "both inbound workers ready", server)
+    # The start-up probe's session counted on one worker until that worker's next heartbeat
+    # (1 s): let both report idle, so the master's least-loaded choice alternates.
+    time.sleep(1.2)
 
     def counters() -> tuple[float, float]:
         text = get(server, "/metrics")[1]
