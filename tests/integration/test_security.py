@@ -8,6 +8,7 @@ unless a test says otherwise).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -68,6 +69,13 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+async def drop(client: SmtpClient) -> None:
+    """Close without QUIT (the server closed, or TLS failed), and wait: no transport left to GC."""
+    client.writer.close()
+    with contextlib.suppress(Exception):
+        await client.writer.wait_closed()
+
+
 # --- STARTTLS ------------------------------------------------------------------------
 
 def test_starttls_is_verified_and_a_pipelined_injection_is_never_executed(mta_server, tmp_path, pki) -> None:
@@ -108,7 +116,7 @@ def test_an_untrusted_certificate_fails_verification(mta_server, tmp_path, pki) 
         client = await SmtpClient.connect(server.port)
         with pytest.raises(ssl.SSLCertVerificationError):
             await client.starttls(stranger.client_context())
-        client.writer.close()
+        await drop(client)
 
     run(session())
 
@@ -250,7 +258,7 @@ def test_ten_failures_lock_the_address_out_and_the_lockout_ends(mta_server, tmp_
             started = time.monotonic()
             replies.append(str(await client.auth_plain("alice", f"guess{i}")))
             took.append(time.monotonic() - started)
-        client.writer.close()
+        await drop(client)
         return replies, took, first
 
     replies, took, first = run(attack())
@@ -261,7 +269,7 @@ def test_ten_failures_lock_the_address_out_and_the_lockout_ends(mta_server, tmp_
     async def greeting(port: int, **kw: Any) -> str:
         client = await SmtpClient.connect(port, helo=None, **kw)
         text = str(client.greeting)
-        client.writer.close()
+        await drop(client)
         return text
 
     locked = run(greeting(ports["submission"], source=UNTRUSTED))
@@ -323,7 +331,7 @@ def test_access_lists_refuse_with_their_codes(mta_server) -> None:
     async def scenario() -> dict[str, str]:
         denied = await SmtpClient.connect(server.port, helo=None, source="127.0.0.66")
         out = {"client": str(denied.greeting)}
-        denied.writer.close()
+        await drop(denied)
         client = await SmtpClient.connect(server.port, helo="mx.test", source=UNTRUSTED)  # our own name: no trust
         out["domain"] = str(await client.command("MAIL FROM:<anyone@SPAM.test>"))
         out["address"] = str(await client.command("MAIL FROM:<Bad@X.test>"))
