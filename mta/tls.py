@@ -28,12 +28,18 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.verify_mode = ssl.CERT_NONE
+    for key, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise TlsError(f"[tls] {key} {path}: no such file") from None
+        except PermissionError:
+            raise TlsError(f"[tls] {key} {path}: permission denied (mta reads it as the user it runs as)") from None
+        except OSError as exc:
+            raise TlsError(f"[tls] {key} {path}: {exc.strerror}") from None
     try:
         context.load_cert_chain(tls.cert_file, tls.key_file)
-    except FileNotFoundError as exc:
-        raise TlsError(f"[tls] {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise TlsError(f"[tls] {exc.filename}: permission denied (the master reads it as its own user)") from None
     except ssl.SSLError as exc:
         raise TlsError(f"[tls] cert_file {tls.cert_file} / key_file {tls.key_file}: not a matching PEM "
                        f"certificate chain and private key ({exc.reason or exc})") from None
