@@ -12,9 +12,15 @@ to MAIL/RCPT/DATA/"." counts as rejected (by code); a broken, refused or timed-o
 connection counts as an error (by kind). Throughput is accepted messages divided by
 the wall time from the first connect to the last reply.
 
-Invariants: accepted + rejected + errors <= messages (equal unless the overall
-timeout cut the run short); only loopback-style targets are meant (the caller picks
-the host; nothing here resolves or retries elsewhere).
+Two optional extras for bench/run --sweep: `duration_seconds`, a soft deadline after
+which no new message is started (sessions finish the message they are in; one still
+waiting for its TCP connect gives its message back, counted as `unsent`), and
+`keep_latencies`, which returns every accepted message's latency (`latencies_ms`, in
+the order the replies arrived) for a CDF.
+
+Invariants: accepted + rejected + errors + unsent <= messages (equal unless the
+overall timeout cut the run short); only loopback-style targets are meant (the caller
+picks the host; nothing here resolves or retries elsewhere).
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ class LoadResult:
     latency_p999_ms: float | None = None
     latency_max_ms: float | None = None
     timed_out: bool = False
+    # duration_seconds: the soft deadline passed before every message was started.
+    stopped_at_deadline: bool = False
+    unsent: int = 0  # messages never sent because of the deadline (never counted)
+    given_back: int = 0  # of those: sessions still waiting for their connect then
+    latencies_ms: list[float] | None = None  # only with keep_latencies
     rejected_by_code: dict[str, int] = field(default_factory=dict)
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
@@ -178,9 +189,11 @@ async def read_reply(reader: asyncio.StreamReader, timeout: float) -> tuple[int,
 class _Run:
     """Shared state of one run: the message counter, the tallies and the deadline."""
 
-    def __init__(self, result: LoadResult, io_timeout: float, max_first_errors: int = 5):
+    def __init__(self, result: LoadResult, io_timeout: float, max_first_errors: int = 5,
+                 deadline: float | None = None):
         self.result = result
         self.io_timeout = io_timeout
+        self.deadline = deadline  # time.perf_counter() after which no message starts
         self.remaining = result.messages
         self.latencies: list[float] = []
         self.rejected: Counter[str] = Counter()
@@ -193,8 +206,28 @@ class _Run:
     def take(self) -> bool:
         if self.remaining <= 0:
             return False
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.result.stopped_at_deadline = True
+            return False
         self.remaining -= 1
         return True
+
+    def connect_timeout(self) -> float:
+        """The I/O timeout, cut short at the soft deadline: a connect still pending
+        then (a full listen queue drops SYNs; the retry comes 1 s, 3 s... later) would
+        only stretch the run."""
+        if self.deadline is None:
+            return self.io_timeout
+        return min(self.io_timeout, max(self.deadline - time.perf_counter(), 0.0) + 0.001)
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def give_back(self) -> None:
+        """A taken message that was never sent: the run ends without it."""
+        self.result.unsent += 1
+        self.result.given_back += 1
+        self.result.stopped_at_deadline = True
 
     def note_error(self, kind: str, detail: str, count: int = 1) -> None:
         self.errors[kind] += count
@@ -229,8 +262,16 @@ async def _session(run: _Run, host: str, port: int, per_session: int, pipelining
         try:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
+                    asyncio.open_connection(host, port), run.connect_timeout())
+            except asyncio.TimeoutError as exc:
+                in_flight = False
+                if run.past_deadline():
+                    run.give_back()
+                    continue
+                run.note_error("connect", repr(exc))
+                await asyncio.sleep(0.05)
+                continue
+            except OSError as exc:
                 run.note_error("connect", repr(exc))
                 in_flight = False
                 await asyncio.sleep(0.05)  # don't spin on a refused port
@@ -340,18 +381,24 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
                    per_session: int = 1, *, pipelining: bool = True,
                    sender: str = "bench@client.test", rcpt: str = "user@local.test",
                    timeout_seconds: float = 120.0, io_timeout_seconds: float = 30.0,
-                   ehlo_name: str = "client.test", progress: bool = False) -> LoadResult:
-    """Run one load and return what happened; never raises for server misbehaviour."""
+                   ehlo_name: str = "client.test", progress: bool = False,
+                   duration_seconds: float | None = None,
+                   keep_latencies: bool = False) -> LoadResult:
+    """Run one load and return what happened; never raises for server misbehaviour.
+
+    duration_seconds: soft deadline (see the module docstring); timeout_seconds stays
+    the hard cap. keep_latencies: fill `latencies_ms`."""
     if sessions < 1 or messages < 0 or per_session < 1 or size < 0:
         raise ValueError("sessions and per_session must be >= 1; messages and size >= 0")
     loop_module = type(asyncio.get_running_loop()).__module__
     result = LoadResult(host=host, port=port, sessions=sessions, messages=messages,
                         size=size, per_session=per_session, pipelining_requested=pipelining,
                         event_loop="uvloop" if loop_module.startswith("uvloop") else "asyncio")
-    run = _Run(result, io_timeout_seconds)
     stuffed_body = dot_stuff(build_body(size))
     result.started_monotonic = time.monotonic()
     started = time.perf_counter()
+    run = _Run(result, io_timeout_seconds,
+               deadline=None if duration_seconds is None else started + duration_seconds)
     cpu_started = time.process_time()
     tasks = [asyncio.create_task(_session(run, host, port, per_session, pipelining, sender,
                                           rcpt, stuffed_body, ehlo_name))
@@ -384,6 +431,10 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
     result.latency_p99_ms = percentile(lat, 99)
     result.latency_p999_ms = percentile(lat, 99.9)
     result.latency_max_ms = lat[-1] if lat else None
+    if keep_latencies:
+        result.latencies_ms = [round(v, 4) for v in run.latencies]
+    if result.stopped_at_deadline:
+        result.unsent += run.remaining  # never started: the deadline came first
     result.rejected_by_code = dict(run.rejected)
     result.errors_by_kind = dict(run.errors)
     return result
@@ -403,7 +454,8 @@ def format_text(r: LoadResult) -> str:
         f"pipelining {'used' if r.pipelining_used else 'not used'})",
         f"messages          {r.messages} requested, {r.sent} sent, {r.accepted} accepted, "
         f"{r.rejected} rejected, {r.errors} errors"
-        + (" (TIMED OUT)" if r.timed_out else ""),
+        + (" (TIMED OUT)" if r.timed_out else "")
+        + (f" ({r.unsent} unsent: stopped at the deadline)" if r.stopped_at_deadline else ""),
         f"elapsed           {r.elapsed_seconds:.3f} s over {r.connections} connections, "
         f"{r.cpu_seconds:.3f} s CPU in the load generator",
         f"throughput        {r.accepted_per_second:.1f} accepted msg/s",
@@ -437,6 +489,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="overall cap; the run stops and reports what it did")
     p.add_argument("--io-timeout-seconds", type=float, default=30.0,
                    help="longest wait for any one reply")
+    p.add_argument("--duration-seconds", type=float, default=None,
+                   help="soft deadline: start no new message after this many seconds "
+                        "(the run then ends early; see `unsent` and `stopped_at_deadline`)")
+    p.add_argument("--latencies", action="store_true",
+                   help="with --json: include every accepted message's latency "
+                        "(`latencies_ms`)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p.parse_args(argv)
@@ -447,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     coro = run_load(a.host, a.port, a.sessions, a.messages, a.size, a.per_session,
                     pipelining=a.pipelining, sender=a.sender, rcpt=a.rcpt,
                     timeout_seconds=a.timeout_seconds, io_timeout_seconds=a.io_timeout_seconds,
-                    ehlo_name=a.ehlo, progress=not a.quiet)
+                    ehlo_name=a.ehlo, progress=not a.quiet,
+                    duration_seconds=a.duration_seconds, keep_latencies=a.latencies)
     if uvloop is not None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(coro)
@@ -457,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.to_dict()))
     else:
         print(format_text(result))
+    if result.stopped_at_deadline:
+        return 0 if result.accepted + result.unsent == result.messages else 1
     return 0 if result.accepted == result.messages else 1
 
 

@@ -2,7 +2,9 @@
 
 Owns every /proc read the benchmark makes. Linux only; values are seconds of CPU
 (user + sys), from SC_CLK_TCK ticks (10 ms here) or, where a tick is too coarse (many
-small processes), from the scheduler's nanosecond run times.
+small processes), from the scheduler's nanosecond run times. Also the resident
+memory of a process group (--sweep's peak RSS) and the kernel's count of connections
+dropped by full listen queues.
 
 Invariant: a process that exits between listing /proc and reading it is skipped, never
 an error; a reaped child's CPU moves into its parent's cutime/cstime, so summing own
@@ -137,3 +139,38 @@ def self_cpu_seconds() -> float:
     """User + sys CPU of this process, all threads (bench/run's own reader threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every live process in a group, summed (/proc/PID/statm).
+
+    A sum of RSS counts a page shared by N processes N times (shared libraries, a
+    prefork parent's pages its children did not write to): an upper bound of what
+    the group holds, comparable between servers that fork alike, not a PSS."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * PAGE_BYTES
+        except (OSError, ValueError, IndexError):
+            continue  # exited between the listing and the read
+    return total
+
+
+def listen_drops() -> int | None:
+    """TcpExt ListenDrops since boot (/proc/net/netstat): SYNs and handshakes a full
+    listen (accept) queue dropped, machine-wide. None if unreadable."""
+    try:
+        with open("/proc/net/netstat", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith(b"TcpExt:") and values.startswith(b"TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            value = table.get(b"ListenDrops")
+            return int(value) if value is not None else None
+    return None
