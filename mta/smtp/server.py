@@ -199,6 +199,8 @@ class ServerConnection:
         if pending is None or isinstance(pending, StartTls):
             raise RuntimeError(f"reply() with pending {pending!r}")  # our bug, not the peer's
         self._pending = None
+        if self.state is State.CLOSED:  # closed (timeout, shutdown) while the app decided
+            return
         if reply.code == 421:  # e.g. a lockout: a 421 always ends the session
             self._send(reply)
             self.state = State.CLOSED
@@ -228,7 +230,8 @@ class ServerConnection:
         if not isinstance(self._pending, StartTls):
             raise RuntimeError(f"tls_started() with pending {self._pending!r}")
         self._pending = None
-        self._buffer.clear()  # nothing sent in plaintext survives into the TLS session
+        # The buffer was cleared when STARTTLS was answered and reading stayed paused until
+        # the handshake: what is buffered now came encrypted (a client's EHLO may already be here).
         self.tls_active = True
         self.helo_name = None
         self.esmtp = False
@@ -251,6 +254,7 @@ class ServerConnection:
         del buf[: end + 1]
         if self._discarding:
             self._discarding = False
+            self._sasl = None  # an over-long SASL response ends the exchange
             self._send(replies.LINE_TOO_LONG)
             return None
         if raw.endswith(b"\r"):

@@ -45,17 +45,19 @@ def users_file(tmp_path: Path, **passwords: str) -> Path:
     return path
 
 
-def secure_server(mta_server, tmp_path: Path, pki: Pki, **sections: Any) -> tuple[MtaServer, dict[str, int]]:
-    """Listeners smtp (the fixture's port), submission and smtps, with [tls] and a users file."""
+def secure_server(mta_server, tmp_path: Path, pki: Pki, smtp_options: str = "",
+                  **sections: Any) -> tuple[MtaServer, dict[str, int]]:
+    """Listeners smtp (the fixture's port; `smtp_options`: extra TOML lines for it), submission and
+    smtps, with [tls] and a users file."""
     ports = {"submission": free_port(), "smtps": free_port()}
     server = mta_server(start=False, **sections)
-    listeners = [{"address": f"127.0.0.1:{server.port}"},
+    listeners = [{"address": f"127.0.0.1:{server.port}", "extra": smtp_options},
                  {"address": f"127.0.0.1:{ports['submission']}", "mode": "submission"},
                  {"address": f"127.0.0.1:{ports['smtps']}", "mode": "smtps"}]
     text = server.config_path.read_text()
     text = text.replace(f'[[listener]]\naddress = "127.0.0.1:{server.port}"\n', "")
     extra = "".join(f'\n[[listener]]\naddress = "{lst["address"]}"\nmode = "{lst.get("mode", "smtp")}"\n'
-                    for lst in listeners)
+                    f'{lst.get("extra", "")}' for lst in listeners)
     extra += f'\n[tls]\ncert_file = "{pki.cert}"\nkey_file = "{pki.key}"\n'
     if "auth" not in sections:
         extra += f'\n[auth]\nusers_file = "{users_file(tmp_path, alice="correct horse")}"\n'
@@ -403,3 +405,43 @@ def test_sighup_loads_a_renewed_certificate_and_keeps_the_old_one_when_broken(mt
     wait_until(lambda: b"event=reload_failed" in server.log_bytes(), 10, "the reload to be refused", server)
     assert b"[tls] cert_file" in server.log_bytes()
     assert verifies(renewed.client_context())
+
+
+def test_concurrent_guesses_cannot_outrun_the_lockout(mta_server, tmp_path, pki) -> None:
+    server, ports = secure_server(mta_server, tmp_path, pki, auth={
+        "users_file": str(users_file(tmp_path, alice="correct horse")), "slow_after_failures": 100,
+        "max_failures": 10, "lockout_seconds": 600})
+
+    async def guess(i: int) -> str:
+        client = await SmtpClient.connect(ports["smtps"], tls=pki.client_context(), source=UNTRUSTED)
+        reply = str(await client.auth_plain("alice", f"guess{i}"))
+        await drop(client)
+        return reply
+
+    async def attack() -> list[str]:
+        return list(await asyncio.gather(*(guess(i) for i in range(25))))
+
+    replies = run(attack())
+    assert sum(r.startswith("535") for r in replies) <= 10, replies
+    assert sum(r.startswith("421 4.7.0") for r in replies) >= 15, replies
+    # Each guess is counted before scrypt runs: at most max_failures checks were made.
+    assert sample(get(server, "/metrics")[1], "mta_auth_cache_misses_total") <= 10
+
+
+def test_a_plaintext_login_does_not_survive_starttls(mta_server, tmp_path, pki) -> None:
+    server, _ = secure_server(mta_server, tmp_path, pki, smtp_options="auth = true\nauth_plaintext = true\n")
+
+    async def session() -> tuple[str, str, str]:
+        client = await SmtpClient.connect(server.port, source=UNTRUSTED)
+        login = str(await client.auth_plain("alice", "correct horse"))
+        before = str(await client.command("MAIL FROM:<alice@x.test>"))
+        await client.command("RSET")
+        await client.starttls(pki.client_context())
+        await client.command("MAIL FROM:<alice@x.test>")
+        after = str(await client.command("RCPT TO:<bob@remote.test>"))
+        await client.close()
+        return login, before, after
+
+    login, before, after = run(session())
+    assert login.startswith("235") and before.startswith("250"), (login, before)
+    assert after.startswith("554 5.7.1"), after  # the login before TLS no longer grants relaying

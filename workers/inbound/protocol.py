@@ -199,6 +199,10 @@ class InboundProtocol(asyncio.Protocol):
         self._release_ip()
         if self._dnsbl is not None:
             self._dnsbl.cancel()
+        if self._task is not None and not isinstance(self._conn.pending, Message):
+            # AUTH (its delay, a queued scrypt), TLS or DNSBL work for a client that left.
+            # A commit in flight still completes (below).
+            self._task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self._linger_timer is not None:
@@ -288,12 +292,25 @@ class InboundProtocol(asyncio.Protocol):
 
     def _decide(self, decision: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(decision)
+        self._task.add_done_callback(self._decided)
+
+    def _decided(self, task: asyncio.Task[None]) -> None:
+        """A decision that raised must not leave the session waiting for it forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        logs.event("session_error", client=self.client_ip, error=f"{type(exc).__name__}: {exc}")
+        if self._task is task:
+            self._task = None
+        self._conn.close_with(replies.LOCAL_ERROR)
+        self._flush()
+        self._linger_close()
 
     def _answer(self, reply: Reply) -> None:
         """Deliver an asynchronous decision and go on with the input."""
         self._task = None
-        if self._transport is None or self._transport.is_closing():
-            return
+        if self._lingering or self._transport is None or self._transport.is_closing():
+            return  # gone, or shut down (421 sent) while we were deciding
         self._conn.reply(reply)
         self._pump()
 
@@ -359,7 +376,10 @@ class InboundProtocol(asyncio.Protocol):
     async def _start_tls(self) -> None:
         ctx = self._ctx
         transport = self._transport
-        assert transport is not None and ctx.ssl_context is not None
+        assert ctx.ssl_context is not None
+        if self._gone or self._lingering or transport is None or transport.is_closing():
+            self._task = None  # reset before our 220 left: start_tls would never finish
+            return
         loop = asyncio.get_running_loop()
         try:
             secure = await loop.start_tls(transport, self, ctx.ssl_context, server_side=True,
@@ -380,6 +400,7 @@ class InboundProtocol(asyncio.Protocol):
         metrics.INBOUND_TLS.labels(self._listener.mode, "ok").inc()
         logs.event("tls", client=self.client_ip, tls=self._tls_info)
         self._last_activity = time.monotonic()
+        self._user = None  # nothing learned before TLS is kept (auth_plaintext listeners)
         self._conn.tls_started()
         self._pump()
 
@@ -393,17 +414,24 @@ class InboundProtocol(asyncio.Protocol):
         delay = ctx.limiter.auth_delay(ip)
         if delay > 0:
             await asyncio.sleep(delay)
+        # Count the attempt before checking it, so concurrent guesses from one address cannot
+        # all pass the lockout check; a success is forgiven.
+        failures = ctx.limiter.auth_failed(ip)
+        if failures > ctx.config.auth.max_failures:
+            AUTH_ATTEMPTS.labels("locked_out").inc()
+            self._answer(LOCKED_OUT)
+            return
         result = None
         if credentials.authzid in ("", credentials.username):
             result = await ctx.authenticator.verify(credentials.username, credentials.password)
         if result is not None and result.ok and result.user is not None:
+            ctx.limiter.auth_forgive(ip)
             self._user = result.user
             AUTH_ATTEMPTS.labels("success").inc()
             logs.event("auth", client=ip, user=result.user.name, mechanism=credentials.mechanism,
                        result="success", cached=result.cached)
             self._answer(replies.AUTH_OK)
             return
-        failures = ctx.limiter.auth_failed(ip)
         AUTH_ATTEMPTS.labels("failure").inc()
         logs.event("auth", client=ip, user=replies.sanitize(credentials.username), mechanism=credentials.mechanism,
                    result="failure", failures=failures)

@@ -158,6 +158,18 @@ class RateLimiter:
 
         return int(self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", add, lockout, now)[1])
 
+    def auth_forgive(self, ip: str) -> None:
+        """Take back one auth_failed(): the SMTP layer counts each attempt before checking it
+        (so concurrent guesses cannot all pass the lockout check) and forgives a success."""
+        lockout = self._auth.lockout_seconds
+        now = self._clock()
+
+        def take(value: Any) -> Window:
+            start, failures = _current(value, now, lockout)
+            return [start, max(failures - 1, 0)]
+
+        self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", take, lockout, now)
+
     def auth_delay(self, ip: str) -> float:
         """Seconds to wait before answering an AUTH from `ip`: grows past slow_after_failures, at most 5."""
         beyond = self._auth_failures(ip) - self._auth.slow_after_failures

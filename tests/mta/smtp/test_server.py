@@ -90,3 +90,13 @@ def test_our_queue_trouble_does_not_count_as_client_errors() -> None:
         assert reply_lines(conn.data_to_send()) == ["452 4.3.1 Error: insufficient system storage, try again later"]
     assert conn.state is State.READY
     assert reply_lines(app.feed(b"FOO\r\nBAR\r\nBAZ\r\n"))[-1].startswith("421 4.7.0")  # the client's own do
+
+
+def test_an_overlong_sasl_response_split_over_reads_ends_the_exchange() -> None:
+    from tests.mta.smtp.transcript import new_app
+    app, _ = new_app(tls=True, auth_mechanisms=("LOGIN",))
+    assert app.feed(b"EHLO c.test\r\n").startswith(b"250-")
+    assert app.feed(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
+    assert app.feed(b"A" * 13000) == b""  # no line end yet: discarded while it streams
+    assert app.feed(b"AAAA\r\n").startswith(b"500 5.5.2")
+    assert app.feed(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"  # a command again, not a SASL response
