@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-from loadgen import SmtpReplyError, percentile, read_reply, uvloop
+from loadgen import SmtpReplyError, close_quietly, percentile, read_reply, uvloop
 
 PROGRESS_EVERY_SECONDS: Final = 2.0
 
@@ -158,12 +158,7 @@ async def _session(run: _Run, host: str, port: int, password: str, ehlo_name: st
             if in_flight:
                 run.note_error("connection", repr(exc))
         finally:
-            if writer is not None:
-                writer.close()
-                try:
-                    await writer.wait_closed()
-                except (OSError, ConnectionError):
-                    pass  # the peer already closed; nothing left to release
+            await close_quietly(writer)
 
 
 async def _progress(run: _Run, started: float) -> None:

@@ -359,12 +359,18 @@ async def _session(run: _Run, host: str, port: int, per_session: int, pipelining
             if in_flight:
                 run.note_error("connection", repr(exc))
         finally:
-            if writer is not None:
-                writer.close()
-                try:
-                    await writer.wait_closed()
-                except (OSError, ConnectionError):
-                    pass  # the peer already closed; nothing left to release
+            await close_quietly(writer)
+
+
+async def close_quietly(writer: asyncio.StreamWriter | None) -> None:
+    """Close a session's stream; a peer that closed first is no error."""
+    if writer is None:
+        return
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (OSError, ConnectionError):
+        pass  # the peer already closed; nothing left to release
 
 
 async def _progress(run: _Run, started: float) -> None:
