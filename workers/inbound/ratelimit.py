@@ -61,6 +61,9 @@ class RateLimiter:
         self._max_connections = config.limits.max_connections_per_ip
         self._rate = config.rate
         self._auth = config.auth
+        # Connections of workers that died without giving them back (kill -9) go now,
+        # not only when an address reaches its limit.
+        cache.purge_live(_without_dead_pids)
 
     # --- connections ------------------------------------------------------------------
 
@@ -80,7 +83,7 @@ class RateLimiter:
                 counts[self._pid] = counts.get(self._pid, 0) + 1
             return counts or None
 
-        self._cache.update(CACHE_NAMESPACE, f"conn/{ip}", take, CONNECTION_TTL_SECONDS, now)
+        self._cache.tally(f"conn/{ip}", take)
         if refused:
             return replies.CONNECTION_LIMIT
         if self._rate.connections_per_window and not self._exempt(trusted):
@@ -99,7 +102,7 @@ class RateLimiter:
                 counts[self._pid] = left
             return counts or None
 
-        self._cache.update(CACHE_NAMESPACE, f"conn/{ip}", release, CONNECTION_TTL_SECONDS, self._clock())
+        self._cache.tally(f"conn/{ip}", release)
 
     # --- messages and recipients -----------------------------------------------------------
 
@@ -185,6 +188,12 @@ class RateLimiter:
         now = self._clock()
         value = self._cache.get(CACHE_NAMESPACE, f"auth/{ip}", now)
         return int(_current(value, now, self._auth.lockout_seconds)[1])
+
+
+def _without_dead_pids(counts: Any) -> dict[str, int] | None:
+    if not isinstance(counts, dict):
+        return None
+    return {pid: n for pid, n in counts.items() if _alive(int(pid))} or None
 
 
 def _alive(pid: int) -> bool:
