@@ -101,6 +101,9 @@ class DeliveryConfig:
     max_connections_per_host: int = 50  # sessions per MX host (address:port), per delivery process
     initial_concurrency: int = 5  # slow start: a destination's window starts here
     max_messages_per_connection: int = 100
+    # A session whose destination has nothing ready waits this long for the next message
+    # before it QUITs (Postfix's smtp_connection_cache_time_limit); 0 = QUIT at once.
+    connection_idle_seconds: float = 2.0
     max_messages_per_second: float = 0.0  # per destination domain; 0 = unlimited
     port: int = 25
     smarthost: str = ""  # "host:port": every remote message goes there
@@ -460,6 +463,8 @@ def _check_delivery(config: Config, fail: Any) -> None:
         fail("[delivery] max_backoff_seconds", "must be >= min_backoff_seconds")
     if d.max_messages_per_second < 0:
         fail("[delivery] max_messages_per_second", "must be >= 0 (0 = unlimited)")
+    if not 0 <= d.connection_idle_seconds <= 300:
+        fail("[delivery] connection_idle_seconds", "must be 0-300 (0 = QUIT when nothing is ready)")
     if not 1 <= d.port <= 65535:
         fail("[delivery] port", "must be a port number 1-65535")
     if d.tls not in TLS_POLICIES:

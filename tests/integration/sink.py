@@ -16,7 +16,8 @@ Recipient behaviour comes from the local part, or from `rcpt_rule`/`data_rule`
 is accepted at RCPT and given 552 after the final dot (under SMTP the first such
 recipient decides the one reply). Options: the greeting code (421 closes at once,
 554 waits for QUIT), a delay before the final reply, dropping the connection after
-the content (no reply), a broken STARTTLS (`starttls_fault`).
+the content (no reply) or at the MAIL after N messages (`drop_mail_after`), a broken
+STARTTLS (`starttls_fault`).
 
 Records every message (envelope, parameters, content exactly as received after
 unstuffing, the stuffed wire form, TLS or not), every command line, connections in
@@ -84,6 +85,7 @@ class SmtpSink:
                  tls_cert: tuple[str, str] | None = None, starttls_fault: str | None = None,
                  greeting_code: int = 220,
                  delay_seconds: float = 0.0, drop_after_data: bool = False,
+                 drop_mail_after: int | None = None,
                  mail_rule: Callable[[str], ReplyTuple | None] | None = None,
                  rcpt_rule: Callable[[str], ReplyTuple | None] | None = None,
                  data_rule: Callable[[str], ReplyTuple | None] | None = None) -> None:
@@ -101,6 +103,9 @@ class SmtpSink:
         self.greeting_code = greeting_code
         self.delay_seconds = delay_seconds
         self.drop_after_data = drop_after_data
+        # A server that closed a connection the client kept for its next message: after
+        # this many MAIL commands on one connection, the next MAIL finds it gone (no reply).
+        self.drop_mail_after = drop_mail_after
         self.mail_rule = mail_rule or (lambda a: None)
         self.rcpt_rule = rcpt_rule or (lambda a: prefix_rule("r", a))
         self.data_rule = data_rule or (lambda a: prefix_rule("d", a))
@@ -258,6 +263,7 @@ class _Session:
         self.tls = False
         self.greeted = False
         self.esmtp = False
+        self.mails = 0  # MAIL commands on this connection
         self._reset()
 
     def _reset(self) -> None:
@@ -404,6 +410,9 @@ class _Session:
         return None
 
     async def _do_mail(self, arg: str) -> None:
+        if self.sink.drop_mail_after is not None and self.mails >= self.sink.drop_mail_after:
+            raise _Dropped()
+        self.mails += 1
         if not self.greeted:
             self._send(503, "5.5.1", "Error: send HELO/EHLO first")
             return

@@ -263,3 +263,60 @@ def test_domains_sharing_one_host_respect_the_per_host_limit(mta_server, tmp_pat
         asyncio.run(send_all(server.port, mails, sessions=10))
         sink.wait_for_messages(200, timeout=60)
         assert sink.peak_connections == 3  # 10 allowed by the two domains, 3 by the host
+
+
+def send_one(server: MtaServer, rcpt: str, n: int) -> str:
+    [msgid] = asyncio.run(send_all(server.port, [("a@client.test", [rcpt], message(n))]))
+    return msgid
+
+
+@pytest.mark.parametrize("idle_seconds", [1.5, 0])
+def test_an_open_connection_waits_for_the_next_message_then_quits(mta_server, tmp_path: Path,
+                                                                   idle_seconds: float) -> None:
+    with SmtpSink("127.0.0.2") as sink:
+        server = delivering(mta_server, tmp_path, {"reuse.test": f"{sink.address}:{sink.port}"},
+                            delivery={"connection_idle_seconds": idle_seconds})
+        send_one(server, "u1@reuse.test", 1)
+        sink.wait_for_messages(1, timeout=10)
+        time.sleep(0.3)  # the queue is empty: the connection waits (or has quit, with 0)
+        send_one(server, "u2@reuse.test", 2)
+        sink.wait_for_messages(2, timeout=10)
+        if idle_seconds:
+            assert sink.connections == 1, "the second message did not ride the waiting connection"
+            time.sleep(0.3)
+            assert sink.current_connections == 1  # still waiting for a third
+        else:
+            assert sink.connections == 2
+        sink.wait_until(lambda: sink.current_connections == 0, timeout=10)
+        assert all(sink.verbs(c)[-1] == "QUIT" for c in range(1, sink.connections + 1))
+
+
+def test_a_connection_the_server_dropped_while_waiting_is_replaced_not_deferred(mta_server,
+                                                                               tmp_path: Path) -> None:
+    with SmtpSink("127.0.0.2", drop_mail_after=1) as sink:
+        server = delivering(mta_server, tmp_path, {"drop.test": f"{sink.address}:{sink.port}"},
+                            delivery={"connection_idle_seconds": 10})
+        send_one(server, "u1@drop.test", 1)
+        sink.wait_for_messages(1, timeout=10)
+        second = send_one(server, "u2@drop.test", 2)
+        sink.wait_for_messages(2, timeout=10)
+        assert sink.connections == 2
+        log = server.log_bytes().decode()
+        assert "event=stale_connection" in log
+        assert f"event=deferred msgid={second}" not in log
+
+
+@pytest.mark.parametrize("limit", ["max_connections", "max_connections_per_host"])
+def test_a_waiting_connection_gives_its_slot_to_another_destination(mta_server, tmp_path: Path,
+                                                                    limit: str) -> None:
+    with SmtpSink("127.0.0.2") as sink:
+        hop = f"{sink.address}:{sink.port}"
+        # One connection allowed (in total, or to the one host): one.test's waiting session
+        # must yield it to two.test (the scheduler's slot, or the delivery worker's).
+        server = delivering(mta_server, tmp_path, {"one.test": hop, "two.test": hop},
+                            delivery={"connection_idle_seconds": 60, limit: 1})
+        send_one(server, "u1@one.test", 1)
+        sink.wait_for_messages(1, timeout=10)
+        send_one(server, "u2@two.test", 2)
+        sink.wait_for_messages(2, timeout=10)  # not after one.test's 60 s wait
+        assert sink.connections == 2 and sink.peak_connections == 1

@@ -105,6 +105,9 @@ class DeliveryWorker:
         self._writer: asyncio.StreamWriter | None = None
         self._slots = HostSlots(config.delivery.max_connections_per_host)
         self._session_slot: dict[int, str] = {}
+        # Sessions waiting between jobs with their connection open (the scheduler parked
+        # them): one is closed when another session waits for its host's slot.
+        self._waiting: dict[int, OutboundSession] = {}
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -177,7 +180,10 @@ class DeliveryWorker:
         try:
             route = await self._route(dest)
             while True:
+                if outbound is not None:
+                    self._waiting[sid] = outbound
                 frame = await queue.get()
+                self._waiting.pop(sid, None)
                 if frame.get("t") == "close":
                     break
                 job = frame["job"]
@@ -190,17 +196,25 @@ class DeliveryWorker:
                     replies = await self._deliver_local(envelope, rcpts)
                     self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None})
                     continue
-                if outbound is None or not outbound.usable:
-                    if outbound is not None:
-                        await self._close(outbound)
-                    outbound, failure = await self._connect(route, dest)
-                    if outbound is None:
-                        assert failure is not None
-                        ok = False
-                        self._send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
-                                    "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts]})
-                        continue
-                replies = await self._deliver_remote(outbound, envelope, rcpts)
+                failure: tuple[int, str, str] | None = None
+                for _attempt in range(2):
+                    if outbound is None or not outbound.reusable:
+                        if outbound is not None:
+                            await self._close(outbound)
+                        outbound, failure = await self._connect(route, dest)
+                        if outbound is None:
+                            break
+                    replies = await self._deliver_remote(outbound, envelope, rcpts)
+                    if not outbound.stale:
+                        break
+                    # Dropped while it waited for this message: once more on a new connection.
+                    logs.event("stale_connection", dest=dest, relay=outbound.remote)
+                if outbound is None:
+                    assert failure is not None
+                    ok = False
+                    self._send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
+                                "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts]})
+                    continue
                 self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
                             "remote": outbound.remote})
         finally:
@@ -241,6 +255,7 @@ class DeliveryWorker:
             if session is not None:
                 return session, None
         for target in busy:  # every free one failed or none was free: wait our turn
+            await self._release_waiting(target.key)
             await self._slots.take(target.key)
             session, last = await self._open(target, route, dest, last)
             if session is not None:
@@ -265,6 +280,14 @@ class DeliveryWorker:
             return None, (exc.code, exc.status, f"{target.host}: {exc.text}")
         self._session_slot[id(session)] = target.key
         return session, last
+
+    async def _release_waiting(self, key: str) -> None:
+        """A connection to `key` that only waits for its next job gives its slot up."""
+        for sid, session in self._waiting.items():
+            if self._session_slot.get(id(session)) == key:
+                del self._waiting[sid]
+                await self._close(session)  # its next job finds it unusable and reconnects
+                return
 
     async def _close(self, session: OutboundSession) -> None:
         await session.close()

@@ -189,6 +189,12 @@ class OutboundSession:
         self._data_timeout = data_timeout
         self._closed = False
         self._doing = "sending MAIL FROM"  # what the transaction is doing, for failure texts
+        self.transactions = 0  # messages sent on this connection
+        # The last send found the connection dead before MAIL was answered, on a connection
+        # that had carried a message before: the server dropped it (or said 421) while it
+        # waited. Nothing of this message reached the server; a new connection may retry it.
+        self.stale = False
+        self._mail_answered = False
 
     # --- opening -----------------------------------------------------------------------
 
@@ -296,6 +302,12 @@ class OutboundSession:
         status = reply.status or ("5.0.0" if reply.permanent else "4.0.0")
         return SessionError(reply.code, status, reply.text, reply.permanent, stage)
 
+    @property
+    def reusable(self) -> bool:
+        """Usable, and nothing happened while it waited between messages: the server did not
+        close it or say anything unasked (a 421 before an idle timeout, say)."""
+        return self.usable and not self._link.closed.done() and not self._conn.buffered_bytes
+
     # --- messages ----------------------------------------------------------------------
 
     async def send(self, message: Outbound) -> list[RecipientResult]:
@@ -321,19 +333,23 @@ class OutboundSession:
             else:
                 todo.append(i)
         if todo:
+            self._mail_answered = False
             try:
                 await self._transaction(message, body, todo, utf8, results)
             except _Closing as exc:
+                self.stale = self.transactions > 0 and not self._mail_answered
                 self._fail(message, results, exc.reply.code, exc.reply.status or "4.0.0", exc.reply.text)
             except TimeoutError:
                 self._fail(message, results, 451, "4.4.2",
                            f"conversation with {self.remote} timed out while {self._doing}")
             except _Dropped:
+                self.stale = self.transactions > 0 and not self._mail_answered
                 self._fail(message, results, 451, "4.4.2", f"lost connection with {self.remote} while {self._doing}")
             except ProtocolError as exc:
                 self._fail(message, results, 451, "4.5.0", f"protocol error from {self.remote} "
                                                            f"while {self._doing}: {exc}")
         assert all(r is not None for r in results), "a recipient without a result"
+        self.transactions += 1
         return results  # type: ignore[return-value]
 
     async def _transaction(self, message: Outbound, body: bytes, todo: list[int], utf8: bool,
@@ -350,6 +366,7 @@ class OutboundSession:
         else:
             link.write(mail)
         mail_reply = await self._expect(self._command_timeout)
+        self._mail_answered = True
         mail_ok = mail_reply.ok
         if not mail_ok:
             for i in todo:

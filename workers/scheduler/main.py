@@ -13,7 +13,10 @@ frames, mta/frames.py) for:
 
 A job is one message's recipients for one destination domain; a session carries up to
 max_messages_per_connection jobs, taking the destination's best job each time, so a
-high-priority message overtakes queued ones even on a reused connection. Outcomes are
+high-priority message overtakes queued ones even on a reused connection. A session with
+nothing to do is parked for [delivery] connection_idle_seconds: new jobs ride parked
+sessions first, and a parked one is closed when another destination needs its slot.
+Outcomes are
 applied in memory at once and written to LMDB by one writer thread in batches
 (apply(): states, retry times, deletions and bounces in one transaction).
 A full rescan of the due index every RESCAN_SECONDS catches messages whose "new"
@@ -65,6 +68,8 @@ class Session:
     worker: WorkerLink
     job: Job | None
     jobs_sent: int = 1
+    idle_since: float = 0.0  # > 0: parked, waiting for its destination's next job
+    closing: bool = False  # "close" sent, "closed" not yet received
 
 
 @dataclass(eq=False)
@@ -102,6 +107,10 @@ class Scheduler:
         self.carried: dict[MessageId, Counter[int]] = {}
         self.destination_gauges: dict[str, Any] = {"top": [], "other": [0, 0, 0]}
         self.sessions: dict[int, Session] = {}
+        # Parked sessions per destination, oldest first: an open connection waits up to
+        # [delivery] connection_idle_seconds for the destination's next job.
+        self.parked: dict[str, dict[int, Session]] = {}
+        self._closing = 0  # sessions told to close that have not said "closed" yet
         self.workers: list[WorkerLink] = []
         self._sids = itertools.count(1)
         self._jobs = itertools.count(1)
@@ -138,18 +147,20 @@ class Scheduler:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         rescan = loop.create_task(self._rescan_forever())
         gauges = loop.create_task(self._gauges_forever())
+        idle = loop.create_task(self._expire_parked_forever())
         self._schedule_dispatch()
         await self._stop.wait()
         self._stopping = True
         rescan.cancel()
         gauges.cancel()
+        idle.cancel()
         server.close()
         # Close the peers' connections rather than cancel their tasks (a cancelled
         # stream handler task makes Python 3.11's asyncio log a spurious traceback); no
         # frame is handled once the spool is closed.
         for writer in self._peers.values():
             writer.close()
-        await asyncio.gather(rescan, gauges, *self._peers, return_exceptions=True)
+        await asyncio.gather(rescan, gauges, idle, *self._peers, return_exceptions=True)
         await self._flush_now()
         self._writer.shutdown(wait=True)
         self.backend.close()
@@ -362,13 +373,22 @@ class Scheduler:
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
         now = time.time()
-        while len(self.sessions) < self.config.delivery.max_connections:
+        self._resume_parked(now)
+        while True:
             dest = self.plan.next_destination(now)
             if dest is None:
                 break
-            worker = min((w for w in self.workers if len(w.sessions) < w.capacity),
-                         key=lambda w: len(w.sessions), default=None)
+            worker = None
+            if len(self.sessions) < self.config.delivery.max_connections:
+                worker = min((w for w in self.workers if len(w.sessions) < w.capacity),
+                             key=lambda w: len(w.sessions), default=None)
             if worker is None:
+                # Every slot is taken: a parked session of another destination gives its
+                # slot up (one at a time; its "closed" dispatches again).
+                if not self._closing and self.parked:
+                    oldest = min((next(iter(p.values())) for p in self.parked.values()),
+                                 key=lambda s: s.idle_since)
+                    self._close(oldest)
                 break
             if not dest.take_token(now):
                 dest.suspended_until = now + dest.token_wait(now)  # a pause, not a failure
@@ -390,18 +410,70 @@ class Scheduler:
         return {"id": job.id, "msgid": job.msgid, "rcpts": list(job.rcpts)}
 
     def _next_for(self, session: Session) -> None:
-        """After a job: give the session the destination's best job, or close it."""
+        """After a job: give the session the destination's best job, park it, or close it."""
         dest, now = session.dest, time.time()
-        if (session.jobs_sent < dest.limits.max_messages_per_connection and len(dest)
-                and dest.in_flight <= dest.limit and dest.take_token(now)):
-            job = dest.pop()
-            self._carry(session, job)
-            session.jobs_sent += 1
-            dest.last_served = now
-            session.worker.send({"t": "job", "sid": session.sid, "job": self._job_frame(job)})
-        else:
-            session.job = None
+        session.job = None
+        if session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.limit:
+            if len(dest) and dest.take_token(now):
+                self._give(session, dest.pop(), now)
+                return
+            if not len(dest) and self.config.delivery.connection_idle_seconds > 0 and not self._stopping:
+                session.idle_since = now
+                self.parked.setdefault(dest.name, {})[session.sid] = session
+                return
+        self._close(session)
+
+    def _give(self, session: Session, job: Job, now: float) -> None:
+        """The next job on an open session."""
+        self._carry(session, job)
+        session.jobs_sent += 1
+        session.dest.last_served = now
+        session.worker.send({"t": "job", "sid": session.sid, "job": self._job_frame(job)})
+
+    def _resume_parked(self, now: float) -> None:
+        """Ready jobs ride parked sessions first (newest first: the oldest expire)."""
+        for name in list(self.parked):
+            parked, dest = self.parked[name], self.plan.destinations.get(name)
+            while (parked and dest is not None and len(dest) and now >= dest.suspended_until
+                   and dest.in_flight <= dest.limit and dest.take_token(now)):
+                _sid, session = parked.popitem()
+                session.idle_since = 0.0
+                self._give(session, dest.pop(), now)
+            if not parked:
+                del self.parked[name]
+
+    def _unpark(self, session: Session) -> None:
+        if not session.idle_since:
+            return
+        session.idle_since = 0.0
+        parked = self.parked.get(session.dest.name)
+        if parked is not None:
+            parked.pop(session.sid, None)
+            if not parked:
+                del self.parked[session.dest.name]
+
+    def _close(self, session: Session) -> None:
+        self._unpark(session)
+        if not session.closing:
+            session.closing = True
+            self._closing += 1
             session.worker.send({"t": "close", "sid": session.sid})
+
+    def _forget_session(self, session: Session) -> None:
+        """The session is gone (closed, or its worker lost)."""
+        self._unpark(session)
+        if session.closing:
+            session.closing = False
+            self._closing -= 1
+
+    async def _expire_parked_forever(self) -> None:
+        while True:
+            idle = self.config.delivery.connection_idle_seconds
+            await asyncio.sleep(min(1.0, max(0.05, idle / 4)))
+            now = time.time()
+            expired = [s for p in self.parked.values() for s in p.values() if now - s.idle_since >= idle]
+            for session in expired:
+                self._close(session)
 
     # --- peers ---------------------------------------------------------------------------
 
@@ -445,6 +517,7 @@ class Scheduler:
         requeued = 0
         for sid in list(link.sessions):
             session = self.sessions.pop(sid)
+            self._forget_session(session)
             session.dest.in_flight -= 1
             if session.job is not None:
                 self._release(session.job)
@@ -477,7 +550,7 @@ class Scheduler:
             session.dest.on_session_ok()
         self._settle(job, replies, frame.get("remote"), now)
         if frame.get("failed"):
-            session.worker.send({"t": "close", "sid": session.sid})
+            self._close(session)
         else:
             self._next_for(session)
         self._schedule_dispatch()
@@ -487,6 +560,7 @@ class Scheduler:
         link.sessions.discard(sid)
         if session is None:
             return
+        self._forget_session(session)
         session.dest.in_flight -= 1
         if session.job is not None:  # closed while a job was assigned: it did not run
             self._release(session.job)
