@@ -12,10 +12,11 @@ The format is chosen once in the master (`set_format`); forked children inherit 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, TextIO
+
+from mta import procinfo
 
 _process = "mta"
 _stream: TextIO = sys.stderr
@@ -39,13 +40,13 @@ def event(name: str, **fields: Any) -> None:
     now = time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     if _json:
-        record = {"ts": stamp, "proc": _process, "pid": os.getpid(), "event": name}
+        record = {"ts": stamp, "proc": _process, "pid": procinfo.pid(), "event": name}
         record.update((k, v if isinstance(v, (int, float, bool)) else str(v))
                       for k, v in fields.items() if v is not None)
         _stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         _stream.flush()
         return
-    parts = [f"ts={stamp}", f"proc={_process}", f"pid={os.getpid()}", f"event={name}"]
+    parts = [f"ts={stamp}", f"proc={_process}", f"pid={procinfo.pid()}", f"event={name}"]
     parts.extend(f"{key}={_quote(value)}" for key, value in fields.items() if value is not None)
     _stream.write(" ".join(parts) + "\n")
     _stream.flush()

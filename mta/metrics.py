@@ -15,10 +15,17 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
+
+from mta import procinfo
+
+# prometheus-client's multiprocess values call os.getpid() (a system call) on every
+# inc() and set() to notice a fork; ours is read from a variable updated at fork.
+if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    values.ValueClass = values.MultiProcessValue(process_identifier=procinfo.pid)
 
 
 @contextlib.contextmanager

@@ -77,6 +77,11 @@ class Arbiter:
         self._orphans: collections.deque[tuple[str, socket.socket]] = collections.deque()
         self._next_conn_id = 0
         self._signals: list[int] = []
+        # Housekeeping (reap, heartbeats, respawns, gauges...) runs once per tick, or at
+        # once after a signal, a child's change of state or an orphaned connection: not
+        # after every accepted connection.
+        self._next_tick = 0.0
+        self._urgent = True
         self._accepting = False
         self._draining = False
         self._drain_deadline = 0.0
@@ -101,6 +106,10 @@ class Arbiter:
             if code is not None:
                 return code
             now = time.monotonic()
+            if not (self._urgent or self._draining or now >= self._next_tick):
+                continue
+            self._urgent = False
+            self._next_tick = now + TICK_SECONDS
             self._reap(now)
             self._check_heartbeats(now)
             self._respawn_due(now)
@@ -141,6 +150,8 @@ class Arbiter:
             return
 
     def _handle_signals(self) -> int | None:
+        if self._signals:
+            self._urgent = True
         while self._signals:
             signum = self._signals.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
@@ -172,6 +183,7 @@ class Arbiter:
             child = self._least_loaded(exclude=tried)
             if child is None:
                 self._orphans.append((address, conn))
+                self._urgent = True
                 return
             conn_id = self._next_conn_id
             self._next_conn_id += 1
@@ -262,6 +274,7 @@ class Arbiter:
                 got = None
             if got is None:  # the child closed its end: it is exiting; _reap handles it
                 self._selector.unregister(channel)
+                self._urgent = True
                 return
             frame, fds = got
             for fd in fds:
@@ -277,6 +290,7 @@ class Arbiter:
                 child.active = frame["active"]
                 if child.state is ChildState.STARTING and frame["state"] == "ready":
                     child.state = ChildState.READY
+                    self._urgent = True
                     logs.event("ready", child=child.title, child_pid=child.pid)
 
     def _reap(self, now: float) -> None:

@@ -59,6 +59,7 @@ class LmdbCache:
         self.max_entries = max_entries
         self.budget_bytes = max_size_bytes // 2
         self._pid = os.getpid()
+        self._forks = _forks
         self._env = lmdb.open(
             path, map_size=max_size_bytes, max_dbs=4, sync=False, metasync=False, writemap=True,
             readahead=False, max_readers=512, subdir=True,
@@ -290,9 +291,22 @@ class LmdbCache:
             return self._env.begin(write=write)
 
     def _check_pid(self) -> None:
-        if os.getpid() != self._pid:
+        if _forks != self._forks:
             raise RuntimeError(f"cache {self.path} was opened in process {self._pid}, before a fork: "
                                "open the cache after fork")
+
+
+# Forks of this process so far (an at-fork hook counts them): comparing it is the
+# per-operation fork check, without a getpid() system call each time.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 def _entry_key(namespace: str, key: str) -> bytes:

@@ -132,10 +132,18 @@ def test_cache_survives_reopen(tmp_path: Path) -> None:
     c.close()
 
 
-def test_use_after_fork_is_refused(cache: LmdbCache, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a forked child
-    with pytest.raises(RuntimeError, match="after fork"):
-        cache.get("t", "k", 0.0)
+def test_use_after_fork_is_refused(cache: LmdbCache) -> None:
+    cache.put("t", "k", b"v", 60.0, 0.0)
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's handle must refuse, not corrupt
+        try:
+            cache.get("t", "k", 0.0)
+        except RuntimeError as exc:
+            os._exit(0 if "after fork" in str(exc) else 2)
+        os._exit(1)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child could use the parent's cache"
+    assert cache.get("t", "k", 0.0) == b"v"  # the parent still can
 
 
 def check_invariants(cache: LmdbCache) -> None:
