@@ -12,6 +12,7 @@ The format is chosen once in the master (`set_format`); forked children inherit 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -38,7 +39,7 @@ def setup(process: str, stream: TextIO | None = None) -> None:
 
 def event(name: str, **fields: Any) -> None:
     now = time.time()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    stamp = f"{_second_stamp(int(now))}.{int(now % 1 * 1000):03d}Z"
     if _json:
         record = {"ts": stamp, "proc": _process, "pid": procinfo.pid(), "event": name}
         record.update((k, v if isinstance(v, (int, float, bool)) else str(v))
@@ -46,15 +47,31 @@ def event(name: str, **fields: Any) -> None:
         _stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         _stream.flush()
         return
-    parts = [f"ts={stamp}", f"proc={_process}", f"pid={procinfo.pid()}", f"event={name}"]
-    parts.extend(f"{key}={_quote(value)}" for key, value in fields.items() if value is not None)
-    _stream.write(" ".join(parts) + "\n")
+    line = f"ts={stamp} proc={_process} pid={procinfo.pid()} event={name}"
+    for key, value in fields.items():
+        if value is not None:
+            line += f" {key}={_quote(value)}"
+    _stream.write(line + "\n")
     _stream.flush()
 
 
+_stamped = (-1, "")
+
+
+def _second_stamp(second: int) -> str:
+    """The timestamp up to the second, formatted once per second."""
+    global _stamped
+    if _stamped[0] != second:
+        _stamped = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return _stamped[1]
+
+
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _quote(value: Any) -> str:
-    text = str(value)
-    if text and not any(c in text for c in ' "=\\') and text.isprintable():
+    text = value if type(value) is str else str(value)
+    if text and text.isprintable() and _NEEDS_QUOTES.search(text) is None:
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
     escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)

@@ -58,6 +58,7 @@ from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally, destinati
 
 RESCAN_SECONDS = 30.0
 GAUGE_SECONDS = 2.0
+FLUSH_GATHER_SECONDS = 0.01
 READ_OPS = frozenset({"active", "gauges"})  # commands that change nothing: answered without a flush
 
 
@@ -620,6 +621,9 @@ class Scheduler:
     async def _flush(self) -> None:
         try:
             while self._pending_update or self._pending_delete or self._pending_add:
+                # Outcomes arrive a few per millisecond under load: gathering them for a
+                # moment makes one transaction (two fsyncs) carry many, not a handful.
+                await asyncio.sleep(FLUSH_GATHER_SECONDS)
                 update = list(self._pending_update.values())
                 delete = list(self._pending_delete)
                 add = self._pending_add
