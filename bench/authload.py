@@ -32,11 +32,10 @@ import itertools
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-from loadgen import SmtpReplyError, close_quietly, percentile, read_reply, uvloop
+from loadgen import SmtpReplyError, Tally, close_quietly, drive, fmt_ms, read_reply, uvloop
 
 PROGRESS_EVERY_SECONDS: Final = 2.0
 
@@ -77,32 +76,17 @@ def plain_token(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
 
 
-class _Run:
+class _Run(Tally):
     """Shared state of one run: which login is next, the tallies."""
 
     def __init__(self, result: AuthLoadResult, io_timeout: float, max_first_errors: int = 5):
-        self.result = result
-        self.io_timeout = io_timeout
+        super().__init__(result, io_timeout, max_first_errors)
         self.next_login = itertools.count()
-        self.latencies: list[float] = []
-        self.rejected: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.max_first_errors = max_first_errors
         self.last_ok_at = 0.0
 
     def take(self) -> int | None:
         n = next(self.next_login)
         return n if n < self.result.logins else None
-
-    def note_error(self, kind: str, detail: str) -> None:
-        self.errors[kind] += 1
-        self.result.errors += 1
-        if len(self.result.first_errors) < self.max_first_errors:
-            self.result.first_errors.append(f"{kind}: {detail}")
-
-    def note_rejected(self, stage: str, code: int) -> None:
-        self.rejected[f"{stage}:{code}"] += 1
-        self.result.rejected += 1
 
 
 async def _session(run: _Run, host: str, port: int, password: str, ehlo_name: str) -> None:
@@ -187,42 +171,18 @@ async def run_logins(host: str, port: int, sessions: int, logins: int, users: in
     tasks = [asyncio.create_task(_session(run, host, port, password, ehlo_name))
              for _ in range(min(sessions, max(logins, 1)))]
     reporter = asyncio.create_task(_progress(run, started)) if progress else None
-    try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout_seconds)
-        if pending:
-            result.timed_out = True
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                raise exc  # a bug in this file, not the server's fault: fail loudly
-    finally:
-        if reporter is not None:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+    await drive(tasks, timeout_seconds, result, reporter)
 
     end = time.perf_counter() if result.timed_out or not run.last_ok_at else run.last_ok_at
     result.elapsed_seconds = max(end - started, 1e-9)
     result.cpu_seconds = time.process_time() - cpu_started
     result.logins_per_second = result.ok / result.elapsed_seconds
-    lat = sorted(run.latencies)
-    result.latency_p50_ms = percentile(lat, 50)
-    result.latency_p99_ms = percentile(lat, 99)
-    result.latency_p999_ms = percentile(lat, 99.9)
-    result.latency_max_ms = lat[-1] if lat else None
-    result.rejected_by_code = dict(run.rejected)
-    result.errors_by_kind = dict(run.errors)
+    run.summarize()
     return result
 
 
 # ---------------------------------------------------------------------------
 # CLI
-
-
-def _fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def format_text(r: AuthLoadResult) -> str:
@@ -233,8 +193,8 @@ def format_text(r: AuthLoadResult) -> str:
         f"elapsed           {r.elapsed_seconds:.3f} s over {r.connections} connections, "
         f"{r.cpu_seconds:.3f} s CPU in the client",
         f"throughput        {r.logins_per_second:.1f} logins/s",
-        f"AUTH reply ms     p50 {_fmt_ms(r.latency_p50_ms)}  p99 {_fmt_ms(r.latency_p99_ms)}  "
-        f"p999 {_fmt_ms(r.latency_p999_ms)}  max {_fmt_ms(r.latency_max_ms)}",
+        f"AUTH reply ms     p50 {fmt_ms(r.latency_p50_ms)}  p99 {fmt_ms(r.latency_p99_ms)}  "
+        f"p999 {fmt_ms(r.latency_p999_ms)}  max {fmt_ms(r.latency_max_ms)}",
     ]
     if r.rejected_by_code:
         lines.append(f"rejected by code  {r.rejected_by_code}")

@@ -16,7 +16,11 @@ Two optional extras for bench/run --sweep: `duration_seconds`, a soft deadline a
 which no new message is started (sessions finish the message they are in; one still
 waiting for its TCP connect gives its message back, counted as `unsent`), and
 `keep_latencies`, which returns every accepted message's latency (`latencies_ms`, in
-the order the replies arrived) for a CDF.
+the order the replies arrived) for a CDF. And `rate` (bench/run --half-load): messages
+start on a fixed schedule, message k no earlier than k/rate seconds into the run
+(open loop within the sessions' limit: a server that falls behind is not waited for
+beyond what the sessions allow), so latency is measured at a chosen load, not at the
+server's maximum.
 
 Invariants: accepted + rejected + errors + unsent <= messages (equal unless the
 overall timeout cut the run short); only loopback-style targets are meant (the caller
@@ -64,6 +68,7 @@ class LoadResult:
     per_session: int
     pipelining_requested: bool
     pipelining_used: bool = False  # true if at least one session pipelined
+    rate: float | None = None  # messages per second asked for (None: as fast as possible)
     event_loop: str = "asyncio"
     sent: int = 0  # messages whose "." was written
     accepted: int = 0
@@ -186,19 +191,69 @@ async def read_reply(reader: asyncio.StreamReader, timeout: float) -> tuple[int,
     raise SmtpReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
 
 
-class _Run:
-    """Shared state of one run: the message counter, the tallies and the deadline."""
+class Tally:
+    """What the sessions of one run count (loadgen's and authload's): latencies, refusals
+    by stage:code, errors by kind; `summarize` writes them into the result."""
 
-    def __init__(self, result: LoadResult, io_timeout: float, max_first_errors: int = 5,
-                 deadline: float | None = None):
-        self.result = result
+    def __init__(self, result, io_timeout: float, max_first_errors: int = 5):  # type: ignore[no-untyped-def]
+        self.result = result  # a LoadResult or an AuthLoadResult: the same tally fields
         self.io_timeout = io_timeout
-        self.deadline = deadline  # time.perf_counter() after which no message starts
-        self.remaining = result.messages
         self.latencies: list[float] = []
         self.rejected: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.max_first_errors = max_first_errors
+
+    def note_error(self, kind: str, detail: str, count: int = 1) -> None:
+        self.errors[kind] += count
+        self.result.errors += count
+        if len(self.result.first_errors) < self.max_first_errors:
+            self.result.first_errors.append(f"{kind}: {detail}")
+
+    def note_rejected(self, stage: str, code: int) -> None:
+        self.rejected[f"{stage}:{code}"] += 1
+        self.result.rejected += 1
+
+    def summarize(self) -> None:
+        r, lat = self.result, sorted(self.latencies)
+        r.latency_p50_ms = percentile(lat, 50)
+        r.latency_p99_ms = percentile(lat, 99)
+        r.latency_p999_ms = percentile(lat, 99.9)
+        r.latency_max_ms = lat[-1] if lat else None
+        r.rejected_by_code = dict(self.rejected)
+        r.errors_by_kind = dict(self.errors)
+
+
+async def drive(tasks: list[asyncio.Task[None]], timeout_seconds: float, result,  # type: ignore[no-untyped-def]
+                reporter: asyncio.Task[None] | None) -> None:
+    """Wait for the sessions; at the timeout cancel them (`result.timed_out`). A session
+    that raised is a bug in the client, not the server's fault: it is raised here."""
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=timeout_seconds)
+        if pending:
+            result.timed_out = True
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+
+
+class _Run(Tally):
+    """Shared state of one run: the message counter, the tallies and the deadline."""
+
+    def __init__(self, result: LoadResult, io_timeout: float, max_first_errors: int = 5,
+                 deadline: float | None = None, started: float = 0.0):
+        super().__init__(result, io_timeout, max_first_errors)
+        self.started = started  # time.perf_counter() at the start: the pacing origin
+        self.paced = 0  # messages given a start slot so far
+        self.deadline = deadline  # time.perf_counter() after which no message starts
+        self.remaining = result.messages
         self.ids = itertools.count(1)
         self.tag = f"{os.getpid()}.{int(time.time() * 1000)}"
         self.last_reply_at = 0.0
@@ -211,6 +266,16 @@ class _Run:
             return False
         self.remaining -= 1
         return True
+
+    async def pace(self) -> None:
+        """With a rate: wait for this message's start slot (k/rate into the run)."""
+        rate = self.result.rate
+        if rate is None:
+            return
+        delay = self.started + self.paced / rate - time.perf_counter()
+        self.paced += 1
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def connect_timeout(self) -> float:
         """The I/O timeout, cut short at the soft deadline: a connect still pending
@@ -229,15 +294,8 @@ class _Run:
         self.result.given_back += 1
         self.result.stopped_at_deadline = True
 
-    def note_error(self, kind: str, detail: str, count: int = 1) -> None:
-        self.errors[kind] += count
-        self.result.errors += count
-        if len(self.result.first_errors) < self.max_first_errors:
-            self.result.first_errors.append(f"{kind}: {detail}")
-
     def note_rejected(self, stage: str, code: int) -> None:
-        self.rejected[f"{stage}:{code}"] += 1
-        self.result.rejected += 1
+        super().note_rejected(stage, code)
         self.last_reply_at = time.perf_counter()
 
 
@@ -255,6 +313,7 @@ async def _session(run: _Run, host: str, port: int, per_session: int, pipelining
     data_cmd = b"DATA\r\n"
     group = mail_cmd + rcpt_cmd + data_cmd
     while run.take():
+        await run.pace()
         # This message is ours now; `in_flight` says if it is still uncounted when
         # the connection breaks (then it is an error, never silently lost).
         in_flight = True
@@ -297,6 +356,7 @@ async def _session(run: _Run, host: str, port: int, per_session: int, pipelining
                 if n > 0:
                     if not run.take():
                         break
+                    await run.pace()
                     in_flight = True
                 message = build_message(sender, rcpt, f"{run.tag}.{next(run.ids)}@client.test",
                                         stuffed_body)
@@ -389,42 +449,32 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
                    timeout_seconds: float = 120.0, io_timeout_seconds: float = 30.0,
                    ehlo_name: str = "client.test", progress: bool = False,
                    duration_seconds: float | None = None,
-                   keep_latencies: bool = False) -> LoadResult:
+                   keep_latencies: bool = False, rate: float | None = None) -> LoadResult:
     """Run one load and return what happened; never raises for server misbehaviour.
 
     duration_seconds: soft deadline (see the module docstring); timeout_seconds stays
     the hard cap. keep_latencies: fill `latencies_ms`."""
     if sessions < 1 or messages < 0 or per_session < 1 or size < 0:
         raise ValueError("sessions and per_session must be >= 1; messages and size >= 0")
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be > 0 messages per second")
     loop_module = type(asyncio.get_running_loop()).__module__
     result = LoadResult(host=host, port=port, sessions=sessions, messages=messages,
                         size=size, per_session=per_session, pipelining_requested=pipelining,
-                        event_loop="uvloop" if loop_module.startswith("uvloop") else "asyncio")
+                        event_loop="uvloop" if loop_module.startswith("uvloop") else "asyncio",
+                        rate=rate)
     stuffed_body = dot_stuff(build_body(size))
     result.started_monotonic = time.monotonic()
     started = time.perf_counter()
     run = _Run(result, io_timeout_seconds,
-               deadline=None if duration_seconds is None else started + duration_seconds)
+               deadline=None if duration_seconds is None else started + duration_seconds,
+               started=started)
     cpu_started = time.process_time()
     tasks = [asyncio.create_task(_session(run, host, port, per_session, pipelining, sender,
                                           rcpt, stuffed_body, ehlo_name))
              for _ in range(min(sessions, max(messages, 1)))]
     reporter = asyncio.create_task(_progress(run, started)) if progress else None
-    try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout_seconds)
-        if pending:
-            result.timed_out = True
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if task.exception() is not None:
-                # A bug in this file, not the server's fault: fail loudly.
-                raise task.exception()
-    finally:
-        if reporter is not None:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+    await drive(tasks, timeout_seconds, result, reporter)
 
     end = run.last_reply_at if run.last_reply_at else time.perf_counter()
     if result.timed_out:
@@ -432,17 +482,11 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
     result.elapsed_seconds = max(end - started, 1e-9)
     result.cpu_seconds = time.process_time() - cpu_started
     result.accepted_per_second = result.accepted / result.elapsed_seconds
-    lat = sorted(run.latencies)
-    result.latency_p50_ms = percentile(lat, 50)
-    result.latency_p99_ms = percentile(lat, 99)
-    result.latency_p999_ms = percentile(lat, 99.9)
-    result.latency_max_ms = lat[-1] if lat else None
+    run.summarize()
     if keep_latencies:
         result.latencies_ms = [round(v, 4) for v in run.latencies]
     if result.stopped_at_deadline:
         result.unsent += run.remaining  # never started: the deadline came first
-    result.rejected_by_code = dict(run.rejected)
-    result.errors_by_kind = dict(run.errors)
     return result
 
 
@@ -450,7 +494,7 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
 # CLI
 
 
-def _fmt_ms(value: float | None) -> str:
+def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -465,8 +509,8 @@ def format_text(r: LoadResult) -> str:
         f"elapsed           {r.elapsed_seconds:.3f} s over {r.connections} connections, "
         f"{r.cpu_seconds:.3f} s CPU in the load generator",
         f"throughput        {r.accepted_per_second:.1f} accepted msg/s",
-        f"latency ms        p50 {_fmt_ms(r.latency_p50_ms)}  p99 {_fmt_ms(r.latency_p99_ms)}  "
-        f"p999 {_fmt_ms(r.latency_p999_ms)}  max {_fmt_ms(r.latency_max_ms)}",
+        f"latency ms        p50 {fmt_ms(r.latency_p50_ms)}  p99 {fmt_ms(r.latency_p99_ms)}  "
+        f"p999 {fmt_ms(r.latency_p999_ms)}  max {fmt_ms(r.latency_max_ms)}",
     ]
     if r.rejected_by_code:
         lines.append(f"rejected by code  {r.rejected_by_code}")
@@ -498,6 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration-seconds", type=float, default=None,
                    help="soft deadline: start no new message after this many seconds "
                         "(the run then ends early; see `unsent` and `stopped_at_deadline`)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="messages per second: start message k at k/RATE seconds (paced, "
+                        "for latency at a chosen load); default: as fast as possible")
     p.add_argument("--latencies", action="store_true",
                    help="with --json: include every accepted message's latency "
                         "(`latencies_ms`)")
@@ -512,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                     pipelining=a.pipelining, sender=a.sender, rcpt=a.rcpt,
                     timeout_seconds=a.timeout_seconds, io_timeout_seconds=a.io_timeout_seconds,
                     ehlo_name=a.ehlo, progress=not a.quiet,
-                    duration_seconds=a.duration_seconds, keep_latencies=a.latencies)
+                    duration_seconds=a.duration_seconds, keep_latencies=a.latencies, rate=a.rate)
     if uvloop is not None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(coro)

@@ -36,12 +36,13 @@ def shared_port(addresses: list[str]) -> int:
 
 
 def mx_relay(mta_server, tmp_path: Path, dns: DnsServer, port: int, relay_domains: list[str],  # type: ignore[no-untyped-def]
-             **sections: dict) -> MtaServer:
+             delivery: dict | None = None, **sections: dict) -> MtaServer:
     (tmp_path / "mail" / "local.test").mkdir(parents=True, exist_ok=True)
     return mta_server(
         server={"inbound_workers": 1},
         relay={"local_domains": ["local.test"], "relay_domains": relay_domains, "mynetworks": ["127.0.0.1/32"]},
-        delivery={"workers": 1, "port": port, "min_backoff_seconds": 1, "max_backoff_seconds": 2},
+        delivery={"workers": 1, "port": port, "min_backoff_seconds": 1, "max_backoff_seconds": 2,
+                  **(delivery or {})},
         dns={"nameservers": [dns.nameserver], "timeout_seconds": 2},
         local={"maildir_root": str(tmp_path / "mail")},
         **sections,

@@ -102,7 +102,10 @@ def test_every_queried_metric_is_exported_by_a_running_mta(mta_server, tmp_path:
     with SmtpSink("127.0.0.2", port) as sink:
         dns_server.mx("remote.test", (10, "mx.remote.test"), ttl=300)
         dns_server.host("mx.remote.test", "127.0.0.2", ttl=300)
+        # No connection kept between messages: the second message's session looks the MX
+        # up again (a DNS cache hit) instead of riding the first one's connection.
         server: MtaServer = mx_relay(mta_server, tmp_path, dns_server, port, ["remote.test"],
+                                     delivery={"connection_idle_seconds": 0},
                                      policy={"dnsbl": ["bl.test"]})  # exports the DNSBL series
         mailbox(tmp_path, "local.test", "sender")
         wait_until(lambda: get(server, "/readyz")[0] == 200, 10, "the control process", server)

@@ -428,6 +428,30 @@ def test_concurrent_guesses_cannot_outrun_the_lockout(mta_server, tmp_path, pki)
     assert sample(get(server, "/metrics")[1], "mta_auth_cache_misses_total") <= 10
 
 
+def test_more_concurrent_good_logins_than_max_failures_all_succeed(mta_server, tmp_path, pki) -> None:
+    # A webmail or app server behind one address: 30 logins of 10 users at once, max_failures
+    # 5, no slowing down. The checks beyond the budget wait for a slot; none is refused (nor
+    # counted as a failure).
+    users = {f"user{i}": f"password {i}" for i in range(10)}
+    server, ports = secure_server(mta_server, tmp_path, pki, auth={
+        "users_file": str(users_file(tmp_path, **users)), "max_failures": 5,
+        "slow_after_failures": 100, "lockout_seconds": 600})
+
+    async def logins() -> list[str]:  # every TLS session first, then 30 AUTHs at once
+        clients = await asyncio.gather(*(SmtpClient.connect(ports["smtps"], tls=pki.client_context(),
+                                                            source=UNTRUSTED) for _ in range(30)))
+        replies = await asyncio.gather(*(c.auth_plain(f"user{i % 10}", f"password {i % 10}")
+                                         for i, c in enumerate(clients)))
+        await asyncio.gather(*(drop(c) for c in clients))
+        return [str(r) for r in replies]
+
+    replies = run(logins())
+    assert all(r.startswith("235 2.7.0") for r in replies), replies
+    metrics = get(server, "/metrics")[1]
+    assert sample(metrics, "mta_auth_attempts_total", result="success") == 30
+    assert sample(metrics, "mta_auth_attempts_total", result="failure") == 0
+
+
 def test_a_plaintext_login_does_not_survive_starttls(mta_server, tmp_path, pki) -> None:
     server, _ = secure_server(mta_server, tmp_path, pki, smtp_options="auth = true\nauth_plaintext = true\n")
 

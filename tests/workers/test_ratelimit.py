@@ -249,6 +249,25 @@ def test_auth_delays_grow_then_lockout_then_it_ends(cache: LmdbCache, clock: Clo
     assert str(LOCKED_OUT) == "421 4.7.0 Error: too many failed authentications from your address, try again later"
 
 
+def test_auth_checks_in_progress_share_the_failure_budget(cache: LmdbCache, clock: Clock) -> None:
+    limiter = RateLimiter(make_config(auth=AuthConfig(max_failures=3, lockout_seconds=600)), cache, clock=clock)
+    other = RateLimiter(make_config(auth=AuthConfig(max_failures=3, lockout_seconds=600)), cache, clock=clock,
+                        pid=os.getppid())
+    assert [limiter.auth_begin(IP), other.auth_begin(IP), limiter.auth_begin(IP)] == ["ok"] * 3
+    assert other.auth_begin(IP) == "busy"  # three checks in flight: the budget is used
+    assert limiter.auth_begin("192.0.2.99") == "ok"  # another address has its own
+    assert limiter.auth_end(IP, failed=False) == 0  # a success frees its slot, counts nothing
+    assert other.auth_begin(IP) == "ok"
+    assert limiter.auth_end(IP, failed=True) == 1
+    assert limiter.auth_end(IP, failed=True) == 2
+    assert not limiter.locked_out(IP)
+    assert limiter.auth_begin(IP) == "busy"  # 2 failures + 1 in flight
+    assert limiter.auth_end(IP, failed=True) == 3
+    assert limiter.locked_out(IP) and other.auth_begin(IP) == "locked"
+    clock.now += 600
+    assert limiter.auth_begin(IP) == "ok" and not limiter.locked_out(IP)  # a fresh window
+
+
 def test_auth_failures_count_for_trusted_clients_and_across_limiters(cache: LmdbCache, clock: Clock) -> None:
     config = make_config(auth=AuthConfig(max_failures=2))
     one, other = RateLimiter(config, cache, clock=clock), RateLimiter(config, cache, clock=clock, pid=os.getppid())

@@ -63,10 +63,11 @@ AUTH_ATTEMPTS = Counter(
     "mta_auth_attempts_total",
     "SMTP AUTH exchanges by result. result: success (authenticated), failure (wrong name or password), "
     "malformed (a broken AUTH exchange: bad base64, unknown mechanism, cancelled), locked_out (refused without "
-    "checking: the client IP passed [auth] max_failures), no_tls (AUTH before STARTTLS where TLS is required). "
+    "checking: the client IP passed [auth] max_failures), busy (454 4.7.0: checks in progress from the client IP used the "
+    "rest of its failure budget for 10 s), no_tls (AUTH before STARTTLS where TLS is required). "
     "Rising failure or locked_out is password guessing; see the log for the client addresses.",
     ["result"])
-for _result in ("success", "failure", "malformed", "locked_out", "no_tls"):
+for _result in ("success", "failure", "malformed", "locked_out", "busy", "no_tls"):
     AUTH_ATTEMPTS.labels(result=_result)  # export every series from the start, at 0
 
 

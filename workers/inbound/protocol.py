@@ -45,7 +45,7 @@ from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from workers.inbound import policy
 from workers.inbound.auth import AUTH_ATTEMPTS
-from workers.inbound.ratelimit import LOCKED_OUT
+from workers.inbound.ratelimit import AUTH_BUSY, AUTH_BUSY_POLL_SECONDS, AUTH_BUSY_SECONDS, LOCKED_OUT
 from workers.inbound.received import received_header
 
 if TYPE_CHECKING:
@@ -414,18 +414,29 @@ class InboundProtocol(asyncio.Protocol):
         delay = ctx.limiter.auth_delay(ip)
         if delay > 0:
             await asyncio.sleep(delay)
-        # Count the attempt before checking it, so concurrent guesses from one address cannot
-        # all pass the lockout check; a success is forgiven.
-        failures = ctx.limiter.auth_failed(ip)
-        if failures > ctx.config.auth.max_failures:
+        # At most max_failures - failures checks from one address run at once: concurrent
+        # guesses cannot exceed the budget; concurrent good logins wait for a slot.
+        waited = 0.0
+        while (admitted := ctx.limiter.auth_begin(ip)) == "busy":
+            if waited >= AUTH_BUSY_SECONDS:
+                AUTH_ATTEMPTS.labels("busy").inc()
+                self._answer(AUTH_BUSY)
+                return
+            await asyncio.sleep(AUTH_BUSY_POLL_SECONDS)
+            waited += AUTH_BUSY_POLL_SECONDS
+        if admitted == "locked":
             AUTH_ATTEMPTS.labels("locked_out").inc()
             self._answer(LOCKED_OUT)
             return
         result = None
-        if credentials.authzid in ("", credentials.username):
-            result = await ctx.authenticator.verify(credentials.username, credentials.password)
-        if result is not None and result.ok and result.user is not None:
-            ctx.limiter.auth_forgive(ip)
+        failed = False  # a client that leaves mid-check learnt nothing: not a failure
+        try:
+            if credentials.authzid in ("", credentials.username):
+                result = await ctx.authenticator.verify(credentials.username, credentials.password)
+            failed = not (result is not None and result.ok and result.user is not None)
+        finally:
+            failures = ctx.limiter.auth_end(ip, failed)
+        if result is not None and not failed and result.user is not None:
             self._user = result.user
             AUTH_ATTEMPTS.labels("success").inc()
             logs.event("auth", client=ip, user=result.user.name, mechanism=credentials.mechanism,
@@ -435,7 +446,7 @@ class InboundProtocol(asyncio.Protocol):
         AUTH_ATTEMPTS.labels("failure").inc()
         logs.event("auth", client=ip, user=replies.sanitize(credentials.username), mechanism=credentials.mechanism,
                    result="failure", failures=failures)
-        self._answer(LOCKED_OUT if ctx.limiter.locked_out(ip) else replies.AUTH_FAILED)
+        self._answer(LOCKED_OUT if failures >= ctx.config.auth.max_failures else replies.AUTH_FAILED)
 
     def _count_auth_refusals(self) -> None:
         """AUTH attempts the core refused alone (no TLS, malformed): counted here."""

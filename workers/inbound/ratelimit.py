@@ -7,12 +7,17 @@ worker processes and survives a worker restart; each count is one `LmdbCache.upd
   conn-window/<ip>              [window_start, count]: [rate] connections_per_window
   msg/ip/<ip>, msg/user/<u>     [window_start, count]: messages_per_window, user_messages_per_window
   rcpt/ip/<ip>, rcpt/user/<u>   [window_start, count]: recipients_per_window, user_recipients_per_window
-  auth/<ip>                     [first_failure, failures]: [auth] max_failures within lockout_seconds
+  auth/<ip>                     [window_start, failures, checking]: [auth] max_failures within
+                                lockout_seconds; `checking`: attempts being checked right now
 
 Windows are fixed: a new one starts at the first count at or after window_start +
 window_seconds. A refused attempt consumes no budget (a count taken for one limit is
 given back when the next refuses). Entries expire a window after their last use.
 A limit of 0 costs nothing: no LMDB transaction (the concurrency limit is always on).
+AUTH: an attempt is admitted only while failures + attempts being checked < max_failures
+(`auth_begin`), so concurrent guesses from one address can never exceed the budget, and
+concurrent good logins (a webmail or app server behind one address) wait for a slot
+instead of being locked out; `auth_end` frees the slot and counts a failure.
 Rate windows skip clients in [relay] mynetworks ("trusted") unless [rate]
 exempt_mynetworks = false; the concurrency limit and AUTH failures count everyone.
 
@@ -39,6 +44,12 @@ MAX_AUTH_DELAY_SECONDS: Final = 5.0
 
 CONNECTION_RATE = Reply(421, "4.7.0", "Error: too many connections from your address, try again later")
 LOCKED_OUT = Reply(421, "4.7.0", "Error: too many failed authentications from your address, try again later")
+# RFC 4954's temporary failure: the address's AUTH checks in progress used its failure budget
+# for AUTH_BUSY_SECONDS (concurrent guessing, or more concurrent logins than max_failures).
+AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure: too many authentications in progress "
+                                "from your address, try again")
+AUTH_BUSY_SECONDS: Final = 10.0
+AUTH_BUSY_POLL_SECONDS: Final = 0.02
 
 Window = list[float]  # [window_start, count], as stored
 
@@ -150,28 +161,39 @@ class RateLimiter:
 
     # --- AUTH failures -------------------------------------------------------------------
 
+    def auth_begin(self, ip: str) -> str:
+        """Admit one AUTH check from `ip`: "ok" (a slot is taken: call auth_end), "busy"
+        (failures + checks in progress reach max_failures: try again shortly) or "locked"."""
+        lockout, limit = self._auth.lockout_seconds, self._auth.max_failures
+        now = self._clock()
+        state = "ok"
+
+        def begin(value: Any) -> list[float]:
+            nonlocal state
+            start, failures, checking = _auth_window(value, now, lockout)
+            state = "locked" if failures >= limit else "busy" if failures + checking >= limit else "ok"
+            return [start, failures, checking + (state == "ok")]
+
+        self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", begin, lockout, now)
+        return state
+
+    def auth_end(self, ip: str, failed: bool) -> int:
+        """The check auth_begin admitted is over; returns the failures in the window."""
+        return self._auth_count(ip, failed, ended=True)
+
     def auth_failed(self, ip: str) -> int:
-        """Record one failed AUTH from `ip`; returns the failures in its lockout window."""
+        """Record one failed AUTH from `ip` (no auth_begin); returns the failures in its window."""
+        return self._auth_count(ip, True, ended=False)
+
+    def _auth_count(self, ip: str, failed: bool, ended: bool) -> int:
         lockout = self._auth.lockout_seconds
         now = self._clock()
 
-        def add(value: Any) -> Window:
-            start, failures = _current(value, now, lockout)
-            return [start, failures + 1]
+        def end(value: Any) -> list[float]:
+            start, failures, checking = _auth_window(value, now, lockout)
+            return [start, failures + failed, max(checking - ended, 0)]
 
-        return int(self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", add, lockout, now)[1])
-
-    def auth_forgive(self, ip: str) -> None:
-        """Take back one auth_failed(): the SMTP layer counts each attempt before checking it
-        (so concurrent guesses cannot all pass the lockout check) and forgives a success."""
-        lockout = self._auth.lockout_seconds
-        now = self._clock()
-
-        def take(value: Any) -> Window:
-            start, failures = _current(value, now, lockout)
-            return [start, max(failures - 1, 0)]
-
-        self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", take, lockout, now)
+        return int(self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", end, lockout, now)[1])
 
     def auth_delay(self, ip: str) -> float:
         """Seconds to wait before answering an AUTH from `ip`: grows past slow_after_failures, at most 5."""
@@ -187,7 +209,7 @@ class RateLimiter:
     def _auth_failures(self, ip: str) -> int:
         now = self._clock()
         value = self._cache.get(CACHE_NAMESPACE, f"auth/{ip}", now)
-        return int(_current(value, now, self._auth.lockout_seconds)[1])
+        return int(_auth_window(value, now, self._auth.lockout_seconds)[1])
 
 
 def _without_dead_pids(counts: Any) -> dict[str, int] | None:
@@ -211,6 +233,13 @@ def _current(value: Any, now: float, window_seconds: float) -> tuple[float, int]
     if isinstance(value, list) and len(value) == 2 and now < value[0] + window_seconds:
         return float(value[0]), int(value[1])
     return now, 0
+
+
+def _auth_window(value: Any, now: float, lockout_seconds: float) -> tuple[float, int, int]:
+    """(window_start, failures, checks in progress) of the AUTH window running at `now`."""
+    if isinstance(value, list) and len(value) == 3 and now < value[0] + lockout_seconds:
+        return float(value[0]), int(value[1]), int(value[2])
+    return now, 0, 0
 
 
 class _Count:
