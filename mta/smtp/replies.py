@@ -45,14 +45,25 @@ class Reply:
         return tuple(f"{prefix}{t}" for t in texts)
 
     def to_bytes(self) -> bytes:
-        lines = self.lines
-        out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
-        out.append(f"{self.code} {lines[-1]}\r\n")
-        return "".join(out).encode("utf-8", "replace")
+        wire = _WIRE.get(self)
+        if wire is None:
+            lines = self.lines
+            out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
+            out.append(f"{self.code} {lines[-1]}\r\n")
+            wire = "".join(out).encode("utf-8", "replace")
+            if len(_WIRE) >= _WIRE_MAX:  # replies with a queue id in them come and go
+                _WIRE.clear()
+            _WIRE[self] = wire
+        return wire
 
     def __str__(self) -> str:
         return " ".join((str(self.code), *self.lines))
 
+
+# The wire form of replies sent recently: most are the constants below, sent for every
+# message; bounded, since some carry a queue id or an address.
+_WIRE: dict[Reply, bytes] = {}
+_WIRE_MAX = 1024
 
 # Positive
 OK = Reply(250, "2.0.0", "Ok")

@@ -1,12 +1,14 @@
 """Message ids: one NewType, one form (13 upper-case hex digits of time + 8 of randomness), sortable by arrival.
 
 The time part (microseconds since the epoch) makes listings read in arrival order;
-the random part keeps ids unique across processes without coordination.
+the random part keeps ids unique across processes without coordination (the random
+module reseeds in every forked child; ids are unique, not secret, and the spool refuses
+a duplicate id anyway).
 """
 
 from __future__ import annotations
 
-import os
+import random
 import time
 from typing import NewType
 
@@ -15,7 +17,7 @@ MessageId = NewType("MessageId", str)
 
 def new_id(now: float | None = None) -> MessageId:
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return MessageId(f"{micros:013X}{os.urandom(4).hex().upper()}")
+    return MessageId(f"{micros:013X}{random.getrandbits(32):08X}")
 
 
 def is_id(text: str) -> bool:

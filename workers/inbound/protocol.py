@@ -26,6 +26,7 @@ never fires while we (not the client) are the ones being waited on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import ssl
 import time
@@ -55,6 +56,13 @@ HIGH_WATER = 256 * 1024
 PROXY_HEADER_SECONDS = 5.0
 LINGER_SECONDS = 2.0
 
+
+
+@functools.cache
+def _listener_counters(address: str) -> tuple[Any, Any, Any]:
+    """A listener's connection, message and byte counters, resolved once per process."""
+    return (metrics.INBOUND_CONNECTIONS.labels(address), metrics.INBOUND_MESSAGES.labels(address),
+            metrics.INBOUND_BYTES.labels(address))
 
 class InboundProtocol(asyncio.Protocol):
     def __init__(self, ctx: WorkerContext, listener: ListenerConfig) -> None:
@@ -109,7 +117,7 @@ class InboundProtocol(asyncio.Protocol):
         ctx = self._ctx
         logs.event("connect", client=self.client_ip, listener=self._listener.address,
                    tls=self._tls_info or None)
-        metrics.INBOUND_CONNECTIONS.labels(self._listener.address).inc()
+        _listener_counters(self._listener.address)[0].inc()
         refusal, reason = self._check_connect()
         if refusal is not None:
             logs.event("refused", client=self.client_ip, reason=reason, reply=str(refusal))
@@ -493,8 +501,9 @@ class InboundProtocol(asyncio.Protocol):
             logs.event("received", msgid=msgid, client=self.client_ip, user=self._user_name, sender=envelope.sender,
                        nrcpt=len(rcpts), size=len(body), priority=envelope.priority or None)
             ctx.notifier.new(msgid)
-            metrics.INBOUND_MESSAGES.labels(self._listener.address).inc()
-            metrics.INBOUND_BYTES.labels(self._listener.address).inc(len(body))
+            _, messages, octets = _listener_counters(self._listener.address)
+            messages.inc()
+            octets.inc(len(body))
         self._answer(reply)
 
     def _final_recipients(self, message: Message) -> list[Recipient]:
