@@ -102,7 +102,7 @@ class DeliveryWorker:
         self.channel = channel
         self._stop = asyncio.Event()
         self._inbox: dict[int, asyncio.Queue[dict[str, Any]]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._out: frames.StreamFrames | None = None  # frames to the scheduler, one write per burst
         self._slots = HostSlots(config.delivery.max_connections_per_host)
         self._session_slot: dict[int, str] = {}
         # Sessions waiting between jobs with their connection open (the scheduler parked
@@ -145,7 +145,7 @@ class DeliveryWorker:
             except OSError:
                 await asyncio.sleep(RECONNECT_SECONDS)  # the scheduler is (re)starting
                 continue
-            self._writer = writer
+            self._out = frames.StreamFrames(writer)
             writer.write(frames.encode_stream_frame({"t": "hello", "capacity": CAPACITY, "pid": os.getpid()}))
             try:
                 while (frame := await frames.read_stream_frame(reader)) is not None:
@@ -153,7 +153,7 @@ class DeliveryWorker:
             except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
                 logs.event("scheduler_lost", error=str(exc))
             writer.close()
-            self._writer = None
+            self._out = None
             for queue in self._inbox.values():  # the scheduler forgot them: abandon the sessions
                 queue.put_nowait({"t": "close"})
             await asyncio.sleep(RECONNECT_SECONDS)
@@ -169,8 +169,8 @@ class DeliveryWorker:
             self._inbox[sid].put_nowait(frame)
 
     def _send(self, frame: dict[str, Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(frames.encode_stream_frame(frame))
+        if self._out is not None:
+            self._out.send(frame)
 
     # --- one session -------------------------------------------------------------------
 

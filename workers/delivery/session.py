@@ -432,6 +432,11 @@ class OutboundSession:
         return reply
 
     async def _reply(self, timeout: float | None) -> ServerReply:
+        event = self._conn.next_event()  # pipelined replies mostly arrive together: no timer
+        if isinstance(event, ServerReply):
+            return event
+        if event is CLOSED:
+            raise _Dropped()
         async with asyncio.timeout(timeout):
             while True:
                 event = self._conn.next_event()

@@ -79,10 +79,12 @@ class WorkerLink:
     capacity: int
     pid: int
     sessions: set[int] = field(default_factory=set)
+    out: frames.StreamFrames | None = None
 
     def send(self, frame: dict[str, Any]) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(frames.encode_stream_frame(frame))
+        if self.out is None:
+            self.out = frames.StreamFrames(self.writer)
+        self.out.send(frame)
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
