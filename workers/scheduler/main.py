@@ -294,9 +294,9 @@ class Scheduler:
             yield  # not tracked: not counted
             return
         which = range(len(envelope.recipients)) if indices is None else indices
-        self._count(envelope, which, -1)
+        before = self.tally.states(envelope, which, self.carried.get(envelope.id, ()))
         yield
-        self._count(envelope, which, +1)
+        self.tally.changed(envelope, which, before, self.carried.get(envelope.id, ()))
 
     def _carry(self, session: Session, job: Job) -> None:
         """`session` carries `job` now: its ready recipients count as active."""

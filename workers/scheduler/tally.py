@@ -19,6 +19,7 @@ no entry. Pure: no I/O, no clock reads.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Collection, Iterable, Mapping
 from operator import itemgetter
@@ -32,6 +33,7 @@ TOP_DESTINATIONS = 10  # per-destination gauges: this many rows + "other" (docs/
 OTHER = "other"
 
 
+@functools.lru_cache(maxsize=65536)
 def destination_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
 
@@ -72,6 +74,22 @@ class Tally:
         for i in indices:
             r = envelope.recipients[i]
             self.add(destination_of(r.address), counted_state(r.state, i in carried), sign)
+
+    def states(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int]) -> list[str]:
+        """The counted states of these recipients now (for `changed`, after they change)."""
+        return [counted_state(envelope.recipients[i].state, i in carried) for i in indices]
+
+    def changed(self, envelope: Envelope, indices: Iterable[int], before: list[str],
+                carried: Collection[int]) -> None:
+        """These recipients were counted in the states `before`: count them as they are now
+        (only those whose counted state changed are touched)."""
+        for i, old in zip(indices, before):
+            r = envelope.recipients[i]
+            new = counted_state(r.state, i in carried)
+            if new != old:
+                dest = destination_of(r.address)
+                self.add(dest, old, -1)
+                self.add(dest, new, +1)
 
     def top(self, n: int) -> tuple[list[tuple[str, dict[str, int]]], dict[str, int]]:
         """The n destinations with the most queued (ready + active + deferred) recipients,
