@@ -283,3 +283,15 @@ def test_a_dead_workers_connections_are_purged_when_a_worker_starts(cache: LmdbC
     mine = RateLimiter(make_config(), cache, clock=clock, pid=os.getpid())  # a worker starting
     mine.open_connection(IP, trusted=False)
     assert cache.live(f"conn/{IP}") == {str(os.getpid()): 1}
+
+
+def test_checks_of_a_worker_killed_mid_check_are_dropped(cache: LmdbCache, clock: Clock) -> None:
+    config = make_config(auth=AuthConfig(max_failures=2, lockout_seconds=600))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = RateLimiter(config, cache, clock=clock, pid=dead.pid)
+    assert [killed.auth_begin(IP), killed.auth_begin(IP)] == ["ok", "ok"]  # then it died: no auth_end
+    live = RateLimiter(config, cache, clock=clock)
+    assert live.auth_begin(IP) == "ok"  # the dead worker's two checks no longer hold the budget
+    assert live.auth_begin(IP) == "ok"
+    assert live.auth_begin(IP) == "busy"  # but the live worker's own two do

@@ -7,8 +7,9 @@ worker processes and survives a worker restart; each count is one `LmdbCache.upd
   conn-window/<ip>              [window_start, count]: [rate] connections_per_window
   msg/ip/<ip>, msg/user/<u>     [window_start, count]: messages_per_window, user_messages_per_window
   rcpt/ip/<ip>, rcpt/user/<u>   [window_start, count]: recipients_per_window, user_recipients_per_window
-  auth/<ip>                     [window_start, failures, checking]: [auth] max_failures within
-                                lockout_seconds; `checking`: attempts being checked right now
+  auth/<ip>                     [window_start, failures, {pid: checking}]: [auth] max_failures
+                                within lockout_seconds; checks in progress per worker (those of
+                                a dead worker are dropped when they would make the address busy)
 
 Windows are fixed: a new one starts at the first count at or after window_start +
 window_seconds. A refused attempt consumes no budget (a count taken for one limit is
@@ -171,8 +172,13 @@ class RateLimiter:
         def begin(value: Any) -> list[float]:
             nonlocal state
             start, failures, checking = _auth_window(value, now, lockout)
-            state = "locked" if failures >= limit else "busy" if failures + checking >= limit else "ok"
-            return [start, failures, checking + (state == "ok")]
+            if failures < limit <= failures + sum(checking.values()):
+                checking = _without_dead_pids(checking) or {}  # a worker killed mid-check
+            busy = failures + sum(checking.values()) >= limit
+            state = "locked" if failures >= limit else "busy" if busy else "ok"
+            if state == "ok":
+                checking[self._pid] = checking.get(self._pid, 0) + 1
+            return [start, failures, checking]
 
         self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", begin, lockout, now)
         return state
@@ -191,7 +197,10 @@ class RateLimiter:
 
         def end(value: Any) -> list[float]:
             start, failures, checking = _auth_window(value, now, lockout)
-            return [start, failures + failed, max(checking - ended, 0)]
+            mine = checking.pop(self._pid, 0) - ended
+            if mine > 0:
+                checking[self._pid] = mine
+            return [start, failures + failed, checking]
 
         return int(self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", end, lockout, now)[1])
 
@@ -235,11 +244,12 @@ def _current(value: Any, now: float, window_seconds: float) -> tuple[float, int]
     return now, 0
 
 
-def _auth_window(value: Any, now: float, lockout_seconds: float) -> tuple[float, int, int]:
-    """(window_start, failures, checks in progress) of the AUTH window running at `now`."""
-    if isinstance(value, list) and len(value) == 3 and now < value[0] + lockout_seconds:
-        return float(value[0]), int(value[1]), int(value[2])
-    return now, 0, 0
+def _auth_window(value: Any, now: float, lockout_seconds: float) -> tuple[float, int, dict[str, int]]:
+    """(window_start, failures, {worker pid: checks in progress}) of the AUTH window at `now`."""
+    if (isinstance(value, list) and len(value) == 3 and isinstance(value[2], dict)
+            and now < value[0] + lockout_seconds):
+        return float(value[0]), int(value[1]), dict(value[2])
+    return now, 0, {}
 
 
 class _Count:
