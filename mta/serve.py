@@ -12,6 +12,7 @@ may start at once (LMDB is safe for several processes).
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import shutil
 import socket
@@ -70,6 +71,9 @@ def prepare_metrics(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.abspath(directory)
+    # Now, before any module defines a metric: mta.metrics installs the multiprocess value
+    # class (its pid from an at-fork hook) that every metric of every process must share.
+    importlib.import_module("mta.metrics")
 
 
 def serve(config: Config) -> int:

@@ -320,3 +320,19 @@ def test_a_waiting_connection_gives_its_slot_to_another_destination(mta_server, 
         send_one(server, "u2@two.test", 2)
         sink.wait_for_messages(2, timeout=10)  # not after one.test's 60 s wait
         assert sink.connections == 2 and sink.peak_connections == 1
+
+
+def test_a_session_waiting_for_a_host_slot_gets_it_when_the_holder_starts_waiting(mta_server,
+                                                                                tmp_path: Path) -> None:
+    # one.test's session holds the host's only slot and is busy (a slow final reply) when
+    # two.test's session asks for it; once one.test's session only waits for its next
+    # message, it must give the slot up, not keep it for its 60 s of idle time.
+    with SmtpSink("127.0.0.2", delay_seconds=0.5) as sink:
+        hop = f"{sink.address}:{sink.port}"
+        server = delivering(mta_server, tmp_path, {"one.test": hop, "two.test": hop},
+                            delivery={"connection_idle_seconds": 60, "max_connections_per_host": 1})
+        send_one(server, "u1@one.test", 1)
+        sink.wait_until(lambda: sink.connections == 1, timeout=10)
+        send_one(server, "u2@two.test", 2)
+        sink.wait_for_messages(2, timeout=10)
+        assert sink.connections == 2 and sink.peak_connections == 1

@@ -8,6 +8,7 @@ unless a test says otherwise).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -450,6 +451,33 @@ def test_more_concurrent_good_logins_than_max_failures_all_succeed(mta_server, t
     metrics = get(server, "/metrics")[1]
     assert sample(metrics, "mta_auth_attempts_total", result="success") == 30
     assert sample(metrics, "mta_auth_attempts_total", result="failure") == 0
+
+
+def test_guesses_dropped_mid_check_still_count(mta_server, tmp_path, pki) -> None:
+    # A guesser that sends AUTH and hangs up before the answer learns nothing, but its
+    # scrypt runs on: each such check must count, or one address could keep the
+    # scrypt threads busy forever without ever being locked out.
+    server, ports = secure_server(mta_server, tmp_path, pki, auth={
+        "users_file": str(users_file(tmp_path, alice="correct horse")), "max_failures": 6,
+        "slow_after_failures": 100, "lockout_seconds": 600})
+
+    async def guess_and_drop() -> None:
+        clients = await asyncio.gather(*(SmtpClient.connect(ports["smtps"], tls=pki.client_context(),
+                                                            source=UNTRUSTED) for _ in range(8)))
+        for i, client in enumerate(clients):  # 8 distinct guesses: 8 scrypt runs on 2 threads
+            token = base64.b64encode(f"\0alice\0guess {i}".encode()).decode()
+            client.writer.write(f"AUTH PLAIN {token}\r\n".encode())
+        await asyncio.sleep(0.03)  # every check admitted, a couple finished: drop the rest
+        await asyncio.gather(*(drop(c) for c in clients))
+
+    async def greeting() -> str:
+        client = await SmtpClient.connect(ports["submission"], helo=None, source=UNTRUSTED)
+        text = str(client.greeting)
+        await drop(client)
+        return text
+
+    run(guess_and_drop())
+    wait_until(lambda: run(greeting()).startswith("421 4.7.0"), 5, "the guessing address locked out", server)
 
 
 def test_a_plaintext_login_does_not_survive_starttls(mta_server, tmp_path, pki) -> None:

@@ -35,6 +35,7 @@ from workers.link import MasterLink
 
 CAPACITY = 500  # concurrent sessions per delivery worker
 RECONNECT_SECONDS = 0.5
+SLOT_RECHECK_SECONDS = 0.25  # a session waiting for a host slot looks for waiting sessions again
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,13 @@ class HostSlots:
         self._used[key] = self._used.get(key, 0) + 1
         return True
 
-    async def take(self, key: str) -> None:
-        async with self._freed:
-            await self._freed.wait_for(lambda: self._used.get(key, 0) < self.limit)
-            self._used[key] = self._used.get(key, 0) + 1
+    async def wait(self, key: str, timeout: float) -> None:
+        """Until a slot of `key` is free (not taken: try_take again) or `timeout` passes."""
+        try:
+            async with asyncio.timeout(timeout), self._freed:
+                await self._freed.wait_for(lambda: self._used.get(key, 0) < self.limit)
+        except TimeoutError:
+            return
 
     def give(self, key: str) -> None:
         left = self._used.get(key, 1) - 1
@@ -255,8 +259,11 @@ class DeliveryWorker:
             if session is not None:
                 return session, None
         for target in busy:  # every free one failed or none was free: wait our turn
-            await self._release_waiting(target.key)
-            await self._slots.take(target.key)
+            # Sessions of other destinations that only wait for their next job give a
+            # slot up; checked again while we wait (one may start waiting meanwhile).
+            while not self._slots.try_take(target.key):
+                if not await self._release_waiting(target.key):
+                    await self._slots.wait(target.key, SLOT_RECHECK_SECONDS)
             session, last = await self._open(target, route, dest, last)
             if session is not None:
                 return session, None
@@ -281,13 +288,14 @@ class DeliveryWorker:
         self._session_slot[id(session)] = target.key
         return session, last
 
-    async def _release_waiting(self, key: str) -> None:
+    async def _release_waiting(self, key: str) -> bool:
         """A connection to `key` that only waits for its next job gives its slot up."""
         for sid, session in self._waiting.items():
             if self._session_slot.get(id(session)) == key:
                 del self._waiting[sid]
                 await self._close(session)  # its next job finds it unusable and reconnects
-                return
+                return True
+        return False
 
     async def _close(self, session: OutboundSession) -> None:
         await session.close()

@@ -426,18 +426,23 @@ class InboundProtocol(asyncio.Protocol):
         # guesses cannot exceed the budget; concurrent good logins wait for a slot.
         waited = 0.0
         while (admitted := ctx.limiter.auth_begin(ip)) == "busy":
-            if waited >= AUTH_BUSY_SECONDS:
-                AUTH_ATTEMPTS.labels("busy").inc()
-                self._answer(AUTH_BUSY)
-                return
-            await asyncio.sleep(AUTH_BUSY_POLL_SECONDS)
-            waited += AUTH_BUSY_POLL_SECONDS
+            while True:  # polled with reads: one write transaction per admission attempt
+                if waited >= AUTH_BUSY_SECONDS:
+                    AUTH_ATTEMPTS.labels("busy").inc()
+                    self._answer(AUTH_BUSY)
+                    return
+                await asyncio.sleep(AUTH_BUSY_POLL_SECONDS)
+                waited += AUTH_BUSY_POLL_SECONDS
+                if not ctx.limiter.auth_busy(ip):
+                    break
         if admitted == "locked":
             AUTH_ATTEMPTS.labels("locked_out").inc()
             self._answer(LOCKED_OUT)
             return
         result = None
-        failed = False  # a client that leaves mid-check learnt nothing: not a failure
+        # A check cut short (the client left) counts as a failure: its scrypt runs on in
+        # the executor, so a free retry would let one address keep the threads busy.
+        failed = True
         try:
             if credentials.authzid in ("", credentials.username):
                 result = await ctx.authenticator.verify(credentials.username, credentials.password)

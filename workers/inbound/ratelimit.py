@@ -50,7 +50,7 @@ LOCKED_OUT = Reply(421, "4.7.0", "Error: too many failed authentications from yo
 AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure: too many authentications in progress "
                                 "from your address, try again")
 AUTH_BUSY_SECONDS: Final = 10.0
-AUTH_BUSY_POLL_SECONDS: Final = 0.02
+AUTH_BUSY_POLL_SECONDS: Final = 0.02  # a read of the shared cache per poll
 
 Window = list[float]  # [window_start, count], as stored
 
@@ -182,6 +182,14 @@ class RateLimiter:
 
         self._cache.update(CACHE_NAMESPACE, f"auth/{ip}", begin, lockout, now)
         return state
+
+    def auth_busy(self, ip: str) -> bool:
+        """A read: would auth_begin say "busy" now (failures + checks in progress at the
+        limit, short of a lockout)? Waiters poll this, not auth_begin's write."""
+        now = self._clock()
+        value = self._cache.get(CACHE_NAMESPACE, f"auth/{ip}", now)
+        _start, failures, checking = _auth_window(value, now, self._auth.lockout_seconds)
+        return failures < self._auth.max_failures <= failures + sum(checking.values())
 
     def auth_end(self, ip: str, failed: bool) -> int:
         """The check auth_begin admitted is over; returns the failures in the window."""

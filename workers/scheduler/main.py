@@ -69,8 +69,9 @@ class Session:
     worker: WorkerLink
     job: Job | None
     jobs_sent: int = 1
-    idle_since: float = 0.0  # > 0: parked, waiting for its destination's next job
+    idle_since: float = 0.0  # > 0: parked (time.monotonic()), waiting for its destination's next job
     closing: bool = False  # "close" sent, "closed" not yet received
+    yielding: bool = False  # closed (parked) to give its slot to another destination
 
 
 @dataclass(eq=False)
@@ -113,7 +114,7 @@ class Scheduler:
         # Parked sessions per destination, oldest first: an open connection waits up to
         # [delivery] connection_idle_seconds for the destination's next job.
         self.parked: dict[str, dict[int, Session]] = {}
-        self._closing = 0  # sessions told to close that have not said "closed" yet
+        self._yielding = 0  # parked sessions closed to free a slot, not yet "closed"
         self.workers: list[WorkerLink] = []
         self._sids = itertools.count(1)
         self._jobs = itertools.count(1)
@@ -388,10 +389,10 @@ class Scheduler:
             if worker is None:
                 # Every slot is taken: a parked session of another destination gives its
                 # slot up (one at a time; its "closed" dispatches again).
-                if not self._closing and self.parked:
+                if not self._yielding and self.parked:
                     oldest = min((next(iter(p.values())) for p in self.parked.values()),
                                  key=lambda s: s.idle_since)
-                    self._close(oldest)
+                    self._close(oldest, yielding=True)
                 break
             if not dest.take_token(now):
                 dest.suspended_until = now + dest.token_wait(now)  # a pause, not a failure
@@ -421,7 +422,7 @@ class Scheduler:
                 self._give(session, dest.pop(), now)
                 return
             if not len(dest) and self.config.delivery.connection_idle_seconds > 0 and not self._stopping:
-                session.idle_since = now
+                session.idle_since = time.monotonic()
                 self.parked.setdefault(dest.name, {})[session.sid] = session
                 return
         self._close(session)
@@ -434,16 +435,21 @@ class Scheduler:
         session.worker.send({"t": "job", "sid": session.sid, "job": self._job_frame(job)})
 
     def _resume_parked(self, now: float) -> None:
-        """Ready jobs ride parked sessions first (newest first: the oldest expire)."""
+        """Ready jobs ride parked sessions first (newest first: the oldest expire). A window
+        that shrank (a failed session, a reload) below the open sessions closes parked ones."""
         for name in list(self.parked):
             parked, dest = self.parked[name], self.plan.destinations.get(name)
+            if dest is not None and dest.in_flight > dest.limit:
+                closing = sum(1 for s in self.sessions.values() if s.dest is dest and s.closing)
+                for session in list(parked.values())[:dest.in_flight - closing - dest.limit]:
+                    self._close(session)
             while (parked and dest is not None and len(dest) and now >= dest.suspended_until
                    and dest.in_flight <= dest.limit and dest.take_token(now)):
                 _sid, session = parked.popitem()
                 session.idle_since = 0.0
                 self._give(session, dest.pop(), now)
             if not parked:
-                del self.parked[name]
+                self.parked.pop(name, None)
 
     def _unpark(self, session: Session) -> None:
         if not session.idle_since:
@@ -455,25 +461,26 @@ class Scheduler:
             if not parked:
                 del self.parked[session.dest.name]
 
-    def _close(self, session: Session) -> None:
+    def _close(self, session: Session, yielding: bool = False) -> None:
         self._unpark(session)
         if not session.closing:
             session.closing = True
-            self._closing += 1
+            session.yielding = yielding
+            self._yielding += yielding
             session.worker.send({"t": "close", "sid": session.sid})
 
     def _forget_session(self, session: Session) -> None:
         """The session is gone (closed, or its worker lost)."""
         self._unpark(session)
-        if session.closing:
-            session.closing = False
-            self._closing -= 1
+        if session.yielding:
+            session.yielding = False
+            self._yielding -= 1
 
     async def _expire_parked_forever(self) -> None:
         while True:
             idle = self.config.delivery.connection_idle_seconds
             await asyncio.sleep(min(1.0, max(0.05, idle / 4)))
-            now = time.time()
+            now = time.monotonic()
             expired = [s for p in self.parked.values() for s in p.values() if now - s.idle_since >= idle]
             for session in expired:
                 self._close(session)
