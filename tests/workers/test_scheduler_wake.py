@@ -1,5 +1,7 @@
-"""The scheduler's wake-up timer under uvloop (sub-millisecond delays return a plain Handle)."""
+"""The scheduler's timers and flush waits under uvloop: the wake-up timer (sub-millisecond delays
+return a plain Handle), and an operator's flush under a steady stream of outcomes."""
 
+import asyncio
 import time
 
 import uvloop
@@ -21,3 +23,36 @@ def test_rearming_a_wake_that_is_due_now_does_not_crash() -> None:
 
     uvloop.run(main())
     assert len(fired) == 1
+
+
+def test_an_operator_flush_waits_for_its_change_not_for_a_quiet_queue() -> None:
+    # Under steady delivery, outcomes keep arriving; an operator's command must be answered
+    # once its own change is written, not when the scheduler has nothing left to write.
+    from tests.workers.test_scheduler_tally import config, new_scheduler
+
+    async def main() -> tuple[float, int]:
+        s = new_scheduler(config())
+        stop = time.monotonic() + 3.0
+
+        async def steady_outcomes() -> None:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                s._pending_delete.add(f"{n:021X}")  # type: ignore[arg-type]  # unknown ids: skipped
+                s._schedule_flush()
+                await asyncio.sleep(0.001)
+
+        load = asyncio.get_running_loop().create_task(steady_outcomes())
+        await asyncio.sleep(0.1)
+        s._pending_delete.add("OPERATOR-CHANGE-00000")  # type: ignore[arg-type]
+        written_before = s._written
+        started = time.monotonic()
+        await s._flush_now()
+        took = time.monotonic() - started
+        await load
+        await s._flush_all()
+        return took, s._written - written_before
+
+    took, rounds = uvloop.run(main())
+    assert took < 1.0, f"the operator waited {took:.2f} s for a quiet queue"
+    assert rounds >= 2

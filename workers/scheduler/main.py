@@ -127,6 +127,8 @@ class Scheduler:
         self._deleting: set[MessageId] = set()  # deletes being committed right now
         self._pending_add: list[NewMessage] = []
         self._flushing = False
+        self._snapshots = 0  # flush rounds that have taken the pending changes
+        self._written = 0  # flush rounds whose transaction is over
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         self._peers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._stopping = False
@@ -165,7 +167,7 @@ class Scheduler:
         for writer in self._peers.values():
             writer.close()
         await asyncio.gather(rescan, gauges, idle, *self._peers, return_exceptions=True)
-        await self._flush_now()
+        await self._flush_all()
         self._writer.shutdown(wait=True)
         self.backend.close()
         logs.event("stopped", in_flight_sessions=len(self.sessions))
@@ -637,12 +639,14 @@ class Scheduler:
                 delete = list(self._pending_delete)
                 add = self._pending_add
                 self._pending_update, self._pending_delete, self._pending_add = {}, set(), []
+                self._snapshots += 1
                 self._deleting.update(delete)
                 loop = asyncio.get_running_loop()
                 try:
                     await loop.run_in_executor(self._writer, lambda: self.backend.apply(update, delete, add))
                 finally:
                     self._deleting.difference_update(delete)
+                    self._written += 1
                 now = time.time()
                 for bounce in add:  # committed: now it may be delivered
                     self._track(copy.deepcopy(bounce.envelope), now)
@@ -651,10 +655,19 @@ class Scheduler:
             self._flushing = False
 
     async def _flush_now(self) -> None:
-        while self._flushing or self._pending_update or self._pending_delete or self._pending_add:
+        """Until what is pending now is written: the next flush round takes it. Outcomes
+        that keep arriving under load go to later rounds and are not waited for."""
+        target = self._snapshots + 1
+        while (self._pending_update or self._pending_delete or self._pending_add
+               or self._flushing) and self._written < target:
             if not self._flushing:
                 self._schedule_flush()
             await asyncio.sleep(0.005)
+
+    async def _flush_all(self) -> None:
+        """Until nothing is pending (at shutdown: no outcome arrives any more)."""
+        while self._flushing or self._pending_update or self._pending_delete or self._pending_add:
+            await self._flush_now()
 
     # --- operator commands ------------------------------------------------------------------
 
