@@ -1,0 +1,81 @@
+"""Parked delivery sessions in the scheduler: reuse before opening, one job at a time,
+a shrunk window closes the excess, expiry QUITs them. Real Scheduler, in-memory spool,
+the frames it writes to a fake delivery worker decoded and checked."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from typing import Any
+
+import msgpack
+import uvloop
+
+from tests.workers.test_scheduler_tally import Driver, config, new_scheduler
+
+
+def sent(driver: Driver) -> list[dict[str, Any]]:
+    """Every frame the scheduler wrote to the (one) worker so far, in order."""
+    data = b"".join(driver.s.workers[0].writer.frames)  # type: ignore[attr-defined]
+    out, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        out.append(msgpack.unpackb(data[pos + 4:pos + 4 + length]))
+        pos += 4 + length
+    return out
+
+
+def answer(driver: Driver, failed: bool = False) -> None:
+    """Every session carrying a job reports it done (250, or a failed session)."""
+    for session in driver.carried_sessions():
+        driver.s._on_done({"sid": session.sid, "job": session.job.id, "remote": None, "failed": failed,
+                           "replies": [[i, 451 if failed else 250, "4.4.1" if failed else "2.0.0", "x"]
+                                       for i in session.job.rcpts]})
+
+
+def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
+    async def main() -> None:
+        s = new_scheduler(config(concurrency=3, initial_concurrency=3, max_messages_per_connection=100,
+                                 connection_idle_seconds=0.3, min_backoff_seconds=60, max_backoff_seconds=60))
+        driver = Driver(s, random.Random(1))
+        s.workers[0].capacity = 10
+        s._on_new([driver.commit([f"u{n}@one.test"]) for n in range(3)])
+        s._dispatch()
+        await asyncio.sleep(0)
+        assert [f["t"] for f in sent(driver)] == ["open"] * 3
+        answer(driver)  # the queue is empty: all three park, none QUITs
+        await asyncio.sleep(0)
+        assert sum(len(p) for p in s.parked.values()) == 3 and len(s.sessions) == 3
+        assert "close" not in [f["t"] for f in sent(driver)]
+
+        s._on_new([driver.commit(["late@one.test"])])  # rides a parked session, opens nothing
+        s._dispatch()
+        await asyncio.sleep(0)
+        frames = sent(driver)
+        assert [f["t"] for f in frames].count("open") == 3 and frames[-1]["t"] == "job"
+        busy = frames[-1]["sid"]
+        assert busy not in {sid for p in s.parked.values() for sid in p}  # one job at a time
+        s.check_tally()
+
+        answer(driver, failed=True)  # window 3 -> 1: the failed one closes, and enough parked ones
+        s._dispatch()
+        await asyncio.sleep(0)
+        closes = [f["sid"] for f in sent(driver) if f["t"] == "close"]
+        assert busy in closes and len(closes) == 2  # 3 open - 1 allowed = 2 closing
+        for session in [x for x in s.sessions.values() if x.closing]:
+            s._on_closed(session.worker, session.sid, True)
+        assert len(s.sessions) == 1 and s.plan.destinations["one.test"].in_flight == 1
+
+        expiry = asyncio.get_running_loop().create_task(s._expire_parked_forever())
+        await asyncio.sleep(0.6)  # past connection_idle_seconds: the last one QUITs too
+        assert not expiry.done(), expiry.exception()
+        expiry.cancel()
+        last = [f for f in sent(driver) if f["t"] == "close"]
+        assert len(last) == 3 and s.parked == {}
+        s.check_tally()
+        if s._wake is not None:
+            s._wake.cancel()
+        await s._flush_all()
+
+    uvloop.run(main())
