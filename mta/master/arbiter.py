@@ -201,7 +201,11 @@ class Arbiter:
         return min(serving or ready, key=lambda c: c.load)
 
     def _hand_orphans(self) -> None:
-        while self._orphans and self._least_loaded(exclude=set()) is not None:
+        # Each once per pass: one that every full channel refused goes back to the orphans
+        # (looping until none is left would spin while the workers' channels stay full).
+        for _ in range(len(self._orphans)):
+            if self._least_loaded(exclude=set()) is None:
+                return
             address, conn = self._orphans.popleft()
             self._hand(address, conn)
 
