@@ -388,6 +388,11 @@ def _plot_axis(plt, doc: dict, axis: str, key_pairs: list[tuple[str, str]], ylab
         ax.set_title(f"{title}: {gen}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> bool:  # type: ignore[no-untyped-def]
+    """Lay out, write the PNG, free the figure: every plot ends here."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -417,10 +422,7 @@ def _plot_cdf(plt, doc: dict, path: Path) -> bool:
     tail.set_ylabel("share of messages slower (1 - CDF)")
     ax.set_title(f"Latency CDF, loadgen, {reference_title(doc)}", fontsize=8)
     tail.set_title("its tail: p99 at 1e-2, p999 at 1e-3", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _plot_workers(plt, doc: dict, path: Path) -> bool:
@@ -454,10 +456,7 @@ def _plot_workers(plt, doc: dict, path: Path) -> bool:
         ax.set_title(f"Scaling by inbound workers: {gen}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def write_plots(doc: dict, out: Path) -> tuple[list[tuple[str, str]], str]:
