@@ -7,7 +7,9 @@
 
 One session may carry several transactions (MAIL ... final dot, or RSET). Every
 command pushes the reply it expects onto a FIFO, so pipelined replies are matched
-to their commands in order; each ServerReply names the command it answers.
+to their commands in order; each ServerReply names the command it answers. With
+PIPELINING the next transaction's MAIL may follow the content at once, before the
+reply to the final dot (RFC 2920 3.1: the content may start a command group).
 
 What the core decides alone: the EHLO extensions (forgotten after STARTTLS, RFC
 3207 4.2); which MAIL/RCPT parameters the server may see (only advertised ones:
@@ -228,7 +230,7 @@ class ClientConnection:
         self._eof = False
         self._error: ProtocolError | None = None
         self._tls_pending = False  # 220 to STARTTLS: nothing but the handshake until tls_established()
-        self._in_mail = False  # MAIL sent and not refused; until the final dot or RSET
+        self._in_mail = False  # MAIL sent and not refused; until the content is sent, or RSET
         self._data_ok = False  # 354 received: the body may be sent
         self._utf8 = False  # the current transaction is SMTPUTF8
 
@@ -314,8 +316,6 @@ class ClientConnection:
             self._data_ok = reply.code == 354
             if self._data_ok and self.lmtp and self.accepted == 0:
                 raise ProtocolError("354 to DATA with no accepted recipient (RFC 2033 4.2)")
-        elif verb is Verb.DOT and Verb.DOT not in self._awaiting:
-            self._end_transaction()
         elif verb is Verb.RSET and reply.ok:
             self._end_transaction()
         return reply
@@ -353,6 +353,8 @@ class ClientConnection:
         self._check_ready(helo=True)
         if self._in_mail:
             raise LocalProtocolError("MAIL inside a transaction")
+        if Verb.DOT in self._awaiting and not self.pipelining:
+            raise LocalProtocolError("MAIL before the reply to the final dot, without PIPELINING")
         self._check_address(sender, smtputf8)
         ext = self.extensions
         params: list[str] = []
@@ -398,12 +400,14 @@ class ClientConnection:
         return self._command(Verb.DATA, "DATA")
 
     def message_body(self, body: bytes) -> bytes:
-        """After the 354: the content, stuffed and terminated (b"" sends a lone dot)."""
+        """After the 354: the content, stuffed and terminated (b"" sends a lone dot).
+
+        The transaction ends here on our side: the next MAIL may follow (with PIPELINING)."""
         if not self._data_ok or self._awaiting:
             raise LocalProtocolError("message body before the 354 reply to DATA")
-        self._data_ok = False
         replies = self.accepted if self.lmtp else 1
         self._awaiting.extend([Verb.DOT] * replies)
+        self._end_transaction()
         return stuff_body(body)
 
     def rset(self) -> bytes:

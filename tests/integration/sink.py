@@ -21,7 +21,8 @@ STARTTLS (`starttls_fault`).
 
 Records every message (envelope, parameters, content exactly as received after
 unstuffing, the stuffed wire form, TLS or not), every command line, connections in
-total, current and peak. All server state lives on the sink's thread; the test
+total, current and peak, and how often commands came pipelined (also right behind a
+message's content). All server state lives on the sink's thread; the test
 thread reads it (list appends and int updates are atomic under the GIL). What the
 client sent last may not be processed yet when the client returns: wait with
 `wait_for_messages` or `wait_until` before asserting on it.
@@ -121,6 +122,7 @@ class SmtpSink:
         self.peak_connections = 0
         self.tls_connections = 0  # connections that completed STARTTLS
         self.pipelined_commands = 0  # commands that arrived while an earlier one was unanswered
+        self.commands_after_content = 0  # contents followed at once by the next command, unanswered
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -487,6 +489,8 @@ class _Session:
         wire = bytes(self.buf[2: end + 5])
         content = bytes(self.buf[: end + 2])
         del self.buf[: end + 5]
+        if self.buf:  # the client sent on before the reply to its final dot (RFC 2920 3.1)
+            sink.commands_after_content += 1
         data = content.replace(b"\r\n.", b"\r\n")[2:]
         message = SinkMessage(self.number, self.sender, self.mail_params, self.recipients, self.rcpt_params,
                               data, wire, self.tls)

@@ -108,9 +108,13 @@ def test_domain_concurrency_is_a_ceiling_and_is_reached(mta_server, tmp_path: Pa
         server.mta("queue", "hold", "--all")  # nothing queued yet: a no-op, proves the command runs
         mails = [("a@client.test", [f"u{n}@slow.test"], message(n)) for n in range(500)]
         asyncio.run(send_all(server.port, mails, sessions=20))
-        sink.wait_for_messages(500, timeout=60)
+        got = sink.wait_for_messages(500, timeout=60)
         assert sink.peak_connections == 3
         wait_until(lambda: server.queue_list() == [], 10, "an empty spool", server)
+        # The window was full with more ready: sessions were sent their next job ahead and
+        # pipelined its MAIL/RCPT/DATA behind the content before it.
+        assert sink.commands_after_content > 250, sink.commands_after_content
+        assert sorted(m.recipients[0] for m in got) == sorted(f"u{n}@slow.test" for n in range(500))
 
 
 def test_high_priority_overtakes_queued_low_priority(mta_server, tmp_path: Path) -> None:

@@ -181,6 +181,85 @@ def test_connection_reuse_for_three_messages(run: Run[Any], sink: Callable[..., 
     assert not session.usable  # closed
 
 
+async def send_chain(session: OutboundSession, *messages: Outbound) -> list[list[RecipientResult]]:
+    """Each message announced behind the previous one's content, as the delivery worker does."""
+    results = []
+    for i, m in enumerate(messages):
+        following = messages[i + 1] if i + 1 < len(messages) else None
+        results.append(await session.send(m, follow=lambda f=following: f))  # type: ignore[misc]
+    return results
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_next_message_rides_the_previous_content(run: Run[Any], sink: Callable[..., SmtpSink],
+                                                 pipelining: bool) -> None:
+    server = sink(pipelining=pipelining)
+    bodies = [f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode() for i in range(4)]
+
+    async def scenario() -> list[list[RecipientResult]]:
+        session = await open_session(server)
+        results = await send_chain(session, *(message(f"u{i}@x.test", "r550-no@x.test", body=b)
+                                              for i, b in enumerate(bodies)))
+        await session.close()
+        return results
+
+    results = run(scenario())
+    assert [codes(r) for r in results] == [[(250, "2.0.0"), (550, "5.1.1")]] * 4
+    got = server.wait_for_messages(4)
+    assert [m.data for m in got] == bodies and [m.recipients for m in got] == [[f"u{i}@x.test"] for i in range(4)]
+    assert server.connections == 1 and server.verbs()[-1] == "QUIT"
+    # With PIPELINING, each next MAIL went out with the content before it: 3 round trips saved.
+    assert server.commands_after_content == (3 if pipelining else 0)
+
+
+def test_lost_before_the_announced_mail_is_answered_is_stale(run: Run[Any], sink: Callable[..., SmtpSink]) -> None:
+    server = sink(drop_mail_after=1)  # the second MAIL (behind the first content) finds it gone
+
+    async def scenario() -> tuple[list[list[RecipientResult]], bool, bool]:
+        session = await open_session(server)
+        results = await send_chain(session, message("a@x.test"), message("b@x.test"))
+        stale, reusable = session.stale, session.reusable
+        await session.close()
+        return results, stale, reusable
+
+    (first, second), stale, reusable = run(scenario())
+    assert codes(first) == [(250, "2.0.0")] and codes(second) == [(451, "4.4.2")]
+    assert stale and not reusable  # nothing of it reached the server: the worker sends it again
+    assert server.commands_after_content == 1  # it was announced behind the first content
+    assert [m.recipients for m in server.wait_for_messages(1)] == [["a@x.test"]]
+
+
+def test_421_to_the_content_spoils_the_announced_message(run: Run[Any], sink: Callable[..., SmtpSink]) -> None:
+    server = sink(data_rule=lambda a: reply_for(421, "going down") if a.startswith("a") else None)
+
+    async def scenario() -> tuple[list[list[RecipientResult]], bool]:
+        session = await open_session(server)
+        results = await send_chain(session, message("a@x.test"), message("b@x.test"))
+        usable = session.usable
+        await session.close()
+        return results, usable
+
+    (first, second), usable = run(scenario())
+    assert codes(first) == [(421, "4.3.2")] and codes(second) == [(451, "4.4.2")]
+    assert not usable and "no longer usable" in second[0].text
+
+
+def test_a_message_refused_locally_is_not_announced(run: Run[Any], sink: Callable[..., SmtpSink]) -> None:
+    server = sink()
+
+    async def scenario() -> list[list[RecipientResult]]:
+        session = await open_session(server)
+        results = await send_chain(session, message("a@x.test"), message("b>@x.test"), message("c@x.test"))
+        await session.close()
+        return results
+
+    results = run(scenario())
+    assert [codes(r) for r in results] == [[(250, "2.0.0")], [(553, "5.1.3")], [(250, "2.0.0")]]
+    assert [m.recipients for m in server.wait_for_messages(2)] == [["a@x.test"], ["c@x.test"]]
+    assert server.commands_after_content == 0  # the refused one announced nothing; c came after it
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
 def test_dot_stuffing_arrives_intact(run: Run[Any], sink: Callable[..., SmtpSink]) -> None:
     server = sink()
     body = b".starts with a dot\r\n..two dots\r\n.\r\nafter a lone dot\r\n\r\n.\r\n.."

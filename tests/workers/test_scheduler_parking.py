@@ -1,6 +1,7 @@
-"""Parked delivery sessions in the scheduler: reuse before opening, one job at a time,
+"""Delivery sessions in the scheduler: parked ones are reused before opening, one job at a time,
 a shrunk window closes the excess, expiry QUITs them. Real Scheduler, in-memory spool,
-the frames it writes to a fake delivery worker decoded and checked."""
+the frames it writes to a fake delivery worker decoded and checked. Busy ones are sent
+jobs ahead while the window is full."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import msgpack
 import uvloop
 
 from tests.workers.test_scheduler_tally import Driver, config, new_scheduler
+from workers.scheduler.main import LOOKAHEAD
 
 
 def sent(driver: Driver) -> list[dict[str, Any]]:
@@ -74,6 +76,65 @@ def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
         last = [f for f in sent(driver) if f["t"] == "close"]
         assert len(last) == 3 and s.parked == {}
         s.check_tally()
+        if s._wake is not None:
+            s._wake.cancel()
+        await s._flush_all()
+
+    uvloop.run(main())
+
+
+def done(driver: Driver, session: Any, job_id: int, rcpts: list[int], failed: bool = False) -> None:
+    driver.s._on_done({"sid": session.sid, "job": job_id, "remote": None, "failed": failed,
+                       "replies": [[i, 451 if failed else 250, "4.4.1" if failed else "2.0.0", "x"]
+                                   for i in rcpts]})
+
+
+def test_a_full_window_sends_the_next_job_ahead() -> None:
+    """With the window full and more ready, a session holds its next jobs too (the worker
+    pipelines them); while the window has room, ready jobs open sessions instead; a failed
+    session's jobs sent ahead are ready again when the session closes."""
+    async def main() -> None:
+        s = new_scheduler(config(concurrency=2, initial_concurrency=2, max_messages_per_connection=100,
+                                 connection_idle_seconds=5, min_backoff_seconds=60, max_backoff_seconds=60))
+        driver = Driver(s, random.Random(2))
+        s.workers[0].capacity = 10
+        s._on_new([driver.commit(["first@one.test"])])
+        s._dispatch()
+        await asyncio.sleep(0)
+        s._on_new([driver.commit(["second@one.test"])])  # the window has room: a second session
+        s._dispatch()
+        await asyncio.sleep(0)
+        assert [f["t"] for f in sent(driver)] == ["open", "open"]
+        s._on_new([driver.commit([f"u{n}@one.test"]) for n in range(5)])
+        s._dispatch()
+        await asyncio.sleep(0)
+        assert [f["t"] for f in sent(driver)] == ["open", "open"]  # both busy, the window is full
+
+        a, b = sorted(s.sessions.values(), key=lambda x: x.sid)
+        done(driver, a, a.job.id, [0])  # a takes its next job and two ahead
+        await asyncio.sleep(0)
+        assert [f["t"] for f in sent(driver)][2:] == ["job"] * LOOKAHEAD and len(a.jobs) == LOOKAHEAD == 3
+        s.check_tally()
+        assert sorted(sum(s._command({"op": "active"})["active"].values(), [])) == [0, 0, 0, 0]
+
+        ahead = a.jobs[-1]
+        done(driver, a, a.job.id, [0], failed=True)  # a's connection failed: nothing more for it
+        await asyncio.sleep(0)
+        assert a.closing and a.jobs[-1] == ahead and len(a.jobs) == 2 and [f["t"] for f in sent(driver)][-1] == "close"
+        ready_before = s.plan.ready_jobs()
+        s._on_closed(a.worker, a.sid, False)  # the jobs sent ahead did not run: ready again
+        assert s.plan.ready_jobs() == ready_before + 2 and ahead.msgid not in s.carried
+        s.check_tally()
+
+        for _ in range(10):  # b drains the rest, holding LOOKAHEAD at most, then parks
+            if not b.jobs:
+                break
+            done(driver, b, b.job.id, list(b.job.rcpts))
+            s._dispatch()
+            await asyncio.sleep(0)
+            assert len(b.jobs) <= LOOKAHEAD
+            s.check_tally()
+        assert s.plan.ready_jobs() == 0 and not b.jobs and b.idle_since > 0
         if s._wake is not None:
             s._wake.cancel()
         await s._flush_all()

@@ -6,7 +6,11 @@ It connects to the scheduler's socket, says `hello` with its capacity, and for e
 greets (421/5xx greeting or connect failure -> next target) while holding one of the
 host's `max_connections_per_host` slots (per process; a full host is skipped for the
 next MX, or waited for when all are full), deliver the job, report
-`done` with per-recipient replies, and wait for the next `job` or `close`. Local
+`done` with per-recipient replies, and wait for the next `job` or `close`. A session
+whose connection cannot be made reports the job failed and ends (`closed`). On a busy
+destination the scheduler sends a session its next job ahead: when that job is
+already here as a message's content goes out, its MAIL/RCPT/DATA ride the same write
+(session.py's `follow`). Local
 destinations ("maildir" routes, and local domains without a route) are written to
 Maildir instead. Envelopes and bodies are read from the spool (short read
 transactions); nothing here writes to it: outcomes go to the scheduler.
@@ -112,6 +116,9 @@ class DeliveryWorker:
         # Sessions waiting between jobs with their connection open (the scheduler parked
         # them): one is closed when another session waits for its host's slot.
         self._waiting: dict[int, OutboundSession] = {}
+        # Connections to the scheduler so far: a session runs no job the scheduler that
+        # gave it is no longer there to hear about (a new one has them all ready again).
+        self._epoch = 0
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -158,6 +165,7 @@ class DeliveryWorker:
                 logs.event("scheduler_lost", error=str(exc))
             writer.close()
             self._out = None
+            self._epoch += 1
             for queue in self._inbox.values():  # the scheduler forgot them: abandon the sessions
                 queue.put_nowait({"t": "close"})
             await asyncio.sleep(RECONNECT_SECONDS)
@@ -181,17 +189,44 @@ class DeliveryWorker:
     async def _session(self, sid: int, dest: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
         outbound: OutboundSession | None = None
         ok = True
+        ahead: dict[str, Any] | None = None  # the next frame, taken early to announce its message
+        announced: tuple[int, Envelope, Outbound] | None = None  # that job's id, envelope, message
+        epoch = self._epoch
+
+        def follow() -> Outbound | None:
+            """The message this connection carries next, if its job is here already."""
+            nonlocal ahead, announced
+            if ahead is None and not queue.empty():
+                ahead = queue.get_nowait()
+            if ahead is None or ahead.get("t") != "job":
+                return None
+            job = ahead["job"]
+            if announced is None or announced[0] != job["id"]:
+                envelope = self.spool.envelope(MessageId(job["msgid"]))
+                if envelope is None:
+                    return None
+                announced = (job["id"], envelope, self._outbound(envelope, list(job["rcpts"])))
+            return announced[2]
+
         try:
             route = await self._route(dest)
             while True:
-                if outbound is not None:
-                    self._waiting[sid] = outbound
-                frame = await queue.get()
-                self._waiting.pop(sid, None)
-                if frame.get("t") == "close":
-                    break
+                if ahead is not None:
+                    frame, ahead = ahead, None
+                else:
+                    if outbound is not None:
+                        self._waiting[sid] = outbound
+                    frame = await queue.get()
+                    self._waiting.pop(sid, None)
+                if frame.get("t") == "close" or self._epoch != epoch:
+                    break  # (jobs sent ahead by a scheduler that is gone do not run)
                 job = frame["job"]
-                envelope = self.spool.envelope(MessageId(job["msgid"]))
+                message: Outbound | None = None
+                if announced is not None and announced[0] == job["id"]:
+                    _, envelope, message = announced
+                else:
+                    envelope = self.spool.envelope(MessageId(job["msgid"]))
+                announced = None
                 rcpts: list[int] = list(job["rcpts"])
                 if envelope is None:  # deleted meanwhile
                     self._send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None})
@@ -208,7 +243,10 @@ class DeliveryWorker:
                         outbound, failure = await self._connect(route, dest)
                         if outbound is None:
                             break
-                    replies = await self._deliver_remote(outbound, envelope, rcpts)
+                    if message is None:
+                        message = self._outbound(envelope, rcpts)
+                    results = await outbound.send(message, follow)
+                    replies = [[i, r.code, r.status, r.text] for i, r in zip(rcpts, results)]
                     if not outbound.stale:
                         break
                     # Dropped while it waited for this message: once more on a new connection.
@@ -218,7 +256,7 @@ class DeliveryWorker:
                     ok = False
                     self._send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
                                 "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts]})
-                    continue
+                    break  # a job sent ahead goes back to the scheduler with "closed"
                 self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
                             "remote": outbound.remote})
         finally:
@@ -303,15 +341,13 @@ class DeliveryWorker:
         if key is not None:
             self._slots.give(key)
 
-    async def _deliver_remote(self, session: OutboundSession, envelope: Envelope, rcpts: list[int]) -> list[list[Any]]:
-        body = self.spool.body(envelope.id) or b""
-        message = Outbound(
-            msgid=envelope.id, sender=envelope.sender, body=body, smtputf8=envelope.smtputf8,
-            body_type=envelope.body_type, ret=envelope.ret, envid=envelope.envid,
+    def _outbound(self, envelope: Envelope, rcpts: list[int]) -> Outbound:
+        """The message as the session sends it: these recipients, the body from the spool."""
+        return Outbound(
+            msgid=envelope.id, sender=envelope.sender, body=self.spool.body(envelope.id) or b"",
+            smtputf8=envelope.smtputf8, body_type=envelope.body_type, ret=envelope.ret, envid=envelope.envid,
             recipients=[OutboundRecipient(envelope.recipients[i].address, envelope.recipients[i].notify,
                                           envelope.recipients[i].orcpt) for i in rcpts])
-        results = await session.send(message)
-        return [[i, r.code, r.status, r.text] for i, r in zip(rcpts, results)]
 
     async def _deliver_local(self, envelope: Envelope, rcpts: list[int]) -> list[list[Any]]:
         body = self.spool.body(envelope.id) or b""

@@ -5,6 +5,8 @@ from the transport, command bytes out, replies awaited in order under a timeout.
 
     session = await OutboundSession.open(host, address, 25, helo_name="relay.test")
     results = await session.send(message)      # one RecipientResult per recipient, in order
+    results = await session.send(m1, follow=lambda: m2)  # m2's MAIL/RCPT/DATA ride m1's content
+    results = await session.send(m2)           # only reads m2's replies, then sends its content
     await session.close()                      # QUIT, then close
 
 `open` raises SessionError when no transaction can start here (connect failure, 421
@@ -18,14 +20,20 @@ refused STARTTLS continues in plaintext; "encrypt" STARTTLS required, unverified
 "verify" STARTTLS required, certificate and MX host name verified. A failed
 handshake fails the session (temporary); a required TLS is never downgraded.
 
-Invariant: one transaction at a time; `send` returns with no transaction open
-(final dot answered, or RSET) or with `usable` False.
+Invariant: one transaction at a time, except that with PIPELINING the next
+message's MAIL/RCPT/DATA may go out with the previous content (`follow`, RFC 2920
+3.1): one write and one round trip per message on a busy connection. `send` returns
+with no transaction open (final dot answered, or RSET), with the next message's
+commands announced (the next `send` must be for that message), or with `usable`
+False. Nothing of an announced message's content has gone out, so a connection lost
+before its MAIL is answered loses nothing (`stale`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -64,6 +72,17 @@ class RecipientResult(ReplyClass):
     code: int
     status: str  # enhanced status code "x.y.z", "" when the server gave none
     text: str
+
+
+@dataclass
+class _Prepared:
+    """A message checked for this server: canonical body, recipients still to try."""
+
+    message: Outbound
+    body: bytes
+    todo: list[int]  # recipients not refused locally, to send RCPT for
+    utf8: bool
+    results: list[RecipientResult | None]
 
 
 class SessionError(Exception):
@@ -150,6 +169,12 @@ class _Link(asyncio.Protocol):
             raise _Dropped()
         self.transport.write(data)
 
+    def writelines(self, parts: list[bytes]) -> None:
+        """Several buffers in one write (no joined copy of a large body)."""
+        if self.transport is None or self.transport.is_closing():
+            raise _Dropped()
+        self.transport.writelines(parts)
+
     def _wake_reader(self) -> None:
         if self._readable is not None and not self._readable.done():
             self._readable.set_result(None)
@@ -195,6 +220,7 @@ class OutboundSession:
         # waited. Nothing of this message reached the server; a new connection may retry it.
         self.stale = False
         self._mail_answered = False
+        self._ahead: _Prepared | None = None  # announced behind the last content, replies unread
 
     # --- opening -----------------------------------------------------------------------
 
@@ -305,37 +331,32 @@ class OutboundSession:
     @property
     def reusable(self) -> bool:
         """Usable, and nothing happened while it waited between messages: the server did not
-        close it or say anything unasked (a 421 before an idle timeout, say)."""
-        return self.usable and not self._link.closed.done() and not self._conn.buffered_bytes
+        close it or say anything unasked (a 421 before an idle timeout, say). Replies to an
+        announced message's commands are asked for."""
+        return (self.usable and not self._link.closed.done()
+                and (self._ahead is not None or not self._conn.buffered_bytes))
 
     # --- messages ----------------------------------------------------------------------
 
-    async def send(self, message: Outbound) -> list[RecipientResult]:
-        """Deliver one message; one result per recipient, in order."""
-        conn = self._conn
-        results: list[RecipientResult | None] = [None] * len(message.recipients)
+    async def send(self, message: Outbound,
+                   follow: Callable[[], Outbound | None] | None = None) -> list[RecipientResult]:
+        """Deliver one message; one result per recipient, in order.
+
+        `follow` is asked, as the content goes out, for the message this connection
+        carries next (None: none yet). Its MAIL/RCPT/DATA go out in the same write; the
+        next `send` must be for that message and only reads their replies."""
+        ahead, self._ahead = self._ahead, None
         if not self.usable:
             return [_result(r.address, 451, "4.4.2", f"connection to {self.remote} is no longer usable")
                     for r in message.recipients]
-        addresses = [message.sender] + [r.address for r in message.recipients]
-        utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
-        body = client.canonical_body(message.body)
-        refusal = client.check_message(conn.extensions, len(body), utf8)
-        if refusal is None and client.bad_address(message.sender) is not None:
-            refusal = Reply(553, "5.1.7", f"bad sender address syntax: {client.bad_address(message.sender)}")
-        if refusal is not None:
-            return [_local(r.address, refusal) for r in message.recipients]
-        todo: list[int] = []
-        for i, rcpt in enumerate(message.recipients):
-            why = client.bad_address(rcpt.address) if rcpt.address else "empty address"
-            if why is not None:
-                results[i] = _local(rcpt.address, Reply(553, "5.1.3", f"bad recipient address syntax: {why}"))
-            else:
-                todo.append(i)
-        if todo:
+        if ahead is not None and ahead.message is not message:
+            raise RuntimeError("send() of another message than the one announced")
+        prepared = ahead or self._prepare(message)
+        results = prepared.results
+        if prepared.todo:
             self._mail_answered = False
             try:
-                await self._transaction(message, body, todo, utf8, results)
+                await self._transaction(prepared, announced=ahead is not None, follow=follow)
             except _Closing as exc:
                 self.stale = self.transactions > 0 and not self._mail_answered
                 self._fail(message, results, exc.reply.code, exc.reply.status or "4.0.0", exc.reply.text)
@@ -352,19 +373,49 @@ class OutboundSession:
         self.transactions += 1
         return results  # type: ignore[return-value]
 
-    async def _transaction(self, message: Outbound, body: bytes, todo: list[int], utf8: bool,
-                           results: list[RecipientResult | None]) -> None:
+    def _prepare(self, message: Outbound) -> _Prepared:
+        """Local checks against this server's extensions; refused recipients get their result."""
+        conn = self._conn
+        results: list[RecipientResult | None] = [None] * len(message.recipients)
+        addresses = [message.sender] + [r.address for r in message.recipients]
+        utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
+        body = client.canonical_body(message.body)
+        refusal = client.check_message(conn.extensions, len(body), utf8)
+        if refusal is None and client.bad_address(message.sender) is not None:
+            refusal = Reply(553, "5.1.7", f"bad sender address syntax: {client.bad_address(message.sender)}")
+        if refusal is not None:
+            return _Prepared(message, body, [], utf8, [_local(r.address, refusal) for r in message.recipients])
+        todo: list[int] = []
+        for i, rcpt in enumerate(message.recipients):
+            why = client.bad_address(rcpt.address) if rcpt.address else "empty address"
+            if why is not None:
+                results[i] = _local(rcpt.address, Reply(553, "5.1.3", f"bad recipient address syntax: {why}"))
+            else:
+                todo.append(i)
+        return _Prepared(message, body, todo, utf8, results)
+
+    def _announce(self, prepared: _Prepared) -> bytes:
+        """MAIL, every RCPT and DATA as one pipelined group; replies come back in order."""
+        conn, message = self._conn, prepared.message
+        rcpts = message.recipients
+        mail = conn.mail_from(message.sender, size=len(prepared.body), body_type=message.body_type,
+                              smtputf8=prepared.utf8, ret=message.ret, envid=message.envid)
+        return b"".join([mail, *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
+                                 for i in prepared.todo), conn.data()])
+
+    async def _transaction(self, prepared: _Prepared, announced: bool,
+                           follow: Callable[[], Outbound | None] | None) -> None:
         conn, link = self._conn, self._link
+        message, todo, results = prepared.message, prepared.todo, prepared.results
         rcpts = message.recipients
         pipelined = conn.pipelining
         self._doing = "sending MAIL FROM"
-        mail = conn.mail_from(message.sender, size=len(body), body_type=message.body_type,
-                              smtputf8=utf8, ret=message.ret, envid=message.envid)
-        if pipelined:  # MAIL, every RCPT and DATA in one write; replies come back in order
-            link.write(b"".join([mail, *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
-                                         for i in todo), conn.data()]))
+        if pipelined:
+            if not announced:
+                link.write(self._announce(prepared))
         else:
-            link.write(mail)
+            link.write(conn.mail_from(message.sender, size=len(prepared.body), body_type=message.body_type,
+                                      smtputf8=prepared.utf8, ret=message.ret, envid=message.envid))
         mail_reply = await self._expect(self._command_timeout)
         self._mail_answered = True
         mail_ok = mail_reply.ok
@@ -396,7 +447,7 @@ class OutboundSession:
             link.write(conn.message_body(b""))
             await self._expect(self._command_timeout)
         elif data_reply is not None and data_reply.code == 354:
-            await self._content(message, body, accepted, results)
+            await self._content(prepared, accepted, follow)
             return
         elif data_reply is not None:
             for i in accepted:
@@ -407,12 +458,20 @@ class OutboundSession:
             if not (await self._expect(self._command_timeout)).ok:
                 self.usable = False  # a server that cannot reset gets no further transaction
 
-    async def _content(self, message: Outbound, body: bytes, accepted: list[int],
-                       results: list[RecipientResult | None]) -> None:
+    async def _content(self, prepared: _Prepared, accepted: list[int],
+                       follow: Callable[[], Outbound | None] | None) -> None:
         conn, link = self._conn, self._link
+        message, results = prepared.message, prepared.results
         self._doing = "sending message body"
         async with asyncio.timeout(self._data_timeout):
-            link.write(conn.message_body(body))
+            parts = [conn.message_body(prepared.body)]
+            following = follow() if follow is not None and conn.pipelining else None
+            if following is not None:
+                after = self._prepare(following)
+                if after.todo:  # the next transaction's commands ride this write
+                    parts.append(self._announce(after))
+                    self._ahead = after
+            link.writelines(parts)
             await link.drain()
             self._doing = "receiving the reply to end of data"
             if conn.lmtp:  # one reply per accepted recipient, in RCPT order (RFC 2033 4.2)
@@ -464,7 +523,8 @@ class OutboundSession:
         if self._closed:
             return
         self._closed = True
-        if self.usable and not self._link.closed.done():
+        # With a transaction announced the server may be reading content: no QUIT then.
+        if self.usable and not self._link.closed.done() and self._ahead is None:
             self.usable = False
             try:
                 self._link.write(self._conn.quit())

@@ -13,7 +13,13 @@ frames, mta/frames.py) for:
 
 A job is one message's recipients for one destination domain; a session carries up to
 max_messages_per_connection jobs, taking the destination's best job each time, so a
-high-priority message overtakes queued ones even on a reused connection. A session with
+high-priority message overtakes queued ones even on a reused connection. When the
+destination's window is full and more is ready, a session is sent its next jobs ahead
+(LOOKAHEAD jobs per session at most), so the worker can pipeline the next message's
+commands behind the current one's content instead of waiting a round trip for it;
+while the window has room, ready jobs open sessions instead. Two go ahead, not one:
+a job given when "done" arrives reaches the worker after the next message's content
+is already out (its replies were waiting), in time only for the one after. A session with
 nothing to do is parked for [delivery] connection_idle_seconds: new jobs ride parked
 sessions first, and a parked one is closed when another destination needs its slot.
 Outcomes are
@@ -59,6 +65,7 @@ from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally, destinati
 RESCAN_SECONDS = 30.0
 GAUGE_SECONDS = 2.0
 FLUSH_GATHER_SECONDS = 0.01
+LOOKAHEAD = 3  # jobs a session may hold: the one running and two sent ahead (see _next_for)
 READ_OPS = frozenset({"active", "gauges"})  # commands that change nothing: answered without a flush
 
 
@@ -67,8 +74,13 @@ class Session:
     sid: int
     dest: Destination
     worker: WorkerLink
-    job: Job | None
+    jobs: list[Job] = field(default_factory=list)  # in the order sent: the first one is running
     jobs_sent: int = 1
+
+    @property
+    def job(self) -> Job | None:
+        """The job running now."""
+        return self.jobs[0] if self.jobs else None
     idle_since: float = 0.0  # > 0: parked (time.monotonic()), waiting for its destination's next job
     closing: bool = False  # "close" sent, "closed" not yet received
     yielding: bool = False  # closed (parked) to give its slot to another destination
@@ -103,8 +115,8 @@ class Scheduler:
         self.messages: dict[MessageId, Envelope] = {}
         self.in_flight: dict[MessageId, set[int]] = {}
         self.timers: list[tuple[float, MessageId]] = []
-        # The gauges' running counts (tally.py). carried: recipient indices in the job a
-        # session carries now (a multiset: a message deleted and tracked again while its old
+        # The gauges' running counts (tally.py). carried: recipient indices in the jobs the
+        # sessions carry now, running or sent ahead (a multiset: a message deleted and tracked again while its old
         # job runs may have the same index in two jobs); those recipients count as active.
         self.tally = Tally()
         self.arrivals = Arrivals()
@@ -229,8 +241,8 @@ class Scheduler:
         recipients are exactly those of the sessions' jobs, the oldest arrival is right."""
         carried: dict[MessageId, Counter[int]] = {}
         for session in self.sessions.values():
-            if session.job is not None:
-                carried.setdefault(session.job.msgid, Counter()).update(session.job.rcpts)
+            for job in session.jobs:
+                carried.setdefault(job.msgid, Counter()).update(job.rcpts)
         assert carried == self.carried, (carried, self.carried)
         walked = recount(self.messages, self.carried)
         assert walked == self.tally, f"running {self.tally}\nwalked  {walked}"
@@ -303,7 +315,7 @@ class Scheduler:
 
     def _carry(self, session: Session, job: Job) -> None:
         """`session` carries `job` now: its ready recipients count as active."""
-        session.job = job
+        session.jobs.append(job)
         with self._recounting(self.messages.get(job.msgid), job.rcpts):
             self.carried.setdefault(job.msgid, Counter()).update(job.rcpts)
 
@@ -402,7 +414,7 @@ class Scheduler:
                 continue
             job = dest.pop()
             sid = next(self._sids)
-            self.sessions[sid] = session = Session(sid, dest, worker, None)
+            self.sessions[sid] = session = Session(sid, dest, worker)
             self._carry(session, job)
             worker.sessions.add(sid)
             dest.in_flight += 1
@@ -416,18 +428,28 @@ class Scheduler:
         return {"id": job.id, "msgid": job.msgid, "rcpts": list(job.rcpts)}
 
     def _next_for(self, session: Session) -> None:
-        """After a job: give the session the destination's best job, park it, or close it."""
+        """After a job: give the session the destination's best job (and, with the window
+        full, one ahead), let it finish the job sent ahead, park it, or close it."""
         dest, now = session.dest, time.time()
-        session.job = None
+        if session.closing:
+            return  # a failed session's job sent ahead: nothing more goes to it
         if session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.limit:
-            if len(dest) and dest.take_token(now):
+            while (len(session.jobs) < LOOKAHEAD and len(dest)
+                   and session.jobs_sent < dest.limits.max_messages_per_connection
+                   and (not session.jobs or self._window_full(dest)) and dest.take_token(now)):
                 self._give(session, dest.pop(), now)
+            if session.jobs:
                 return
             if not len(dest) and self.config.delivery.connection_idle_seconds > 0 and not self._stopping:
                 session.idle_since = time.monotonic()
                 self.parked.setdefault(dest.name, {})[session.sid] = session
                 return
-        self._close(session)
+        if not session.jobs:
+            self._close(session)  # otherwise after the job sent ahead
+
+    def _window_full(self, dest: Destination) -> bool:
+        """No new session may open for `dest`: more of its jobs go ahead on open ones."""
+        return dest.in_flight >= dest.limit or len(self.sessions) >= self.config.delivery.max_connections
 
     def _give(self, session: Session, job: Job, now: float) -> None:
         """The next job on an open session."""
@@ -531,8 +553,8 @@ class Scheduler:
             session = self.sessions.pop(sid)
             self._forget_session(session)
             session.dest.in_flight -= 1
-            if session.job is not None:
-                self._release(session.job)
+            for job in session.jobs:
+                self._release(job)
                 requeued += 1
         logs.event("delivery_worker_lost", worker_pid=link.pid, requeued=requeued)
         self._schedule_dispatch()
@@ -549,9 +571,11 @@ class Scheduler:
 
     def _on_done(self, frame: dict[str, Any]) -> None:
         session = self.sessions.get(int(frame["sid"]))
-        if session is None or session.job is None:
+        if session is None or not session.jobs:
             return
-        job, session.job = session.job, None
+        job_id = frame.get("job")
+        job = next((j for j in session.jobs if j.id == job_id), session.jobs[0])
+        session.jobs.remove(job)
         self._uncarry(job)
         now = time.time()
         replies = [RecipientReply(int(i), int(code), str(status), str(text))
@@ -574,8 +598,8 @@ class Scheduler:
             return
         self._forget_session(session)
         session.dest.in_flight -= 1
-        if session.job is not None:  # closed while a job was assigned: it did not run
-            self._release(session.job)
+        for job in session.jobs:  # closed with jobs assigned (or sent ahead): they did not run
+            self._release(job)
         self._schedule_dispatch()
 
     # --- outcomes --------------------------------------------------------------------------
@@ -673,11 +697,11 @@ class Scheduler:
 
     def _command(self, frame: dict[str, Any]) -> dict[str, Any]:
         op = frame.get("op")
-        if op == "active":  # being delivered right now (queued jobs are still "ready")
+        if op == "active":  # given to sessions (running or sent ahead); queued jobs are still "ready"
             active: dict[str, list[int]] = {}
             for session in self.sessions.values():
-                if session.job is not None:
-                    active.setdefault(session.job.msgid, []).extend(session.job.rcpts)
+                for job in session.jobs:
+                    active.setdefault(job.msgid, []).extend(job.rcpts)
             return {"t": "ok", "active": active}
         if op == "gauges":  # the control process renders them at each scrape
             return {"t": "ok", "destinations": self.destination_gauges}

@@ -352,6 +352,44 @@ def test_body_only_after_354_and_mail_only_outside_a_transaction() -> None:
     conn.mail_from("a@b.test")
 
 
+def test_next_mail_may_follow_the_content_with_pipelining() -> None:
+    conn = ready()
+    conn.mail_from("a@b.test")
+    conn.rcpt_to("c@d.test")
+    conn.data()
+    conn.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    replies(conn)
+    conn.message_body(b"one\r\n")
+    conn.mail_from("e@b.test")  # before the reply to the final dot (RFC 2920 3.1)
+    conn.rcpt_to("f@d.test")
+    conn.rcpt_to("g@d.test")
+    conn.data()
+    assert conn.awaiting == (Verb.DOT, Verb.MAIL, Verb.RCPT, Verb.RCPT, Verb.DATA)
+    conn.receive_data(b"250 2.0.0 one queued\r\n250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+    got = replies(conn)
+    assert [(r.command, r.code) for r in got] == [(Verb.DOT, 250), (Verb.MAIL, 250), (Verb.RCPT, 250),
+                                                  (Verb.RCPT, 550), (Verb.DATA, 354)]
+    assert conn.accepted == 1  # the second transaction's, not reset by the first one's dot
+    assert conn.message_body(b"two\r\n") == b"two\r\n.\r\n"
+
+
+def test_next_mail_waits_for_the_final_reply_without_pipelining() -> None:
+    conn = ready(ehlo=b"250-mx.test\r\n250 SIZE 1000\r\n")
+    conn.mail_from("a@b.test")
+    conn.receive_data(b"250 ok\r\n")
+    conn.rcpt_to("c@d.test")
+    conn.receive_data(b"250 ok\r\n")
+    conn.data()
+    conn.receive_data(b"354 go\r\n")
+    replies(conn)
+    conn.message_body(b"one\r\n")
+    with pytest.raises(LocalProtocolError, match="PIPELINING"):
+        conn.mail_from("e@b.test")
+    conn.receive_data(b"250 queued\r\n")
+    replies(conn)
+    conn.mail_from("e@b.test")
+
+
 # --- dot-stuffing ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, wire", [
