@@ -241,6 +241,29 @@ def test_queue_commands_act_on_the_running_scheduler(mta_server, tmp_path: Path)
         assert re.search(rb"event=deleted msgid=" + gone.encode() + rb" by=operator", server.log_bytes())
 
 
+def test_hold_stops_jobs_already_sent_ahead(mta_server, tmp_path: Path) -> None:
+    """A busy session holds its next jobs at the worker; `mta queue hold` still stops them:
+    only the message being sent and the one announced behind it go out."""
+    with SmtpSink("127.0.0.2", delay_seconds=1.0) as sink:
+        server = delivering(mta_server, tmp_path, {"slow.test": f"{sink.address}:{sink.port}"},
+                            domains={"slow.test": {"concurrency": 1}})
+        asyncio.run(send_all(server.port, [("a@client.test", [f"u{n}@slow.test"], message(n)) for n in range(8)],
+                             sessions=8))
+        sink.wait_until(lambda: len(sink.messages) == 1, 5)  # (the sink records a message as it replies)
+        server.mta("queue", "hold", "--all")
+        before = len(sink.messages)  # answered when the hold was on disk
+        time.sleep(4.0)  # without the worker's check, a job sent ahead would arrive every second
+        arrived = len(sink.messages)
+        # Only the message being sent at the hold and the one announced behind its content.
+        assert arrived <= before + 2, (before, arrived)
+        states = Counter(r["state"] for e in server.queue_list() for r in e["recipients"])
+        assert states == {"held": 8 - arrived}, states
+        assert all(r["attempts"] == 0 for e in server.queue_list() for r in e["recipients"])
+        server.mta("queue", "release", "--all")
+        sink.wait_for_messages(8, timeout=15)
+        wait_until(lambda: server.queue_list() == [], 10, "an empty spool", server)
+
+
 def test_lmtp_route_gives_per_recipient_results(mta_server, tmp_path: Path) -> None:
     with SmtpSink("127.0.0.2", lmtp=True) as sink:
         server = delivering(mta_server, tmp_path, {"box.test": f"lmtp:{sink.address}:{sink.port}"},

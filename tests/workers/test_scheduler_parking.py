@@ -140,3 +140,35 @@ def test_a_full_window_sends_the_next_job_ahead() -> None:
         await s._flush_all()
 
     uvloop.run(main())
+
+
+def test_a_job_sent_ahead_then_held_is_skipped_not_deferred() -> None:
+    """The worker skips recipients an operator held after their job was sent ahead: they
+    stay held (no attempt counted, no retry time); released meanwhile, they are ready again."""
+    async def main() -> None:
+        s = new_scheduler(config(concurrency=1, initial_concurrency=1, max_messages_per_connection=100,
+                                 connection_idle_seconds=5, min_backoff_seconds=60, max_backoff_seconds=60))
+        driver = Driver(s, random.Random(3))
+        ids = [driver.commit([f"u{n}@one.test"]) for n in range(4)]
+        s._on_new(ids)
+        s._dispatch()
+        await asyncio.sleep(0)
+        [session] = s.sessions.values()
+        done(driver, session, session.job.id, [0])  # the window (1) is full: jobs go ahead
+        assert len(session.jobs) == LOOKAHEAD
+        held, released = session.jobs[1], session.jobs[2]
+        s._command({"op": "hold", "ids": [held.msgid, released.msgid]})
+        s._command({"op": "release", "ids": [released.msgid]})
+        for job in (held, released):
+            s._on_done({"sid": session.sid, "job": job.id, "remote": None, "replies": [], "skipped": [0]})
+        assert s.messages[held.msgid].recipients[0].state == "held"
+        assert s.messages[held.msgid].recipients[0].attempts == 0
+        assert s.messages[released.msgid].recipients[0].state == "ready"
+        assert released.msgid in s.in_flight  # queued again (or given to the session again)
+        assert held.msgid not in s.in_flight
+        s.check_tally()
+        if s._wake is not None:
+            s._wake.cancel()
+        await s._flush_all()
+
+    uvloop.run(main())

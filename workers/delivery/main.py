@@ -10,7 +10,8 @@ next MX, or waited for when all are full), deliver the job, report
 whose connection cannot be made reports the job failed and ends (`closed`). On a busy
 destination the scheduler sends a session its next job ahead: when that job is
 already here as a message's content goes out, its MAIL/RCPT/DATA ride the same write
-(session.py's `follow`). Local
+(session.py's `follow`); recipients an operator held after their job was sent
+ahead are skipped (`skipped` in `done`: no attempt). Local
 destinations ("maildir" routes, and local domains without a route) are written to
 Maildir instead. Envelopes and bodies are read from the spool (short read
 transactions); nothing here writes to it: outcomes go to the scheduler.
@@ -40,6 +41,12 @@ from workers.link import MasterLink
 CAPACITY = 500  # concurrent sessions per delivery worker
 RECONNECT_SECONDS = 0.5
 SLOT_RECHECK_SECONDS = 0.25  # a session waiting for a host slot looks for waiting sessions again
+
+
+def _not_held(envelope: Envelope, rcpts: list[int]) -> list[int]:
+    """The job's recipients still to attempt: an operator may have held some since the
+    scheduler sent the job ahead (the hold is on disk before `mta queue hold` returns)."""
+    return [i for i in rcpts if envelope.recipients[i].state != "held"]
 
 
 @dataclass(frozen=True)
@@ -203,9 +210,9 @@ class DeliveryWorker:
             job = ahead["job"]
             if announced is None or announced[0] != job["id"]:
                 envelope = self.spool.envelope(MessageId(job["msgid"]))
-                if envelope is None:
+                if envelope is None or not _not_held(envelope, job["rcpts"]):
                     return None
-                announced = (job["id"], envelope, self._outbound(envelope, list(job["rcpts"])))
+                announced = (job["id"], envelope, self._outbound(envelope, _not_held(envelope, job["rcpts"])))
             return announced[2]
 
         try:
@@ -231,9 +238,17 @@ class DeliveryWorker:
                 if envelope is None:  # deleted meanwhile
                     self._send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None})
                     continue
+                skipped = [i for i in rcpts if envelope.recipients[i].state == "held"]
+                if skipped:  # held by an operator since the scheduler sent this job ahead
+                    rcpts = _not_held(envelope, rcpts)
+                    if not rcpts:
+                        self._send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None,
+                                    "skipped": skipped})
+                        continue
                 if route.kind == "maildir":
                     replies = await self._deliver_local(envelope, rcpts)
-                    self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None})
+                    self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None,
+                                "skipped": skipped})
                     continue
                 failure: tuple[int, str, str] | None = None
                 for _attempt in range(2):
@@ -255,10 +270,11 @@ class DeliveryWorker:
                     assert failure is not None
                     ok = False
                     self._send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
-                                "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts]})
+                                "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts],
+                                "skipped": skipped})
                     break  # a job sent ahead goes back to the scheduler with "closed"
                 self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
-                            "remote": outbound.remote})
+                            "remote": outbound.remote, "skipped": skipped})
         finally:
             if outbound is not None:
                 await self._close(outbound)

@@ -8,12 +8,13 @@ frames, mta/frames.py) for:
   inbound workers   {"t": "new", "ids": [...]}            after each durable commit
   delivery workers  {"t": "hello", "capacity": n}, then per session:
                     scheduler: {"t": "open", "sid", "dest", "job"} / {"t": "job", "sid", "job"} / {"t": "close", "sid"}
-                    worker:    {"t": "done", "sid", "job", "replies", "remote", "failed"} / {"t": "closed", "sid"}
+                    worker:    {"t": "done", "sid", "job", "replies", "remote", "failed", "skipped"} / {"t": "closed", "sid"}
   the CLI, control  {"t": "cmd", "op": retry|hold|release|delete|active|gauges, "ids"|"domain"|"all"} -> {"t": "ok", ...}
 
 A job is one message's recipients for one destination domain; a session carries up to
 max_messages_per_connection jobs, taking the destination's best job each time, so a
-high-priority message overtakes queued ones even on a reused connection. When the
+high-priority message overtakes queued ones even on a reused connection (behind the
+jobs already sent ahead, two at most). When the
 destination's window is full and more is ready, a session is sent its next jobs ahead
 (LOOKAHEAD jobs per session at most), so the worker can pipeline the next message's
 commands behind the current one's content instead of waiting a round trip for it;
@@ -40,6 +41,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import heapq
 import itertools
 import os
@@ -573,23 +575,41 @@ class Scheduler:
         session = self.sessions.get(int(frame["sid"]))
         if session is None or not session.jobs:
             return
-        job_id = frame.get("job")
-        job = next((j for j in session.jobs if j.id == job_id), session.jobs[0])
+        job = next((j for j in session.jobs if j.id == frame.get("job")), None)
+        if job is None:
+            return
         session.jobs.remove(job)
         self._uncarry(job)
         now = time.time()
+        skipped = {int(i) for i in frame.get("skipped", ())}
+        if skipped:  # held by an operator after the job was sent ahead: not attempted
+            self._skip(job, skipped)
+            job = dataclasses.replace(job, rcpts=tuple(i for i in job.rcpts if i not in skipped))
         replies = [RecipientReply(int(i), int(code), str(status), str(text))
                    for i, code, status, text in frame["replies"]]
         if frame.get("failed"):
             session.dest.on_session_failed(now)
         elif any(200 <= r.code < 300 for r in replies):
             session.dest.on_session_ok()
-        self._settle(job, replies, frame.get("remote"), now)
+        if job.rcpts:
+            self._settle(job, replies, frame.get("remote"), now)
         if frame.get("failed"):
             self._close(session)
         else:
             self._next_for(session)
         self._schedule_dispatch()
+
+    def _skip(self, job: Job, skipped: set[int]) -> None:
+        """Recipients of `job` the worker did not attempt (held): as before the job, and
+        ready again at once if an operator released them meanwhile."""
+        busy = self.in_flight.get(job.msgid)
+        if busy is not None:
+            busy.difference_update(skipped)
+            if not busy:
+                del self.in_flight[job.msgid]
+        envelope = self.messages.get(job.msgid)
+        if envelope is not None and any(envelope.recipients[i].state == "ready" for i in skipped):
+            self._enqueue(envelope)
 
     def _on_closed(self, link: WorkerLink, sid: int, ok: bool) -> None:
         session = self.sessions.pop(sid, None)
