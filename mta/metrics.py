@@ -105,6 +105,10 @@ DELIVERY_OUTCOMES = Counter(
     "Recipient delivery outcomes: result delivered, deferred, bounced, retried (452 4.5.3: next transaction); "
     "reply: the class of the reply that decided it (2xx, 4xx, 5xx; when no server answered, the class of "
     "the reply we made up, e.g. 4xx for a refused connection).", ["result", "reply"])
+DELIVERY_PIPELINED = Counter(
+    "mta_delivery_pipelined_messages_total",
+    "Messages whose MAIL/RCPT/DATA went out in the same write as the content of the message before them "
+    "on the connection (RFC 2920 pipelining across messages: one round trip per message).")
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])

@@ -295,7 +295,8 @@ def _keep_log(instance: Postfix) -> None:
 # --- mta ------------------------------------------------------------------------------------
 
 def relaying_mta(mta_server: Callable[..., MtaServer], tmp_path: Path, routes: dict[str, str], *,
-                 relay_domains: Sequence[str], local_domains: Sequence[str] = ()) -> MtaServer:
+                 relay_domains: Sequence[str], local_domains: Sequence[str] = (),
+                 domains: dict[str, dict[str, Any]] | None = None) -> MtaServer:
     """mta with one delivery worker, `routes`, Maildir under tmp_path/mail, and a resolver
     that can only fail (a dead loopback port): a stray MX lookup never reaches real DNS."""
     mail = tmp_path / "mail"
@@ -310,6 +311,7 @@ def relaying_mta(mta_server: Callable[..., MtaServer], tmp_path: Path, routes: d
         local={"maildir_root": str(mail)},
         dns={"nameservers": [f"127.0.0.1:{free_port()}"], "timeout_seconds": 1},
         cache={"path": str(tmp_path / "cache")},
+        **({"domains": domains} if domains else {}),
     )
 
 
@@ -615,3 +617,35 @@ def test_busy_traffic_on_reused_connections_arrives_once(mta_server: Callable[..
         from_mta_sessions = len(re.findall(r"/smtpd\[\d+\]: < \S+: EHLO mx\.test$", log, re.MULTILINE))
         assert 0 < to_mta_sessions < per_way, (to_mta_sessions, report())  # Postfix reused connections to mta
         assert 0 < from_mta_sessions < per_way, (from_mta_sessions, report())  # and mta its connections
+
+
+def test_mta_pipelines_a_backlog_into_a_strict_postfix(mta_server: Callable[..., MtaServer],
+                                                       postfix: Callable[..., Postfix], tmp_path: Path) -> None:
+    """A backlog on one connection (concurrency 1): mta sends each next MAIL/RCPT/DATA with the
+    content before it. Postfix, told to disconnect clients that break RFC 2920's pipelining
+    rules (smtpd_forbid_unauth_pipelining), takes every message once."""
+    from tests.integration.test_metrics import get, sample
+
+    count = 40
+    with SmtpSink("127.0.0.2", hostname="sink.test") as sink:
+        pf = postfix({"pf.test": f"{sink.host}:{sink.port}"}, main_cf={"smtpd_forbid_unauth_pipelining": "yes"})
+        server = relaying_mta(mta_server, tmp_path, {"pf.test": f"127.0.0.1:{pf.port}"}, relay_domains=["pf.test"],
+                              domains={"pf.test": {"concurrency": 1}})
+
+        def report() -> str:
+            return f"{server.log_tail()}\n{pf.log_tail()}\nsink got {len(sink.messages)} message(s)"
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            list(pool.map(lambda n: inject(server.port, ["rcpt@pf.test"],
+                                           Mail(f"p{n}", (_headers(f"p{n}", "rcpt@pf.test") + f"body {n}\r\n").encode())),
+                          range(count)))
+        wait_for(lambda: len(sink.messages) >= count, DELIVERY_SECONDS, "every message at the sink", report)
+        wait_for(lambda: server.queue_list() == [], 10, "mta's spool to empty", report)
+        assert_postfix_clean(pf, report, sent=count)
+        time.sleep(SETTLE_SECONDS)
+        assert sorted(by_message_id(sink.messages)) == sorted(f"<p{n}@client.test>".encode() for n in range(count))
+        assert len(sink.messages) == count, report()
+        log = pf.log()
+        assert not re.search(r"improper command pipelining|SMTP protocol synchronization", log), report()
+        pipelined = sample(get(server, "/metrics")[1], "mta_delivery_pipelined_messages_total")
+        assert pipelined >= count // 4, (pipelined, report())

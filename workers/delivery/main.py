@@ -26,7 +26,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from mta import frames, logs
+from mta import frames, logs, metrics
 from mta.config import Config, ConfigError, split_hostport
 from mta.config import load as load_config
 from mtaqueue.backend_lmdb import LmdbBackend
@@ -261,6 +261,8 @@ class DeliveryWorker:
                     if message is None:
                         message = self._outbound(envelope, rcpts)
                     results = await outbound.send(message, follow)
+                    if outbound.announced is not None:
+                        metrics.DELIVERY_PIPELINED.inc()
                     replies = [[i, r.code, r.status, r.text] for i, r in zip(rcpts, results)]
                     if not outbound.stale:
                         break

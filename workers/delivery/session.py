@@ -329,6 +329,11 @@ class OutboundSession:
         return SessionError(reply.code, status, reply.text, reply.permanent, stage)
 
     @property
+    def announced(self) -> Outbound | None:
+        """The message whose commands went out behind the last content; the next `send` is for it."""
+        return self._ahead.message if self._ahead is not None else None
+
+    @property
     def reusable(self) -> bool:
         """Usable, and nothing happened while it waited between messages: the server did not
         close it or say anything unasked (a 421 before an idle timeout, say). Replies to an
