@@ -34,13 +34,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
+from mta.smtp.content import crlf_line_ends, has_bare_newline
 from mta.smtp.replies import Reply, ReplyClass
 
 MAX_REPLY_LINE: Final = 4096  # octets; RFC 5321 says 512, real servers send longer text
 MAX_REPLY_LINES: Final = 256  # lines in one multi-line reply
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
 _KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
-_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Local refusals: the message never reaches DATA at this server.
@@ -198,17 +198,20 @@ def canonical_body(body: bytes) -> bytes:
 
     Its length is what SIZE= announces (RFC 1870: CRLFs counted, stuffing not).
     """
-    crlf = body.count(b"\r\n")
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-        body = _ANY_NEWLINE.sub(b"\r\n", body)  # bare CR or LF: never on the wire
+    if has_bare_newline(body):
+        body = crlf_line_ends(body)  # bare CR or LF: never on the wire
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body
 
 
-def stuff_body(body: bytes) -> bytes:
-    """Message content -> the DATA wire form: canonical, dot-stuffed, ending CRLF.CRLF."""
-    body = canonical_body(body)
+def stuff_body(body: bytes, canonical: bool = False) -> bytes:
+    """Message content -> the DATA wire form: canonical, dot-stuffed, ending CRLF.CRLF.
+
+    `canonical`: the caller has made it canonical already (canonical_body); it is not
+    checked again (on a 1 MiB body the check is most of the work)."""
+    if not canonical:
+        body = canonical_body(body)
     if body.startswith(b"."):
         body = b"." + body
     return body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
@@ -399,8 +402,9 @@ class ClientConnection:
             raise LocalProtocolError("DATA without MAIL")
         return self._command(Verb.DATA, "DATA")
 
-    def message_body(self, body: bytes) -> bytes:
-        """After the 354: the content, stuffed and terminated (b"" sends a lone dot).
+    def message_body(self, body: bytes, canonical: bool = False) -> bytes:
+        """After the 354: the content, stuffed and terminated (b"" sends a lone dot);
+        `canonical` as for stuff_body.
 
         The transaction ends here on our side: the next MAIL may follow (with PIPELINING)."""
         if not self._data_ok or self._awaiting:
@@ -408,7 +412,7 @@ class ClientConnection:
         replies = self.accepted if self.lmtp else 1
         self._awaiting.extend([Verb.DOT] * replies)
         self._end_transaction()
-        return stuff_body(body)
+        return stuff_body(body, canonical)
 
     def rset(self) -> bytes:
         self._check_ready(helo=False)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from mta.smtp import replies, states
+from mta.smtp.content import crlf_line_ends, has_bare_newline
 from mta.smtp.commands import (
     Auth, Bdat, Command, Data, Ehlo, Expn, Help, Helo, MailFrom, Noop, Quit, RcptTo, Rset, StartTls, Vrfy,
     parse_command,
@@ -50,7 +51,6 @@ _LOGIN_PASSWORD: Final = Reply(334, "", base64.b64encode(b"Password:").decode())
 _PLAIN_READY: Final = Reply(334, "", "")
 END_OF_DATA: Final = b"\r\n.\r\n"
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
-_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
 class _Marker:
@@ -127,7 +127,8 @@ class ServerConnection:
         self._buffer = bytearray()
         self._pending: Command | Message | None = None
         self._discarding = False  # inside an over-long command line
-        self._scan_from = 0  # DATA: where to resume looking for CRLF.CRLF
+        self._scan_from = 0  # DATA: where to resume looking for CRLF "."
+        self._dots: list[int] = []  # DATA: where in the buffer a line starts with "." (to unstuff)
         self._data_overflow = False  # DATA/BDAT: content beyond max_message_bytes was dropped
         self._bdat_left: int | None = None  # octets of the current BDAT chunk still to read
         self._bdat_verdict: Reply | None = None  # a chunk being read only to be discarded
@@ -281,30 +282,47 @@ class ServerConnection:
         return self._dispatch(command)
 
     def _step_data(self) -> Event | None:
+        # One scan finds both the end (CRLF "." CRLF) and the lines to unstuff (CRLF "."),
+        # whose dots are then left out as the content is copied out: no second pass.
         buf = self._buffer
-        end = buf.find(END_OF_DATA, self._scan_from)
-        if end < 0:
-            slack = self.options.max_message_bytes // 32 + 1024  # dot-stuffing overhead
-            if len(buf) > self.options.max_message_bytes + slack:
-                self._data_overflow = True
-                del buf[:-4]  # keep a possible partial CRLF.CRLF
-            self._scan_from = max(0, len(buf) - 4)
-            return NEED_DATA
-        content = bytes(buf[: end + 2])  # with the leading virtual CRLF and the last line's CRLF
-        del buf[: end + 5]
+        while True:
+            hit = buf.find(b"\r\n.", self._scan_from)
+            if hit < 0 or len(buf) < hit + 5:  # none yet, or too close to the end to tell
+                slack = self.options.max_message_bytes // 32 + 1024  # dot-stuffing overhead
+                if len(buf) > self.options.max_message_bytes + slack:
+                    self._data_overflow = True
+                    del buf[:-4]  # keep a possible partial CRLF.CRLF
+                    self._scan_from = 0
+                    self._dots.clear()
+                else:
+                    self._scan_from = hit if hit >= 0 else max(0, len(buf) - 2)
+                return NEED_DATA
+            if buf[hit + 3: hit + 5] == b"\r\n":
+                break
+            self._dots.append(hit + 2)
+            self._scan_from = hit + 3
+        data = self._unstuffed(hit + 2)
+        del buf[: hit + 5]
         self._scan_from = 0
-        return self._finish_data(content)
+        self._dots.clear()
+        return self._finish_data(data)
 
-    def _finish_data(self, content: bytes) -> Event | None:
+    def _unstuffed(self, end: int) -> bytes:
+        """The content up to `end` without the virtual CRLF and the stuffing dots: one copy."""
+        with memoryview(self._buffer) as view:
+            if not self._dots:
+                return bytes(view[2:end])
+            starts = [2] + [dot + 1 for dot in self._dots]
+            return b"".join([view[start:stop] for start, stop in zip(starts, self._dots + [end])])
+
+    def _finish_data(self, data: bytes) -> Event | None:
         if self._data_overflow:
             return self._end_message(replies.SIZE_EXCEEDED)
-        data = content.replace(b"\r\n.", b"\r\n")[2:]  # unstuff, drop the virtual CRLF
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        if has_bare_newline(data):
             if self.options.bare_newline == "reject":
                 return self._end_message(replies.BARE_NEWLINE)
             # Unstuffed first: a dot after a bare LF was never at a line start.
-            data = _ANY_NEWLINE.sub(b"\r\n", data)
+            data = crlf_line_ends(data)
         return self._complete(data)
 
     def _step_bdat(self) -> Event | None:

@@ -72,7 +72,9 @@ class LmdbBackend:
                add: Sequence[NewMessage] = (), enforce_limit: bool) -> int:
         removed = 0
         try:
-            with self._env.begin(write=True) as txn:
+            # buffers=True: reads are views into the map, not copies (a deletion reads the
+            # body only for its length); each is used before the next write in this txn.
+            with self._env.begin(write=True, buffers=True) as txn:
                 stored = self._stored_bytes(txn)
                 for envelope in update:
                     key = envelope.id.encode()

@@ -469,7 +469,7 @@ class OutboundSession:
         message, results = prepared.message, prepared.results
         self._doing = "sending message body"
         async with asyncio.timeout(self._data_timeout):
-            parts = [conn.message_body(prepared.body)]
+            parts = [conn.message_body(prepared.body, canonical=True)]  # _prepare made it canonical
             following = follow() if follow is not None and conn.pipelining else None
             if following is not None:
                 after = self._prepare(following)

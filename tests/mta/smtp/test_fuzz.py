@@ -81,3 +81,26 @@ def test_data_content_survives_any_split(body: bytes, cuts: list[int]) -> None:
         assert out.startswith(b"250 2.0.0") and app.messages[-1].data == content
     else:
         assert out.startswith(b"550 5.5.2")
+
+
+LINES = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a", b"...\r", b"\r", b"x\n.y", b"."]),
+                 max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(LINES, st.lists(st.integers(min_value=1, max_value=9), max_size=40))
+def test_content_in_any_split_arrives_unstuffed_and_canonical(lines: list[bytes], cuts: list[int]) -> None:
+    """Whatever the lines (dots anywhere, bare CR or LF) and however the stuffed content is cut
+    into reads, the server ends DATA at CRLF.CRLF and hands over the content the client meant."""
+    from mta.smtp.client import canonical_body, stuff_body
+
+    content = b"".join(line + b"\r\n" for line in lines)
+    app = _new()
+    app.feed(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@local.test>\r\nDATA\r\n")
+    wire = stuff_body(content) + b"NOOP\r\n"
+    pos, out = 0, b""
+    for cut in cuts + [len(wire)]:
+        out += app.feed(wire[pos:pos + cut])
+        pos += cut
+    assert [m.data for m in app.messages] == [canonical_body(content) if content else b""], out
+    assert out.endswith(b"250 2.0.0 Ok\r\n")  # the NOOP after the content is a command again
