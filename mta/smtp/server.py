@@ -50,6 +50,7 @@ _LOGIN_USERNAME: Final = Reply(334, "", base64.b64encode(b"Username:").decode())
 _LOGIN_PASSWORD: Final = Reply(334, "", base64.b64encode(b"Password:").decode())
 _PLAIN_READY: Final = Reply(334, "", "")
 END_OF_DATA: Final = b"\r\n.\r\n"
+MAX_TRACKED_DOTS: Final = 64  # stuffed lines whose dots are left out while copying (see _step_data)
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -283,24 +284,35 @@ class ServerConnection:
 
     def _step_data(self) -> Event | None:
         # One scan finds both the end (CRLF "." CRLF) and the lines to unstuff (CRLF "."),
-        # whose dots are then left out as the content is copied out: no second pass.
+        # whose dots are then left out as the content is copied out: no second pass. Past
+        # MAX_TRACKED_DOTS stuffed lines the end is searched for directly and the content
+        # unstuffed with one replace: a message of nothing but dot lines costs C loops,
+        # not a Python step and a slice per line.
         buf = self._buffer
         while True:
-            hit = buf.find(b"\r\n.", self._scan_from)
-            if hit < 0 or len(buf) < hit + 5:  # none yet, or too close to the end to tell
-                slack = self.options.max_message_bytes // 32 + 1024  # dot-stuffing overhead
-                if len(buf) > self.options.max_message_bytes + slack:
-                    self._data_overflow = True
-                    del buf[:-4]  # keep a possible partial CRLF.CRLF
-                    self._scan_from = 0
-                    self._dots.clear()
-                else:
-                    self._scan_from = hit if hit >= 0 else max(0, len(buf) - 2)
-                return NEED_DATA
-            if buf[hit + 3: hit + 5] == b"\r\n":
-                break
-            self._dots.append(hit + 2)
-            self._scan_from = hit + 3
+            if len(self._dots) < MAX_TRACKED_DOTS:
+                hit = buf.find(b"\r\n.", self._scan_from)
+                if 0 <= hit and hit + 5 <= len(buf):  # else none yet, or too close to the end to tell
+                    if buf[hit + 3: hit + 5] == b"\r\n":
+                        break
+                    self._dots.append(hit + 2)
+                    self._scan_from = hit + 3
+                    continue
+                resume = hit if hit >= 0 else max(0, len(buf) - 2)
+            else:
+                hit = buf.find(END_OF_DATA, self._scan_from)
+                if hit >= 0:
+                    break
+                resume = max(0, len(buf) - 4)
+            slack = self.options.max_message_bytes // 32 + 1024  # dot-stuffing overhead
+            if len(buf) > self.options.max_message_bytes + slack:
+                self._data_overflow = True
+                del buf[:-4]  # keep a possible partial CRLF.CRLF
+                self._scan_from = 0
+                self._dots.clear()
+            else:
+                self._scan_from = resume
+            return NEED_DATA
         data = self._unstuffed(hit + 2)
         del buf[: hit + 5]
         self._scan_from = 0
@@ -310,6 +322,8 @@ class ServerConnection:
     def _unstuffed(self, end: int) -> bytes:
         """The content up to `end` without the virtual CRLF and the stuffing dots: one copy."""
         with memoryview(self._buffer) as view:
+            if len(self._dots) >= MAX_TRACKED_DOTS:  # many: one replace over it all
+                return bytes(view[:end]).replace(b"\r\n.", b"\r\n")[2:]
             if not self._dots:
                 return bytes(view[2:end])
             starts = [2] + [dot + 1 for dot in self._dots]

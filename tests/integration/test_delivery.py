@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import MtaServer, SmtpClient, queued_id, wait_until
-from tests.integration.sink import SmtpSink, prefix_rule
+from tests.integration.sink import SmtpSink, prefix_rule, reply_for
 
 pytestmark = pytest.mark.integration
 
@@ -262,6 +262,27 @@ def test_hold_stops_jobs_already_sent_ahead(mta_server, tmp_path: Path) -> None:
         server.mta("queue", "release", "--all")
         sink.wait_for_messages(8, timeout=15)
         wait_until(lambda: server.queue_list() == [], 10, "an empty spool", server)
+
+
+def test_an_announced_message_is_read_again_when_its_connection_fails(mta_server, tmp_path: Path) -> None:
+    """u2's commands went out behind u1's content; u1 then gets 421, so u2 goes on a new
+    connection. A hold made meanwhile must count: u2 is read from the spool again, not sent
+    as it was when it was announced."""
+    rule = lambda a: reply_for(421, "going down") if a.startswith("u1@") else None  # noqa: E731
+    with SmtpSink("127.0.0.2", delay_seconds=3.0, data_rule=rule) as sink:
+        server = delivering(mta_server, tmp_path, {"slow.test": f"{sink.address}:{sink.port}"},
+                            domains={"slow.test": {"concurrency": 1}})
+        ids = asyncio.run(send_all(server.port, [("a@client.test", [f"u{n}@slow.test"], message(n))
+                                                 for n in range(4)], sessions=1))
+        # u0 is answered at 3 s; u1's content goes out then, with u2 announced behind it.
+        sink.wait_until(lambda: len(sink.messages) == 1, 10)
+        server.mta("queue", "hold", ids[2], ids[3])  # lands before u1's 421 at 6 s
+        time.sleep(4.5)  # past u1's 421 at 6 s and the reconnect
+        again = [line for conn, line in sink.commands if conn > 1 and re.match(r"RCPT TO:<u[23]@", line)]
+        assert again == [], again  # nothing held went out on the new connection (u1 is retried there)
+        assert not any(m.recipients[0] in ("u2@slow.test", "u3@slow.test") for m in sink.messages)
+        held = {e["id"]: [(r["state"], r["attempts"]) for r in e["recipients"]] for e in server.queue_list()}
+        assert held[ids[2]] == [("held", 0)] and held[ids[3]] == [("held", 0)], held
 
 
 def test_lmtp_route_gives_per_recipient_results(mta_server, tmp_path: Path) -> None:

@@ -200,24 +200,32 @@ class DeliveryWorker:
         announced: tuple[int, Envelope, Outbound] | None = None  # that job's id, envelope, message
         epoch = self._epoch
 
+        def send(frame: dict[str, Any]) -> None:
+            if self._epoch == epoch:  # never to a new scheduler, which may reuse this sid
+                self._send(frame)
+
         def follow() -> Outbound | None:
             """The message this connection carries next, if its job is here already."""
             nonlocal ahead, announced
             if ahead is None and not queue.empty():
                 ahead = queue.get_nowait()
-            if ahead is None or ahead.get("t") != "job":
+            if ahead is None or ahead.get("t") != "job" or self._epoch != epoch:
                 return None
             job = ahead["job"]
             if announced is None or announced[0] != job["id"]:
-                envelope = self.spool.envelope(MessageId(job["msgid"]))
-                if envelope is None or not _not_held(envelope, job["rcpts"]):
+                try:
+                    envelope = self.spool.envelope(MessageId(job["msgid"]))
+                    if envelope is None or not _not_held(envelope, job["rcpts"]):
+                        return None
+                    announced = (job["id"], envelope, self._outbound(envelope, _not_held(envelope, job["rcpts"])))
+                except Exception as exc:  # noqa: BLE001 - not announced; the job reads the spool again
+                    logs.event("announce_failed", dest=dest, error=f"{type(exc).__name__}: {exc}")
                     return None
-                announced = (job["id"], envelope, self._outbound(envelope, _not_held(envelope, job["rcpts"])))
             return announced[2]
 
         try:
             route = await self._route(dest)
-            while True:
+            while self._epoch == epoch:
                 if ahead is not None:
                     frame, ahead = ahead, None
                 else:
@@ -229,25 +237,26 @@ class DeliveryWorker:
                     break  # (jobs sent ahead by a scheduler that is gone do not run)
                 job = frame["job"]
                 message: Outbound | None = None
-                if announced is not None and announced[0] == job["id"]:
-                    _, envelope, message = announced
-                else:
+                if (announced is not None and announced[0] == job["id"] and outbound is not None
+                        and outbound.announced is announced[2] and outbound.reusable):
+                    _, envelope, message = announced  # its commands are out on this connection
+                else:  # (not announced, or it goes on a new connection: read it as it is now)
                     envelope = self.spool.envelope(MessageId(job["msgid"]))
                 announced = None
                 rcpts: list[int] = list(job["rcpts"])
                 if envelope is None:  # deleted meanwhile
-                    self._send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None})
+                    send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None})
                     continue
                 skipped = [i for i in rcpts if envelope.recipients[i].state == "held"]
                 if skipped:  # held by an operator since the scheduler sent this job ahead
                     rcpts = _not_held(envelope, rcpts)
                     if not rcpts:
-                        self._send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None,
+                        send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None,
                                     "skipped": skipped})
                         continue
                 if route.kind == "maildir":
                     replies = await self._deliver_local(envelope, rcpts)
-                    self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None,
+                    send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None,
                                 "skipped": skipped})
                     continue
                 failure: tuple[int, str, str] | None = None
@@ -271,17 +280,18 @@ class DeliveryWorker:
                 if outbound is None:
                     assert failure is not None
                     ok = False
-                    self._send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
+                    send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
                                 "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts],
                                 "skipped": skipped})
                     break  # a job sent ahead goes back to the scheduler with "closed"
-                self._send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
+                send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
                             "remote": outbound.remote, "skipped": skipped})
         finally:
             if outbound is not None:
                 await self._close(outbound)
-            self._inbox.pop(sid, None)
-            self._send({"t": "closed", "sid": sid, "ok": ok})
+            if self._inbox.get(sid) is queue:  # a new scheduler may have given this sid to another
+                del self._inbox[sid]
+            send({"t": "closed", "sid": sid, "ok": ok})
 
     async def _route(self, dest: str) -> Route:
         config = self.config

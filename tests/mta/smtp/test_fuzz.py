@@ -104,3 +104,13 @@ def test_content_in_any_split_arrives_unstuffed_and_canonical(lines: list[bytes]
         pos += cut
     assert [m.data for m in app.messages] == [canonical_body(content) if content else b""], out
     assert out.endswith(b"250 2.0.0 Ok\r\n")  # the NOOP after the content is a command again
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([b".", b"..", b".x", b"a", b"\r", b"x\n."]), min_size=50, max_size=200),
+       st.lists(st.integers(min_value=1, max_value=300), max_size=40))
+def test_many_dot_lines_unstuff_the_same(lines: list[bytes], cuts: list[int]) -> None:
+    """Past the dot lines tracked one by one (MAX_TRACKED_DOTS), the rest is unstuffed in one
+    pass: the content is the same either way."""
+    test_content_in_any_split_arrives_unstuffed_and_canonical.hypothesis.inner_test(lines, cuts)  # type: ignore[attr-defined]
+
