@@ -327,6 +327,30 @@ def test_lmtp_per_recipient_results(run: Run[Any], sink: Callable[..., SmtpSink]
                               "MAIL", "RCPT", "DATA", "QUIT"]
 
 
+def test_lmtp_per_recipient_results_with_the_next_message_announced(run: Run[Any],
+                                                                    sink: Callable[..., SmtpSink]) -> None:
+    """Under LMTP one reply per accepted recipient follows the dot; the next message's MAIL,
+    RCPT and DATA replies come after them and are matched to that message."""
+    server = sink(lmtp=True)
+    first = message("a@x.test", "d450-b@x.test", "r550-c@x.test", "d552-d@x.test")
+    second = message("r450-e@x.test", "f@x.test", "d451-g@x.test")
+    third = message("h@x.test")
+
+    async def scenario() -> list[list[RecipientResult]]:
+        session = await open_session(server, lmtp=True)
+        results = await send_chain(session, first, second, third)
+        await session.close()
+        return results
+
+    one, two, three = run(scenario())
+    assert codes(one) == [(250, "2.0.0"), (450, "4.2.0"), (550, "5.1.1"), (552, "5.2.2")]
+    assert codes(two) == [(450, "4.2.0"), (250, "2.0.0"), (451, "4.3.0")]
+    assert codes(three) == [(250, "2.0.0")]
+    assert [m.recipients for m in server.wait_for_messages(3)] == [
+        ["a@x.test", "d450-b@x.test", "d552-d@x.test"], ["f@x.test", "d451-g@x.test"], ["h@x.test"]]
+    assert server.commands_after_content == 2
+
+
 def test_smtp_final_reply_applies_to_all_accepted(run: Run[Any], sink: Callable[..., SmtpSink]) -> None:
     server = sink()
     _, [results] = run(deliver(server, message("a@x.test", "d451-b@x.test", "r550-c@x.test")))
