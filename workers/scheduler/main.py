@@ -14,8 +14,8 @@ frames, mta/frames.py) for:
 A job is one message's recipients for one destination domain; a session carries up to
 max_messages_per_connection jobs, taking the destination's best job each time, so a
 high-priority message overtakes queued ones even on a reused connection (behind the
-jobs already sent ahead, two at most). When the
-destination's window is full and more is ready, a session is sent its next jobs ahead
+jobs already sent ahead, two at most). When the destination's window is full and more
+is ready, a session is sent its next jobs ahead
 (LOOKAHEAD jobs per session at most), so the worker can pipeline the next message's
 commands behind the current one's content instead of waiting a round trip for it;
 while the window has room, ready jobs open sessions instead. Two go ahead, not one:
@@ -78,14 +78,14 @@ class Session:
     worker: WorkerLink
     jobs: list[Job] = field(default_factory=list)  # in the order sent: the first one is running
     jobs_sent: int = 1
+    idle_since: float = 0.0  # > 0: parked (time.monotonic()), waiting for its destination's next job
+    closing: bool = False  # "close" sent, "closed" not yet received
+    yielding: bool = False  # closed (parked) to give its slot to another destination
 
     @property
     def job(self) -> Job | None:
         """The job running now."""
         return self.jobs[0] if self.jobs else None
-    idle_since: float = 0.0  # > 0: parked (time.monotonic()), waiting for its destination's next job
-    closing: bool = False  # "close" sent, "closed" not yet received
-    yielding: bool = False  # closed (parked) to give its slot to another destination
 
 
 @dataclass(eq=False)
@@ -118,8 +118,9 @@ class Scheduler:
         self.in_flight: dict[MessageId, set[int]] = {}
         self.timers: list[tuple[float, MessageId]] = []
         # The gauges' running counts (tally.py). carried: recipient indices in the jobs the
-        # sessions carry now, running or sent ahead (a multiset: a message deleted and tracked again while its old
-        # job runs may have the same index in two jobs); those recipients count as active.
+        # sessions carry now, running or sent ahead (a multiset: a message deleted and
+        # tracked again while its old job runs may have the same index in two jobs); those
+        # recipients count as active.
         self.tally = Tally()
         self.arrivals = Arrivals()
         self.carried: dict[MessageId, Counter[int]] = {}
@@ -431,7 +432,8 @@ class Scheduler:
 
     def _next_for(self, session: Session) -> None:
         """After a job: give the session the destination's best job (and, with the window
-        full, one ahead), let it finish the job sent ahead, park it, or close it."""
+        full, more ahead, up to LOOKAHEAD), let it finish the jobs sent ahead, park it, or
+        close it."""
         dest, now = session.dest, time.time()
         if session.closing:
             return  # a failed session's job sent ahead: nothing more goes to it
