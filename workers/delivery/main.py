@@ -215,9 +215,10 @@ class DeliveryWorker:
             if announced is None or announced[0] != job["id"]:
                 try:
                     envelope = self.spool.envelope(MessageId(job["msgid"]))
-                    if envelope is None or not _not_held(envelope, job["rcpts"]):
+                    rcpts = _not_held(envelope, job["rcpts"]) if envelope is not None else []
+                    if not rcpts:
                         return None
-                    announced = (job["id"], envelope, self._outbound(envelope, _not_held(envelope, job["rcpts"])))
+                    announced = (job["id"], envelope, self._outbound(envelope, rcpts))
                 except Exception as exc:  # noqa: BLE001 - not announced; the job reads the spool again
                     logs.event("announce_failed", dest=dest, error=f"{type(exc).__name__}: {exc}")
                     return None

@@ -386,8 +386,9 @@ class OutboundSession:
         utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
         body = client.canonical_body(message.body)
         refusal = client.check_message(conn.extensions, len(body), utf8)
-        if refusal is None and client.bad_address(message.sender) is not None:
-            refusal = Reply(553, "5.1.7", f"bad sender address syntax: {client.bad_address(message.sender)}")
+        bad_sender = client.bad_address(message.sender) if refusal is None else None
+        if bad_sender is not None:
+            refusal = Reply(553, "5.1.7", f"bad sender address syntax: {bad_sender}")
         if refusal is not None:
             return _Prepared(message, body, [], utf8, [_local(r.address, refusal) for r in message.recipients])
         todo: list[int] = []
@@ -399,14 +400,16 @@ class OutboundSession:
                 todo.append(i)
         return _Prepared(message, body, todo, utf8, results)
 
+    def _mail(self, prepared: _Prepared) -> bytes:
+        message = prepared.message
+        return self._conn.mail_from(message.sender, size=len(prepared.body), body_type=message.body_type,
+                                    smtputf8=prepared.utf8, ret=message.ret, envid=message.envid)
+
     def _announce(self, prepared: _Prepared) -> bytes:
         """MAIL, every RCPT and DATA as one pipelined group; replies come back in order."""
-        conn, message = self._conn, prepared.message
-        rcpts = message.recipients
-        mail = conn.mail_from(message.sender, size=len(prepared.body), body_type=message.body_type,
-                              smtputf8=prepared.utf8, ret=message.ret, envid=message.envid)
-        return b"".join([mail, *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
-                                 for i in prepared.todo), conn.data()])
+        conn, rcpts = self._conn, prepared.message.recipients
+        return b"".join([self._mail(prepared), *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
+                                                  for i in prepared.todo), conn.data()])
 
     async def _transaction(self, prepared: _Prepared, announced: bool,
                            follow: Callable[[], Outbound | None] | None) -> None:
@@ -419,8 +422,7 @@ class OutboundSession:
             if not announced:
                 link.write(self._announce(prepared))
         else:
-            link.write(conn.mail_from(message.sender, size=len(prepared.body), body_type=message.body_type,
-                                      smtputf8=prepared.utf8, ret=message.ret, envid=message.envid))
+            link.write(self._mail(prepared))
         mail_reply = await self._expect(self._command_timeout)
         self._mail_answered = True
         mail_ok = mail_reply.ok
