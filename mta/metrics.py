@@ -109,6 +109,10 @@ DELIVERY_PIPELINED = Counter(
     "mta_delivery_pipelined_messages_total",
     "Messages whose MAIL/RCPT/DATA went out in the same write as the content of the message before them "
     "on the connection (RFC 2920 pipelining across messages: one round trip per message).")
+DELIVERY_BODY_MISSING = Counter(
+    "mta_delivery_body_missing_total",
+    "Jobs whose message had an envelope but no body in the spool (a damaged spool): nothing was sent, "
+    "the recipients were deferred (event=body_missing in the log names the message).")
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])

@@ -20,6 +20,7 @@ import socket
 from mta import logs
 from mta.config import Config, ListenerConfig
 from mta.tls import TlsError, server_context
+from mtaqueue.private import private_dir
 
 
 class ServeError(RuntimeError):
@@ -27,7 +28,10 @@ class ServeError(RuntimeError):
 
 
 def lock_spool(path: str) -> int:
-    os.makedirs(path, exist_ok=True)
+    try:
+        private_dir(path)
+    except PermissionError as exc:
+        raise ServeError(str(exc)) from None
     fd = os.open(os.path.join(path, "mta.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

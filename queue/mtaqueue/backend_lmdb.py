@@ -8,7 +8,7 @@ Layout (named databases):
 
 Opened with sync on and without writemap, so every commit is fdatasync'ed before
 commit() returns: the caller may say 250 after it. Open it after fork, never before:
-an LMDB handle must not cross a fork.
+an LMDB handle must not cross a fork. The folder is 0700 and its files 0600 (private.py).
 
 Room: `max_size_bytes` bounds the message data stored (meta b"bytes"); a commit that
 would pass it raises QueueFull. The LMDB map itself is sized at twice that plus
@@ -28,6 +28,7 @@ import lmdb
 from mtaqueue import records
 from mtaqueue.backend import QueueFull, QueueIOError, QueueStats
 from mtaqueue.ids import MessageId
+from mtaqueue.private import FILE_MODE, private_dir
 from mtaqueue.records import Envelope, NewMessage
 
 _BE64 = struct.Struct(">Q")
@@ -42,15 +43,15 @@ def due_key(envelope: Envelope) -> bytes:
 
 class LmdbBackend:
     def __init__(self, path: str, max_size_bytes: int, readonly: bool = False) -> None:
-        os.makedirs(path, exist_ok=True)
         self.path = path
         self.max_size_bytes = max_size_bytes
         try:
+            private_dir(path)
             self._env = lmdb.open(
                 path, map_size=2 * max_size_bytes + MAP_HEADROOM_BYTES, max_dbs=5, sync=True, metasync=True,
-                writemap=False, readahead=False, max_readers=512, subdir=True,
+                writemap=False, readahead=False, max_readers=512, subdir=True, mode=FILE_MODE,
             )
-        except lmdb.Error as exc:
+        except (lmdb.Error, PermissionError) as exc:
             raise QueueIOError(f"cannot open the queue at {path}: {exc}") from exc
         self._env.reader_check()  # clear reader slots of processes killed with -9
         self._envelope = self._env.open_db(b"envelope")
@@ -122,6 +123,13 @@ class LmdbBackend:
     def body(self, msgid: MessageId) -> bytes | None:
         with self._env.begin(buffers=False) as txn:
             return txn.get(msgid.encode(), db=self._body)
+
+    def message(self, msgid: MessageId) -> tuple[Envelope | None, bytes | None]:
+        """Envelope and body in one read transaction: a delete is seen whole or not at all."""
+        key = msgid.encode()
+        with self._env.begin(buffers=False) as txn:
+            raw, body = txn.get(key, db=self._envelope), txn.get(key, db=self._body)
+        return (records.decode(raw) if raw is not None else None), body
 
     def envelopes(self) -> Iterator[Envelope]:
         # One short read transaction per batch: the caller may be slow between items.

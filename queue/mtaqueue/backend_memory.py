@@ -56,6 +56,9 @@ class MemoryBackend:
     def body(self, msgid: MessageId) -> bytes | None:
         return self._bodies.get(msgid)
 
+    def message(self, msgid: MessageId) -> tuple[Envelope | None, bytes | None]:
+        return self.envelope(msgid), self.body(msgid)
+
     def envelopes(self) -> Iterator[Envelope]:
         for msgid in sorted(self._envelopes):
             yield copy.deepcopy(self._envelopes[msgid])

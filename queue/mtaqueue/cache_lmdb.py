@@ -41,6 +41,8 @@ from typing import Any
 import lmdb
 import msgpack
 
+from mtaqueue.private import FILE_MODE, private_dir
+
 _BE64 = struct.Struct(">Q")
 _BYTES = b"bytes"
 _MAX_KEY_BYTES = 511 - _BE64.size  # LMDB's default key limit, less the expiry prefix of the index key
@@ -54,7 +56,7 @@ class LmdbCache:
     def __init__(self, path: str, max_size_bytes: int = 256 * MIB, max_entries: int = 100_000) -> None:
         if max_entries < 1 or max_size_bytes < MIB:
             raise ValueError(f"cache bounds too small: max_entries={max_entries}, max_size_bytes={max_size_bytes}")
-        os.makedirs(path, exist_ok=True)
+        private_dir(path)
         self.path = path
         self.max_entries = max_entries
         self.budget_bytes = max_size_bytes // 2
@@ -62,7 +64,7 @@ class LmdbCache:
         self._forks = _forks
         self._env = lmdb.open(
             path, map_size=max_size_bytes, max_dbs=4, sync=False, metasync=False, writemap=True,
-            readahead=False, max_readers=512, subdir=True,
+            readahead=False, max_readers=512, subdir=True, mode=FILE_MODE,
         )
         self._env.reader_check()  # clear reader slots of processes killed with -9
         self._entry = self._env.open_db(b"entry")

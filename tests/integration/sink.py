@@ -15,7 +15,7 @@ Recipient behaviour comes from the local part, or from `rcpt_rule`/`data_rule`
 `r450-x@d` is refused at RCPT with 450 4.2.0 (any `rNNN-`; table STATUS), `d552-x@d`
 is accepted at RCPT and given 552 after the final dot (under SMTP the first such
 recipient decides the one reply). Options: the greeting code (421 closes at once,
-554 waits for QUIT), a delay before the final reply, dropping the connection after
+554 waits for QUIT) and a delay before it, a delay before the final reply, dropping the connection after
 the content (no reply) or at the MAIL after N messages (`drop_mail_after`), a broken
 STARTTLS (`starttls_fault`).
 
@@ -84,7 +84,7 @@ class SmtpSink:
                  eightbitmime: bool = True, smtputf8: bool = True, dsn: bool = True,
                  enhanced_status: bool = True, ehlo: bool = True,
                  tls_cert: tuple[str, str] | None = None, starttls_fault: str | None = None,
-                 greeting_code: int = 220,
+                 greeting_code: int = 220, greeting_delay_seconds: float = 0.0,
                  delay_seconds: float = 0.0, drop_after_data: bool = False,
                  drop_mail_after: int | None = None,
                  mail_rule: Callable[[str], ReplyTuple | None] | None = None,
@@ -102,6 +102,7 @@ class SmtpSink:
         self.enhanced_status = enhanced_status
         self.ehlo = ehlo  # False: EHLO gets 502, HELO works
         self.greeting_code = greeting_code
+        self.greeting_delay_seconds = greeting_delay_seconds  # a slow server: time before the greeting
         self.delay_seconds = delay_seconds
         self.drop_after_data = drop_after_data
         # A server that closed a connection the client kept for its next message: after
@@ -303,6 +304,7 @@ class _Session:
     async def _converse(self) -> None:
         sink = self.sink
         code = sink.greeting_code
+        await asyncio.sleep(sink.greeting_delay_seconds)
         if code == 421:
             self._send(421, "4.3.2", f"{sink.hostname} Service not available, closing")
             await self.writer.drain()

@@ -13,12 +13,13 @@ import os
 import re
 import signal
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MtaServer, SmtpClient, queued_id, wait_until
+from tests.integration.conftest import MtaServer, SmtpClient, queued_id, toml_dumps, wait_until
 from tests.integration.sink import SmtpSink, prefix_rule, reply_for
 
 pytestmark = pytest.mark.integration
@@ -384,3 +385,58 @@ def test_a_session_waiting_for_a_host_slot_gets_it_when_the_holder_starts_waitin
         send_one(server, "u2@two.test", 2)
         sink.wait_for_messages(2, timeout=10)
         assert sink.connections == 2 and sink.peak_connections == 1
+
+
+def _drop_body(spool: Path, msgid: str) -> None:
+    """Damage the spool as a failing disk or a bad restore would: the envelope stays, the body goes."""
+    import lmdb
+    env = lmdb.open(str(spool), max_dbs=5, subdir=True, map_size=1 << 30)
+    try:
+        with env.begin(write=True) as txn:
+            assert txn.delete(msgid.encode(), db=env.open_db(b"body", txn=txn))
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "body_missing"])
+def test_nothing_goes_out_for_a_message_gone_during_a_slow_greeting(mta_server, tmp_path: Path, damage: str) -> None:
+    """Deleted by an operator (or its body lost) while the connection to the destination is
+    being opened: the greeting comes, but no MAIL and no content follow (never an empty message)."""
+    with SmtpSink("127.0.0.2", greeting_delay_seconds=3.0) as sink:
+        server = delivering(mta_server, tmp_path, {"remote.test": f"{sink.address}:{sink.port}"})
+        [msgid] = asyncio.run(send_all(server.port, [("a@client.test", ["u@remote.test"], message(1))]))
+        wait_until(lambda: sink.connections >= 1, 10, "the connection", server)  # waiting for the greeting now
+        if damage == "deleted":
+            assert b"delete: 1 message(s)" in server.mta("queue", "delete", msgid).stdout
+        else:
+            _drop_body(server.spool, msgid)
+        wait_until(lambda: any(n == 1 and line.upper().startswith(("EHLO", "HELO")) for n, line in sink.commands),
+                   10, "the EHLO after the slow greeting", server)
+        time.sleep(1.0)
+        assert not any(line.upper().startswith(("MAIL", "DATA", "BDAT")) for _n, line in sink.commands), sink.commands
+        assert sink.messages == []
+        assert not re.search(rb"event=delivered msgid=" + msgid.encode(), server.log_bytes())
+        if damage == "deleted":
+            assert server.queue_list() == []
+        else:
+            assert re.search(rb"event=body_missing msgid=" + msgid.encode(), server.log_bytes())
+            [rcpt] = wait_until(lambda: [r for e in server.queue_list() for r in e["recipients"]
+                                         if r["state"] == "deferred"], 10, "the message deferred", server)
+            assert rcpt["last_reply"].startswith("451 4.3.0 message content missing"), rcpt
+
+
+def test_maildir_delivery_of_a_message_without_its_body_defers(mta_server, tmp_path: Path) -> None:
+    """A body missing from the spool is never written to a mailbox as an empty message."""
+    box = mailbox(tmp_path, "local.test", "user")
+    server = delivering(mta_server, tmp_path, {}, delivery={"workers": 0})
+    [msgid] = asyncio.run(send_all(server.port, [("a@client.test", ["user@local.test"], message(1))]))
+    server.stop()
+    _drop_body(server.spool, msgid)
+    assert server.config_path is not None
+    doc = tomllib.loads(server.config_path.read_text())
+    doc["delivery"]["workers"] = 1
+    server.config_path.write_text(toml_dumps(doc))
+    server.start()
+    wait_until(lambda: re.search(rb"event=body_missing msgid=" + msgid.encode(), server.log_bytes()), 15,
+               "the missing body noticed", server)
+    assert maildir_messages(box) == []

@@ -497,3 +497,18 @@ def test_a_plaintext_login_does_not_survive_starttls(mta_server, tmp_path, pki) 
     login, before, after = run(session())
     assert login.startswith("235") and before.startswith("250"), (login, before)
     assert after.startswith("554 5.7.1"), after  # the login before TLS no longer grants relaying
+
+
+def test_spool_and_cache_are_private_under_umask_000(mta_server, tmp_path: Path) -> None:
+    """Started with umask 000 (a careless shell or unit): nobody but mta's user can read the
+    queued mail, the spool lock, the scheduler's socket or the cache."""
+    import stat
+    server = mta_server(wrapper=("sh", "-c", 'umask 000; exec "$@"', "sh"),
+                        delivery={"workers": 1})
+    wait_until(lambda: (server.spool / "scheduler.sock").exists(), 10, "the scheduler's socket", server)
+    cache = server.spool.parent / f"{server.spool.name}-cache"
+    for folder in (server.spool, cache):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        loose = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()
+                 if stat.S_IMODE(p.stat().st_mode) & 0o077}
+        assert loose == {}, (folder, loose)

@@ -71,6 +71,8 @@ def test_delete_and_due_order(backend: QueueBackend) -> None:
     assert backend.delete([mid.envelope.id, mid.envelope.id]) == 1
     assert backend.due(now=9999.0, limit=10) == [early.envelope.id, late.envelope.id]
     assert backend.envelope(mid.envelope.id) is None and backend.body(mid.envelope.id) is None
+    assert backend.message(mid.envelope.id) == (None, None)
+    assert backend.message(early.envelope.id) == (early.envelope, early.body)
 
 
 def test_envelopes_iterates_in_id_order_across_batches(tmp_path) -> None:

@@ -95,6 +95,22 @@ class HostSlots:
             self._freed.notify_all()
 
 
+@dataclass
+class Current:
+    """A job's message as read from the spool just before it goes out: `message` is None
+    when there is nothing to send (deleted, every recipient held, body missing), and
+    `replies` then says what to report for `rcpts` (the indices the message carries)."""
+    message: Outbound | None
+    rcpts: list[int]
+    skipped: list[int]  # held by an operator since the job was made: not attempted
+    replies: list[list[Any]]
+
+
+# A message whose envelope is in the spool but whose body is not: a damaged spool, never
+# empty content. Deferred (the operator sees it in the log and in mta queue list).
+BODY_MISSING = (451, "4.3.0", "message content missing from the queue; not sent")
+
+
 @dataclass(frozen=True)
 class Route:
     kind: str  # "smtp" | "lmtp" | "maildir"
@@ -197,7 +213,7 @@ class DeliveryWorker:
         outbound: OutboundSession | None = None
         ok = True
         ahead: dict[str, Any] | None = None  # the next frame, taken early to announce its message
-        announced: tuple[int, Envelope, Outbound] | None = None  # that job's id, envelope, message
+        announced: tuple[int, Current] | None = None  # that job's id and message as read then
         epoch = self._epoch
 
         def send(frame: dict[str, Any]) -> None:
@@ -214,15 +230,15 @@ class DeliveryWorker:
             job = ahead["job"]
             if announced is None or announced[0] != job["id"]:
                 try:
-                    envelope = self.spool.envelope(MessageId(job["msgid"]))
-                    rcpts = _not_held(envelope, job["rcpts"]) if envelope is not None else []
-                    if not rcpts:
-                        return None
-                    announced = (job["id"], envelope, self._outbound(envelope, rcpts))
+                    announced = (job["id"], self._current(MessageId(job["msgid"]), job["rcpts"]))
                 except Exception as exc:  # noqa: BLE001 - not announced; the job reads the spool again
                     logs.event("announce_failed", dest=dest, error=f"{type(exc).__name__}: {exc}")
                     return None
-            return announced[2]
+            return announced[1].message
+
+        def done(job: dict[str, Any], current: Current, **fields: Any) -> None:
+            send({"t": "done", "sid": sid, "job": job["id"], "replies": current.replies, "remote": None,
+                  "skipped": current.skipped, **fields})
 
         try:
             route = await self._route(dest)
@@ -237,28 +253,18 @@ class DeliveryWorker:
                 if frame.get("t") == "close" or self._epoch != epoch:
                     break  # (jobs sent ahead by a scheduler that is gone do not run)
                 job = frame["job"]
-                message: Outbound | None = None
+                msgid = MessageId(job["msgid"])
                 if (announced is not None and announced[0] == job["id"] and outbound is not None
-                        and outbound.announced is announced[2] and outbound.reusable):
-                    _, envelope, message = announced  # its commands are out on this connection
+                        and outbound.announced is announced[1].message and outbound.reusable):
+                    current = announced[1]  # its commands are out on this connection
                 else:  # (not announced, or it goes on a new connection: read it as it is now)
-                    envelope = self.spool.envelope(MessageId(job["msgid"]))
+                    current = self._current(msgid, job["rcpts"])
                 announced = None
-                rcpts: list[int] = list(job["rcpts"])
-                if envelope is None:  # deleted meanwhile
-                    send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None})
+                if current.message is None:  # deleted, held or without its body: nothing is sent
+                    done(job, current)
                     continue
-                skipped = [i for i in rcpts if envelope.recipients[i].state == "held"]
-                if skipped:  # held by an operator since the scheduler sent this job ahead
-                    rcpts = _not_held(envelope, rcpts)
-                    if not rcpts:
-                        send({"t": "done", "sid": sid, "job": job["id"], "replies": [], "remote": None,
-                                    "skipped": skipped})
-                        continue
                 if route.kind == "maildir":
-                    replies = await self._deliver_local(envelope, rcpts)
-                    send({"t": "done", "sid": sid, "job": job["id"], "replies": replies, "remote": None,
-                                "skipped": skipped})
+                    done(job, current, replies=await self._deliver_local(current))
                     continue
                 failure: tuple[int, str, str] | None = None
                 for _attempt in range(2):
@@ -268,12 +274,16 @@ class DeliveryWorker:
                         outbound, failure = await self._connect(route, dest)
                         if outbound is None:
                             break
-                    if message is None:
-                        message = self._outbound(envelope, rcpts)
-                    results = await outbound.send(message, follow)
+                        # Opening it (a slow greeting) may have taken minutes: an operator may
+                        # have deleted or held the message meanwhile. Checked again before MAIL.
+                        current = self._current(msgid, job["rcpts"])
+                        if current.message is None:
+                            break
+                    assert current.message is not None
+                    results = await outbound.send(current.message, follow)
                     if outbound.announced is not None:
                         metrics.DELIVERY_PIPELINED.inc()
-                    replies = [[i, r.code, r.status, r.text] for i, r in zip(rcpts, results)]
+                    current.replies = [[i, r.code, r.status, r.text] for i, r in zip(current.rcpts, results)]
                     if not outbound.stale:
                         break
                     # Dropped while it waited for this message: once more on a new connection.
@@ -281,12 +291,10 @@ class DeliveryWorker:
                 if outbound is None:
                     assert failure is not None
                     ok = False
-                    send({"t": "done", "sid": sid, "job": job["id"], "failed": True, "remote": None,
-                                "replies": [[i, failure[0], failure[1], failure[2]] for i in rcpts],
-                                "skipped": skipped})
+                    done(job, current, failed=True,
+                         replies=[[i, failure[0], failure[1], failure[2]] for i in current.rcpts])
                     break  # a job sent ahead goes back to the scheduler with "closed"
-                send({"t": "done", "sid": sid, "job": job["id"], "replies": replies,
-                            "remote": outbound.remote, "skipped": skipped})
+                done(job, current, remote=outbound.remote if current.message is not None else None)
         finally:
             if outbound is not None:
                 await self._close(outbound)
@@ -370,25 +378,45 @@ class DeliveryWorker:
         if key is not None:
             self._slots.give(key)
 
-    def _outbound(self, envelope: Envelope, rcpts: list[int]) -> Outbound:
-        """The message as the session sends it: these recipients, the body from the spool."""
-        return Outbound(
-            msgid=envelope.id, sender=envelope.sender, body=self.spool.body(envelope.id) or b"",
+    def _current(self, msgid: MessageId, job_rcpts: list[int]) -> Current:
+        """The job's message as the spool holds it now, envelope and body read together.
+
+        Deleted since the job was made: nothing to send and nothing to report. Recipients
+        an operator held since are skipped. A body that is missing while its envelope is
+        there is never sent as empty content: it is logged and the recipients deferred.
+        """
+        envelope, body = self.spool.message(msgid)
+        if envelope is None:
+            return Current(None, [], [], [])
+        rcpts = _not_held(envelope, job_rcpts)
+        skipped = [i for i in job_rcpts if i not in rcpts]
+        if not rcpts:
+            return Current(None, rcpts, skipped, [])
+        if body is None:
+            logs.event("body_missing", msgid=msgid, action="deferred; nothing sent",
+                       spool=self.config.queue.path)
+            metrics.DELIVERY_BODY_MISSING.inc()
+            return Current(None, rcpts, skipped, [[i, *BODY_MISSING] for i in rcpts])
+        message = Outbound(
+            msgid=envelope.id, sender=envelope.sender, body=body,
             smtputf8=envelope.smtputf8, body_type=envelope.body_type, ret=envelope.ret, envid=envelope.envid,
             recipients=[OutboundRecipient(envelope.recipients[i].address, envelope.recipients[i].notify,
                                           envelope.recipients[i].orcpt) for i in rcpts])
+        return Current(message, rcpts, skipped, [])
 
-    async def _deliver_local(self, envelope: Envelope, rcpts: list[int]) -> list[list[Any]]:
-        body = self.spool.body(envelope.id) or b""
+    async def _deliver_local(self, current: Current) -> list[list[Any]]:
+        message = current.message
+        assert message is not None
+        body = message.body
         root = self.config.local.maildir_root
         replies: list[list[Any]] = []
         loop = asyncio.get_running_loop()
-        for i in rcpts:
-            address = envelope.recipients[i].address
+        for i, rcpt in zip(current.rcpts, message.recipients):
+            address = rcpt.address
             user, _, domain = address.rpartition("@")
             try:
                 path = await loop.run_in_executor(None, lambda: maildir.deliver(
-                    root, domain.lower(), user, body, return_path=envelope.sender, delivered_to=address,
+                    root, domain.lower(), user, body, return_path=message.sender, delivered_to=address,
                     hostname=self.config.server.hostname))
             except maildir.MaildirError as exc:
                 replies.append([i, 450 if exc.temporary else 550, exc.status, exc.text])

@@ -40,6 +40,7 @@ from mta.config import AuthConfig
 from mta.users import (KEY_BYTES, SALT_BYTES, SCRYPT_N, SCRYPT_P, SCRYPT_R, User, UsersError, parse_users,
                        credential_bytes, verify_password)
 from mtaqueue.cache_lmdb import LmdbCache
+from mtaqueue.private import private_dir
 
 CACHE_NAMESPACE: Final = "auth"
 SECRET_FILE: Final = "auth.key"
@@ -159,7 +160,7 @@ def load_secret(cache_dir: str) -> bytes:
     """The HMAC secret of the auth cache, shared by every process using `cache_dir`; created on first use."""
     path = os.path.join(cache_dir, SECRET_FILE)
     if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
+        private_dir(cache_dir)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{SECRET_FILE}.")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as f:

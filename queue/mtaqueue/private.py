@@ -1,0 +1,31 @@
+"""Private storage: the spool and the shared cache are readable by their owner only.
+
+The spool holds every queued message and the cache the AUTH cache's secrets, so their
+folders are 0700 and the files in them 0600, whatever the umask of whoever started
+mta (a systemd unit's UMask, a shell's 022, a careless 000). A spool or cache made
+before this rule is tightened the next time it is opened.
+"""
+
+from __future__ import annotations
+
+import os
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600  # LMDB's data.mdb and lock.mdb are created with this (less the umask)
+
+
+def private_dir(path: str) -> None:
+    """Create `path` (and missing parents) or tighten it: 0700, and its files 0600.
+
+    Raises PermissionError naming the fix when the folder belongs to another user.
+    """
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    try:
+        os.chmod(path, DIR_MODE)
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o077:
+                    os.chmod(entry.path, FILE_MODE)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot make {path} private (0700, files 0600): {exc.strerror}; "
+                              "give it to the user mta runs as (chown -R)") from exc
