@@ -134,19 +134,22 @@ def test_a_configured_token_or_token_file_is_the_one_required(mta_server, tmp_pa
 
 
 def test_a_cross_origin_post_cannot_touch_the_queue(mta_server) -> None:
-    server = mta_server(control={"token": TOKEN})
+    server = mta_server()  # the default: no [control] token configured
     ids = start(server)
     host, port = control_address(server)
     everything = b'{"all": true}'
-    # What any web page can send without a CORS preflight: text/plain or a form, no Authorization.
+    # What any web page open in a browser on this host can send without a CORS preflight:
+    # text/plain or a form, no Authorization.
     browser = {"Content-Type": "text/plain", "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
     assert call(server, "POST", "/api/queue/delete", everything, browser)[0] == 403
+    assert queued(server) == sorted(ids)
     assert call(server, "POST", "/api/queue/delete", everything, {"Content-Type": "text/plain"})[0] == 401
+    token = (server.spool / "control.token").read_text().strip()
     # Even with the token: only JSON, only same-origin.
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
-        status, _, body = call(server, "POST", "/api/queue/delete", everything, {**bearer(TOKEN), "Content-Type": kind})
+        status, _, body = call(server, "POST", "/api/queue/delete", everything, {**bearer(token), "Content-Type": kind})
         assert status == 415 and "application/json" in json.loads(body)["error"], (kind, status)
-    json_token = {**bearer(TOKEN), "Content-Type": "application/json"}
+    json_token = {**bearer(token), "Content-Type": "application/json"}
     for refused in ({"Origin": "http://evil.example"}, {"Origin": f"http://{host}:{port + 1}"},
                     {"Origin": f"https://{host}:{port}"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
                     {"Sec-Fetch-Site": "same-site"}):
@@ -163,7 +166,7 @@ def test_a_cross_origin_post_cannot_touch_the_queue(mta_server) -> None:
     log = server.log_bytes()
     assert b"status=403 client=127.0.0.1 refused=origin seen=http://evil.example" in log
     assert b"status=415 client=127.0.0.1 refused=content_type seen=text/plain" in log
-    assert b"refused=fetch_site seen=cross-site" in log and TOKEN.encode() not in log
+    assert b"refused=fetch_site seen=cross-site" in log and token.encode() not in log
 
 
 def test_a_foreign_host_cannot_read_a_message(mta_server) -> None:

@@ -72,8 +72,9 @@ class Guard:
         scheme, _, credential = (given or b"").partition(b" ")
         matches = hmac.compare_digest(credential.strip(), self._credential)  # constant time, always run
         if not (matches and scheme.lower() == b"bearer"):
-            return Refusal(b"401 Unauthorized", "token_wrong" if given else "token_missing", "a bearer token is required (mta queue reads it from "
-                           "[control] token or token_file)", headers=b'WWW-Authenticate: Bearer realm="mta"\r\n')
+            return Refusal(b"401 Unauthorized", "token_wrong" if given else "token_missing",
+                           "a bearer token is required (mta queue reads it from [control] token or token_file)",
+                           headers=b'WWW-Authenticate: Bearer realm="mta"\r\n')
         if method == b"POST":
             kind = headers.get(b"content-type", b"")
             if kind.partition(b";")[0].strip().lower() != b"application/json":
