@@ -1,11 +1,12 @@
 """The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete, users.
 
 `mta queue` talks to the running server's admin API ([control] listen, with the bearer
-[control] token), so changes take effect at once in the scheduler. When nothing answers
+[control] token, else the token the server keeps in [control] token_file: mta/admintoken.py),
+so changes take effect at once in the scheduler. When nothing answers
 there (the server is stopped, or its control process is not up yet) it does what it did
 before the API: reads the spool directly (LMDB allows readers across processes) and
 sends changes to the scheduler's socket, or applies them to the spool when that does not
-answer either. A refused token fails the command, naming [control] token. `mta users` edits [auth] users_file (one editor at a time, atomic
+answer either. A refused or unreadable token fails the command, naming [control] token. `mta users` edits [auth] users_file (one editor at a time, atomic
 replace); inbound workers pick the change up at the next AUTH, with no reload.
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 import msgpack
 
 from mta import config as configmod
-from mta import frames, queueview
+from mta import admintoken, frames, queueview
 from mta.config import Config, ConfigError, split_hostport
 
 CONTROL_CONNECT_SECONDS = 5.0  # nothing accepts on [control] listen by then: the server is stopped
@@ -365,8 +366,14 @@ def _ask_control(cfg: Config, method: str, path: str, body: dict[str, Any] | Non
         conn.close()
         return None
     headers = {"Content-Type": "application/json"}
-    if cfg.control.token:
-        headers["Authorization"] = f"Bearer {cfg.control.token}"
+    try:
+        token = admintoken.read(cfg)
+    except (OSError, admintoken.TokenError) as exc:
+        conn.close()
+        raise ControlError(f"cannot read the token of {where}: {exc}: run this as the user mta runs as "
+                           "(or root), or set [control] token") from None
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         assert conn.sock is not None
         conn.sock.settimeout(CONTROL_ANSWER_SECONDS)
@@ -378,7 +385,9 @@ def _ask_control(cfg: Config, method: str, path: str, body: dict[str, Any] | Non
     finally:
         conn.close()
     if status == 401:
-        given = f"the [control] token of {cfg.source}" if cfg.control.token else f"no [control] token ({cfg.source})"
+        given = (f"the [control] token of {cfg.source}" if cfg.control.token else
+                 f"the token in {admintoken.path(cfg)}" if token is not None else
+                 f"no token (no [control] token in {cfg.source}, no file {admintoken.path(cfg)})")
         raise ControlError(f"{where} refused {given}: set [control] token to the running server's token")
     if status not in expect:
         raise ControlError(f"{where} answered {method} {path} with {status}: {data[:200].decode('utf-8', 'replace')}")

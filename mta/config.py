@@ -211,7 +211,9 @@ class LogConfig:
 class ControlConfig:
     listen: str = "127.0.0.1:9025"  # /metrics, /healthz, /readyz, /api/...
     metrics_dir: str = "var/metrics"  # prometheus-client multiprocess files (wiped at start)
-    token: str = ""  # bearer token for /api/...; required when listen is not loopback
+    token: str = ""  # bearer token for /api/...; empty: the one mta keeps in token_file
+    token_file: str = ""  # empty: <[queue] path>/control.token; created 0600 at start when missing
+    allowed_hosts: tuple[str, ...] = ("localhost",)  # Host names /api/ answers besides listen's address
 
 
 @dataclass(frozen=True)
@@ -435,16 +437,27 @@ def _check(config: Config, source: str) -> None:
     _check_security(config, fail)
     if config.log.format not in ("keyvalue", "json"):
         fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
-    try:
-        control_host, _ = split_hostport(config.control.listen)
-    except ValueError as exc:
-        fail("[control] listen", str(exc))
-    if not _loopback(control_host) and not config.control.token:
-        fail("[control] token", f"the admin API listens beyond loopback ({config.control.listen}): set a token")
+    _check_control(config.control, fail)
     for name in ("local_domains", "relay_domains"):
         for domain in getattr(config.relay, name):
             if not domain or any(c.isspace() or c in "@<>[]" for c in domain):
                 fail(f"[relay] {name}", f"{domain!r} is not a domain name")
+
+
+def _check_control(control: ControlConfig, fail: Any) -> None:
+    try:
+        control_host, _ = split_hostport(control.listen)
+    except ValueError as exc:
+        fail("[control] listen", str(exc))
+    if not _loopback(control_host) and not (control.token or control.token_file):
+        fail("[control] token", f"the admin API listens beyond loopback ({control.listen}): set a token "
+             "(or a token_file you give its clients)")
+    if control.token and control.token_file:
+        fail("[control] token_file", "set token or token_file, not both")
+    for name in control.allowed_hosts:
+        bare = name.removeprefix("[").removesuffix("]")  # an IPv6 address may come in brackets
+        if not bare or bare.count(":") == 1 or not all(c.isascii() and (c.isalnum() or c in ".-_:") for c in bare):
+            fail("[control] allowed_hosts", f"{name!r} is not a host name or address (no port)")
 
 
 def _check_delivery(config: Config, fail: Any) -> None:

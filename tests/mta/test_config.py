@@ -100,3 +100,14 @@ def test_admin_api_beyond_loopback_needs_a_token() -> None:
         parse({"control": {"listen": "0.0.0.0:9025"}})
     assert parse({"control": {"listen": "0.0.0.0:9025", "token": "s3cret"}}).control.token == "s3cret"
     assert parse({"control": {"listen": "[::1]:9025"}}).control.token == ""
+    assert parse({"control": {"listen": "0.0.0.0:9025", "token_file": "/etc/mta/api.token"}}).control.token == ""
+
+
+def test_admin_api_token_sources_and_allowed_hosts() -> None:
+    with pytest.raises(ConfigError, match=r"\[control\] token_file: set token or token_file, not both"):
+        parse({"control": {"token": "s3cret", "token_file": "/etc/mta/api.token"}})
+    assert Config().control.allowed_hosts == ("localhost",)
+    assert parse({"control": {"allowed_hosts": ["mx1.example", "10.0.0.1", "::1", "[::1]"]}}).control.allowed_hosts
+    for bad in ("mx1.example:9025", "a b", "", "http://x", "x/y"):
+        with pytest.raises(ConfigError, match=r"\[control\] allowed_hosts: .* is not a host name or address"):
+            parse({"control": {"allowed_hosts": [bad]}})

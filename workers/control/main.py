@@ -6,17 +6,19 @@
   GET /readyz   200 while mta accepts mail; 503 from the start of a drain, which the
                 master announces with SIGUSR1 *before* it closes the listeners, so a
                 load balancer stops sending first
-  the admin API (JSON; `Authorization: Bearer <[control] token>` when a token is set,
-  and a token is required to listen beyond loopback):
+  the admin API (JSON; always `Authorization: Bearer <token>`: [control] token, else the
+  one mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type checked by
+  guard.py before any route):
   GET  /api/queue            every queued message (mta queue list --json)
-  GET  /api/queue/ID         one message
+  GET  /api/queue/ID         one message (404 for an ID that is not one: mtaqueue.ids)
   GET  /api/queue/ID/body    its stored bytes (mta queue show --body)
   GET  /api/domains          recipients per destination domain and state
   POST /api/queue/OP         OP = retry | hold | release | delete; body {"ids": [...]} or
                              {"domain": "d"} or {"all": true}; applied by the scheduler
 
 One request per connection (Connection: close); requests are bounded in size and time.
-Every /api/ request is logged (event=api: method, path, status, client). The `mta queue`
+Every /api/ request is logged (event=api: method, path, status, client; a refusal adds
+`refused=` the check that failed and `seen=` the header it saw). The `mta queue`
 commands use this API while the server runs.
 SIGTERM exits (the master sends it once every other child is gone).
 """
@@ -24,16 +26,16 @@ SIGTERM exits (the master sends it once every other child is gone).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import signal
 import socket
 
-from mta import frames, logs, metrics, queueview
+from mta import admintoken, frames, logs, metrics, queueview
 from mta.config import Config, split_hostport
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.cache_lmdb import LmdbCache
-from mtaqueue.ids import MessageId
+from mtaqueue.ids import MessageId, is_id
+from workers.control.guard import Guard
 from workers.link import MasterLink
 
 MAX_REQUEST_BYTES = 8192
@@ -57,6 +59,12 @@ class Control:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        try:
+            token = admintoken.ensure(self.config)
+        except (OSError, admintoken.TokenError) as exc:  # the master restarts us after a back-off
+            logs.event("api_token_error", file=admintoken.path(self.config), error=str(exc))
+            return 1
+        self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token)
         self.spool = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
@@ -92,45 +100,47 @@ class Control:
             return
         method, _, rest = head.partition(b" ")
         path = rest.partition(b" ")[0].partition(b"?")[0]
+        extra = b""
         if path.startswith(b"/api/"):
-            status, body, kind = await self._api(method, path.decode("ascii", "replace"), headers, payload)
+            refusal = self.guard.check_request(method, headers)
+            if refusal is None:
+                status, body, kind = await self._api(method, path.decode("ascii", "replace"), payload)
+            else:
+                status, body, kind = _json(refusal.status, {"error": refusal.message})
+                extra = refusal.headers
             peer = writer.get_extra_info("peername")
-            logs.event("api", method=method.decode("ascii", "replace"), path=path.decode("ascii", "replace"),
-                       status=int(status[:3]), client=peer[0] if isinstance(peer, tuple) else None)
+            logs.event("api", method=method.decode("ascii", "replace"), path=path[:200].decode("ascii", "replace"),
+                       status=int(status[:3]), client=peer[0] if isinstance(peer, tuple) else None,
+                       refused=refusal and refusal.reason, seen=refusal and refusal.seen)
         elif method == b"GET" and path == b"/metrics":
             status, body, kind = await self._metrics()
         else:
             status, body, kind = self._route(method, path)
-        writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                     % (status, kind, len(body)) + body)
+        writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
+                     % (status, kind, len(body), extra) + body)
         try:
             await writer.drain()
         except ConnectionError:
             pass  # the client left: nothing to tell it
         writer.close()
 
-    async def _api(self, method: bytes, path: str, headers: dict[bytes, bytes],
-                   payload: bytes) -> tuple[bytes, bytes, bytes]:
-        token = self.config.control.token
-        if token and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {token}".encode()):
-            return _json(b"401 Unauthorized", {"error": "a bearer token is required"})
+    async def _api(self, method: bytes, path: str, payload: bytes) -> tuple[bytes, bytes, bytes]:
+        """A request the guard let through."""
         if method == b"GET" and path == "/api/queue":
             envelopes = list(self.spool.envelopes())
             queueview.mark_active(envelopes, (await self._ask({"op": "active"})).get("active", {}))
             return _json(b"200 OK", [queueview.envelope_json(e) for e in envelopes])
         if method == b"GET" and path == "/api/domains":
             return _json(b"200 OK", queueview.domain_summary(self.spool.envelopes()))
-        parts = path.split("/")  # "", "api", "queue", ID, "body"
-        if method == b"GET" and len(parts) == 5 and parts[2] == "queue" and parts[4] == "body":
-            body = self.spool.body(MessageId(parts[3].upper()))
-            if body is None:
-                return _json(b"404 Not Found", {"error": "no such message"})
-            return b"200 OK", body, b"application/octet-stream"
-        if method == b"GET" and path.startswith("/api/queue/"):
-            envelope = self.spool.envelope(MessageId(path.rsplit("/", 1)[1].upper()))
-            if envelope is None:
-                return _json(b"404 Not Found", {"error": "no such message"})
-            return _json(b"200 OK", queueview.envelope_json(envelope))
+        parts = path.split("/")  # "", "api", "queue", ID[, "body"]
+        if method == b"GET" and parts[2:3] == ["queue"] and (len(parts) == 4 or parts[4:] == ["body"]):
+            msgid = MessageId(parts[3].upper())
+            # Only a well-formed id reaches LMDB: an empty or overlong key is an error there, not a miss.
+            if is_id(msgid) and len(parts) == 5 and (body := self.spool.body(msgid)) is not None:
+                return b"200 OK", body, b"application/octet-stream"
+            if is_id(msgid) and len(parts) == 4 and (envelope := self.spool.envelope(msgid)) is not None:
+                return _json(b"200 OK", queueview.envelope_json(envelope))
+            return _json(b"404 Not Found", {"error": "no such message"})
         op = path.removeprefix("/api/queue/")
         if method == b"POST" and op in ("retry", "hold", "release", "delete"):
             try:
@@ -139,7 +149,11 @@ class Control:
                 return _json(b"400 Bad Request", {"error": "the body must be JSON"})
             if not isinstance(which, dict) or not (which.get("ids") or which.get("domain") or which.get("all")):
                 return _json(b"400 Bad Request", {"error": 'name {"ids": [...]}, {"domain": "d"} or {"all": true}'})
-            answer = await self._ask({"op": op, "ids": [str(i).upper() for i in which.get("ids") or []],
+            ids = which.get("ids") or []
+            bad = [i for i in ids if not isinstance(i, str) or not is_id(i.upper())] if isinstance(ids, list) else [ids]
+            if bad:
+                return _json(b"400 Bad Request", {"error": f"not a message id: {str(bad[0])[:50]!r}"})
+            answer = await self._ask({"op": op, "ids": [i.upper() for i in ids],
                                       "domain": which.get("domain"), "all": bool(which.get("all"))})
             if "count" not in answer:
                 return _json(b"503 Service Unavailable", {"error": "the scheduler is not running"})
