@@ -57,7 +57,7 @@ from mta import config as configmod
 from mta import frames, logs, metrics
 from mta.config import Config
 from mtaqueue.backend_lmdb import LmdbBackend
-from mtaqueue.ids import MessageId
+from mtaqueue.ids import MessageId, is_id
 from mtaqueue.records import Envelope, NewMessage
 from workers.link import MasterLink
 from workers.scheduler.outcome import FINAL_STATES, RecipientReply, RetryPolicy, settle
@@ -773,6 +773,8 @@ class Scheduler:
                     if any(destination_of(r.address) == domain for r in e.recipients)]
         chosen = []
         for raw in frame.get("ids", []):
+            if not isinstance(raw, str) or not is_id(raw):
+                continue  # never a key LMDB refuses (an empty or overlong id)
             msgid = MessageId(raw)
             if msgid not in self.messages:  # not notified yet: the spool is the truth
                 envelope = self.backend.envelope(msgid)
