@@ -110,6 +110,10 @@ DELIVERY_PIPELINED = Counter(
     "Messages whose MAIL/RCPT/DATA went out in the same write as the content of the message before them "
     "on the connection (RFC 2920 pipelining across messages: one round trip per message).")
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
+QUEUE_CORRUPT_RECORDS = Counter(
+    "mta_queue_corrupt_records_total",
+    "Envelopes that did not decode (damaged on disk), moved to the spool's corrupt table and no longer "
+    "delivered; `mta queue check` lists them.")
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])
 MASTER_RELOADS = Counter("mta_master_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"])
