@@ -56,10 +56,7 @@ def check_spool(config: Config) -> None:
     logs.event("spool_check", file=report.path, messages=report.messages, seconds=round(report.seconds, 3),
                damage=len(report.damage) or None, undecodable=len(report.undecodable) or None,
                without_body=len(report.without_body) or None, corrupt_table=len(report.quarantined) or None)
-    if report.undecodable:
-        logs.event("spool_undecodable", envelopes=len(report.undecodable),
-                   action="moved to the corrupt table when read; `mta queue check` lists them")
-    if not report.fatal:
+    if not report.fatal:  # undecodable envelopes: the backend moves each to corrupt when it meets it
         return
     flags = "" if config.source.startswith("<") else f" -c {config.source}"
     more = f" (and {len(report.damage) - 1} more problems)" if len(report.damage) > 1 else ""

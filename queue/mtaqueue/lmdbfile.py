@@ -6,7 +6,9 @@ the same B+trees (LMDB 0.9's format, mdb.c: MDB_meta, MDB_page, MDB_node; 64-bit
 byte order) with os.pread, and checks every page before it uses it: wholly inside the
 file, the number it says it is, the kind the tree expects, node offsets and sizes inside
 the page, keys in order, no page used twice, the tree's page and entry counts.
-It never writes.
+It never writes. Tables with duplicate keys (MDB_DUPSORT) are reported as damage: the
+spool has none, and tests/mtaqueue/test_check.py compares this reader with LMDB's own
+view of every spool table.
 
 Invariant (mdb.c): every page 2..mm_last_pg of a snapshot is used by exactly one tree
 or listed in the free tree. So once the free tree has been read whole, a page that was
