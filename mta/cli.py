@@ -1,4 +1,4 @@
-"""The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete, users.
+"""The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete/check/salvage, users.
 
 `mta queue` talks to the running server's admin API ([control] listen, with the bearer
 [control] token, else the token the server keeps in [control] token_file: mta/admintoken.py),
@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("id")
     q.add_argument("--body", action="store_true", help="write the stored message bytes to stdout")
     q.set_defaults(func=_queue, action=_queue_show)
+    q = qsub.add_parser("check", parents=[common], help="check the spool file and its records (exit 1 on a problem)")
+    q.set_defaults(func=_queue_check)
+    q = qsub.add_parser("salvage", parents=[common],
+                        help="copy every readable message into a new spool directory (server stopped)")
+    q.add_argument("out", metavar="OUT", help="the new spool directory (must not exist or be empty)")
+    q.set_defaults(func=_queue_salvage)
     for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
                      ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
         q = qsub.add_parser(op, parents=[common], help=text)
@@ -107,6 +113,16 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     except ServeError as exc:
         print(f"mta: {exc}", file=sys.stderr)
         return 1
+
+
+def _queue_check(cfg: Config, args: argparse.Namespace) -> int:
+    from mta.queuecheck import run_check
+    return run_check(cfg)
+
+
+def _queue_salvage(cfg: Config, args: argparse.Namespace) -> int:
+    from mta.queuecheck import run_salvage
+    return run_salvage(cfg, args.out)
 
 
 def _config_check(cfg: Config, args: argparse.Namespace) -> int:
@@ -235,10 +251,10 @@ def _read_password() -> str | None:
 
 
 def _open_spool(cfg: Config):  # type: ignore[no-untyped-def]
-    from mtaqueue.backend_lmdb import LmdbBackend
+    from mta.spool import open_spool
     if not os.path.isdir(cfg.queue.path):
         return None
-    return LmdbBackend(cfg.queue.path, cfg.queue.max_size_bytes)
+    return open_spool(cfg.queue)
 
 
 class ControlError(Exception):

@@ -114,6 +114,10 @@ DELIVERY_BODY_MISSING = Counter(
     "Jobs whose message had an envelope but no body in the spool (a damaged spool): nothing was sent, "
     "the recipients were deferred (event=body_missing in the log names the message).")
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
+QUEUE_CORRUPT_RECORDS = Counter(
+    "mta_queue_corrupt_records_total",
+    "Envelopes that did not decode (damaged on disk), moved to the spool's corrupt table and no longer "
+    "delivered; `mta queue check` lists them.")
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])
 MASTER_RELOADS = Counter("mta_master_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"])

@@ -7,6 +7,12 @@ Only one master may run on one spool: an exclusive flock on <queue path>/mta.loc
 held by the master alone (children close it), released by the kernel even on kill -9.
 Workers left behind by a killed master finish their sessions and exit; a new master
 may start at once (LMDB is safe for several processes).
+
+Then, before anything is forked, the spool's file is checked (mtaqueue/check.py: pread
+only, the LMDB handle that pins the snapshot is closed again): a damaged file (truncated,
+pages scrambled) would SIGBUS or crash every child that touches it, so the master refuses
+to start, naming the file and the recovery. Envelopes that merely do not decode are
+logged and left to the backend, which moves them to the corrupt table when it meets them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,28 @@ def lock_spool(path: str) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def check_spool(config: Config) -> None:
+    """Refuse a spool file that LMDB would crash on (mtaqueue/check.py), naming the recovery."""
+    from mtaqueue.check import check_spool as check_file
+    try:
+        report = check_file(config.queue.path)
+    except OSError as exc:
+        raise ServeError(f"cannot read the queue at {config.queue.path}: {exc}") from None
+    logs.event("spool_check", file=report.path, messages=report.messages, seconds=round(report.seconds, 3),
+               damage=len(report.damage) or None, undecodable=len(report.undecodable) or None,
+               without_body=len(report.without_body) or None, corrupt_table=len(report.quarantined) or None)
+    if not report.fatal:  # undecodable envelopes: the backend moves each to corrupt when it meets it
+        return
+    flags = "" if config.source.startswith("<") else f" -c {config.source}"
+    more = f" (and {len(report.damage) - 1} more problems)" if len(report.damage) > 1 else ""
+    logs.event("spool_damaged", file=report.path, problem=report.damage[0], problems=len(report.damage))
+    raise ServeError(
+        f"the queue file {report.path} is damaged: {report.damage[0]}{more}. Nothing was started. "
+        f"`mta queue check{flags}` lists every problem; `mta queue salvage{flags} OUT` copies every "
+        "readable message into a new spool directory OUT: then set [queue] path to OUT and start again "
+        "(keep the damaged spool until the salvaged mail is delivered).")
 
 
 def bind_listener(listener: ListenerConfig) -> socket.socket:
@@ -88,6 +116,11 @@ def serve(config: Config) -> int:
     except TlsError as exc:
         raise ServeError(str(exc)) from None
     lock_fd = lock_spool(config.queue.path)
+    try:
+        check_spool(config)
+    except ServeError:
+        os.close(lock_fd)
+        raise
     prepare_metrics(config.control.metrics_dir)
     logs.event("starting", config=config.source, workers=config.server.inbound_workers,
                listeners=",".join(lst.address for lst in config.listener))

@@ -10,7 +10,9 @@ channels and the signal wake-up pipe. Signal handlers only record the signal.
   With no READY worker the listeners are left alone (the kernel backlog holds clients).
 - Supervision: a dead worker is reaped and replaced; one that dies before it is READY
   or within CRASH_WINDOW_SECONDS of its start is replaced after a doubling back-off
-  (never a halt).
+  (never a halt). Such a slot is crash-looping until a child in it is READY again; the
+  control process is told the crash-looping slots (a `children` frame on its channel,
+  sent when the set changes), and its /readyz answers 503 meanwhile.
   A worker silent for heartbeat_timeout_seconds gets SIGABRT (faulthandler prints its
   stack), then SIGKILL after KILL_GRACE_SECONDS.
 - SIGHUP: re-read the config; an invalid one is logged and the old one kept. A new
@@ -74,6 +76,7 @@ class Arbiter:
         self._reload_started = 0.0
         self._respawn_at: dict[tuple[str, int], float] = {}
         self._backoff: dict[tuple[str, int], float] = {}
+        self._control_told: dict[int, list[str]] = {}  # control pid -> crash-looping slots it was told
         self._orphans: collections.deque[tuple[str, socket.socket]] = collections.deque()
         self._next_conn_id = 0
         self._signals: list[int] = []
@@ -117,6 +120,7 @@ class Arbiter:
             self._hand_orphans()
             self._update_accepting()
             self._update_gauges()
+            self._tell_control()
             if self._draining:
                 if all(c.kind == CONTROL for c in self._children.values()):
                     for child in self._children.values():
@@ -444,6 +448,28 @@ class Arbiter:
             counts[(child.kind, child.state.value)] += 1
         for (kind, state), count in counts.items():
             metrics.CHILDREN.labels(kind, state).set(count)
+
+    def _crash_looping(self) -> list[str]:
+        """Required slots whose last child died at start and none is READY since."""
+        ready = {(c.kind, c.index) for c in self._children.values() if c.state is ChildState.READY}
+        return sorted(f"{kind}#{index}" for kind, index in self._backoff
+                      if kind != CONTROL and index <= self._count(kind) and (kind, index) not in ready)
+
+    def _tell_control(self) -> None:
+        """The control process's /readyz needs the crash-looping slots: a frame on its
+        channel when they change (or it is new). A full channel: next tick."""
+        failing = self._crash_looping()
+        for child in self._children.values():
+            if child.kind != CONTROL or self._control_told.get(child.pid) == failing:
+                continue
+            try:
+                sent = frames.send_frame(child.channel, {"t": "children", "crash_looping": failing})
+            except OSError:  # it is exiting: _reap will see it
+                sent = False
+            if sent:
+                self._control_told[child.pid] = failing
+        for pid in [p for p in self._control_told if p not in self._children]:
+            del self._control_told[pid]
 
     def _kill_all(self, reason: str) -> None:
         logs.event("killing_children", reason=reason, children=len(self._children))

@@ -5,6 +5,13 @@ Layout (named databases):
   body      msgid -> message bytes as received (with our Received header)
   due       be64(next_attempt in ms) + msgid -> b""   (byte order is the schedule)
   meta      b"bytes" -> be64 octets of envelopes + bodies stored
+  corrupt   msgid -> msgpack {"raw": envelope bytes, "error": str, "at": unix seconds}
+
+An envelope that does not decode (records.CorruptRecord: damaged on disk) is moved to
+`corrupt` by whichever process reads it first (its due entries go, its body stays),
+reported once through `on_corrupt`, and from then on the message is absent: readers
+go on with the rest, never crash on it. `mta queue check` lists the corrupt table
+(mtaqueue/check.py, which also checks the file itself before `mta serve` forks).
 
 Opened with sync on and without writemap, so every commit is fdatasync'ed before
 commit() returns: the caller may say 250 after it. Open it after fork, never before:
@@ -21,20 +28,25 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import lmdb
+import msgpack
 
 from mtaqueue import records
 from mtaqueue.backend import QueueFull, QueueIOError, QueueStats
 from mtaqueue.ids import MessageId
 from mtaqueue.private import FILE_MODE, private_dir
-from mtaqueue.records import Envelope, NewMessage
+from mtaqueue.records import CorruptRecord, Envelope, NewMessage
 
 _BE64 = struct.Struct(">Q")
 _SCAN_BATCH = 1000
 _BYTES = b"bytes"
 MAP_HEADROOM_BYTES = 16 * 1024 * 1024
+TABLES = (b"envelope", b"body", b"due", b"meta", b"corrupt")
+
+OnCorrupt = Callable[[MessageId, str, bool], None]  # (id, error, moved to `corrupt`) of a damaged record
 
 
 def due_key(envelope: Envelope) -> bytes:
@@ -42,13 +54,15 @@ def due_key(envelope: Envelope) -> bytes:
 
 
 class LmdbBackend:
-    def __init__(self, path: str, max_size_bytes: int, readonly: bool = False) -> None:
+    def __init__(self, path: str, max_size_bytes: int, readonly: bool = False,
+                 on_corrupt: OnCorrupt | None = None) -> None:
         self.path = path
         self.max_size_bytes = max_size_bytes
+        self._on_corrupt = on_corrupt
         try:
             private_dir(path)
             self._env = lmdb.open(
-                path, map_size=2 * max_size_bytes + MAP_HEADROOM_BYTES, max_dbs=5, sync=True, metasync=True,
+                path, map_size=2 * max_size_bytes + MAP_HEADROOM_BYTES, max_dbs=8, sync=True, metasync=True,
                 writemap=False, readahead=False, max_readers=512, subdir=True, mode=FILE_MODE,
             )
         except (lmdb.Error, PermissionError) as exc:
@@ -58,6 +72,7 @@ class LmdbBackend:
         self._body = self._env.open_db(b"body")
         self._due = self._env.open_db(b"due")
         self._meta = self._env.open_db(b"meta")
+        self._corrupt = self._env.open_db(b"corrupt")
         self._readonly = readonly
 
     def commit(self, messages: Sequence[NewMessage]) -> None:
@@ -84,7 +99,7 @@ class LmdbBackend:
                         continue  # deleted meanwhile (e.g. by an operator): nothing to update
                     raw = records.encode(envelope)
                     stored += len(raw) - len(old)
-                    txn.delete(due_key(records.decode(old)), db=self._due)
+                    self._drop_due(txn, key, old)
                     txn.put(key, raw, db=self._envelope)
                     txn.put(due_key(envelope), b"", db=self._due)
                 for msgid in delete:
@@ -93,7 +108,7 @@ class LmdbBackend:
                     if raw is None:
                         continue
                     stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
-                    txn.delete(due_key(records.decode(raw)), db=self._due)
+                    self._drop_due(txn, key, raw)
                     txn.delete(key, db=self._envelope)
                     txn.delete(key, db=self._body)
                     removed += 1
@@ -115,10 +130,33 @@ class LmdbBackend:
             raise QueueIOError(str(exc)) from exc
         return removed
 
+    def _drop_due(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
+        """Delete the due entry of the stored envelope `raw`; when it does not decode, every
+        due entry of that id (a scan of the index: only ever for a damaged record)."""
+        try:
+            txn.delete(due_key(records.decode(raw)), db=self._due)
+            return
+        except CorruptRecord:
+            pass
+        cursor = txn.cursor(db=self._due)
+        found = cursor.first()
+        while found:
+            found = cursor.delete() if bytes(cursor.key()[8:]) == key else cursor.next()
+
     def envelope(self, msgid: MessageId) -> Envelope | None:
+        """The stored envelope; None when there is none (or it was damaged: moved to corrupt)."""
         with self._env.begin() as txn:
             raw = txn.get(msgid.encode(), db=self._envelope)
-        return records.decode(raw) if raw is not None else None
+        return self._decode(msgid, raw)
+
+    def _decode(self, msgid: MessageId, raw: bytes | None) -> Envelope | None:
+        if raw is None:
+            return None
+        try:
+            return records.decode(raw)
+        except CorruptRecord as exc:
+            self.quarantine(msgid.encode(), str(exc))
+            return None
 
     def body(self, msgid: MessageId) -> bytes | None:
         with self._env.begin(buffers=False) as txn:
@@ -129,9 +167,10 @@ class LmdbBackend:
         key = msgid.encode()
         with self._env.begin(buffers=False) as txn:
             raw, body = txn.get(key, db=self._envelope), txn.get(key, db=self._body)
-        return (records.decode(raw) if raw is not None else None), body
+        return self._decode(msgid, raw), body
 
     def envelopes(self) -> Iterator[Envelope]:
+        """Every stored envelope; damaged ones are moved to corrupt and left out."""
         # One short read transaction per batch: the caller may be slow between items.
         after: bytes | None = None
         while True:
@@ -144,10 +183,42 @@ class LmdbBackend:
                 while found and len(batch) < _SCAN_BATCH:
                     batch.append((cursor.key(), cursor.value()))
                     found = cursor.next()
-            yield from (records.decode(raw) for _, raw in batch)
+            for key, raw in batch:
+                try:
+                    envelope = records.decode(raw)
+                except CorruptRecord as exc:
+                    self.quarantine(key, str(exc))
+                    continue
+                yield envelope
             if len(batch) < _SCAN_BATCH:
                 return
             after = batch[-1][0]
+
+    def quarantine(self, key: bytes, error: str) -> bool:
+        """Move the envelope stored under `key` to the corrupt table if it still does not
+        decode; True when this call moved it. on_corrupt hears of each record moved (and of
+        one that could not be moved, each time it is read)."""
+        try:
+            with self._env.begin(write=True) as txn:
+                raw = txn.get(key, db=self._envelope)
+                if raw is None:
+                    return False  # moved (or deleted) by another process meanwhile
+                try:
+                    records.decode(raw)
+                    return False  # rewritten meanwhile: it is fine now
+                except CorruptRecord:
+                    pass
+                entry = msgpack.packb({"raw": raw, "error": error, "at": time.time()})
+                txn.put(key, entry, db=self._corrupt)
+                self._drop_due(txn, key, raw)
+                txn.delete(key, db=self._envelope)
+        except lmdb.Error as exc:  # (map or disk full) left in place, skipped all the same, reported each time
+            moved, error = False, f"{error}; cannot move it: {exc}"
+        else:
+            moved = True
+        if self._on_corrupt is not None:
+            self._on_corrupt(MessageId(key.decode("ascii", "replace")), error, moved)
+        return moved
 
     def delete(self, msgids: Sequence[MessageId]) -> int:
         return self._write(delete=msgids, enforce_limit=False)

@@ -2,6 +2,9 @@
 
 Envelopes are stored as msgpack maps with short keys; `decode(encode(e)) == e`.
 Recipient states: ready, active, deferred, held, delivered, bounced.
+Bytes that are not an envelope of this form (damaged on disk) raise CorruptRecord,
+whatever is wrong with them, so a caller handles one exception (the LMDB backend moves
+the record to its corrupt table) and never gets an Envelope with fields of wrong types.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import msgpack
 from mtaqueue.ids import MessageId
 
 RECIPIENT_STATES = ("ready", "active", "deferred", "held", "delivered", "bounced")
+
+
+class CorruptRecord(ValueError):
+    """Stored bytes that do not decode to an envelope."""
 
 
 @dataclass(slots=True)
@@ -61,11 +68,42 @@ def encode(envelope: Envelope) -> bytes:
 
 
 def decode(raw: bytes) -> Envelope:
-    d = msgpack.unpackb(raw)
-    return Envelope(
-        id=MessageId(d["i"]), sender=d["s"], size=d["z"], arrival=d["a"], next_attempt=d["n"],
-        priority=d["p"], attempts=d["t"], ret=d["R"], envid=d["E"], body_type=d["B"],
-        smtputf8=d["U"], client=d["c"],
-        recipients=[Recipient(a, tuple(n) if n is not None else None, o, s, t, lr)
-                    for a, n, o, s, t, lr in d["r"]],
-    )
+    try:
+        d = msgpack.unpackb(raw)
+        envelope = Envelope(
+            id=MessageId(d["i"]), sender=d["s"], size=d["z"], arrival=d["a"], next_attempt=d["n"],
+            priority=d["p"], attempts=d["t"], ret=d["R"], envid=d["E"], body_type=d["B"],
+            smtputf8=d["U"], client=d["c"],
+            recipients=[Recipient(a, tuple(n) if n is not None else None, o, s, t, lr)
+                        for a, n, o, s, t, lr in d["r"]],
+        )
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptRecord(f"{type(exc).__name__}: {exc}") from None
+    wrong = _wrong_field(envelope)
+    if wrong is not None:
+        raise CorruptRecord(f"field {wrong} has the wrong type or value")
+    return envelope
+
+
+_NUMBER = (int, float)
+_TEXT_OR_NONE = (str, type(None))
+_FIELDS = (("id", str), ("sender", str), ("size", int), ("arrival", _NUMBER), ("next_attempt", _NUMBER),
+           ("priority", int), ("attempts", int), ("ret", _TEXT_OR_NONE), ("envid", _TEXT_OR_NONE),
+           ("body_type", _TEXT_OR_NONE), ("smtputf8", bool), ("client", dict))
+
+
+def _wrong_field(e: Envelope) -> str | None:
+    """The first field whose type (or state) no encoded envelope can have; None if all fit."""
+    if not (type(e.id) is str and type(e.sender) is str and type(e.size) is int
+            and type(e.arrival) in _NUMBER and type(e.next_attempt) in _NUMBER and type(e.priority) is int
+            and type(e.attempts) is int and type(e.ret) in _TEXT_OR_NONE and type(e.envid) in _TEXT_OR_NONE
+            and type(e.body_type) in _TEXT_OR_NONE and type(e.smtputf8) is bool and type(e.client) is dict):
+        return next(name for name, kinds in _FIELDS if not isinstance(getattr(e, name), kinds))
+    if not e.recipients:
+        return "recipients"
+    for r in e.recipients:
+        if (type(r.address) is not str or r.state not in RECIPIENT_STATES or type(r.attempts) is not int
+                or type(r.orcpt) not in _TEXT_OR_NONE or type(r.last_reply) not in _TEXT_OR_NONE
+                or (r.notify is not None and not all(type(n) is str for n in r.notify))):
+            return "recipients"
+    return None

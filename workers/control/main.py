@@ -5,7 +5,8 @@
   GET /healthz  200 while this process runs
   GET /readyz   200 while mta accepts mail; 503 from the start of a drain, which the
                 master announces with SIGUSR1 *before* it closes the listeners, so a
-                load balancer stops sending first
+                load balancer stops sending first; 503 while a required child is
+                crash-looping (the master sends {"t": "children", "crash_looping": [...]})
   the admin API (JSON; always `Authorization: Bearer <token>`: [control] token, else the
   one mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type checked by
   guard.py before any route):
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 
 from mta import admintoken, frames, logs, metrics, queueview
 from mta.config import Config, split_hostport
-from mtaqueue.backend_lmdb import LmdbBackend
+from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId, is_id
 from workers.control.guard import Guard
@@ -55,6 +57,7 @@ class Control:
         self.config = config
         self.channel = channel
         self.draining = False
+        self.crash_looping: list[str] = []  # e.g. ["scheduler#1"], as the master last told
         self._stop = asyncio.Event()
 
     async def serve(self) -> int:
@@ -65,11 +68,11 @@ class Control:
             logs.event("api_token_error", file=admintoken.path(self.config), error=str(exc))
             return 1
         self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token)
-        self.spool = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        self.spool = open_spool(self.config.queue)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
         server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
-        link = MasterLink(self.channel, lambda: {"state": "ready", "active": 0}, self._stop.set)
+        link = MasterLink(self.channel, lambda: {"state": "ready", "active": 0}, self._stop.set, self._on_frame)
         link.start()
         loop.add_signal_handler(signal.SIGUSR1, self._drain)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -81,6 +84,15 @@ class Control:
         self.spool.close()
         self.cache.close()
         return 0
+
+    def _on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        failing = frame.get("crash_looping")
+        if frame.get("t") == "children" and isinstance(failing, list) and failing != self.crash_looping:
+            self.crash_looping = [str(slot) for slot in failing]
+            logs.event("readyz", ready=not (self.draining or failing),
+                       crash_looping=",".join(self.crash_looping) or None)
 
     def _drain(self) -> None:
         self.draining = True
@@ -196,7 +208,11 @@ class Control:
         if path == b"/healthz":
             return b"200 OK", b"ok\n", text
         if path == b"/readyz":
-            return (b"503 Service Unavailable", b"draining\n", text) if self.draining else (b"200 OK", b"ready\n", text)
+            if self.draining:
+                return b"503 Service Unavailable", b"draining\n", text
+            if self.crash_looping:
+                return b"503 Service Unavailable", f"crash-looping: {' '.join(self.crash_looping)}\n".encode(), text
+            return b"200 OK", b"ready\n", text
         return b"404 Not Found", b"not found\n", text
 
 

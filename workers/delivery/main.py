@@ -29,7 +29,7 @@ from typing import Any
 from mta import frames, logs, metrics
 from mta.config import Config, ConfigError, split_hostport
 from mta.config import load as load_config
-from mtaqueue.backend_lmdb import LmdbBackend
+from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
@@ -145,7 +145,7 @@ class DeliveryWorker:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        self.spool = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        self.spool = open_spool(self.config.queue)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes,
                                self.config.cache.max_entries)
         self.resolver = MxResolver(list(self.config.dns.nameservers) or None, self.cache,

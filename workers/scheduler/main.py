@@ -56,7 +56,7 @@ from typing import Any
 from mta import config as configmod
 from mta import frames, logs, metrics
 from mta.config import Config
-from mtaqueue.backend_lmdb import LmdbBackend
+from mta.spool import open_spool
 from mtaqueue.ids import MessageId, is_id
 from mtaqueue.records import Envelope, NewMessage
 from workers.link import MasterLink
@@ -106,6 +106,9 @@ def run(config: Config, channel: socket.socket, generation: int, index: int) -> 
     import uvloop
 
     logs.setup("scheduler")
+    if os.environ.get("MTA_TEST_HOOKS") == "1" and os.path.exists(os.path.join(config.queue.path, "crash-scheduler")):
+        logs.event("test_hook", hook="crash-scheduler")  # lets tests exercise the back-off and /readyz
+        return 3
     return uvloop.run(Scheduler(config, channel).serve())
 
 
@@ -152,7 +155,7 @@ class Scheduler:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        self.backend = LmdbBackend(self.config.queue.path, self.config.queue.max_size_bytes)
+        self.backend = open_spool(self.config.queue)
         path = self.config.queue.scheduler_socket
         if os.path.exists(path):
             os.unlink(path)  # a stale socket of a dead scheduler
