@@ -75,6 +75,8 @@ class LimitsConfig:
     max_message_bytes: int = 25 * 1024**2
     max_recipients: int = 100
     max_connections_per_ip: int = 50
+    max_sessions: int = 0  # all inbound workers together; 0: inbound_workers x max_sessions_per_worker
+    max_sessions_per_worker: int = 0  # 0: (fd limit - 64) // 2 (mta/master/admission.py)
     command_timeout_seconds: float = 300.0
     data_timeout_seconds: float = 600.0
     max_errors: int = 20
@@ -426,6 +428,9 @@ def _check(config: Config, source: str) -> None:
     for name in ("max_message_bytes", "max_recipients", "max_connections_per_ip", "max_errors"):
         if getattr(limits, name) < 1:
             fail(f"[limits] {name}", "must be >= 1")
+    for name in ("max_sessions", "max_sessions_per_worker"):
+        if getattr(limits, name) < 0:
+            fail(f"[limits] {name}", "must be >= 0 (0: derived from the fd limit)")
     if limits.max_recipients < 100:
         fail("[limits] max_recipients", "RFC 5321 requires accepting at least 100 recipients")
     for name in ("command_timeout_seconds", "data_timeout_seconds"):

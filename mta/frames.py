@@ -7,12 +7,16 @@ with each map prefixed by its length (4 bytes, big-endian).
 SEQPACKET keeps packet boundaries, so a frame never arrives split and the file
 descriptors passed with it (SCM_RIGHTS) belong to exactly that frame. Every frame is a
 map with a "t" (type) key. Sockets are non-blocking: send_frame returns False when the
-peer's buffer is full (the caller decides: retry elsewhere, or drop a heartbeat).
+frame cannot go now (the peer's buffer is full, or the kernel is short of memory or of
+room for descriptors in flight; the caller decides: retry elsewhere, or later) and
+raises OSError when the channel is broken (EPIPE, ECONNRESET, ENOTCONN...: the peer is
+gone or going).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 from collections.abc import Sequence
@@ -23,6 +27,8 @@ import msgpack
 MAX_FRAME_BYTES = 64 * 1024
 MAX_FDS = 8
 MAX_STREAM_FRAME_BYTES = 16 * 1024 * 1024
+# A send that fails with these says nothing about the peer: try again later or elsewhere.
+NOT_NOW_ERRNOS = frozenset({errno.ENOBUFS, errno.ENOMEM, errno.ETOOMANYREFS})
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -42,6 +48,10 @@ def send_frame(sock: socket.socket, frame: dict[str, Any], fds: Sequence[int] = 
             sock.send(data)
     except (BlockingIOError, InterruptedError):
         return False
+    except OSError as exc:
+        if exc.errno in NOT_NOW_ERRNOS:
+            return False
+        raise
     return True
 
 

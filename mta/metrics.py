@@ -84,7 +84,8 @@ INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
     "Connections, senders, recipients or messages refused, by reason and reply code class. reason: "
     "relay, user_unknown, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
-    "auth_lockout, max_connections_per_ip, connection_rate (connections); sender_denied, "
+    "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit "
+    "(connections; the last three answered by the master); sender_denied, "
     "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT).",
     ["reason", "code"])
 INBOUND_TLS = Counter(
@@ -121,6 +122,10 @@ QUEUE_CORRUPT_RECORDS = Counter(
 MASTER_RESTARTS = Counter(
     "mta_master_restarts_total", "Child processes that died and were replaced, by kind.", ["kind"])
 MASTER_RELOADS = Counter("mta_master_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"])
+MASTER_ACCEPT_ERRORS = Counter(
+    "mta_master_accept_errors_total", "accept() failures of the master by errno name (EMFILE, ENFILE, ENOBUFS, "
+    "ENOMEM); each pauses accepting for 0.1 s doubling to 1 s. Nonzero: raise the fd limit or lower "
+    "[limits] max_sessions.", ["error"])
 
 # Gauges: "livesum" adds the values of live processes (dead ones drop out).
 INBOUND_ACTIVE_SESSIONS = Gauge(

@@ -3,6 +3,9 @@
 Binding lives here too: the master binds every listener once at start and on reload
 (`bind_all` keeps sockets whose address is unchanged, so reloads never close them).
 
+Before anything forks, the soft fd limit is raised to the hard limit (children inherit
+it; the session caps derive from it: mta/master/admission.py).
+
 Only one master may run on one spool: an exclusive flock on <queue path>/mta.lock,
 held by the master alone (children close it), released by the kernel even on kill -9.
 Workers left behind by a killed master finish their sessions and exit; a new master
@@ -20,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import importlib
 import os
+import resource
 import shutil
 import socket
 
@@ -72,6 +76,14 @@ def check_spool(config: Config) -> None:
         "(keep the damaged spool until the salvaged mail is delivered).")
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit; the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def bind_listener(listener: ListenerConfig) -> socket.socket:
     host, port = listener.host, listener.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -115,6 +127,7 @@ def serve(config: Config) -> int:
         server_context(config.tls)  # refuse to start on a bad certificate, before any fork
     except TlsError as exc:
         raise ServeError(str(exc)) from None
+    fds = raise_fd_limit()
     lock_fd = lock_spool(config.queue.path)
     try:
         check_spool(config)
@@ -123,7 +136,7 @@ def serve(config: Config) -> int:
         raise
     prepare_metrics(config.control.metrics_dir)
     logs.event("starting", config=config.source, workers=config.server.inbound_workers,
-               listeners=",".join(lst.address for lst in config.listener))
+               listeners=",".join(lst.address for lst in config.listener), fd_limit=fds)
     from mta.master.arbiter import Arbiter
     # The bodies forked children run; each imports uvloop itself, after the fork.
     from workers.delivery.main import run as run_delivery

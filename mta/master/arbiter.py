@@ -3,11 +3,13 @@
 One thread, no event loop, no LMDB: a selector over the listeners, the children's
 channels and the signal wake-up pipe. Signal handlers only record the signal.
 
-- Handoff: every accepted socket goes to the READY inbound worker of the serving
-  generation with the lowest load (reported sessions + handoffs not yet acknowledged)
-  over its SEQPACKET channel (SCM_RIGHTS). The master keeps its copy until the worker
-  acknowledges; if the worker dies first, the connection goes to another worker.
-  With no READY worker the listeners are left alone (the kernel backlog holds clients).
+- Handoff (dispatch.py): every accepted socket goes to the READY inbound worker of the
+  serving generation with the lowest load over its SEQPACKET channel (SCM_RIGHTS). The
+  master keeps its copy until the worker acknowledges; if the worker dies first, or its
+  channel fails, the connection goes to another worker. Beyond the session caps the
+  master answers 421 itself (admission.py). With no READY worker the listeners are left
+  alone (the kernel backlog holds clients); when accept fails for want of descriptors
+  they are left alone for a short back-off.
 - Supervision: a dead worker is reaped and replaced; one that dies before it is READY
   or within CRASH_WINDOW_SECONDS of its start is replaced after a doubling back-off
   (never a halt). Such a slot is crash-looping until a child in it is READY again; the
@@ -22,12 +24,12 @@ channels and the signal wake-up pipe. Signal handlers only record the signal.
   4.3.2, transactions finish), exit 0 when all are gone. A second signal: SIGKILL, exit 1.
 
 Invariant: every accepted socket is owned by exactly one of: a Child's pending map,
-the orphan queue, or a worker (after its acknowledgement). None is dropped silently.
+the orphan queue, or a worker (after its acknowledgement); or it is refused or expired,
+counted and logged (dispatch.py). None is dropped silently.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
 import selectors
@@ -41,6 +43,7 @@ from mta import frames, logs, metrics
 from mta.config import Config, ConfigError
 from mta.serve import ServeError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
+from mta.master.dispatch import INBOUND, Dispatcher
 from mta.tls import TlsError, server_context
 
 CRASH_WINDOW_SECONDS = 1.0  # dying before READY, or this soon after starting, is a crash at start
@@ -54,7 +57,6 @@ TICK_SECONDS = 0.25
 WorkerBody = Callable[[Config, socket.socket, int, int], int]
 # Kinds of children. Inbound workers come in generations (a reload replaces them);
 # the others are restarted only when they die, and reload their config on SIGHUP.
-INBOUND = "inbound"
 CONTROL = "control"
 GENERATIONLESS = ("scheduler", "delivery", CONTROL)
 Binder = Callable[[Config, dict[str, socket.socket]], dict[str, socket.socket]]
@@ -77,8 +79,8 @@ class Arbiter:
         self._respawn_at: dict[tuple[str, int], float] = {}
         self._backoff: dict[tuple[str, int], float] = {}
         self._control_told: dict[int, list[str]] = {}  # control pid -> crash-looping slots it was told
-        self._orphans: collections.deque[tuple[str, socket.socket]] = collections.deque()
-        self._next_conn_id = 0
+        self._dispatch = Dispatcher(self._children, lambda: self._serving_generation, self._wake)
+        self._orphans = self._dispatch.orphans
         self._signals: list[int] = []
         # Housekeeping (reap, heartbeats, respawns, gauges...) runs once per tick, or at
         # once after a signal, a child's change of state or an orphaned connection: not
@@ -94,6 +96,7 @@ class Arbiter:
 
     def run(self) -> int:
         set_title("mta: master")
+        self._dispatch.admission.configure(self.config)
         self._install_signals()
         self._listeners = self._bind(self.config, {})
         self._generation = 1
@@ -103,7 +106,7 @@ class Arbiter:
             for index in range(1, self._count(kind) + 1):
                 self._spawn(kind, index)
         while True:
-            for key, _mask in self._selector.select(TICK_SECONDS):
+            for key, _mask in self._selector.select(max(0.0, self._next_tick - time.monotonic())):
                 key.data(key.fileobj)
             code = self._handle_signals()
             if code is not None:
@@ -115,12 +118,14 @@ class Arbiter:
             self._next_tick = now + TICK_SECONDS
             self._reap(now)
             self._check_heartbeats(now)
+            self._dispatch.expire(now)
             self._respawn_due(now)
             self._advance_generation(now)
-            self._hand_orphans()
-            self._update_accepting()
+            self._dispatch.hand_orphans()
+            self._update_accepting(now)
             self._update_gauges()
             self._tell_control()
+            self._dispatch.admission.flush(now)
             if self._draining:
                 if all(c.kind == CONTROL for c in self._children.values()):
                     for child in self._children.values():
@@ -145,6 +150,9 @@ class Arbiter:
 
     def _record_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
+
+    def _wake(self) -> None:
+        self._urgent = True
 
     def _drain_wakeup(self, fd: int) -> None:
         try:
@@ -176,45 +184,20 @@ class Arbiter:
                 conn, _peer = sock.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE, ENFILE, ECONNABORTED: log and retry next tick
-                logs.event("accept_failed", listener=address, error=exc.strerror)
+            except ConnectionAbortedError:
+                continue  # reset by the client before we took it: nothing to do
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: pause, never spin
+                self._dispatch.accept_failed(address, exc)
                 return
-            self._hand(address, conn)
+            self._dispatch.admission.backoff.accepted()
+            self._dispatch.hand(address, conn)
 
-    def _hand(self, address: str, conn: socket.socket) -> None:
-        tried: set[int] = set()
-        while True:
-            child = self._least_loaded(exclude=tried)
-            if child is None:
-                self._orphans.append((address, conn))
-                self._urgent = True
-                return
-            conn_id = self._next_conn_id
-            self._next_conn_id += 1
-            if frames.send_frame(child.channel, {"t": "conn", "id": conn_id, "l": address}, [conn.fileno()]):
-                child.pending[conn_id] = (address, conn)
-                return
-            tried.add(child.pid)  # its channel is full: it is not keeping up
-
-    def _least_loaded(self, exclude: set[int]) -> Child | None:
-        ready = [c for c in self._children.values()
-                 if c.state is ChildState.READY and c.kind == "inbound" and c.pid not in exclude]
-        if not ready:
-            return None
-        serving = [c for c in ready if c.generation == self._serving_generation]
-        return min(serving or ready, key=lambda c: c.load)
-
-    def _hand_orphans(self) -> None:
-        # Each once per pass: one that every full channel refused goes back to the orphans
-        # (looping until none is left would spin while the workers' channels stay full).
-        for _ in range(len(self._orphans)):
-            if self._least_loaded(exclude=set()) is None:
-                return
-            address, conn = self._orphans.popleft()
-            self._hand(address, conn)
-
-    def _update_accepting(self) -> None:
-        want = not self._draining and self._least_loaded(exclude=set()) is not None
+    def _update_accepting(self, now: float) -> None:
+        backoff = self._dispatch.admission.backoff
+        paused = backoff.paused(now)
+        if paused:  # wake up when the pause is over
+            self._next_tick = min(self._next_tick, backoff.until)
+        want = not (self._draining or paused) and self._dispatch.least_loaded() is not None
         for address, sock in self._listeners.items():
             usable = want and self._listener_generation[address] <= self._serving_generation
             registered = self._is_registered(sock)
@@ -266,8 +249,8 @@ class Arbiter:
             sock.close()
         for child in self._children.values():
             child.channel.close()
-            for _address, conn in child.pending.values():
-                conn.close()
+            for handoff in child.pending.values():
+                handoff.conn.close()
         for _address, conn in self._orphans:
             conn.close()
 
@@ -282,18 +265,15 @@ class Arbiter:
                 got = None
             if got is None:  # the child closed its end: it is exiting; _reap handles it
                 self._selector.unregister(channel)
-                self._urgent = True
+                self._dispatch.channel_lost(child)
                 return
             frame, fds = got
             for fd in fds:
                 os.close(fd)
             child.last_seen = now
             kind = frame.get("t")
-            if kind == "took":
-                taken = child.pending.pop(frame["id"], None)
-                if taken is not None:
-                    taken[1].close()
-                child.active = frame["active"]
+            if kind in ("took", "refused"):
+                self._dispatch.on_answer(child, frame)
             elif kind == "status":
                 child.active = frame["active"]
                 if child.state is ChildState.STARTING and frame["state"] == "ready":
@@ -316,10 +296,10 @@ class Arbiter:
                 self._selector.unregister(child.channel)
             child.channel.close()
             metrics.process_dead(pid)
-            self._orphans.extend(child.pending.values())
+            rehanded = child.take_pending()
+            self._orphans.extend(rehanded)
             logs.event("exited", child=child.title, child_pid=pid, status=describe_status(status),
-                       rehanded=len(child.pending) or None)
-            child.pending.clear()
+                       rehanded=len(rehanded) or None)
             if child.replace and not self._draining:
                 slot = (child.kind, child.index)
                 if child.state is ChildState.STARTING or now - child.started < CRASH_WINDOW_SECONDS:
@@ -344,6 +324,10 @@ class Arbiter:
     def _check_heartbeats(self, now: float) -> None:
         timeout = self.config.server.heartbeat_timeout_seconds
         for child in list(self._children.values()):
+            if child.channel_lost_at:  # it is exiting; or alive without a channel: unsupervisable
+                if now - child.channel_lost_at > KILL_GRACE_SECONDS:
+                    _signal(child.pid, signal.SIGKILL)
+                continue
             if child.state is ChildState.KILLING:
                 if child.kill_sent and now - child.kill_sent > KILL_GRACE_SECONDS:
                     _signal(child.pid, signal.SIGKILL)
@@ -356,8 +340,7 @@ class Arbiter:
                 _signal(child.pid, signal.SIGABRT)
                 child.state = ChildState.KILLING
                 child.kill_sent = now
-                self._orphans.extend(child.pending.values())
-                child.pending.clear()
+                self._orphans.extend(child.take_pending())
 
     # --- reload and drain --------------------------------------------------------
 
@@ -395,6 +378,7 @@ class Arbiter:
             self._listener_generation.setdefault(address, self._generation)
         self._listeners = listeners
         self.config = new
+        self._dispatch.admission.configure(new)
         for slot in [s for s in self._respawn_at if s[0] == INBOUND]:
             del self._respawn_at[slot]
         self._reload_started = time.monotonic()

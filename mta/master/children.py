@@ -4,7 +4,8 @@
 then runs the worker body and exits with its return code (never returning into the
 master's loop). The master has no event loop, no threads and no LMDB handle, so a
 fork is clean. A Child records the master's view: state, generation, heartbeat,
-reported load and connections handed over but not yet acknowledged.
+reported load, connections handed over but not yet acknowledged, and whether its
+channel still works (a child whose channel failed is never handed anything again).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import setproctitle
 
@@ -31,6 +33,14 @@ class ChildState(enum.Enum):
     KILLING = "killing"  # heartbeat lost: SIGABRT sent, SIGKILL next
 
 
+class Handoff(NamedTuple):
+    """A connection sent to a worker, kept by the master until the worker acknowledges it."""
+
+    listener: str  # the listener's configured address
+    conn: socket.socket
+    since: float  # monotonic time it was sent
+
+
 @dataclass
 class Child:
     pid: int
@@ -42,13 +52,27 @@ class Child:
     state: ChildState = ChildState.STARTING
     last_seen: float = 0.0
     active: int = 0  # sessions the child reported
-    pending: dict[int, tuple[str, socket.socket]] = field(default_factory=dict)  # handed, unacknowledged
+    pending: dict[int, Handoff] = field(default_factory=dict)  # by connection id: handed, unacknowledged
     kill_sent: float = 0.0
+    channel_lost_at: float = 0.0  # monotonic time its channel closed or a send to it failed
     replace: bool = True  # respawn when it dies (False once retired or draining)
 
     @property
     def load(self) -> int:
         return self.active + len(self.pending)
+
+    def take_pending(self) -> list[tuple[str, socket.socket]]:
+        """Its unacknowledged connections, for another worker: it is dead or dying."""
+        taken = [(handoff.listener, handoff.conn) for handoff in self.pending.values()]
+        self.pending.clear()
+        return taken
+
+    def expire_pending(self, now: float, timeout: float) -> int:
+        """Close the master's copy of handoffs unacknowledged for `timeout`; how many."""
+        expired = [conn_id for conn_id, handoff in self.pending.items() if now - handoff.since > timeout]
+        for conn_id in expired:
+            self.pending.pop(conn_id).conn.close()
+        return len(expired)
 
     @property
     def title(self) -> str:

@@ -168,6 +168,11 @@ def shutting_down(hostname: str) -> Reply:
     return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing connection")
 
 
+def too_busy(hostname: str) -> Reply:
+    """Beyond [limits] max_sessions or max_sessions_per_worker (the master answers it)."""
+    return Reply(421, "4.3.2", f"{hostname} Service not available, too busy, closing connection")
+
+
 def sanitize(text: str, limit: int = 64) -> str:
     """Client text made safe to echo in a reply or a log line: printable, bounded."""
     clean = "".join(c if c.isprintable() and c not in "\r\n" else "?" for c in text[:limit])

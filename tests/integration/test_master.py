@@ -328,3 +328,87 @@ def test_connections_per_ip_limit_and_quit_releases_at_once(mta_server) -> None:
     refused, codes = asyncio.run(scenario())
     assert refused.startswith(b"421 4.7.0")
     assert codes == [220, 220, 220]
+
+
+def _fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:  # it exited while we looked
+        return 1 << 30
+
+
+def test_the_master_survives_sigkill_of_workers_in_a_loop_under_load(mta_server) -> None:
+    """kill -9 an inbound worker 24 times while clients keep connecting: the master must
+    never hand a connection to a dead worker's channel and die of EPIPE."""
+    server = started(mta_server(server={"inbound_workers": 4}, limits={"max_connections_per_ip": 10000}), 4)
+    master = server.master_pid
+    kills: list[int] = []
+    acked: list[str] = []
+    failed = collections.Counter[str]()
+    done = asyncio.Event()
+
+    async def one_message() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            client = SmtpClient(reader, writer)
+            client.greeting = await client.read_reply()
+            await client.command("EHLO client.test")
+            msgid = queued_id(await client.send_mail("a@example.org", ["u@local.test"], MESSAGE))
+            if msgid is not None:
+                acked.append(msgid)
+            await client.command("QUIT")
+        finally:
+            writer.close()
+
+    async def client_loop() -> None:
+        while not done.is_set():
+            try:
+                await asyncio.wait_for(one_message(), 10)
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+                failed[type(exc).__name__] += 1  # a session on the victim, cut: expected
+                await asyncio.sleep(0.01)
+
+    def ready_since() -> dict[int, float]:
+        return {int(p): 0.0 for p in re.findall(rb'event=ready child="inbound[^"]*" child_pid=(\d+)', server.log_bytes())}
+
+    async def burst() -> None:  # connections arriving right as the worker dies
+        opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", server.port) for _ in range(30)),
+                                      return_exceptions=True)
+        await asyncio.sleep(0.3)
+        for got in opened:
+            if not isinstance(got, BaseException):
+                got[1].close()
+
+    async def killer() -> None:
+        seen: dict[int, float] = {}
+        while len(kills) < 24:
+            assert os.path.exists(f"/proc/{master}") and server.running, f"the master died\n{server.log_tail()}"
+            now = time.monotonic()
+            for pid in ready_since():
+                seen.setdefault(pid, now)
+            alive = inbound_workers(master)
+            # Not within the crash window of a fresh worker (that would back its respawn off).
+            victims = [p for p in alive if p in seen and now - seen[p] > 1.2]
+            if len(victims) >= 2:
+                victim = min(victims, key=_fd_count)  # the least loaded: the master's next choice
+                os.kill(victim, signal.SIGKILL)
+                kills.append(victim)
+                await burst()
+            await asyncio.sleep(0.2)
+        done.set()
+
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(killer(), *(client_loop() for _ in range(24))), 240)
+
+    asyncio.run(main())
+    assert server.running and os.path.exists(f"/proc/{master}"), f"the master died\n{server.log_tail()}"
+    assert server.master_pid == master
+    assert len(set(kills)) == 24
+    assert b"Traceback" not in server.log_bytes()
+    assert len(acked) > 100, (len(acked), failed)
+    snapshot = server.spool_snapshot()
+    assert snapshot.problems() == []
+    assert [m for m in acked if m not in snapshot.envelopes] == []
+    wait_until(lambda: len(inbound_workers(master)) == 4, 15, "4 inbound workers again", server)
+    acked2, errors2 = asyncio.run(_sessions(server.port, sessions=8, per_session=2))
+    assert errors2 == [None] * 8

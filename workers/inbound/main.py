@@ -6,6 +6,8 @@ LMDB spool (after fork, never before), starts the process's one queue writer thr
 
   master -> worker  {"t": "conn", "id": n, "l": listener address}  + the socket (SCM_RIGHTS)
   worker -> master  {"t": "took", "id": n, "active": sessions}      as soon as it owns it
+  worker -> master  {"t": "refused", "id": n, "active": sessions}   the frame came without its
+                    socket (the kernel drops it at our fd limit); the master answers 421
   worker -> master  {"t": "status", "state": "ready"|"retiring", "active": n}  every second
 
 The status frame is the heartbeat: it is sent from the event loop, so a blocked loop
@@ -133,7 +135,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGUSR1, self._stop_now, False)
         if os.environ.get("MTA_TEST_HOOKS") == "1":
             loop.add_signal_handler(signal.SIGUSR2, time.sleep, 3600)
-        self.link = MasterLink(self.channel, self._status, lambda: self._stop_now(True), self._on_frame)
+        self.link = MasterLink(self.channel, self._status, lambda: self._stop_now(True), self._on_frame,
+                               report_drops=True)
         self.link.start()
         await self._stop.wait()
         self.link.stop_reading()
@@ -172,6 +175,8 @@ class Worker:
         if frame.get("t") != "conn" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
+            if frame.get("t") == "conn":  # no room for the descriptor here (MSG_CTRUNC)
+                self.link.send({"t": "refused", "id": frame["id"], "active": len(self.ctx.sessions) + self.adopting})
             return
         sock = socket.socket(fileno=fds[0])
         listener = self.listeners.get(str(frame["l"]))
