@@ -195,8 +195,9 @@ class ServerConnection:
     def auth_offered(self) -> bool:
         return bool(self.options.auth_mechanisms) and (self.tls_active or self.options.auth_plaintext)
 
-    def reply(self, reply: Reply) -> None:
-        """Answer the pending MailFrom, RcptTo, Message, Credentials, Vrfy or Expn."""
+    def reply(self, reply: Reply, accepted: RcptTo | None = None) -> None:
+        """Answer the pending MailFrom, RcptTo, Message, Credentials, Vrfy or Expn; `accepted`:
+        a RcptTo as the transaction keeps it, when policy rewrote it (the bare <postmaster>)."""
         pending = self._pending
         if pending is None or isinstance(pending, StartTls):
             raise RuntimeError(f"reply() with pending {pending!r}")  # our bug, not the peer's
@@ -224,7 +225,7 @@ class ServerConnection:
             if isinstance(pending, MailFrom):
                 self._mail = pending
             elif isinstance(pending, RcptTo):
-                self._rcpts.append(pending)
+                self._rcpts.append(accepted or pending)
         self._answer(pending, reply)
 
     def tls_started(self) -> None:
