@@ -20,8 +20,8 @@ offered only under TLS unless auth_plaintext; the decoded credentials go to the
 application as one Credentials event, and appear nowhere else.
 
 Framing rules (SMTP smuggling, CVE-2023-51764 family): DATA ends only at CRLF.CRLF;
-a bare CR or LF anywhere in the content is rejected (550 5.5.2) after the real end of
-data, or normalised to CRLF when configured. Commands sent after DATA before our 354
+a bare CR or LF anywhere in the content, DATA or BDAT, is rejected (550 5.5.2) after
+the real end of data (BDAT: at LAST), or normalised to CRLF when configured. Commands sent after DATA before our 354
 are a synchronisation error. Command lines over 512 octets are discarded unexecuted.
 
 Pure: no asyncio, socket or time imports.
@@ -195,8 +195,9 @@ class ServerConnection:
     def auth_offered(self) -> bool:
         return bool(self.options.auth_mechanisms) and (self.tls_active or self.options.auth_plaintext)
 
-    def reply(self, reply: Reply) -> None:
-        """Answer the pending MailFrom, RcptTo, Message, Credentials, Vrfy or Expn."""
+    def reply(self, reply: Reply, accepted: RcptTo | None = None) -> None:
+        """Answer the pending MailFrom, RcptTo, Message, Credentials, Vrfy or Expn; `accepted`:
+        a RcptTo as the transaction keeps it, when policy rewrote it (the bare <postmaster>)."""
         pending = self._pending
         if pending is None or isinstance(pending, StartTls):
             raise RuntimeError(f"reply() with pending {pending!r}")  # our bug, not the peer's
@@ -224,7 +225,7 @@ class ServerConnection:
             if isinstance(pending, MailFrom):
                 self._mail = pending
             elif isinstance(pending, RcptTo):
-                self._rcpts.append(pending)
+                self._rcpts.append(accepted or pending)
         self._answer(pending, reply)
 
     def tls_started(self) -> None:
@@ -332,12 +333,7 @@ class ServerConnection:
     def _finish_data(self, data: bytes) -> Event | None:
         if self._data_overflow:
             return self._end_message(replies.SIZE_EXCEEDED)
-        if has_bare_newline(data):
-            if self.options.bare_newline == "reject":
-                return self._end_message(replies.BARE_NEWLINE)
-            # Unstuffed first: a dot after a bare LF was never at a line start.
-            data = crlf_line_ends(data)
-        return self._complete(data)
+        return self._complete(data)  # unstuffed first: a dot after a bare LF was never at a line start
 
     def _step_bdat(self) -> Event | None:
         assert self._bdat_left is not None
@@ -533,6 +529,11 @@ class ServerConnection:
     # --- helpers -----------------------------------------------------------------
 
     def _complete(self, data: bytes) -> Event | None:
+        """The whole content, DATA (unstuffed) or BDAT (chunks joined: a CRLF split across two is no bare CR)."""
+        if has_bare_newline(data):
+            if self.options.bare_newline == "reject":
+                return self._end_message(replies.BARE_NEWLINE)
+            data = crlf_line_ends(data)
         if len(data) > self.options.max_message_bytes:
             return self._end_message(replies.SIZE_EXCEEDED)
         if _count_received(data) > self.options.max_received_headers:

@@ -2,18 +2,27 @@
 
 Relay control (never an open relay): a recipient is accepted when its domain is in
 [relay] local_domains or relay_domains (exact match, case-insensitive, no subdomain
-wildcard), when it is the bare <postmaster> (RFC 5321 4.5.1), when the client is in
-[relay] mynetworks, or when it has authenticated (SMTP AUTH). Everything else gets
-554 5.7.1 for that recipient only. HELO names grant nothing.
+wildcard), when the client is in [relay] mynetworks, or when it has authenticated
+(SMTP AUTH). Everything else gets 554 5.7.1 for that recipient only. HELO names grant
+nothing.
 
 Local recipients: in a local domain delivered to Maildir (no [routes] entry, or
 "maildir"), a recipient must be an alias or have a mailbox directory, else 550 5.1.1
 at RCPT time (never accept-then-bounce). Domains routed elsewhere (LMTP) are checked
 by the server they are routed to.
+
+Postmaster (RFC 5321 4.5.1) without backscatter: the bare <postmaster> is decided, and
+stored, as postmaster@ the first local domain, or @ [server] hostname when there is
+none; it gets exactly the verdict of that address. With no local domains the
+hostname's postmaster is ours only through the aliases file (whose bare names then
+apply to the hostname): unknown, it is 550 5.1.1 for a client that may not relay.
+Mail from such a client to any postmaster is stored with DSN RET=HDRS (`dsn_ret`), so
+a bounce never returns a forged message in full.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 from collections.abc import Sequence
@@ -22,7 +31,7 @@ from mta import logs
 from mta.aliases import AliasError, Aliases
 from mta.config import Config, RelayConfig
 from mta.smtp import replies
-from mta.smtp.address import AddressError, parse_path
+from mta.smtp.address import Address, AddressError, parse_path
 from mta.smtp.commands import MailFrom, RcptTo
 from mta.smtp.replies import Reply
 from workers.delivery.maildir import mailbox_exists
@@ -30,6 +39,15 @@ from workers.delivery.maildir import mailbox_exists
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 ALIAS_BROKEN = Reply(451, "4.3.0", "Error: the alias for this recipient is broken, try again later")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RcptDecision:
+    """A RCPT verdict, why it was refused, and the recipient as the transaction keeps it."""
+
+    reply: Reply
+    reason: str  # "" when accepted; else relay | user_unknown | rcpt (the rejected-metric label)
+    rcpt: RcptTo  # the bare <postmaster> as postmaster@domain, ORCPT keeping what was sent
 
 
 class LocalRecipients:
@@ -40,21 +58,27 @@ class LocalRecipients:
         self.maildir_root = config.local.maildir_root
         self.domains = frozenset(d for d in config.relay.local_domains
                                  if config.routes.get(d, "maildir") == "maildir")
-        self.all_local = tuple(config.relay.local_domains)
+        # No local domains: the aliases file's bare names (`postmaster: ...`) apply to our hostname.
+        self.all_local = tuple(config.relay.local_domains) or (config.server.hostname.lower().rstrip("."),)
 
     def check(self, command: RcptTo) -> Reply | None:
         address = command.address
         domain = address.domain_key
         if domain not in self.domains:
             return None
+        unknown = self.check_alias(address)
+        if unknown is USER_UNKNOWN and mailbox_exists(self.maildir_root, domain, address.local.lower()):
+            return None
+        return unknown
+
+    def check_alias(self, address: Address) -> Reply | None:
+        """None when `address` is an alias; USER_UNKNOWN when not; ALIAS_BROKEN when it cannot expand."""
         try:
             if self.aliases.expand(address.text, self.all_local) is not None:
                 return None
         except AliasError as exc:
             logs.event("alias_error", rcpt=address.text, error=str(exc))
             return ALIAS_BROKEN
-        if mailbox_exists(self.maildir_root, domain, address.local.lower()):
-            return None
         return USER_UNKNOWN
 
     def verify(self, argument: str, *, expand: bool = False) -> Reply:
@@ -84,17 +108,39 @@ def check_mail_from(relay: RelayConfig, client: IPAddress | None, command: MailF
 
 
 def check_rcpt_to(relay: RelayConfig, client: IPAddress | None, command: RcptTo,
-                  local: LocalRecipients | None = None, *, authenticated: bool = False) -> Reply:
+                  local: LocalRecipients | None = None, *, hostname: str,
+                  authenticated: bool = False) -> RcptDecision:
+    """`local` None: no local recipient table (every address of a local domain exists)."""
+    host = hostname.lower().rstrip(".")
+    if not command.address.domain:  # the bare <postmaster>, the one path the parser allows without a domain
+        command = RcptTo(Address("postmaster", relay.local_domains[0] if relay.local_domains else host),
+                         command.notify, command.orcpt or f"rfc822;{command.address.text}")
     address = command.address
-    if not address.domain and address.local.lower() == "postmaster":
-        return replies.RCPT_OK
     domain = address.domain_key
     if not domain.startswith("[") and (domain in relay.local_domains or domain in relay.relay_domains):
-        unknown = local.check(command) if local is not None else None
-        return unknown or replies.RCPT_OK
-    if authenticated or (client is not None and any(client in net for net in relay.mynetworks)):
-        return replies.RCPT_OK
-    return replies.RELAY_DENIED
+        return _decision(local.check(command) if local is not None else None, command)
+    may_relay = authenticated or (client is not None and any(client in net for net in relay.mynetworks))
+    if not relay.local_domains and domain == host and address.local.lower() == "postmaster":
+        unknown = local.check_alias(address) if local is not None else USER_UNKNOWN
+        if unknown is not USER_UNKNOWN or not may_relay:  # ours to refuse: 550 5.1.1, not "relay denied"
+            return _decision(unknown, command)
+    return _decision(None if may_relay else replies.RELAY_DENIED, command)
+
+
+def _decision(refusal: Reply | None, rcpt: RcptTo) -> RcptDecision:
+    if refusal is None:
+        return RcptDecision(replies.RCPT_OK, "", rcpt)
+    reason = "relay" if refusal is replies.RELAY_DENIED else "user_unknown" if refusal is USER_UNKNOWN else "rcpt"
+    return RcptDecision(refusal, reason, rcpt)
+
+
+def dsn_ret(requested: str | None, recipients: Sequence[RcptTo], *, trusted: bool) -> str | None:
+    """The RET stored with a message: HDRS for mail to any postmaster from a client neither in
+    mynetworks nor authenticated, whatever it asked: its bounce goes to a sender that may be
+    forged (backscatter), so it never carries the original in full."""
+    if not trusted and any(r.address.local.lower() == "postmaster" for r in recipients):
+        return "HDRS"
+    return requested
 
 
 def message_priority(config: Config, *, sender: str, recipients: Sequence[str], listener: str,

@@ -265,7 +265,7 @@ class InboundProtocol(asyncio.Protocol):
                     break
                 conn.reply(self._check_mail(event))
             elif isinstance(event, RcptTo):
-                conn.reply(self._check_rcpt(event))
+                conn.reply(*self._check_rcpt(event))
             elif isinstance(event, Message):
                 self._decide(self._commit(event))
                 break
@@ -352,24 +352,24 @@ class InboundProtocol(asyncio.Protocol):
         await asyncio.wait([self._dnsbl])
         self._answer(self._check_mail(command))
 
-    def _check_rcpt(self, command: RcptTo) -> Reply:
+    def _check_rcpt(self, command: RcptTo) -> tuple[Reply, RcptTo]:
+        """The reply, and the recipient as the transaction keeps it (see policy.RcptDecision)."""
         ctx = self._ctx
         rcpt = command.address.text
         reply = ctx.access.recipient(rcpt)
         if reply is not None:
             self._rejected("recipient_denied", reply, rcpt=rcpt)
-            return reply
-        reply = policy.check_rcpt_to(ctx.config.relay, self._client_addr, command, ctx.local,
-                                     authenticated=self._user is not None)
-        if not reply.positive:
-            reason = "relay" if reply.status == "5.7.1" else "user_unknown" if reply.status == "5.1.1" else "rcpt"
-            self._rejected(reason, reply, rcpt=rcpt)
-            return reply
+            return reply, command
+        decision = policy.check_rcpt_to(ctx.config.relay, self._client_addr, command, ctx.local,
+                                        hostname=ctx.config.server.hostname, authenticated=self._user is not None)
+        if decision.reason:
+            self._rejected(decision.reason, decision.reply, rcpt=rcpt)
+            return decision.reply, command
         limited = ctx.limiter.recipient(self.client_ip, self._user_name, self._trusted)
         if limited is not None:
             self._rejected("recipient_rate", limited, rcpt=rcpt)
-            return limited
-        return reply
+            return limited, command
+        return decision.reply, decision.rcpt
 
     def _rejected(self, reason: str, reply: Reply, **fields: object) -> None:
         logs.event("rejected", client=self.client_ip, user=self._user_name, reason=reason, reply=str(reply), **fields)
@@ -481,7 +481,8 @@ class InboundProtocol(asyncio.Protocol):
         now = time.time()
         envelope = Envelope(
             id=msgid, sender=message.sender.address.text, recipients=self._final_recipients(message),
-            size=len(body), arrival=now, next_attempt=now, ret=message.sender.ret,
+            size=len(body), arrival=now, next_attempt=now,
+            ret=policy.dsn_ret(message.sender.ret, message.recipients, trusted=self._trusted or self._user is not None),
             priority=policy.message_priority(ctx.config, sender=message.sender.address.text,
                                              recipients=rcpts, listener=self._listener.address,
                                              user=self._user_name),
@@ -516,9 +517,7 @@ class InboundProtocol(asyncio.Protocol):
         out: list[Recipient] = []
         seen: set[str] = set()
         for rcpt in message.recipients:
-            address = rcpt.address.text
-            if not rcpt.address.domain and self._ctx.config.relay.local_domains:
-                address = f"postmaster@{self._ctx.config.relay.local_domains[0]}"  # the bare <postmaster>
+            address = rcpt.address.text  # a bare <postmaster> was rewritten at RCPT (policy.check_rcpt_to)
             targets = self._ctx.local.expand(address)
             orcpt = rcpt.orcpt or (f"rfc822;{rcpt.address.text}" if targets != [address] else None)
             for target in targets:

@@ -66,7 +66,8 @@ class App:
             if isinstance(event, MailFrom):
                 self.conn.reply(policy.check_mail_from(RELAY, CLIENT, event))
             elif isinstance(event, RcptTo):
-                self.conn.reply(policy.check_rcpt_to(RELAY, CLIENT, event))
+                decision = policy.check_rcpt_to(RELAY, CLIENT, event, hostname="mx.test")
+                self.conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
                 self.messages.append(event)
                 self.conn.reply(replies.queued(f"Q{len(self.messages)}"))
