@@ -434,8 +434,8 @@ def _check(config: Config, source: str) -> None:
         if getattr(limits, name) <= 0:
             fail(f"[limits] {name}", "must be > 0")
     if limits.max_worker_buffered_bytes < 2 * limits.max_message_bytes:
-        fail("[limits] max_worker_buffered_bytes", "must be at least 2 x max_message_bytes (one message at its "
-             f"largest, with room), got {limits.max_worker_buffered_bytes} < 2 x {limits.max_message_bytes}")
+        fail("[limits] max_worker_buffered_bytes", "must be at least 2 x max_message_bytes (a message at its "
+             f"largest and its copy during the commit), got {limits.max_worker_buffered_bytes} < 2 x {limits.max_message_bytes}")
     if limits.bare_newline not in BARE_NEWLINE_MODES:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
     _check_delivery(config, fail)

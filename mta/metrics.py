@@ -121,9 +121,10 @@ INBOUND_ACTIVE_SESSIONS = Gauge(
     "mta_inbound_active_sessions", "SMTP sessions open right now, per inbound worker (pid label; sum them "
     "for the total).", multiprocess_mode="liveall")
 INBOUND_BUFFERED = Gauge(
-    "mta_inbound_buffered_bytes", "Message content an inbound worker holds in memory (unfinished DATA/BDAT, "
-    "messages awaiting their commit), sampled each second (pid label). Near mta_inbound_buffered_limit_bytes "
-    "new transfers get 451/452 4.3.1.", multiprocess_mode="liveall")
+    "mta_inbound_buffered_bytes", "Memory an inbound worker spends on message content (unfinished DATA/BDAT, "
+    "messages awaiting their commit; content counted twice, for the commit's copy), sampled each second "
+    "(pid label). Near mta_inbound_buffered_limit_bytes new transfers get 451/452 4.3.1.",
+    multiprocess_mode="liveall")
 INBOUND_BUFFERED_LIMIT = Gauge(
     "mta_inbound_buffered_limit_bytes", "[limits] max_worker_buffered_bytes: the memory budget of each inbound "
     "worker.", multiprocess_mode="livemax")

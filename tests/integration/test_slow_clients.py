@@ -172,7 +172,7 @@ def test_past_the_memory_budget_new_transfers_get_4xx_until_the_holders_leave(mt
     async def scenario() -> tuple[str, str]:
         client = await SmtpClient.connect(server.port)
         first = await message(client)
-        holders = [await hold(server.port, 1200) for _ in range(3)]  # 3.5 MiB of a 4 MiB budget
+        holders = [await hold(server.port, 600) for _ in range(3)]  # 3.5 MiB (twice the content) of 4 MiB
         await acknowledged(holders)
         wait_until(lambda: sample(metrics(server), "mta_inbound_buffered_bytes") >= 3.5 * MIB, 10,
                    "the holders' bytes in mta_inbound_buffered_bytes", server)
@@ -215,7 +215,7 @@ def test_many_connections_holding_unfinished_data_do_not_grow_the_worker_past_it
         await message(warm)
         await warm.close()
         before = vm_rss_kib(worker)
-        holders = [await hold(server.port, 1900) for _ in range(20)]  # 37 MiB against a 4 MiB budget
+        holders = [await hold(server.port, 1900) for _ in range(20)]  # 37 MiB of content, a 4 MiB budget
         await acknowledged(holders)
         during = vm_rss_kib(worker)
         ends = []

@@ -11,33 +11,34 @@ def test_mail_is_refused_when_spent_or_when_the_declared_size_does_not_fit() -> 
     budget = MemoryBudget(1000)
     assert budget.check_mail(None) is None
     budget.report(0, 600)
-    assert budget.check_mail(400) is None
-    assert budget.check_mail(401) is replies.MEMORY_BUSY
+    assert budget.check_mail(200) is None  # a message costs twice its size (the commit copies it)
+    assert budget.check_mail(201) is replies.MEMORY_BUSY
     assert budget.check_mail(None) is None
     budget.report(600, 1000)
     assert budget.check_mail(None) is replies.MEMORY_BUSY
     budget.report(1000, 0)
-    assert budget.held == 0 and budget.check_mail(1000) is None
+    assert budget.held == 0 and budget.check_mail(500) is None
 
 
 def test_the_transfer_whose_input_crosses_the_budget_is_refused() -> None:
     budget = MemoryBudget(10_000)
-    other = budget.report(0, 6000)  # another session holds 6000
+    other = budget.report(0, 2000)  # another session holds 2000
     app, _ = new_app()
     app.feed(ENVELOPE + b"DATA\r\n")
-    held = budget.report(0, app.conn.held_bytes)
+    held = budget.report(0, budget.cost(app.conn))
     app.conn.receive_data(b"x" * 3000 + b"\r\n")
-    assert budget.admit(app.conn, held)  # 6000 + ~3000: fits
+    assert budget.cost(app.conn) == 2 * app.conn.held_bytes  # content counts twice
+    assert budget.admit(app.conn, held)  # 2000 + 2 x ~3000: fits
     app.pump()
-    held = budget.report(held, app.conn.held_bytes)
+    held = budget.report(held, budget.cost(app.conn))
     app.conn.receive_data(b"x" * 3000 + b"\r\n")
-    assert not budget.admit(app.conn, held)  # past 10_000: refused now
+    assert not budget.admit(app.conn, held)  # 2000 + 2 x ~6000: past 10_000, refused now
     assert app.conn.held_bytes <= 4
     app.conn.receive_data(b"x" * 3000 + b"\r\n")
     assert budget.admit(app.conn, held)  # already dropped: not refused (nor counted) twice
     app.pump()
-    budget.report(held, app.conn.held_bytes)
-    assert budget.held <= other + 4
+    budget.report(held, budget.cost(app.conn))
+    assert budget.held <= other + 8
     assert app.feed(b".\r\n").startswith(b"451 4.3.1 ")
 
 

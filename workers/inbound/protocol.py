@@ -84,7 +84,6 @@ class InboundProtocol(asyncio.Protocol):
         self._last_activity = 0.0
         self._deadlines = Deadlines.start(ctx.config.limits, time.monotonic())
         self._held = 0  # bytes last reported to the worker's memory budget
-        self._committing = 0  # bytes of the body copy (with our Received header) in a commit
         self.client_ip = "unknown"
         self.client_port = 0
         self._client_addr: policy.IPAddress | None = None  # None: never in mynetworks
@@ -314,8 +313,8 @@ class InboundProtocol(asyncio.Protocol):
 
     def _report_held(self) -> None:
         """What this session holds, to the worker's memory budget (0 once it is gone)."""
-        held = 0 if self._gone else self._conn.held_bytes + self._committing
-        self._held = self._ctx.budget.report(self._held, held)
+        budget = self._ctx.budget
+        self._held = budget.report(self._held, 0 if self._gone else budget.cost(self._conn))
 
     def _decide(self, decision: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(decision)
@@ -499,8 +498,6 @@ class InboundProtocol(asyncio.Protocol):
                                  hostname=ctx.config.server.hostname, protocol=protocol,
                                  msgid=msgid, recipients=rcpts, tls=self._tls_info)
         body = header + message.data
-        self._committing = len(body)
-        self._report_held()
         now = time.time()
         envelope = Envelope(
             id=msgid, sender=message.sender.address.text, recipients=self._final_recipients(message),
@@ -532,7 +529,6 @@ class InboundProtocol(asyncio.Protocol):
             _, messages, octets = _listener_counters(self._listener.address)
             messages.inc()
             octets.inc(len(body))
-        self._committing = 0
         self._answer(reply)
 
     def _final_recipients(self, message: Message) -> list[Recipient]:
