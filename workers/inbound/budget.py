@@ -54,6 +54,6 @@ class MemoryBudget:
         """After new input: False when it takes the worker past the budget and a transfer of
         this session was refused for it now (451 4.3.1 at its end). `reported`: the session's
         last report."""
-        if self.held - reported + self.cost(conn) <= self.limit:
+        if not conn.in_transfer or self.held - reported + self.cost(conn) <= self.limit:
             return True
         return not conn.refuse_content(replies.MEMORY_DISCARDED)
