@@ -79,6 +79,9 @@ class LimitsConfig:
     max_sessions_per_worker: int = 0  # 0: (fd limit - 64) // 2 (mta/master/admission.py)
     command_timeout_seconds: float = 300.0
     data_timeout_seconds: float = 600.0
+    data_total_timeout_seconds: float = 900.0  # a whole DATA/BDAT transfer, however steady the trickle
+    session_timeout_seconds: float = 1800.0  # a whole session, from connect
+    max_worker_buffered_bytes: int = 256 * 1024**2  # message content held in memory by one inbound worker
     max_errors: int = 20
     max_junk_commands: int = 100  # NOOP, RSET, HELP, VRFY, EXPN per session, then 421 4.7.0
     max_received_headers: int = 50
@@ -433,9 +436,13 @@ def _check(config: Config, source: str) -> None:
             fail(f"[limits] {name}", "must be >= 0 (0: derived from the fd limit)")
     if limits.max_recipients < 100:
         fail("[limits] max_recipients", "RFC 5321 requires accepting at least 100 recipients")
-    for name in ("command_timeout_seconds", "data_timeout_seconds"):
+    for name in ("command_timeout_seconds", "data_timeout_seconds", "data_total_timeout_seconds",
+                 "session_timeout_seconds"):
         if getattr(limits, name) <= 0:
             fail(f"[limits] {name}", "must be > 0")
+    if limits.max_worker_buffered_bytes < 2 * limits.max_message_bytes:
+        fail("[limits] max_worker_buffered_bytes", "must be at least 2 x max_message_bytes (a message at its "
+             f"largest and its copy during the commit), got {limits.max_worker_buffered_bytes} < 2 x {limits.max_message_bytes}")
     if limits.bare_newline not in BARE_NEWLINE_MODES:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
     _check_delivery(config, fail)

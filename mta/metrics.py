@@ -86,7 +86,9 @@ INBOUND_REJECTED = Counter(
     "relay, user_unknown, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
     "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit "
     "(connections; the last three answered by the master); sender_denied, "
-    "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT).",
+    "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT); "
+    "memory_budget (MAIL 452, or a transfer 451: the worker's max_worker_buffered_bytes); idle_timeout, "
+    "data_total_timeout, session_timeout (421 4.4.2: sessions closed by a timeout).",
     ["reason", "code"])
 INBOUND_TLS = Counter(
     "mta_inbound_tls_handshakes_total",
@@ -131,6 +133,14 @@ MASTER_ACCEPT_ERRORS = Counter(
 INBOUND_ACTIVE_SESSIONS = Gauge(
     "mta_inbound_active_sessions", "SMTP sessions open right now, per inbound worker (pid label; sum them "
     "for the total).", multiprocess_mode="liveall")
+INBOUND_BUFFERED = Gauge(
+    "mta_inbound_buffered_bytes", "Memory an inbound worker spends on message content (unfinished DATA/BDAT, "
+    "messages awaiting their commit; content counted twice, for the commit's copy), sampled each second "
+    "(pid label). Near mta_inbound_buffered_limit_bytes new transfers get 451/452 4.3.1.",
+    multiprocess_mode="liveall")
+INBOUND_BUFFERED_LIMIT = Gauge(
+    "mta_inbound_buffered_limit_bytes", "[limits] max_worker_buffered_bytes: the memory budget of each inbound "
+    "worker.", multiprocess_mode="livemax")
 QUEUE_RECIPIENTS = Gauge(
     "mta_queue_recipients", "Recipients in the queue by state (ready, active, deferred, held), "
     "as the scheduler sees them.", ["state"], multiprocess_mode="livesum")

@@ -117,6 +117,8 @@ TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops (Received headers)")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> in message content (only <CR><LF> is allowed)")
 QUEUE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue write failed, try again later")
+MEMORY_BUSY = Reply(452, "4.3.1", "Error: insufficient system resources, try again later")  # at MAIL
+MEMORY_DISCARDED = Reply(451, "4.3.1", "Error: insufficient system resources, message discarded, try again later")
 LOCAL_ERROR = Reply(421, "4.3.0", "Error: local error in processing, closing connection")
 CONNECTION_LIMIT = Reply(421, "4.7.0", "Error: too many connections from your address")
 

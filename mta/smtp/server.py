@@ -130,7 +130,7 @@ class ServerConnection:
         self._discarding = False  # inside an over-long command line
         self._scan_from = 0  # DATA: where to resume looking for CRLF "."
         self._dots: list[int] = []  # DATA: where in the buffer a line starts with "." (to unstuff)
-        self._data_overflow = False  # DATA/BDAT: content beyond max_message_bytes was dropped
+        self._refusal: Reply | None = None  # DATA/BDAT: content is being dropped; the reply at its end
         self._bdat_left: int | None = None  # octets of the current BDAT chunk still to read
         self._bdat_verdict: Reply | None = None  # a chunk being read only to be discarded
         self._bdat_last = False
@@ -147,6 +147,32 @@ class ServerConnection:
     @property
     def pending(self) -> Command | Message | None:
         return self._pending
+
+    @property
+    def held_bytes(self) -> int:
+        """Octets held for this connection: unprocessed input, BDAT chunks, a Message awaiting its verdict."""
+        waiting = len(self._pending.data) if isinstance(self._pending, Message) else 0
+        return len(self._buffer) + self._chunks_size + waiting
+
+    @property
+    def in_transfer(self) -> bool:
+        """Reading message content: from our 354 or the first BDAT to the end of the data."""
+        return self._pending is None and (self.state in (State.DATA, State.BDAT) or self._bdat_left is not None)
+
+    def refuse_content(self, reply: Reply) -> bool:
+        """The application cannot hold this transfer (e.g. worker memory): read the rest of it,
+        keep none of it, answer `reply` at its end (BDAT: the chunk's end). False: no transfer
+        to refuse, or it is already being dropped."""
+        if not self.in_transfer or self._refusal is not None or self._bdat_verdict is not None:
+            return False
+        self._refusal = reply
+        self._chunks = []
+        self._chunks_size = 0
+        if self.state is State.DATA:  # no end of data in the buffer: keep a possible partial one
+            del self._buffer[:-4]
+            self._scan_from = 0
+            self._dots.clear()
+        return True
 
     def greet(self) -> None:
         assert self.state is State.CONNECTED, self.state
@@ -306,8 +332,8 @@ class ServerConnection:
                     break
                 resume = max(0, len(buf) - 4)
             slack = self.options.max_message_bytes // 32 + 1024  # dot-stuffing overhead
-            if len(buf) > self.options.max_message_bytes + slack:
-                self._data_overflow = True
+            if self._refusal is not None or len(buf) > self.options.max_message_bytes + slack:
+                self._refusal = self._refusal or replies.SIZE_EXCEEDED
                 del buf[:-4]  # keep a possible partial CRLF.CRLF
                 self._scan_from = 0
                 self._dots.clear()
@@ -331,13 +357,17 @@ class ServerConnection:
             return b"".join([view[start:stop] for start, stop in zip(starts, self._dots + [end])])
 
     def _finish_data(self, data: bytes) -> Event | None:
-        if self._data_overflow:
-            return self._end_message(replies.SIZE_EXCEEDED)
+        if self._refusal is not None:
+            return self._end_message(self._refusal)
         return self._complete(data)  # unstuffed first: a dot after a bare LF was never at a line start
 
     def _step_bdat(self) -> Event | None:
         assert self._bdat_left is not None
         buf = self._buffer
+        if self._refusal is not None and self._bdat_verdict is None:  # refuse_content(): this chunk gets it
+            self._bdat_verdict = self._refusal
+            self._reset_transaction()
+            self.state = State.READY
         if self._bdat_left:
             if not buf:
                 return NEED_DATA
@@ -559,7 +589,7 @@ class ServerConnection:
         self._rcpts: list[RcptTo] = []
         self._chunks = []
         self._chunks_size = 0
-        self._data_overflow = False
+        self._refusal = None
 
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.to_bytes())

@@ -41,6 +41,7 @@ from mta.tls import server_context
 from workers.delivery.mx import MxResolver
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
+from workers.inbound.budget import MemoryBudget
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
 from workers.inbound.policy import LocalRecipients
@@ -59,6 +60,7 @@ class WorkerContext:
     authenticator: Authenticator
     limiter: RateLimiter
     access: Access
+    budget: MemoryBudget
     sessions: set[InboundProtocol] = field(default_factory=set)
 
 
@@ -129,7 +131,9 @@ class Worker:
             authenticator=Authenticator(config.auth, cache, config.cache.path),
             limiter=RateLimiter(config, cache),
             access=Access(config, resolver),
+            budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
         )
+        metrics.INBOUND_BUFFERED_LIMIT.set(config.limits.max_worker_buffered_bytes)
         loop.add_signal_handler(signal.SIGTERM, self._stop_now, True)
         loop.add_signal_handler(signal.SIGINT, self._stop_now, True)
         loop.add_signal_handler(signal.SIGUSR1, self._stop_now, False)
@@ -211,4 +215,6 @@ class Worker:
             self.adopting -= 1
 
     def _status(self) -> dict[str, object]:
+        if self.ctx is not None:
+            metrics.INBOUND_BUFFERED.set(self.ctx.budget.held)  # sampled with the heartbeat, once a second
         return {"state": self.state, "active": self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)}

@@ -20,7 +20,9 @@ the shared auth cache; failures are counted per IP, slow the replies down and en
 a lockout. A password is never logged.
 
 Timeouts: one timer per session, re-armed lazily from the last activity time; it
-never fires while we (not the client) are the ones being waited on.
+never fires while we (not the client) are the ones being waited on. It also fires at
+the session's deadlines (deadlines.py), which no byte restarts. Memory: each session
+reports what it holds to the worker's MemoryBudget (budget.py) after every input.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from workers.inbound import policy
 from workers.inbound.auth import AUTH_ATTEMPTS
+from workers.inbound.deadlines import Deadlines
 from workers.inbound.ratelimit import AUTH_BUSY, AUTH_BUSY_POLL_SECONDS, AUTH_BUSY_SECONDS, LOCKED_OUT
 from workers.inbound.received import received_header
 
@@ -77,7 +80,10 @@ class InboundProtocol(asyncio.Protocol):
         self._tls_info = ""  # "TLSv1.3 with cipher ..." once encrypted
         self._gone = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when it fires (time.monotonic())
         self._last_activity = 0.0
+        self._deadlines = Deadlines.start(ctx.config.limits, time.monotonic())
+        self._held = 0  # bytes last reported to the worker's memory budget
         self.client_ip = "unknown"
         self.client_port = 0
         self._client_addr: policy.IPAddress | None = None  # None: never in mynetworks
@@ -127,7 +133,7 @@ class InboundProtocol(asyncio.Protocol):
             self._conn.greet()
             if ctx.config.policy.dnsbl and not self._trusted and not ctx.access.allowed(self.client_ip):
                 self._dnsbl = asyncio.get_running_loop().create_task(ctx.access.dnsbl(self.client_ip))
-        self._arm_timer(ctx.config.limits.command_timeout_seconds)
+        self._arm_timer(time.monotonic() + ctx.config.limits.command_timeout_seconds)
         self._flush()
         if self._conn.state is State.CLOSED:
             self._linger_close()
@@ -192,6 +198,8 @@ class InboundProtocol(asyncio.Protocol):
             self._on_proxy_data(data)
             return
         self._conn.receive_data(data)
+        if not self._ctx.budget.admit(self._conn, self._held):
+            self._rejected("memory_budget", replies.MEMORY_DISCARDED, held=self._ctx.budget.held)
         self._pump()
 
     def eof_received(self) -> bool:
@@ -216,6 +224,7 @@ class InboundProtocol(asyncio.Protocol):
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         self._conn.receive_eof()
+        self._report_held()
         # A commit in flight still completes: the message may be stored without the
         # client having seen 250 (it will retry; a duplicate, never a loss).
 
@@ -284,6 +293,10 @@ class InboundProtocol(asyncio.Protocol):
                 break
         self._count_auth_refusals()
         self._flush()
+        self._report_held()
+        self._deadlines.transfer(conn.in_transfer, time.monotonic())
+        if conn.pending is None and self._deadlines.next < self._timer_at:
+            self._arm_timer(self._deadlines.next)  # a transfer began, or a decision kept us past a deadline
         transport = self._transport
         if transport is None:
             return
@@ -297,6 +310,11 @@ class InboundProtocol(asyncio.Protocol):
         elif not backed_up and self._paused:
             transport.resume_reading()
             self._paused = False
+
+    def _report_held(self) -> None:
+        """What this session holds, to the worker's memory budget (0 once it is gone)."""
+        budget = self._ctx.budget
+        self._held = budget.report(self._held, 0 if self._gone else budget.cost(self._conn))
 
     def _decide(self, decision: Coroutine[Any, Any, None]) -> None:
         self._task = asyncio.get_running_loop().create_task(decision)
@@ -332,6 +350,8 @@ class InboundProtocol(asyncio.Protocol):
         if reply is None and self._user is not None and ctx.config.auth.sender_login_match \
                 and not self._user.owns(sender):
             reply, reason = replies.SENDER_NOT_OWNED, "sender_login_mismatch"
+        if reply is None:
+            reply, reason = ctx.budget.check_mail(command.size), "memory_budget"
         if reply is None and self._dnsbl is not None and self._user is None:
             reply, reason = self._dnsbl_verdict(), "dnsbl"
         if reply is None:
@@ -531,8 +551,12 @@ class InboundProtocol(asyncio.Protocol):
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(out)
 
-    def _arm_timer(self, delay: float) -> None:
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+    def _arm_timer(self, at: float, deadlines: bool = True) -> None:
+        """Fire at `at` (time.monotonic()), or at the next session deadline if that is earlier."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = min(at, self._deadlines.next) if deadlines else at
+        self._timer = asyncio.get_running_loop().call_later(self._timer_at - time.monotonic(), self._on_timer)
 
     def _on_timer(self) -> None:
         limits = self._ctx.config.limits
@@ -540,14 +564,18 @@ class InboundProtocol(asyncio.Protocol):
         if conn.state is State.CLOSED:
             return
         timeout = limits.data_timeout_seconds if conn.state is State.DATA else limits.command_timeout_seconds
-        if conn.pending is not None:  # we are the slow side: wait for ourselves
-            self._arm_timer(timeout)
+        now = time.monotonic()
+        if conn.pending is not None:  # we are the slow side: wait for ourselves (deadlines too)
+            self._arm_timer(now + timeout, deadlines=False)
             return
-        left = self._last_activity + timeout - time.monotonic()
-        if left > 0:
-            self._arm_timer(left)
-            return
-        logs.event("timeout", client=self.client_ip, state=conn.state.value)
+        reason = self._deadlines.expired(now)
+        if reason is None:
+            if self._last_activity + timeout > now:
+                self._arm_timer(self._last_activity + timeout)
+                return
+            reason = "idle_timeout"
+        logs.event("timeout", client=self.client_ip, state=conn.state.value, limit=reason)
+        metrics.INBOUND_REJECTED.labels(reason, "4xx").inc()
         conn.close_with(replies.timeout(self._ctx.config.server.hostname))
         self._flush()
         self._linger_close()
