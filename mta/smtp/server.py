@@ -51,7 +51,10 @@ _LOGIN_PASSWORD: Final = Reply(334, "", base64.b64encode(b"Password:").decode())
 _PLAIN_READY: Final = Reply(334, "", "")
 END_OF_DATA: Final = b"\r\n.\r\n"
 MAX_TRACKED_DOTS: Final = 64  # stuffed lines whose dots are left out while copying (see _step_data)
-_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# A literal search, which `re` runs at C speed; "^" with MULTILINE tried every position
+# (0.36 s of event loop for a 24 MiB message of header lines).
+_RECEIVED = re.compile(rb"\nreceived[ \t]*:", re.IGNORECASE)
+_RECEIVED_FIRST = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 
 
 class _Marker:
@@ -566,7 +569,7 @@ class ServerConnection:
             data = crlf_line_ends(data)
         if len(data) > self.options.max_message_bytes:
             return self._end_message(replies.SIZE_EXCEEDED)
-        if _count_received(data) > self.options.max_received_headers:
+        if _too_many_received(data, self.options.max_received_headers):
             return self._end_message(replies.TOO_MANY_HOPS)
         assert self._mail is not None and self._rcpts, "message without an envelope"
         message = Message(self._mail, tuple(self._rcpts), data)
@@ -613,8 +616,14 @@ def _decode_sasl(line: str) -> str | None:
         return None
 
 
-def _count_received(data: bytes) -> int:
-    """Received header fields in the header section (up to the first empty line)."""
+def _too_many_received(data: bytes, limit: int) -> bool:
+    """More than `limit` Received fields in the header section (up to the first empty
+    line)? Counting stops at limit + 1, and nothing is copied."""
     end = data.find(b"\r\n\r\n")
-    header = data if end < 0 else data[: end + 2]
-    return len(_RECEIVED.findall(header))
+    stop = len(data) if end < 0 else end + 2
+    count = 1 if _RECEIVED_FIRST.match(data) else 0
+    for _ in _RECEIVED.finditer(data, 0, stop):
+        count += 1
+        if count > limit:
+            break
+    return count > limit

@@ -41,6 +41,18 @@ def test_hop_count_over_50_is_554_after_data() -> None:
     assert reply_lines(out) == ["250 2.0.0 Ok: queued as Q1"]
 
 
+def test_hops_count_in_any_case_with_obsolete_space_and_without_a_body() -> None:
+    app, _ = new_app()
+    app.feed(ENVELOPE + b"DATA\r\n")
+    hops = b"".join(b"%s : from h%d\r\n" % (b"RECEIVED" if i % 2 else b"received", i) for i in range(51))
+    assert reply_lines(app.feed(b"Subject: x\r\n" + hops + b".\r\n")) == [
+        "554 5.4.6 Error: too many hops (Received headers)"]
+    app.feed(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@local.test>\r\nDATA\r\n")
+    # Received-SPF is another field; 50 Received fields with the first on line one pass.
+    out = app.feed(_hops(50) + b"Received-SPF: pass\r\n.\r\n")
+    assert reply_lines(out) == ["250 2.0.0 Ok: queued as Q1"]
+
+
 def test_oversized_data_is_discarded_while_streaming() -> None:
     app, _ = new_app(max_message_bytes=10_000)
     app.feed(ENVELOPE + b"DATA\r\n")
