@@ -14,7 +14,7 @@ import pytest
 from mta.config import AuthConfig, Config, LimitsConfig, RateConfig
 from mta.smtp import replies
 from mtaqueue.cache_lmdb import LmdbCache
-from tests.workers.test_mx import Clock, cache, clock  # noqa: F401 (fixtures: a real LmdbCache, a fake clock)
+from tests.mta.test_resolver import Clock, cache, clock  # noqa: F401 (fixtures: a real LmdbCache, a fake clock)
 from workers.inbound.ratelimit import CONNECTION_RATE, LOCKED_OUT, RateLimiter
 
 ROOT = Path(__file__).resolve().parents[2]

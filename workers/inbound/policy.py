@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from mta import logs
 from mta.aliases import AliasError, Aliases
 from mta.config import Config, RelayConfig
+from mta.mailboxes import mailbox_exists
 from mta.smtp import replies
 from mta.smtp.address import Address, AddressError, parse_path
 from mta.smtp.commands import MailFrom, RcptTo
 from mta.smtp.replies import Reply
-from workers.delivery.maildir import mailbox_exists
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")

@@ -32,8 +32,6 @@ import functools
 import ipaddress
 import ssl
 import time
-from typing import TYPE_CHECKING
-
 from collections.abc import Coroutine
 from typing import Any
 
@@ -48,12 +46,10 @@ from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from workers.inbound import policy
 from workers.inbound.auth import AUTH_ATTEMPTS
+from workers.inbound.context import WorkerContext
 from workers.inbound.deadlines import Deadlines
 from workers.inbound.ratelimit import AUTH_BUSY, AUTH_BUSY_POLL_SECONDS, AUTH_BUSY_SECONDS, LOCKED_OUT
 from workers.inbound.received import received_header
-
-if TYPE_CHECKING:
-    from workers.inbound.main import WorkerContext
 
 HIGH_WATER = 256 * 1024
 PROXY_HEADER_SECONDS = 5.0
