@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
-    from mta.serve import ServeError, serve
+    from mta.master.listeners import ServeError
+    from mta.serve import serve
     try:
         return serve(cfg)
     except ServeError as exc:

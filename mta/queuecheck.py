@@ -14,7 +14,8 @@ import sys
 
 from mta.config import Config
 from mta.queueview import iso
-from mta.serve import ServeError, lock_spool
+from mta.master.listeners import ServeError
+from mta.serve import lock_spool
 from mtaqueue import check
 from mtaqueue.lmdbfile import Damage
 

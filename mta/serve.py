@@ -1,7 +1,9 @@
 """`mta serve`: take the spool lock, then run the prefork master (mta/master).
 
-Binding lives here too: the master binds every listener once at start and on reload
-(`bind_all` keeps sockets whose address is unchanged, so reloads never close them).
+The master binds every listener once at start and on reload (mta/master/listeners.py:
+`bind_all` keeps sockets whose address is unchanged, so reloads never close them).
+This is the composition root: the one module of mta/ that imports workers/ (the
+bodies the master forks).
 
 Before anything forks, the soft fd limit is raised to the hard limit (children inherit
 it; the session caps derive from it: mta/master/admission.py).
@@ -25,16 +27,12 @@ import importlib
 import os
 import resource
 import shutil
-import socket
 
 from mta import logs
-from mta.config import Config, ListenerConfig
+from mta.config import Config
+from mta.master.listeners import ServeError, bind_all
 from mta.tls import TlsError, server_context
 from mtaqueue.private import private_dir
-
-
-class ServeError(RuntimeError):
-    """The server cannot start; the message tells the operator what to do."""
 
 
 def lock_spool(path: str) -> int:
@@ -82,32 +80,6 @@ def raise_fd_limit() -> int:
     if soft != hard and hard != resource.RLIM_INFINITY:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def bind_listener(listener: ListenerConfig) -> socket.socket:
-    host, port = listener.host, listener.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
-    except OSError as exc:
-        raise ServeError(f"cannot listen on {listener.address}: {exc.strerror} "
-                         "(is another server using that port?)") from None
-    sock.setblocking(False)
-    return sock
-
-
-def bind_all(config: Config, existing: dict[str, socket.socket]) -> dict[str, socket.socket]:
-    """A socket per configured listener address, reusing the ones already bound."""
-    bound: dict[str, socket.socket] = {}
-    try:
-        for listener in config.listener:
-            bound[listener.address] = existing.get(listener.address) or bind_listener(listener)
-    except ServeError:
-        for address, sock in bound.items():
-            if address not in existing:
-                sock.close()
-        raise
-    return bound
 
 
 def prepare_metrics(directory: str) -> None:

@@ -41,9 +41,9 @@ from collections.abc import Callable
 from mta import config as configmod
 from mta import frames, logs, metrics
 from mta.config import Config, ConfigError
-from mta.serve import ServeError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
 from mta.master.dispatch import INBOUND, Dispatcher
+from mta.master.listeners import ServeError
 from mta.tls import TlsError, server_context
 
 CRASH_WINDOW_SECONDS = 1.0  # dying before READY, or this soon after starting, is a crash at start

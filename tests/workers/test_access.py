@@ -17,8 +17,8 @@ from mta.config import Config, ConfigError, PolicyConfig
 from mtaqueue.cache_lmdb import LmdbCache
 from tests.integration.dns_fixtures import dns_server  # noqa: F401
 from tests.integration.dns_server import DnsServer
-from tests.workers.test_mx import cache  # noqa: F401 (fixture: a real LmdbCache)
-from workers.delivery.mx import MxResolver
+from tests.mta.test_resolver import cache  # noqa: F401 (fixture: a real LmdbCache)
+from mta.resolver import MxResolver
 from workers.inbound.access import RECIPIENT_DENIED, SENDER_DENIED, Access, reverse_name
 
 SHORT_TIMEOUT_SECONDS = 0.5

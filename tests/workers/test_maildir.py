@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mta import mailboxes
 from workers.delivery import maildir
 from workers.delivery.maildir import MaildirError
 
@@ -62,7 +63,7 @@ def test_hostname_slash_and_colon_are_escaped(root: Path) -> None:
 def test_user_and_domain_are_lower_cased(root: Path) -> None:
     path = deliver(root, user="Bob", domain="Example.COM")
     assert Path(path).parent.parent == root / "example.com" / "bob"
-    assert maildir.mailbox_exists(str(root), "EXAMPLE.com", "BOB")
+    assert mailboxes.mailbox_exists(str(root), "EXAMPLE.com", "BOB")
 
 
 def test_missing_subdirectories_are_created_in_an_existing_mailbox(root: Path) -> None:
@@ -72,7 +73,7 @@ def test_missing_subdirectories_are_created_in_an_existing_mailbox(root: Path) -
 
 
 def test_missing_mailbox_is_a_permanent_5_1_1_and_never_created(root: Path) -> None:
-    assert not maildir.mailbox_exists(str(root), "example.com", "carol")
+    assert not mailboxes.mailbox_exists(str(root), "example.com", "carol")
     with pytest.raises(MaildirError) as caught:
         deliver(root, user="carol")
     assert (caught.value.temporary, caught.value.status) == (False, "5.1.1")
@@ -85,7 +86,7 @@ def test_missing_mailbox_is_a_permanent_5_1_1_and_never_created(root: Path) -> N
 
 def test_a_file_where_the_mailbox_should_be_is_no_mailbox(root: Path) -> None:
     (root / "example.com" / "carol").write_bytes(b"")
-    assert not maildir.mailbox_exists(str(root), "example.com", "carol")
+    assert not mailboxes.mailbox_exists(str(root), "example.com", "carol")
     with pytest.raises(MaildirError) as caught:
         deliver(root, user="carol")
     assert caught.value.status == "5.1.1"
@@ -107,7 +108,7 @@ def test_path_tricks_are_refused_5_1_3(root: Path, user: str, domain: str) -> No
     with pytest.raises(MaildirError) as caught:
         deliver(root, user=user, domain=domain)
     assert (caught.value.temporary, caught.value.status) == (False, "5.1.3")
-    assert not maildir.mailbox_exists(str(root), domain, user)
+    assert not mailboxes.mailbox_exists(str(root), domain, user)
 
 
 def test_path_trick_cannot_reach_an_existing_directory(root: Path) -> None:

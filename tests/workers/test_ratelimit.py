@@ -14,12 +14,16 @@ import pytest
 from mta.config import AuthConfig, Config, LimitsConfig, RateConfig
 from mta.smtp import replies
 from mtaqueue.cache_lmdb import LmdbCache
-from tests.workers.test_mx import Clock, cache, clock  # noqa: F401 (fixtures: a real LmdbCache, a fake clock)
+from tests.mta.test_resolver import Clock, cache, clock  # noqa: F401 (fixtures: a real LmdbCache, a fake clock)
+from workers.inbound.decision import Decision
 from workers.inbound.ratelimit import CONNECTION_RATE, LOCKED_OUT, RateLimiter
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_SECONDS = 30.0
 IP = "192.0.2.7"
+# open_connection's refusals: the reply and the reason the session logs and counts.
+PER_IP_LIMIT = Decision(replies.CONNECTION_LIMIT, "max_connections_per_ip")
+RATE_LIMIT = Decision(CONNECTION_RATE, "connection_rate")
 
 
 def make_config(max_connections_per_ip: int = 50, auth: AuthConfig | None = None, **rate: Any) -> Config:
@@ -38,11 +42,11 @@ def dead_pid() -> int:
 def test_concurrency_limit_at_limit_plus_one_and_released_on_close(cache: LmdbCache, clock: Clock) -> None:
     limiter = RateLimiter(make_config(max_connections_per_ip=3), cache, clock=clock)
     assert [limiter.open_connection(IP, trusted=False) for _ in range(3)] == [None] * 3
-    assert limiter.open_connection(IP, trusted=False) == replies.CONNECTION_LIMIT
+    assert limiter.open_connection(IP, trusted=False) == PER_IP_LIMIT
     assert limiter.open_connection("192.0.2.8", trusted=False) is None  # per IP
     limiter.close_connection(IP)
     assert limiter.open_connection(IP, trusted=False) is None
-    assert limiter.open_connection(IP, trusted=True) == replies.CONNECTION_LIMIT  # trusted clients too
+    assert limiter.open_connection(IP, trusted=True) == PER_IP_LIMIT  # trusted clients too
     assert str(replies.CONNECTION_LIMIT) == "421 4.7.0 Error: too many connections from your address"
 
 
@@ -64,7 +68,7 @@ def test_concurrency_adds_up_across_processes(cache: LmdbCache, clock: Clock) ->
     assert parents.open_connection(IP, trusted=False) is None
     assert parents.open_connection(IP, trusted=False) is None
     assert mine.open_connection(IP, trusted=False) is None
-    assert mine.open_connection(IP, trusted=False) == replies.CONNECTION_LIMIT
+    assert mine.open_connection(IP, trusted=False) == PER_IP_LIMIT
     parents.close_connection(IP)
     assert mine.open_connection(IP, trusted=False) is None
     assert cache.live(f"conn/{IP}") == {str(os.getpid()): 2, str(os.getppid()): 1}
@@ -103,13 +107,13 @@ def test_a_worker_killed_with_sigkill_does_not_leak_its_connections(tmp_path: Pa
             cache = LmdbCache(path)
             limiter = RateLimiter(make_config(max_connections_per_ip=3), cache, clock=clock)
             assert limiter.open_connection(IP, trusted=False) is None
-            assert limiter.open_connection(IP, trusted=False) == replies.CONNECTION_LIMIT  # the worker's two
+            assert limiter.open_connection(IP, trusted=False) == PER_IP_LIMIT  # the worker's two
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait(CHILD_TIMEOUT_SECONDS)
     assert limiter.open_connection(IP, trusted=False) is None
     assert limiter.open_connection(IP, trusted=False) is None
-    assert limiter.open_connection(IP, trusted=False) == replies.CONNECTION_LIMIT
+    assert limiter.open_connection(IP, trusted=False) == PER_IP_LIMIT
     cache.close()
 
 
@@ -119,12 +123,12 @@ def test_connection_window_and_its_reset(cache: LmdbCache, clock: Clock) -> None
     limiter = RateLimiter(make_config(max_connections_per_ip=100, connections_per_window=2, window_seconds=60),
                           cache, clock=clock)
     assert [limiter.open_connection(IP, trusted=False) for _ in range(2)] == [None, None]
-    assert limiter.open_connection(IP, trusted=False) == CONNECTION_RATE
+    assert limiter.open_connection(IP, trusted=False) == RATE_LIMIT
     assert str(CONNECTION_RATE) == "421 4.7.0 Error: too many connections from your address, try again later"
     # The refused connection gave its concurrency slot back.
     assert cache.live(f"conn/{IP}") == {str(os.getpid()): 2}
     clock.now += 59.9
-    assert limiter.open_connection(IP, trusted=False) == CONNECTION_RATE
+    assert limiter.open_connection(IP, trusted=False) == RATE_LIMIT
     clock.now += 0.1  # now >= window_start + window_seconds: a new window
     assert limiter.open_connection(IP, trusted=False) is None
 
@@ -176,7 +180,7 @@ def test_trusted_clients_are_exempt_from_ip_windows_unless_configured(cache: Lmd
     assert cache.entries() == 0 and cache.live(f"conn/{IP}") is not None  # the concurrency count alone
     strict = RateLimiter(make_config(exempt_mynetworks=False, **limits), cache, clock=clock)
     assert strict.open_connection(IP, trusted=True) is None
-    assert strict.open_connection(IP, trusted=True) == CONNECTION_RATE
+    assert strict.open_connection(IP, trusted=True) == RATE_LIMIT
     assert strict.message(IP, None, trusted=True) is None
     assert strict.message(IP, None, trusted=True) is not None
 

@@ -1,9 +1,8 @@
 """Local delivery into Maildir (https://cr.yp.to/proc/maildir.html).
 
-Layout: `root/<domain>/<user>/{tmp,new,cur}`. A mailbox exists when
-`root/<domain>/<user>/` is a directory; operators provision it, `deliver` only adds a
-missing tmp/, new/ or cur/ inside it. `domain` and `user` are lower-cased and must be
-plain names (no `/`, no `..`, no leading dot, no NUL or controls): anything else is 5.1.3.
+Layout: `root/<domain>/<user>/{tmp,new,cur}` (mta/mailboxes.py: where a mailbox is, and
+whether it exists). Operators provision the mailbox; `deliver` only adds a missing
+tmp/, new/ or cur/ inside it. A domain or user that cannot be a directory name is 5.1.3.
 
 Invariant: when `deliver` returns, the message is in new/ and both the file and the
 new/ directory entry have been fsynced; when it raises, nothing is left behind in
@@ -18,6 +17,8 @@ import itertools
 import os
 import secrets
 import time
+
+from mta.mailboxes import UnsafeName, mailbox_path
 
 _counter = itertools.count(1)
 _TEMPORARY_STORAGE = {errno.ENOSPC: "4.3.0", errno.EIO: "4.3.0", errno.EDQUOT: "4.2.2", errno.EROFS: "4.3.0"}
@@ -36,18 +37,13 @@ class MaildirError(Exception):
         self.text = text
 
 
-def mailbox_exists(root: str, domain: str, user: str) -> bool:
-    """True when the provisioned mailbox directory exists; False for unsafe names."""
-    try:
-        return os.path.isdir(_mailbox_path(root, domain, user))
-    except MaildirError:
-        return False
-
-
 def deliver(root: str, domain: str, user: str, body: bytes, *, return_path: str,
             delivered_to: str, hostname: str) -> str:
     """Store one message durably in the mailbox's new/; return the file's path."""
-    mailbox = _mailbox_path(root, domain, user)
+    try:
+        mailbox = mailbox_path(root, domain, user)
+    except UnsafeName as exc:
+        raise MaildirError(False, "5.1.3", str(exc)) from None
     if not os.path.isdir(mailbox):
         if not os.path.isdir(root):
             # The whole store is missing: our configuration, not the recipient.
@@ -104,15 +100,6 @@ def _publish(tmp_path: str, new_path: str) -> bool:
             raise
     os.rename(tmp_path, new_path)  # a file system without hard links
     return True
-
-
-def _mailbox_path(root: str, domain: str, user: str) -> str:
-    domain, user = domain.lower().rstrip("."), user.lower()
-    for label, name in (("domain", domain), ("user", user)):
-        if (not name or name.startswith(".") or "/" in name or ".." in name
-                or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)):
-            raise MaildirError(False, "5.1.3", f"unsafe {label} name {name!r} for a mailbox")
-    return os.path.join(root, domain, user)
 
 
 def _unique_name(hostname: str) -> str:

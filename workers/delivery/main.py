@@ -34,7 +34,7 @@ from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 from workers.delivery import maildir
-from workers.delivery.mx import MxResolver
+from mta.resolver import MxResolver
 from workers.delivery.session import Outbound, OutboundRecipient, OutboundSession, SessionError
 from workers.link import MasterLink
 

@@ -30,7 +30,7 @@ from prometheus_client import Counter
 from mta import logs
 from mta.config import Config, ConfigError, Network
 from mta.smtp.replies import Reply
-from workers.delivery.mx import MxResolver
+from mta.resolver import MxResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

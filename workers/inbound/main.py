@@ -29,7 +29,6 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
 
 from mta import logs, metrics
 from mta.config import Config, ListenerConfig
@@ -38,30 +37,16 @@ from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.committer import GroupCommitter
 from mta.tls import server_context
-from workers.delivery.mx import MxResolver
+from mta.resolver import MxResolver
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
+from workers.inbound.context import WorkerContext
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.protocol import InboundProtocol
 from workers.link import MasterLink
-
-
-@dataclass
-class WorkerContext:
-    config: Config
-    server_options: dict[str, ServerOptions]  # by listener address
-    committer: GroupCommitter
-    local: LocalRecipients
-    notifier: SchedulerNotifier
-    ssl_context: ssl.SSLContext | None
-    authenticator: Authenticator
-    limiter: RateLimiter
-    access: Access
-    budget: MemoryBudget
-    sessions: set[InboundProtocol] = field(default_factory=set)
 
 
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")

@@ -1,4 +1,4 @@
-"""Inbound policy decisions: from (config, client, command) to a Reply, and priorities.
+"""Inbound policy decisions: from (config, client, command) to a Decision, and priorities.
 
 Relay control (never an open relay): a recipient is accepted when its domain is in
 [relay] local_domains or relay_domains (exact match, case-insensitive, no subdomain
@@ -30,15 +30,20 @@ from collections.abc import Sequence
 from mta import logs
 from mta.aliases import AliasError, Aliases
 from mta.config import Config, RelayConfig
+from mta.mailboxes import mailbox_exists
 from mta.smtp import replies
 from mta.smtp.address import Address, AddressError, parse_path
 from mta.smtp.commands import MailFrom, RcptTo
 from mta.smtp.replies import Reply
-from workers.delivery.maildir import mailbox_exists
+from workers.inbound.decision import Decision
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 ALIAS_BROKEN = Reply(451, "4.3.0", "Error: the alias for this recipient is broken, try again later")
+# Refusals of a recipient, each with its reason (the mta_inbound_rejected_total label).
+UNKNOWN_USER = Decision(USER_UNKNOWN, "user_unknown")
+BROKEN_ALIAS = Decision(ALIAS_BROKEN, "rcpt")
+NO_RELAY = Decision(replies.RELAY_DENIED, "relay")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,25 +66,26 @@ class LocalRecipients:
         # No local domains: the aliases file's bare names (`postmaster: ...`) apply to our hostname.
         self.all_local = tuple(config.relay.local_domains) or (config.server.hostname.lower().rstrip("."),)
 
-    def check(self, command: RcptTo) -> Reply | None:
+    def check(self, command: RcptTo) -> Decision | None:
+        """None when the recipient exists here (or is not ours to judge); else the refusal."""
         address = command.address
         domain = address.domain_key
         if domain not in self.domains:
             return None
         unknown = self.check_alias(address)
-        if unknown is USER_UNKNOWN and mailbox_exists(self.maildir_root, domain, address.local.lower()):
+        if unknown is UNKNOWN_USER and mailbox_exists(self.maildir_root, domain, address.local.lower()):
             return None
         return unknown
 
-    def check_alias(self, address: Address) -> Reply | None:
-        """None when `address` is an alias; USER_UNKNOWN when not; ALIAS_BROKEN when it cannot expand."""
+    def check_alias(self, address: Address) -> Decision | None:
+        """None when `address` is an alias; UNKNOWN_USER when not; BROKEN_ALIAS when it cannot expand."""
         try:
             if self.aliases.expand(address.text, self.all_local) is not None:
                 return None
         except AliasError as exc:
             logs.event("alias_error", rcpt=address.text, error=str(exc))
-            return ALIAS_BROKEN
-        return USER_UNKNOWN
+            return BROKEN_ALIAS
+        return UNKNOWN_USER
 
     def verify(self, argument: str, *, expand: bool = False) -> Reply:
         """VRFY/EXPN, when the operator enabled them: only local Maildir recipients are known."""
@@ -121,17 +127,16 @@ def check_rcpt_to(relay: RelayConfig, client: IPAddress | None, command: RcptTo,
         return _decision(local.check(command) if local is not None else None, command)
     may_relay = authenticated or (client is not None and any(client in net for net in relay.mynetworks))
     if not relay.local_domains and domain == host and address.local.lower() == "postmaster":
-        unknown = local.check_alias(address) if local is not None else USER_UNKNOWN
-        if unknown is not USER_UNKNOWN or not may_relay:  # ours to refuse: 550 5.1.1, not "relay denied"
+        unknown = local.check_alias(address) if local is not None else UNKNOWN_USER
+        if unknown is not UNKNOWN_USER or not may_relay:  # ours to refuse: 550 5.1.1, not "relay denied"
             return _decision(unknown, command)
-    return _decision(None if may_relay else replies.RELAY_DENIED, command)
+    return _decision(None if may_relay else NO_RELAY, command)
 
 
-def _decision(refusal: Reply | None, rcpt: RcptTo) -> RcptDecision:
+def _decision(refusal: Decision | None, rcpt: RcptTo) -> RcptDecision:
     if refusal is None:
         return RcptDecision(replies.RCPT_OK, "", rcpt)
-    reason = "relay" if refusal is replies.RELAY_DENIED else "user_unknown" if refusal is USER_UNKNOWN else "rcpt"
-    return RcptDecision(refusal, reason, rcpt)
+    return RcptDecision(refusal.reply, refusal.reason, rcpt)
 
 
 def dsn_ret(requested: str | None, recipients: Sequence[RcptTo], *, trusted: bool) -> str | None:

@@ -38,6 +38,7 @@ from mta.config import Config
 from mta.smtp import replies
 from mta.smtp.replies import Reply
 from mtaqueue.cache_lmdb import LmdbCache
+from workers.inbound.decision import Decision
 
 CACHE_NAMESPACE: Final = "rate"
 CONNECTION_TTL_SECONDS: Final = 86_400.0  # conn/<ip> outlives any session; bounds what a killed worker leaks
@@ -51,6 +52,9 @@ AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure: too many auth
                                 "from your address, try again")
 AUTH_BUSY_SECONDS: Final = 10.0
 AUTH_BUSY_POLL_SECONDS: Final = 0.02  # a read of the shared cache per poll
+# The two refusals of open_connection, and why.
+TOO_MANY_CONNECTIONS: Final = Decision(replies.CONNECTION_LIMIT, "max_connections_per_ip")
+CONNECTIONS_TOO_FAST: Final = Decision(CONNECTION_RATE, "connection_rate")
 
 Window = list[float]  # [window_start, count], as stored
 
@@ -79,8 +83,9 @@ class RateLimiter:
 
     # --- connections ------------------------------------------------------------------
 
-    def open_connection(self, ip: str, trusted: bool) -> Reply | None:
-        """Take a concurrency slot and count the connection; None when allowed, else the 421."""
+    def open_connection(self, ip: str, trusted: bool) -> Decision | None:
+        """Take a concurrency slot and count the connection; None when allowed, else the
+        refusal (421, max_connections_per_ip or connection_rate)."""
         now = self._clock()
         refused = False
 
@@ -97,11 +102,11 @@ class RateLimiter:
 
         self._cache.tally(f"conn/{ip}", take)
         if refused:
-            return replies.CONNECTION_LIMIT
+            return TOO_MANY_CONNECTIONS
         if self._rate.connections_per_window and not self._exempt(trusted):
             if self._charge([(f"conn-window/{ip}", self._rate.connections_per_window, ip)], now) is not None:
                 self.close_connection(ip)
-                return CONNECTION_RATE
+                return CONNECTIONS_TOO_FAST
         return None
 
     def close_connection(self, ip: str) -> None:

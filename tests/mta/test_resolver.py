@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from mtaqueue.cache_lmdb import LmdbCache
 from tests.integration.dns_fixtures import dns_server  # noqa: F401
 from tests.integration.dns_server import DnsServer
-from workers.delivery.mx import MxResolver, Resolution, Target
+from mta.resolver import MxResolver, Resolution, Target
 
 SHORT_TIMEOUT_SECONDS = 0.5
 

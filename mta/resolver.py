@@ -1,4 +1,7 @@
-"""Destination resolution for outbound mail: MX, then A/AAAA, through the shared DNS cache.
+"""DNS through the shared cache, for both roles: MX then A/AAAA for delivery, A for DNSBL.
+
+Shared by the delivery workers (`resolve`) and the inbound workers (`lookup_addresses`
+for DNSBL zones), so both read and fill one cache and count in one set of metrics.
 
 `MxResolver.resolve(domain)` returns the addresses to try, in order; walking them
 (failover) is the caller's job. Rules (RFC 5321 section 5.1, RFC 7505):
@@ -65,7 +68,7 @@ DNS_CACHE_MISSES = Counter(
     "query (or joins one already in flight in the same worker).")
 DNS_QUERIES = Counter(
     "mta_dns_queries_total",
-    "DNS queries sent by the delivery workers, by outcome. result: ok (records returned), nxdomain (the "
+    "DNS queries sent by the delivery workers (MX, A, AAAA) and the inbound workers (DNSBL), by outcome. result: ok (records returned), nxdomain (the "
     "name does not exist), nodata (the name exists without records of the type), servfail (every "
     "nameserver failed or refused; not cached), timeout (no answer within [dns] timeout_seconds; not "
     "cached). Rising servfail or timeout means the resolvers in [dns] nameservers are in trouble.",

@@ -1,0 +1,58 @@
+"""What every session of one inbound worker shares: the configuration and the worker's services.
+
+Built once per worker process (main.py) after the fork; read by the sessions
+(session.py decides with it, protocol.py adapts sockets to it). `sessions` holds the
+live connections so a drain can close the idle ones.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mta.config import Config
+from mta.smtp.server import ServerOptions
+from mtaqueue import MessageId, NewMessage
+from workers.inbound.access import Access
+from workers.inbound.auth import Authenticator
+from workers.inbound.budget import MemoryBudget
+from workers.inbound.policy import LocalRecipients
+from workers.inbound.ratelimit import RateLimiter
+
+
+class Committer(Protocol):
+    """The durable store (mtaqueue.committer.GroupCommitter): returns once `message` is
+    fsynced; raises QueueFull or QueueError."""
+
+    async def commit(self, message: NewMessage) -> None: ...
+
+
+class Notifier(Protocol):
+    """Tells the scheduler about a committed message (notify.SchedulerNotifier); best effort."""
+
+    def new(self, msgid: MessageId) -> None: ...
+
+
+class Connection(Protocol):
+    """A live client connection, as a drain sees it (protocol.InboundProtocol)."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    def shut_down(self) -> None: ...
+
+
+@dataclass
+class WorkerContext:
+    config: Config
+    server_options: dict[str, ServerOptions]  # by listener address
+    committer: Committer
+    local: LocalRecipients
+    notifier: Notifier
+    ssl_context: ssl.SSLContext | None
+    authenticator: Authenticator
+    limiter: RateLimiter
+    access: Access
+    budget: MemoryBudget
+    sessions: set[Connection] = field(default_factory=set)
