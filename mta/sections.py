@@ -1,0 +1,263 @@
+"""The configuration's typed sections: one frozen dataclass per TOML table, defaults on the fields.
+
+Pure data: config.py loads and validates TOML into these (and re-exports them, so
+callers import everything from mta.config). Every default lives on its field; with
+no file at all the defaults make a working relay (SMTP on 127.0.0.1:2525, spool under
+./var/).
+"""
+
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Final
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LISTENER_MODES: Final = ("smtp", "submission", "smtps")
+BARE_NEWLINE_MODES: Final = ("reject", "normalize")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    inbound_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    drain_timeout_seconds: float = 30.0
+    heartbeat_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    address: str = "127.0.0.1:2525"
+    mode: str = "smtp"
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+    # AUTH offered here (default: on submission and smtps listeners, off on smtp).
+    auth: bool | None = None
+    auth_plaintext: bool = False  # offer AUTH without TLS (loopback test rigs only)
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.auth if self.auth is not None else self.mode in ("submission", "smtps")
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.address)[1]
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: str = "var/spool"
+    max_size_bytes: int = 4 * 1024**3
+
+    @property
+    def scheduler_socket(self) -> str:
+        """The scheduler's Unix socket, inside the spool (mode 0600: operators only)."""
+        return os.path.join(self.path, "scheduler.sock")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = 25 * 1024**2
+    max_recipients: int = 100
+    max_connections_per_ip: int = 50
+    max_sessions: int = 0  # all inbound workers together; 0: inbound_workers x max_sessions_per_worker
+    max_sessions_per_worker: int = 0  # 0: (fd limit - 64) // 2 (mta/master/admission.py)
+    command_timeout_seconds: float = 300.0
+    data_timeout_seconds: float = 600.0
+    data_total_timeout_seconds: float = 900.0  # a whole DATA/BDAT transfer, however steady the trickle
+    session_timeout_seconds: float = 1800.0  # a whole session, from connect
+    max_worker_buffered_bytes: int = 256 * 1024**2  # message content held in memory by one inbound worker
+    max_errors: int = 20
+    max_junk_commands: int = 100  # NOOP, RSET, HELP, VRFY, EXPN per session, then 421 4.7.0
+    max_received_headers: int = 50
+    bare_newline: str = "reject"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    local_domains: tuple[str, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    mynetworks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    workers: int = 1  # delivery processes; 0 = hold everything in the queue (receive-only node)
+    max_connections: int = 200  # outbound sessions in total
+    concurrency: int = 20  # sessions per destination domain
+    max_connections_per_host: int = 50  # sessions per MX host (address:port), per delivery process
+    initial_concurrency: int = 5  # slow start: a destination's window starts here
+    max_messages_per_connection: int = 100
+    # A session whose destination has nothing ready waits this long for the next message
+    # before it QUITs (Postfix's smtp_connection_cache_time_limit); 0 = QUIT at once.
+    connection_idle_seconds: float = 2.0
+    max_messages_per_second: float = 0.0  # per destination domain; 0 = unlimited
+    port: int = 25
+    smarthost: str = ""  # "host:port": every remote message goes there
+    tls: str = "may"  # none | may | encrypt | verify
+    min_backoff_seconds: float = 300.0
+    max_backoff_seconds: float = 14400.0
+    max_queue_lifetime_seconds: float = 5 * 86400.0
+    connect_timeout_seconds: float = 30.0
+    command_timeout_seconds: float = 300.0
+    data_timeout_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """Per destination domain overrides of [delivery]; None = use the [delivery] value."""
+
+    priority: int = 0
+    concurrency: int | None = None
+    max_messages_per_connection: int | None = None
+    max_messages_per_second: float | None = None
+    tls: str | None = None
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """Messages matching every given field get `priority` (the highest matching rule wins)."""
+
+    priority: int = 0
+    sender_domain: str | None = None
+    recipient_domain: str | None = None
+    listener: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()  # "host:port"; empty = the system resolver's
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    path: str = "var/cache"  # LMDB environment shared by the DNS and auth caches
+    max_size_bytes: int = 256 * 1024**2
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    maildir_root: str = "var/mail"  # mailboxes are <root>/<domain>/<user>/ (create one to add a user)
+    aliases: str = ""  # path of the aliases file; empty = none
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The server certificate for STARTTLS and implicit TLS (re-read on SIGHUP)."""
+
+    cert_file: str = ""  # PEM chain; empty = no TLS (STARTTLS not offered)
+    key_file: str = ""
+    handshake_timeout_seconds: float = 10.0
+    min_version: str = "TLSv1.2"  # or "TLSv1.3"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    users_file: str = ""  # `mta users add` manages it; empty = AUTH never offered
+    cache_ttl_seconds: float = 3600.0  # a verified login is trusted this long without scrypt
+    sender_login_match: bool = False  # MAIL FROM must be one of the user's own addresses
+    slow_after_failures: int = 3  # AUTH failures from one IP before replies slow down
+    failure_delay_seconds: float = 1.0  # added per failure beyond slow_after_failures (max 5 s)
+    max_failures: int = 10  # failures from one IP within lockout_seconds, then 421 4.7.0 and lockout
+    lockout_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    client_allow: tuple[Network, ...] = ()  # never refused by client_deny or DNSBLs (grants no relay)
+    client_deny: tuple[Network, ...] = ()  # 554 5.7.1 at connect
+    sender_deny: tuple[str, ...] = ()  # "user@example.com" or "example.com": 553 5.7.1 at MAIL
+    recipient_deny: tuple[str, ...] = ()  # same forms: 550 5.7.1 at RCPT
+    dnsbl: tuple[str, ...] = ()  # zones, e.g. "zen.spamhaus.org": a listed client gets 554 5.7.1 at MAIL
+    vrfy: bool = False  # VRFY answers whether a local recipient exists (252 for everyone when false)
+    expn: bool = False  # EXPN expands local aliases (502 when false)
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    """Per client IP (mynetworks exempt) and per authenticated user; 0 = no limit."""
+
+    window_seconds: float = 60.0
+    connections_per_window: int = 0  # 421 4.7.0 at connect
+    messages_per_window: int = 0  # 450 4.7.1 at MAIL
+    recipients_per_window: int = 0  # 450 4.7.1 at RCPT
+    user_messages_per_window: int = 0
+    user_recipients_per_window: int = 0
+    exempt_mynetworks: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "keyvalue"  # or "json": one JSON object per line
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    listen: str = "127.0.0.1:9025"  # /metrics, /healthz, /readyz, /api/...
+    metrics_dir: str = "var/metrics"  # prometheus-client multiprocess files (wiped at start)
+    token: str = ""  # bearer token for /api/...; empty: the one mta keeps in token_file
+    token_file: str = ""  # empty: <[queue] path>/control.token; created 0600 at start when missing
+    allowed_hosts: tuple[str, ...] = ("localhost",)  # Host names /api/ answers besides listen's address
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listener: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
+    priority_rule: tuple[PriorityRule, ...] = ()
+    routes: dict[str, str] = field(default_factory=dict)  # domain -> "host:port" | "lmtp:host:port" | "maildir"
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rate: RateConfig = field(default_factory=RateConfig)
+    source: str = "<embedded defaults>"
+
+    def domain(self, name: str) -> DomainConfig:
+        return self.domains.get(name) or _NO_OVERRIDES
+
+
+_NO_OVERRIDES = DomainConfig()
+TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")
+TLS_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """'127.0.0.1:25' or '[::1]:25' -> (host, port); ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f'expected "host:port", got {address!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    if ":" in host:
+        ipaddress.ip_address(host)  # a bare IPv6 literal must at least parse
+    return host, number
