@@ -22,7 +22,6 @@ from mta.config import Config, DeliveryConfig
 from mtaqueue.backend_memory import MemoryBackend
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage, Recipient
-from workers.scheduler import main as scheduler_main
 from workers.scheduler.main import Scheduler, WorkerLink
 from workers.scheduler.tally import OTHER, TOP_DESTINATIONS, Arrivals, Tally
 
@@ -116,7 +115,7 @@ def config(**delivery: Any) -> Config:
 
 
 def new_scheduler(cfg: Config) -> Scheduler:
-    s = Scheduler(cfg, None)  # type: ignore[arg-type]  # no master channel: serve() is not run
+    s = Scheduler(cfg)  # no process around it: start() is not run
     s.backend = MemoryBackend()  # type: ignore[assignment]
     return s
 
@@ -187,7 +186,7 @@ class Driver:
             self.commit()
             s._on_new(m for m in s.backend.due(time.time() + 1, 10**6) if m not in s.messages)
         elif kind == "reload":
-            s._reload()
+            s.reload(s.config)  # SIGHUP: workers/process.py read and validated the file
         elif kind == "gauges":
             s._update_gauges(time.time())
             snapshot = s.destination_gauges
@@ -198,9 +197,8 @@ class Driver:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_running_counts_equal_a_walk_after_random_events(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_running_counts_equal_a_walk_after_random_events(seed: int) -> None:
     cfg = config()
-    monkeypatch.setattr(scheduler_main.configmod, "load", lambda path=None: cfg)
     rnd = random.Random(seed)
     seen: set[str] = set()
 

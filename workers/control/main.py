@@ -21,7 +21,8 @@ One request per connection (Connection: close); requests are bounded in size and
 Every /api/ request is logged (event=api: method, path, status, client; a refusal adds
 `refused=` the check that failed and `seen=` the header it saw). The `mta queue`
 commands use this API while the server runs.
-SIGTERM exits (the master sends it once every other child is gone).
+SIGTERM exits (the master sends it once every other child is gone); SIGUSR1 is the
+drain's announcement (above); SIGHUP reloads (reload()). The process: workers/process.py.
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 
 from mta import admintoken, frames, logs, metrics, queueview
-from mta.config import Config, split_hostport
+from mta.config import Config, ConfigError, split_hostport
 from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId, is_id
 from workers.control.guard import Guard
-from workers.link import MasterLink
+from workers.process import WorkerBody, WorkerProcess, run_worker
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_SECONDS = 5.0
@@ -46,22 +46,20 @@ SCRAPE_ASK_SECONDS = 1.0  # a scrape waits this long for the scheduler's per-des
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
-    import uvloop
-
-    logs.setup("control")
-    return uvloop.run(Control(config, channel).serve())
+    return run_worker(Control(config), config, channel, "control")
 
 
-class Control:
-    def __init__(self, config: Config, channel: socket.socket) -> None:
+class Control(WorkerBody):
+    kind = "control"
+
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.channel = channel
         self.draining = False
         self.crash_looping: list[str] = []  # e.g. ["scheduler#1"], as the master last told
-        self._stop = asyncio.Event()
+        self.process: WorkerProcess | None = None
 
-    async def serve(self) -> int:
-        loop = asyncio.get_running_loop()
+    async def start(self, process: WorkerProcess) -> int | None:
+        self.process = process
         try:
             token = admintoken.ensure(self.config)
         except (OSError, admintoken.TokenError) as exc:  # the master restarts us after a back-off
@@ -71,21 +69,39 @@ class Control:
         self.spool = open_spool(self.config.queue)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
-        server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
-        link = MasterLink(self.channel, lambda: {"state": "ready", "active": 0}, self._stop.set, self._on_frame)
-        link.start()
-        loop.add_signal_handler(signal.SIGUSR1, self._drain)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+        self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
         logs.event("listening", address=self.config.control.listen, role="control")
-        await self._stop.wait()
-        server.close()
-        await server.wait_closed()
+        return None
+
+    def retire(self) -> bool:
+        """SIGUSR1: the server drains; /readyz answers 503 until we get SIGTERM."""
+        self.draining = True
+        logs.event("readyz", ready=False, reason="drain")
+        return False
+
+    def reload(self, config: Config) -> None:
+        """The token and the allowed hosts change in place. Another listen address needs
+        another process: this one exits and the master starts one with the new config."""
+        try:
+            token = admintoken.ensure(config)
+        except (OSError, admintoken.TokenError) as exc:
+            raise ConfigError(f"[control] token: {exc}") from None
+        if config.control.listen != self.config.control.listen:
+            assert self.process is not None
+            logs.event("restarting", reason="[control] listen changed", address=config.control.listen)
+            self.process.stop(shutdown=True)
+            return
+        self.config = config
+        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token)
+
+    async def close(self) -> dict[str, object]:
+        self._server.close()
+        await self._server.wait_closed()
         self.spool.close()
         self.cache.close()
-        return 0
+        return {}
 
-    def _on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+    def on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
         failing = frame.get("crash_looping")
@@ -93,10 +109,6 @@ class Control:
             self.crash_looping = [str(slot) for slot in failing]
             logs.event("readyz", ready=not (self.draining or failing),
                        crash_looping=",".join(self.crash_looping) or None)
-
-    def _drain(self) -> None:
-        self.draining = True
-        logs.event("readyz", ready=False, reason="drain")
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -15,20 +15,26 @@ ahead are skipped (`skipped` in `done`: no attempt). Local
 destinations ("maildir" routes, and local domains without a route) are written to
 Maildir instead. Envelopes and bodies are read from the spool (short read
 transactions); nothing here writes to it: outcomes go to the scheduler.
+
+The process (signals, heartbeats, reload) is workers/process.py. On SIGTERM (drain())
+a session in a transaction finishes it and reports it, up to [server]
+drain_timeout_seconds; the others end at once, and nothing new starts; the scheduler
+waits for those outcomes before it writes its last batch and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
 import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from mta import frames, logs, metrics
-from mta.config import Config, ConfigError, split_hostport
-from mta.config import load as load_config
+from mta.config import Config, split_hostport
 from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
@@ -36,11 +42,12 @@ from mtaqueue.records import Envelope
 from workers.delivery import maildir
 from mta.resolver import MxResolver
 from workers.delivery.session import Outbound, OutboundRecipient, OutboundSession, SessionError
-from workers.link import MasterLink
+from workers.process import WorkerBody, WorkerProcess, run_worker
 
 CAPACITY = 500  # concurrent sessions per delivery worker
 RECONNECT_SECONDS = 0.5
 SLOT_RECHECK_SECONDS = 0.25  # a session waiting for a host slot looks for waiting sessions again
+SCHEDULER_CLOSE_SECONDS = 1.0  # at the end of a drain, for the last frames to reach the scheduler
 
 
 def _not_held(envelope: Envelope, rcpts: list[int]) -> list[int]:
@@ -121,17 +128,14 @@ class Route:
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
-    import uvloop
-
-    logs.setup(f"delivery#{index}")
-    return uvloop.run(DeliveryWorker(config, channel).serve())
+    return run_worker(DeliveryWorker(config), config, channel, f"delivery#{index}")
 
 
-class DeliveryWorker:
-    def __init__(self, config: Config, channel: socket.socket) -> None:
+class DeliveryWorker(WorkerBody):
+    kind = "delivery"
+
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.channel = channel
-        self._stop = asyncio.Event()
         self._inbox: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._out: frames.StreamFrames | None = None  # frames to the scheduler, one write per burst
         self._slots = HostSlots(config.delivery.max_connections_per_host)
@@ -142,34 +146,51 @@ class DeliveryWorker:
         # Connections to the scheduler so far: a session runs no job the scheduler that
         # gave it is no longer there to hear about (a new one has them all ready again).
         self._epoch = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # one per session
+        self._sending: set[asyncio.Task[None]] = set()  # sessions in a transaction (a message going out)
+        self._draining = False
 
-    async def serve(self) -> int:
-        loop = asyncio.get_running_loop()
+    async def start(self, process: WorkerProcess) -> None:
         self.spool = open_spool(self.config.queue)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes,
                                self.config.cache.max_entries)
         self.resolver = MxResolver(list(self.config.dns.nameservers) or None, self.cache,
                                    self.config.dns.timeout_seconds)
-        link = MasterLink(self.channel, lambda: {"state": "ready", "active": len(self._inbox)}, self._stop.set)
-        link.start()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            loop.add_signal_handler(signum, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        conversation = loop.create_task(self._converse_forever())
-        await self._stop.wait()
-        conversation.cancel()
+        self._conversation = asyncio.get_running_loop().create_task(self._converse_forever())
+
+    def status(self) -> dict[str, Any]:
+        return {"active": len(self._inbox)}
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+
+    async def drain(self, deadline: float) -> None:
+        """No new session starts and no session starts another job; a session in a
+        transaction finishes it (its outcome reported), up to the deadline. The others
+        end now: nothing of their next message went out, so the scheduler has it ready
+        again. Then the last frames reach the scheduler before its connection closes."""
+        self._draining = True
+        for task in self._tasks - self._sending:
+            task.cancel()
+        logs.event("draining", sessions=len(self._sending) or None)
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._tasks:  # cut at the deadline: outcome unknown, delivered again later
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the sessions' last frames go out (StreamFrames writes once per turn)
+        self._conversation.cancel()
+        await asyncio.gather(self._conversation, return_exceptions=True)
+        out, self._out = self._out, None
+        if out is not None:
+            out.writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(out.writer.wait_closed(), SCHEDULER_CLOSE_SECONDS)
+
+    async def close(self) -> dict[str, Any]:
         self.spool.close()
         self.cache.close()
-        logs.event("stopped")
-        return 0
-
-    def _reload(self) -> None:
-        try:
-            self.config = load_config(None if self.config.source == "<embedded defaults>" else self.config.source)
-        except ConfigError as exc:
-            logs.event("reload_failed", error=str(exc))
-            return
-        logs.event("reload", config=self.config.source)
+        return {}
 
     async def _converse_forever(self) -> None:
         path = self.config.queue.scheduler_socket
@@ -196,10 +217,14 @@ class DeliveryWorker:
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind, sid = frame.get("t"), int(frame.get("sid", 0))
         if kind == "open":
+            if self._draining:
+                return  # never started: the scheduler has its job ready again once we disconnect
             queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             self._inbox[sid] = queue
             queue.put_nowait(frame)
-            asyncio.get_running_loop().create_task(self._session(sid, str(frame["dest"]), queue))
+            task = asyncio.get_running_loop().create_task(self._session(sid, str(frame["dest"]), queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif sid in self._inbox:
             self._inbox[sid].put_nowait(frame)
 
@@ -223,6 +248,8 @@ class DeliveryWorker:
         def follow() -> Outbound | None:
             """The message this connection carries next, if its job is here already."""
             nonlocal ahead, announced
+            if self._draining:
+                return None  # no new transaction starts
             if ahead is None and not queue.empty():
                 ahead = queue.get_nowait()
             if ahead is None or ahead.get("t") != "job" or self._epoch != epoch:
@@ -242,7 +269,7 @@ class DeliveryWorker:
 
         try:
             route = await self._route(dest)
-            while self._epoch == epoch:
+            while self._epoch == epoch and not self._draining:
                 if ahead is not None:
                     frame, ahead = ahead, None
                 else:
@@ -264,7 +291,9 @@ class DeliveryWorker:
                     done(job, current)
                     continue
                 if route.kind == "maildir":
-                    done(job, current, replies=await self._deliver_local(current))
+                    with self._transaction(None):
+                        replies = await self._deliver_local(current)
+                    done(job, current, replies=replies)
                     continue
                 failure: tuple[int, str, str] | None = None
                 for _attempt in range(2):
@@ -280,7 +309,8 @@ class DeliveryWorker:
                         if current.message is None:
                             break
                     assert current.message is not None
-                    results = await outbound.send(current.message, follow)
+                    with self._transaction(outbound):
+                        results = await outbound.send(current.message, follow)
                     if outbound.announced is not None:
                         metrics.DELIVERY_PIPELINED.inc()
                     current.replies = [[i, r.code, r.status, r.text] for i, r in zip(current.rcpts, results)]
@@ -301,6 +331,22 @@ class DeliveryWorker:
             if self._inbox.get(sid) is queue:  # a new scheduler may have given this sid to another
                 del self._inbox[sid]
             send({"t": "closed", "sid": sid, "ok": ok})
+
+    @contextlib.contextmanager
+    def _transaction(self, outbound: OutboundSession | None) -> Iterator[None]:
+        """A message is going out: a drain lets this session finish it (drain()). Cut at
+        the drain's deadline, its connection is dropped: no QUIT in the middle of it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._sending.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if outbound is not None:
+                outbound.abort()
+            raise
+        finally:
+            self._sending.discard(task)
 
     async def _route(self, dest: str) -> Route:
         config = self.config

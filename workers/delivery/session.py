@@ -516,14 +516,18 @@ class OutboundSession:
     def _fail(self, message: Outbound, results: list[RecipientResult | None], code: int, status: str,
               text: str) -> None:
         """A connection-level failure mid-transaction: unresolved recipients are deferred."""
-        self.usable = False
-        if self._link.transport is not None:
-            self._link.transport.abort()
+        self.abort()
         for i, rcpt in enumerate(message.recipients):
             if results[i] is None:
                 results[i] = _result(rcpt.address, code, status, text)
 
     # --- closing -----------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Drop the connection now, no QUIT: a transaction was cut short (a drain's deadline)."""
+        self.usable = False
+        if self._link.transport is not None:
+            self._link.transport.abort()
 
     async def close(self) -> None:
         """QUIT (when the connection is still good), then close. Never raises for the peer."""

@@ -13,19 +13,16 @@ LMDB spool (after fork, never before), starts the process's one queue writer thr
 The status frame is the heartbeat: it is sent from the event loop, so a blocked loop
 goes silent and the master replaces the worker.
 
-Signals: SIGTERM/SIGINT = shutdown (idle sessions get 421 4.3.2 now, transactions
-finish, up to [server] drain_timeout_seconds); SIGUSR1 = retire (a reload: sessions end
-on their own, up to the same timeout). Test hooks, only with MTA_TEST_HOOKS=1 in the environment:
-SIGUSR2 blocks the event loop (heartbeat supervision); a file named `crash-workers`
-in the spool makes workers exit at start (spawn back-off).
+The process itself (signals, heartbeats, faulthandler, test hooks) is workers/process.py;
+`Worker` is the inbound body. Its drain: on shutdown (SIGTERM/SIGINT) idle sessions get
+421 4.3.2 now and transactions finish, up to [server] drain_timeout_seconds; on
+retirement (SIGUSR1, a reload) sessions end on their own, up to the same timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import os
-import signal
 import socket
 import ssl
 import time
@@ -47,6 +44,7 @@ from workers.inbound.notify import SchedulerNotifier
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.protocol import InboundProtocol
 from workers.link import MasterLink
+from workers.process import WorkerBody, WorkerProcess, run_worker
 
 
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
@@ -73,14 +71,7 @@ def server_options(config: Config, listener: ListenerConfig) -> ServerOptions:
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
-    import uvloop  # imported in the child: the master never has an event loop
-
-    logs.setup(f"inbound#{index}")
-    if os.environ.get("MTA_TEST_HOOKS") == "1" and os.path.exists(os.path.join(config.queue.path, "crash-workers")):
-        logs.event("test_hook", hook="crash-workers")  # lets tests exercise the spawn back-off
-        return 3
-    faulthandler.enable()  # SIGABRT from the master prints where the loop was stuck
-    return uvloop.run(Worker(config, channel, generation).serve())
+    return run_worker(Worker(config, generation), config, channel, f"inbound#{index}")
 
 
 def _observe_commit(messages: int, seconds: float) -> None:
@@ -88,25 +79,27 @@ def _observe_commit(messages: int, seconds: float) -> None:
     metrics.QUEUE_COMMIT_MESSAGES.observe(messages)
 
 
-class Worker:
-    def __init__(self, config: Config, channel: socket.socket, generation: int) -> None:
+class Worker(WorkerBody):
+    kind = "inbound"
+    reloads = False  # a reload replaces the inbound workers by generation
+    report_drops = True
+
+    def __init__(self, config: Config, generation: int) -> None:
         self.config = config
-        self.channel = channel
         self.generation = generation
         self.listeners: dict[str, ListenerConfig] = {lst.address: lst for lst in config.listener}
-        self.state = "ready"
-        self._stop = asyncio.Event()
-        self._shutdown = False
+        self.process: WorkerProcess | None = None
         self.link: MasterLink | None = None
         self.ctx: WorkerContext | None = None
         self.adopting = 0  # sockets taken whose session has not started (e.g. in a TLS handshake)
 
-    async def serve(self) -> int:
+    async def start(self, process: WorkerProcess) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        backend = LmdbBackend(config.queue.path, config.queue.max_size_bytes)
+        self.process, self.link = process, process.link
+        self._backend = backend = LmdbBackend(config.queue.path, config.queue.max_size_bytes)
         committer = GroupCommitter(backend, loop, on_commit=_observe_commit)
-        cache = LmdbCache(config.cache.path, config.cache.max_size_bytes, config.cache.max_entries)
+        self._cache = cache = LmdbCache(config.cache.path, config.cache.max_size_bytes, config.cache.max_entries)
         resolver = (MxResolver(list(config.dns.nameservers), cache, config.dns.timeout_seconds)
                     if config.policy.dnsbl else None)
         self.ctx = WorkerContext(
@@ -119,39 +112,16 @@ class Worker:
             budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
         )
         metrics.INBOUND_BUFFERED_LIMIT.set(config.limits.max_worker_buffered_bytes)
-        loop.add_signal_handler(signal.SIGTERM, self._stop_now, True)
-        loop.add_signal_handler(signal.SIGINT, self._stop_now, True)
-        loop.add_signal_handler(signal.SIGUSR1, self._stop_now, False)
-        if os.environ.get("MTA_TEST_HOOKS") == "1":
-            loop.add_signal_handler(signal.SIGUSR2, time.sleep, 3600)
-        self.link = MasterLink(self.channel, self._status, lambda: self._stop_now(True), self._on_frame,
-                               report_drops=True)
-        self.link.start()
-        await self._stop.wait()
-        self.link.stop_reading()
-        await self._drain()
-        committer.close()
-        self.ctx.notifier.close()
-        self.ctx.authenticator.close()
-        backend.close()
-        cache.close()
-        logs.event("stopped", sessions=len(self.ctx.sessions))
-        return 0
+        return None
 
-    def _stop_now(self, shutdown: bool) -> None:
-        self._shutdown = self._shutdown or shutdown
-        self.state = "retiring"
-        self._stop.set()
-        if self.link is not None:
-            self.link.send_status()
-
-    async def _drain(self) -> None:
-        assert self.ctx is not None
+    async def drain(self, deadline: float) -> None:
+        """Retiring: sessions end on their own; shutting down (also once a SIGTERM comes
+        during a retirement): idle sessions get 421 4.3.2 now. All of them at the deadline."""
+        assert self.ctx is not None and self.process is not None
         sessions = self.ctx.sessions
-        logs.event("draining", sessions=len(sessions), mode="shutdown" if self._shutdown else "retire")
-        deadline = time.monotonic() + self.config.server.drain_timeout_seconds
+        logs.event("draining", sessions=len(sessions), mode="shutdown" if self.process.shutdown else "retire")
         while sessions and time.monotonic() < deadline:
-            if self._shutdown:
+            if self.process.shutdown:
                 for session in [s for s in sessions if s.idle]:
                     session.shut_down()
             await asyncio.sleep(0.05)
@@ -159,7 +129,16 @@ class Worker:
             session.shut_down()
         await asyncio.sleep(0)  # let the transports flush their 421s
 
-    def _on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+    async def close(self) -> dict[str, object]:
+        assert self.ctx is not None
+        self.ctx.committer.close()
+        self.ctx.notifier.close()
+        self.ctx.authenticator.close()
+        self._backend.close()
+        self._cache.close()
+        return {"sessions": len(self.ctx.sessions)}
+
+    def on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
         assert self.ctx is not None and self.link is not None
         if frame.get("t") != "conn" or len(fds) != 1:
             for fd in fds:
@@ -199,7 +178,7 @@ class Worker:
         finally:
             self.adopting -= 1
 
-    def _status(self) -> dict[str, object]:
+    def status(self) -> dict[str, object]:
         if self.ctx is not None:
             metrics.INBOUND_BUFFERED.set(self.ctx.budget.held)  # sampled with the heartbeat, once a second
-        return {"state": self.state, "active": self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)}
+        return {"active": self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)}

@@ -45,7 +45,6 @@ import dataclasses
 import heapq
 import itertools
 import os
-import signal
 import socket
 import time
 from collections import Counter
@@ -53,13 +52,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mta import config as configmod
 from mta import frames, logs, metrics
 from mta.config import Config
 from mta.spool import open_spool
 from mtaqueue.ids import MessageId, is_id
 from mtaqueue.records import Envelope, NewMessage
-from workers.link import MasterLink
+from workers.process import WorkerBody, WorkerProcess, run_worker
 from workers.scheduler.outcome import FINAL_STATES, RecipientReply, RetryPolicy, settle
 from workers.scheduler.plan import Destination, Job, Limits, Plan
 from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally, destination_of, recount
@@ -67,6 +65,7 @@ from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally, destinati
 RESCAN_SECONDS = 30.0
 GAUGE_SECONDS = 2.0
 FLUSH_GATHER_SECONDS = 0.01
+DRAIN_GRACE_SECONDS = 2.0  # past the drain deadline: the delivery workers' last outcomes
 LOOKAHEAD = 3  # jobs a session may hold: the one running and two sent ahead (see _next_for)
 READ_OPS = frozenset({"active", "gauges"})  # commands that change nothing: answered without a flush
 
@@ -103,19 +102,14 @@ class WorkerLink:
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
-    import uvloop
-
-    logs.setup("scheduler")
-    if os.environ.get("MTA_TEST_HOOKS") == "1" and os.path.exists(os.path.join(config.queue.path, "crash-scheduler")):
-        logs.event("test_hook", hook="crash-scheduler")  # lets tests exercise the back-off and /readyz
-        return 3
-    return uvloop.run(Scheduler(config, channel).serve())
+    return run_worker(Scheduler(config), config, channel, "scheduler")
 
 
-class Scheduler:
-    def __init__(self, config: Config, channel: socket.socket) -> None:
+class Scheduler(WorkerBody):
+    kind = "scheduler"
+
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.channel = channel
         self.plan = Plan()
         self.messages: dict[MessageId, Envelope] = {}
         self.in_flight: dict[MessageId, set[int]] = {}
@@ -136,7 +130,6 @@ class Scheduler:
         self.workers: list[WorkerLink] = []
         self._sids = itertools.count(1)
         self._jobs = itertools.count(1)
-        self._stop = asyncio.Event()
         self._dispatch_scheduled = False
         self._wake: asyncio.Handle | None = None
         self._wake_at = 0.0
@@ -149,56 +142,60 @@ class Scheduler:
         self._written = 0  # flush rounds whose transaction is over
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
         self._peers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-        self._stopping = False
+        self._draining = False  # nothing new is dispatched; outcomes still come (drain())
+        self._stopping = False  # drained: peers are closed, the last flush runs
 
     # --- process -------------------------------------------------------------------
 
-    async def serve(self) -> int:
+    async def start(self, process: WorkerProcess) -> None:
         loop = asyncio.get_running_loop()
         self.backend = open_spool(self.config.queue)
         path = self.config.queue.scheduler_socket
         if os.path.exists(path):
             os.unlink(path)  # a stale socket of a dead scheduler
-        server = await asyncio.start_unix_server(self._on_peer, path=path)
+        self._server = await asyncio.start_unix_server(self._on_peer, path=path)
         os.chmod(path, 0o600)
         loaded = self._load(time.time())
         logs.event("ready", loaded=loaded, ready_jobs=self.plan.ready_jobs())
-        link = MasterLink(self.channel, lambda: {"state": "ready", "active": len(self.sessions)},
-                          self._stop.set)
-        link.start()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            loop.add_signal_handler(signum, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        rescan = loop.create_task(self._rescan_forever())
-        gauges = loop.create_task(self._gauges_forever())
-        idle = loop.create_task(self._expire_parked_forever())
+        self._tasks = [loop.create_task(self._rescan_forever()), loop.create_task(self._gauges_forever()),
+                       loop.create_task(self._expire_parked_forever())]
         self._schedule_dispatch()
-        await self._stop.wait()
+
+    def status(self) -> dict[str, Any]:
+        return {"active": len(self.sessions)}
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self._schedule_dispatch()
+
+    async def drain(self, deadline: float) -> None:
+        """The delivery workers drain too (SIGTERM reaches all at once): nothing new goes
+        out; their outcomes are applied until no session is open (each one's "closed" or
+        its worker gone) or the deadline + DRAIN_GRACE_SECONDS; close() writes them."""
+        self._draining = True
+        for session in list(self.sessions.values()):
+            if not session.jobs:
+                self._close(session)
+        logs.event("draining", sessions=len(self.sessions) or None)
+        until = deadline + DRAIN_GRACE_SECONDS
+        while self.sessions and time.monotonic() < until:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> dict[str, Any]:
         self._stopping = True
-        rescan.cancel()
-        gauges.cancel()
-        idle.cancel()
-        server.close()
+        for task in self._tasks:
+            task.cancel()
+        self._server.close()
         # Close the peers' connections rather than cancel their tasks (a cancelled
         # stream handler task makes Python 3.11's asyncio log a spurious traceback); no
         # frame is handled once the spool is closed.
         for writer in self._peers.values():
             writer.close()
-        await asyncio.gather(rescan, gauges, idle, *self._peers, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._peers, return_exceptions=True)
         await self._flush_all()
         self._writer.shutdown(wait=True)
         self.backend.close()
-        logs.event("stopped", in_flight_sessions=len(self.sessions))
-        return 0
-
-    def _reload(self) -> None:
-        try:
-            self.config = configmod.load(None if self.config.source == "<embedded defaults>" else self.config.source)
-        except configmod.ConfigError as exc:
-            logs.event("reload_failed", error=str(exc))
-            return
-        logs.event("reload", config=self.config.source)
-        self._schedule_dispatch()
+        return {"in_flight_sessions": len(self.sessions)}
 
     # --- the queue view ---------------------------------------------------------------
 
@@ -390,7 +387,7 @@ class Scheduler:
     # --- dispatch ------------------------------------------------------------------------
 
     def _schedule_dispatch(self) -> None:
-        if not self._dispatch_scheduled:
+        if not self._dispatch_scheduled and not self._draining:  # draining: nothing new goes out
             self._dispatch_scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)
 
@@ -438,8 +435,9 @@ class Scheduler:
         full, more ahead, up to LOOKAHEAD), let it finish the jobs sent ahead, park it, or
         close it."""
         dest, now = session.dest, time.time()
-        if session.closing:
-            return  # a failed session's job sent ahead: nothing more goes to it
+        if session.closing or self._draining:  # failed (a job sent ahead comes back) or draining:
+            self._close(session)  # nothing more goes to it
+            return
         if session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.limit:
             while (len(session.jobs) < LOOKAHEAD and len(dest)
                    and session.jobs_sent < dest.limits.max_messages_per_connection
