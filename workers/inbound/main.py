@@ -2,16 +2,17 @@
 
 `run(config, channel, generation, index)` is the body of a forked child. It opens the
 LMDB spool (after fork, never before), starts the process's one queue writer thread
-(GroupCommitter), then takes connections from its SEQPACKET channel to the master:
+(GroupCommitter), then takes connections from its SEQPACKET channel to the master
+(mta/messages.py):
 
-  master -> worker  {"t": "conn", "id": n, "l": listener address}  + the socket (SCM_RIGHTS)
-  worker -> master  {"t": "took", "id": n, "active": sessions}      as soon as it owns it
-  worker -> master  {"t": "refused", "id": n, "active": sessions}   the frame came without its
-                    socket (the kernel drops it at our fd limit); the master answers 421
-  worker -> master  {"t": "status", "state": "ready"|"retiring", "active": n}  every second
+  master -> worker  Conn(id, listener) + the socket (SCM_RIGHTS)
+  worker -> master  Took(id, active)      as soon as it owns it
+  worker -> master  Refused(id, active)   the Conn came without its socket (the kernel
+                    drops it at our fd limit); the master answers 421
+  worker -> master  Status(state "ready"|"retiring", active) every second
 
-The status frame is the heartbeat: it is sent from the event loop, so a blocked loop
-goes silent and the master replaces the worker.
+The Status is the heartbeat: it is sent from the event loop, so a blocked loop goes
+silent and the master replaces the worker.
 
 Signals: SIGTERM/SIGINT = shutdown (idle sessions get 421 4.3.2 now, transactions
 finish, up to [server] drain_timeout_seconds); SIGUSR1 = retire (a reload: sessions end
@@ -31,8 +32,9 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from mta import logs, metrics
+from mta import logs, messages, metrics
 from mta.config import Config, ListenerConfig
+from mta.messages import Message
 from mta.smtp.server import ServerOptions
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.cache_lmdb import LmdbCache
@@ -174,19 +176,20 @@ class Worker:
             session.shut_down()
         await asyncio.sleep(0)  # let the transports flush their 421s
 
-    def _on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+    def _on_frame(self, message: Message, fds: list[int]) -> None:
         assert self.ctx is not None and self.link is not None
-        if frame.get("t") != "conn" or len(fds) != 1:
+        if not isinstance(message, messages.Conn):
+            raise messages.unexpected(message, "from the master")
+        if len(fds) != 1:  # no room for the descriptor here (MSG_CTRUNC)
             for fd in fds:
                 os.close(fd)
-            if frame.get("t") == "conn":  # no room for the descriptor here (MSG_CTRUNC)
-                self.link.send({"t": "refused", "id": frame["id"], "active": len(self.ctx.sessions) + self.adopting})
+            self.link.send(messages.Refused(message.id, len(self.ctx.sessions) + self.adopting))
             return
         sock = socket.socket(fileno=fds[0])
-        listener = self.listeners.get(str(frame["l"]))
+        listener = self.listeners.get(message.listener)
         if listener is not None:
             self.adopting += 1  # load from now until the session exists (a TLS handshake takes a while)
-        self.link.send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + self.adopting})
+        self.link.send(messages.Took(message.id, len(self.ctx.sessions) + self.adopting))
         if listener is None:  # a listener this generation does not know: cannot serve it
             sock.close()
             return
@@ -214,7 +217,7 @@ class Worker:
         finally:
             self.adopting -= 1
 
-    def _status(self) -> dict[str, object]:
+    def _status(self) -> messages.Status:
         if self.ctx is not None:
             metrics.INBOUND_BUFFERED.set(self.ctx.budget.held)  # sampled with the heartbeat, once a second
-        return {"state": self.state, "active": self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)}
+        return messages.Status(self.state, self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0))
