@@ -39,7 +39,9 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 
-_packb = msgpack.Packer().pack  # one Packer: packb() would build one per call
+# One Packer (packb() builds one per call). Not thread-safe: messages are encoded on each
+# process's event-loop thread (or the CLI's only one), never in an executor.
+_packb = msgpack.Packer().pack
 _unpackb = msgpack.unpackb
 
 
