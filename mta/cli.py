@@ -19,13 +19,12 @@ import os
 import socket
 import sys
 import time
+import typing
 import urllib.parse
 from typing import Any
 
-import msgpack
-
 from mta import config as configmod
-from mta import admintoken, frames, queueview
+from mta import admintoken, frames, messages, queueview
 from mta.config import Config, ConfigError, split_hostport
 
 CONTROL_CONNECT_SECONDS = 5.0  # nothing accepts on [control] listen by then: the server is stopped
@@ -258,6 +257,9 @@ def _open_spool(cfg: Config):  # type: ignore[no-untyped-def]
     return open_spool(cfg.queue)
 
 
+_Answer = typing.TypeVar("_Answer", bound=messages.Message)
+
+
 class ControlError(Exception):
     """The admin API answered, but not with what the command needs (or broke off)."""
 
@@ -277,8 +279,8 @@ def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
     else:  # the server is stopped: the spool itself
         spool = _open_spool(cfg)
         envelopes = list(spool.envelopes()) if spool is not None else []
-        active = _ask_scheduler(cfg, {"t": "cmd", "op": "active"})
-        queueview.mark_active(envelopes, active["active"] if active is not None else {})
+        active = _ask_scheduler(cfg, messages.ActiveQuery(), messages.ActiveJobs)
+        queueview.mark_active(envelopes, active.active if active is not None else {})
         entries = [queueview.envelope_json(e) for e in envelopes]
     if args.json:
         json.dump(entries, sys.stdout, indent=1)
@@ -332,13 +334,17 @@ def _queue_operation(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     which = {"ids": [i.upper() for i in args.ids], "domain": args.domain, "all": args.all}
     via_api = _ask_control(cfg, "POST", f"/api/queue/{args.op}", which, expect=(200, 503))
+    count: int | None = None
     if via_api is not None and via_api[0] == 200:
-        answer = json.loads(via_api[1])
+        count = json.loads(via_api[1])["count"]
     else:  # stopped, or 503 (the control process runs, the scheduler not yet): as before the API
-        answer = _ask_scheduler(cfg, {"t": "cmd", "op": args.op, **which})
-    if answer is not None:
-        print(f"{args.op}: {answer['count']} message(s) (applied by the running scheduler)")
-        return 0 if answer["count"] or not args.ids else 1
+        command = messages.QueueCommand(typing.cast(messages.QueueOp, args.op), tuple(which["ids"]),
+                                        args.domain, args.all)
+        result = _ask_scheduler(cfg, command, messages.CommandResult)
+        count = result.count if result is not None else None
+    if count is not None:
+        print(f"{args.op}: {count} message(s) (applied by the running scheduler)")
+        return 0 if count or not args.ids else 1
     count = _apply_offline(cfg, args)
     print(f"{args.op}: {count} message(s) (server not running: applied to the spool)")
     return 0 if count or not args.ids else 1
@@ -411,8 +417,9 @@ def _ask_control(cfg: Config, method: str, path: str, body: dict[str, Any] | Non
     return status, data
 
 
-def _ask_scheduler(cfg: Config, frame: dict[str, Any]) -> dict[str, Any] | None:
-    """Send one command to the running scheduler; None when it is not running."""
+def _ask_scheduler(cfg: Config, question: messages.Message, answer: type[_Answer]) -> _Answer | None:
+    """One question to the running scheduler: its answer; None when it is not running.
+    ControlError when it speaks another build's messages or does not answer."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     try:
@@ -421,16 +428,14 @@ def _ask_scheduler(cfg: Config, frame: dict[str, Any]) -> dict[str, Any] | None:
         sock.close()
         return None
     with sock:
-        sock.sendall(frames.encode_stream_frame(frame))
-        head = _read_exactly(sock, 4)
-        return msgpack.unpackb(_read_exactly(sock, int.from_bytes(head, "big")))
-
-
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("the scheduler closed the connection")
-        data += chunk
-    return data
+        try:
+            sock.sendall(frames.encode_stream_frame(messages.hello("cli")) + frames.encode_stream_frame(question))
+            hello = frames.recv_stream_frame(sock)  # one of another build is refused here
+            if not isinstance(hello, messages.Hello):
+                raise messages.unexpected(hello, "before a Hello")
+            got = frames.recv_stream_frame(sock)
+            if not isinstance(got, answer):
+                raise messages.unexpected(got, f"for a {type(question).__name__}")
+        except (ConnectionError, messages.MessageError) as exc:
+            raise ControlError(f"the scheduler at {cfg.queue.scheduler_socket}: {exc}") from None
+        return got

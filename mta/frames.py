@@ -1,12 +1,14 @@
-"""Frames between processes: msgpack maps, over SEQPACKET channels or stream sockets.
+"""Frames between processes: typed messages (mta/messages.py) over SEQPACKET channels or
+stream sockets.
 
-Master <-> children: one msgpack map per SOCK_SEQPACKET packet, optionally with fds.
-Scheduler <-> delivery workers, inbound workers and the CLI: a Unix stream socket
-with each map prefixed by its length (4 bytes, big-endian).
+Master <-> children: one message per SOCK_SEQPACKET packet, optionally with fds.
+Scheduler <-> delivery workers, inbound workers, the control process and the CLI: a Unix
+stream socket with each message prefixed by its length (4 bytes, big-endian).
 
 SEQPACKET keeps packet boundaries, so a frame never arrives split and the file
-descriptors passed with it (SCM_RIGHTS) belong to exactly that frame. Every frame is a
-map with a "t" (type) key. Sockets are non-blocking: send_frame returns False when the
+descriptors passed with it (SCM_RIGHTS) belong to exactly that frame. A frame that is
+not a message of this build raises messages.MessageError (a ValueError) where it is
+read, its descriptors closed. Sockets are non-blocking: send_frame returns False when the
 frame cannot go now (the peer's buffer is full, or the kernel is short of memory or of
 room for descriptors in flight; the caller decides: retry elsewhere, or later) and
 raises OSError when the channel is broken (EPIPE, ECONNRESET, ENOTCONN...: the peer is
@@ -20,9 +22,9 @@ import errno
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
 
-import msgpack
+from mta import messages
+from mta.messages import Message
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_FDS = 8
@@ -39,8 +41,8 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return parent, child
 
 
-def send_frame(sock: socket.socket, frame: dict[str, Any], fds: Sequence[int] = ()) -> bool:
-    data = msgpack.packb(frame)
+def send_frame(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> bool:
+    data = messages.encode(message)
     try:
         if fds:
             socket.send_fds(sock, [data], list(fds))
@@ -55,39 +57,76 @@ def send_frame(sock: socket.socket, frame: dict[str, Any], fds: Sequence[int] = 
     return True
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """The next frame and its fds; None at EOF. Raises BlockingIOError when none is waiting."""
+def recv_frame(sock: socket.socket) -> tuple[Message, list[int]] | None:
+    """The next message and its fds; None at EOF. Raises BlockingIOError when none is
+    waiting, MessageError for a packet that is not a message (its fds closed)."""
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_FRAME_BYTES, MAX_FDS)
-    if not data:
-        for fd in fds:  # never leak a descriptor that came with an empty packet
-            socket.close(fd)
-        return None
-    return msgpack.unpackb(data), fds
+    try:
+        if data:
+            return messages.decode(data), fds
+    except messages.MessageError:
+        _close(fds)
+        raise
+    _close(fds)  # never leak a descriptor that came with an empty packet
+    return None
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        socket.close(fd)
 
 
 # --- stream sockets (the scheduler's Unix socket) ----------------------------------------
-# The same maps, each prefixed with its length as 4 bytes big-endian.
+# The same messages, each prefixed with its length as 4 bytes big-endian.
 
 _LENGTH = struct.Struct(">I")
 
 
-def encode_stream_frame(frame: dict[str, Any]) -> bytes:
-    data = msgpack.packb(frame)
+def encode_stream_frame(message: Message) -> bytes:
+    data = messages.encode(message)
     return _LENGTH.pack(len(data)) + data
 
 
-async def read_stream_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next frame, or None at a clean EOF between frames."""
+async def read_stream_frame(reader: asyncio.StreamReader) -> Message | None:
+    """The next message, or None at a clean EOF between frames. MessageError (a
+    ValueError) for a frame that is not a message or is over MAX_STREAM_FRAME_BYTES."""
     try:
         head = await reader.readexactly(_LENGTH.size)
     except asyncio.IncompleteReadError as exc:
         if exc.partial:
             raise
         return None
+    return messages.decode(await reader.readexactly(_length(head)))
+
+
+def recv_stream_frame(sock: socket.socket) -> Message:
+    """The next message from a blocking stream socket (the CLI). ConnectionError at EOF."""
+    return messages.decode(_recv_exactly(sock, _length(_recv_exactly(sock, _LENGTH.size))))
+
+
+def _length(head: bytes) -> int:
     (length,) = _LENGTH.unpack(head)
     if length > MAX_STREAM_FRAME_BYTES:
-        raise ValueError(f"frame of {length} bytes exceeds {MAX_STREAM_FRAME_BYTES}")
-    return msgpack.unpackb(await reader.readexactly(length))
+        raise messages.MessageError(f"a frame of {length} bytes (the limit is {MAX_STREAM_FRAME_BYTES})")
+    return int(length)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection")
+        data += chunk
+    return data
+
+
+async def read_hello(reader: asyncio.StreamReader) -> messages.Hello | None:
+    """The peer's first message, which must be a Hello of this build; None at EOF."""
+    message = await read_stream_frame(reader)
+    if message is None or isinstance(message, messages.Hello):
+        return message
+    raise messages.unexpected(message, "before a Hello")
 
 
 class StreamFrames:
@@ -100,10 +139,10 @@ class StreamFrames:
         self.writer = writer
         self._out: list[bytes] = []
 
-    def send(self, frame: dict[str, Any]) -> None:
+    def send(self, message: Message) -> None:
         if self.writer.is_closing():
             return
-        self._out.append(encode_stream_frame(frame))
+        self._out.append(encode_stream_frame(message))
         if len(self._out) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
 

@@ -7,7 +7,7 @@ the same thing. Pure: callers read the spool and ask the scheduler.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mtaqueue.records import Envelope
@@ -17,7 +17,7 @@ def iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def mark_active(envelopes: Iterable[Envelope], active: dict[str, list[int]]) -> None:
+def mark_active(envelopes: Iterable[Envelope], active: Mapping[str, Sequence[int]]) -> None:
     """Recipients being delivered right now are only known to the running scheduler."""
     for e in envelopes:
         for i in active.get(e.id, []):

@@ -38,8 +38,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from mta import config as configmod
-from mta import logs
+from mta import logs, messages
 from mta.config import Config
+from mta.messages import Message
 from workers.link import MasterLink
 
 CRASH_AT_START_EXIT = 3
@@ -63,14 +64,15 @@ class WorkerBody:
         None: serving; a number: exit with it now (nothing opened is left behind)."""
         raise NotImplementedError
 
-    def status(self) -> dict[str, Any]:
-        """The heartbeat's fields besides the state: {"active": sessions}."""
-        return {"active": 0}
+    def status(self) -> int:
+        """The heartbeat's load besides the state: sessions (or connections) in progress."""
+        return 0
 
-    def on_frame(self, frame: dict[str, Any], fds: list[int]) -> None:
-        """A frame from the master; the body owns the descriptors that came with it."""
-        for fd in fds:
-            os.close(fd)
+    def on_frame(self, message: Message, fds: list[int]) -> None:
+        """A message from the master; the body owns the descriptors that came with it.
+        Raises messages.MessageError (before taking the descriptors) for a kind it does
+        not take."""
+        raise messages.unexpected(message, "from the master")
 
     def retire(self) -> bool:
         """SIGUSR1. True: stop as a retirement; False: noted, keep running."""
@@ -142,8 +144,8 @@ class WorkerProcess:
         if self._started:
             self.link.send_status()
 
-    def _status(self) -> dict[str, Any]:
-        return {"state": self.state, **self.body.status()}
+    def _status(self) -> messages.Status:
+        return messages.Status(self.state, self.body.status())
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -13,11 +13,14 @@ channels and the signal wake-up pipe. Signal handlers only record the signal.
 - Supervision: a dead worker is reaped and replaced; one that dies before it is READY
   or within CRASH_WINDOW_SECONDS of its start is replaced after a doubling back-off
   (never a halt). Such a slot is crash-looping until a child in it is READY again; the
-  control process is told the crash-looping slots (a `children` frame on its channel,
-  sent when the set changes), and its /readyz answers 503 meanwhile.
+  control process is told the crash-looping slots (a `Children` message on its
+  channel, sent when the set changes), and its /readyz answers 503 meanwhile.
   A worker silent for heartbeat_timeout_seconds gets SIGABRT (faulthandler, which the
   bootstrap workers/process.py enables in every kind, prints its stack), then SIGKILL
   after KILL_GRACE_SECONDS.
+- Channels carry mta/messages.py's messages; a frame from a child that is not one the
+  master takes (a bug, or another build's Hello) is logged and the channel dropped: the
+  child gets nothing more and is killed if it does not exit.
 - SIGHUP: re-read the config; an invalid one is logged and the old one kept. A new
   generation starts; once all its workers are READY it serves, and the old generation
   gets SIGUSR1 (finish sessions, then exit). Listeners stay open throughout.
@@ -40,7 +43,7 @@ import time
 from collections.abc import Callable
 
 from mta import config as configmod
-from mta import frames, logs, metrics
+from mta import frames, logs, messages, metrics
 from mta.config import Config, ConfigError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
 from mta.master.dispatch import INBOUND, Dispatcher
@@ -262,25 +265,40 @@ class Arbiter:
                 got = frames.recv_frame(channel)
             except BlockingIOError:
                 return
+            except messages.MessageError as exc:
+                self._bad_frame(child, channel, exc)
+                return
             except OSError:
                 got = None
             if got is None:  # the child closed its end: it is exiting; _reap handles it
                 self._selector.unregister(channel)
                 self._dispatch.channel_lost(child)
                 return
-            frame, fds = got
+            message, fds = got
             for fd in fds:
                 os.close(fd)
             child.last_seen = now
-            kind = frame.get("t")
-            if kind in ("took", "refused"):
-                self._dispatch.on_answer(child, frame)
-            elif kind == "status":
-                child.active = frame["active"]
-                if child.state is ChildState.STARTING and frame["state"] == "ready":
-                    child.state = ChildState.READY
-                    self._urgent = True
-                    logs.event("ready", child=child.title, child_pid=child.pid)
+            match message:
+                case messages.Took() | messages.Refused():
+                    self._dispatch.on_answer(child, message)
+                case messages.Status(state=state, active=active):
+                    child.active = active
+                    if child.state is ChildState.STARTING and state == "ready":
+                        child.state = ChildState.READY
+                        self._urgent = True
+                        logs.event("ready", child=child.title, child_pid=child.pid)
+                case messages.Hello():
+                    pass  # of this build: decode refuses another PROTOCOL_VERSION
+                case _:
+                    self._bad_frame(child, channel, messages.unexpected(message, "from a child"))
+                    return
+
+    def _bad_frame(self, child: Child, channel: socket.socket, exc: messages.MessageError) -> None:
+        """A bug, or a child of another build: it is never trusted again (channel_lost:
+        nothing more is handed to it, and it is killed if it does not exit)."""
+        logs.event(exc.event, child=child.title, child_pid=child.pid, error=str(exc))
+        self._selector.unregister(channel)
+        self._dispatch.channel_lost(child, "bad frame")
 
     def _reap(self, now: float) -> None:
         while True:
@@ -448,7 +466,7 @@ class Arbiter:
             if child.kind != CONTROL or self._control_told.get(child.pid) == failing:
                 continue
             try:
-                sent = frames.send_frame(child.channel, {"t": "children", "crash_looping": failing})
+                sent = frames.send_frame(child.channel, messages.Children(tuple(failing)))
             except OSError:  # it is exiting: _reap will see it
                 sent = False
             if sent:

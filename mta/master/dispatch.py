@@ -2,9 +2,9 @@
 
 - Choice: the READY inbound worker of the serving generation with the lowest load
   (reported sessions + handoffs not yet acknowledged) whose channel works.
-- Handoff: `{"t": "conn", "id", "l": listener}` + the socket over the worker's SEQPACKET
-  channel (SCM_RIGHTS). The master keeps its copy until the worker answers `took` (it
-  owns the socket: the copy is closed) or `refused` (the kernel dropped the descriptor
+- Handoff: a `messages.Conn` + the socket over the worker's SEQPACKET channel
+  (SCM_RIGHTS). The master keeps its copy until the worker answers `Took` (it
+  owns the socket: the copy is closed) or `Refused` (the kernel dropped the descriptor
   at the worker's fd limit: the master answers 421 4.3.2 and closes). A full channel
   means "try the next worker". A send that fails otherwise (EPIPE, ECONNRESET,
   ENOTCONN...) means the worker is dead or dying: its channel is marked lost, it is
@@ -18,7 +18,7 @@
   the least-loaded worker is at max_sessions_per_worker, the master answers 421 4.3.2.
 
 Invariant: every accepted socket is in exactly one place: a Child's pending map, the
-orphan queue, a worker (after `took`), or refused/expired (counted and logged).
+orphan queue, a worker (after `Took`), or refused/expired (counted and logged).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from mta import frames, logs
+from mta import frames, logs, messages
 from mta.master.admission import Admission
 from mta.master.children import Child, ChildState, Handoff
 
@@ -64,7 +64,7 @@ class Dispatcher:
             conn_id = self._next_conn_id
             self._next_conn_id += 1
             try:
-                sent = frames.send_frame(child.channel, {"t": "conn", "id": conn_id, "l": address}, [conn.fileno()])
+                sent = frames.send_frame(child.channel, messages.Conn(conn_id, address), [conn.fileno()])
             except OSError as exc:  # the channel is broken: the worker is dead or dying
                 self.channel_lost(child, exc.strerror or type(exc).__name__)
                 sent = False
@@ -91,13 +91,13 @@ class Dispatcher:
             address, conn = self.orphans.popleft()
             self.hand(address, conn)
 
-    def on_answer(self, child: Child, frame: dict[str, object]) -> None:
-        """`took` or `refused` from the worker, for one of its pending handoffs."""
-        handoff = child.pending.pop(frame["id"], None)  # type: ignore[arg-type]
-        child.active = int(frame["active"])  # type: ignore[call-overload]
+    def on_answer(self, child: Child, answer: messages.Took | messages.Refused) -> None:
+        """The worker's answer to one of its pending handoffs."""
+        handoff = child.pending.pop(answer.id, None)
+        child.active = answer.active
         if handoff is None:  # expired meanwhile, or rehanded after a channel error
             return
-        if frame["t"] == "took":
+        if isinstance(answer, messages.Took):
             handoff.conn.close()
             self._fd_freed()
         else:

@@ -1,6 +1,6 @@
 """Delivery sessions in the scheduler: parked ones are reused before opening, one job at a time,
 a shrunk window closes the excess, expiry QUITs them. Real Scheduler, in-memory spool,
-the frames it writes to a fake delivery worker decoded and checked. Busy ones are sent
+the messages it writes to a fake delivery worker decoded and checked. Busy ones are sent
 jobs ahead while the window is full."""
 
 from __future__ import annotations
@@ -8,32 +8,41 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+from collections.abc import Iterable
 from typing import Any
 
-import msgpack
 import uvloop
 
+from mta import messages
+from mta.messages import Message
 from tests.workers.test_scheduler_tally import Driver, config, new_scheduler
 from workers.scheduler.main import LOOKAHEAD
 
 
-def sent(driver: Driver) -> list[dict[str, Any]]:
-    """Every frame the scheduler wrote to the (one) worker so far, in order."""
+def sent(driver: Driver) -> list[Message]:
+    """Every message the scheduler wrote to the (one) worker so far, in order."""
     data = b"".join(driver.s.workers[0].writer.frames)  # type: ignore[attr-defined]
     out, pos = [], 0
     while pos < len(data):
         (length,) = struct.unpack(">I", data[pos:pos + 4])
-        out.append(msgpack.unpackb(data[pos + 4:pos + 4 + length]))
+        out.append(messages.decode(data[pos + 4:pos + 4 + length]))
         pos += 4 + length
     return out
+
+
+def kinds(driver: Driver) -> list[str]:
+    return [type(m).__name__ for m in sent(driver)]
+
+
+def done(driver: Driver, session: Any, job_id: int, rcpts: Iterable[int], failed: bool = False) -> None:
+    driver.s._on_done(messages.Done(session.sid, job_id, tuple(
+        (i, 451 if failed else 250, "4.4.1" if failed else "2.0.0", "x") for i in rcpts), failed=failed))
 
 
 def answer(driver: Driver, failed: bool = False) -> None:
     """Every session carrying a job reports it done (250, or a failed session)."""
     for session in driver.carried_sessions():
-        driver.s._on_done({"sid": session.sid, "job": session.job.id, "remote": None, "failed": failed,
-                           "replies": [[i, 451 if failed else 250, "4.4.1" if failed else "2.0.0", "x"]
-                                       for i in session.job.rcpts]})
+        done(driver, session, session.job.id, session.job.rcpts, failed)
 
 
 def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
@@ -45,25 +54,25 @@ def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
         s._on_new([driver.commit([f"u{n}@one.test"]) for n in range(3)])
         s._dispatch()
         await asyncio.sleep(0)
-        assert [f["t"] for f in sent(driver)] == ["open"] * 3
+        assert kinds(driver) == ["Open"] * 3
         answer(driver)  # the queue is empty: all three park, none QUITs
         await asyncio.sleep(0)
         assert sum(len(p) for p in s.parked.values()) == 3 and len(s.sessions) == 3
-        assert "close" not in [f["t"] for f in sent(driver)]
+        assert "Close" not in kinds(driver)
 
         s._on_new([driver.commit(["late@one.test"])])  # rides a parked session, opens nothing
         s._dispatch()
         await asyncio.sleep(0)
         frames = sent(driver)
-        assert [f["t"] for f in frames].count("open") == 3 and frames[-1]["t"] == "job"
-        busy = frames[-1]["sid"]
+        assert kinds(driver).count("Open") == 3 and isinstance(frames[-1], messages.Job)
+        busy = frames[-1].sid
         assert busy not in {sid for p in s.parked.values() for sid in p}  # one job at a time
         s.check_tally()
 
         answer(driver, failed=True)  # window 3 -> 1: the failed one closes, and enough parked ones
         s._dispatch()
         await asyncio.sleep(0)
-        closes = [f["sid"] for f in sent(driver) if f["t"] == "close"]
+        closes = [f.sid for f in sent(driver) if isinstance(f, messages.Close)]
         assert busy in closes and len(closes) == 2  # 3 open - 1 allowed = 2 closing
         for session in [x for x in s.sessions.values() if x.closing]:
             s._on_closed(session.worker, session.sid, True)
@@ -73,7 +82,7 @@ def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
         await asyncio.sleep(0.6)  # past connection_idle_seconds: the last one QUITs too
         assert not expiry.done(), expiry.exception()
         expiry.cancel()
-        last = [f for f in sent(driver) if f["t"] == "close"]
+        last = [f for f in sent(driver) if isinstance(f, messages.Close)]
         assert len(last) == 3 and s.parked == {}
         s.check_tally()
         if s._wake is not None:
@@ -81,12 +90,6 @@ def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
         await s._flush_all()
 
     uvloop.run(main())
-
-
-def done(driver: Driver, session: Any, job_id: int, rcpts: list[int], failed: bool = False) -> None:
-    driver.s._on_done({"sid": session.sid, "job": job_id, "remote": None, "failed": failed,
-                       "replies": [[i, 451 if failed else 250, "4.4.1" if failed else "2.0.0", "x"]
-                                   for i in rcpts]})
 
 
 def test_a_full_window_sends_the_next_job_ahead() -> None:
@@ -104,23 +107,24 @@ def test_a_full_window_sends_the_next_job_ahead() -> None:
         s._on_new([driver.commit(["second@one.test"])])  # the window has room: a second session
         s._dispatch()
         await asyncio.sleep(0)
-        assert [f["t"] for f in sent(driver)] == ["open", "open"]
+        assert kinds(driver) == ["Open", "Open"]
         s._on_new([driver.commit([f"u{n}@one.test"]) for n in range(5)])
         s._dispatch()
         await asyncio.sleep(0)
-        assert [f["t"] for f in sent(driver)] == ["open", "open"]  # both busy, the window is full
+        assert kinds(driver) == ["Open", "Open"]  # both busy, the window is full
 
         a, b = sorted(s.sessions.values(), key=lambda x: x.sid)
         done(driver, a, a.job.id, [0])  # a takes its next job and two ahead
         await asyncio.sleep(0)
-        assert [f["t"] for f in sent(driver)][2:] == ["job"] * LOOKAHEAD and len(a.jobs) == LOOKAHEAD == 3
+        assert kinds(driver)[2:] == ["Job"] * LOOKAHEAD and len(a.jobs) == LOOKAHEAD == 3
         s.check_tally()
-        assert sorted(sum(s._command({"op": "active"})["active"].values(), [])) == [0, 0, 0, 0]
+        active = s._command(messages.ActiveQuery())
+        assert isinstance(active, messages.ActiveJobs) and sorted(sum(active.active.values(), ())) == [0, 0, 0, 0]
 
         ahead = a.jobs[-1]
         done(driver, a, a.job.id, [0], failed=True)  # a's connection failed: nothing more for it
         await asyncio.sleep(0)
-        assert a.closing and a.jobs[-1] == ahead and len(a.jobs) == 2 and [f["t"] for f in sent(driver)][-1] == "close"
+        assert a.closing and a.jobs[-1] == ahead and len(a.jobs) == 2 and kinds(driver)[-1] == "Close"
         ready_before = s.plan.ready_jobs()
         s._on_closed(a.worker, a.sid, False)  # the jobs sent ahead did not run: ready again
         assert s.plan.ready_jobs() == ready_before + 2 and ahead.msgid not in s.carried
@@ -157,10 +161,10 @@ def test_a_job_sent_ahead_then_held_is_skipped_not_deferred() -> None:
         done(driver, session, session.job.id, [0])  # the window (1) is full: jobs go ahead
         assert len(session.jobs) == LOOKAHEAD
         held, released = session.jobs[1], session.jobs[2]
-        s._command({"op": "hold", "ids": [held.msgid, released.msgid]})
-        s._command({"op": "release", "ids": [released.msgid]})
+        s._command(messages.QueueCommand("hold", (held.msgid, released.msgid)))
+        s._command(messages.QueueCommand("release", (released.msgid,)))
         for job in (held, released):
-            s._on_done({"sid": session.sid, "job": job.id, "remote": None, "replies": [], "skipped": [0]})
+            s._on_done(messages.Done(session.sid, job.id, (), skipped=(0,)))
         assert s.messages[held.msgid].recipients[0].state == "held"
         assert s.messages[held.msgid].recipients[0].attempts == 0
         assert s.messages[released.msgid].recipients[0].state == "ready"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from mta import metrics
+from mta import messages, metrics
 from mta.config import Config, DeliveryConfig
 from mtaqueue.backend_memory import MemoryBackend
 from mtaqueue.ids import MessageId
@@ -168,9 +168,9 @@ class Driver:
         elif kind == "done" and (carried := self.carried_sessions()):
             session = rnd.choice(carried)
             rcpts = [i for i in session.job.rcpts if rnd.random() < 0.95]  # sometimes one is not answered
-            replies = [[i, *rnd.choice(REPLIES)] for i in rcpts]
-            s._on_done({"sid": session.sid, "job": session.job.id, "replies": replies,
-                        "remote": "mx.test[127.0.0.9]:25", "failed": rnd.random() < 0.05})
+            replies = tuple((i, *rnd.choice(REPLIES)) for i in rcpts)
+            s._on_done(messages.Done(session.sid, session.job.id, replies, "mx.test[127.0.0.9]:25",
+                                     failed=rnd.random() < 0.05))
         elif kind == "closed" and s.sessions:
             session = rnd.choice(list(s.sessions.values()))
             s._on_closed(session.worker, session.sid, True)
@@ -179,9 +179,9 @@ class Driver:
             self.add_worker()
         elif kind == "command" and s.messages:
             op = rnd.choice(["retry", "hold", "release", "delete", "hold", "release"])
-            which = rnd.choice([{"ids": rnd.sample(self.tracked(), min(2, len(s.messages)))},
-                                {"domain": rnd.choice(DOMAINS)}, {"all": rnd.random() < 0.1, "ids": []}])
-            s._command({"t": "cmd", "op": op, **which})
+            which = rnd.choice([{"ids": tuple(rnd.sample(self.tracked(), min(2, len(s.messages))))},
+                                {"domain": rnd.choice(DOMAINS)}, {"all": rnd.random() < 0.1}])
+            s._command(messages.QueueCommand(op, **which))
         elif kind == "rescan":  # committed, the notification lost: the rescan finds it
             self.commit()
             s._on_new(m for m in s.backend.due(time.time() + 1, 10**6) if m not in s.messages)
@@ -212,14 +212,14 @@ def test_running_counts_equal_a_walk_after_random_events(seed: int) -> None:
                 await asyncio.sleep(rnd.choice([0, 0, 0.003]))  # dispatches, flushes, bounces, timers
                 s.check_tally()
         # Drain: every job answered 250 until nothing is left but held mail.
-        s._command({"t": "cmd", "op": "release", "all": True})
+        s._command(messages.QueueCommand("release", all=True))
         for _ in range(2000):
             for dest in s.plan.destinations.values():
                 dest.suspended_until = 0.0
             s._dispatch()
             for session in driver.carried_sessions():
-                s._on_done({"sid": session.sid, "job": session.job.id, "remote": None,
-                            "replies": [[i, 250, "2.0.0", "ok"] for i in session.job.rcpts]})
+                s._on_done(messages.Done(session.sid, session.job.id,
+                                         tuple((i, 250, "2.0.0", "ok") for i in session.job.rcpts)))
             for session in [x for x in s.sessions.values() if x.job is None]:
                 s._on_closed(session.worker, session.sid, True)
             await asyncio.sleep(0.001)
@@ -246,15 +246,15 @@ def test_gauges_show_active_and_held_as_the_walk_does() -> None:
         s._dispatch()
         s.check_tally()
         assert s.tally.totals["active"] == 2 + 1  # one session per destination, carrying its job
-        s._command({"t": "cmd", "op": "hold", "ids": [first]})  # held while being delivered
+        s._command(messages.QueueCommand("hold", (first,)))  # held while being delivered
         s.check_tally()
         assert s.tally.totals == {"ready": 0, "active": 0, "deferred": 0, "held": 3}
-        s._command({"t": "cmd", "op": "delete", "ids": [first]})
+        s._command(messages.QueueCommand("delete", (first,)))
         s.check_tally()
         assert s.tally.totals == {"ready": 0, "active": 0, "deferred": 0, "held": 0}
         for session in driver.carried_sessions():  # the workers answer for a deleted message
-            s._on_done({"sid": session.sid, "job": session.job.id, "remote": None,
-                        "replies": [[i, 250, "2.0.0", "ok"] for i in session.job.rcpts]})
+            s._on_done(messages.Done(session.sid, session.job.id,
+                                     tuple((i, 250, "2.0.0", "ok") for i in session.job.rcpts)))
         s.check_tally()
         assert s.carried == {}
         await s._flush_now()
@@ -278,7 +278,7 @@ def test_at_most_n_destinations_however_many_come_and_go() -> None:
             assert len(names) == TOP_DESTINATIONS + 1 and OTHER in names
             assert all(name.startswith(f"w{wave}-") for name in names - {OTHER})  # the old ones are gone
             shown |= names
-            s._command({"t": "cmd", "op": "delete", "ids": ids})
+            s._command(messages.QueueCommand("delete", tuple(ids)))
             s.check_tally()
         assert len(shown) > TOP_DESTINATIONS + 1
         await s._flush_now()
@@ -296,8 +296,7 @@ def test_a_rescan_before_the_delete_is_committed_does_not_deliver_again() -> Non
         s._on_new([msgid])
         s._dispatch()
         [session] = driver.carried_sessions()
-        s._on_done({"sid": session.sid, "job": session.job.id, "remote": None,
-                    "replies": [[0, 250, "2.0.0", "ok"]]})
+        s._on_done(messages.Done(session.sid, session.job.id, ((0, 250, "2.0.0", "ok"),)))
         assert msgid not in s.messages and msgid in s.backend.due(time.time() + 1, 10)  # not deleted yet
         s._on_new(m for m in s.backend.due(time.time() + 1, 10**6) if m not in s.messages)  # the rescan
         assert msgid not in s.messages and not driver.carried_sessions()

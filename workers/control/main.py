@@ -1,12 +1,12 @@
 """The control process: a small HTTP/1.1 server on [control] listen.
 
   GET /metrics  the merged prometheus-client multiprocess view of every mta process, then
-                the per-destination gauges the scheduler answers to {"op": "gauges"}
+                the per-destination gauges the scheduler answers to a GaugeQuery
   GET /healthz  200 while this process runs
   GET /readyz   200 while mta accepts mail; 503 from the start of a drain, which the
                 master announces with SIGUSR1 *before* it closes the listeners, so a
                 load balancer stops sending first; 503 while a required child is
-                crash-looping (the master sends {"t": "children", "crash_looping": [...]})
+                crash-looping (the master sends messages.Children when they change)
   the admin API (JSON; always `Authorization: Bearer <token>`: [control] token, else the
   one mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type checked by
   guard.py before any route):
@@ -31,9 +31,11 @@ import asyncio
 import json
 import os
 import socket
+import typing
 
-from mta import admintoken, frames, logs, metrics, queueview
+from mta import admintoken, frames, logs, messages, metrics, queueview
 from mta.config import Config, ConfigError, split_hostport
+from mta.messages import Message
 from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId, is_id
@@ -101,12 +103,14 @@ class Control(WorkerBody):
         self.cache.close()
         return {}
 
-    def on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+    def on_frame(self, message: Message, fds: list[int]) -> None:
+        if not isinstance(message, messages.Children):
+            raise messages.unexpected(message, "from the master")
         for fd in fds:
             os.close(fd)
-        failing = frame.get("crash_looping")
-        if frame.get("t") == "children" and isinstance(failing, list) and failing != self.crash_looping:
-            self.crash_looping = [str(slot) for slot in failing]
+        failing = list(message.crash_looping)
+        if failing != self.crash_looping:
+            self.crash_looping = failing
             logs.event("readyz", ready=not (self.draining or failing),
                        crash_looping=",".join(self.crash_looping) or None)
 
@@ -152,7 +156,8 @@ class Control(WorkerBody):
         """A request the guard let through."""
         if method == b"GET" and path == "/api/queue":
             envelopes = list(self.spool.envelopes())
-            queueview.mark_active(envelopes, (await self._ask({"op": "active"})).get("active", {}))
+            active = await self._ask(messages.ActiveQuery())
+            queueview.mark_active(envelopes, active.active if isinstance(active, messages.ActiveJobs) else {})
             return _json(b"200 OK", [queueview.envelope_json(e) for e in envelopes])
         if method == b"GET" and path == "/api/domains":
             return _json(b"200 OK", queueview.domain_summary(self.spool.envelopes()))
@@ -166,22 +171,24 @@ class Control(WorkerBody):
                 return _json(b"200 OK", queueview.envelope_json(envelope))
             return _json(b"404 Not Found", {"error": "no such message"})
         op = path.removeprefix("/api/queue/")
-        if method == b"POST" and op in ("retry", "hold", "release", "delete"):
+        if method == b"POST" and op in messages.QUEUE_OPS:
             try:
                 which = json.loads(payload or b"{}")
             except ValueError:
                 return _json(b"400 Bad Request", {"error": "the body must be JSON"})
-            if not isinstance(which, dict) or not (which.get("ids") or which.get("domain") or which.get("all")):
+            if (not isinstance(which, dict) or not (which.get("ids") or which.get("domain") or which.get("all"))
+                    or not isinstance(which.get("domain") or "", str)):
                 return _json(b"400 Bad Request", {"error": 'name {"ids": [...]}, {"domain": "d"} or {"all": true}'})
             ids = which.get("ids") or []
             bad = [i for i in ids if not isinstance(i, str) or not is_id(i.upper())] if isinstance(ids, list) else [ids]
             if bad:
                 return _json(b"400 Bad Request", {"error": f"not a message id: {str(bad[0])[:50]!r}"})
-            answer = await self._ask({"op": op, "ids": [i.upper() for i in ids],
-                                      "domain": which.get("domain"), "all": bool(which.get("all"))})
-            if "count" not in answer:
+            answer = await self._ask(messages.QueueCommand(
+                typing.cast(messages.QueueOp, op), tuple(i.upper() for i in ids), which.get("domain") or None,
+                bool(which.get("all"))))
+            if not isinstance(answer, messages.CommandResult):
                 return _json(b"503 Service Unavailable", {"error": "the scheduler is not running"})
-            return _json(b"200 OK", {"op": op, "count": answer["count"]})
+            return _json(b"200 OK", {"op": op, "count": answer.count})
         return _json(b"404 Not Found", {"error": "no such endpoint"})
 
     async def _metrics(self) -> tuple[bytes, bytes, bytes]:
@@ -192,26 +199,30 @@ class Control(WorkerBody):
         except OSError as exc:  # a metrics file vanished or is unreadable: say so, stay up
             logs.event("metrics_error", error=str(exc))
             return b"500 Internal Server Error", f"metrics unavailable: {exc}\n".encode(), text
-        snapshot = (await self._ask({"op": "gauges"}, SCRAPE_ASK_SECONDS)).get("destinations")
-        if isinstance(snapshot, dict):
-            body += metrics.render_destinations(snapshot["top"], snapshot["other"])
+        gauges = await self._ask(messages.GaugeQuery(), SCRAPE_ASK_SECONDS)
+        if isinstance(gauges, messages.DestinationGauges):
+            body += metrics.render_destinations(gauges.top, gauges.other)
         body += metrics.render_cache_entries(self.cache.entries_by_namespace())
         return b"200 OK", body, b"text/plain; version=0.0.4; charset=utf-8"
 
-    async def _ask(self, command: dict[str, object], timeout: float = REQUEST_SECONDS) -> dict[str, object]:
-        """One command to the scheduler; {} when it is not reachable."""
+    async def _ask(self, question: Message, timeout: float = REQUEST_SECONDS) -> Message | None:
+        """One question to the scheduler: its answer; None when it is not reachable."""
         try:
             reader, writer = await asyncio.open_unix_connection(self.config.queue.scheduler_socket)
         except OSError:
-            return {}
+            return None
         try:
-            writer.write(frames.encode_stream_frame({"t": "cmd", **command}))
-            answer = await asyncio.wait_for(frames.read_stream_frame(reader), timeout)
-        except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            answer = None
+            writer.write(frames.encode_stream_frame(messages.hello("control")) + frames.encode_stream_frame(question))
+            async with asyncio.timeout(timeout):
+                await frames.read_hello(reader)  # a scheduler of another build is refused here
+                return await frames.read_stream_frame(reader)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            return None
+        except messages.MessageError as exc:
+            logs.event(exc.event, peer="scheduler", error=str(exc))
+            return None
         finally:
             writer.close()
-        return answer or {}
 
     def _route(self, method: bytes, path: bytes) -> tuple[bytes, bytes, bytes]:
         text = b"text/plain; charset=utf-8"

@@ -1,17 +1,18 @@
 """The delivery worker process: runs the sessions the scheduler opens, many at once.
 
-It connects to the scheduler's socket, says `hello` with its capacity, and for every
-`open` runs one session task: route the destination ([delivery] smarthost, then
+It connects to the scheduler's socket, says Hello with its capacity (mta/messages.py;
+the scheduler's Hello back must be of this build too), and for every Open runs one
+session task: route the destination ([delivery] smarthost, then
 [routes], then MX through the shared DNS cache), connect to the first target that
 greets (421/5xx greeting or connect failure -> next target) while holding one of the
 host's `max_connections_per_host` slots (per process; a full host is skipped for the
 next MX, or waited for when all are full), deliver the job, report
-`done` with per-recipient replies, and wait for the next `job` or `close`. A session
-whose connection cannot be made reports the job failed and ends (`closed`). On a busy
+Done with per-recipient replies, and wait for the next Job or Close. A session
+whose connection cannot be made reports the job failed and ends (Closed). On a busy
 destination the scheduler sends a session its next job ahead: when that job is
 already here as a message's content goes out, its MAIL/RCPT/DATA ride the same write
 (session.py's `follow`); recipients an operator held after their job was sent
-ahead are skipped (`skipped` in `done`: no attempt). Local
+ahead are skipped (`skipped` in Done: no attempt). Local
 destinations ("maildir" routes, and local domains without a route) are written to
 Maildir instead. Envelopes and bodies are read from the spool (short read
 transactions); nothing here writes to it: outcomes go to the scheduler.
@@ -29,12 +30,14 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from mta import frames, logs, metrics
+from mta import frames, logs, messages, metrics
 from mta.config import Config, split_hostport
+from mta.messages import Message, RcptReply
 from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
@@ -50,7 +53,11 @@ SLOT_RECHECK_SECONDS = 0.25  # a session waiting for a host slot looks for waiti
 SCHEDULER_CLOSE_SECONDS = 1.0  # at the end of a drain, for the last frames to reach the scheduler
 
 
-def _not_held(envelope: Envelope, rcpts: list[int]) -> list[int]:
+# What a session's queue holds: the scheduler's messages for it.
+SessionMessage = messages.Open | messages.Job | messages.Close
+
+
+def _not_held(envelope: Envelope, rcpts: Sequence[int]) -> list[int]:
     """The job's recipients still to attempt: an operator may have held some since the
     scheduler sent the job ahead (the hold is on disk before `mta queue hold` returns)."""
     return [i for i in rcpts if envelope.recipients[i].state != "held"]
@@ -110,7 +117,7 @@ class Current:
     message: Outbound | None
     rcpts: list[int]
     skipped: list[int]  # held by an operator since the job was made: not attempted
-    replies: list[list[Any]]
+    replies: list[RcptReply]
 
 
 # A message whose envelope is in the spool but whose body is not: a damaged spool, never
@@ -136,7 +143,7 @@ class DeliveryWorker(WorkerBody):
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._inbox: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._inbox: dict[int, asyncio.Queue[SessionMessage]] = {}
         self._out: frames.StreamFrames | None = None  # frames to the scheduler, one write per burst
         self._slots = HostSlots(config.delivery.max_connections_per_host)
         self._session_slot: dict[int, str] = {}
@@ -158,8 +165,8 @@ class DeliveryWorker(WorkerBody):
                                    self.config.dns.timeout_seconds)
         self._conversation = asyncio.get_running_loop().create_task(self._converse_forever())
 
-    def status(self) -> dict[str, Any]:
-        return {"active": len(self._inbox)}
+    def status(self) -> int:
+        return len(self._inbox)
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -201,49 +208,55 @@ class DeliveryWorker(WorkerBody):
                 await asyncio.sleep(RECONNECT_SECONDS)  # the scheduler is (re)starting
                 continue
             self._out = frames.StreamFrames(writer)
-            writer.write(frames.encode_stream_frame({"t": "hello", "capacity": CAPACITY, "pid": os.getpid()}))
+            writer.write(frames.encode_stream_frame(messages.hello("delivery", CAPACITY)))
             try:
-                while (frame := await frames.read_stream_frame(reader)) is not None:
-                    self._on_frame(frame)
-            except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                if await frames.read_hello(reader) is not None:  # a scheduler of another build is refused here
+                    while (message := await frames.read_stream_frame(reader)) is not None:
+                        self._on_frame(message)
+            except messages.MessageError as exc:  # a bug, or another build: drop the connection
+                logs.event(exc.event, peer="scheduler", error=str(exc))
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 logs.event("scheduler_lost", error=str(exc))
             writer.close()
             self._out = None
             self._epoch += 1
-            for queue in self._inbox.values():  # the scheduler forgot them: abandon the sessions
-                queue.put_nowait({"t": "close"})
+            for sid, queue in self._inbox.items():  # the scheduler forgot them: abandon the sessions
+                queue.put_nowait(messages.Close(sid))
             await asyncio.sleep(RECONNECT_SECONDS)
 
-    def _on_frame(self, frame: dict[str, Any]) -> None:
-        kind, sid = frame.get("t"), int(frame.get("sid", 0))
-        if kind == "open":
-            if self._draining:
-                return  # never started: the scheduler has its job ready again once we disconnect
-            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            self._inbox[sid] = queue
-            queue.put_nowait(frame)
-            task = asyncio.get_running_loop().create_task(self._session(sid, str(frame["dest"]), queue))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif sid in self._inbox:
-            self._inbox[sid].put_nowait(frame)
+    def _on_frame(self, message: Message) -> None:
+        match message:
+            case messages.Open(sid=sid, dest=dest):
+                if self._draining:
+                    return  # never started: the scheduler has its job ready again once we disconnect
+                queue: asyncio.Queue[SessionMessage] = asyncio.Queue()
+                self._inbox[sid] = queue
+                queue.put_nowait(message)
+                task = asyncio.get_running_loop().create_task(self._session(sid, dest, queue))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            case messages.Job() | messages.Close():
+                if message.sid in self._inbox:
+                    self._inbox[message.sid].put_nowait(message)
+            case _:
+                raise messages.unexpected(message, "from the scheduler")
 
-    def _send(self, frame: dict[str, Any]) -> None:
+    def _send(self, message: Message) -> None:
         if self._out is not None:
-            self._out.send(frame)
+            self._out.send(message)
 
     # --- one session -------------------------------------------------------------------
 
-    async def _session(self, sid: int, dest: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    async def _session(self, sid: int, dest: str, queue: asyncio.Queue[SessionMessage]) -> None:
         outbound: OutboundSession | None = None
         ok = True
-        ahead: dict[str, Any] | None = None  # the next frame, taken early to announce its message
+        ahead: SessionMessage | None = None  # the next message, taken early to announce its job's
         announced: tuple[int, Current] | None = None  # that job's id and message as read then
         epoch = self._epoch
 
-        def send(frame: dict[str, Any]) -> None:
+        def send(message: Message) -> None:
             if self._epoch == epoch:  # never to a new scheduler, which may reuse this sid
-                self._send(frame)
+                self._send(message)
 
         def follow() -> Outbound | None:
             """The message this connection carries next, if its job is here already."""
@@ -252,40 +265,40 @@ class DeliveryWorker(WorkerBody):
                 return None  # no new transaction starts
             if ahead is None and not queue.empty():
                 ahead = queue.get_nowait()
-            if ahead is None or ahead.get("t") != "job" or self._epoch != epoch:
+            if not isinstance(ahead, messages.Job) or self._epoch != epoch:
                 return None
-            job = ahead["job"]
-            if announced is None or announced[0] != job["id"]:
+            job = ahead
+            if announced is None or announced[0] != job.job_id:
                 try:
-                    announced = (job["id"], self._current(MessageId(job["msgid"]), job["rcpts"]))
+                    announced = (job.job_id, self._current(MessageId(job.msgid), job.rcpts))
                 except Exception as exc:  # noqa: BLE001 - not announced; the job reads the spool again
                     logs.event("announce_failed", dest=dest, error=f"{type(exc).__name__}: {exc}")
                     return None
             return announced[1].message
 
-        def done(job: dict[str, Any], current: Current, **fields: Any) -> None:
-            send({"t": "done", "sid": sid, "job": job["id"], "replies": current.replies, "remote": None,
-                  "skipped": current.skipped, **fields})
+        def done(job: messages.Open | messages.Job, current: Current, *, replies: Sequence[RcptReply] | None = None,
+                 remote: str | None = None, failed: bool = False) -> None:
+            send(messages.Done(sid, job.job_id, tuple(current.replies if replies is None else replies), remote,
+                               failed, tuple(current.skipped)))
 
         try:
             route = await self._route(dest)
             while self._epoch == epoch and not self._draining:
                 if ahead is not None:
-                    frame, ahead = ahead, None
+                    job, ahead = ahead, None
                 else:
                     if outbound is not None:
                         self._waiting[sid] = outbound
-                    frame = await queue.get()
+                    job = await queue.get()
                     self._waiting.pop(sid, None)
-                if frame.get("t") == "close" or self._epoch != epoch:
+                if isinstance(job, messages.Close) or self._epoch != epoch:
                     break  # (jobs sent ahead by a scheduler that is gone do not run)
-                job = frame["job"]
-                msgid = MessageId(job["msgid"])
-                if (announced is not None and announced[0] == job["id"] and outbound is not None
+                msgid = MessageId(job.msgid)
+                if (announced is not None and announced[0] == job.job_id and outbound is not None
                         and outbound.announced is announced[1].message and outbound.reusable):
                     current = announced[1]  # its commands are out on this connection
                 else:  # (not announced, or it goes on a new connection: read it as it is now)
-                    current = self._current(msgid, job["rcpts"])
+                    current = self._current(msgid, job.rcpts)
                 announced = None
                 if current.message is None:  # deleted, held or without its body: nothing is sent
                     done(job, current)
@@ -305,7 +318,7 @@ class DeliveryWorker(WorkerBody):
                             break
                         # Opening it (a slow greeting) may have taken minutes: an operator may
                         # have deleted or held the message meanwhile. Checked again before MAIL.
-                        current = self._current(msgid, job["rcpts"])
+                        current = self._current(msgid, job.rcpts)
                         if current.message is None:
                             break
                     assert current.message is not None
@@ -313,7 +326,7 @@ class DeliveryWorker(WorkerBody):
                         results = await outbound.send(current.message, follow)
                     if outbound.announced is not None:
                         metrics.DELIVERY_PIPELINED.inc()
-                    current.replies = [[i, r.code, r.status, r.text] for i, r in zip(current.rcpts, results)]
+                    current.replies = [(i, r.code, r.status, r.text) for i, r in zip(current.rcpts, results)]
                     if not outbound.stale:
                         break
                     # Dropped while it waited for this message: once more on a new connection.
@@ -322,15 +335,15 @@ class DeliveryWorker(WorkerBody):
                     assert failure is not None
                     ok = False
                     done(job, current, failed=True,
-                         replies=[[i, failure[0], failure[1], failure[2]] for i in current.rcpts])
-                    break  # a job sent ahead goes back to the scheduler with "closed"
+                         replies=[(i, *failure) for i in current.rcpts])
+                    break  # a job sent ahead goes back to the scheduler with Closed
                 done(job, current, remote=outbound.remote if current.message is not None else None)
         finally:
             if outbound is not None:
                 await self._close(outbound)
             if self._inbox.get(sid) is queue:  # a new scheduler may have given this sid to another
                 del self._inbox[sid]
-            send({"t": "closed", "sid": sid, "ok": ok})
+            send(messages.Closed(sid, ok))
 
     @contextlib.contextmanager
     def _transaction(self, outbound: OutboundSession | None) -> Iterator[None]:
@@ -424,7 +437,7 @@ class DeliveryWorker(WorkerBody):
         if key is not None:
             self._slots.give(key)
 
-    def _current(self, msgid: MessageId, job_rcpts: list[int]) -> Current:
+    def _current(self, msgid: MessageId, job_rcpts: Sequence[int]) -> Current:
         """The job's message as the spool holds it now, envelope and body read together.
 
         Deleted since the job was made: nothing to send and nothing to report. Recipients
@@ -442,7 +455,7 @@ class DeliveryWorker(WorkerBody):
             logs.event("body_missing", msgid=msgid, action="deferred; nothing sent",
                        spool=self.config.queue.path)
             metrics.DELIVERY_BODY_MISSING.inc()
-            return Current(None, rcpts, skipped, [[i, *BODY_MISSING] for i in rcpts])
+            return Current(None, rcpts, skipped, [(i, *BODY_MISSING) for i in rcpts])
         message = Outbound(
             msgid=envelope.id, sender=envelope.sender, body=body,
             smtputf8=envelope.smtputf8, body_type=envelope.body_type, ret=envelope.ret, envid=envelope.envid,
@@ -450,12 +463,12 @@ class DeliveryWorker(WorkerBody):
                                           envelope.recipients[i].orcpt) for i in rcpts])
         return Current(message, rcpts, skipped, [])
 
-    async def _deliver_local(self, current: Current) -> list[list[Any]]:
+    async def _deliver_local(self, current: Current) -> list[RcptReply]:
         message = current.message
         assert message is not None
         body = message.body
         root = self.config.local.maildir_root
-        replies: list[list[Any]] = []
+        replies: list[RcptReply] = []
         loop = asyncio.get_running_loop()
         for i, rcpt in zip(current.rcpts, message.recipients):
             address = rcpt.address
@@ -465,7 +478,7 @@ class DeliveryWorker(WorkerBody):
                     root, domain.lower(), user, body, return_path=message.sender, delivered_to=address,
                     hostname=self.config.server.hostname))
             except maildir.MaildirError as exc:
-                replies.append([i, 450 if exc.temporary else 550, exc.status, exc.text])
+                replies.append((i, 450 if exc.temporary else 550, exc.status, exc.text))
                 continue
-            replies.append([i, 250, "2.0.0", f"delivered to maildir as {os.path.basename(path)}"])
+            replies.append((i, 250, "2.0.0", f"delivered to maildir as {os.path.basename(path)}"))
         return replies

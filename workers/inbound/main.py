@@ -2,16 +2,17 @@
 
 `run(config, channel, generation, index)` is the body of a forked child. It opens the
 LMDB spool (after fork, never before), starts the process's one queue writer thread
-(GroupCommitter), then takes connections from its SEQPACKET channel to the master:
+(GroupCommitter), then takes connections from its SEQPACKET channel to the master
+(mta/messages.py):
 
-  master -> worker  {"t": "conn", "id": n, "l": listener address}  + the socket (SCM_RIGHTS)
-  worker -> master  {"t": "took", "id": n, "active": sessions}      as soon as it owns it
-  worker -> master  {"t": "refused", "id": n, "active": sessions}   the frame came without its
-                    socket (the kernel drops it at our fd limit); the master answers 421
-  worker -> master  {"t": "status", "state": "ready"|"retiring", "active": n}  every second
+  master -> worker  Conn(id, listener) + the socket (SCM_RIGHTS)
+  worker -> master  Took(id, active)      as soon as it owns it
+  worker -> master  Refused(id, active)   the Conn came without its socket (the kernel
+                    drops it at our fd limit); the master answers 421
+  worker -> master  Status(state "ready"|"retiring", active) every second
 
-The status frame is the heartbeat: it is sent from the event loop, so a blocked loop
-goes silent and the master replaces the worker.
+The Status is the heartbeat: it is sent from the event loop, so a blocked loop goes
+silent and the master replaces the worker.
 
 The process itself (signals, heartbeats, faulthandler, test hooks) is workers/process.py;
 `Worker` is the inbound body. Its drain: on shutdown (SIGTERM/SIGINT) idle sessions get
@@ -27,8 +28,9 @@ import socket
 import ssl
 import time
 
-from mta import logs, metrics
+from mta import logs, messages, metrics
 from mta.config import Config, ListenerConfig
+from mta.messages import Message
 from mta.smtp.server import ServerOptions
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.cache_lmdb import LmdbCache
@@ -138,19 +140,20 @@ class Worker(WorkerBody):
         self._cache.close()
         return {"sessions": len(self.ctx.sessions)}
 
-    def on_frame(self, frame: dict[str, object], fds: list[int]) -> None:
+    def on_frame(self, message: Message, fds: list[int]) -> None:
         assert self.ctx is not None and self.link is not None
-        if frame.get("t") != "conn" or len(fds) != 1:
+        if not isinstance(message, messages.Conn):
+            raise messages.unexpected(message, "from the master")
+        if len(fds) != 1:  # no room for the descriptor here (MSG_CTRUNC)
             for fd in fds:
                 os.close(fd)
-            if frame.get("t") == "conn":  # no room for the descriptor here (MSG_CTRUNC)
-                self.link.send({"t": "refused", "id": frame["id"], "active": len(self.ctx.sessions) + self.adopting})
+            self.link.send(messages.Refused(message.id, len(self.ctx.sessions) + self.adopting))
             return
         sock = socket.socket(fileno=fds[0])
-        listener = self.listeners.get(str(frame["l"]))
+        listener = self.listeners.get(message.listener)
         if listener is not None:
             self.adopting += 1  # load from now until the session exists (a TLS handshake takes a while)
-        self.link.send({"t": "took", "id": frame["id"], "active": len(self.ctx.sessions) + self.adopting})
+        self.link.send(messages.Took(message.id, len(self.ctx.sessions) + self.adopting))
         if listener is None:  # a listener this generation does not know: cannot serve it
             sock.close()
             return
@@ -178,7 +181,7 @@ class Worker(WorkerBody):
         finally:
             self.adopting -= 1
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> int:
         if self.ctx is not None:
             metrics.INBOUND_BUFFERED.set(self.ctx.budget.held)  # sampled with the heartbeat, once a second
-        return {"active": self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)}
+        return self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)

@@ -1,17 +1,17 @@
 """Tell the scheduler about newly committed messages, batched, best effort.
 
 After each durable commit the inbound worker calls `new(msgid)`; ids collected during
-one event loop iteration go out as one `{"t": "new", "ids": [...]}` frame on the
-scheduler's Unix socket; while it is unreachable they wait (up to MAX_PENDING). A lost
-notification costs latency, never mail: the scheduler loads the spool when it starts
-and rescans the due index periodically.
+one event loop iteration go out as one `messages.New` on the scheduler's Unix socket
+(after a Hello on each new connection); while it is unreachable they wait (up to
+MAX_PENDING). A lost notification costs latency, never mail: the scheduler loads the
+spool when it starts and rescans the due index periodically.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from mta import frames
+from mta import frames, messages
 from mtaqueue.ids import MessageId
 
 RECONNECT_SECONDS = 1.0
@@ -41,7 +41,7 @@ class SchedulerNotifier:
                 del self._ids[:-MAX_PENDING]
             self._connect_soon()
             return
-        writer.write(frames.encode_stream_frame({"t": "new", "ids": self._ids}))
+        writer.write(frames.encode_stream_frame(messages.New(tuple(self._ids))))
         self._ids = []
 
     def _connect_soon(self) -> None:
@@ -52,6 +52,7 @@ class SchedulerNotifier:
     async def _connect(self) -> None:
         try:
             _reader, self._writer = await asyncio.open_unix_connection(self._path)
+            self._writer.write(frames.encode_stream_frame(messages.hello("inbound")))
         except OSError:  # the scheduler is (re)starting: try again while ids wait
             await asyncio.sleep(RECONNECT_SECONDS)
         self._connecting = False

@@ -2,14 +2,16 @@
 
 At start it loads every envelope from the spool: recipients that were in flight when a
 process died are simply `ready` again (in-flight state is never persisted), deferred
-ones get a timer. It listens on `<spool>/scheduler.sock` ([queue] scheduler_socket) (length-prefixed msgpack
-frames, mta/frames.py) for:
+ones get a timer. It listens on `<spool>/scheduler.sock` ([queue] scheduler_socket) for
+messages (mta/messages.py, framed by mta/frames.py). Every connection starts with a
+Hello each way (a peer of another build is refused), then:
 
-  inbound workers   {"t": "new", "ids": [...]}            after each durable commit
-  delivery workers  {"t": "hello", "capacity": n}, then per session:
-                    scheduler: {"t": "open", "sid", "dest", "job"} / {"t": "job", "sid", "job"} / {"t": "close", "sid"}
-                    worker:    {"t": "done", "sid", "job", "replies", "remote", "failed", "skipped"} / {"t": "closed", "sid"}
-  the CLI, control  {"t": "cmd", "op": retry|hold|release|delete|active|gauges, "ids"|"domain"|"all"} -> {"t": "ok", ...}
+  inbound workers   New(ids)                                after each durable commit
+  delivery workers  (Hello with role "delivery" and its capacity), then per session:
+                    scheduler: Open(sid, dest, job) / Job(sid, job) / Close(sid)
+                    worker:    Done(sid, job_id, replies, remote, failed, skipped) / Closed(sid, ok)
+  the CLI, control  QueueCommand(op: retry|hold|release|delete, ids|domain|all) -> CommandResult,
+                    ActiveQuery -> ActiveJobs, GaugeQuery -> DestinationGauges
 
 A job is one message's recipients for one destination domain; a session carries up to
 max_messages_per_connection jobs, taking the destination's best job each time, so a
@@ -52,8 +54,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mta import frames, logs, metrics
+from mta import frames, logs, messages, metrics
 from mta.config import Config
+from mta.messages import Message
 from mta.spool import open_spool
 from mtaqueue.ids import MessageId, is_id
 from mtaqueue.records import Envelope, NewMessage
@@ -67,7 +70,6 @@ GAUGE_SECONDS = 2.0
 FLUSH_GATHER_SECONDS = 0.01
 DRAIN_GRACE_SECONDS = 2.0  # past the drain deadline: the delivery workers' last outcomes
 LOOKAHEAD = 3  # jobs a session may hold: the one running and two sent ahead (see _next_for)
-READ_OPS = frozenset({"active", "gauges"})  # commands that change nothing: answered without a flush
 
 
 @dataclass
@@ -95,10 +97,10 @@ class WorkerLink:
     sessions: set[int] = field(default_factory=set)
     out: frames.StreamFrames | None = None
 
-    def send(self, frame: dict[str, Any]) -> None:
+    def send(self, message: Message) -> None:
         if self.out is None:
             self.out = frames.StreamFrames(self.writer)
-        self.out.send(frame)
+        self.out.send(message)
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
@@ -161,8 +163,8 @@ class Scheduler(WorkerBody):
                        loop.create_task(self._expire_parked_forever())]
         self._schedule_dispatch()
 
-    def status(self) -> dict[str, Any]:
-        return {"active": len(self.sessions)}
+    def status(self) -> int:
+        return len(self.sessions)
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -422,13 +424,10 @@ class Scheduler(WorkerBody):
             worker.sessions.add(sid)
             dest.in_flight += 1
             dest.last_served = now
-            worker.send({"t": "open", "sid": sid, "dest": dest.name, "job": self._job_frame(job)})
+            worker.send(messages.Open(sid, dest.name, job.id, job.msgid, job.rcpts))
         suspended = [d.suspended_until for d in self.plan.destinations.values() if d.suspended_until > now and len(d)]
         if suspended:
             self._arm_wake(min(suspended))
-
-    def _job_frame(self, job: Job) -> dict[str, Any]:
-        return {"id": job.id, "msgid": job.msgid, "rcpts": list(job.rcpts)}
 
     def _next_for(self, session: Session) -> None:
         """After a job: give the session the destination's best job (and, with the window
@@ -461,7 +460,7 @@ class Scheduler(WorkerBody):
         self._carry(session, job)
         session.jobs_sent += 1
         session.dest.last_served = now
-        session.worker.send({"t": "job", "sid": session.sid, "job": self._job_frame(job)})
+        session.worker.send(messages.Job(session.sid, job.id, job.msgid, job.rcpts))
 
     def _resume_parked(self, now: float) -> None:
         """Ready jobs ride parked sessions first (newest first: the oldest expire). A window
@@ -496,7 +495,7 @@ class Scheduler(WorkerBody):
             session.closing = True
             session.yielding = yielding
             self._yielding += yielding
-            session.worker.send({"t": "close", "sid": session.sid})
+            session.worker.send(messages.Close(session.sid))
 
     def _forget_session(self, session: Session) -> None:
         """The session is gone (closed, or its worker lost)."""
@@ -524,26 +523,33 @@ class Scheduler(WorkerBody):
             return
         self._peers[task] = writer
         link: WorkerLink | None = None
+        hello: messages.Hello | None = None
+        writer.write(frames.encode_stream_frame(messages.hello("scheduler")))  # the peer checks ours too
         try:
-            while (frame := await frames.read_stream_frame(reader)) is not None:
-                kind = frame.get("t")
-                if kind == "new":
-                    self._on_new(frame["ids"])
-                elif kind == "hello":
-                    link = WorkerLink(writer, int(frame["capacity"]), int(frame["pid"]))
-                    self.workers.append(link)
-                    logs.event("delivery_worker", worker_pid=link.pid, capacity=link.capacity)
-                    self._schedule_dispatch()
-                elif kind == "done" and link is not None:
-                    self._on_done(frame)
-                elif kind == "closed" and link is not None:
-                    self._on_closed(link, int(frame["sid"]), bool(frame.get("ok", True)))
-                elif kind == "cmd":
-                    answer = self._command(frame)
-                    if frame.get("op") not in READ_OPS:
-                        await self._flush_now()  # the operator's change is on disk before we answer
-                    writer.write(frames.encode_stream_frame(answer))
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            hello = await frames.read_hello(reader)  # a peer of another build is refused here
+            if hello is not None and hello.role == "delivery":
+                link = WorkerLink(writer, hello.capacity, hello.pid)
+                self.workers.append(link)
+                logs.event("delivery_worker", worker_pid=link.pid, capacity=link.capacity)
+                self._schedule_dispatch()
+            while hello is not None and (message := await frames.read_stream_frame(reader)) is not None:
+                match message:
+                    case messages.New(ids=ids):
+                        self._on_new(ids)
+                    case messages.Done() if link is not None:
+                        self._on_done(message)
+                    case messages.Closed(sid=sid, ok=ok) if link is not None:
+                        self._on_closed(link, sid, ok)
+                    case messages.QueueCommand() | messages.ActiveQuery() | messages.GaugeQuery():
+                        answer = self._command(message)
+                        if isinstance(message, messages.QueueCommand):
+                            await self._flush_now()  # the operator's change is on disk before we answer
+                        writer.write(frames.encode_stream_frame(answer))
+                    case _:
+                        raise messages.unexpected(message, f"from a {hello.role} peer")
+        except messages.MessageError as exc:  # a bug, or a peer of another build: drop it
+            logs.event(exc.event, peer=hello and hello.role, peer_pid=hello and hello.pid, error=str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
             logs.event("peer_error", error=str(exc))
         finally:
             self._peers.pop(task, None)
@@ -574,29 +580,28 @@ class Scheduler(WorkerBody):
         if envelope is not None:
             self._enqueue(envelope)
 
-    def _on_done(self, frame: dict[str, Any]) -> None:
-        session = self.sessions.get(int(frame["sid"]))
+    def _on_done(self, done: messages.Done) -> None:
+        session = self.sessions.get(done.sid)
         if session is None or not session.jobs:
             return
-        job = next((j for j in session.jobs if j.id == frame.get("job")), None)
+        job = next((j for j in session.jobs if j.id == done.job_id), None)
         if job is None:
             return
         session.jobs.remove(job)
         self._uncarry(job)
         now = time.time()
-        skipped = {int(i) for i in frame.get("skipped", ())}
+        skipped = set(done.skipped)
         if skipped:  # held by an operator after the job was sent ahead: not attempted
             self._skip(job, skipped)
             job = dataclasses.replace(job, rcpts=tuple(i for i in job.rcpts if i not in skipped))
-        replies = [RecipientReply(int(i), int(code), str(status), str(text))
-                   for i, code, status, text in frame["replies"]]
-        if frame.get("failed"):
+        replies = [RecipientReply(*reply) for reply in done.replies]
+        if done.failed:
             session.dest.on_session_failed(now)
         elif any(200 <= r.code < 300 for r in replies):
             session.dest.on_session_ok()
         if job.rcpts:
-            self._settle(job, replies, frame.get("remote"), now)
-        if frame.get("failed"):
+            self._settle(job, replies, done.remote, now)
+        if done.failed:
             self._close(session)
         else:
             self._next_for(session)
@@ -718,17 +723,19 @@ class Scheduler(WorkerBody):
 
     # --- operator commands ------------------------------------------------------------------
 
-    def _command(self, frame: dict[str, Any]) -> dict[str, Any]:
-        op = frame.get("op")
-        if op == "active":  # given to sessions (running or sent ahead); queued jobs are still "ready"
+    def _command(self, command: messages.QueueCommand | messages.ActiveQuery | messages.GaugeQuery) -> Message:
+        if isinstance(command, messages.ActiveQuery):
+            # Given to sessions (running or sent ahead); queued jobs are still "ready".
             active: dict[str, list[int]] = {}
             for session in self.sessions.values():
                 for job in session.jobs:
                     active.setdefault(job.msgid, []).extend(job.rcpts)
-            return {"t": "ok", "active": active}
-        if op == "gauges":  # the control process renders them at each scrape
-            return {"t": "ok", "destinations": self.destination_gauges}
-        targets = self._select(frame)
+            return messages.ActiveJobs({msgid: tuple(rcpts) for msgid, rcpts in active.items()})
+        if isinstance(command, messages.GaugeQuery):  # the control process renders them at each scrape
+            gauges = self.destination_gauges
+            return messages.DestinationGauges(tuple(map(tuple, gauges["top"])), tuple(gauges["other"]))
+        op = command.op
+        targets = self._select(command)
         now = time.time()
         count = 0
         for envelope in targets:
@@ -763,18 +770,18 @@ class Scheduler(WorkerBody):
                 logs.event(f"{op}", msgid=envelope.id, by="operator")
         self._schedule_flush()
         self._schedule_dispatch()
-        return {"t": "ok", "count": count}
+        return messages.CommandResult(count)
 
-    def _select(self, frame: dict[str, Any]) -> list[Envelope]:
-        if frame.get("all"):
+    def _select(self, command: messages.QueueCommand) -> list[Envelope]:
+        if command.all:
             return list(self.messages.values())
-        if frame.get("domain"):
-            domain = str(frame["domain"]).lower()
+        if command.domain:
+            domain = command.domain.lower()
             return [e for e in self.messages.values()
                     if any(destination_of(r.address) == domain for r in e.recipients)]
         chosen = []
-        for raw in frame.get("ids", []):
-            if not isinstance(raw, str) or not is_id(raw):
+        for raw in command.ids:
+            if not is_id(raw):
                 continue  # never a key LMDB refuses (an empty or overlong id)
             msgid = MessageId(raw)
             if msgid not in self.messages:  # not notified yet: the spool is the truth

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from mta import config as configmod
-from mta import frames
+from mta import frames, messages
 from mta.master.children import Child, ChildState
 from mta.master.dispatch import HANDOFF_TIMEOUT_SECONDS, Dispatcher
 
@@ -62,7 +62,7 @@ class Rig:
         self._stack.callback(conn.close)
         return client, conn
 
-    def received(self, pid: int) -> list[dict[str, object]]:
+    def received(self, pid: int) -> list[messages.Message]:
         """Frames waiting at worker `pid`; each must carry exactly one descriptor."""
         got = []
         while True:
@@ -94,11 +94,11 @@ def test_a_dead_workers_channel_hands_the_connection_to_another(rig: Rig) -> Non
     _client, conn = rig.client()
     rig.dispatch.hand(SMTP, conn)  # EPIPE inside: must not raise
     assert dead.channel_lost_at > 0 and not dead.pending
-    assert [f["t"] for f in rig.received(102)] == ["conn"]
+    assert [type(f) for f in rig.received(102)] == [messages.Conn]
     assert len(alive.pending) == 1
     _client2, conn2 = rig.client()
     rig.dispatch.hand(SMTP, conn2)  # the lost worker is never chosen again
-    assert len(alive.pending) == 2 and [f["t"] for f in rig.received(102)] == ["conn"]
+    assert len(alive.pending) == 2 and [type(f) for f in rig.received(102)] == [messages.Conn]
 
 
 def test_a_lost_workers_pending_connections_go_to_another(rig: Rig) -> None:
@@ -133,15 +133,17 @@ def read_all(client: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize(("answer", "client_reads"), [
-    ("took", b""),  # the worker owns it now: the master says nothing
-    ("refused", b"421 4.3.2 mx.test Service not available, too busy, closing connection\r\n"),
+    (messages.Took, b""),  # the worker owns it now: the master says nothing
+    (messages.Refused, b"421 4.3.2 mx.test Service not available, too busy, closing connection\r\n"),
 ])
-def test_the_workers_answer_closes_the_masters_copy(rig: Rig, answer: str, client_reads: bytes) -> None:
+def test_the_workers_answer_closes_the_masters_copy(rig: Rig, answer: type[messages.Took | messages.Refused],
+                                                    client_reads: bytes) -> None:
     child = rig.worker(101)
     client, conn = rig.client()
     rig.dispatch.hand(SMTP, conn)
     (frame,) = rig.received(101)  # the "worker" closes what it got
-    rig.dispatch.on_answer(child, {"t": answer, "id": frame["id"], "active": 7})
+    assert isinstance(frame, messages.Conn)
+    rig.dispatch.on_answer(child, answer(frame.id, 7))
     assert not child.pending and child.active == 7 and conn.fileno() == -1
     assert read_all(client) == client_reads
 
