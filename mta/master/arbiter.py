@@ -15,8 +15,9 @@ channels and the signal wake-up pipe. Signal handlers only record the signal.
   (never a halt). Such a slot is crash-looping until a child in it is READY again; the
   control process is told the crash-looping slots (a `children` frame on its channel,
   sent when the set changes), and its /readyz answers 503 meanwhile.
-  A worker silent for heartbeat_timeout_seconds gets SIGABRT (faulthandler prints its
-  stack), then SIGKILL after KILL_GRACE_SECONDS.
+  A worker silent for heartbeat_timeout_seconds gets SIGABRT (an inbound worker prints
+  its stack there: faulthandler; the other kinds do not enable it yet), then SIGKILL
+  after KILL_GRACE_SECONDS.
 - SIGHUP: re-read the config; an invalid one is logged and the old one kept. A new
   generation starts; once all its workers are READY it serves, and the old generation
   gets SIGUSR1 (finish sessions, then exit). Listeners stay open throughout.
