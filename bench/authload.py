@@ -2,7 +2,7 @@
 """AUTH load generator: N concurrent sessions each log in once (EHLO, AUTH PLAIN, QUIT).
 
 Owns the client side of `bench/run --auth`: raw asyncio streams (uvloop when
-importable), the wire helpers of loadgen.py. Usable as a CLI
+importable), the wire helpers of loadcore.py. Usable as a CLI
 (`bench/authload.py --port 2587 --users 200 --logins 200 --json`) and as a library
 (`await run_logins(...) -> AuthLoadResult`).
 
@@ -27,48 +27,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import dataclasses
 import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
 
-from loadgen import SmtpReplyError, Tally, close_quietly, drive, fmt_ms, read_reply, uvloop
-
-PROGRESS_EVERY_SECONDS: Final = 2.0
+import evloop
+from loadcore import (SESSION_ERRORS, RunResult, Tally, add_client_arguments, close_quietly, drive, open_session,
+                      read_reply, report_progress, result_text, say_quit)
 
 
 @dataclass
-class AuthLoadResult:
-    """What one login run did. Latencies are in milliseconds."""
+class AuthLoadResult(RunResult):
+    """What one login run did (RunResult: the fields every load tool reports)."""
 
-    host: str
-    port: int
-    sessions: int
     logins: int  # requested
     users: int
     user_prefix: str
-    event_loop: str = "asyncio"
     ok: int = 0  # 235 replies
-    rejected: int = 0
-    errors: int = 0
-    connections: int = 0  # TCP connects that succeeded
-    elapsed_seconds: float = 0.0
-    cpu_seconds: float = 0.0  # this process's CPU over the run: near elapsed = client-bound
     logins_per_second: float = 0.0
-    latency_p50_ms: float | None = None
-    latency_p99_ms: float | None = None
-    latency_p999_ms: float | None = None
-    latency_max_ms: float | None = None
-    timed_out: bool = False
-    rejected_by_code: dict[str, int] = field(default_factory=dict)
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    first_errors: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def plain_token(user: str, password: str) -> str:
@@ -97,23 +75,11 @@ async def _session(run: _Run, host: str, port: int, password: str, ehlo_name: st
     while (n := run.take()) is not None:
         user = f"{res.user_prefix}{n % res.users}"
         auth_cmd = f"AUTH PLAIN {plain_token(user, password)}\r\n".encode()
+        if (session := await open_session(run, host, port, timeout)) is None:
+            continue  # counted: a connect error or a refused greeting
+        reader, writer = session
         in_flight = True  # this login is uncounted until it is ok, rejected or an error
-        writer = None
         try:
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                run.note_error("connect", repr(exc))
-                in_flight = False
-                await asyncio.sleep(0.05)  # don't spin on a refused port
-                continue
-            res.connections += 1
-            code, _ = await read_reply(reader, timeout)
-            if code != 220:
-                run.note_rejected("greeting", code)
-                in_flight = False
-                continue
             writer.write(ehlo_cmd)
             code, lines = await read_reply(reader, timeout)
             offered = any(words[:1] == [b"AUTH"] and b"PLAIN" in words
@@ -133,25 +99,11 @@ async def _session(run: _Run, host: str, port: int, password: str, ehlo_name: st
                 run.last_ok_at = now
             else:
                 run.note_rejected("auth", code)
-            writer.write(b"QUIT\r\n")
-            await read_reply(reader, timeout)
-        except asyncio.TimeoutError:
-            if in_flight:
-                run.note_error("timeout", f"no reply within {timeout}s")
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, SmtpReplyError) as exc:
-            if in_flight:
-                run.note_error("connection", repr(exc))
+            await say_quit(reader, writer, timeout)
+        except SESSION_ERRORS as exc:
+            run.note_broken(exc, in_flight)
         finally:
             await close_quietly(writer)
-
-
-async def _progress(run: _Run, started: float) -> None:
-    res = run.result
-    while True:
-        await asyncio.sleep(PROGRESS_EVERY_SECONDS)
-        elapsed = time.perf_counter() - started
-        print(f"authload: {elapsed:6.1f}s ok={res.ok} rejected={res.rejected} errors={res.errors} "
-              f"({res.ok / elapsed:.0f} logins/s)", file=sys.stderr, flush=True)
 
 
 async def run_logins(host: str, port: int, sessions: int, logins: int, users: int, *,
@@ -161,16 +113,16 @@ async def run_logins(host: str, port: int, sessions: int, logins: int, users: in
     """Run one batch of logins and return what happened; never raises for server misbehaviour."""
     if sessions < 1 or logins < 0 or users < 1:
         raise ValueError("sessions and users must be >= 1; logins >= 0")
-    loop_module = type(asyncio.get_running_loop()).__module__
     result = AuthLoadResult(host=host, port=port, sessions=sessions, logins=logins, users=users,
-                            user_prefix=user_prefix,
-                            event_loop="uvloop" if loop_module.startswith("uvloop") else "asyncio")
+                            user_prefix=user_prefix, event_loop=evloop.loop_name())
     run = _Run(result, io_timeout_seconds)
     started = time.perf_counter()
     cpu_started = time.process_time()
     tasks = [asyncio.create_task(_session(run, host, port, password, ehlo_name))
              for _ in range(min(sessions, max(logins, 1)))]
-    reporter = asyncio.create_task(_progress(run, started)) if progress else None
+    reporter = asyncio.create_task(report_progress(lambda elapsed: (
+        f"authload: {elapsed:6.1f}s ok={result.ok} rejected={result.rejected} errors={result.errors} "
+        f"({result.ok / elapsed:.0f} logins/s)"))) if progress else None
     await drive(tasks, timeout_seconds, result, reporter)
 
     end = time.perf_counter() if result.timed_out or not run.last_ok_at else run.last_ok_at
@@ -186,41 +138,21 @@ async def run_logins(host: str, port: int, sessions: int, logins: int, users: in
 
 
 def format_text(r: AuthLoadResult) -> str:
-    lines = [
-        f"target            {r.host}:{r.port} ({r.event_loop})",
-        f"logins            {r.logins} requested over {r.users} users, {r.ok} ok, "
-        f"{r.rejected} rejected, {r.errors} errors" + (" (TIMED OUT)" if r.timed_out else ""),
-        f"elapsed           {r.elapsed_seconds:.3f} s over {r.connections} connections, "
-        f"{r.cpu_seconds:.3f} s CPU in the client",
-        f"throughput        {r.logins_per_second:.1f} logins/s",
-        f"AUTH reply ms     p50 {fmt_ms(r.latency_p50_ms)}  p99 {fmt_ms(r.latency_p99_ms)}  "
-        f"p999 {fmt_ms(r.latency_p999_ms)}  max {fmt_ms(r.latency_max_ms)}",
-    ]
-    if r.rejected_by_code:
-        lines.append(f"rejected by code  {r.rejected_by_code}")
-    if r.errors_by_kind:
-        lines.append(f"errors by kind    {r.errors_by_kind}")
-    lines.extend(f"  e.g. {e}" for e in r.first_errors)
-    return "\n".join(lines)
+    return result_text(
+        r, loop=r.event_loop,
+        done=f"logins            {r.logins} requested over {r.users} users, {r.ok} ok, "
+             f"{r.rejected} rejected, {r.errors} errors" + (" (TIMED OUT)" if r.timed_out else ""),
+        client="client", throughput=f"{r.logins_per_second:.1f} logins/s", latency="AUTH reply ms")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=2587)
-    p.add_argument("--sessions", type=int, default=50, help="concurrent connections")
+    add_client_arguments(p, port=2587, timeout_seconds=60.0)
     p.add_argument("--users", type=int, default=200, help="user names <prefix>0 .. <prefix>N-1")
     p.add_argument("--logins", type=int, default=None,
                    help="total logins (default: --users, each once)")
     p.add_argument("--user-prefix", default="bench")
     p.add_argument("--password", default="bench password", help="every user's password")
-    p.add_argument("--ehlo", default="client.test", help="name sent in EHLO")
-    p.add_argument("--timeout-seconds", type=float, default=60.0,
-                   help="overall cap; the run stops and reports what it did")
-    p.add_argument("--io-timeout-seconds", type=float, default=30.0,
-                   help="longest wait for any one reply")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p.parse_args(argv)
 
 
@@ -231,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                       password=a.password, timeout_seconds=a.timeout_seconds,
                       io_timeout_seconds=a.io_timeout_seconds, ehlo_name=a.ehlo,
                       progress=not a.quiet)
-    if uvloop is not None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(coro)
-    else:
-        result = asyncio.run(coro)
+    result = evloop.run(coro)
     print(json.dumps(result.to_dict()) if a.json else format_text(result))
     return 0 if result.ok == logins else 1
 

@@ -22,15 +22,11 @@ import argparse
 import asyncio
 import itertools
 import os
-import signal
 import sys
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-try:
-    import uvloop
-except ImportError:  # runs on the stdlib loop, slower; bench/run records the loop in use
-    uvloop = None
+import evloop
 
 
 class SpoolHandler:
@@ -74,12 +70,7 @@ async def serve(host: str, port: int, handler: SpoolHandler) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="aiosmtpd.bench", loop=loop), host, port)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    server.close()
+    await evloop.serve_until_signalled(server)
     try:
         # Python >= 3.12 waits here for open sessions too; don't hang on a stuck client.
         await asyncio.wait_for(server.wait_closed(), 5.0)
@@ -98,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.makedirs(a.spool, exist_ok=True)
     handler = SpoolHandler(a.spool, a.mode, a.pipelining)
-    if uvloop is not None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(a.host, a.port, handler))
-    else:
-        asyncio.run(serve(a.host, a.port, handler))
+    evloop.run(serve(a.host, a.port, handler))
     return 0
 
 

@@ -39,7 +39,8 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from peers import E2E_DOMAIN, HOST, kill_pids, log, wait_greeting
+from peers import E2E_DOMAIN
+from procs import HOST, kill_pids, log, wait_greeting
 from procstat import group_cpu_seconds, group_pids
 
 PACKAGE: Final = "opensmtpd"

@@ -18,14 +18,12 @@ stopped by pid, never by name; every wait is bounded.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import os
 import pty
 import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,10 +31,9 @@ import time
 from pathlib import Path
 from typing import Final
 
+from procs import BENCH_DIR, HOST, kill_pids, log, wait_greeting
 from procstat import group_cpu_seconds, process_cpu_seconds
 
-HOST: Final = "127.0.0.1"
-BENCH_DIR: Final = Path(__file__).resolve().parent
 SINK_SCRIPT: Final = BENCH_DIR / "sink.py"
 SMTP_SINK: Final = Path("/usr/sbin/smtp-sink")
 POSTFIX: Final = Path("/usr/sbin/postfix")
@@ -45,7 +42,6 @@ SHIPPED_MASTER_CF: Final = Path("/etc/postfix/master.cf")
 E2E_DOMAIN: Final = "e2e.test"
 COUNT_RECORD: Final = re.compile(rb"mesg=(\d+)")
 STOP_GRACE_SECONDS: Final = 10.0
-PR_SET_CHILD_SUBREAPER: Final = 36  # <linux/prctl.h>
 
 # Exactly what `--install-peers` runs (recipes.md): the preseed keeps the installer
 # from asking, and "No configuration" leaves /etc/postfix/main.cf absent, so no
@@ -55,80 +51,6 @@ POSTFIX_INSTALL_COMMANDS: Final = (
     'echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections',
     "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix",
 )
-
-
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def greets(port: int, timeout: float = 1.0) -> bool:
-    """True if something on the port answers with a 220 greeting (then we QUIT)."""
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            if not s.recv(512).startswith(b"220"):
-                return False
-            s.sendall(b"QUIT\r\n")
-            try:
-                s.recv(512)
-            except OSError:
-                pass  # the 220 already proved readiness; the QUIT reply is a courtesy
-            return True
-    except OSError:
-        return False
-
-
-def wait_greeting(port: int, timeout: float, proc: subprocess.Popen | None = None) -> str | None:
-    """None once the port greets with 220; otherwise why not."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return f"exited with status {proc.returncode} before accepting connections"
-        if greets(port):
-            return None
-        time.sleep(0.05)
-    return f"no 220 greeting on {HOST}:{port} within {timeout:.0f}s"
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (prctl PR_SET_CHILD_SUBREAPER), so reap_orphans() can
-    collect them: Postfix's master daemonizes and, once it exits, its last children
-    would otherwise wait as zombies ("[smtpd] <defunct>") until init gets to them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False  # not Linux, or no prctl: zombies stay until init reaps them
-
-
-def reap_orphans(keep: set[int]) -> int:
-    """Reap exited children of ours that no Popen object owns (pids not in `keep`)."""
-    reaped = 0
-    me = str(os.getpid()).encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in keep:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if fields[0] == b"Z" and fields[1] == me:
-            try:
-                if os.waitpid(int(entry.name), os.WNOHANG)[0]:
-                    reaped += 1
-            except ChildProcessError:
-                pass  # reaped meanwhile by its owner
-    return reaped
-
-
-def kill_pids(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass  # already gone: that is the goal
 
 
 # ---------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Owns every /proc read the benchmark makes. Linux only; values are seconds of CPU
 (user + sys), from SC_CLK_TCK ticks (10 ms here) or, where a tick is too coarse (many
 small processes), from the scheduler's nanosecond run times. Also the resident
-memory of a process group (--sweep's peak RSS) and the kernel's count of connections
-dropped by full listen queues.
+memory of a process group (--sweep's peak RSS), one process's memory and open fds
+(the soak's samples), the kernel's count of connections dropped by full listen
+queues, and the machine's description every result records.
 
 Invariant: a process that exits between listing /proc and reading it is skipped, never
 an error; a reaped child's CPU moves into its parent's cutime/cstime, so summing own
@@ -15,7 +16,10 @@ a parent outside the tree.
 from __future__ import annotations
 
 import os
+import platform
 import resource
+import time
+from dataclasses import dataclass
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -195,3 +199,43 @@ def listen_drops() -> int | None:
             value = table.get(b"ListenDrops")
             return int(value) if value is not None else None
     return None
+
+
+@dataclass
+class ProcSample:
+    pid: int
+    rss_bytes: int
+    rss_anon_bytes: int
+    fds: int
+
+
+def read_proc(pid: int) -> ProcSample | None:
+    """VmRSS, RssAnon (/proc/PID/status) and open fds of one process; None if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    fields = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(b":")
+        if key in (b"VmRSS", b"RssAnon"):
+            fields[key] = int(value.split()[0]) * 1024  # kB
+    if b"VmRSS" not in fields:
+        return None  # a zombie has no memory left
+    return ProcSample(pid, fields[b"VmRSS"], fields.get(b"RssAnon", 0), fds)
+
+
+def machine_line() -> str:
+    """The machine in a report's first line: "2 CPUs, Python 3.11.7"."""
+    return f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def machine_info(loadavg: bool = False) -> dict:
+    """Python, platform, CPUs and the time, for a result's JSON (with `loadavg`: the load now)."""
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if loadavg:
+        info["loadavg_at_end"] = os.getloadavg()
+    return info

@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
-try:
-    import uvloop
-except ImportError:  # slower on the stdlib loop, still correct
-    uvloop = None
+import evloop
 
 EHLO_REPLY = b"250-sink.bench\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
 REPLIES = {b"MAIL": b"250 OK\r\n", b"RCPT": b"250 OK\r\n", b"DATA": b"354 go ahead\r\n",
@@ -95,14 +91,8 @@ class SinkProtocol(asyncio.Protocol):
 
 
 async def serve(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(SinkProtocol, host, port)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    server.close()
+    server = await asyncio.get_running_loop().create_server(SinkProtocol, host, port)
+    await evloop.serve_until_signalled(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                    help='write "mesg=N\\r" on stdout as messages arrive (like smtp-sink -c)')
     a = p.parse_args(argv)
     Counter.enabled = a.count
-    if uvloop is not None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(a.host, a.port))
-    else:
-        asyncio.run(serve(a.host, a.port))
+    evloop.run(serve(a.host, a.port))
     return 0
 
 

@@ -1,10 +1,17 @@
-"""Prometheus metrics: every metric mta exports, with its help text, in one module.
+"""Prometheus metrics: the metrics mta exports, with their help text, and the scrape.
+
+Defined here: every metric but those defined beside the code that counts them, the DNS
+resolver's (mta_dns_*), the DNSBL check's (mta_dnsbl_*) and AUTH's (mta_auth_*); all
+are documented in docs/metrics.md. The per-destination and cache-entry gauges are no
+Gauge objects: they are rendered at each scrape (render_destinations,
+render_cache_entries).
 
 prometheus-client's multiprocess mode: `mta.serve.prepare_metrics` sets
 PROMETHEUS_MULTIPROC_DIR and wipes the directory in the master before anything imports
 prometheus_client (the value class is chosen at import); every forked child writes
 its own files there, the master calls `process_dead(pid)` when it reaps one, and the
-control process serves the merged view (`render()`). Labels are low-cardinality only.
+control process serves the merged view (`render()`). Labels are low-cardinality only
+(destination: the scheduler's top destinations and "other").
 """
 
 from __future__ import annotations

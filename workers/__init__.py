@@ -1,1 +1,1 @@
-"""One subpackage per process kind: inbound (more come: scheduler, delivery, control)."""
+"""One subpackage per worker process kind: inbound, scheduler, delivery, control; link.py: the master channel."""

@@ -154,6 +154,17 @@ def greeting(hostname: str) -> Reply:
     return Reply(220, "", f"{hostname} ESMTP")
 
 
+def ehlo(hostname: str, max_message_bytes: int, *, starttls: bool, auth: tuple[str, ...]) -> Reply:
+    """Our EHLO reply: the extensions offered (STARTTLS before TLS only, AUTH when offered)."""
+    lines = [hostname, "PIPELINING", f"SIZE {max_message_bytes}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+             "CHUNKING", "DSN"]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(auth))
+    return Reply(250, "", tuple(lines))
+
+
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 

@@ -19,42 +19,38 @@ STARTTLS offered, nothing learned before TLS kept). AUTH PLAIN/LOGIN (RFC 4954) 
 offered only under TLS unless auth_plaintext; the decoded credentials go to the
 application as one Credentials event, and appear nowhere else.
 
-Framing rules (SMTP smuggling, CVE-2023-51764 family): DATA ends only at CRLF.CRLF;
-a bare CR or LF anywhere in the content, DATA or BDAT, is rejected (550 5.5.2) after
-the real end of data (BDAT: at LAST), or normalised to CRLF when configured. Commands sent after DATA before our 354
-are a synchronisation error. Command lines over 512 octets are discarded unexecuted.
+Framing rules (SMTP smuggling, CVE-2023-51764 family): DATA ends only at CRLF.CRLF
+(framing.py); a bare CR or LF anywhere in the content, DATA or BDAT, is rejected
+(550 5.5.2) after the real end of data (BDAT: at LAST), or normalised to CRLF when
+configured. Commands sent after DATA before our 354 are a synchronisation error.
+Command lines over 512 octets (AUTH and SASL responses: 12288) are discarded unexecuted.
+
+The state changes only as states.py says (its rules at the top); DATA and BDAT
+framing is framing.py's, the SASL exchange sasl.py's, the content checks content.py's.
 
 Pure: no asyncio, socket or time imports.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
-from mta.smtp import replies, states
-from mta.smtp.content import crlf_line_ends, has_bare_newline
+from mta.smtp import replies, sasl, states
 from mta.smtp.commands import (
     Auth, Bdat, Command, Data, Ehlo, Expn, Help, Helo, MailFrom, Noop, Quit, RcptTo, Rset, StartTls, Vrfy,
     parse_command,
 )
+from mta.smtp.content import crlf_line_ends, has_bare_newline, too_many_received
+from mta.smtp.framing import ChunkReader, DataReader
 from mta.smtp.replies import Reply
-from mta.smtp.states import State
+from mta.smtp.sasl import Credentials, SaslExchange
+from mta.smtp.states import State, Step
+
+__all__ = ["CLOSED", "NEED_DATA", "PAUSED", "Credentials", "Event", "Message", "ServerConnection", "ServerOptions"]
 
 MAX_COMMAND_LINE: Final = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE: Final = 12288  # AUTH command and SASL responses (RFC 4954 section 4)
-_LOGIN_USERNAME: Final = Reply(334, "", base64.b64encode(b"Username:").decode())
-_LOGIN_PASSWORD: Final = Reply(334, "", base64.b64encode(b"Password:").decode())
-_PLAIN_READY: Final = Reply(334, "", "")
-END_OF_DATA: Final = b"\r\n.\r\n"
-MAX_TRACKED_DOTS: Final = 64  # stuffed lines whose dots are left out while copying (see _step_data)
-# A literal search, which `re` runs at C speed; "^" with MULTILINE tried every position
-# (0.36 s of event loop for a 24 MiB message of header lines).
-_RECEIVED = re.compile(rb"\nreceived[ \t]*:", re.IGNORECASE)
-_RECEIVED_FIRST = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 
 
 class _Marker:
@@ -96,22 +92,6 @@ class Message:
     data: bytes  # unstuffed content, CRLF line ends
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A completed SASL exchange awaiting verification; the password never leaves the app."""
-
-    mechanism: str
-    username: str
-    password: str = field(repr=False)
-    authzid: str = ""  # PLAIN's authorisation identity; anything but "" or username must fail
-
-
-@dataclass(slots=True)
-class _Sasl:
-    mechanism: str
-    username: str | None = None  # LOGIN: the first response
-
-
 Event = MailFrom | RcptTo | Message | Credentials | Vrfy | Expn | StartTls | _Marker
 
 
@@ -126,19 +106,14 @@ class ServerConnection:
         self.errors = 0
         self.junk = 0
         self.auth_refusals: list[str] = []  # "no_tls" / "malformed" AUTH attempts, for the app's metrics
-        self._sasl: _Sasl | None = None
+        self._sasl: SaslExchange | None = None
         self._out: list[bytes] = []
         self._buffer = bytearray()
         self._pending: Command | Message | None = None
         self._discarding = False  # inside an over-long command line
-        self._scan_from = 0  # DATA: where to resume looking for CRLF "."
-        self._dots: list[int] = []  # DATA: where in the buffer a line starts with "." (to unstuff)
+        self._data = DataReader()  # DATA: the end of data and the stuffed lines
         self._refusal: Reply | None = None  # DATA/BDAT: content is being dropped; the reply at its end
-        self._bdat_left: int | None = None  # octets of the current BDAT chunk still to read
-        self._bdat_verdict: Reply | None = None  # a chunk being read only to be discarded
-        self._bdat_last = False
-        self._chunks: list[bytes] = []
-        self._chunks_size = 0
+        self._bdat = ChunkReader()  # BDAT: the chunk being read, the chunks kept
         self._reset_transaction()
 
     # --- the application's side --------------------------------------------------
@@ -155,50 +130,47 @@ class ServerConnection:
     def held_bytes(self) -> int:
         """Octets held for this connection: unprocessed input, BDAT chunks, a Message awaiting its verdict."""
         waiting = len(self._pending.data) if isinstance(self._pending, Message) else 0
-        return len(self._buffer) + self._chunks_size + waiting
+        return len(self._buffer) + self._bdat.size + waiting
 
     @property
     def in_transfer(self) -> bool:
         """Reading message content: from our 354 or the first BDAT to the end of the data."""
-        return self._pending is None and (self.state in (State.DATA, State.BDAT) or self._bdat_left is not None)
+        return self._pending is None and (self.state in (State.DATA, State.BDAT) or self._bdat.left is not None)
 
     def refuse_content(self, reply: Reply) -> bool:
         """The application cannot hold this transfer (e.g. worker memory): read the rest of it,
         keep none of it, answer `reply` at its end (BDAT: the chunk's end). False: no transfer
         to refuse, or it is already being dropped."""
-        if not self.in_transfer or self._refusal is not None or self._bdat_verdict is not None:
+        if not self.in_transfer or self._refusal is not None or self._bdat.verdict is not None:
             return False
         self._refusal = reply
-        self._chunks = []
-        self._chunks_size = 0
+        self._bdat.clear()
         if self.state is State.DATA:  # no end of data in the buffer: keep a possible partial one
-            del self._buffer[:-4]
-            self._scan_from = 0
-            self._dots.clear()
+            self._data.drop(self._buffer)
         return True
 
     def greet(self) -> None:
         assert self.state is State.CONNECTED, self.state
         self._send(replies.greeting(self.options.hostname))
-        self.state = State.GREETED
+        self.state = states.after(self.state, Step.GREETING)
 
     def refuse(self, reply: Reply) -> None:
         """Reject the connection outright (e.g. 421 4.7.0 too many connections)."""
         self._send(reply)
-        self.state = State.CLOSED
+        self.state = states.after(self.state, Step.CLOSE)
 
     def close_with(self, reply: Reply) -> None:
         """Timeouts and shutdown: send a 421 now and close."""
         if self.state is not State.CLOSED:
             self._send(reply)
-            self.state = State.CLOSED
+            self.state = states.after(self.state, Step.CLOSE)
 
     def receive_data(self, data: bytes) -> None:
         if self.state is not State.CLOSED:
             self._buffer += data
 
     def receive_eof(self) -> None:
-        self.state = State.CLOSED
+        self.state = states.after(self.state, Step.CLOSE)
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
@@ -213,7 +185,7 @@ class ServerConnection:
                 return PAUSED
             if self.state is State.DATA:
                 event = self._step_data()
-            elif self._bdat_left is not None:
+            elif self._bdat.left is not None:
                 event = self._step_bdat()
             else:
                 event = self._step_command()
@@ -235,7 +207,7 @@ class ServerConnection:
             return
         if reply.code == 421:  # e.g. a lockout: a 421 always ends the session
             self._send(reply)
-            self.state = State.CLOSED
+            self.state = states.after(self.state, Step.CLOSE)
             return
         if isinstance(pending, Credentials):
             if reply.positive:
@@ -246,9 +218,7 @@ class ServerConnection:
             self._send(reply)
             return
         if isinstance(pending, Message):
-            self._reset_transaction()
-            self.state = State.READY
-            self._send(reply)
+            self._end_message(reply)
             return
         if reply.positive:
             if isinstance(pending, MailFrom):
@@ -269,7 +239,7 @@ class ServerConnection:
         self.esmtp = False
         self.authenticated = None
         self._reset_transaction()
-        self.state = states.after_tls(self.state)
+        self.state = states.after(self.state, Step.TLS_STARTED)
 
     # --- framing -----------------------------------------------------------------
 
@@ -304,7 +274,7 @@ class ServerConnection:
             self._send(replies.BAD_CHARACTERS)
             return None
         if self._sasl is not None:
-            return self._sasl_response(line)
+            return self._sasl_step(self._sasl.respond(line))
         utf8 = self._mail is not None and self._mail.smtputf8
         command = parse_command(line, utf8=utf8)
         if isinstance(command, Reply):
@@ -313,89 +283,45 @@ class ServerConnection:
         return self._dispatch(command)
 
     def _step_data(self) -> Event | None:
-        # One scan finds both the end (CRLF "." CRLF) and the lines to unstuff (CRLF "."),
-        # whose dots are then left out as the content is copied out: no second pass. Past
-        # MAX_TRACKED_DOTS stuffed lines the end is searched for directly and the content
-        # unstuffed with one replace: a message of nothing but dot lines costs C loops,
-        # not a Python step and a slice per line.
         buf = self._buffer
-        while True:
-            if len(self._dots) < MAX_TRACKED_DOTS:
-                hit = buf.find(b"\r\n.", self._scan_from)
-                if 0 <= hit and hit + 5 <= len(buf):  # else none yet, or too close to the end to tell
-                    if buf[hit + 3: hit + 5] == b"\r\n":
-                        break
-                    self._dots.append(hit + 2)
-                    self._scan_from = hit + 3
-                    continue
-                resume = hit if hit >= 0 else max(0, len(buf) - 2)
-            else:
-                hit = buf.find(END_OF_DATA, self._scan_from)
-                if hit >= 0:
-                    break
-                resume = max(0, len(buf) - 4)
+        end = self._data.find_end(buf)
+        if end < 0:
             slack = self.options.max_message_bytes // 32 + 1024  # dot-stuffing overhead
             if self._refusal is not None or len(buf) > self.options.max_message_bytes + slack:
                 self._refusal = self._refusal or replies.SIZE_EXCEEDED
-                del buf[:-4]  # keep a possible partial CRLF.CRLF
-                self._scan_from = 0
-                self._dots.clear()
-            else:
-                self._scan_from = resume
+                self._data.drop(buf)
             return NEED_DATA
-        data = self._unstuffed(hit + 2)
-        del buf[: hit + 5]
-        self._scan_from = 0
-        self._dots.clear()
-        return self._finish_data(data)
-
-    def _unstuffed(self, end: int) -> bytes:
-        """The content up to `end` without the virtual CRLF and the stuffing dots: one copy."""
-        with memoryview(self._buffer) as view:
-            if len(self._dots) >= MAX_TRACKED_DOTS:  # many: one replace over it all
-                return bytes(view[:end]).replace(b"\r\n.", b"\r\n")[2:]
-            if not self._dots:
-                return bytes(view[2:end])
-            starts = [2] + [dot + 1 for dot in self._dots]
-            return b"".join([view[start:stop] for start, stop in zip(starts, self._dots + [end])])
-
-    def _finish_data(self, data: bytes) -> Event | None:
+        data = self._data.take(buf, end)
         if self._refusal is not None:
             return self._end_message(self._refusal)
         return self._complete(data)  # unstuffed first: a dot after a bare LF was never at a line start
 
     def _step_bdat(self) -> Event | None:
-        assert self._bdat_left is not None
-        buf = self._buffer
-        if self._refusal is not None and self._bdat_verdict is None:  # refuse_content(): this chunk gets it
-            self._bdat_verdict = self._refusal
-            self._reset_transaction()
-            self.state = State.READY
-        if self._bdat_left:
-            if not buf:
+        chunk = self._bdat
+        if self._refusal is not None and chunk.verdict is None:  # refuse_content(): this chunk gets it
+            self._refuse_chunk(self._refusal)
+        if chunk.left:
+            if not self._buffer:
                 return NEED_DATA
-            take = min(self._bdat_left, len(buf))
-            if self._bdat_verdict is None:
-                if self._chunks_size + take > self.options.max_message_bytes:
-                    self._bdat_verdict = replies.SIZE_EXCEEDED
-                    self._reset_transaction()
-                    self.state = State.READY
-                else:
-                    self._chunks.append(bytes(buf[:take]))
-                    self._chunks_size += take
-            del buf[:take]
-            self._bdat_left -= take
-            if self._bdat_left:
+            arriving = min(chunk.left, len(self._buffer))
+            if chunk.verdict is None and chunk.size + arriving > self.options.max_message_bytes:
+                self._refuse_chunk(replies.SIZE_EXCEEDED)
+            if chunk.read(self._buffer):
                 return NEED_DATA
-        self._bdat_left = None
-        if self._bdat_verdict is not None:
-            verdict, self._bdat_verdict = self._bdat_verdict, None
+        verdict = chunk.end()
+        if verdict is not None:
             self._send(verdict)
             return None
-        if self._bdat_last:
-            return self._complete(b"".join(self._chunks))
-        self._answer(Bdat(self._chunks_size, False), replies.chunk_ok(self._chunks_size))
+        if chunk.last:
+            return self._complete(chunk.content())
+        self._answer(Bdat(chunk.size, False), replies.chunk_ok(chunk.size))
         return None
+
+    def _refuse_chunk(self, reply: Reply) -> None:
+        """Drop the transaction now; `reply` answers the chunk once it is read."""
+        self._bdat.verdict = reply
+        self._reset_transaction()
+        self.state = states.after(self.state, Step.CHUNK_REFUSED)
 
     # --- commands ----------------------------------------------------------------
 
@@ -442,28 +368,26 @@ class ServerConnection:
         elif isinstance(command, Data):
             if self._buffer:
                 self._send(replies.SYNC_ERROR)
-                self.state = State.CLOSED
+                self.state = states.after(self.state, Step.CLOSE)
                 return None
             self._answer(command, replies.START_DATA)
             self._buffer += b"\r\n"  # the CRLF that ended DATA starts the first line
-            self._scan_from = 0
+            self._data.reset()
         elif isinstance(command, (Rset, Noop, Help, Vrfy, Expn)):
             return self._junk_command(command)
         elif isinstance(command, Quit):
-            self._send(replies.closing(self.options.hostname))
-            self.state = State.CLOSED
+            self._answer(command, replies.closing(self.options.hostname))
         return None
 
     def _junk_command(self, command: Rset | Noop | Help | Vrfy | Expn) -> Event | None:
         self.junk += 1
         if self.junk > self.options.max_junk_commands:
             self._send(replies.too_many_junk_commands(self.options.hostname))
-            self.state = State.CLOSED
+            self.state = states.after(self.state, Step.CLOSE)
             return None
         if isinstance(command, Rset):
             self._reset_transaction()
-            self.state = states.after_reset(self.state)
-            self._send(replies.OK)
+            self._answer(command, replies.OK)
         elif isinstance(command, Noop):
             self._send(replies.OK)
         elif isinstance(command, Help):
@@ -478,86 +402,40 @@ class ServerConnection:
         return None
 
     def _start_auth(self, command: Auth) -> Event | None:
-        if not self.options.auth_mechanisms:
-            error: Reply | None = replies.AUTH_NOT_ENABLED
-        elif not self.esmtp or self.state in (State.CONNECTED, State.GREETED):
-            error = replies.AUTH_NEED_EHLO
-        elif self.state is not State.READY:
-            error = replies.AUTH_IN_TRANSACTION
-        elif self.authenticated is not None:
-            error = replies.AUTH_ALREADY
-        elif not self.auth_offered:
-            error = replies.AUTH_NEEDS_TLS
-        elif command.mechanism not in self.options.auth_mechanisms:
-            error = replies.AUTH_UNKNOWN_MECHANISM
-        else:
-            error = None
+        error = sasl.check_start(command, mechanisms=self.options.auth_mechanisms, state=self.state,
+                                 esmtp=self.esmtp, authenticated=self.authenticated is not None,
+                                 offered=self.auth_offered)
         if error is not None:
             if error is replies.AUTH_NEEDS_TLS:
                 self.auth_refusals.append("no_tls")
             self._send(error)
             return None
-        self._sasl = _Sasl(command.mechanism)
-        if command.initial is not None:
-            return self._sasl_response(command.initial)
-        self._send(_PLAIN_READY if command.mechanism == "PLAIN" else _LOGIN_USERNAME)
-        return None
+        self._sasl = SaslExchange(command.mechanism)
+        return self._sasl_step(self._sasl.start(command.initial))
 
-    def _sasl_response(self, line: str) -> Event | None:
-        sasl = self._sasl
-        assert sasl is not None
-        if line.strip() == "*":
+    def _sasl_step(self, result: Reply | Credentials) -> Event | None:
+        """A challenge to send, the reply that ends the exchange, or the Credentials to check."""
+        assert self._sasl is not None
+        if self._sasl.done:
             self._sasl = None
-            self._send(replies.AUTH_ABORTED)
-            return None
-        decoded = _decode_sasl(line)
-        if decoded is None:
-            self._sasl = None
+        if isinstance(result, Credentials):
+            self._pending = result
+            return result
+        if result is replies.AUTH_MALFORMED:
             self.auth_refusals.append("malformed")
-            self._send(replies.AUTH_MALFORMED)
-            return None
-        if sasl.mechanism == "LOGIN" and sasl.username is None:
-            sasl.username = decoded
-            self._send(_LOGIN_PASSWORD)
-            return None
-        self._sasl = None
-        if sasl.mechanism == "LOGIN":
-            assert sasl.username is not None
-            event = Credentials("LOGIN", sasl.username, decoded)
-        else:
-            parts = decoded.split("\0")
-            if len(parts) != 3:
-                self.auth_refusals.append("malformed")
-                self._send(replies.AUTH_MALFORMED)
-                return None
-            event = Credentials("PLAIN", parts[1], parts[2], authzid=parts[0])
-        self._pending = event
-        return event
+        self._send(result)
+        return None
 
     def _start_bdat(self, command: Bdat) -> Event | None:
         # The chunk's octets follow the command whatever we answer: read them all
         # (RFC 3030 section 2), keeping them only when the chunk is acceptable.
-        self._bdat_left = command.size
-        self._bdat_last = command.last
-        self._bdat_verdict = states.sequence_error(self.state, command)
+        self._bdat.begin(command.size, command.last, states.sequence_error(self.state, command))
         return None
 
     def _ehlo_reply(self) -> Reply:
-        lines = [
-            self.options.hostname,
-            "PIPELINING",
-            f"SIZE {self.options.max_message_bytes}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-            "DSN",
-        ]
-        if self.options.starttls and not self.tls_active:
-            lines.append("STARTTLS")
-        if self.auth_offered:
-            lines.append("AUTH " + " ".join(self.options.auth_mechanisms))
-        return Reply(250, "", tuple(lines))
+        o = self.options
+        return replies.ehlo(o.hostname, o.max_message_bytes, starttls=o.starttls and not self.tls_active,
+                            auth=o.auth_mechanisms if self.auth_offered else ())
 
     # --- helpers -----------------------------------------------------------------
 
@@ -569,7 +447,7 @@ class ServerConnection:
             data = crlf_line_ends(data)
         if len(data) > self.options.max_message_bytes:
             return self._end_message(replies.SIZE_EXCEEDED)
-        if _too_many_received(data, self.options.max_received_headers):
+        if too_many_received(data, self.options.max_received_headers):
             return self._end_message(replies.TOO_MANY_HOPS)
         assert self._mail is not None and self._rcpts, "message without an envelope"
         message = Message(self._mail, tuple(self._rcpts), data)
@@ -577,8 +455,9 @@ class ServerConnection:
         return message
 
     def _end_message(self, reply: Reply) -> None:
+        """The reply to the content ends the transaction, whatever its code."""
         self._reset_transaction()
-        self.state = State.READY
+        self.state = states.after(self.state, Step.MESSAGE_DONE)
         self._send(reply)
         return None
 
@@ -590,8 +469,7 @@ class ServerConnection:
     def _reset_transaction(self) -> None:
         self._mail: MailFrom | None = None
         self._rcpts: list[RcptTo] = []
-        self._chunks = []
-        self._chunks_size = 0
+        self._bdat.clear()
         self._refusal = None
 
     def _send(self, reply: Reply) -> None:
@@ -602,28 +480,5 @@ class ServerConnection:
             self.errors += 1
             if self.errors >= self.options.max_errors:
                 self._out.append(replies.too_many_errors(self.options.hostname).to_bytes())
-                self.state = State.CLOSED
+                self.state = states.after(self.state, Step.CLOSE)
 
-
-def _decode_sasl(line: str) -> str | None:
-    """A SASL response (base64, "=" for empty) -> text; None when malformed."""
-    text = line.strip()
-    if text == "=":
-        return ""
-    try:
-        return base64.b64decode(text, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):  # bad base64 or not UTF-8
-        return None
-
-
-def _too_many_received(data: bytes, limit: int) -> bool:
-    """More than `limit` Received fields in the header section (up to the first empty
-    line)? Counting stops at limit + 1, and nothing is copied."""
-    end = data.find(b"\r\n\r\n")
-    stop = len(data) if end < 0 else end + 2
-    count = 1 if _RECEIVED_FIRST.match(data) else 0
-    for _ in _RECEIVED.finditer(data, 0, stop):
-        count += 1
-        if count > limit:
-            break
-    return count > limit

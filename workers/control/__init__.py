@@ -1,1 +1,1 @@
-"""The control process: /metrics, /healthz, /readyz (the admin API comes later)."""
+"""The control process: /metrics, /healthz, /readyz and the JSON admin API (queue operations)."""

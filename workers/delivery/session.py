@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mta.smtp import client
-from mta.smtp.client import CLOSED, NEED_DATA, ClientConnection, ProtocolError, ServerReply, Verb
+from mta.smtp.client import CLOSED, NEED_DATA, ClientConnection, ProtocolError, ServerReply
 from mta.smtp.replies import Reply, ReplyClass
 
 TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")

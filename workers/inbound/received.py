@@ -6,7 +6,10 @@
             Sun, 29 Nov 2026 06:43:03 +0000
 
 `for <rcpt>` is added only for a single recipient, so a copy never discloses the
-others. The HELO name is the client's claim: sanitised, never trusted.
+others. The HELO name is the client's claim: sanitised, never trusted. The TLS
+comment keeps its balanced parentheses (RFC 5322 3.2.2: comments nest); anything
+else that could end the comment or the field (an unmatched parenthesis, a backslash,
+a control character, `<>;"`) becomes "?".
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol
                     msgid: MessageId, recipients: list[str], tls: str = "") -> bytes:
     claimed = _clean(helo or "unknown")
     for_clause = f"\r\n\tfor <{_clean(recipients[0])}>" if len(recipients) == 1 else ""
-    tls_comment = f"\r\n\t(using {_clean(tls)})" if tls else ""
+    tls_comment = f"\r\n\t(using {_comment_text(tls)})" if tls else ""
     return (
         f"Received: from {claimed} ([{client_ip}]){tls_comment}\r\n"
         f"\tby {hostname} (mta) with {protocol} id {msgid}{for_clause};\r\n"
@@ -34,6 +37,19 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol
 
 def _clean(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "()<>;\\\"" else "?" for c in text[:255])
+
+
+def _comment_text(text: str) -> str:
+    """`text` cleaned for inside a comment: the parentheses that pair up are kept."""
+    text = text[:255]
+    opened: list[int] = []
+    paired: set[int] = set()
+    for i, c in enumerate(text):
+        if c == "(":
+            opened.append(i)
+        elif c == ")" and opened:
+            paired.update((opened.pop(), i))
+    return "".join(c if i in paired else _clean(c) for i, c in enumerate(text))
 
 
 def _rfc5322_now() -> str:
