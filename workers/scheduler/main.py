@@ -422,8 +422,7 @@ class Scheduler(WorkerBody):
             self.sessions[sid] = session = Session(sid, dest, worker)
             self._carry(session, job)
             worker.sessions.add(sid)
-            dest.in_flight += 1
-            dest.last_served = now
+            dest.open_session(now)
             worker.send(messages.Open(sid, dest.name, job.id, job.msgid, job.rcpts))
         suspended = [d.suspended_until for d in self.plan.destinations.values() if d.suspended_until > now and len(d)]
         if suspended:
@@ -459,7 +458,7 @@ class Scheduler(WorkerBody):
         """The next job on an open session."""
         self._carry(session, job)
         session.jobs_sent += 1
-        session.dest.last_served = now
+        session.dest.served(now)
         session.worker.send(messages.Job(session.sid, job.id, job.msgid, job.rcpts))
 
     def _resume_parked(self, now: float) -> None:
@@ -563,7 +562,7 @@ class Scheduler(WorkerBody):
         for sid in list(link.sessions):
             session = self.sessions.pop(sid)
             self._forget_session(session)
-            session.dest.in_flight -= 1
+            session.dest.close_session()
             for job in session.jobs:
                 self._release(job)
                 requeued += 1
@@ -625,7 +624,7 @@ class Scheduler(WorkerBody):
         if session is None:
             return
         self._forget_session(session)
-        session.dest.in_flight -= 1
+        session.dest.close_session()
         for job in session.jobs:  # closed with jobs assigned (or sent ahead): they did not run
             self._release(job)
         self._schedule_dispatch()
