@@ -120,6 +120,11 @@ class Destination:
         rate = self.limits.max_messages_per_second
         return 0.0 if rate <= 0 else max(0.0, (1.0 - self.tokens) / rate)
 
+    def wait_for_token(self, now: float) -> float:
+        """Out of tokens: no session opens until the next one (a pause, not a failure). The time it comes."""
+        self.suspended_until = now + self.token_wait(now)
+        return self.suspended_until
+
     # --- window feedback ------------------------------------------------------------
 
     def on_session_ok(self) -> None:
