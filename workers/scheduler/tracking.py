@@ -35,7 +35,6 @@ from workers.scheduler.plan import Destination, Job, Limits, Plan
 from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally
 
 
-
 class Tracking:
     config: Config
     backend: QueueBackend
