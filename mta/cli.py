@@ -24,7 +24,7 @@ import urllib.parse
 from typing import Any
 
 from mta import config as configmod
-from mta import admintoken, frames, messages, queueview
+from mta import admintoken, frames, messages, queueops, queueview
 from mta.config import Config, ConfigError, split_hostport
 
 CONTROL_CONNECT_SECONDS = 5.0  # nothing accepts on [control] listen by then: the server is stopped
@@ -333,44 +333,34 @@ def _queue_operation(cfg: Config, args: argparse.Namespace) -> int:
         print(f"mta: queue {args.op}: name message IDs, --domain D or --all", file=sys.stderr)
         return 2
     which = {"ids": [i.upper() for i in args.ids], "domain": args.domain, "all": args.all}
+    command = messages.QueueCommand(typing.cast(messages.QueueOp, args.op), tuple(which["ids"]),
+                                    args.domain, args.all)
     via_api = _ask_control(cfg, "POST", f"/api/queue/{args.op}", which, expect=(200, 503))
     count: int | None = None
     if via_api is not None and via_api[0] == 200:
         count = json.loads(via_api[1])["count"]
     else:  # stopped, or 503 (the control process runs, the scheduler not yet): as before the API
-        command = messages.QueueCommand(typing.cast(messages.QueueOp, args.op), tuple(which["ids"]),
-                                        args.domain, args.all)
         result = _ask_scheduler(cfg, command, messages.CommandResult)
         count = result.count if result is not None else None
     if count is not None:
         print(f"{args.op}: {count} message(s) (applied by the running scheduler)")
         return 0 if count or not args.ids else 1
-    count = _apply_offline(cfg, args)
+    count = _apply_offline(cfg, command)
     print(f"{args.op}: {count} message(s) (server not running: applied to the spool)")
     return 0 if count or not args.ids else 1
 
 
-def _apply_offline(cfg: Config, args: argparse.Namespace) -> int:
+def _apply_offline(cfg: Config, command: messages.QueueCommand) -> int:
+    """The running scheduler's rules (mta/queueops.py), applied to the spool itself."""
     spool = _open_spool(cfg)
     if spool is None:
         return 0
-    wanted = {i.upper() for i in args.ids}
-    domain = (args.domain or "").lower()
-    chosen = [e for e in spool.envelopes()
-              if args.all or e.id in wanted
-              or (domain and any(r.address.rpartition("@")[2].lower() == domain for r in e.recipients))]
-    if args.op == "delete":
+    chosen = queueops.select(command, {e.id: e for e in spool.envelopes()})
+    if command.op == "delete":
         return spool.delete([e.id for e in chosen])
     now = time.time()
-    change = {"hold": ({"ready", "deferred"}, "held"), "release": ({"held"}, "ready"),
-              "retry": ({"deferred"}, "ready")}[args.op]
-    for e in chosen:
-        for r in e.recipients:
-            if r.state in change[0]:
-                r.state = change[1]
-        if args.op in ("release", "retry"):
-            e.next_attempt = now
-    spool.apply(update=chosen)
+    changed = [e for e in chosen if queueops.change(command.op, e, now)]
+    spool.apply(update=changed)
     return len(chosen)
 
 

@@ -1,5 +1,7 @@
 """The delivery plan (pure): priorities, fairness, windows, rate limits."""
 
+import pytest
+
 from mtaqueue.ids import MessageId
 from workers.scheduler.plan import SUSPEND_SECONDS, Job, Limits, Plan
 
@@ -28,7 +30,7 @@ def test_window_starts_at_min_of_initial_and_limit_and_caps_sessions() -> None:
     opened = 0
     while (d := plan.next_destination(now=0.0)) is not None:
         d.pop()
-        d.in_flight += 1
+        d.open_session(0.0)
         opened += 1
     assert opened == 3
 
@@ -76,3 +78,15 @@ def test_rate_limit_tokens() -> None:
     assert not dest.take_token(0.0)
     assert 0 < dest.token_wait(0.0) <= 0.5
     assert dest.take_token(0.6)
+
+
+def test_a_destination_counts_its_own_sessions_and_panics_on_a_close_too_many() -> None:
+    plan = Plan()
+    plan.add(job(1, "c.test"), LIMITS)
+    dest = plan.destinations["c.test"]
+    dest.open_session(5.0)
+    assert dest.in_flight == 1 and dest.last_served == 5.0
+    dest.close_session()
+    assert dest.in_flight == 0
+    with pytest.raises(AssertionError, match="c.test: a session closed with none open"):
+        dest.close_session()

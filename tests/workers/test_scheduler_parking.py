@@ -16,7 +16,7 @@ import uvloop
 from mta import messages
 from mta.messages import Message
 from tests.workers.test_scheduler_tally import Driver, config, new_scheduler
-from workers.scheduler.main import LOOKAHEAD
+from workers.scheduler.dispatch import LOOKAHEAD
 
 
 def sent(driver: Driver) -> list[Message]:
@@ -87,7 +87,7 @@ def test_parked_sessions_are_reused_shrunk_and_expired() -> None:
         s.check_tally()
         if s._wake is not None:
             s._wake.cancel()
-        await s._flush_all()
+        await s.writes.flush_all()
 
     uvloop.run(main())
 
@@ -141,7 +141,7 @@ def test_a_full_window_sends_the_next_job_ahead() -> None:
         assert s.plan.ready_jobs() == 0 and not b.jobs and b.idle_since > 0
         if s._wake is not None:
             s._wake.cancel()
-        await s._flush_all()
+        await s.writes.flush_all()
 
     uvloop.run(main())
 
@@ -168,11 +168,11 @@ def test_a_job_sent_ahead_then_held_is_skipped_not_deferred() -> None:
         assert s.messages[held.msgid].recipients[0].state == "held"
         assert s.messages[held.msgid].recipients[0].attempts == 0
         assert s.messages[released.msgid].recipients[0].state == "ready"
-        assert released.msgid in s.in_flight  # queued again (or given to the session again)
-        assert held.msgid not in s.in_flight
+        assert released.msgid in s.busy  # queued again (or given to the session again)
+        assert held.msgid not in s.busy
         s.check_tally()
         if s._wake is not None:
             s._wake.cancel()
-        await s._flush_all()
+        await s.writes.flush_all()
 
     uvloop.run(main())

@@ -22,7 +22,8 @@ from mta.config import Config, DeliveryConfig
 from mtaqueue.backend_memory import MemoryBackend
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage, Recipient
-from workers.scheduler.main import Scheduler, WorkerLink
+from workers.scheduler.dispatch import WorkerLink
+from workers.scheduler.main import Scheduler
 from workers.scheduler.tally import OTHER, TOP_DESTINATIONS, Arrivals, Tally
 
 DOMAINS = [f"d{n}.test" for n in range(TOP_DESTINATIONS + 6)]
@@ -224,11 +225,11 @@ def test_running_counts_equal_a_walk_after_random_events(seed: int) -> None:
                 s._on_closed(session.worker, session.sid, True)
             await asyncio.sleep(0.001)
             s.check_tally()
-            if not s.messages and not s._flushing and not s._pending_add:
+            if not s.messages and not s.writes.flushing and not s.writes.add:
                 break
         assert s.messages == {} and s.tally.by_dest == {} and s.carried == {}
         assert s.tally.totals == {"ready": 0, "active": 0, "deferred": 0, "held": 0}
-        await s._flush_now()
+        await s.writes.flush_now()
         if s._wake is not None:
             s._wake.cancel()
 
@@ -257,7 +258,7 @@ def test_gauges_show_active_and_held_as_the_walk_does() -> None:
                                      tuple((i, 250, "2.0.0", "ok") for i in session.job.rcpts)))
         s.check_tally()
         assert s.carried == {}
-        await s._flush_now()
+        await s.writes.flush_now()
 
     uvloop.run(main())
 
@@ -281,7 +282,7 @@ def test_at_most_n_destinations_however_many_come_and_go() -> None:
             s._command(messages.QueueCommand("delete", tuple(ids)))
             s.check_tally()
         assert len(shown) > TOP_DESTINATIONS + 1
-        await s._flush_now()
+        await s.writes.flush_now()
 
     uvloop.run(main())
 
@@ -300,7 +301,7 @@ def test_a_rescan_before_the_delete_is_committed_does_not_deliver_again() -> Non
         assert msgid not in s.messages and msgid in s.backend.due(time.time() + 1, 10)  # not deleted yet
         s._on_new(m for m in s.backend.due(time.time() + 1, 10**6) if m not in s.messages)  # the rescan
         assert msgid not in s.messages and not driver.carried_sessions()
-        await s._flush_now()
+        await s.writes.flush_now()
         assert s.backend.envelope(msgid) is None
         if s._wake is not None:
             s._wake.cancel()

@@ -38,20 +38,20 @@ def test_an_operator_flush_waits_for_its_change_not_for_a_quiet_queue() -> None:
             n = 0
             while time.monotonic() < stop:
                 n += 1
-                s._pending_delete.add(f"{n:021X}")  # type: ignore[arg-type]  # unknown ids: skipped
-                s._schedule_flush()
+                s.writes.delete.add(f"{n:021X}")  # type: ignore[arg-type]  # unknown ids: skipped
+                s.writes.schedule()
                 await asyncio.sleep(0.001)
 
         load = asyncio.get_running_loop().create_task(steady_outcomes())
         await asyncio.sleep(0.1)
-        s._pending_delete.add("OPERATOR-CHANGE-00000")  # type: ignore[arg-type]
-        written_before = s._written
+        s.writes.delete.add("OPERATOR-CHANGE-00000")  # type: ignore[arg-type]
+        written_before = s.writes.written
         started = time.monotonic()
-        await s._flush_now()
+        await s.writes.flush_now()
         took = time.monotonic() - started
         await load
-        await s._flush_all()
-        return took, s._written - written_before
+        await s.writes.flush_all()
+        return took, s.writes.written - written_before
 
     took, rounds = uvloop.run(main())
     assert took < 1.0, f"the operator waited {took:.2f} s for a quiet queue"

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mta.dsn import DsnRecipient, build_dsn, should_notify
+from mta.queueops import FINAL_STATES
 from mtaqueue.ids import new_id
 from mtaqueue.records import Envelope, NewMessage, Recipient
 
-FINAL_STATES = frozenset({"delivered", "bounced"})
 
 
 @dataclass(frozen=True)

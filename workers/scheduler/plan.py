@@ -12,7 +12,9 @@ best job has the highest priority, and among equals the one served longest ago, 
 huge domain never starves a small one.
 
 Invariants: 0 <= in_flight <= limit for every destination with no pending shrink;
-every queued job appears in exactly one destination heap. Pure: no I/O, no clock reads.
+every queued job appears in exactly one destination heap. A Destination changes its own
+counts: sessions are counted by `open_session` and `close_session` only (a close with
+none open panics). Pure: no I/O, no clock reads.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Destination:
     name: str
     limits: Limits
     window: float = 0.0
-    in_flight: int = 0  # open sessions
+    in_flight: int = 0  # open sessions: changed by open_session/close_session only
     suspended_until: float = 0.0
     last_served: float = 0.0
     tokens: float = 0.0
@@ -84,6 +86,23 @@ class Destination:
     def __len__(self) -> int:
         return len(self._heap)
 
+    # --- sessions -------------------------------------------------------------------
+
+    def open_session(self, now: float) -> None:
+        """A session to this destination opens (with its first job)."""
+        self.in_flight += 1
+        self.last_served = now
+
+    def close_session(self) -> None:
+        """One of its sessions is gone (closed, or its worker lost)."""
+        if self.in_flight <= 0:
+            raise AssertionError(f"destination {self.name}: a session closed with none open")
+        self.in_flight -= 1
+
+    def served(self, now: float) -> None:
+        """An open session was given one more job."""
+        self.last_served = now
+
     # --- rate -------------------------------------------------------------------
 
     def take_token(self, now: float) -> bool:
@@ -100,6 +119,11 @@ class Destination:
     def token_wait(self, now: float) -> float:
         rate = self.limits.max_messages_per_second
         return 0.0 if rate <= 0 else max(0.0, (1.0 - self.tokens) / rate)
+
+    def wait_for_token(self, now: float) -> float:
+        """Out of tokens: no session opens until the next one (a pause, not a failure). The time it comes."""
+        self.suspended_until = now + self.token_wait(now)
+        return self.suspended_until
 
     # --- window feedback ------------------------------------------------------------
 

@@ -19,11 +19,11 @@ no entry. Pure: no I/O, no clock reads.
 
 from __future__ import annotations
 
-import functools
 import heapq
 from collections.abc import Collection, Iterable, Mapping
 from operator import itemgetter
 
+from mta.queueops import destination_of
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 
@@ -31,11 +31,6 @@ COUNTED = ("ready", "active", "deferred", "held")
 PER_DESTINATION = ("ready", "active", "deferred")  # held recipients are not broken down
 TOP_DESTINATIONS = 10  # per-destination gauges: this many rows + "other" (docs/metrics.md)
 OTHER = "other"
-
-
-@functools.lru_cache(maxsize=65536)
-def destination_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
 
 
 def counted_state(state: str, carried: bool) -> str:

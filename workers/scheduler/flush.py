@@ -1,0 +1,157 @@
+"""Outcomes applied in memory at once, written to the spool in batches by one writer thread.
+
+`Outcomes._settle` applies one job's replies to its envelope (outcome.py's rules), logs
+and counts them, and leaves the change pending; `PendingWrites` owns the pending
+changes (envelopes to update, ids to delete, bounces to add) and writes them in one
+transaction (backend.apply(): states, retry times, deletions and bounces together),
+gathering for FLUSH_GATHER_SECONDS first so one transaction carries many outcomes.
+
+Invariants: one flush round runs at a time, on one writer thread; a bounce is tracked
+(may be delivered) only once its transaction is over; an id being deleted stays in
+`delete` or `deleting` until its transaction is over, so a rescan does not deliver a
+finished message again. `Outcomes` is a mixin of Scheduler (main.py) over the queue view
+(tracking.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+from mta import logs, metrics
+from mta.queueops import FINAL_STATES
+from mtaqueue.ids import MessageId
+from mtaqueue.records import Envelope, NewMessage
+from workers.scheduler.outcome import RecipientReply, RetryPolicy, settle
+from workers.scheduler.plan import Job
+from workers.scheduler.tracking import Tracking
+
+FLUSH_GATHER_SECONDS = 0.01
+
+Apply = Callable[[Sequence[Envelope], Sequence[MessageId], Sequence[NewMessage]], object]
+
+
+class PendingWrites:
+    """The changes not yet in the spool, and the rounds that write them."""
+
+    def __init__(self, apply: Apply, on_written: Callable[[list[NewMessage]], None]) -> None:
+        self._apply = apply  # in the writer thread: one transaction
+        self._on_written = on_written  # on the event loop, after each round: its bounces
+        self.update: dict[MessageId, Envelope] = {}
+        self.delete: set[MessageId] = set()
+        self.deleting: set[MessageId] = set()  # deletes being committed right now
+        self.add: list[NewMessage] = []
+        self.flushing = False
+        self.snapshots = 0  # flush rounds that have taken the pending changes
+        self.written = 0  # flush rounds whose transaction is over
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+
+    def schedule(self) -> None:
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+
+    async def _flush(self) -> None:
+        try:
+            while self.update or self.delete or self.add:
+                # Outcomes arrive a few per millisecond under load: gathering them for a
+                # moment makes one transaction (two fsyncs) carry many, not a handful.
+                await asyncio.sleep(FLUSH_GATHER_SECONDS)
+                update = list(self.update.values())
+                delete = list(self.delete)
+                add = self.add
+                self.update, self.delete, self.add = {}, set(), []
+                self.snapshots += 1
+                self.deleting.update(delete)
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(self._writer, self._apply, update, delete, add)
+                finally:
+                    self.deleting.difference_update(delete)
+                    self.written += 1
+                self._on_written(add)
+        finally:
+            self.flushing = False
+
+    async def flush_now(self) -> None:
+        """Until what is pending now is written: the next flush round takes it. Outcomes
+        that keep arriving under load go to later rounds and are not waited for."""
+        target = self.snapshots + 1
+        while (self.update or self.delete or self.add or self.flushing) and self.written < target:
+            if not self.flushing:
+                self.schedule()
+            await asyncio.sleep(0.005)
+
+    async def flush_all(self) -> None:
+        """Until nothing is pending (at shutdown: no outcome arrives any more)."""
+        while self.flushing or self.update or self.delete or self.add:
+            await self.flush_now()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+
+class Outcomes(Tracking):
+    def _init_outcomes(self) -> None:
+        self.writes = PendingWrites(lambda update, delete, add: self.backend.apply(update, delete, add),
+                                    self._on_written)
+
+    def _on_written(self, bounces: list[NewMessage]) -> None:
+        now = time.time()
+        for bounce in bounces:  # committed: now it may be delivered
+            self._track(copy.deepcopy(bounce.envelope), now)
+        self._schedule_dispatch()
+
+    def _delete_later(self, msgid: MessageId) -> None:
+        self.writes.delete.add(msgid)
+        self.writes.schedule()
+
+    def _being_deleted(self, msgid: MessageId) -> bool:
+        return msgid in self.writes.delete or msgid in self.writes.deleting
+
+    def _settle(self, job: Job, replies: list[RecipientReply], remote: str | None, now: float) -> None:
+        busy = self.busy.get(job.msgid)
+        if busy is not None:
+            busy.difference_update(job.rcpts)
+            if not busy:
+                del self.busy[job.msgid]
+        envelope = self.messages.get(job.msgid)
+        if envelope is None:
+            return  # deleted by an operator while in flight
+        d = self.config.delivery
+        policy = RetryPolicy(d.min_backoff_seconds, d.max_backoff_seconds, d.max_queue_lifetime_seconds)
+        answered = {r.index for r in replies}
+        missing = [RecipientReply(i, 451, "4.3.0", "no reply for this recipient") for i in job.rcpts
+                   if i not in answered]
+        remote_host = remote.split("[")[0] if remote else None  # "host[address]:port" -> DSN Remote-MTA
+        with self._recounting(envelope, sorted({r.index for r in replies} | set(job.rcpts))):
+            result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=policy,
+                            hostname=self.config.server.hostname,
+                            load_body=lambda: self.backend.body(job.msgid) or b"")
+        for r in replies + missing:
+            rcpt = envelope.recipients[r.index]
+            metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
+                                             else "retried", f"{r.code // 100}xx" if r.code >= 200 else "none").inc()
+            if rcpt.state == "delivered":
+                metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
+            logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
+                       attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
+        if result.bounce is not None:
+            metrics.BOUNCES.inc()
+            self.writes.add.append(result.bounce)
+            logs.event("bounce_queued", msgid=result.bounce.envelope.id, origin=job.msgid,
+                       rcpt=envelope.sender)
+        if result.retry_now:  # refused for this transaction only (452 4.5.3): a new one at once
+            self._enqueue(envelope)
+        if result.finished and not self.busy.get(job.msgid):
+            self._forget(job.msgid)
+            self.writes.update.pop(job.msgid, None)
+            self.writes.delete.add(job.msgid)
+        else:
+            self.writes.update[job.msgid] = copy.deepcopy(envelope)
+            if result.deferred:
+                self._add_timer(envelope.next_attempt, job.msgid)
+        self.writes.schedule()
