@@ -27,7 +27,6 @@ Invariant: every recipient has a result once `waiting` and `content_due` are bot
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Final
 
@@ -159,19 +158,22 @@ class OutboundOpening:
         return conn.starttls()
 
 
-class _Stage(enum.Enum):
-    MAIL = "sending MAIL FROM"
-    RCPT = "sending RCPT TO"
-    DATA = "sending DATA"
-    EMPTY = "sending end of data"  # the lone dot after a 354 with no recipient
-    CONTENT = "sending message body"
-    DOT = "receiving the reply to end of data"
-    RSET = "sending RSET"
-    DONE = "done"
+# What a transaction is doing (the text goes into failure replies); compared with `is`.
+_MAIL: Final = "sending MAIL FROM"
+_RCPT: Final = "sending RCPT TO"
+_DATA: Final = "sending DATA"
+_EMPTY: Final = "sending end of data"  # the lone dot after a 354 with no recipient
+_CONTENT: Final = "sending message body"
+_DOT: Final = "receiving the reply to end of data"
+_RSET: Final = "sending RSET"
+_DONE: Final = "done"
 
 
 class OutboundTransaction:
     """One message on one connection: fed the replies in order, gives the commands."""
+
+    __slots__ = ("_conn", "_mail_ok", "_next", "_pipelined", "_utf8", "accepted", "announced", "body", "closing",
+                 "doing", "mail_answered", "message", "results", "rset_refused", "todo", "waiting")
 
     def __init__(self, conn: ClientConnection, message: Outbound) -> None:
         self._conn = conn
@@ -190,7 +192,8 @@ class OutboundTransaction:
         self._pipelined = conn.pipelining
         self._mail_ok = False
         self._next = 0  # index into todo of the next RCPT reply
-        self._stage = _Stage.DONE
+        self.doing = _DONE  # what it is doing, for failure texts
+        self.waiting = False  # a reply is due (under the command timeout; the data timeout after the content)
         refusal = client.check_message(conn.extensions, len(self.body), self._utf8)
         bad_sender = client.bad_address(message.sender) if refusal is None else None
         if bad_sender is not None:
@@ -205,29 +208,23 @@ class OutboundTransaction:
             else:
                 self.todo.append(i)
         if self.todo:
-            self._stage = _Stage.MAIL
+            self._to(_MAIL)
 
     # --- state -------------------------------------------------------------------------
 
     @property
-    def doing(self) -> str:
-        """What the transaction is doing, for failure texts."""
-        return self._stage.value
-
-    @property
-    def waiting(self) -> bool:
-        """A reply is due (read it under the command timeout, or the data timeout after the content)."""
-        return self._stage not in (_Stage.CONTENT, _Stage.DONE)
-
-    @property
     def content_due(self) -> bool:
         """354 with recipients accepted: send content() now."""
-        return self._stage is _Stage.CONTENT
+        return self.doing is _CONTENT
 
     @property
     def may_announce(self) -> bool:
         """The next message's commands may ride this content (PIPELINING)."""
         return self._pipelined
+
+    def _to(self, stage: str) -> None:
+        self.doing = stage
+        self.waiting = stage is not _CONTENT and stage is not _DONE
 
     def recipient_results(self) -> list[RecipientResult]:
         assert all(r is not None for r in self.results), "a recipient without a result"
@@ -237,7 +234,7 @@ class OutboundTransaction:
 
     def start(self) -> bytes:
         """The first bytes of the transaction (none when it was announced)."""
-        if self._stage is not _Stage.MAIL or self.announced:
+        if self.doing is not _MAIL or self.announced:
             return b""
         return self.announce() if self._pipelined else self._mail()
 
@@ -250,32 +247,32 @@ class OutboundTransaction:
 
     def content(self, after: OutboundTransaction | None = None) -> list[bytes]:
         """The content, stuffed and ended; `after`'s commands behind it when it has any."""
-        if self._stage is not _Stage.CONTENT:
+        if self.doing is not _CONTENT:
             raise client.LocalProtocolError("content before a 354 with recipients accepted")
-        self._stage = _Stage.DOT
+        self._to(_DOT)
         parts = [self._conn.message_body(self.body, canonical=True)]  # canonical_body made it canonical
-        if after is not None and self._pipelined and after._stage is _Stage.MAIL:
+        if after is not None and self._pipelined and after.doing is _MAIL:
             parts.append(after.announce())
         return parts
 
     def receive(self, reply: ServerReply) -> bytes:
         """The next reply of this transaction; returns the command to send next (b"": none)."""
-        stage = self._stage
+        stage = self.doing
         if reply.code == 421:
             self.closing = reply
             self.fail(reply.code, reply.status or "4.0.0", reply.text)
             return b""
-        if stage is _Stage.MAIL:
+        if stage is _MAIL:
             self.mail_answered = True
             self._mail_ok = reply.ok
             if not reply.ok:
                 self._resolve(self.todo, reply)
                 if not self._pipelined:
-                    self._stage = _Stage.DONE
+                    self._to(_DONE)
                     return b""
-            self._stage = _Stage.RCPT
+            self._to(_RCPT)
             return self._rcpt()
-        if stage is _Stage.RCPT:
+        if stage is _RCPT:
             i = self.todo[self._next]
             self._next += 1
             if self._mail_ok:
@@ -286,21 +283,21 @@ class OutboundTransaction:
             if self._next < len(self.todo):
                 return self._rcpt()
             if self._pipelined or self.accepted:
-                self._stage = _Stage.DATA
+                self._to(_DATA)
                 return b"" if self._pipelined else self._conn.data()
             return self._reset()
-        if stage is _Stage.DATA:
+        if stage is _DATA:
             if reply.code == 354 and not self.accepted:
-                self._stage = _Stage.EMPTY
+                self._to(_EMPTY)
                 return self._conn.message_body(b"")
             if reply.code == 354:
-                self._stage = _Stage.CONTENT
+                self._to(_CONTENT)
                 return b""
             self._resolve(self.accepted, reply)
             return self._reset()
-        if stage is _Stage.EMPTY:
+        if stage is _EMPTY:
             return self._reset()
-        if stage is _Stage.DOT:
+        if stage is _DOT:
             if self._conn.lmtp:  # one reply per accepted recipient, in RCPT order (RFC 2033 4.2)
                 self._resolve((self.accepted[self._next - len(self.todo)],), reply)
                 self._next += 1
@@ -308,17 +305,17 @@ class OutboundTransaction:
                     return b""
             else:
                 self._resolve(self.accepted, reply)
-            self._stage = _Stage.DONE
+            self._to(_DONE)
             return b""
-        if stage is _Stage.RSET:
+        if stage is _RSET:
             self.rset_refused = not reply.ok
-            self._stage = _Stage.DONE
+            self._to(_DONE)
             return b""
-        raise client.LocalProtocolError(f"reply fed to a transaction in stage {stage.name}")
+        raise client.LocalProtocolError(f"reply fed to a transaction while {stage}")
 
     def fail(self, code: int, status: str, text: str) -> None:
         """The connection failed mid-transaction: recipients not yet answered get this reply."""
-        self._stage = _Stage.DONE
+        self._to(_DONE)
         for i, rcpt in enumerate(self.message.recipients):
             if self.results[i] is None:
                 self.results[i] = RecipientResult(rcpt.address, code, status, text)
@@ -338,9 +335,9 @@ class OutboundTransaction:
 
     def _reset(self) -> bytes:
         if not self._mail_ok:
-            self._stage = _Stage.DONE
+            self._to(_DONE)
             return b""
-        self._stage = _Stage.RSET
+        self._to(_RSET)
         return self._conn.rset()
 
     def _resolve(self, indices: list[int] | tuple[int, ...], reply: ServerReply) -> None:

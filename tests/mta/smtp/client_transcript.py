@@ -26,7 +26,12 @@ from pathlib import Path
 
 from mta.smtp.client import CLOSED, ClientConnection, ServerReply
 from mta.smtp.transaction import (
-    Outbound, OutboundOpening, OutboundRecipient, OutboundTransaction, RecipientResult, SessionError,
+    Outbound,
+    OutboundOpening,
+    OutboundRecipient,
+    OutboundTransaction,
+    RecipientResult,
+    SessionError,
 )
 from tests.mta.smtp.transcript import unescape
 
