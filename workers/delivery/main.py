@@ -2,7 +2,7 @@
 
 It connects to the scheduler's socket, says Hello with its capacity (mta/messages.py;
 the scheduler's Hello back must be of this build too), and for every Open runs one
-session task: route the destination ([delivery] smarthost, then
+DeliverySession (below): route the destination ([delivery] smarthost, then
 [routes], then MX through the shared DNS cache), connect to the first target that
 greets (421/5xx greeting or connect failure -> next target) while holding one of the
 host's `max_connections_per_host` slots (per process; a full host is skipped for the
@@ -44,7 +44,9 @@ from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 from workers.delivery import maildir
 from mta.resolver import MxResolver
-from workers.delivery.session import Outbound, OutboundRecipient, OutboundSession, SessionError
+from mta.smtp.transaction import Outbound, OutboundRecipient, SessionError
+from workers.delivery.session import OutboundSession
+from workers.delivery.slots import Hop, HostSlots
 from workers.process import WorkerBody, WorkerProcess, run_worker
 
 CAPACITY = 500  # concurrent sessions per delivery worker
@@ -61,52 +63,6 @@ def _not_held(envelope: Envelope, rcpts: Sequence[int]) -> list[int]:
     """The job's recipients still to attempt: an operator may have held some since the
     scheduler sent the job ahead (the hold is on disk before `mta queue hold` returns)."""
     return [i for i in rcpts if envelope.recipients[i].state != "held"]
-
-
-@dataclass(frozen=True)
-class Hop:
-    host: str
-    address: str
-    port: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.address}:{self.port}"
-
-
-class HostSlots:
-    """At most `limit` sessions per MX host (address:port) in this process."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._used: dict[str, int] = {}
-        self._freed = asyncio.Condition()
-
-    def try_take(self, key: str) -> bool:
-        if self._used.get(key, 0) >= self.limit:
-            return False
-        self._used[key] = self._used.get(key, 0) + 1
-        return True
-
-    async def wait(self, key: str, timeout: float) -> None:
-        """Until a slot of `key` is free (not taken: try_take again) or `timeout` passes."""
-        try:
-            async with asyncio.timeout(timeout), self._freed:
-                await self._freed.wait_for(lambda: self._used.get(key, 0) < self.limit)
-        except TimeoutError:
-            return
-
-    def give(self, key: str) -> None:
-        left = self._used.get(key, 1) - 1
-        if left > 0:
-            self._used[key] = left
-        else:
-            self._used.pop(key, None)
-        asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._freed:
-            self._freed.notify_all()
 
 
 @dataclass
@@ -232,7 +188,7 @@ class DeliveryWorker(WorkerBody):
                 queue: asyncio.Queue[SessionMessage] = asyncio.Queue()
                 self._inbox[sid] = queue
                 queue.put_nowait(message)
-                task = asyncio.get_running_loop().create_task(self._session(sid, dest, queue))
+                task = asyncio.get_running_loop().create_task(DeliverySession(self, sid, dest, queue).run())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             case messages.Job() | messages.Close():
@@ -244,106 +200,6 @@ class DeliveryWorker(WorkerBody):
     def _send(self, message: Message) -> None:
         if self._out is not None:
             self._out.send(message)
-
-    # --- one session -------------------------------------------------------------------
-
-    async def _session(self, sid: int, dest: str, queue: asyncio.Queue[SessionMessage]) -> None:
-        outbound: OutboundSession | None = None
-        ok = True
-        ahead: SessionMessage | None = None  # the next message, taken early to announce its job's
-        announced: tuple[int, Current] | None = None  # that job's id and message as read then
-        epoch = self._epoch
-
-        def send(message: Message) -> None:
-            if self._epoch == epoch:  # never to a new scheduler, which may reuse this sid
-                self._send(message)
-
-        def follow() -> Outbound | None:
-            """The message this connection carries next, if its job is here already."""
-            nonlocal ahead, announced
-            if self._draining:
-                return None  # no new transaction starts
-            if ahead is None and not queue.empty():
-                ahead = queue.get_nowait()
-            if not isinstance(ahead, messages.Job) or self._epoch != epoch:
-                return None
-            job = ahead
-            if announced is None or announced[0] != job.job_id:
-                try:
-                    announced = (job.job_id, self._current(MessageId(job.msgid), job.rcpts))
-                except Exception as exc:  # noqa: BLE001 - not announced; the job reads the spool again
-                    logs.event("announce_failed", dest=dest, error=f"{type(exc).__name__}: {exc}")
-                    return None
-            return announced[1].message
-
-        def done(job: messages.Open | messages.Job, current: Current, *, replies: Sequence[RcptReply] | None = None,
-                 remote: str | None = None, failed: bool = False) -> None:
-            send(messages.Done(sid, job.job_id, tuple(current.replies if replies is None else replies), remote,
-                               failed, tuple(current.skipped)))
-
-        try:
-            route = await self._route(dest)
-            while self._epoch == epoch and not self._draining:
-                if ahead is not None:
-                    job, ahead = ahead, None
-                else:
-                    if outbound is not None:
-                        self._waiting[sid] = outbound
-                    job = await queue.get()
-                    self._waiting.pop(sid, None)
-                if isinstance(job, messages.Close) or self._epoch != epoch:
-                    break  # (jobs sent ahead by a scheduler that is gone do not run)
-                msgid = MessageId(job.msgid)
-                if (announced is not None and announced[0] == job.job_id and outbound is not None
-                        and outbound.announced is announced[1].message and outbound.reusable):
-                    current = announced[1]  # its commands are out on this connection
-                else:  # (not announced, or it goes on a new connection: read it as it is now)
-                    current = self._current(msgid, job.rcpts)
-                announced = None
-                if current.message is None:  # deleted, held or without its body: nothing is sent
-                    done(job, current)
-                    continue
-                if route.kind == "maildir":
-                    with self._transaction(None):
-                        replies = await self._deliver_local(current)
-                    done(job, current, replies=replies)
-                    continue
-                failure: tuple[int, str, str] | None = None
-                for _attempt in range(2):
-                    if outbound is None or not outbound.reusable:
-                        if outbound is not None:
-                            await self._close(outbound)
-                        outbound, failure = await self._connect(route, dest)
-                        if outbound is None:
-                            break
-                        # Opening it (a slow greeting) may have taken minutes: an operator may
-                        # have deleted or held the message meanwhile. Checked again before MAIL.
-                        current = self._current(msgid, job.rcpts)
-                        if current.message is None:
-                            break
-                    assert current.message is not None
-                    with self._transaction(outbound):
-                        results = await outbound.send(current.message, follow)
-                    if outbound.announced is not None:
-                        metrics.DELIVERY_PIPELINED.inc()
-                    current.replies = [(i, r.code, r.status, r.text) for i, r in zip(current.rcpts, results)]
-                    if not outbound.stale:
-                        break
-                    # Dropped while it waited for this message: once more on a new connection.
-                    logs.event("stale_connection", dest=dest, relay=outbound.remote)
-                if outbound is None:
-                    assert failure is not None
-                    ok = False
-                    done(job, current, failed=True,
-                         replies=[(i, *failure) for i in current.rcpts])
-                    break  # a job sent ahead goes back to the scheduler with Closed
-                done(job, current, remote=outbound.remote if current.message is not None else None)
-        finally:
-            if outbound is not None:
-                await self._close(outbound)
-            if self._inbox.get(sid) is queue:  # a new scheduler may have given this sid to another
-                del self._inbox[sid]
-            send(messages.Closed(sid, ok))
 
     @contextlib.contextmanager
     def _transaction(self, outbound: OutboundSession | None) -> Iterator[None]:
@@ -482,3 +338,136 @@ class DeliveryWorker(WorkerBody):
                 continue
             replies.append((i, 250, "2.0.0", f"delivered to maildir as {os.path.basename(path)}"))
         return replies
+
+
+class DeliverySession:
+    """One session the scheduler opened: its jobs, one after another, over one outbound
+    connection at a time (a new one when it is no longer reusable).
+
+    State: `outbound` the connection; `ahead` the next message from the scheduler, taken
+    early to announce its job behind the content (OutboundSession.send's `follow`);
+    `announced` that job's id and its message as read then. `epoch` is the scheduler
+    connection the session belongs to: `live` is the one check that it is still there
+    (nothing goes to a new scheduler, which may reuse this sid, and no job of the old one
+    runs)."""
+
+    def __init__(self, worker: DeliveryWorker, sid: int, dest: str, queue: asyncio.Queue[SessionMessage]) -> None:
+        self.worker = worker
+        self.sid = sid
+        self.dest = dest
+        self.queue = queue
+        self.epoch = worker._epoch
+        self.outbound: OutboundSession | None = None
+        self.ahead: SessionMessage | None = None
+        self.announced: tuple[int, Current] | None = None
+        self.ok = True
+
+    @property
+    def live(self) -> bool:
+        return self.worker._epoch == self.epoch
+
+    def send(self, message: Message) -> None:
+        if self.live:
+            self.worker._send(message)
+
+    def done(self, job: messages.Open | messages.Job, current: Current, *,
+             replies: Sequence[RcptReply] | None = None, remote: str | None = None, failed: bool = False) -> None:
+        self.send(messages.Done(self.sid, job.job_id, tuple(current.replies if replies is None else replies), remote,
+                                failed, tuple(current.skipped)))
+
+    def follow(self) -> Outbound | None:
+        """The message this connection carries next, if its job is here already."""
+        if self.worker._draining:
+            return None  # no new transaction starts
+        if self.ahead is None and not self.queue.empty():
+            self.ahead = self.queue.get_nowait()
+        job = self.ahead
+        if not isinstance(job, messages.Job) or not self.live:
+            return None
+        if self.announced is None or self.announced[0] != job.job_id:
+            try:
+                self.announced = (job.job_id, self.worker._current(MessageId(job.msgid), job.rcpts))
+            except Exception as exc:  # noqa: BLE001 - not announced; the job reads the spool again
+                logs.event("announce_failed", dest=self.dest, error=f"{type(exc).__name__}: {exc}")
+                return None
+        return self.announced[1].message
+
+    async def run(self) -> None:
+        worker = self.worker
+        try:
+            route = await worker._route(self.dest)
+            while (job := await self._next_job()) is not None:
+                if not await self._run_job(route, job):
+                    break
+        finally:
+            if self.outbound is not None:
+                await worker._close(self.outbound)
+            if worker._inbox.get(self.sid) is self.queue:  # a new scheduler may have given this sid to another
+                del worker._inbox[self.sid]
+            self.send(messages.Closed(self.sid, self.ok))
+
+    async def _next_job(self) -> messages.Open | messages.Job | None:
+        """The next job; None on Close, on a drain, or once the scheduler is gone
+        (jobs sent ahead by a scheduler that is gone do not run)."""
+        if not self.live or self.worker._draining:
+            return None
+        if self.ahead is not None:
+            job, self.ahead = self.ahead, None
+        else:
+            if self.outbound is not None:
+                self.worker._waiting[self.sid] = self.outbound
+            job = await self.queue.get()
+            self.worker._waiting.pop(self.sid, None)
+        if isinstance(job, messages.Close) or not self.live:
+            return None
+        return job
+
+    async def _run_job(self, route: Route, job: messages.Open | messages.Job) -> bool:
+        """Deliver one job and report it; False when the session ends (no connection)."""
+        worker, outbound, announced = self.worker, self.outbound, self.announced
+        msgid = MessageId(job.msgid)
+        if (announced is not None and announced[0] == job.job_id and outbound is not None
+                and outbound.announced is announced[1].message and outbound.reusable):
+            current = announced[1]  # its commands are out on this connection
+        else:  # (not announced, or it goes on a new connection: read it as it is now)
+            current = worker._current(msgid, job.rcpts)
+        self.announced = None
+        if current.message is None:  # deleted, held or without its body: nothing is sent
+            self.done(job, current)
+            return True
+        if route.kind == "maildir":
+            with worker._transaction(None):
+                replies = await worker._deliver_local(current)
+            self.done(job, current, replies=replies)
+            return True
+        failure: tuple[int, str, str] | None = None
+        for _attempt in range(2):
+            if outbound is None or not outbound.reusable:
+                if outbound is not None:
+                    await worker._close(outbound)
+                outbound, failure = await worker._connect(route, self.dest)
+                self.outbound = outbound
+                if outbound is None:
+                    break
+                # Opening it (a slow greeting) may have taken minutes: an operator may
+                # have deleted or held the message meanwhile. Checked again before MAIL.
+                current = worker._current(msgid, job.rcpts)
+                if current.message is None:
+                    break
+            assert current.message is not None
+            with worker._transaction(outbound):
+                results = await outbound.send(current.message, self.follow)
+            if outbound.announced is not None:
+                metrics.DELIVERY_PIPELINED.inc()
+            current.replies = [(i, r.code, r.status, r.text) for i, r in zip(current.rcpts, results)]
+            if not outbound.stale:
+                break
+            # Dropped while it waited for this message: once more on a new connection.
+            logs.event("stale_connection", dest=self.dest, relay=outbound.remote)
+        if outbound is None:
+            assert failure is not None
+            self.ok = False
+            self.done(job, current, failed=True, replies=[(i, *failure) for i in current.rcpts])
+            return False  # a job sent ahead goes back to the scheduler with Closed
+        self.done(job, current, remote=outbound.remote if current.message is not None else None)
+        return True

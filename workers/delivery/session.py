@@ -1,7 +1,9 @@
-"""One outbound SMTP/LMTP session: connect, greet, STARTTLS, then any number of messages.
+"""One outbound SMTP/LMTP session's I/O: connect, TLS handshake, reads, writes, timeouts.
 
-Thin asyncio glue over the sans-I/O ClientConnection (mta/smtp/client.py): bytes in
-from the transport, command bytes out, replies awaited in order under a timeout.
+The rules are the sans-I/O core's (mta/smtp/transaction.py: OutboundOpening for the
+greeting, EHLO/HELO and the STARTTLS policy; OutboundTransaction for MAIL/RCPT/DATA,
+pipelining, LMTP replies; over mta/smtp/client.py). Here: bytes in from the transport,
+command bytes out, replies awaited in order under the command or data timeout.
 
     session = await OutboundSession.open(host, address, 25, helo_name="relay.test")
     results = await session.send(message)      # one RecipientResult per recipient, in order
@@ -10,15 +12,10 @@ from the transport, command bytes out, replies awaited in order under a timeout.
     await session.close()                      # QUIT, then close
 
 `open` raises SessionError when no transaction can start here (connect failure, 421
-or 5xx greeting, EHLO/HELO refused, TLS required but unavailable): the caller tries
-the next MX. `send` never raises for the peer's doing; every recipient gets a
-result. A drop, a timeout, a protocol error or a 421 mid-transaction leaves
-temporary results for the recipients not yet resolved and `usable = False`.
-
-TLS policy (`tls`): "none" never; "may" STARTTLS when offered, unverified, and a
-refused STARTTLS continues in plaintext; "encrypt" STARTTLS required, unverified;
-"verify" STARTTLS required, certificate and MX host name verified. A failed
-handshake fails the session (temporary); a required TLS is never downgraded.
+or 5xx greeting, EHLO/HELO refused, TLS required but unavailable, failed handshake):
+the caller tries the next MX. `send` never raises for the peer's doing; every
+recipient gets a result. A drop, a timeout, a protocol error or a 421 mid-transaction
+leaves temporary results for the recipients not yet resolved and `usable = False`.
 
 Invariant: one transaction at a time, except that with PIPELINING the next
 message's MAIL/RCPT/DATA may go out with the previous content (`follow`, RFC 2920
@@ -26,7 +23,7 @@ message's MAIL/RCPT/DATA may go out with the previous content (`follow`, RFC 292
 with no transaction open (final dot answered, or RSET), with the next message's
 commands announced (the next `send` must be for that message), or with `usable`
 False. Nothing of an announced message's content has gone out, so a connection lost
-before its MAIL is answered loses nothing (`stale`).
+before its MAIL is answered loses nothing (`stale`: retry once on a new connection).
 """
 
 from __future__ import annotations
@@ -34,79 +31,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
-from mta.smtp import client
 from mta.smtp.client import CLOSED, NEED_DATA, ClientConnection, ProtocolError, ServerReply
-from mta.smtp.replies import Reply, ReplyClass
+from mta.smtp.transaction import (  # noqa: F401 - the session's types, re-exported for its callers
+    TLS_POLICIES, Outbound, OutboundOpening, OutboundRecipient, OutboundTransaction, RecipientResult,
+    SessionError,
+)
 
-TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")
 QUIT_SECONDS: Final = 5.0  # how long close() waits for the 221
 CLOSE_SECONDS: Final = 2.0  # how long close() waits for the transport to go
 HIGH_WATER: Final = 64 * 1024  # unread reply bytes before we stop reading
 
 
-@dataclass
-class OutboundRecipient:
-    address: str
-    notify: tuple[str, ...] | None = None
-    orcpt: str | None = None
-
-
-@dataclass
-class Outbound:
-    msgid: str
-    sender: str  # "" for the null sender
-    recipients: list[OutboundRecipient]
-    body: bytes  # CRLF line ends, not dot-stuffed
-    smtputf8: bool = False
-    body_type: str | None = None  # "7BIT" | "8BITMIME"
-    ret: str | None = None  # "FULL" | "HDRS"
-    envid: str | None = None
-
-
-@dataclass
-class RecipientResult(ReplyClass):
-    address: str
-    code: int
-    status: str  # enhanced status code "x.y.z", "" when the server gave none
-    text: str
-
-
-@dataclass
-class _Prepared:
-    """A message checked for this server: canonical body, recipients still to try."""
-
-    message: Outbound
-    body: bytes
-    todo: list[int]  # recipients not refused locally, to send RCPT for
-    utf8: bool
-    results: list[RecipientResult | None]
-
-
-class SessionError(Exception):
-    """The whole session failed before a transaction could start; try the next MX."""
-
-    def __init__(self, code: int, status: str, text: str, permanent: bool, stage: str) -> None:
-        super().__init__(f"{stage}: {code} {status} {text}".replace("  ", " "))
-        self.code = code
-        self.status = status
-        self.text = text
-        self.permanent = permanent
-        self.stage = stage  # "connect" | "greeting" | "ehlo" | "helo" | "starttls"
-
-
 class _Dropped(Exception):
     """The connection closed under us."""
-
-
-class _Closing(Exception):
-    """The server said 421: it is closing the connection."""
-
-    def __init__(self, reply: ServerReply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
 
 
 class _Link(asyncio.Protocol):
@@ -213,14 +152,12 @@ class OutboundSession:
         self._command_timeout = command_timeout
         self._data_timeout = data_timeout
         self._closed = False
-        self._doing = "sending MAIL FROM"  # what the transaction is doing, for failure texts
         self.transactions = 0  # messages sent on this connection
         # The last send found the connection dead before MAIL was answered, on a connection
         # that had carried a message before: the server dropped it (or said 421) while it
         # waited. Nothing of this message reached the server; a new connection may retry it.
         self.stale = False
-        self._mail_answered = False
-        self._ahead: _Prepared | None = None  # announced behind the last content, replies unread
+        self._ahead: OutboundTransaction | None = None  # announced behind the last content, replies unread
 
     # --- opening -----------------------------------------------------------------------
 
@@ -251,42 +188,23 @@ class OutboundSession:
         return session
 
     async def _greet(self, tls: str, ssl_context_verify: ssl.SSLContext | None) -> None:
-        greeting = await self._ask("greeting", "receiving the initial server greeting", b"")
-        if not greeting.ok:
-            if greeting.code != 421 and not self._link.closed.done():
-                try:
-                    self._link.write(self._conn.quit())  # RFC 5321 3.1: a 554 greeting waits for QUIT
-                except _Dropped:
-                    pass  # gone already: the refusal below says all there is to say
-            raise self._refused("greeting", greeting)
-        await self._hello()
-        if tls == "none" or (tls == "may" and "STARTTLS" not in self._conn.extensions):
-            return
-        if "STARTTLS" not in self._conn.extensions:
-            raise SessionError(451, "4.7.5", f"TLS is required, but was not offered by {self.remote}",
-                               False, "starttls")
-        reply = await self._ask("starttls", "sending STARTTLS", self._conn.starttls())
-        if reply.code == 421:
-            raise self._refused("starttls", reply)
-        if reply.code != 220:
-            if tls == "may":
-                return  # opportunistic: carry on in plaintext
-            raise SessionError(reply.code if reply.temporary else 451, "4.7.5",
-                               f"STARTTLS refused by {self.remote}: {reply}", False, "starttls")
-        await self._handshake(verify=tls == "verify", custom=ssl_context_verify)
-        self._conn.tls_established()
-        self.tls = True
-        await self._hello()
-
-    async def _hello(self) -> None:
-        reply = await self._ask("ehlo", "sending LHLO" if self._conn.lmtp else "sending EHLO", self._conn.ehlo())
-        if reply.ok:
-            return
-        if self._conn.lmtp or not reply.permanent:
-            raise self._refused("ehlo", reply)
-        reply = await self._ask("helo", "sending HELO", self._conn.helo())
-        if not reply.ok:
-            raise self._refused("helo", reply)
+        """The opening's rules are OutboundOpening's; here only its I/O."""
+        opening = OutboundOpening(self._conn, tls, self.remote)
+        command = b""  # the greeting comes unasked
+        while not opening.done:
+            out = opening.receive(await self._ask(opening, command))
+            if opening.failure is not None:
+                if out and not self._link.closed.done():
+                    try:
+                        self._link.write(out)  # QUIT to a 554 greeting
+                    except _Dropped:
+                        pass  # gone already: the refusal says all there is to say
+                raise opening.failure
+            if opening.handshake_due:
+                await self._handshake(verify=opening.verify, custom=ssl_context_verify)
+                self.tls = True
+                out = opening.tls_established()
+            command = out
 
     async def _handshake(self, verify: bool, custom: ssl.SSLContext | None) -> None:
         link = self._link
@@ -308,8 +226,9 @@ class OutboundSession:
                                False, "starttls")
         link.transport = transport
 
-    async def _ask(self, stage: str, doing: str, command: bytes) -> ServerReply:
+    async def _ask(self, opening: OutboundOpening, command: bytes) -> ServerReply:
         """Send a command of the opening (b"": none) and await its reply; failures are SessionErrors."""
+        stage, doing = opening.stage, opening.doing
         try:
             if command:
                 self._link.write(command)
@@ -323,10 +242,6 @@ class OutboundSession:
         except ProtocolError as exc:
             raise SessionError(451, "4.5.0", f"protocol error from {self.remote} while {doing}: {exc}",
                                False, stage) from None
-
-    def _refused(self, stage: str, reply: ServerReply) -> SessionError:
-        status = reply.status or ("5.0.0" if reply.permanent else "4.0.0")
-        return SessionError(reply.code, status, reply.text, reply.permanent, stage)
 
     @property
     def announced(self) -> Outbound | None:
@@ -352,150 +267,51 @@ class OutboundSession:
         next `send` must be for that message and only reads their replies."""
         ahead, self._ahead = self._ahead, None
         if not self.usable:
-            return [_result(r.address, 451, "4.4.2", f"connection to {self.remote} is no longer usable")
+            return [RecipientResult(r.address, 451, "4.4.2", f"connection to {self.remote} is no longer usable")
                     for r in message.recipients]
         if ahead is not None and ahead.message is not message:
             raise RuntimeError("send() of another message than the one announced")
-        prepared = ahead or self._prepare(message)
-        results = prepared.results
-        if prepared.todo:
-            self._mail_answered = False
+        txn = ahead or OutboundTransaction(self._conn, message)
+        if txn.waiting:
             try:
-                await self._transaction(prepared, announced=ahead is not None, follow=follow)
-            except _Closing as exc:
-                self.stale = self.transactions > 0 and not self._mail_answered
-                self._fail(message, results, exc.reply.code, exc.reply.status or "4.0.0", exc.reply.text)
+                await self._transaction(txn, follow)
             except TimeoutError:
-                self._fail(message, results, 451, "4.4.2",
-                           f"conversation with {self.remote} timed out while {self._doing}")
+                self._fail(txn, 451, "4.4.2", f"conversation with {self.remote} timed out while {txn.doing}")
             except _Dropped:
-                self.stale = self.transactions > 0 and not self._mail_answered
-                self._fail(message, results, 451, "4.4.2", f"lost connection with {self.remote} while {self._doing}")
+                self.stale = self.transactions > 0 and not txn.mail_answered
+                self._fail(txn, 451, "4.4.2", f"lost connection with {self.remote} while {txn.doing}")
             except ProtocolError as exc:
-                self._fail(message, results, 451, "4.5.0", f"protocol error from {self.remote} "
-                                                           f"while {self._doing}: {exc}")
-        assert all(r is not None for r in results), "a recipient without a result"
+                self._fail(txn, 451, "4.5.0", f"protocol error from {self.remote} while {txn.doing}: {exc}")
+            if txn.closing is not None:  # 421: the server is going away
+                self.stale = self.transactions > 0 and not txn.mail_answered
+                self.abort()
+            elif txn.rset_refused:
+                self.usable = False
         self.transactions += 1
-        return results  # type: ignore[return-value]
+        return txn.recipient_results()
 
-    def _prepare(self, message: Outbound) -> _Prepared:
-        """Local checks against this server's extensions; refused recipients get their result."""
-        conn = self._conn
-        results: list[RecipientResult | None] = [None] * len(message.recipients)
-        addresses = [message.sender] + [r.address for r in message.recipients]
-        utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
-        body = client.canonical_body(message.body)
-        refusal = client.check_message(conn.extensions, len(body), utf8)
-        bad_sender = client.bad_address(message.sender) if refusal is None else None
-        if bad_sender is not None:
-            refusal = Reply(553, "5.1.7", f"bad sender address syntax: {bad_sender}")
-        if refusal is not None:
-            return _Prepared(message, body, [], utf8, [_local(r.address, refusal) for r in message.recipients])
-        todo: list[int] = []
-        for i, rcpt in enumerate(message.recipients):
-            why = client.bad_address(rcpt.address) if rcpt.address else "empty address"
-            if why is not None:
-                results[i] = _local(rcpt.address, Reply(553, "5.1.3", f"bad recipient address syntax: {why}"))
-            else:
-                todo.append(i)
-        return _Prepared(message, body, todo, utf8, results)
-
-    def _mail(self, prepared: _Prepared) -> bytes:
-        message = prepared.message
-        return self._conn.mail_from(message.sender, size=len(prepared.body), body_type=message.body_type,
-                                    smtputf8=prepared.utf8, ret=message.ret, envid=message.envid)
-
-    def _announce(self, prepared: _Prepared) -> bytes:
-        """MAIL, every RCPT and DATA as one pipelined group; replies come back in order."""
-        conn, rcpts = self._conn, prepared.message.recipients
-        return b"".join([self._mail(prepared), *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
-                                                  for i in prepared.todo), conn.data()])
-
-    async def _transaction(self, prepared: _Prepared, announced: bool,
-                           follow: Callable[[], Outbound | None] | None) -> None:
-        conn, link = self._conn, self._link
-        message, todo, results = prepared.message, prepared.todo, prepared.results
-        rcpts = message.recipients
-        pipelined = conn.pipelining
-        self._doing = "sending MAIL FROM"
-        if pipelined:
-            if not announced:
-                link.write(self._announce(prepared))
-        else:
-            link.write(self._mail(prepared))
-        mail_reply = await self._expect(self._command_timeout)
-        self._mail_answered = True
-        mail_ok = mail_reply.ok
-        if not mail_ok:
-            for i in todo:
-                results[i] = _result(rcpts[i].address, mail_reply.code, mail_reply.status, mail_reply.text)
-        accepted: list[int] = []
-        if pipelined or mail_ok:
-            for i in todo:
-                self._doing = "sending RCPT TO"
-                if not pipelined:
-                    link.write(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt))
-                reply = await self._expect(self._command_timeout)
-                if not mail_ok:
-                    continue
-                if reply.ok:
-                    accepted.append(i)
-                else:
-                    results[i] = _result(rcpts[i].address, reply.code, reply.status, reply.text)
-        data_reply: ServerReply | None = None
-        if pipelined or accepted:
-            self._doing = "sending DATA"
-            if not pipelined:
-                link.write(conn.data())
-            data_reply = await self._expect(self._command_timeout)
-        if data_reply is not None and data_reply.code == 354 and not accepted:
-            # 354 with no recipient: end the empty message and discard it (RFC 2920 3.1).
-            self._doing = "sending end of data"
-            link.write(conn.message_body(b""))
-            await self._expect(self._command_timeout)
-        elif data_reply is not None and data_reply.code == 354:
-            await self._content(prepared, accepted, follow)
+    async def _transaction(self, txn: OutboundTransaction, follow: Callable[[], Outbound | None] | None) -> None:
+        """The transaction's I/O: its rules are OutboundTransaction's."""
+        link = self._link
+        out = txn.start()
+        while True:
+            if out:
+                link.write(out)
+            if not txn.waiting:
+                break
+            out = txn.receive(await self._reply(self._command_timeout))
+        if not txn.content_due:
             return
-        elif data_reply is not None:
-            for i in accepted:
-                results[i] = _result(rcpts[i].address, data_reply.code, data_reply.status, data_reply.text)
-        if mail_ok:
-            self._doing = "sending RSET"
-            link.write(conn.rset())
-            if not (await self._expect(self._command_timeout)).ok:
-                self.usable = False  # a server that cannot reset gets no further transaction
-
-    async def _content(self, prepared: _Prepared, accepted: list[int],
-                       follow: Callable[[], Outbound | None] | None) -> None:
-        conn, link = self._conn, self._link
-        message, results = prepared.message, prepared.results
-        self._doing = "sending message body"
         async with asyncio.timeout(self._data_timeout):
-            parts = [conn.message_body(prepared.body, canonical=True)]  # _prepare made it canonical
-            following = follow() if follow is not None and conn.pipelining else None
-            if following is not None:
-                after = self._prepare(following)
-                if after.todo:  # the next transaction's commands ride this write
-                    parts.append(self._announce(after))
-                    self._ahead = after
+            following = follow() if follow is not None and txn.may_announce else None
+            after = OutboundTransaction(self._conn, following) if following is not None else None
+            parts = txn.content(after)
+            if after is not None and after.announced:  # the next transaction's commands ride this write
+                self._ahead = after
             link.writelines(parts)
             await link.drain()
-            self._doing = "receiving the reply to end of data"
-            if conn.lmtp:  # one reply per accepted recipient, in RCPT order (RFC 2033 4.2)
-                for i in accepted:
-                    reply = await self._expect(None)
-                    results[i] = _result(message.recipients[i].address, reply.code, reply.status, reply.text)
-                return
-            reply = await self._expect(None)
-        for i in accepted:
-            results[i] = _result(message.recipients[i].address, reply.code, reply.status, reply.text)
-
-    async def _expect(self, timeout: float | None) -> ServerReply:
-        """The next reply in a transaction; a 421 raises _Closing (the server is going away)."""
-        reply = await self._reply(timeout)
-        if reply.code == 421:
-            raise _Closing(reply)
-        return reply
+            while txn.waiting:
+                txn.receive(await self._reply(None))
 
     async def _reply(self, timeout: float | None) -> ServerReply:
         event = self._conn.next_event()  # pipelined replies mostly arrive together: no timer
@@ -513,13 +329,11 @@ class OutboundSession:
                 assert event is NEED_DATA, event
                 await self._link.readable()
 
-    def _fail(self, message: Outbound, results: list[RecipientResult | None], code: int, status: str,
-              text: str) -> None:
+    def _fail(self, txn: OutboundTransaction, code: int, status: str, text: str) -> None:
         """A connection-level failure mid-transaction: unresolved recipients are deferred."""
         self.abort()
-        for i, rcpt in enumerate(message.recipients):
-            if results[i] is None:
-                results[i] = _result(rcpt.address, code, status, text)
+        txn.fail(code, status, text)
+
 
     # --- closing -----------------------------------------------------------------------
 
@@ -555,12 +369,3 @@ class OutboundSession:
                 await asyncio.shield(self._link.closed)
         except TimeoutError:
             transport.abort()
-
-
-def _result(address: str, code: int, status: str, text: str) -> RecipientResult:
-    return RecipientResult(address, code, status, text)
-
-
-def _local(address: str, reply: Reply) -> RecipientResult:
-    text = reply.text if isinstance(reply.text, str) else " ".join(reply.text)
-    return RecipientResult(address, reply.code, reply.status, text)
