@@ -26,7 +26,6 @@ and a map filled to the last page could not be emptied. Should LMDB still run ou
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence

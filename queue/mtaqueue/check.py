@@ -28,7 +28,7 @@ import lmdb
 import msgpack
 
 from mtaqueue import records
-from mtaqueue.backend_lmdb import TABLES, LmdbBackend
+from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.ids import is_id
 from mtaqueue.lmdbfile import DataFile, Damage, DbRecord, Leaf, Meta, Snapshot
 from mtaqueue.records import CorruptRecord, Envelope, NewMessage
