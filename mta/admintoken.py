@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 
 from mta import logs
 from mta.config import Config
+from mtaqueue.private import create_once
 
 FILE_NAME = "control.token"
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters, 256 bits
@@ -38,7 +38,7 @@ def ensure(config: Config) -> str:
         return config.control.token
     where = path(config)
     if not os.path.exists(where):
-        _create(where)
+        create_once(where, (secrets.token_urlsafe(TOKEN_BYTES) + "\n").encode("ascii"))
     token = _read(where)
     mode = os.stat(where).st_mode & 0o777
     if mode & 0o077:  # someone widened it: every user it names can now use the API
@@ -56,22 +56,6 @@ def read(config: Config) -> str | None:
         return _read(path(config))
     except FileNotFoundError:
         return None
-
-
-def _create(where: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(where) or ".", prefix=f".{os.path.basename(where)}.")
-    try:
-        os.fchmod(fd, 0o600)  # mkstemp's 0600 is still narrowed by the umask; this is exact
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(secrets.token_urlsafe(TOKEN_BYTES) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, where)  # fails if it exists (as O_EXCL would): never a partial token
-        except FileExistsError:
-            pass  # another process linked its token first: that one is the token
-    finally:
-        os.unlink(tmp)
 
 
 def _read(where: str) -> str:

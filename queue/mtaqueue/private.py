@@ -9,6 +9,7 @@ before this rule is tightened the next time it is opened.
 from __future__ import annotations
 
 import os
+import tempfile
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600  # LMDB's data.mdb and lock.mdb are created with this (less the umask)
@@ -29,3 +30,21 @@ def private_dir(path: str) -> None:
     except PermissionError as exc:
         raise PermissionError(f"cannot make {path} private (0700, files 0600): {exc.strerror}; "
                               "give it to the user mta runs as (chown -R)") from exc
+
+
+def create_once(path: str, data: bytes) -> None:
+    """Create `path` holding `data`, mode 0600 whatever the umask, whole or not at all;
+    when it exists already (another process was first), it is left as it is."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
+    try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 is still narrowed by the umask; this is exact
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if it exists (as O_EXCL would): never a partial file
+        except FileExistsError:
+            pass  # another process linked its file first: that one counts
+    finally:
+        os.unlink(tmp)

@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ from mta.config import AuthConfig
 from mta.users import (KEY_BYTES, SALT_BYTES, SCRYPT_N, SCRYPT_P, SCRYPT_R, User, UsersError, parse_users,
                        credential_bytes, verify_password)
 from mtaqueue.cache_lmdb import LmdbCache
-from mtaqueue.private import private_dir
+from mtaqueue.private import create_once, private_dir
 
 CACHE_NAMESPACE: Final = "auth"
 SECRET_FILE: Final = "auth.key"
@@ -161,18 +160,7 @@ def load_secret(cache_dir: str) -> bytes:
     path = os.path.join(cache_dir, SECRET_FILE)
     if not os.path.exists(path):
         private_dir(cache_dir)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{SECRET_FILE}.")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(SECRET_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # complete or absent, never partial; the first process wins
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(tmp)
+        create_once(path, secrets.token_bytes(SECRET_BYTES))  # the first process's secret wins
     with open(path, "rb") as f:
         secret = f.read()
     if len(secret) != SECRET_BYTES:
