@@ -3,7 +3,8 @@
 The spool holds every queued message and the cache the AUTH cache's secrets, so their
 folders are 0700 and the files in them 0600, whatever the umask of whoever started
 mta (a systemd unit's UMask, a shell's 022, a careless 000). A spool or cache made
-before this rule is tightened the next time it is opened.
+before this rule is tightened the next time it is opened. Secrets kept beside them
+(the admin API token, the AUTH cache's key) are created once with `create_once`.
 """
 
 from __future__ import annotations
