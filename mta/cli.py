@@ -303,7 +303,7 @@ def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
-    from mtaqueue.ids import MessageId
+    from mtaqueue.ids import MessageId, is_id
     path = f"/api/queue/{urllib.parse.quote(args.id, safe='')}" + ("/body" if args.body else "")
     answer = _ask_control(cfg, "GET", path, expect=(200, 404))
     found: Any = None
@@ -313,7 +313,7 @@ def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
     else:  # the server is stopped: the spool itself
         spool = _open_spool(cfg)
         msgid = MessageId(args.id.upper())
-        envelope = spool.envelope(msgid) if spool is not None else None
+        envelope = spool.envelope(msgid) if spool is not None and is_id(msgid) else None
         if envelope is not None:
             found = (spool.body(msgid) or b"") if args.body else queueview.envelope_json(envelope)
     if found is None:

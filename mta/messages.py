@@ -12,7 +12,9 @@ job/done path runs once per message).
     inbound -> master    Took | Refused, for every Conn
     master -> control    Children: the crash-looping slots, when they change
   peers <-> scheduler (<spool>/scheduler.sock)
-    peer <-> scheduler   Hello, first, both ways: each side checks the other's version
+    peer <-> scheduler   Hello, first, both ways: the scheduler refuses another build's peer;
+                         delivery workers and the CLI check the scheduler's (the inbound
+                         notifier only writes: the scheduler's refusal drops it)
     inbound -> scheduler New: ids after each durable commit
     scheduler -> delivery Open | Job | Close, per session
     delivery -> scheduler Done (per job) | Closed (per session)

@@ -38,8 +38,8 @@ def create_once(path: str, data: bytes) -> None:
     when it exists already (another process was first), it is left as it is."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
     try:
-        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 is still narrowed by the umask; this is exact
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)  # mkstemp's 0600 is still narrowed by the umask; this is exact
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -74,7 +74,7 @@ def decode(raw: bytes) -> Envelope:
             id=MessageId(d["i"]), sender=d["s"], size=d["z"], arrival=d["a"], next_attempt=d["n"],
             priority=d["p"], attempts=d["t"], ret=d["R"], envid=d["E"], body_type=d["B"],
             smtputf8=d["U"], client=d["c"],
-            recipients=[Recipient(a, tuple(n) if n is not None else None, o, s, t, lr)
+            recipients=[Recipient(a, tuple(n) if type(n) is list else _not_a_list(n), o, s, t, lr)
                         for a, n, o, s, t, lr in d["r"]],
         )
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:  # UnicodeDecodeError is a ValueError
@@ -85,20 +85,25 @@ def decode(raw: bytes) -> Envelope:
     return envelope
 
 
+def _not_a_list(notify: object) -> None:
+    if notify is not None:  # msgpack gives lists; a string here would pass as a tuple of letters
+        raise TypeError(f"NOTIFY is {type(notify).__name__}, not a list")
+    return None
+
+
 _NUMBER = (int, float)
 _TEXT_OR_NONE = (str, type(None))
-_FIELDS = (("id", str), ("sender", str), ("size", int), ("arrival", _NUMBER), ("next_attempt", _NUMBER),
-           ("priority", int), ("attempts", int), ("ret", _TEXT_OR_NONE), ("envid", _TEXT_OR_NONE),
-           ("body_type", _TEXT_OR_NONE), ("smtputf8", bool), ("client", dict))
+# Exact types (a bool is no int here: one flipped msgpack byte turns 0x01 into True).
+_FIELDS = (("id", (str,)), ("sender", (str,)), ("size", (int,)), ("arrival", _NUMBER),
+           ("next_attempt", _NUMBER), ("priority", (int,)), ("attempts", (int,)), ("ret", _TEXT_OR_NONE),
+           ("envid", _TEXT_OR_NONE), ("body_type", _TEXT_OR_NONE), ("smtputf8", (bool,)), ("client", (dict,)))
 
 
 def _wrong_field(e: Envelope) -> str | None:
     """The first field whose type (or state) no encoded envelope can have; None if all fit."""
-    if not (type(e.id) is str and type(e.sender) is str and type(e.size) is int
-            and type(e.arrival) in _NUMBER and type(e.next_attempt) in _NUMBER and type(e.priority) is int
-            and type(e.attempts) is int and type(e.ret) in _TEXT_OR_NONE and type(e.envid) in _TEXT_OR_NONE
-            and type(e.body_type) in _TEXT_OR_NONE and type(e.smtputf8) is bool and type(e.client) is dict):
-        return next(name for name, kinds in _FIELDS if not isinstance(getattr(e, name), kinds))
+    for name, kinds in _FIELDS:
+        if type(getattr(e, name)) not in kinds:
+            return name
     if not e.recipients:
         return "recipients"
     for r in e.recipients:

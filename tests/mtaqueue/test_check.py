@@ -171,6 +171,18 @@ def test_decode_raises_corrupt_record_for_any_damage() -> None:
         records.decode(msgpack.packb({**msgpack.unpackb(raw), "r": [["a@b", None, None, "lost", 0, None]]}))
 
 
+@pytest.mark.parametrize("field", ["z", "p", "t", "a"])
+def test_a_flipped_true_or_false_in_a_number_field_is_corrupt_not_a_crash(field: str) -> None:
+    """msgpack's 0x01 flipped to 0xc3 is True: a bool is an int to isinstance, never to us."""
+    raw = records.encode(_message(random.Random(4), 1).envelope)
+    with pytest.raises(CorruptRecord, match="wrong type"):
+        records.decode(msgpack.packb({**msgpack.unpackb(raw), field: True}))
+    recipients = msgpack.unpackb(raw)["r"]
+    recipients[0][1] = "SUCCESS"  # NOTIFY as a string, not a list
+    with pytest.raises(CorruptRecord):
+        records.decode(msgpack.packb({**msgpack.unpackb(raw), "r": recipients}))
+
+
 def test_an_undecodable_envelope_is_moved_to_corrupt_once(tmp_path: Path) -> None:
     reported: list[tuple[str, str, bool]] = []
     spool = LmdbBackend(str(tmp_path / "q"), 64 * MIB, on_corrupt=lambda *args: reported.append(args))

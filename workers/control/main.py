@@ -104,10 +104,10 @@ class Control(WorkerBody):
         return {}
 
     def on_frame(self, message: Message, fds: list[int]) -> None:
+        for fd in fds:  # the master sends control no descriptors: never keep one
+            os.close(fd)
         if not isinstance(message, messages.Children):
             raise messages.unexpected(message, "from the master")
-        for fd in fds:
-            os.close(fd)
         failing = list(message.crash_looping)
         if failing != self.crash_looping:
             self.crash_looping = failing

@@ -32,7 +32,7 @@ from mta import logs, messages, metrics
 from mta.config import Config, ListenerConfig
 from mta.messages import Message
 from mta.smtp.server import ServerOptions
-from mtaqueue.backend_lmdb import LmdbBackend
+from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.committer import GroupCommitter
 from mta.tls import server_context
@@ -99,7 +99,7 @@ class Worker(WorkerBody):
         loop = asyncio.get_running_loop()
         config = self.config
         self.process, self.link = process, process.link
-        self._backend = backend = LmdbBackend(config.queue.path, config.queue.max_size_bytes)
+        self._backend = backend = open_spool(config.queue)
         committer = GroupCommitter(backend, loop, on_commit=_observe_commit)
         self._cache = cache = LmdbCache(config.cache.path, config.cache.max_size_bytes, config.cache.max_entries)
         resolver = (MxResolver(list(config.dns.nameservers), cache, config.dns.timeout_seconds)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import time
 
 from mtaqueue.ids import MessageId
@@ -39,6 +40,7 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() and c not in "()<>;\\\"" else "?" for c in text[:255])
 
 
+@functools.lru_cache(maxsize=64)  # one per cipher suite: the same few strings all day
 def _comment_text(text: str) -> str:
     """`text` cleaned for inside a comment: the parentheses that pair up are kept."""
     text = text[:255]
