@@ -26,8 +26,11 @@ def private_dir(path: str) -> None:
         os.chmod(path, DIR_MODE)
         with os.scandir(path) as entries:
             for entry in entries:
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o077:
-                    os.chmod(entry.path, FILE_MODE)
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o077:
+                        os.chmod(entry.path, FILE_MODE)
+                except FileNotFoundError:
+                    continue  # another process removed it meanwhile (e.g. create_once's temporary file)
     except PermissionError as exc:
         raise PermissionError(f"cannot make {path} private (0700, files 0600): {exc.strerror}; "
                               "give it to the user mta runs as (chown -R)") from exc
