@@ -74,5 +74,6 @@ def _quote(value: Any) -> str:
     if text and text.isprintable() and _NEEDS_QUOTES.search(text) is None:
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+    if not escaped.isprintable():  # usually it is (a reply text with spaces): no per-character pass
+        escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
     return f'"{escaped}"'

@@ -45,6 +45,10 @@ class State(enum.Enum):
     BDAT = "bdat"  # at least one non-LAST chunk accepted
     CLOSED = "closed"  # 221/421 sent or the peer went away
 
+    # Members are singletons compared by identity: hash them by identity too (Enum's own
+    # __hash__ is Python code hashing the name, and the tables below are read per command).
+    __hash__ = object.__hash__
+
 
 class Step(enum.Enum):
     """What moves the state besides a positive reply to a command (rule 2's exceptions)."""
@@ -54,6 +58,8 @@ class Step(enum.Enum):
     CHUNK_REFUSED = "chunk_refused"
     TLS_STARTED = "tls_started"
     CLOSE = "close"
+
+    __hash__ = object.__hash__  # as State's
 
 
 ON_POSITIVE_REPLY: Final[dict[State, dict[type, State]]] = {

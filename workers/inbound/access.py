@@ -80,6 +80,8 @@ class Access:
 
     def client(self, ip: str) -> Reply | None:
         """At connect: None, or 554 5.7.1 for a client in client_deny (and not in client_allow)."""
+        if not self._deny:
+            return None  # the usual case: no deny list, nothing to parse per connection
         address = _address(ip)
         if address is None or _within(address, self._allow) or not _within(address, self._deny):
             return None

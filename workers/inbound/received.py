@@ -18,6 +18,7 @@ import datetime
 import email.utils
 import functools
 import time
+import re
 
 from mtaqueue.ids import MessageId
 
@@ -36,8 +37,14 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol
     ).encode("utf-8")
 
 
+_UNSAFE = re.compile(r'[()<>;\\"]')
+
+
 def _clean(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()<>;\\\"" else "?" for c in text[:255])
+    text = text[:255]
+    if text.isprintable() and _UNSAFE.search(text) is None:
+        return text  # the usual HELO name, as is: no per-character pass
+    return "".join(c if c.isprintable() and c not in "()<>;\\\"" else "?" for c in text)
 
 
 @functools.lru_cache(maxsize=64)  # one per cipher suite: the same few strings all day

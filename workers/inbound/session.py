@@ -86,17 +86,13 @@ class InboundSession:
         self.listener = listener
         self.conn = ServerConnection(ctx.server_options[listener.address], tls=listener.mode == "smtps")
         self.client = Client()
+        self.trusted = False  # in [relay] mynetworks: may relay, exempt from the rate windows; HELO grants nothing
         self.user: User | None = None  # authenticated
         self.tls_info = ""  # "TLSv1.3 with cipher ..." once encrypted
         self._counted = False  # holds a per-IP connection slot
         self._held = 0  # bytes last reported to the worker's memory budget
         self._dnsbl_pending = False
         self._dnsbl_verdict: Reply | None = None
-
-    @property
-    def trusted(self) -> bool:
-        """In [relay] mynetworks: may relay, exempt from the rate windows. HELO grants nothing."""
-        return self.client.within(self.ctx.config.relay.mynetworks)
 
     @property
     def user_name(self) -> str | None:
@@ -108,6 +104,8 @@ class InboundSession:
         """Greet (the accepted decision's reply) or refuse `client`; an accepted client holds
         a per-IP slot until `release`."""
         self.client = client
+        # Decided once per session, like Postfix's smtpd: a reload during it changes the next one.
+        self.trusted = client.within(self.ctx.config.relay.mynetworks)
         logs.event("connect", client=client.ip, listener=self.listener.address, tls=self.tls_info or None)
         _listener_counters(self.listener.address)[0].inc()
         refusal = self._connect_refusal()
