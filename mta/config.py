@@ -206,6 +206,10 @@ def _check(config: Config, source: str) -> None:
         fail("[queue] path", "must not be empty")
     if config.queue.max_size_bytes < 1024 * 1024:
         fail("[queue] max_size_bytes", "must be at least 1048576 (1 MiB)")
+    if config.queue.active_limit < 1:
+        fail("[queue] active_limit", "must be at least 1")
+    if config.queue.active_reserve < 0:
+        fail("[queue] active_reserve", "must be 0 or more")
     limits = config.limits
     for name in ("max_message_bytes", "max_recipients", "max_connections_per_ip", "max_errors"):
         if getattr(limits, name) < 1:

@@ -18,7 +18,8 @@ job/done path runs once per message).
     inbound -> scheduler New: ids after each durable commit
     scheduler -> delivery Open | Job | Close, per session
     delivery -> scheduler Done (per job) | Closed (per session)
-    CLI, control         QueueCommand -> CommandResult, ActiveQuery -> ActiveJobs,
+    CLI, control         QueueCommand -> CommandProgress* then CommandResult,
+                         ActiveQuery -> ActiveJobs,
                          GaugeQuery -> DestinationGauges
 
 Invariants: `decode` returns a message whose every field has its declared type (the
@@ -39,7 +40,7 @@ from typing import Any, Literal
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # One Packer (packb() builds one per call). Not thread-safe: messages are encoded on each
 # process's event-loop thread (or the CLI's only one), never in an executor.
@@ -341,6 +342,15 @@ class CommandResult:
     count: int  # messages the command applied to
 
 
+@_wire(18)
+@dataclass(frozen=True, slots=True)
+class CommandProgress:
+    """scheduler -> CLI, control: a QueueCommand over --all or --domain goes in batches;
+    at most one of these a second before its CommandResult."""
+    done: int  # messages applied so far
+    total: int  # the messages it expects to apply; 0 when unknown
+
+
 @_wire(14)
 @dataclass(frozen=True, slots=True)
 class ActiveQuery:
@@ -367,4 +377,4 @@ class DestinationGauges:
 
 
 Message = (Hello | Status | Conn | Took | Refused | Children | New | Open | Job | Close | Done | Closed
-           | QueueCommand | CommandResult | ActiveQuery | ActiveJobs | GaugeQuery | DestinationGauges)
+           | QueueCommand | CommandResult | CommandProgress | ActiveQuery | ActiveJobs | GaugeQuery | DestinationGauges)

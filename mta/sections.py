@@ -59,6 +59,8 @@ class ListenerConfig:
 class QueueConfig:
     path: str = "var/spool"
     max_size_bytes: int = 4 * 1024**3
+    active_limit: int = 20000  # messages the scheduler holds in memory to dispatch (Postfix's active queue)
+    active_reserve: int = 2000  # more of them, for messages above the default priority only
 
     @property
     def scheduler_socket(self) -> str:

@@ -38,6 +38,7 @@ SAMPLES: list[messages.Message] = [
     messages.QueueCommand("delete", domain="example.com"),
     messages.QueueCommand("release", all=True),
     messages.CommandResult(2),
+    messages.CommandProgress(1000, 0),
     messages.ActiveQuery(),
     messages.ActiveJobs({"0005F2C1A2B3C4D5E6F70A1B2C": (0, 1)}),
     messages.GaugeQuery(),
