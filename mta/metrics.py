@@ -152,6 +152,9 @@ QUEUE_RECIPIENTS = Gauge(
     "mta_queue_recipients", "Recipients in the queue by state (ready, active, deferred, held), "
     "as the scheduler sees them.", ["state"], multiprocess_mode="livesum")
 QUEUE_MESSAGES = Gauge("mta_queue_messages", "Messages in the queue.", multiprocess_mode="livesum")
+QUEUE_ACTIVE_MESSAGES = Gauge(
+    "mta_queue_active_messages", "Messages in the scheduler's active set (at most [queue] active_limit + "
+    "active_reserve); the rest wait in the spool.", multiprocess_mode="livesum")
 QUEUE_OLDEST_SECONDS = Gauge(
     "mta_queue_oldest_message_age_seconds", "Age of the oldest queued message.", multiprocess_mode="livemax")
 QUEUE_BYTES = Gauge(

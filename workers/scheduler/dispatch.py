@@ -231,6 +231,7 @@ class Dispatch(Outcomes):
             session.dest.on_session_ok()
         if job.rcpts:
             self._settle(job, replies, done.remote, now)
+        self._evict(job.msgid)  # nothing more to send and nothing to write (e.g. held meanwhile)
         if done.failed:
             self._close(session)
         else:
@@ -282,3 +283,4 @@ class Dispatch(Outcomes):
         envelope = self.messages.get(job.msgid)
         if envelope is not None:
             self._enqueue(envelope)
+            self._evict(job.msgid)

@@ -7,9 +7,11 @@ transaction (backend.apply(): states, retry times, deletions and bounces togethe
 gathering for FLUSH_GATHER_SECONDS first so one transaction carries many outcomes.
 
 Invariants: one flush round runs at a time, on one writer thread; a bounce is tracked
-(may be delivered) only once its transaction is over; an id being deleted stays in
-`delete` or `deleting` until its transaction is over, so a rescan does not deliver a
-finished message again. `Outcomes` is a mixin of Scheduler (main.py) over the queue view
+(may be delivered) only once its transaction is over; an id being written stays in
+`update`/`delete` or `writing`/`deleting` until its transaction is over, so a scan does
+not load (and deliver again) a message whose change is not on disk yet. After each
+round, the tracked messages written learn their new on-disk states, and those with
+nothing to send now leave the active set (tracking.py `_evict`). `Outcomes` is a mixin of Scheduler (main.py) over the queue view
 (tracking.py).
 """
 
@@ -32,16 +34,18 @@ from workers.scheduler.tracking import Tracking
 FLUSH_GATHER_SECONDS = 0.01
 
 Apply = Callable[[Sequence[Envelope], Sequence[MessageId], Sequence[NewMessage]], object]
+Written = Callable[[list[Envelope], list[MessageId], list[NewMessage]], None]
 
 
 class PendingWrites:
     """The changes not yet in the spool, and the rounds that write them."""
 
-    def __init__(self, apply: Apply, on_written: Callable[[list[NewMessage]], None]) -> None:
+    def __init__(self, apply: Apply, on_written: Written) -> None:
         self._apply = apply  # in the writer thread: one transaction
-        self._on_written = on_written  # on the event loop, after each round: its bounces
+        self._on_written = on_written  # on the event loop, after each round: what it wrote
         self.update: dict[MessageId, Envelope] = {}
         self.delete: set[MessageId] = set()
+        self.writing: set[MessageId] = set()  # updates being committed right now
         self.deleting: set[MessageId] = set()  # deletes being committed right now
         self.add: list[NewMessage] = []
         self.flushing = False
@@ -66,13 +70,15 @@ class PendingWrites:
                 self.update, self.delete, self.add = {}, set(), []
                 self.snapshots += 1
                 self.deleting.update(delete)
+                self.writing.update(e.id for e in update)
                 loop = asyncio.get_running_loop()
                 try:
                     await loop.run_in_executor(self._writer, self._apply, update, delete, add)
                 finally:
                     self.deleting.difference_update(delete)
+                    self.writing.difference_update(e.id for e in update)
                     self.written += 1
-                self._on_written(add)
+                self._on_written(update, delete, add)
         finally:
             self.flushing = False
 
@@ -99,18 +105,28 @@ class Outcomes(Tracking):
         self.writes = PendingWrites(lambda update, delete, add: self.backend.apply(update, delete, add),
                                     self._on_written)
 
-    def _on_written(self, bounces: list[NewMessage]) -> None:
+    def _on_written(self, update: list[Envelope], delete: list[MessageId], bounces: list[NewMessage]) -> None:
         now = time.time()
+        for envelope in update:
+            if envelope.id in self.on_disk:
+                self._set_on_disk(envelope.id, self._disk_states(envelope))
+                self._evict(envelope.id)
+        for msgid in delete:
+            self._set_on_disk(msgid, None)
         for bounce in bounces:  # committed: now it may be delivered
-            self._track(copy.deepcopy(bounce.envelope), now)
+            if self._room_for(bounce.envelope.priority):
+                self._track(copy.deepcopy(bounce.envelope), now)
+            else:
+                self._lower_mark(self.backend.due_key(bounce.envelope))
         self._schedule_dispatch()
 
     def _delete_later(self, msgid: MessageId) -> None:
         self.writes.delete.add(msgid)
         self.writes.schedule()
 
-    def _being_deleted(self, msgid: MessageId) -> bool:
-        return msgid in self.writes.delete or msgid in self.writes.deleting
+    def _write_pending(self, msgid: MessageId) -> bool:
+        w = self.writes
+        return msgid in w.update or msgid in w.writing or msgid in w.delete or msgid in w.deleting
 
     def _settle(self, job: Job, replies: list[RecipientReply], remote: str | None, now: float) -> None:
         busy = self.busy.get(job.msgid)

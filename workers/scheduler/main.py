@@ -21,11 +21,14 @@ over one state, each owning its part of it:
   operations.py  the operator's hold/release/retry/delete (mta/queueops.py's rules)
   plan.py, outcome.py, tally.py: the pure rules they use.
 
-A full rescan of the due index every RESCAN_SECONDS catches messages whose New was
-lost (e.g. sent while this process was restarting). The queue gauges are published
-every GAUGE_SECONDS from running counts, O(destinations); the per-destination snapshot
-(top TOP_DESTINATIONS + "other") is answered to the control process's GaugeQuery.
-Invariant: `check_tally()` (tests only) holds after any event.
+The scheduler holds a bounded active set (tracking.py); the rest of the queue stays in
+the spool. At start it loads the first due messages (up to [queue] active_limit) and
+dispatches at once, whatever the queue's size. A pass over the due index from its start
+every RESCAN_SECONDS catches messages whose New was lost (e.g. sent while this process
+was restarting); it reads due entries only. The queue gauges are published every
+GAUGE_SECONDS from the spool's counts and the running ones, O(destinations); the
+per-destination snapshot (top TOP_DESTINATIONS + "other") is answered to the control
+process's GaugeQuery. Invariant: `check_tally()` (tests only) holds after any event.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from mtaqueue.ids import MessageId
 from workers.process import WorkerBody, WorkerProcess, run_worker
 from workers.scheduler.dispatch import WorkerLink
 from workers.scheduler.operations import Operations
-from workers.scheduler.tally import recount
+from workers.scheduler.tally import Tally, recount
 
 RESCAN_SECONDS = 30.0
 GAUGE_SECONDS = 2.0
@@ -77,8 +80,8 @@ class Scheduler(Operations, WorkerBody):
             os.unlink(path)  # a stale socket of a dead scheduler
         self._server = await asyncio.start_unix_server(self._on_peer, path=path)
         os.chmod(path, 0o600)
-        loaded = self._load(time.time())
-        logs.event("ready", loaded=loaded, ready_jobs=self.plan.ready_jobs())
+        loaded = self._scan(b"")
+        logs.event("ready", loaded=loaded, ready_jobs=self.plan.ready_jobs(), backlog=self.backlog or None)
         self._tasks = [loop.create_task(self._rescan_forever()), loop.create_task(self._gauges_forever()),
                        loop.create_task(self._expire_parked_forever())]
         self._schedule_dispatch()
@@ -127,11 +130,12 @@ class Scheduler(Operations, WorkerBody):
     async def _rescan_forever(self) -> None:
         while True:
             await asyncio.sleep(RESCAN_SECONDS)
-            self._rescan(time.time())
+            self._scan(b"")
 
     def check_tally(self) -> None:
         """Tests only (it walks everything): the running counts equal a recount, the carried
-        recipients are exactly those of the sessions' jobs, the oldest arrival is right."""
+        recipients are exactly those of the sessions' jobs, the on-disk view is the
+        tracked messages', and the active set is within its bound."""
         carried: dict[MessageId, Counter[int]] = {}
         for session in self.sessions.values():
             for job in session.jobs:
@@ -139,8 +143,12 @@ class Scheduler(Operations, WorkerBody):
         assert carried == self.carried, (carried, self.carried)
         walked = recount(self.messages, self.carried)
         assert walked == self.tally, f"running {self.tally}\nwalked  {walked}"
-        oldest = min((e.arrival for e in self.messages.values()), default=None)
-        assert self.arrivals.oldest(self.messages) == oldest
+        on_disk = Tally()
+        for states in self.on_disk.values():
+            for dest, state in states:
+                on_disk.add(dest, state, +1)
+        assert on_disk == self.spooled, f"running {self.spooled}\nwalked  {on_disk}"
+        assert set(self.messages) <= set(self.on_disk), set(self.messages) - set(self.on_disk)
 
     # --- peers ---------------------------------------------------------------------------
 
@@ -169,11 +177,11 @@ class Scheduler(Operations, WorkerBody):
                         self._on_done(message)
                     case messages.Closed(sid=sid, ok=ok) if link is not None:
                         self._on_closed(link, sid, ok)
-                    case messages.QueueCommand() | messages.ActiveQuery() | messages.GaugeQuery():
-                        answer = self._command(message)
-                        if isinstance(message, messages.QueueCommand):
-                            await self.writes.flush_now()  # the operator's change is on disk before we answer
+                    case messages.QueueCommand():  # on disk before the answer; progress while it runs
+                        answer = await self._command(message, lambda m: writer.write(frames.encode_stream_frame(m)))
                         writer.write(frames.encode_stream_frame(answer))
+                    case messages.ActiveQuery() | messages.GaugeQuery():
+                        writer.write(frames.encode_stream_frame(self._query(message)))
                     case _:
                         raise messages.unexpected(message, f"from a {hello.role} peer")
         except messages.MessageError as exc:  # a bug, or a peer of another build: drop it

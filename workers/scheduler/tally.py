@@ -1,13 +1,9 @@
-"""Running queue counts: recipients per destination and state, and the oldest arrival.
+"""Running queue counts: recipients per destination and state.
 
 The scheduler adds and subtracts at every recipient state change, so the queue gauges
 cost O(destinations) every GAUGE_SECONDS instead of a walk over every recipient.
 Counted states: ready, active (ready and in a job a session carries), deferred, held;
 delivered and bounced recipients have left the queue.
-
-`Arrivals` keeps (arrival, id) in a heap with lazy deletion: an id that is no longer
-tracked is popped when it reaches the top, and the heap is rebuilt from the live
-messages when stale entries outnumber them (amortised O(1) per message).
 
 `recount` is the walk the running counts replace: tests compare the two after random
 operation sequences; production code never calls it.
@@ -110,24 +106,3 @@ def recount(messages: Mapping[MessageId, Envelope], carried: Mapping[MessageId, 
     for envelope in messages.values():
         tally.add_recipients(envelope, range(len(envelope.recipients)), carried.get(envelope.id, ()), +1)
     return tally
-
-
-class Arrivals:
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, MessageId]] = []
-
-    def push(self, arrival: float, msgid: MessageId) -> None:
-        heapq.heappush(self._heap, (arrival, msgid))
-
-    def oldest(self, live: Mapping[MessageId, Envelope]) -> float | None:
-        """The earliest arrival among `live` (the tracked messages), None when there are none."""
-        heap = self._heap
-        while heap and heap[0][1] not in live:
-            heapq.heappop(heap)
-        if len(heap) > 2 * len(live) + 64:  # mostly stale below the top: rebuild
-            self._heap = heap = [(e.arrival, msgid) for msgid, e in live.items()]
-            heapq.heapify(heap)
-        return heap[0][0] if heap else None
-
-    def __len__(self) -> int:
-        return len(self._heap)

@@ -1,17 +1,34 @@
-"""The scheduler's view of the queue: the messages it tracks, their timers and running counts.
+"""The scheduler's view of the queue: the bounded active set, how messages enter and leave it, the counts.
 
-Owns: `messages` (every envelope not finished, loaded from the spool at start, added by
-New and by the rescan), `busy` (per message, the recipient indices in a queued job or
-a session's: never queued twice), the retry timers and the one wake-up they arm, the
-gauges' running counts (tally.py: `tally`, `arrivals`, and `carried`: the recipient
-indices in the jobs the sessions carry now, a multiset), and the jobs' numbering.
-Recipients in flight when a process died are simply `ready` again (in-flight state is
-never persisted); deferred ones get a timer.
+Owns: `messages` (the active set: every message with a ready recipient or a job in the
+plan or a session, and those whose write is pending; at most [queue] active_limit, plus
+active_reserve for messages above the default priority), `on_disk` (each tracked
+message's recipient states as the spool has them: as loaded, then as last written),
+`busy` (per message, the recipient indices in a queued job or a session's: never
+queued twice), the scan `mark`, the retry timers of tracked messages and the one
+wake-up they arm, the running counts (tally.py: `tally` the live states, `spooled`
+the on-disk states of the same messages), and the jobs' numbering.
+
+Everything else stays in the spool: deferred messages (indexed by next attempt: the
+due index), held ones, and due ones for which there is no room yet. They enter the
+active set by New (inbound, after each commit: loaded at once when there is room) or
+by the scan, which reads the due index from `mark` up to now and loads while there is
+room. `mark` only moves forward past keys it has handled; whatever could put an
+untracked due entry below it lowers it (a New with no room, a retried or released
+message, a bounce, a restart: 0). A pass from the start every RESCAN_SECONDS (main.py)
+is the safety net; it reads due entries only (at most the active set plus what it
+loads), never the deferred future. A message whose recipients are all deferred or held
+leaves the active set once its write is on disk (`_evict`, called by flush.py).
+
+Counts: the gauges are the spool's counts (kept in each write transaction: mtaqueue)
+minus `spooled` plus `tally`: exact for every message, tracked or not, whenever no
+write is in flight. Recipients in flight when a process died are simply `ready` again
+(in-flight state is never persisted); deferred ones of a tracked message get a timer.
 
 Invariants: every change of a tracked recipient's state, or of whether a session
-carries it, goes through `_recounting` or `_count`, so the gauges read the running
-counts only. The base of Scheduler's mixins (main.py): the hooks below are theirs
-(`_schedule_dispatch`: dispatch.py; `_delete_later`, `_being_deleted`: flush.py).
+carries it, goes through `_recounting` or `_count`; `on_disk` and `spooled` change
+together (`_set_on_disk`). The base of Scheduler's mixins (main.py): the hooks below
+are theirs (`_schedule_dispatch`: dispatch.py; `_delete_later`, `_write_pending`: flush.py).
 """
 
 from __future__ import annotations
@@ -29,10 +46,13 @@ from mta import logs, metrics
 from mta.config import Config
 from mta.queueops import FINAL_STATES, destination_of
 from mtaqueue.backend import QueueBackend
-from mtaqueue.ids import MessageId
+from mtaqueue.ids import MessageId, is_id
 from mtaqueue.records import Envelope
 from workers.scheduler.plan import Destination, Job, Limits, Plan
-from workers.scheduler.tally import TOP_DESTINATIONS, Arrivals, Tally
+from workers.scheduler.tally import COUNTED, PER_DESTINATION, TOP_DESTINATIONS, Tally
+
+SCAN_BATCH = 500  # due entries read per read transaction by the scan
+SCAN_AFTER_ROOM_SECONDS = 0.05  # room made (a message left): scan for the backlog this soon
 
 
 class Tracking:
@@ -42,15 +62,19 @@ class Tracking:
     def _init_tracking(self) -> None:
         self.plan = Plan()
         self.messages: dict[MessageId, Envelope] = {}
+        self.on_disk: dict[MessageId, tuple[tuple[str, str], ...]] = {}
         self.busy: dict[MessageId, set[int]] = {}
         self.timers: list[tuple[float, MessageId]] = []
         self.tally = Tally()
-        self.arrivals = Arrivals()
+        self.spooled = Tally()
         self.carried: dict[MessageId, Counter[int]] = {}
         self.destination_gauges: dict[str, Any] = {"top": [], "other": [0, 0, 0]}
+        self.mark = b""  # due entries below it are tracked or handled (the scan starts here)
+        self.backlog = False  # the last scan stopped for want of room: due mail waits in the spool
         self._jobs = itertools.count(1)
         self._wake: asyncio.Handle | None = None
         self._wake_at = 0.0
+        self._scan_soon: asyncio.Handle | None = None
 
     def _schedule_dispatch(self) -> None:
         """Run a dispatch round soon (dispatch.py)."""
@@ -60,47 +84,94 @@ class Tracking:
         """Delete it from the spool in the next write (flush.py)."""
         raise NotImplementedError
 
-    def _being_deleted(self, msgid: MessageId) -> bool:
-        """Its delete is pending or being written (flush.py)."""
+    def _write_pending(self, msgid: MessageId) -> bool:
+        """A write of it (update or delete) is pending or being written (flush.py)."""
         raise NotImplementedError
 
-    def _rescan(self, now: float) -> None:
-        """Messages in the due index but not tracked: their New was lost (e.g. sent while
-        this process was restarting)."""
-        found = [m for m in self.backend.due(now, 1_000_000) if m not in self.messages]
-        if found:
-            logs.event("rescan_found", messages=len(found))
-            self._on_new(found)
+    # --- room -----------------------------------------------------------------------------
 
-    def _load(self, now: float) -> int:
-        count = 0
-        for envelope in self.backend.envelopes():
-            if envelope.id not in self.messages:
-                self._track(envelope, now)
-                count += 1
-        return count
+    def _room_for(self, priority: int) -> bool:
+        """Room in the active set for a message of `priority` (above 0: the reserve too)."""
+        limit = self.config.queue.active_limit
+        if priority > 0:
+            limit += self.config.queue.active_reserve
+        return len(self.messages) < limit
+
+    def _lower_mark(self, key: bytes) -> None:
+        """An untracked due entry at `key`: the next scan starts there at the latest."""
+        if key < self.mark:
+            self.mark = key
+        self.backlog = True
+
+    # --- entering the active set ------------------------------------------------------------
 
     def _on_new(self, ids: Iterable[str]) -> None:
+        """Committed by an inbound worker: tracked at once when there is room."""
         now = time.time()
         for raw in ids:
+            if not is_id(raw):
+                continue
             msgid = MessageId(raw)
-            # A finished message stays in the spool until its delete is committed: a rescan
+            # A finished message stays in the spool until its delete is committed: a scan
             # that finds it then must not deliver it again.
-            if msgid in self.messages or self._being_deleted(msgid):
+            if msgid in self.messages or self._write_pending(msgid):
                 continue
             envelope = self.backend.envelope(msgid)
-            if envelope is not None:
+            if envelope is None:
+                continue
+            if self._room_for(envelope.priority):
                 self._track(envelope, now)
+            elif self._due(envelope, now):
+                self._lower_mark(self.backend.due_key(envelope))
         self._schedule_dispatch()
 
+    def _scan(self, start: bytes | None = None) -> int:
+        """Load due messages from the due index, from `start` (default: the mark) up to now,
+        while there is room; returns how many were loaded. Sleeps until the next entry."""
+        now = time.time()
+        key = self.mark if start is None else min(start, self.mark)
+        loaded, self.backlog = 0, False
+        full = False
+        while not full:
+            entries = self.backend.due_from(key, now, SCAN_BATCH)
+            for key, msgid in entries:
+                if msgid in self.messages or self._write_pending(msgid):
+                    continue
+                if not self._room_for(0):  # (the reserve is for New: the scan goes in due order)
+                    full = True
+                    break
+                envelope = self.backend.envelope(msgid)
+                if envelope is not None and self._due(envelope, now):
+                    self._track(envelope, now)
+                    loaded += 1
+            else:
+                if len(entries) < SCAN_BATCH:
+                    break
+                key = entries[-1][0] + b"\x00"  # just past the last one read
+        if full:
+            self.mark, self.backlog = key, True  # the scan goes on from here when room is made
+        else:
+            self.mark = self.backend.due_floor(now)  # every due entry up to now is tracked or handled
+            next_due = self.backend.next_due(self.mark)
+            if next_due is not None:
+                self._arm_wake(next_due)
+        if loaded:
+            self._schedule_dispatch()
+        return loaded
+
+    @staticmethod
+    def _due(envelope: Envelope, now: float) -> bool:
+        return envelope.next_attempt <= now and any(r.state in ("ready", "deferred") for r in envelope.recipients)
+
     def _track(self, envelope: Envelope, now: float) -> None:
-        """Start tracking a message. One tracked already keeps its copy: a rescan may find
-        a bounce in the spool before the flush that wrote it resumes to track it."""
+        """Start tracking a message read from the spool. One tracked already keeps its copy:
+        a scan may find a bounce in the spool before the flush that wrote it tracks it."""
         if envelope.id in self.messages:
             return
         if all(r.state in FINAL_STATES for r in envelope.recipients):
             self._delete_later(envelope.id)  # finished but not deleted before a crash
             return
+        self._set_on_disk(envelope.id, self._disk_states(envelope))
         if envelope.next_attempt > now and any(r.state == "deferred" for r in envelope.recipients):
             self._add_timer(envelope.next_attempt, envelope.id)
         else:
@@ -108,14 +179,62 @@ class Tracking:
                 if r.state == "deferred":
                     r.state = "ready"
         self.messages[envelope.id] = envelope
-        self.arrivals.push(envelope.arrival, envelope.id)
         self._count(envelope, range(len(envelope.recipients)), +1)
         self._enqueue(envelope)
 
+    # --- leaving it -----------------------------------------------------------------------
+
     def _forget(self, msgid: MessageId) -> None:
-        """Stop tracking a message (finished, or deleted by an operator)."""
+        """Stop tracking a message (finished, deleted by an operator, or evicted)."""
         envelope = self.messages.pop(msgid)
         self._count(envelope, range(len(envelope.recipients)), -1)
+        self._arm_scan()
+
+    def _evict(self, msgid: MessageId) -> None:
+        """After its write: a tracked message with nothing to send now (every recipient
+        deferred, held or final, no job) goes back to the spool only; the scan brings it
+        back when it is due."""
+        envelope = self.messages.get(msgid)
+        if (envelope is None or self.busy.get(msgid) or self._write_pending(msgid)
+                or any(r.state == "ready" for r in envelope.recipients)):
+            return
+        self._forget(msgid)
+        self._set_on_disk(msgid, None)
+        if any(r.state == "deferred" for r in envelope.recipients):
+            key = self.backend.due_key(envelope)
+            if key < self.mark or envelope.next_attempt <= time.time():
+                self._lower_mark(key)  # due already (a short back-off): the next scan takes it
+                self._arm_scan()
+            else:
+                self._arm_wake(envelope.next_attempt)
+
+    def _set_on_disk(self, msgid: MessageId, states: Sequence[tuple[str, str]] | None) -> None:
+        """What the spool holds for a tracked message now: (destination, state) per
+        recipient; None once the spool no longer counts it for us (untracked, or deleted)."""
+        old = self.on_disk.pop(msgid, None)
+        for dest, state in old or ():
+            self.spooled.add(dest, state, -1)
+        for dest, state in states or ():
+            self.spooled.add(dest, state, +1)
+        if states is not None:
+            self.on_disk[msgid] = tuple(states)
+
+    @staticmethod
+    def _disk_states(envelope: Envelope) -> list[tuple[str, str]]:
+        return [(destination_of(r.address), r.state) for r in envelope.recipients]
+
+    def _arm_scan(self) -> None:
+        """Room was made: if due mail waits in the spool, scan for it soon (one scan for
+        many departures)."""
+        if self.backlog and self._scan_soon is None:
+            with contextlib.suppress(RuntimeError):  # no loop: a test driving the scheduler by hand
+                self._scan_soon = asyncio.get_running_loop().call_later(SCAN_AFTER_ROOM_SECONDS, self._scan_now)
+
+    def _scan_now(self) -> None:
+        self._scan_soon = None
+        self._scan()
+
+    # --- counting -------------------------------------------------------------------------
 
     # Every change of a tracked recipient's state, or of whether a session carries it,
     # goes through _recounting or _count: the gauges read the running counts only.
@@ -147,6 +266,24 @@ class Tracking:
             left += Counter()  # drop the zeros
             if not left:
                 del self.carried[job.msgid]
+
+    def queue_counts(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Recipients per state, in total and per destination, of the whole queue: the
+        spool's counts, with the tracked messages as the scheduler sees them (ready
+        instead of deferred once due, active in a session's job)."""
+        totals = dict.fromkeys(COUNTED, 0)
+        spool_totals = self.backend.totals()
+        for state in COUNTED:
+            totals[state] = spool_totals.get(state, 0) - self.spooled.totals[state] + self.tally.totals[state]
+        by_dest = self.backend.destination_counts()
+        for tally, sign in ((self.spooled, -1), (self.tally, +1)):
+            for dest, counts in tally.by_dest.items():
+                row = by_dest.setdefault(dest, {})
+                for state, n in counts.items():
+                    row[state] = row.get(state, 0) + sign * n
+        return totals, by_dest
+
+    # --- jobs and timers -------------------------------------------------------------------
 
     def _enqueue(self, envelope: Envelope) -> None:
         busy = self.busy.get(envelope.id, set())
@@ -185,13 +322,14 @@ class Tracking:
         self._wake = asyncio.get_running_loop().call_later(max(0.0, when - time.time()), self._on_wake)
 
     def _on_wake(self) -> None:
+        """Timers of tracked messages, and the scan for entries of the due index that came due."""
         self._wake = None
         now = time.time()
         while self.timers and self.timers[0][0] <= now:
             _when, msgid = heapq.heappop(self.timers)
             envelope = self.messages.get(msgid)
             if envelope is None or envelope.next_attempt > now:
-                continue  # deleted, or rescheduled to later (a later timer exists)
+                continue  # gone (it comes back through the scan), or rescheduled to later
             with self._recounting(envelope):
                 for r in envelope.recipients:
                     if r.state == "deferred":
@@ -199,27 +337,37 @@ class Tracking:
             self._enqueue(envelope)
         if self.timers:
             self._arm_wake(self.timers[0][0])
+        self._scan()
         self._schedule_dispatch()
 
+    # --- gauges ---------------------------------------------------------------------------
+
     def _update_gauges(self, now: float) -> None:
-        """O(destinations): the counts are kept at every state change (tally.py), never walked."""
-        for state, count in self.tally.totals.items():
+        """From the spool's counts and the running ones: O(destinations), never a walk."""
+        totals, by_dest = self.queue_counts()
+        for state, count in totals.items():
             metrics.QUEUE_RECIPIENTS.labels(state).set(count)
-        metrics.QUEUE_MESSAGES.set(len(self.messages))
-        oldest = self.arrivals.oldest(self.messages)
-        metrics.QUEUE_OLDEST_SECONDS.set(0.0 if oldest is None else now - oldest)
+        spool = self.backend.totals()
+        metrics.QUEUE_MESSAGES.set(spool.get("messages", 0))
+        metrics.QUEUE_ACTIVE_MESSAGES.set(len(self.messages))
+        oldest = self.backend.oldest_arrival()
+        metrics.QUEUE_OLDEST_SECONDS.set(0.0 if oldest is None else max(0.0, now - oldest))
         stats = self.backend.stats()
         metrics.QUEUE_BYTES.set(stats.used_bytes)
         metrics.QUEUE_LIMIT_BYTES.set(stats.max_bytes)
         metrics.QUEUE_MAP_BYTES.set(stats.map_bytes)
         metrics.QUEUE_MAP_USED_BYTES.set(stats.map_used_bytes)
-        self.destination_gauges = self._destination_snapshot()
+        self.destination_gauges = self._destination_snapshot(totals, by_dest)
 
-    def _destination_snapshot(self) -> dict[str, Any]:
+    def _destination_snapshot(self, totals: dict[str, int], by_dest: dict[str, dict[str, int]]) -> dict[str, Any]:
         """The top destinations by queued recipients, for the control process to render at
         each scrape (metrics.render_destinations): rows [name, ready, active, deferred,
         open sessions, window], and the ready/active/deferred sums of the others."""
-        top, other = self.tally.top(TOP_DESTINATIONS)
+        board = Tally()
+        board.totals = totals
+        board.by_dest = {d: {s: c.get(s, 0) for s in COUNTED} for d, c in by_dest.items()}
+        board.queued = {d: q for d, c in board.by_dest.items() if (q := sum(c[s] for s in PER_DESTINATION))}
+        top, other = board.top(TOP_DESTINATIONS)
         rows = []
         for name, counts in top:
             dest = self.plan.destinations.get(name)
