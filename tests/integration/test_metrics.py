@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -39,6 +40,10 @@ def get(server: MtaServer, path: str) -> tuple[int, str]:
         if isinstance(exc.reason, ConnectionRefusedError):
             return 0, str(exc.reason)
         raise
+    except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
+        # The control process was (re)starting: on a loaded machine the master may restart
+        # it (heartbeat) just as a test scrapes; callers wait_until a real answer.
+        return 0, f"{type(exc).__name__}: {exc}"
 
 
 def sample(text: str, name: str, **labels: str) -> float:

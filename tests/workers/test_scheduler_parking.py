@@ -118,7 +118,7 @@ def test_a_full_window_sends_the_next_job_ahead() -> None:
         await asyncio.sleep(0)
         assert kinds(driver)[2:] == ["Job"] * LOOKAHEAD and len(a.jobs) == LOOKAHEAD == 3
         s.check_tally()
-        active = s._command(messages.ActiveQuery())
+        active = s._query(messages.ActiveQuery())
         assert isinstance(active, messages.ActiveJobs) and sorted(sum(active.active.values(), ())) == [0, 0, 0, 0]
 
         ahead = a.jobs[-1]
@@ -161,12 +161,14 @@ def test_a_job_sent_ahead_then_held_is_skipped_not_deferred() -> None:
         done(driver, session, session.job.id, [0])  # the window (1) is full: jobs go ahead
         assert len(session.jobs) == LOOKAHEAD
         held, released = session.jobs[1], session.jobs[2]
-        s._command(messages.QueueCommand("hold", (held.msgid, released.msgid)))
-        s._command(messages.QueueCommand("release", (released.msgid,)))
+        await s._command(messages.QueueCommand("hold", (held.msgid, released.msgid)))
+        await s._command(messages.QueueCommand("release", (released.msgid,)))
         for job in (held, released):
             s._on_done(messages.Done(session.sid, job.id, (), skipped=(0,)))
-        assert s.messages[held.msgid].recipients[0].state == "held"
-        assert s.messages[held.msgid].recipients[0].attempts == 0
+        await s.writes.flush_all()
+        assert held.msgid not in s.messages  # held: in the spool only, not in the active set
+        stored = s.backend.envelope(held.msgid)
+        assert stored is not None and (stored.recipients[0].state, stored.recipients[0].attempts) == ("held", 0)
         assert s.messages[released.msgid].recipients[0].state == "ready"
         assert released.msgid in s.busy  # queued again (or given to the session again)
         assert held.msgid not in s.busy

@@ -52,7 +52,6 @@ from workers.scheduler.plan import Destination, Job, Limits, Plan
 from workers.scheduler.tally import COUNTED, PER_DESTINATION, TOP_DESTINATIONS, Tally
 
 SCAN_BATCH = 500  # due entries read per read transaction by the scan
-SCAN_AFTER_ROOM_SECONDS = 0.05  # room made (a message left): scan for the backlog this soon
 
 
 class Tracking:
@@ -224,11 +223,11 @@ class Tracking:
         return [(destination_of(r.address), r.state) for r in envelope.recipients]
 
     def _arm_scan(self) -> None:
-        """Room was made: if due mail waits in the spool, scan for it soon (one scan for
-        many departures)."""
+        """Room was made: if due mail waits in the spool, scan for it on the loop's next turn
+        (one scan for all the departures of this turn)."""
         if self.backlog and self._scan_soon is None:
             with contextlib.suppress(RuntimeError):  # no loop: a test driving the scheduler by hand
-                self._scan_soon = asyncio.get_running_loop().call_later(SCAN_AFTER_ROOM_SECONDS, self._scan_now)
+                self._scan_soon = asyncio.get_running_loop().call_soon(self._scan_now)
 
     def _scan_now(self) -> None:
         self._scan_soon = None
