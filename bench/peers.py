@@ -6,6 +6,8 @@ Owns two things bench/run starts for `--e2e`:
   (C, one process, `-c` prints "sess=N quit=N mesg=N\\r" on every "." received) when
   it is installed, else bench/sink.py with `--count` (same "mesg=N" records). A reader
   thread timestamps each record, so the driver knows when the N-th message ARRIVED.
+  With `ids_header` it is always bench/sink.py `--count --ids HEADER`, which also says
+  how many distinct values of that header arrived and how many repeats (`ids()`).
 - PostfixInstance: a private Postfix (its own config, queue and data directories in a
   temp dir, never /etc/postfix or the system queue) relaying `e2e.test` to the sink.
 
@@ -41,6 +43,7 @@ POSTCONF: Final = Path("/usr/sbin/postconf")
 SHIPPED_MASTER_CF: Final = Path("/etc/postfix/master.cf")
 E2E_DOMAIN: Final = "e2e.test"
 COUNT_RECORD: Final = re.compile(rb"mesg=(\d+)")
+IDS_RECORD: Final = re.compile(rb"ids=(\d+) dups=(\d+)")
 STOP_GRACE_SECONDS: Final = 10.0
 
 # Exactly what `--install-peers` runs (recipes.md): the preseed keeps the installer
@@ -60,10 +63,11 @@ POSTFIX_INSTALL_COMMANDS: Final = (
 class CountingSink:
     """One SMTP sink on 127.0.0.1:port; `count()` is how many messages have arrived."""
 
-    def __init__(self, prefer: str, port: int, workdir: Path):
+    def __init__(self, prefer: str, port: int, workdir: Path, ids_header: str | None = None):
         if prefer not in ("auto", "smtp-sink", "python"):
             raise ValueError(f"unknown sink kind {prefer!r}")
-        use_smtp_sink = prefer == "smtp-sink" or (prefer == "auto" and SMTP_SINK.exists())
+        use_smtp_sink = ids_header is None and (
+            prefer == "smtp-sink" or (prefer == "auto" and SMTP_SINK.exists()))
         if use_smtp_sink:
             # -u nobody: required as root. -c: the counters we read. No -M (it drops the
             # connection after message N and the relay defers one message) and no -d
@@ -72,13 +76,16 @@ class CountingSink:
             self.kind = "smtp-sink"
         else:
             argv = [sys.executable, str(SINK_SCRIPT), "--host", HOST, "--port", str(port),
-                    "--count"]
-            self.kind = "sink.py"
+                    "--count", *(["--ids", ids_header] if ids_header else [])]
+            self.kind = "sink.py" + (f" --ids {ids_header}" if ids_header else "")
         self.port = port
         self.stderr_path = workdir / "sink.stderr"
         # Arrival history: times[i] is when the count first reached counts[i].
         self._times: list[float] = []
         self._counts: list[int] = []
+        self._ids = (0, 0)  # --ids: (distinct values, repeats) so far
+        self._ids_times: list[float] = []  # when the distinct count first reached _ids_counts[i]
+        self._ids_counts: list[int] = []
         self._changed = threading.Condition()
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -100,7 +107,14 @@ class CountingSink:
             if not found:
                 continue
             value = max(int(v) for v in found)
+            ids = [(int(u), int(d)) for u, d in IDS_RECORD.findall(chunk)]
             with self._changed:
+                if ids:  # both only grow: the largest pair is the latest complete one
+                    self._ids = max(self._ids, max(ids))
+                    if not self._ids_counts or self._ids[0] > self._ids_counts[-1]:
+                        self._ids_times.append(now)
+                        self._ids_counts.append(self._ids[0])
+                        self._changed.notify_all()
                 if not self._counts or value > self._counts[-1]:
                     self._times.append(now)
                     self._counts.append(value)
@@ -113,15 +127,33 @@ class CountingSink:
         with self._changed:
             return self._counts[-1] if self._counts else 0
 
+    def ids(self) -> tuple[int, int]:
+        """With ids_header: (distinct values of it arrived, arrivals repeating one)."""
+        with self._changed:
+            return self._ids
+
+    def wait_for_ids(self, n: int, deadline: float) -> float | None:
+        """Monotonic time at which n distinct ids had arrived; None if not by `deadline`."""
+        return self._wait(self._ids_counts, self._ids_times, n, deadline)
+
+    def first_arrival_after(self, when: float) -> float | None:
+        """Monotonic time of the first arrival after `when`; None if none yet."""
+        with self._changed:
+            i = bisect.bisect_right(self._times, when)
+            return self._times[i] if i < len(self._times) else None
+
     def wait_for(self, n: int, deadline: float) -> float | None:
         """Monotonic time at which the count reached n; None if not by `deadline`."""
+        return self._wait(self._counts, self._times, n, deadline)
+
+    def _wait(self, counts: list[int], times: list[float], n: int, deadline: float) -> float | None:
         with self._changed:
-            while not self._counts or self._counts[-1] < n:
+            while not counts or counts[-1] < n:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.proc.poll() is not None:
                     return None
                 self._changed.wait(min(remaining, 0.5))
-            return self._times[bisect.bisect_left(self._counts, n)]
+            return times[bisect.bisect_left(counts, n)]
 
     def wait_quiet(self, quiet_seconds: float, timeout: float) -> int:
         """Wait until nothing arrived for `quiet_seconds` (bounded); the count then."""

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import time
 from dataclasses import dataclass
+from typing import Final
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -65,6 +67,20 @@ def group_titles(pgid: int) -> dict[int, bytes]:
         except OSError:
             continue  # exited between the two reads
     return titles
+
+
+MTA_TITLE: Final = re.compile(r"mta: (\w+(?:#\d+)?)(?: gen\d+)?$")
+
+
+def mta_processes(pgid: int) -> dict[str, int]:
+    """mta's processes in a group: title without the generation ("master", "inbound#1",
+    "scheduler#1", "delivery#1", "control#1") -> pid."""
+    found = {}
+    for pid, raw in group_titles(pgid).items():
+        match = MTA_TITLE.match(raw.decode(errors="replace"))
+        if match:
+            found[match.group(1)] = pid
+    return found
 
 
 def threads_runtime_seconds(pid: int | str) -> float:

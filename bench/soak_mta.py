@@ -29,14 +29,13 @@ from typing import Final
 from mtaconf import dead_dns, mta_launch, write_config
 from peers import SMTP_SINK
 from procs import HOST, Server, free_port, greets, kill_pids, log, wait_greeting
-from procstat import group_titles
+from procstat import mta_processes
 
 SINK_DOMAIN: Final = "soak.test"
 DEFER_DOMAIN: Final = "defer.test"
 STOP_GRACE_SECONDS: Final = 15.0  # above the config's drain_timeout_seconds
 HTTP_TIMEOUT_SECONDS: Final = 10.0
 SPOOL_FILES: Final = ("data.mdb", "lock.mdb")
-TITLE: Final = re.compile(r"mta: (\w+(?:#\d+)?)(?: gen\d+)?$")
 METRIC_LINE: Final = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)")
 
 
@@ -71,12 +70,7 @@ class Mta:
 
     def processes(self) -> dict[str, int]:
         """Title (without the generation) -> pid, for every mta process of the group."""
-        found = {}
-        for pid, raw in group_titles(self.proc.pid).items():
-            match = TITLE.match(raw.decode(errors="replace"))
-            if match:
-                found[match.group(1)] = pid
-        return found
+        return mta_processes(self.proc.pid)
 
     def wait_ready(self, timeout: float, stop: threading.Event) -> str | None:
         """None once it greets, serves /metrics and runs every expected process."""
