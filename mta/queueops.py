@@ -17,13 +17,14 @@ Pure: no I/O, no clock reads (pass `now`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Final
 
 from mta.messages import QueueCommand, QueueOp
 from mtaqueue.ids import MessageId, is_id
-from mtaqueue.records import Envelope
+from mtaqueue.records import Envelope, destination_of
+
+__all__ = ["CHANGES", "FINAL_STATES", "REQUEUE", "change", "destination_of", "finished", "select"]
 
 FINAL_STATES: Final = frozenset({"delivered", "bounced"})
 
@@ -34,12 +35,6 @@ CHANGES: Final[dict[QueueOp, tuple[frozenset[str], str]]] = {
     "retry": (frozenset({"deferred"}), "ready"),
 }
 REQUEUE: Final = frozenset({"release", "retry"})  # ops after which a changed message is due now
-
-
-@functools.lru_cache(maxsize=65536)
-def destination_of(address: str) -> str:
-    """The destination domain of a recipient address (lowercase, no trailing dot)."""
-    return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
 
 
 def finished(envelope: Envelope) -> bool:

@@ -1,21 +1,34 @@
-"""The LMDB spool: envelopes, bodies and the due-time index in one environment.
+"""The LMDB spool: envelopes, bodies, and the indexes and counts that serve the scheduler
+and the operator's views without reading every envelope.
 
-Layout (named databases):
-  envelope  msgid -> msgpack envelope (records.encode)
+Layout (named databases; format 2, meta b"format"):
+  envelope  msgid -> msgpack envelope (records.encode); ids sort by arrival
   body      msgid -> message bytes as received (with our Received header)
-  due       be64(next_attempt in ms) + msgid -> b""   (byte order is the schedule)
-  meta      b"bytes" -> be64 octets of envelopes + bodies stored
+  due       be64(next_attempt in ms) + msgid -> b""  for messages with a ready or
+            deferred recipient (byte order is the schedule)
+  counts    destination + b"\0" + state -> be64 recipients (ready, deferred, held;
+            destination b"": the totals)
+  bydest    destination + b"\0" + msgid -> b""  (a message's queued destinations)
+  meta      b"bytes" -> be64 octets of envelopes + bodies stored; b"format" -> b"2";
+            b"recount", b"rebuild": see upgrade.py
   corrupt   msgid -> msgpack {"raw": envelope bytes, "error": str, "at": unix seconds}
+due, counts and bydest change in the transaction of every change (indexes.py). A spool
+of format 1 (no due rule, counts or bydest) is upgraded by the first read-write open
+(upgrade.py); a read-only open of one raises QueueIOError.
 
 An envelope that does not decode (records.CorruptRecord: damaged on disk) is moved to
 `corrupt` by whichever process reads it first (its due entries go, its body stays),
 reported once through `on_corrupt`, and from then on the message is absent: readers
-go on with the rest, never crash on it. `mta queue check` lists the corrupt table
-(mtaqueue/check.py, which also checks the file itself before `mta serve` forks).
+go on with the rest, never crash on it. Its counts cannot be taken back (its recipients
+are unknown): meta b"recount" is set and the next read-write open recounts; meanwhile
+readers skip bydest entries whose envelope is gone. `mta queue check` lists the corrupt
+table (mtaqueue/check.py, which also checks the file itself before `mta serve` forks).
 
 Opened with sync on and without writemap, so every commit is fdatasync'ed before
 commit() returns: the caller may say 250 after it. Open it after fork, never before:
 an LMDB handle must not cross a fork. The folder is 0700 and its files 0600 (private.py).
+Readers use short read transactions, one per batch: a long one would pin every page
+written meanwhile and grow the file.
 
 Room: `max_size_bytes` bounds the message data stored (meta b"bytes"); a commit that
 would pass it raises QueueFull. The LMDB map itself is sized at twice that plus
@@ -26,35 +39,32 @@ and a map filled to the last page could not be emptied. Should LMDB still run ou
 
 from __future__ import annotations
 
-import struct
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import lmdb
-import msgpack
 
-from mtaqueue import records
+from mtaqueue import indexes, records, upgrade
 from mtaqueue.backend import QueueFull, QueueIOError, QueueStats
 from mtaqueue.ids import MessageId
+from mtaqueue.indexes import BE64 as _BE64
+from mtaqueue.indexes import Changes, Dbs
 from mtaqueue.private import FILE_MODE, private_dir
 from mtaqueue.records import CorruptRecord, Envelope, NewMessage
 
-_BE64 = struct.Struct(">Q")
 _SCAN_BATCH = 1000
 _BYTES = b"bytes"
 MAP_HEADROOM_BYTES = 16 * 1024 * 1024
-TABLES = (b"envelope", b"body", b"due", b"meta", b"corrupt")
+TABLES = (b"envelope", b"body", b"due", b"meta", b"corrupt", b"counts", b"bydest")
 
 OnCorrupt = Callable[[MessageId, str, bool], None]  # (id, error, moved to `corrupt`) of a damaged record
-
-
-def due_key(envelope: Envelope) -> bytes:
-    return _BE64.pack(int(envelope.next_attempt * 1000)) + envelope.id.encode()
+due_key = indexes.due_key
 
 
 class LmdbBackend:
     def __init__(self, path: str, max_size_bytes: int, readonly: bool = False,
-                 on_corrupt: OnCorrupt | None = None) -> None:
+                 on_corrupt: OnCorrupt | None = None, on_progress: upgrade.OnProgress | None = None) -> None:
+        """readonly: never upgrade or recount (a format-1 spool raises QueueIOError).
+        on_progress(done, total): envelopes counted by an upgrade or recount this open runs."""
         self.path = path
         self.max_size_bytes = max_size_bytes
         self._on_corrupt = on_corrupt
@@ -67,12 +77,15 @@ class LmdbBackend:
         except (lmdb.Error, PermissionError) as exc:
             raise QueueIOError(f"cannot open the queue at {path}: {exc}") from exc
         self._env.reader_check()  # clear reader slots of processes killed with -9
-        self._envelope = self._env.open_db(b"envelope")
-        self._body = self._env.open_db(b"body")
-        self._due = self._env.open_db(b"due")
-        self._meta = self._env.open_db(b"meta")
-        self._corrupt = self._env.open_db(b"corrupt")
+        self._dbs = dbs = Dbs(self._env)
+        self._envelope, self._body, self._due, self._meta = dbs.envelope, dbs.body, dbs.due, dbs.meta
+        self._corrupt, self._counts, self._bydest = dbs.corrupt, dbs.counts, dbs.bydest
         self._readonly = readonly
+        try:
+            upgrade.on_open(self._env, dbs, path, readonly, on_progress, self._on_corrupt)
+        except QueueIOError:
+            self._env.close()
+            raise
 
     def commit(self, messages: Sequence[NewMessage]) -> None:
         self._write(add=messages, enforce_limit=True)
@@ -91,6 +104,7 @@ class LmdbBackend:
             # body only for its length); each is used before the next write in this txn.
             with self._env.begin(write=True, buffers=True) as txn:
                 stored = self._stored_bytes(txn)
+                changes = Changes(txn, self._dbs)
                 for envelope in update:
                     key = envelope.id.encode()
                     old = txn.get(key, db=self._envelope)
@@ -98,16 +112,21 @@ class LmdbBackend:
                         continue  # deleted meanwhile (e.g. by an operator): nothing to update
                     raw = records.encode(envelope)
                     stored += len(raw) - len(old)
-                    self._drop_due(txn, key, old)
+                    previous = self._decoded(changes, key, old)
                     txn.put(key, raw, db=self._envelope)
-                    txn.put(due_key(envelope), b"", db=self._due)
+                    if previous is None:
+                        changes.add(key, envelope)
+                    else:
+                        changes.replace(key, previous, envelope)
                 for msgid in delete:
                     key = msgid.encode()
                     raw = txn.get(key, db=self._envelope)
                     if raw is None:
                         continue
                     stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
-                    self._drop_due(txn, key, raw)
+                    previous = self._decoded(changes, key, raw)
+                    if previous is not None:
+                        changes.remove(key, previous)
                     txn.delete(key, db=self._envelope)
                     txn.delete(key, db=self._body)
                     removed += 1
@@ -121,7 +140,8 @@ class LmdbBackend:
                     if not txn.put(key, raw, db=self._envelope, overwrite=False):
                         raise QueueIOError(f"message id {m.envelope.id} already exists")
                     txn.put(key, m.body, db=self._body)
-                    txn.put(due_key(m.envelope), b"", db=self._due)
+                    changes.add(key, m.envelope)
+                changes.flush()
                 txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
         except (lmdb.MapFullError, lmdb.DiskError) as exc:
             raise QueueFull(str(exc)) from exc
@@ -129,18 +149,15 @@ class LmdbBackend:
             raise QueueIOError(str(exc)) from exc
         return removed
 
-    def _drop_due(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
-        """Delete the due entry of the stored envelope `raw`; when it does not decode, every
-        due entry of that id (a scan of the index: only ever for a damaged record)."""
+    @staticmethod
+    def _decoded(changes: Changes, key: bytes, raw: bytes) -> Envelope | None:
+        """The stored envelope being replaced or deleted; None when it does not decode: its
+        due entries go by a scan and its counts are left to a recount (indexes.py)."""
         try:
-            txn.delete(due_key(records.decode(raw)), db=self._due)
-            return
+            return records.decode(raw)
         except CorruptRecord:
-            pass
-        cursor = txn.cursor(db=self._due)
-        found = cursor.first()
-        while found:
-            found = cursor.delete() if bytes(cursor.key()[8:]) == key else cursor.next()
+            changes.drop_due_of(key)
+            return None
 
     def envelope(self, msgid: MessageId) -> Envelope | None:
         """The stored envelope; None when there is none (or it was damaged: moved to corrupt)."""
@@ -207,10 +224,7 @@ class LmdbBackend:
                     return False  # rewritten meanwhile: it is fine now
                 except CorruptRecord:
                     pass
-                entry = msgpack.packb({"raw": raw, "error": error, "at": time.time()})
-                txn.put(key, entry, db=self._corrupt)
-                self._drop_due(txn, key, raw)
-                txn.delete(key, db=self._envelope)
+                Changes(txn, self._dbs).quarantine(key, raw, error)  # and sets meta b"recount"
         except lmdb.Error as exc:  # (map or disk full) left in place, skipped all the same, reported each time
             moved, error = False, f"{error}; cannot move it: {exc}"
         else:
@@ -222,15 +236,141 @@ class LmdbBackend:
     def delete(self, msgids: Sequence[MessageId]) -> int:
         return self._write(delete=msgids, enforce_limit=False)
 
+    # --- the scheduler's due index ---------------------------------------------------
+
     def due(self, now: float, limit: int) -> list[MessageId]:
+        return [msgid for _key, msgid in self.due_from(b"", now, limit)]
+
+    def due_from(self, start: bytes, now: float, limit: int) -> list[tuple[bytes, MessageId]]:
+        """Due entries with key >= start and time <= now, in key order, at most `limit`."""
         bound = _BE64.pack(int(now * 1000) + 1)
-        out: list[MessageId] = []
-        with self._env.begin() as txn:
-            for key in txn.cursor(db=self._due).iternext(keys=True, values=False):
-                if key >= bound or len(out) >= limit:
+        out: list[tuple[bytes, MessageId]] = []
+        with self._env.begin(buffers=False) as txn:
+            cursor = txn.cursor(db=self._due)
+            found = cursor.set_range(start)
+            while found and len(out) < limit:
+                key = cursor.key()
+                if key >= bound:
                     break
-                out.append(MessageId(bytes(key[8:]).decode()))
+                out.append((key, MessageId(key[8:].decode())))
+                found = cursor.next()
         return out
+
+    def next_due(self, start: bytes) -> float | None:
+        """The time of the first due entry >= start; None when there is none."""
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._due)
+            return indexes.due_time(cursor.key()) if cursor.set_range(start) else None
+
+    due_key = staticmethod(indexes.due_key)
+    due_floor = staticmethod(indexes.due_floor)
+
+    # --- counts and views --------------------------------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        """Recipients per spool state and envelopes stored; O(1)."""
+        with self._env.begin() as txn:
+            out = indexes.read_totals(txn, self._dbs)
+            out["messages"] = txn.stat(self._envelope)["entries"]
+        return out
+
+    def destination_counts(self) -> dict[str, dict[str, int]]:
+        """{destination: {ready, deferred, held}} for every destination with any."""
+        with self._env.begin(buffers=False) as txn:
+            return indexes.read_destination_counts(txn.cursor(db=self._counts).iternext())
+
+    def oldest_arrival(self) -> float | None:
+        """Arrival of the first envelope in id order; None when the spool is empty."""
+        while True:
+            with self._env.begin(buffers=False) as txn:
+                cursor = txn.cursor(db=self._envelope)
+                if not cursor.first():
+                    return None
+                key, raw = cursor.item()
+            try:
+                return records.decode(raw).arrival
+            except CorruptRecord as exc:
+                self.quarantine(key, str(exc))  # gone from the table: the next one is first
+
+    def page(self, after: MessageId | None, limit: int, domain: str | None = None) -> list[Envelope]:
+        """Up to `limit` envelopes with id > after, in id (arrival) order; with `domain`,
+        only messages with a queued recipient there (through bydest)."""
+        out: list[Envelope] = []
+        position = after.encode() if after is not None else None
+        while len(out) < limit:
+            want = min(limit - len(out), _SCAN_BATCH)
+            found = self._select(position, want, domain, values=True)
+            for key, raw in found:
+                try:
+                    out.append(records.decode(raw))
+                except CorruptRecord as exc:
+                    self.quarantine(key, str(exc))
+            if len(found) < want:
+                break
+            position = found[-1][0]
+        return out
+
+    def ids(self, after: MessageId | None, limit: int, domain: str | None = None) -> list[MessageId]:
+        """The ids `page` would give (an envelope that does not decode included: whoever
+        reads it moves it aside)."""
+        found = self._select(after.encode() if after is not None else None, limit, domain, values=False)
+        return [MessageId(key.decode()) for key, _ in found]
+
+    def _select(self, after: bytes | None, limit: int, domain: str | None,
+                values: bool) -> list[tuple[bytes, bytes]]:
+        """(id, envelope or b"") of up to `limit` messages after `after`, one read transaction."""
+        out: list[tuple[bytes, bytes]] = []
+        with self._env.begin(buffers=False) as txn:
+            if domain is None:
+                cursor = txn.cursor(db=self._envelope)
+                found = cursor.set_range(after) if after is not None else cursor.first()
+                if found and cursor.key() == after:
+                    found = cursor.next()
+                while found and len(out) < limit:
+                    out.append((cursor.key(), cursor.value() if values else b""))
+                    found = cursor.next()
+                return out
+            prefix = indexes.bydest_key(records.destination_of("@" + domain), b"")
+            cursor = txn.cursor(db=self._bydest)
+            start = prefix + after if after is not None else prefix
+            found = cursor.set_range(start)
+            if found and cursor.key() == start and after is not None:
+                found = cursor.next()
+            stale = values or txn.get(indexes.RECOUNT, db=self._meta) is not None
+            while found and len(out) < limit:
+                key = cursor.key()
+                if not key.startswith(prefix):
+                    break
+                msgid = key[len(prefix):]
+                raw = txn.get(msgid, db=self._envelope) if stale else b""
+                if raw is not None:  # else: moved aside, its bydest entry waits for the recount
+                    out.append((msgid, raw if values else b""))
+                found = cursor.next()
+        return out
+
+    def by_destination(self) -> Iterator[tuple[str, MessageId]]:
+        """Every (destination, id) of bydest, in key order, in batches of short reads."""
+        after: bytes | None = None
+        while True:
+            batch: list[tuple[str, MessageId]] = []
+            with self._env.begin(buffers=False) as txn:
+                stale = txn.get(indexes.RECOUNT, db=self._meta) is not None
+                cursor = txn.cursor(db=self._bydest)
+                found = cursor.set_range(after) if after is not None else cursor.first()
+                if found and cursor.key() == after:
+                    found = cursor.next()
+                last = None
+                while found and len(batch) < _SCAN_BATCH:
+                    last = key = cursor.key()
+                    dest, msgid = indexes.split_key(key)
+                    if not stale or txn.get(msgid.encode(), db=self._envelope) is not None:
+                        batch.append((dest, MessageId(msgid)))
+                    found = cursor.next()
+            yield from batch
+            if not found or last is None:
+                return
+            after = last
+
 
     def stats(self) -> QueueStats:
         with self._env.begin() as txn:

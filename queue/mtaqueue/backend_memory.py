@@ -1,6 +1,8 @@
 """The in-memory queue backend: the contract without durability, for tests and tools.
 
 `max_bytes` bounds stored envelope + body bytes, so QueueFull behaves as on LMDB.
+The due index, counts and bydest are computed from the envelopes when asked (the
+rules of indexes.py, not its cost): a reference for the contract, not for a million.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 
-from mtaqueue import records
+from mtaqueue import indexes, records
 from mtaqueue.backend import QueueFull, QueueIOError, QueueStats
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage
@@ -73,8 +75,51 @@ class MemoryBackend:
         return removed
 
     def due(self, now: float, limit: int) -> list[MessageId]:
-        ready = sorted((e.next_attempt, e.id) for e in self._envelopes.values() if e.next_attempt <= now)
-        return [msgid for _, msgid in ready[:limit]]
+        return [msgid for _key, msgid in self.due_from(b"", now, limit)]
+
+    def due_from(self, start: bytes, now: float, limit: int) -> list[tuple[bytes, MessageId]]:
+        bound = indexes.due_floor(now) + b"\xff"
+        keys = sorted(k for k in map(indexes.due_key, filter(indexes.is_due, self._envelopes.values()))
+                      if start <= k < bound)
+        return [(k, MessageId(k[8:].decode())) for k in keys[:limit]]
+
+    def next_due(self, start: bytes) -> float | None:
+        keys = [k for k in map(indexes.due_key, filter(indexes.is_due, self._envelopes.values())) if k >= start]
+        return indexes.due_time(min(keys)) if keys else None
+
+    due_key = staticmethod(indexes.due_key)
+    due_floor = staticmethod(indexes.due_floor)
+
+    def totals(self) -> dict[str, int]:
+        out = dict.fromkeys(indexes.SPOOL_STATES, 0)
+        for counts in self.destination_counts().values():
+            for state, n in counts.items():
+                out[state] += n
+        out["messages"] = len(self._envelopes)
+        return out
+
+    def destination_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for envelope in self._envelopes.values():
+            for dest, state in indexes.counted(envelope):
+                out.setdefault(dest, dict.fromkeys(indexes.SPOOL_STATES, 0))[state] += 1
+        return out
+
+    def oldest_arrival(self) -> float | None:
+        return self._envelopes[min(self._envelopes)].arrival if self._envelopes else None
+
+    def page(self, after: MessageId | None, limit: int, domain: str | None = None) -> list[Envelope]:
+        return [copy.deepcopy(self._envelopes[msgid]) for msgid in self.ids(after, limit, domain)]
+
+    def ids(self, after: MessageId | None, limit: int, domain: str | None = None) -> list[MessageId]:
+        dest = records.destination_of("@" + domain) if domain is not None else None
+        chosen = sorted(msgid for msgid, e in self._envelopes.items() if (after is None or msgid > after)
+                        and (dest is None or any(d == dest for d, _ in indexes.counted(e))))
+        return chosen[:limit]
+
+    def by_destination(self) -> Iterator[tuple[str, MessageId]]:
+        keys = sorted({(dest, msgid) for msgid, e in self._envelopes.items() for dest, _ in indexes.counted(e)})
+        yield from keys
 
     def stats(self) -> QueueStats:
         return QueueStats(messages=len(self._envelopes), used_bytes=self._used, max_bytes=self.max_bytes)

@@ -2,6 +2,8 @@
 
 Envelopes are stored as msgpack maps with short keys; `decode(encode(e)) == e`.
 Recipient states: ready, active, deferred, held, delivered, bounced.
+`destination_of` is the one rule for a recipient's destination (the spool's indexes,
+the scheduler's queues and counts, the operator's --domain).
 Bytes that are not an envelope of this form (damaged on disk) raise CorruptRecord,
 whatever is wrong with them, so a caller handles one exception (the LMDB backend moves
 the record to its corrupt table) and never gets an Envelope with fields of wrong types.
@@ -9,6 +11,7 @@ the record to its corrupt table) and never gets an Envelope with fields of wrong
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -19,6 +22,12 @@ import msgpack
 from mtaqueue.ids import MessageId
 
 RECIPIENT_STATES = ("ready", "active", "deferred", "held", "delivered", "bounced")
+
+
+@functools.lru_cache(maxsize=65536)
+def destination_of(address: str) -> str:
+    """The destination domain of a recipient address (lowercase, no trailing dot)."""
+    return address.rpartition("@")[2].lower().rstrip(".") or "localhost"
 
 
 class CorruptRecord(ValueError):
