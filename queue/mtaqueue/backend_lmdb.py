@@ -62,9 +62,12 @@ due_key = indexes.due_key
 
 class LmdbBackend:
     def __init__(self, path: str, max_size_bytes: int, readonly: bool = False,
-                 on_corrupt: OnCorrupt | None = None, on_progress: upgrade.OnProgress | None = None) -> None:
+                 on_corrupt: OnCorrupt | None = None, on_progress: upgrade.OnProgress | None = None,
+                 recount: bool = True) -> None:
         """readonly: never upgrade or recount (a format-1 spool raises QueueIOError).
-        on_progress(done, total): envelopes counted by an upgrade or recount this open runs."""
+        recount: run a pending recount (else leave it to a later open: mta serve's workers
+        do, the master recounted before forking). on_progress(done, total): envelopes
+        counted by an upgrade or recount this open runs."""
         self.path = path
         self.max_size_bytes = max_size_bytes
         self._on_corrupt = on_corrupt
@@ -82,7 +85,7 @@ class LmdbBackend:
         self._corrupt, self._counts, self._bydest = dbs.corrupt, dbs.counts, dbs.bydest
         self._readonly = readonly
         try:
-            upgrade.on_open(self._env, dbs, path, readonly, on_progress, self._on_corrupt)
+            upgrade.on_open(self._env, dbs, path, readonly, recount, on_progress, self._on_corrupt)
         except QueueIOError:
             self._env.close()
             raise

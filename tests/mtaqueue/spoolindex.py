@@ -43,10 +43,15 @@ def expected(envelopes: Iterable[Envelope]) -> Indexes:
 
 
 def stored(env: lmdb.Environment, txn: lmdb.Transaction) -> Indexes:
-    def keys(name: bytes) -> set[bytes]:
-        return set(txn.cursor(db=env.open_db(name, txn=txn)).iternext(values=False))
-    counts = {bytes(k): struct.unpack(">Q", v)[0] for k, v in txn.cursor(db=env.open_db(b"counts", txn=txn))}
-    return Indexes(keys(b"due"), counts, keys(b"bydest"))
+    """The tables as they are (a format-1 spool has no counts or bydest: empty)."""
+    def rows(name: bytes) -> list[tuple[bytes, bytes]]:
+        try:
+            table = env.open_db(name, txn=txn, create=False)
+        except (lmdb.NotFoundError, lmdb.ReadonlyError):
+            return []
+        return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table)]
+    counts = {k: struct.unpack(">Q", v)[0] for k, v in rows(b"counts")}
+    return Indexes({k for k, _ in rows(b"due")}, counts, {k for k, _ in rows(b"bydest")})
 
 
 def read(path: str) -> tuple[Indexes, Indexes, dict[bytes, bytes]]:
@@ -58,5 +63,25 @@ def read(path: str) -> tuple[Indexes, Indexes, dict[bytes, bytes]]:
             envelopes = [records.decode(raw) for _, raw in txn.cursor(db=env.open_db(b"envelope", txn=txn))]
             meta = dict(txn.cursor(db=env.open_db(b"meta", txn=txn)))
             return stored(env, txn), expected(envelopes), meta
+    finally:
+        env.close()
+
+
+def to_format1(path: str) -> None:
+    """Turn a spool back into the previous release's layout: no counts, no bydest, no
+    format key, a due entry for every message (held and finished ones too)."""
+    from mtaqueue import records
+    env = lmdb.open(path, max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            for name in (b"counts", b"bydest"):
+                txn.drop(env.open_db(name, txn=txn), delete=True)
+            meta = env.open_db(b"meta", txn=txn)
+            for key in (b"format", b"recount", b"rebuild"):
+                txn.delete(key, db=meta)
+            due = env.open_db(b"due", txn=txn)
+            for key, raw in list(txn.cursor(db=env.open_db(b"envelope", txn=txn))):
+                envelope = records.decode(raw)
+                txn.put(struct.pack(">Q", int(envelope.next_attempt * 1000)) + key, b"", db=due)
     finally:
         env.close()

@@ -177,6 +177,9 @@ def test_a_quarantined_record_is_recounted_by_the_next_open(tmp_path: Path) -> N
     found, want, meta = spoolindex.read(str(tmp_path / "q"))
     assert meta[b"recount"] and found.counts != want.counts  # its recipients are still counted
     progress: list[tuple[int, int]] = []
+    LmdbBackend(str(tmp_path / "q"), 64 * MIB, recount=False, on_progress=lambda *a: progress.append(a)).close()
+    LmdbBackend(str(tmp_path / "q"), 64 * MIB, readonly=True, on_progress=lambda *a: progress.append(a)).close()
+    assert progress == [] and spoolindex.read(str(tmp_path / "q"))[2][b"recount"]  # a worker's open leaves it
     LmdbBackend(str(tmp_path / "q"), 64 * MIB, on_progress=lambda *a: progress.append(a)).close()
     assert progress == [(19, 19)]
     assert b"recount" not in _exact(tmp_path / "q", envelopes[:4] + envelopes[5:])
