@@ -30,6 +30,7 @@ from typing import Any
 from mta import adminclient, messages, queuebulk, queueops, queuepages, queueshape, queueview
 from mta.adminclient import ControlError
 from mta.config import Config
+from mtaqueue.backend import QueueError
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
@@ -41,6 +42,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     except queuepages.SelectionError as exc:
         print(f"mta queue: {exc}", file=sys.stderr)
         return 2
+    except QueueError as exc:  # the spool read directly (the server is stopped)
+        print(f"mta queue: {cfg.queue.path}: {exc}", file=sys.stderr)
+        return 1
 
 
 def open_spool(cfg: Config):  # type: ignore[no-untyped-def]
