@@ -25,17 +25,23 @@ import time
 import typing
 import urllib.parse
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mta import adminclient, messages, queuebulk, queueops, queuepages, queueshape, queueview
 from mta.adminclient import ControlError
 from mta.config import Config
 from mtaqueue.backend import QueueError
 
+if TYPE_CHECKING:
+    from mtaqueue.backend_lmdb import LmdbBackend
+
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     try:
         return int(args.action(cfg, args))
+    except BrokenPipeError:  # `mta queue list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail)
+        return 0
     except ControlError as exc:
         print(f"mta queue: {exc}", file=sys.stderr)
         return 1
@@ -47,8 +53,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         return 1
 
 
-def open_spool(cfg: Config):  # type: ignore[no-untyped-def]
-    from mta.spool import open_spool
+def open_spool(cfg: Config) -> LmdbBackend | None:
+    from mta.spool import open_spool  # here: it loads the metrics, which the API path never needs
     if not os.path.isdir(cfg.queue.path):
         return None
     return open_spool(cfg.queue)
@@ -61,16 +67,13 @@ def queue_list(cfg: Config, args: argparse.Namespace) -> int:
     entries: Iterator[dict[str, Any]] = _entries(cfg, selection)
     if args.limit is not None:
         entries = itertools.islice(entries, args.limit)
-    try:
-        if args.json:
-            for piece in queueview.json_array(entries):
-                sys.stdout.write(piece)
-            print()
-        else:
-            _write_text(cfg, selection, entries, args.limit)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `mta queue list | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail)
+    if args.json:
+        for piece in queueview.json_array(entries):
+            sys.stdout.write(piece)
+        print()
+    else:
+        _write_text(cfg, selection, entries, args.limit)
+    sys.stdout.flush()  # (a closed pipe shows here, not at the exit)
     return 0
 
 
