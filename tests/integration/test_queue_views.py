@@ -65,16 +65,18 @@ def test_a_big_listing_streams_while_health_and_metrics_answer(mta_server) -> No
     sock.connect((host, port))
     conn = http.client.HTTPConnection(host, port, timeout=30)
     conn.sock = sock
-    conn.request("GET", "/api/queue", headers=bearer(TOKEN))
-    response = conn.getresponse()
-    assert response.status == 200 and response.getheader("Transfer-Encoding") == "chunked"
-    first = response.read1(65536)
-    assert first.startswith(b"[\n {\n  \"id\": \"" + msgid(T0, 0).encode())
-    # The listing is under way and we take no more of it: the control process serves the rest.
-    for path in ("/healthz", "/metrics", "/api/queue?limit=1", "/api/queue/summary"):
-        assert call(server, "GET", path, headers=bearer(TOKEN))[0] == 200, path
-    listed = json.loads(first + response.read())
-    conn.close()
+    try:
+        conn.request("GET", "/api/queue", headers=bearer(TOKEN))
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Transfer-Encoding") == "chunked"
+        first = response.read1(65536)
+        assert first.startswith(b"[\n {\n  \"id\": \"" + msgid(T0, 0).encode())
+        # The listing is under way and we take no more of it: the control process serves the rest.
+        for path in ("/healthz", "/metrics", "/api/queue?limit=1", "/api/queue/summary"):
+            assert call(server, "GET", path, headers=bearer(TOKEN))[0] == 200, path
+        listed = json.loads(first + response.read())
+    finally:
+        conn.close()
     assert [e["id"] for e in listed] == [msgid(T0 + i, i) for i in range(count)]
     assert listed[-1]["recipients"][0]["address"] == f"u{count - 1}@far.test"
 
