@@ -1,34 +1,24 @@
-"""The `mta` command line: serve, config check, queue list/show/retry/hold/release/delete/check/salvage, users.
+"""The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage, users.
 
-`mta queue` talks to the running server's admin API ([control] listen, with the bearer
-[control] token, else the token the server keeps in [control] token_file: mta/admintoken.py),
-so changes take effect at once in the scheduler. When nothing answers
-there (the server is stopped, or its control process is not up yet) it does what it did
-before the API: reads the spool directly (LMDB allows readers across processes) and
-sends changes to the scheduler's socket, or applies them to the spool when that does not
-answer either. A refused or unreadable token fails the command, naming [control] token. `mta users` edits [auth] users_file (one editor at a time, atomic
-replace); inbound workers pick the change up at the next AUTH, with no reload.
+The parser, and the commands short enough to live here. `mta queue list|show|shape` and
+the queue operations are mta/queuecli.py's: they talk to the running server's admin API
+([control] listen, with the bearer [control] token, else the token the server keeps in
+[control] token_file: mta/admintoken.py) and fall back to the spool when nothing answers
+there. `mta queue check|salvage` are mta/queuecheck.py's. `mta users` edits [auth]
+users_file (one editor at a time, atomic replace); inbound workers pick the change up at
+the next AUTH, with no reload.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import os
-import socket
 import sys
-import time
-import typing
-import urllib.parse
 from typing import Any
 
 from mta import config as configmod
-from mta import admintoken, frames, messages, queueops, queueview
-from mta.config import Config, ConfigError, split_hostport
-
-CONTROL_CONNECT_SECONDS = 5.0  # nothing accepts on [control] listen by then: the server is stopped
-CONTROL_ANSWER_SECONDS = 120.0  # a listing of a large queue takes a while
+from mta import queuecli, queuepages
+from mta.config import Config, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,13 +52,23 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("queue", help="inspect the spool")
     qsub = p.add_subparsers(metavar="ACTION")
-    q = qsub.add_parser("list", parents=[common], help="list queued messages")
+    q = qsub.add_parser("list", parents=[common], help="list queued messages, oldest first (streamed)")
     q.add_argument("--json", action="store_true", help="one JSON array instead of a table")
-    q.set_defaults(func=_queue, action=_queue_list)
+    q.add_argument("--limit", type=_positive, metavar="N", help="at most N messages (default: all)")
+    q.add_argument("--domain", metavar="D", help="messages with a queued recipient at destination D")
+    q.add_argument("--state", choices=queuepages.STATES,
+                   help="messages with a recipient in this state (active: being delivered now)")
+    q.add_argument("--sender", metavar="S", help="senders containing S (any case)")
+    q.add_argument("--recipient", metavar="S", help="a recipient containing S (any case)")
+    q.set_defaults(func=queuecli.run, action=queuecli.queue_list)
     q = qsub.add_parser("show", parents=[common], help="show one message")
     q.add_argument("id")
     q.add_argument("--body", action="store_true", help="write the stored message bytes to stdout")
-    q.set_defaults(func=_queue, action=_queue_show)
+    q.set_defaults(func=queuecli.run, action=queuecli.queue_show)
+    q = qsub.add_parser("shape", parents=[common],
+                        help="queued messages per destination by age, as Postfix qshape (from the spool's index)")
+    q.add_argument("--json", action="store_true", help="JSON instead of the table")
+    q.set_defaults(func=queuecli.run, action=queuecli.queue_shape)
     q = qsub.add_parser("check", parents=[common], help="check the spool file and its records (exit 1 on a problem)")
     q.set_defaults(func=_queue_check)
     q = qsub.add_parser("salvage", parents=[common],
@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         q = qsub.add_parser(op, parents=[common], help=text)
         which = q.add_mutually_exclusive_group(required=True)
         which.add_argument("ids", nargs="*", metavar="ID", default=[])
-        which.add_argument("--domain", help="every message with a recipient in this domain")
+        which.add_argument("--domain", help="every message with a queued recipient at this destination")
         which.add_argument("--all", action="store_true", help="every message")
-        q.set_defaults(func=_queue, action=_queue_operation, op=op)
+        q.set_defaults(func=queuecli.run, action=queuecli.queue_operation, op=op)
 
     users_common = argparse.ArgumentParser(add_help=False, parents=[common])
     users_common.add_argument("--file", metavar="PATH", help="the users file (default: [auth] users_file)")
@@ -103,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="one JSON array instead of lines")
     u.set_defaults(func=_users, action=_users_list)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
@@ -248,184 +258,3 @@ def _read_password() -> str | None:
         print("mta users: the password must not be empty or contain NUL", file=sys.stderr)
         return None
     return password
-
-
-def _open_spool(cfg: Config):  # type: ignore[no-untyped-def]
-    from mta.spool import open_spool
-    if not os.path.isdir(cfg.queue.path):
-        return None
-    return open_spool(cfg.queue)
-
-
-_Answer = typing.TypeVar("_Answer", bound=messages.Message)
-
-
-class ControlError(Exception):
-    """The admin API answered, but not with what the command needs (or broke off)."""
-
-
-def _queue(cfg: Config, args: argparse.Namespace) -> int:
-    try:
-        return int(args.action(cfg, args))
-    except ControlError as exc:
-        print(f"mta queue: {exc}", file=sys.stderr)
-        return 1
-
-
-def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
-    answer = _ask_control(cfg, "GET", "/api/queue", expect=(200,))
-    if answer is not None:
-        entries = json.loads(answer[1])
-    else:  # the server is stopped: the spool itself
-        spool = _open_spool(cfg)
-        envelopes = list(spool.envelopes()) if spool is not None else []
-        active = _ask_scheduler(cfg, messages.ActiveQuery(), messages.ActiveJobs)
-        queueview.mark_active(envelopes, active.active if active is not None else {})
-        entries = [queueview.envelope_json(e) for e in envelopes]
-    if args.json:
-        json.dump(entries, sys.stdout, indent=1)
-        print()
-        return 0
-    if not entries:
-        print(f"queue is empty ({cfg.queue.path})")
-        return 0
-    print(f"{'ID':21}  {'ARRIVAL (UTC)':19}  {'SIZE':>9}  SENDER / RECIPIENTS")
-    for e in entries:  # the envelope_json form: times are ISO strings already
-        deferred = any(r["state"] == "deferred" for r in e["recipients"])
-        retry = f"  next attempt {e['next_attempt'][:19]}" if deferred else ""
-        print(f"{e['id']:21}  {e['arrival'][:19]:19}  {e['size']:>9}  <{e['sender']}>{retry}")
-        for r in e["recipients"]:
-            print(f"{'':55}  {r['state']:9} <{r['address']}>  attempts={r['attempts']}")
-            if r["last_reply"]:
-                print(f"{'':66}{r['last_reply']}")
-    print(f"-- {len(entries)} message(s), {sum(e['size'] for e in entries)} bytes")
-    return 0
-
-
-def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
-    from mtaqueue.ids import MessageId, is_id
-    path = f"/api/queue/{urllib.parse.quote(args.id, safe='')}" + ("/body" if args.body else "")
-    answer = _ask_control(cfg, "GET", path, expect=(200, 404))
-    found: Any = None
-    if answer is not None:
-        if answer[0] == 200:
-            found = answer[1] if args.body else json.loads(answer[1])
-    else:  # the server is stopped: the spool itself
-        spool = _open_spool(cfg)
-        msgid = MessageId(args.id.upper())
-        envelope = spool.envelope(msgid) if spool is not None and is_id(msgid) else None
-        if envelope is not None:
-            found = (spool.body(msgid) or b"") if args.body else queueview.envelope_json(envelope)
-    if found is None:
-        print(f"mta: no message {args.id} in {cfg.queue.path}", file=sys.stderr)
-        return 1
-    if args.body:
-        sys.stdout.buffer.write(found)
-        sys.stdout.buffer.flush()
-        return 0
-    json.dump(found, sys.stdout, indent=1)
-    print()
-    return 0
-
-
-def _queue_operation(cfg: Config, args: argparse.Namespace) -> int:
-    if not (args.ids or args.domain or args.all):
-        print(f"mta: queue {args.op}: name message IDs, --domain D or --all", file=sys.stderr)
-        return 2
-    which = {"ids": [i.upper() for i in args.ids], "domain": args.domain, "all": args.all}
-    command = messages.QueueCommand(typing.cast(messages.QueueOp, args.op), tuple(which["ids"]),
-                                    args.domain, args.all)
-    via_api = _ask_control(cfg, "POST", f"/api/queue/{args.op}", which, expect=(200, 503))
-    count: int | None = None
-    if via_api is not None and via_api[0] == 200:
-        count = json.loads(via_api[1])["count"]
-    else:  # stopped, or 503 (the control process runs, the scheduler not yet): as before the API
-        result = _ask_scheduler(cfg, command, messages.CommandResult)
-        count = result.count if result is not None else None
-    if count is not None:
-        print(f"{args.op}: {count} message(s) (applied by the running scheduler)")
-        return 0 if count or not args.ids else 1
-    count = _apply_offline(cfg, command)
-    print(f"{args.op}: {count} message(s) (server not running: applied to the spool)")
-    return 0 if count or not args.ids else 1
-
-
-def _apply_offline(cfg: Config, command: messages.QueueCommand) -> int:
-    """The running scheduler's rules (mta/queueops.py), applied to the spool itself."""
-    spool = _open_spool(cfg)
-    if spool is None:
-        return 0
-    chosen = queueops.select(command, {e.id: e for e in spool.envelopes()})
-    if command.op == "delete":
-        return spool.delete([e.id for e in chosen])
-    now = time.time()
-    changed = [e for e in chosen if queueops.change(command.op, e, now)]
-    spool.apply(update=changed)
-    return len(chosen)
-
-
-def _ask_control(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None, *,
-                 expect: tuple[int, ...]) -> tuple[int, bytes] | None:
-    """One request to the running server's admin API: (status, body), or None when nothing
-    accepts on [control] listen (the server is stopped). ControlError for a refused token,
-    a status not in `expect`, or a connection that broke off."""
-    host, port = split_hostport(cfg.control.listen)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard listener: ask it on loopback
-    where = f"the admin API on [control] listen {cfg.control.listen}"
-    conn = http.client.HTTPConnection(host, port, timeout=CONTROL_CONNECT_SECONDS)
-    try:
-        conn.connect()
-    except OSError:
-        conn.close()
-        return None
-    headers = {"Content-Type": "application/json"}
-    try:
-        token = admintoken.read(cfg)
-    except (OSError, admintoken.TokenError) as exc:
-        conn.close()
-        raise ControlError(f"cannot read the token of {where}: {exc}: run this as the user mta runs as "
-                           "(or root), or set [control] token") from None
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        assert conn.sock is not None
-        conn.sock.settimeout(CONTROL_ANSWER_SECONDS)
-        conn.request(method, path, json.dumps(body).encode() if body is not None else None, headers)
-        response = conn.getresponse()
-        status, data = response.status, response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise ControlError(f"{where} did not answer {method} {path}: {exc}") from exc
-    finally:
-        conn.close()
-    if status == 401:
-        given = (f"the [control] token of {cfg.source}" if cfg.control.token else
-                 f"the token in {admintoken.path(cfg)}" if token is not None else
-                 f"no token (no [control] token in {cfg.source}, no file {admintoken.path(cfg)})")
-        raise ControlError(f"{where} refused {given}: set [control] token to the running server's token")
-    if status not in expect:
-        raise ControlError(f"{where} answered {method} {path} with {status}: {data[:200].decode('utf-8', 'replace')}")
-    return status, data
-
-
-def _ask_scheduler(cfg: Config, question: messages.Message, answer: type[_Answer]) -> _Answer | None:
-    """One question to the running scheduler: its answer; None when it is not running.
-    ControlError when it speaks another build's messages or does not answer."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    try:
-        sock.connect(cfg.queue.scheduler_socket)
-    except OSError:
-        sock.close()
-        return None
-    with sock:
-        try:
-            sock.sendall(frames.encode_stream_frame(messages.hello("cli")) + frames.encode_stream_frame(question))
-            hello = frames.recv_stream_frame(sock)  # one of another build is refused here
-            if not isinstance(hello, messages.Hello):
-                raise messages.unexpected(hello, "before a Hello")
-            got = frames.recv_stream_frame(sock)
-            if not isinstance(got, answer):
-                raise messages.unexpected(got, f"for a {type(question).__name__}")
-        except (ConnectionError, messages.MessageError) as exc:
-            raise ControlError(f"the scheduler at {cfg.queue.scheduler_socket}: {exc}") from None
-        return got

@@ -16,8 +16,16 @@ may start at once (LMDB is safe for several processes).
 Then, before anything is forked, the spool's file is checked (mtaqueue/check.py: pread
 only, the LMDB handle that pins the snapshot is closed again): a damaged file (truncated,
 pages scrambled) would SIGBUS or crash every child that touches it, so the master refuses
-to start, naming the file and the recovery. Envelopes that merely do not decode are
-logged and left to the backend, which moves them to the corrupt table when it meets them.
+to start, naming the file and the recovery. The check at start reads the meta pages, the
+small tables and every tree's branch pages, not the leaves, so its time does not grow
+with the queue (the full walk is `mta queue check`). Envelopes that do not decode are
+left to the backend, which moves them to the corrupt table when it meets them.
+
+When the spool's indexes need a rebuild (a format-1 spool from an older release, or a
+recount after a record was quarantined: mtaqueue/upgrade.py), the full walk runs first
+(the rebuild reads every envelope through LMDB's map), then the master opens the spool
+read-write once, which rebuilds in batches with progress in the log, and closes it
+before it forks.
 """
 
 from __future__ import annotations
@@ -27,12 +35,15 @@ import importlib
 import os
 import resource
 import shutil
+import time
 
 from mta import logs
 from mta.config import Config
 from mta.master.listeners import ServeError, bind_all
 from mta.tls import TlsError, server_context
 from mtaqueue.private import private_dir
+
+PROGRESS_SECONDS = 1.0  # spool_rebuild progress lines at most this often
 
 
 def lock_spool(path: str) -> int:
@@ -53,16 +64,22 @@ def lock_spool(path: str) -> int:
 
 
 def check_spool(config: Config) -> None:
-    """Refuse a spool file that LMDB would crash on (mtaqueue/check.py), naming the recovery."""
+    """Refuse a spool file that LMDB would crash on (mtaqueue/check.py), naming the recovery;
+    then rebuild the spool's indexes if they need it."""
     from mtaqueue.check import check_spool as check_file
     try:
-        report = check_file(config.queue.path)
+        report = check_file(config.queue.path, full=False)
+        if report.rebuild and not report.full and not report.fatal:
+            report = check_file(config.queue.path)  # the rebuild reads every envelope through LMDB's map
     except OSError as exc:
         raise ServeError(f"cannot read the queue at {config.queue.path}: {exc}") from None
-    logs.event("spool_check", file=report.path, messages=report.messages, seconds=round(report.seconds, 3),
-               damage=len(report.damage) or None, undecodable=len(report.undecodable) or None,
-               without_body=len(report.without_body) or None, corrupt_table=len(report.quarantined) or None)
+    logs.event("spool_check", file=report.path, check="full" if report.full else "start", messages=report.messages,
+               seconds=round(report.seconds, 3), damage=len(report.damage) or None,
+               undecodable=len(report.undecodable) or None, without_body=len(report.without_body) or None,
+               corrupt_table=len(report.quarantined) or None, rebuild=report.rebuild)
     if not report.fatal:  # undecodable envelopes: the backend moves each to corrupt when it meets it
+        if report.rebuild:
+            rebuild_spool(config, report.rebuild)
         return
     flags = "" if config.source.startswith("<") else f" -c {config.source}"
     more = f" (and {len(report.damage) - 1} more problems)" if len(report.damage) > 1 else ""
@@ -72,6 +89,42 @@ def check_spool(config: Config) -> None:
         f"`mta queue check{flags}` lists every problem; `mta queue salvage{flags} OUT` copies every "
         "readable message into a new spool directory OUT: then set [queue] path to OUT and start again "
         "(keep the damaged spool until the salvaged mail is delivered).")
+
+
+class RebuildLog:
+    """An index rebuild's progress in the log, at most every PROGRESS_SECONDS."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        self.started = self.last = time.monotonic()
+
+    def on_progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS or done >= total:
+            self.last = now
+            logs.event("spool_rebuild", reason=self.why, done=done, total=total, seconds=round(now - self.started, 1))
+
+    @staticmethod
+    def on_corrupt(msgid: str, error: str, moved: bool) -> None:
+        logs.event("corrupt_record", msgid=msgid, error=error,
+                   action="moved to the corrupt table, not delivered" if moved else "left in place, skipped")
+
+
+def rebuild_spool(config: Config, why: str) -> None:
+    """Open the spool read-write once (its open rebuilds the indexes: mtaqueue/upgrade.py)
+    and close it before anything forks. No metrics here: prometheus_client must not be
+    imported before prepare_metrics."""
+    from mtaqueue.backend import QueueIOError
+    from mtaqueue.backend_lmdb import LmdbBackend
+    log = RebuildLog(why)
+    logs.event("spool_rebuild", reason=why, state="starting",
+               note="upgrading the queue's indexes, once" if why == "upgrade" else "recounting the queue")
+    try:
+        LmdbBackend(config.queue.path, config.queue.max_size_bytes, on_corrupt=log.on_corrupt,
+                    on_progress=log.on_progress).close()
+    except QueueIOError as exc:
+        raise ServeError(f"cannot rebuild the indexes of the queue at {config.queue.path}: {exc}") from None
+    logs.event("spool_rebuild", reason=why, state="done", seconds=round(time.monotonic() - log.started, 1))
 
 
 def raise_fd_limit() -> int:

@@ -14,8 +14,11 @@ from mtaqueue.ids import MessageId
 
 
 def open_spool(queue: QueueConfig) -> LmdbBackend:
-    """After fork only: an LMDB handle must not cross one."""
-    return LmdbBackend(queue.path, queue.max_size_bytes, on_corrupt=report_corrupt)
+    """After fork only: an LMDB handle must not cross one. A pending recount (after a
+    quarantine) is left to the next `mta serve`, whose master runs it before forking: a
+    worker recounting a big queue would start late, and the counts the others read
+    would be partial meanwhile."""
+    return LmdbBackend(queue.path, queue.max_size_bytes, on_corrupt=report_corrupt, recount=False)
 
 
 def report_corrupt(msgid: MessageId, error: str, moved: bool) -> None:

@@ -62,9 +62,12 @@ due_key = indexes.due_key
 
 class LmdbBackend:
     def __init__(self, path: str, max_size_bytes: int, readonly: bool = False,
-                 on_corrupt: OnCorrupt | None = None, on_progress: upgrade.OnProgress | None = None) -> None:
+                 on_corrupt: OnCorrupt | None = None, on_progress: upgrade.OnProgress | None = None,
+                 recount: bool = True) -> None:
         """readonly: never upgrade or recount (a format-1 spool raises QueueIOError).
-        on_progress(done, total): envelopes counted by an upgrade or recount this open runs."""
+        recount: run a pending recount (else leave it to a later open: mta serve's workers
+        do, the master recounted before forking). on_progress(done, total): envelopes
+        counted by an upgrade or recount this open runs."""
         self.path = path
         self.max_size_bytes = max_size_bytes
         self._on_corrupt = on_corrupt
@@ -82,7 +85,7 @@ class LmdbBackend:
         self._corrupt, self._counts, self._bydest = dbs.corrupt, dbs.counts, dbs.bydest
         self._readonly = readonly
         try:
-            upgrade.on_open(self._env, dbs, path, readonly, on_progress, self._on_corrupt)
+            upgrade.on_open(self._env, dbs, path, readonly, recount, on_progress, self._on_corrupt)
         except QueueIOError:
             self._env.close()
             raise
@@ -130,6 +133,7 @@ class LmdbBackend:
                     txn.delete(key, db=self._envelope)
                     txn.delete(key, db=self._body)
                     removed += 1
+                envelopes, bodies = [], []
                 for m in add:
                     key = m.envelope.id.encode()
                     raw = records.encode(m.envelope)
@@ -137,10 +141,13 @@ class LmdbBackend:
                     if enforce_limit and stored > self.max_size_bytes:
                         raise QueueFull(f"the queue holds its limit of {self.max_size_bytes} bytes "
                                         "([queue] max_size_bytes)")
-                    if not txn.put(key, raw, db=self._envelope, overwrite=False):
-                        raise QueueIOError(f"message id {m.envelope.id} already exists")
-                    txn.put(key, m.body, db=self._body)
+                    envelopes.append((key, raw))
+                    bodies.append((key, m.body))
                     changes.add(key, m.envelope)
+                if envelopes:  # one C loop per table (a group commit: ~25 messages)
+                    if txn.cursor(db=self._envelope).putmulti(envelopes, overwrite=False)[1] != len(envelopes):
+                        raise QueueIOError(f"a message id of {', '.join(m.envelope.id for m in add)} already exists")
+                    txn.cursor(db=self._body).putmulti(bodies)
                 changes.flush()
                 txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
         except (lmdb.MapFullError, lmdb.DiskError) as exc:

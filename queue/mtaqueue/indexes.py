@@ -28,6 +28,9 @@ the relay taking mail over a gauge.
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import struct
 import time
 from collections.abc import Iterable
@@ -49,7 +52,11 @@ _STATE_KEYS = {state: SEP + state.encode() for state in SPOOL_STATES}
 
 
 def due_key(envelope: Envelope) -> bytes:
-    return BE64.pack(int(envelope.next_attempt * 1000)) + envelope.id.encode()
+    return _pack_ms(envelope.next_attempt) + envelope.id.encode()
+
+
+def _pack_ms(when: float) -> bytes:
+    return BE64.pack(int(when * 1000))
 
 
 def due_floor(when: float) -> bytes:
@@ -61,22 +68,29 @@ def due_time(key: bytes) -> float:
     return BE64.unpack_from(key)[0] / 1000
 
 
+def queued(envelope: Envelope) -> tuple[list[tuple[str, str]], bool]:
+    """(destination, spool state) of each recipient still queued, and whether the message
+    belongs in the due index. This runs for every message written: comprehensions, no loop."""
+    pairs = [(destination_of(r.address), COUNTED[state]) for r in envelope.recipients
+             if (state := r.state) in COUNTED]
+    return pairs, any([state != "held" for _, state in pairs])
+
+
 def is_due(envelope: Envelope) -> bool:
-    return any(r.state in DUE for r in envelope.recipients)
+    return queued(envelope)[1]
 
 
 def counted(envelope: Envelope) -> list[tuple[str, str]]:
-    """(destination, spool state) of each recipient still queued."""
-    out = []
-    for r in envelope.recipients:
-        state = COUNTED.get(r.state)
-        if state is not None:
-            out.append((destination_of(r.address), state))
-    return out
+    return queued(envelope)[0]
+
+
+@functools.lru_cache(maxsize=65536)
+def _prefix(dest: str) -> bytes:
+    return dest.encode() + SEP
 
 
 def bydest_key(dest: str, msgid: MessageId | bytes) -> bytes:
-    return dest.encode() + SEP + (msgid if isinstance(msgid, bytes) else msgid.encode())
+    return _prefix(dest) + (msgid if isinstance(msgid, bytes) else msgid.encode())
 
 
 def split_key(key: bytes) -> tuple[str, str]:
@@ -99,75 +113,87 @@ class Dbs:
 
 
 class Changes:
-    """The index side of one write transaction."""
+    """The index side of one write transaction. Puts wait for `flush` (one putmulti per
+    table: a C loop, not a Python call per key); a delete also cancels a put waiting for
+    the same key."""
 
-    __slots__ = ("txn", "dbs", "cursor", "deltas")
+    __slots__ = ("txn", "dbs", "cursor", "_plus", "_minus", "_due", "_bydest", "_due_puts", "_bydest_puts")
 
     def __init__(self, txn: lmdb.Transaction, dbs: Dbs) -> None:
         self.txn = txn
         self.dbs = dbs
+        self._due, self._bydest = dbs.due, dbs.bydest
         cursor = txn.get(REBUILD, db=dbs.meta)
         self.cursor = bytes(cursor) if cursor is not None else None
-        self.deltas: dict[tuple[str, str], int] = {}
+        self._plus: list[tuple[str, str]] = []  # (destination, state) counted once more; summed at flush
+        self._minus: list[tuple[str, str]] = []
+        self._due_puts: list[bytes] = []
+        self._bydest_puts: list[bytes] = []
 
     def _indexed(self, key: bytes) -> bool:
         return self.cursor is None or key <= self.cursor
 
     def add(self, key: bytes, new: Envelope) -> None:
-        if is_due(new):
-            self.txn.put(due_key(new), b"", db=self.dbs.due)
-        if self._indexed(key):
-            self._count(counted(new), key, +1)
+        # The inbound group commit's path: one comprehension, no helper calls per recipient.
+        pairs = [(destination_of(r.address), COUNTED[state]) for r in new.recipients if (state := r.state) in COUNTED]
+        if not pairs:
+            return
+        if any([state != "held" for _, state in pairs]):
+            self._due_puts.append(BE64.pack(int(new.next_attempt * 1000)) + key)
+        if self.cursor is None or key <= self.cursor:
+            self._plus += pairs
+            self._bydest_puts += [_prefix(dest) + key for dest in {dest for dest, _ in pairs}]
 
     def remove(self, key: bytes, old: Envelope) -> None:
-        if is_due(old):
-            self.txn.delete(due_key(old), db=self.dbs.due)
-        if self._indexed(key):
-            self._count(counted(old), key, -1)
+        pairs, due = queued(old)
+        if due:
+            self._delete(_pack_ms(old.next_attempt) + key, self._due, self._due_puts)
+        if self.cursor is None or key <= self.cursor:
+            self._count(pairs, key, -1)
 
     def replace(self, key: bytes, old: Envelope, new: Envelope) -> None:
-        old_due = due_key(old) if is_due(old) else None
-        new_due = due_key(new) if is_due(new) else None
-        if old_due != new_due:
-            if old_due is not None:
-                self.txn.delete(old_due, db=self.dbs.due)
-            if new_due is not None:
-                self.txn.put(new_due, b"", db=self.dbs.due)
-        if not self._indexed(key):
+        before, old_due = queued(old)
+        after, new_due = queued(new)
+        if old_due != new_due or old_due and old.next_attempt != new.next_attempt:
+            if old_due:
+                self._delete(_pack_ms(old.next_attempt) + key, self._due, self._due_puts)
+            if new_due:
+                self._due_puts.append(_pack_ms(new.next_attempt) + key)
+        if before == after or not (self.cursor is None or key <= self.cursor):
             return
-        before, after = counted(old), counted(new)
-        if before == after:
-            return
-        deltas = self.deltas
-        for pair in before:
-            deltas[pair] = deltas.get(pair, 0) - 1
-        for pair in after:
-            deltas[pair] = deltas.get(pair, 0) + 1
+        self._minus += before
+        self._plus += after
         gone = {dest for dest, _ in before}
         kept = {dest for dest, _ in after}
-        for dest in gone - kept:
-            self.txn.delete(bydest_key(dest, key), db=self.dbs.bydest)
-        for dest in kept - gone:
-            self.txn.put(bydest_key(dest, key), b"", db=self.dbs.bydest)
+        if gone != kept:
+            for dest in gone - kept:
+                self._delete(_prefix(dest) + key, self._bydest, self._bydest_puts)
+            for dest in kept - gone:
+                self._bydest_puts.append(_prefix(dest) + key)
 
     def _count(self, pairs: list[tuple[str, str]], key: bytes, sign: int) -> None:
-        deltas = self.deltas
-        for pair in pairs:
-            deltas[pair] = deltas.get(pair, 0) + sign
-        for dest in {dest for dest, _ in pairs}:
-            if sign > 0:
-                self.txn.put(bydest_key(dest, key), b"", db=self.dbs.bydest)
-            else:
-                self.txn.delete(bydest_key(dest, key), db=self.dbs.bydest)
+        if sign > 0:
+            self._plus += pairs
+            self._bydest_puts += [_prefix(dest) + key for dest in {dest for dest, _ in pairs}]
+        else:
+            self._minus += pairs
+            for dest in {dest for dest, _ in pairs}:
+                self._delete(_prefix(dest) + key, self._bydest, self._bydest_puts)
+
+    def _delete(self, key: bytes, table: lmdb._Database, puts: list[bytes]) -> None:
+        while key in puts:  # put earlier in this transaction (rare: a message written twice)
+            puts.remove(key)
+        self.txn.delete(key, db=table)
 
     def count_rebuilt(self, key: bytes, envelope: Envelope) -> None:
         """A rebuild (upgrade.py) counts `envelope`, whatever the cursor, and puts or drops
         its due entry by the due rule."""
-        if is_due(envelope):
-            self.txn.put(due_key(envelope), b"", db=self.dbs.due)
+        pairs, due = queued(envelope)
+        if due:
+            self._due_puts.append(due_key(envelope))
         else:
-            self.txn.delete(due_key(envelope), db=self.dbs.due)
-        self._count(counted(envelope), key, +1)
+            self._delete(due_key(envelope), self._due, self._due_puts)
+        self._count(pairs, key, +1)
 
     def quarantine(self, key: bytes, raw: bytes, error: str) -> None:
         """Move the envelope `raw` stored under `key`, which does not decode, to the corrupt table."""
@@ -186,16 +212,26 @@ class Changes:
             self.txn.put(RECOUNT, b"1", db=self.dbs.meta)
 
     def flush(self) -> None:
-        """Write the summed deltas: one get + put (or delete) per changed count."""
+        """Write the index keys waiting and the summed deltas: one get + put (or delete)
+        per changed count."""
+        for table, puts in ((self._due, self._due_puts), (self._bydest, self._bydest_puts)):
+            if puts:
+                self.txn.cursor(db=table).putmulti(zip(puts, itertools.repeat(b"")))
+                puts.clear()
+        deltas = collections.Counter(self._plus)  # counted in C
+        if self._minus:
+            for pair, n in collections.Counter(self._minus).items():
+                deltas[pair] -= n
+        self._plus.clear()
+        self._minus.clear()
         totals: dict[str, int] = {}
-        for (dest, state), n in self.deltas.items():
+        for (dest, state), n in deltas.items():
             if n:
-                self._bump(dest.encode() + _STATE_KEYS[state], n)
+                self._bump(_prefix(dest) + _STATE_KEYS[state][1:], n)
                 totals[state] = totals.get(state, 0) + n
         for state, n in totals.items():
             if n:
                 self._bump(_STATE_KEYS[state], n)
-        self.deltas.clear()
 
     def _bump(self, key: bytes, n: int) -> None:
         raw = self.txn.get(key, db=self.dbs.counts)

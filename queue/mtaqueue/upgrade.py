@@ -6,8 +6,10 @@ of a format-1 spool and the recount after a quarantine (indexes.py has the layou
   no format, no envelope, no rebuild   a new spool: format 2 is written (read-write open)
   no format, envelopes: format 1       rebuild; a read-only open raises QueueIOError
                                        telling the operator to start `mta serve` once
-  format 2, b"recount" or b"rebuild"   rebuild; a read-only open goes on (counts as
-                                       they are, stale bydest entries skipped)
+  format 2, b"recount" or b"rebuild"   rebuild, unless the open is read-only or passes
+                                       recount=False (mta serve's workers: the master
+                                       recounts before it forks); those go on with the
+                                       counts as they are, stale bydest entries skipped
   any other format                     QueueIOError (written by a newer mta)
 
 `rebuild`: one transaction empties counts and bydest and sets meta b"rebuild" = b""
@@ -57,11 +59,11 @@ def pending(txn: lmdb.Transaction, dbs: Dbs) -> str | None:
     return "recount" if rebuilding or txn.get(RECOUNT, db=dbs.meta) is not None else None
 
 
-def on_open(env: lmdb.Environment, dbs: Dbs, path: str, readonly: bool,
+def on_open(env: lmdb.Environment, dbs: Dbs, path: str, readonly: bool, recount: bool,
             on_progress: OnProgress | None, on_corrupt: OnCorrupt | None) -> None:
     with env.begin() as txn:
         todo = pending(txn, dbs)
-    if todo is None or readonly and todo != "upgrade":
+    if todo is None or todo == "recount" and (readonly or not recount):
         return
     if readonly:
         raise QueueIOError(f"the queue at {path} has the layout of an older mta (format 1): start `mta serve` "

@@ -32,6 +32,7 @@ import pytest
 
 from mtaqueue import records
 from mtaqueue.records import Envelope
+from tests.mtaqueue import spoolindex
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_SECONDS = 15.0
@@ -358,6 +359,7 @@ class SpoolSnapshot:
     envelopes: dict[str, Envelope] = field(default_factory=dict)
     bodies: dict[str, bytes] = field(default_factory=dict)
     due_ids: list[str] = field(default_factory=list)
+    indexes: spoolindex.Indexes = field(default_factory=spoolindex.Indexes)  # due, counts, bydest as stored
     used_bytes: int = 0  # meta b"bytes"
     envelope_bytes: int = 0  # sum of encoded envelope sizes
 
@@ -368,8 +370,11 @@ class SpoolSnapshot:
             found.append(f"{msgid}: envelope without a body")
         for msgid in self.bodies.keys() - self.envelopes.keys():
             found.append(f"{msgid}: body without an envelope")
-        if sorted(self.due_ids) != sorted(self.envelopes):
-            found.append(f"due index {len(self.due_ids)} entries != {len(self.envelopes)} envelopes")
+        want = spoolindex.expected(self.envelopes.values())
+        for name in ("due", "counts", "bydest"):
+            if getattr(self.indexes, name) != getattr(want, name):
+                found.append(f"the {name} table differs from what the envelopes say: {getattr(self.indexes, name)} "
+                             f"!= {getattr(want, name)}")
         for msgid, envelope in self.envelopes.items():
             body = self.bodies.get(msgid)
             if body is not None and envelope.size != len(body):
@@ -382,7 +387,7 @@ class SpoolSnapshot:
 
 def spool_snapshot(path: Path) -> SpoolSnapshot:
     snap = SpoolSnapshot()
-    env = lmdb.open(str(path), readonly=True, max_dbs=5, subdir=True, lock=True)
+    env = lmdb.open(str(path), readonly=True, max_dbs=8, subdir=True, lock=True)
     try:
         with env.begin(buffers=False) as txn:
             for raw_key, raw in txn.cursor(db=env.open_db(b"envelope", txn=txn)):
@@ -392,6 +397,7 @@ def spool_snapshot(path: Path) -> SpoolSnapshot:
                 snap.bodies[raw_key.decode()] = body
             for raw_key in txn.cursor(db=env.open_db(b"due", txn=txn)).iternext(values=False):
                 snap.due_ids.append(raw_key[8:].decode())
+            snap.indexes = spoolindex.stored(env, txn)
             meta = txn.get(b"bytes", db=env.open_db(b"meta", txn=txn))
             snap.used_bytes = int.from_bytes(meta, "big") if meta is not None else 0
     finally:

@@ -238,3 +238,72 @@ def test_salvage_refuses_a_non_empty_out_and_a_spool_without_meta_pages(tmp_path
         check.salvage(str(tmp_path / "broken"), str(tmp_path / "out2"), 64 * MIB)
     assert check.check_spool(str(tmp_path / "broken")).fatal
     assert not os.path.exists(tmp_path / "nothing") and check.check_spool(str(tmp_path / "nothing")).ok
+
+
+# --- the start-time check (mta serve, before it forks) -------------------------------------
+
+def test_the_start_time_check_reads_the_branch_pages_not_the_leaves(tmp_path: Path) -> None:
+    held = _spool(tmp_path / "q", rounds=60)
+    start, whole = check.check_spool(str(tmp_path / "q"), full=False), check.check_spool(str(tmp_path / "q"))
+    assert start.ok and not start.full and whole.ok and whole.full
+    assert start.messages == whole.messages == len(held) and start.rebuild is whole.rebuild is None
+    body = _tables(tmp_path / "q")[b"body"]
+    assert body.depth >= 2 and body.leaf_pages > 20  # a tree with branch pages: the check reads those only
+    # a leaf scrambled: the full walk sees it, the start-time check leaves it to the process that reads it
+    leaf = _a_leaf(tmp_path / "q", b"body")
+    _scramble(tmp_path / "q", leaf)
+    assert not check.check_spool(str(tmp_path / "q"), full=False).fatal
+    assert any(f"page {leaf}" in d for d in check.check_spool(str(tmp_path / "q")).damage)
+    # a branch page scrambled: every lookup would read it, so the start-time check refuses the file
+    _scramble(tmp_path / "q", body.root)
+    report = check.check_spool(str(tmp_path / "q"), full=False)
+    assert report.fatal and not report.full and any(d.startswith(f"table body: page {body.root}")
+                                                    for d in report.damage), report.damage
+
+
+def test_the_start_time_check_of_a_truncated_file_falls_back_to_the_full_walk(tmp_path: Path) -> None:
+    _spool(tmp_path / "q", rounds=20)
+    data = (tmp_path / "q" / "data.mdb").read_bytes()
+    for cut in range(3 * PAGE, len(data), len(data) // 17):
+        damaged = tmp_path / f"cut{cut}"
+        damaged.mkdir()
+        (damaged / "data.mdb").write_bytes(data[:cut])
+        report = check.check_spool(str(damaged), full=False)
+        assert report.fatal and report.full, cut
+
+
+def test_the_check_says_when_the_next_open_rebuilds_the_indexes(tmp_path: Path) -> None:
+    _spool(tmp_path / "q", rounds=5)
+    env = lmdb.open(str(tmp_path / "q"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"recount", b"1", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    assert check.check_spool(str(tmp_path / "q"), full=False).rebuild == "recount"
+    assert check.check_spool(str(tmp_path / "q")).rebuild == "recount"
+    env = lmdb.open(str(tmp_path / "q"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        txn.delete(b"recount", db=meta)
+        txn.delete(b"format", db=meta)  # the previous release's spool
+    env.close()
+    assert check.check_spool(str(tmp_path / "q"), full=False).rebuild == "upgrade"
+    LmdbBackend(str(tmp_path / "q"), 64 * MIB).close()  # the first read-write open upgrades it
+    assert check.check_spool(str(tmp_path / "q"), full=False).rebuild is None
+
+
+def _tables(path: Path) -> dict[bytes, object]:
+    with DataFile(str(path / "data.mdb")) as data:
+        return Snapshot(data, data.newest()).named()  # type: ignore[return-value]
+
+
+def _a_leaf(path: Path, table: bytes) -> int:
+    with DataFile(str(path / "data.mdb")) as data:
+        snap = Snapshot(data, data.newest())
+        leaves = sorted({leaf.page for leaf in snap.tree(snap.named()[table], table.decode())})
+    return leaves[len(leaves) // 2]
+
+
+def _scramble(path: Path, pgno: int) -> None:
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(pgno * PAGE)
+        f.write(b"\xa5" * 16)  # the page header

@@ -7,17 +7,14 @@
                 master announces with SIGUSR1 *before* it closes the listeners, so a
                 load balancer stops sending first; 503 while a required child is
                 crash-looping (the master sends messages.Children when they change)
-  the admin API (JSON; always `Authorization: Bearer <token>`: [control] token, else the
-  one mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type checked by
-  guard.py before any route):
-  GET  /api/queue            every queued message (mta queue list --json)
-  GET  /api/queue/ID         one message (404 for an ID that is not one: mtaqueue.ids)
-  GET  /api/queue/ID/body    its stored bytes (mta queue show --body)
-  GET  /api/domains          recipients per destination domain and state
-  POST /api/queue/OP         OP = retry | hold | release | delete; body {"ids": [...]} or
-                             {"domain": "d"} or {"all": true}; applied by the scheduler
+  /api/...      the admin API (JSON): workers/control/api.py has its routes. Always
+                `Authorization: Bearer <token>`: [control] token, else the one
+                mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type
+                checked by guard.py before any route.
 
 One request per connection (Connection: close); requests are bounded in size and time.
+A reply is sent whole (Content-Length), or, for a listing or a bulk operation's progress,
+in parts as they come (chunked; a client that takes nothing for SEND_SECONDS is dropped).
 Every /api/ request is logged (event=api: method, path, status, client; a refusal adds
 `refused=` the check that failed and `seen=` the header it saw). The `mta queue`
 commands use this API while the server runs.
@@ -28,23 +25,25 @@ drain's announcement (above); SIGHUP reloads (reload()). The process: workers/pr
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
-import typing
+from collections.abc import AsyncIterator
 
-from mta import admintoken, frames, logs, messages, metrics, queueview
+from mta import admintoken, frames, logs, messages, metrics
 from mta.config import Config, ConfigError, split_hostport
 from mta.messages import Message
 from mta.spool import open_spool
+from mtaqueue.backend import QueueError
 from mtaqueue.cache_lmdb import LmdbCache
-from mtaqueue.ids import MessageId, is_id
+from workers.control.api import AdminApi, Reply, json_reply
 from workers.control.guard import Guard
 from workers.process import WorkerBody, WorkerProcess, run_worker
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_SECONDS = 5.0
 SCRAPE_ASK_SECONDS = 1.0  # a scrape waits this long for the scheduler's per-destination gauges
+COMMAND_QUIET_SECONDS = 30.0  # a queue operation's longest silence (the scheduler reports progress each second)
+SEND_SECONDS = 60.0  # a streamed reply's client must take each part within this
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
@@ -69,6 +68,7 @@ class Control(WorkerBody):
             return 1
         self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token)
         self.spool = open_spool(self.config.queue)
+        self.api = AdminApi(self.spool, self._ask, self._converse)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
         self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
@@ -126,117 +126,127 @@ class Control(WorkerBody):
                 ValueError):
             writer.close()
             return
-        method, _, rest = head.partition(b" ")
-        path = rest.partition(b" ")[0].partition(b"?")[0]
-        extra = b""
+        method, _, rest = head.partition(b"\r\n")[0].partition(b" ")
+        target, _, version = rest.partition(b" ")
+        path, _, query = target.partition(b"?")
         if path.startswith(b"/api/"):
             refusal = self.guard.check_request(method, headers)
             if refusal is None:
-                status, body, kind = await self._api(method, path.decode("ascii", "replace"), payload)
+                reply = await self.api.answer(method, path.decode("ascii", "replace"),
+                                              query.decode("ascii", "replace"), headers, payload)
             else:
-                status, body, kind = _json(refusal.status, {"error": refusal.message})
-                extra = refusal.headers
+                refused = json_reply(refusal.status, {"error": refusal.message})
+                reply = Reply(refused.status, refused.body, headers=refusal.headers)
             peer = writer.get_extra_info("peername")
             logs.event("api", method=method.decode("ascii", "replace"), path=path[:200].decode("ascii", "replace"),
-                       status=int(status[:3]), client=peer[0] if isinstance(peer, tuple) else None,
+                       status=int(reply.status[:3]), client=peer[0] if isinstance(peer, tuple) else None,
                        refused=refusal and refusal.reason, seen=refusal and refusal.seen)
         elif method == b"GET" and path == b"/metrics":
-            status, body, kind = await self._metrics()
+            reply = await self._metrics()
         else:
-            status, body, kind = self._route(method, path)
-        writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
-                     % (status, kind, len(body), extra) + body)
+            reply = self._route(method, path)
         try:
-            await writer.drain()
-        except ConnectionError:
-            pass  # the client left: nothing to tell it
+            if isinstance(reply.body, bytes):
+                writer.write(_head(reply, b"Content-Length: %d\r\n" % len(reply.body)) + reply.body)
+                await writer.drain()
+            else:
+                await _send_parts(writer, reply, reply.body, chunked=version != b"HTTP/1.0")
+        except (ConnectionError, TimeoutError):
+            pass  # the client left, or stopped reading: nothing more to tell it
         writer.close()
 
-    async def _api(self, method: bytes, path: str, payload: bytes) -> tuple[bytes, bytes, bytes]:
-        """A request the guard let through."""
-        if method == b"GET" and path == "/api/queue":
-            envelopes = list(self.spool.envelopes())
-            active = await self._ask(messages.ActiveQuery())
-            queueview.mark_active(envelopes, active.active if isinstance(active, messages.ActiveJobs) else {})
-            return _json(b"200 OK", [queueview.envelope_json(e) for e in envelopes])
-        if method == b"GET" and path == "/api/domains":
-            return _json(b"200 OK", queueview.domain_summary(self.spool.envelopes()))
-        parts = path.split("/")  # "", "api", "queue", ID[, "body"]
-        if method == b"GET" and parts[2:3] == ["queue"] and (len(parts) == 4 or parts[4:] == ["body"]):
-            msgid = MessageId(parts[3].upper())
-            # Only a well-formed id reaches LMDB: an empty or overlong key is an error there, not a miss.
-            if is_id(msgid) and len(parts) == 5 and (body := self.spool.body(msgid)) is not None:
-                return b"200 OK", body, b"application/octet-stream"
-            if is_id(msgid) and len(parts) == 4 and (envelope := self.spool.envelope(msgid)) is not None:
-                return _json(b"200 OK", queueview.envelope_json(envelope))
-            return _json(b"404 Not Found", {"error": "no such message"})
-        op = path.removeprefix("/api/queue/")
-        if method == b"POST" and op in messages.QUEUE_OPS:
-            try:
-                which = json.loads(payload or b"{}")
-            except ValueError:
-                return _json(b"400 Bad Request", {"error": "the body must be JSON"})
-            if (not isinstance(which, dict) or not (which.get("ids") or which.get("domain") or which.get("all"))
-                    or not isinstance(which.get("domain") or "", str)):
-                return _json(b"400 Bad Request", {"error": 'name {"ids": [...]}, {"domain": "d"} or {"all": true}'})
-            ids = which.get("ids") or []
-            bad = [i for i in ids if not isinstance(i, str) or not is_id(i.upper())] if isinstance(ids, list) else [ids]
-            if bad:
-                return _json(b"400 Bad Request", {"error": f"not a message id: {str(bad[0])[:50]!r}"})
-            answer = await self._ask(messages.QueueCommand(
-                typing.cast(messages.QueueOp, op), tuple(i.upper() for i in ids), which.get("domain") or None,
-                bool(which.get("all"))))
-            if not isinstance(answer, messages.CommandResult):
-                return _json(b"503 Service Unavailable", {"error": "the scheduler is not running"})
-            return _json(b"200 OK", {"op": op, "count": answer.count})
-        return _json(b"404 Not Found", {"error": "no such endpoint"})
-
-    async def _metrics(self) -> tuple[bytes, bytes, bytes]:
+    async def _metrics(self) -> Reply:
         """The merged files, then the scheduler's per-destination snapshot (none while it is down)."""
         text = b"text/plain; charset=utf-8"
         try:
             body = metrics.render()
         except OSError as exc:  # a metrics file vanished or is unreadable: say so, stay up
             logs.event("metrics_error", error=str(exc))
-            return b"500 Internal Server Error", f"metrics unavailable: {exc}\n".encode(), text
+            return Reply(b"500 Internal Server Error", f"metrics unavailable: {exc}\n".encode(), text)
         gauges = await self._ask(messages.GaugeQuery(), SCRAPE_ASK_SECONDS)
         if isinstance(gauges, messages.DestinationGauges):
             body += metrics.render_destinations(gauges.top, gauges.other)
         body += metrics.render_cache_entries(self.cache.entries_by_namespace())
-        return b"200 OK", body, b"text/plain; version=0.0.4; charset=utf-8"
+        return Reply(b"200 OK", body, b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _ask(self, question: Message, timeout: float = REQUEST_SECONDS) -> Message | None:
         """One question to the scheduler: its answer; None when it is not reachable."""
+        answers = self._converse(question, timeout)
+        try:
+            return await anext(answers, None)
+        finally:
+            await answers.aclose()
+
+    async def _converse(self, question: Message, quiet: float = COMMAND_QUIET_SECONDS) -> AsyncIterator[Message]:
+        """The scheduler's answers to `question`: CommandProgress frames, then the last one.
+        Ends early (the caller sees no last answer) when it is not reachable, breaks the
+        connection or says nothing for `quiet` seconds."""
         try:
             reader, writer = await asyncio.open_unix_connection(self.config.queue.scheduler_socket)
         except OSError:
-            return None
+            return
         try:
             writer.write(frames.encode_stream_frame(messages.hello("control")) + frames.encode_stream_frame(question))
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(quiet):
                 await frames.read_hello(reader)  # a scheduler of another build is refused here
-                return await frames.read_stream_frame(reader)
+                answer = await frames.read_stream_frame(reader)
+            while answer is not None:
+                yield answer
+                if not isinstance(answer, messages.CommandProgress):
+                    return
+                async with asyncio.timeout(quiet):
+                    answer = await frames.read_stream_frame(reader)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            return None
+            return
         except messages.MessageError as exc:
             logs.event(exc.event, peer="scheduler", error=str(exc))
-            return None
         finally:
             writer.close()
 
-    def _route(self, method: bytes, path: bytes) -> tuple[bytes, bytes, bytes]:
+    def _route(self, method: bytes, path: bytes) -> Reply:
         text = b"text/plain; charset=utf-8"
         if method != b"GET":
-            return b"405 Method Not Allowed", b"only GET\n", text
+            return Reply(b"405 Method Not Allowed", b"only GET\n", text)
         if path == b"/healthz":
-            return b"200 OK", b"ok\n", text
+            return Reply(b"200 OK", b"ok\n", text)
         if path == b"/readyz":
             if self.draining:
-                return b"503 Service Unavailable", b"draining\n", text
+                return Reply(b"503 Service Unavailable", b"draining\n", text)
             if self.crash_looping:
-                return b"503 Service Unavailable", f"crash-looping: {' '.join(self.crash_looping)}\n".encode(), text
-            return b"200 OK", b"ready\n", text
-        return b"404 Not Found", b"not found\n", text
+                return Reply(b"503 Service Unavailable", f"crash-looping: {' '.join(self.crash_looping)}\n".encode(),
+                             text)
+            return Reply(b"200 OK", b"ready\n", text)
+        return Reply(b"404 Not Found", b"not found\n", text)
+
+
+def _head(reply: Reply, framing: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\nContent-Type: %s\r\n%sConnection: close\r\n%s\r\n"
+            % (reply.status, reply.kind, framing, reply.headers))
+
+
+async def _send_parts(writer: asyncio.StreamWriter, reply: Reply, parts: AsyncIterator[bytes], chunked: bool) -> None:
+    """A reply's parts as they come: chunked, or to an HTTP/1.0 client until the close.
+    A spool error before the first part is a 500; after it, the reply breaks off."""
+    try:
+        part = await anext(parts, None)
+    except QueueError as exc:
+        logs.event("api_error", error=str(exc))
+        error = json_reply(b"500 Internal Server Error", {"error": f"the spool: {exc}"})
+        assert isinstance(error.body, bytes)
+        writer.write(_head(error, b"Content-Length: %d\r\n" % len(error.body)) + error.body)
+        return
+    writer.write(_head(reply, b"Transfer-Encoding: chunked\r\n" if chunked else b""))
+    try:
+        while part is not None:
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+            await asyncio.wait_for(writer.drain(), SEND_SECONDS)
+            part = await anext(parts, None)
+    except QueueError as exc:  # the client sees a reply without its end
+        logs.event("api_error", error=str(exc), action="reply broken off")
+        return
+    if chunked:
+        writer.write(b"0\r\n\r\n")
+    await writer.drain()
 
 
 def _headers(head: bytes) -> dict[bytes, bytes]:
@@ -247,6 +257,3 @@ def _headers(head: bytes) -> dict[bytes, bytes]:
             out[name.strip().lower()] = value.strip()
     return out
 
-
-def _json(status: bytes, value: object) -> tuple[bytes, bytes, bytes]:
-    return status, json.dumps(value, indent=1).encode() + b"\n", b"application/json"
