@@ -11,9 +11,12 @@ A destination is records.destination_of(address). "active" is never stored (it i
 scheduler's view of a ready recipient in a session's job); were it met, it counts as ready.
 
 `Changes` is one write transaction's bookkeeping: the writer hands it each envelope's
-old and new form (None: absent); due and bydest keys change at once, count deltas are
-summed per (destination, state) over the whole transaction and written at `flush`, one
-get + put per changed key (a group commit of 25 messages at 2 domains: 3 keys).
+old and new form (add, replace, remove); deletes of index keys happen at once, puts wait
+for `flush` (one putmulti per table), and count deltas are summed per (destination,
+state) over the whole transaction and written at `flush`, one get + put per changed key
+(a group commit of 25 messages at 2 domains: 3 keys, the totals included). `replace`
+compares recipient by recipient, so an update that only defers some recipients costs
+no set of destinations and no bydest write.
 
 Rebuild (upgrade.py): while meta b"rebuild" holds a key, counts and bydest describe
 exactly the envelopes with id <= that key; a write to a message above it leaves them
@@ -138,8 +141,10 @@ class Changes:
         pairs = [(destination_of(r.address), COUNTED[state]) for r in new.recipients if (state := r.state) in COUNTED]
         if not pairs:
             return
-        if any([state != "held" for _, state in pairs]):
-            self._due_puts.append(BE64.pack(int(new.next_attempt * 1000)) + key)
+        for _, state in pairs:
+            if state != "held":
+                self._due_puts.append(BE64.pack(int(new.next_attempt * 1000)) + key)
+                break
         if self.cursor is None or key <= self.cursor:
             self._plus += pairs
             self._bydest_puts += [_prefix(dest) + key for dest in {dest for dest, _ in pairs}]
@@ -152,6 +157,41 @@ class Changes:
             self._count(pairs, key, -1)
 
     def replace(self, key: bytes, old: Envelope, new: Envelope) -> None:
+        # The scheduler's path (apply): compare recipient by recipient and count only the
+        # ones whose spool state changed; the destination sets only when one entered or
+        # left the queue (then bydest may change).
+        olds, news = old.recipients, new.recipients
+        if len(olds) != len(news):
+            return self._replace_whole(key, old, new)
+        old_due = new_due = whole = False
+        minus, plus = self._minus, self._plus
+        marks = len(minus), len(plus)
+        indexed = self.cursor is None or key <= self.cursor
+        for ro, rn in zip(olds, news):
+            a, b = ro.state, rn.state
+            if a in DUE:
+                old_due = True
+            if b in DUE:
+                new_due = True
+            if a == b and ro.address == rn.address or not indexed:
+                continue
+            was, now = COUNTED.get(a), COUNTED.get(b)
+            if was is None or now is None or ro.address != rn.address:
+                whole = True  # a recipient entered or left the queue (or moved)
+            elif was != now:
+                dest = destination_of(rn.address)
+                minus.append((dest, was))
+                plus.append((dest, now))
+        if old_due != new_due or old_due and old.next_attempt != new.next_attempt:
+            if old_due:
+                self._delete(_pack_ms(old.next_attempt) + key, self._due, self._due_puts)
+            if new_due:
+                self._due_puts.append(_pack_ms(new.next_attempt) + key)
+        if whole:
+            del minus[marks[0]:], plus[marks[1]:]  # counted whole instead
+            self._count_whole(key, old, new)
+
+    def _replace_whole(self, key: bytes, old: Envelope, new: Envelope) -> None:
         before, old_due = queued(old)
         after, new_due = queued(new)
         if old_due != new_due or old_due and old.next_attempt != new.next_attempt:
@@ -159,7 +199,15 @@ class Changes:
                 self._delete(_pack_ms(old.next_attempt) + key, self._due, self._due_puts)
             if new_due:
                 self._due_puts.append(_pack_ms(new.next_attempt) + key)
-        if before == after or not (self.cursor is None or key <= self.cursor):
+        if self.cursor is None or key <= self.cursor:
+            self._count_whole(key, old, new, before, after)
+
+    def _count_whole(self, key: bytes, old: Envelope, new: Envelope, before: list[tuple[str, str]] | None = None,
+                 after: list[tuple[str, str]] | None = None) -> None:
+        """Count `old` out and `new` in, whole, and move its bydest entries."""
+        before = queued(old)[0] if before is None else before
+        after = queued(new)[0] if after is None else after
+        if before == after:
             return
         self._minus += before
         self._plus += after
