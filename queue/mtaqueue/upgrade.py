@@ -61,15 +61,15 @@ def pending(txn: lmdb.Transaction, dbs: Dbs) -> str | None:
 
 def on_open(env: lmdb.Environment, dbs: Dbs, path: str, readonly: bool, recount: bool,
             on_progress: OnProgress | None, on_corrupt: OnCorrupt | None) -> None:
-    with env.begin() as txn:
-        todo = pending(txn, dbs)
-    if todo is None or todo == "recount" and (readonly or not recount):
-        return
-    if readonly:
-        raise QueueIOError(f"the queue at {path} has the layout of an older mta (format 1): start `mta serve` "
-                           "once with this version (it upgrades the queue, with progress in its log), "
-                           "then try again")
     try:
+        with env.begin() as txn:
+            todo = pending(txn, dbs)
+        if todo is None or todo == "recount" and (readonly or not recount):
+            return
+        if readonly:
+            raise QueueIOError(f"the queue at {path} has the layout of an older mta (format 1): start `mta serve` "
+                               "once with this version (it upgrades the queue, with progress in its log), "
+                               "then try again")
         rebuild(env, dbs, on_progress, on_corrupt)
     except lmdb.Error as exc:
         raise QueueIOError(f"cannot rebuild the indexes of the queue at {path}: {exc}") from exc
