@@ -1,20 +1,41 @@
 # Quick start: `make run` (install and serve on the embedded defaults), `make test`.
+# Everything runs in a virtual environment, $(VENV), made with $(PYTHON) -m venv: nothing is
+# ever pip-installed into the system's Python (PEP 668). A stock Debian 12 / Ubuntu 24.04
+# needs only python3, python3-venv and make.
 PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
 # Debian packages the integration tests drive as real peers and tools, as package:command.
-TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks
+TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks groff-base:groff man-db:man
 # Perl modules swaks needs for STARTTLS, as package:module.
 TEST_PERL = libnet-ssleay-perl:Net::SSLeay
 
-.PHONY: install run test test-deps bench-smoke
+.PHONY: venv install run test test-deps bench-smoke man
 
-install:
-	$(PYTHON) -m pip install -q -e .
+venv: $(VPY)
+
+# A venv whose creation failed half way (no ensurepip: python3-venv missing) is removed,
+# so the next run tries again instead of using a venv without pip.
+$(VPY):
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+		echo "$(PYTHON) cannot make a virtual environment: install python3-venv (apt-get install python3-venv)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+# Stamps: pip runs again only when pyproject.toml changes (or the venv is new).
+$(VENV)/.installed: pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
 
 run: install
-	$(PYTHON) -m mta serve
+	$(VPY) -m mta serve
 
-test-deps:
-	$(PYTHON) -m pip install -q -e '.[test]'
+test-deps: $(VENV)/.installed-test
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for pair in $(TEST_DEBS); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	for pair in $(TEST_PERL); do perl -M$${pair#*:} -e1 2>/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -24,7 +45,12 @@ test-deps:
 	fi
 
 test: test-deps
-	$(PYTHON) -m pytest -q
+	$(VPY) -m pytest -q
 
 bench-smoke: install
-	$(PYTHON) bench/run --smoke
+	$(VPY) bench/run --smoke
+
+# The man pages and the bash completion under share/ (the wheel installs them), from the
+# argument parser and README.md's Configuration block; tests fail while they are stale.
+man: install
+	$(VPY) -m mta.manpage

@@ -1,6 +1,13 @@
-"""The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage, users.
+"""The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage, users,
+completion.
 
-The parser, and the commands short enough to live here. `mta queue list|show|shape` and
+The parser, and the commands short enough to live here. Every command finds its
+configuration the same way (mta/config.py find(): -c, $MTA_CONFIG, /etc/mta/mta.toml,
+the embedded defaults); a command marked `needs_spool` refuses to run, naming the
+spool and the configuration, when that spool does not exist (a forgotten -c must not
+look like an empty queue). Commands that read no configuration set `run`, not `func`.
+
+`mta queue list|show|shape` and
 the queue operations are mta/queuecli.py's: they talk to the running server's admin API
 ([control] listen, with the bearer [control] token, else the token the server keeps in
 [control] token_file: mta/admintoken.py) and fall back to the spool when nothing answers
@@ -13,33 +20,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from mta import config as configmod
-from mta import queuecli, queuepages
+from mta import queuecli, queuepages, version
 from mta.config import Config, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return int(args.run(args))
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    args.found = configmod.find(args.config)
     try:
-        cfg = configmod.load(args.config)
+        cfg = configmod.read(args.found)
     except ConfigError as exc:
         print(f"mta: configuration error: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "needs_spool", False) and (problem := spool_missing(cfg)):
+        print(f"mta: {problem}", file=sys.stderr)
+        return 1
     return int(args.func(cfg, args))
+
+
+def spool_missing(cfg: Config) -> str | None:
+    """Why a command that reads or changes the queue must not run: its spool does not exist."""
+    from mtaqueue.check import DATA_FILE
+    path = os.path.abspath(cfg.queue.path)
+    if os.path.isfile(os.path.join(path, DATA_FILE)):
+        return None
+    return f"no spool at {path} (config: {cfg.source.strip('<>')}): is -c right?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; also the source of `mta completion bash` and mta(8)."""
+    return _parser()
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="FILE",
-                        help="TOML configuration (default: $MTA_CONFIG, else the embedded defaults)")
+                        help=f"TOML configuration (default: $MTA_CONFIG, else {configmod.SYSTEM_PATH} "
+                             "if it exists, else the embedded defaults)")
     parser = argparse.ArgumentParser(prog="mta", description="A durable SMTP relay.")
+    parser.add_argument("--version", action="version", version=f"mta {version()}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("serve", parents=[common], help="run the relay")
@@ -60,48 +90,52 @@ def _parser() -> argparse.ArgumentParser:
                    help="messages with a recipient in this state (active: being delivered now)")
     q.add_argument("--sender", metavar="S", help="senders containing S (any case)")
     q.add_argument("--recipient", metavar="S", help="a recipient containing S (any case)")
-    q.set_defaults(func=queuecli.run, action=queuecli.queue_list)
+    q.set_defaults(func=queuecli.run, action=queuecli.queue_list, needs_spool=True)
     q = qsub.add_parser("show", parents=[common], help="show one message")
-    q.add_argument("id")
+    q.add_argument("id", metavar="ID", help="the message id")
     q.add_argument("--body", action="store_true", help="write the stored message bytes to stdout")
-    q.set_defaults(func=queuecli.run, action=queuecli.queue_show)
+    q.set_defaults(func=queuecli.run, action=queuecli.queue_show, needs_spool=True)
     q = qsub.add_parser("shape", parents=[common],
                         help="queued messages per destination by age, as Postfix qshape (from the spool's index)")
     q.add_argument("--json", action="store_true", help="JSON instead of the table")
-    q.set_defaults(func=queuecli.run, action=queuecli.queue_shape)
+    q.set_defaults(func=queuecli.run, action=queuecli.queue_shape, needs_spool=True)
     q = qsub.add_parser("check", parents=[common], help="check the spool file and its records (exit 1 on a problem)")
-    q.set_defaults(func=_queue_check)
+    q.set_defaults(func=_queue_check, needs_spool=True)
     q = qsub.add_parser("salvage", parents=[common],
                         help="copy every readable message into a new spool directory (server stopped)")
     q.add_argument("out", metavar="OUT", help="the new spool directory (must not exist or be empty)")
-    q.set_defaults(func=_queue_salvage)
+    q.set_defaults(func=_queue_salvage, needs_spool=True)
     for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
                      ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
         q = qsub.add_parser(op, parents=[common], help=text)
         which = q.add_mutually_exclusive_group(required=True)
-        which.add_argument("ids", nargs="*", metavar="ID", default=[])
+        which.add_argument("ids", nargs="*", metavar="ID", default=[], help="message ids")
         which.add_argument("--domain", help="every message with a queued recipient at this destination")
         which.add_argument("--all", action="store_true", help="every message")
-        q.set_defaults(func=queuecli.run, action=queuecli.queue_operation, op=op)
+        q.set_defaults(func=queuecli.run, action=queuecli.queue_operation, op=op, needs_spool=True)
 
     users_common = argparse.ArgumentParser(add_help=False, parents=[common])
     users_common.add_argument("--file", metavar="PATH", help="the users file (default: [auth] users_file)")
     p = sub.add_parser("users", help="manage SMTP AUTH users (passwords are read from the terminal or stdin)")
     usub = p.add_subparsers(metavar="ACTION")
     u = usub.add_parser("add", parents=[users_common], help="add a user")
-    u.add_argument("name")
+    u.add_argument("name", metavar="NAME", help="the user name")
     u.add_argument("--sender", action="append", default=[], metavar="ADDR_OR_@DOMAIN",
                    help="an address or @domain the user may send from (repeat; default: the name itself)")
     u.set_defaults(func=_users, action=_users_add)
     u = usub.add_parser("passwd", parents=[users_common], help="set a user's password")
-    u.add_argument("name")
+    u.add_argument("name", metavar="NAME", help="the user name")
     u.set_defaults(func=_users, action=_users_passwd)
     u = usub.add_parser("delete", parents=[users_common], help="delete a user")
-    u.add_argument("name")
+    u.add_argument("name", metavar="NAME", help="the user name")
     u.set_defaults(func=_users, action=_users_delete)
     u = usub.add_parser("list", parents=[users_common], help="list users and their senders (never hashes)")
     u.add_argument("--json", action="store_true", help="one JSON array instead of lines")
     u.set_defaults(func=_users, action=_users_list)
+
+    p = sub.add_parser("completion", help="print a shell completion script (reads no configuration)")
+    p.add_argument("shell", choices=("bash",), help="the shell: bash")
+    p.set_defaults(run=_completion)
     return parser
 
 
@@ -119,7 +153,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     from mta.master.listeners import ServeError
     from mta.serve import serve
     try:
-        return serve(cfg)
+        return serve(cfg, found_by=args.found.how)
     except ServeError as exc:
         print(f"mta: {exc}", file=sys.stderr)
         return 1
@@ -150,7 +184,13 @@ def _config_check(cfg: Config, args: argparse.Namespace) -> int:
             print(f"mta: configuration error: [local] aliases: {exc}", file=sys.stderr)
             return 2
         print(f"aliases OK: {len(aliases)} in {cfg.local.aliases}")
-    print(f"configuration OK: {cfg.source}")
+    print(f"configuration OK: {cfg.source.strip('<>')} ({args.found.why})")
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    from mta.completion import bash_script
+    sys.stdout.write(bash_script(build_parser()))
     return 0
 
 

@@ -3,6 +3,8 @@
 Every default lives on its field; with no file at all the defaults make a working
 relay (SMTP on 127.0.0.1:2525, spool under ./var/). Validation names the key and says
 what is wrong (`[limits] max_recipients: must be an integer >= 1, got "ten"`).
+Which file: `-c`, else $MTA_CONFIG, else /etc/mta/mta.toml when it exists, else the
+embedded defaults (find()); a reload reads the same source again (reload()).
 
 Invariants: a loaded Config is fully validated; unknown keys are errors (a typo must
 not silently fall back to a default).
@@ -15,7 +17,7 @@ import ipaddress
 import os
 import tomllib
 import typing
-from typing import Any
+from typing import Any, Final
 
 from mta.sections import (  # re-exported: callers import the types from mta.config
     AuthConfig as AuthConfig,
@@ -48,19 +50,62 @@ from mta.sections import (  # re-exported: callers import the types from mta.con
 
 # --- loading -------------------------------------------------------------------------
 
+SYSTEM_PATH: Final = "/etc/mta/mta.toml"  # used when it exists and neither -c nor MTA_CONFIG names a file
+SYSTEM_PATH_ENV: Final = "MTA_TEST_SYSTEM_CONFIG"  # tests only: look there instead of SYSTEM_PATH
+EMBEDDED: Final = Config.source  # the source of a Config made of the embedded defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """Which configuration a command uses, and why: the operator is told both."""
+
+    path: str | None  # None: the embedded defaults
+    how: str  # "-c", "MTA_CONFIG", "default_path" (SYSTEM_PATH exists) or "embedded"
+
+    @property
+    def why(self) -> str:
+        return {"-c": "named by -c", "MTA_CONFIG": "named by $MTA_CONFIG", "default_path": "the default path",
+                "embedded": f"no -c, no $MTA_CONFIG, no {system_path()}"}[self.how]
+
+
+def system_path() -> str:
+    return os.environ.get(SYSTEM_PATH_ENV) or SYSTEM_PATH
+
+
+def find(path: str | None) -> Found:
+    """The discovery order: -c, then $MTA_CONFIG, then SYSTEM_PATH if it exists, then the
+    embedded defaults. A file named by -c or MTA_CONFIG must exist (read() says so)."""
+    if path:
+        return Found(path, "-c")
+    if env := os.environ.get("MTA_CONFIG"):
+        return Found(env, "MTA_CONFIG")
+    if os.path.exists(system := system_path()):
+        return Found(system, "default_path")
+    return Found(None, "embedded")
+
+
 def load(path: str | None = None) -> Config:
-    """Load `path`, else $MTA_CONFIG, else the embedded defaults."""
-    path = path or os.environ.get("MTA_CONFIG")
-    if not path:
+    """Load `path`, else what find() names (the embedded defaults when nothing)."""
+    return read(find(path))
+
+
+def read(found: Found) -> Config:
+    if found.path is None:
         return Config()
     try:
-        with open(path, "rb") as f:
+        with open(found.path, "rb") as f:
             raw = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (pass -c FILE or set MTA_CONFIG)") from None
+        raise ConfigError(f"{found.path}: no such file ({found.why})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(raw, source=path)
+        raise ConfigError(f"{found.path}: not valid TOML: {exc}") from None
+    return parse(raw, source=found.path)
+
+
+def reload(config: Config) -> Config:
+    """The configuration `config` came from, read again (SIGHUP): the same file, or the
+    embedded defaults again, never a file that discovery would pick now."""
+    return read(Found(None, "embedded") if config.source == EMBEDDED else Found(config.source, "-c"))
 
 
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:

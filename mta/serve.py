@@ -145,7 +145,8 @@ def prepare_metrics(directory: str) -> None:
     importlib.import_module("mta.metrics")
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, found_by: str = "-c") -> int:
+    """Run the master until it exits; `found_by` (mta/config.py Found.how) goes to the log."""
     logs.setup("master")
     logs.set_format(config.log.format)
     try:
@@ -160,7 +161,7 @@ def serve(config: Config) -> int:
         os.close(lock_fd)
         raise
     prepare_metrics(config.control.metrics_dir)
-    logs.event("starting", config=config.source, workers=config.server.inbound_workers,
+    logs.event("starting", config=config.source, config_from=found_by, workers=config.server.inbound_workers,
                listeners=",".join(lst.address for lst in config.listener), fd_limit=fds)
     from mta.master.arbiter import Arbiter
     # The bodies forked children run; each imports uvloop itself, after the fork.

@@ -170,9 +170,8 @@ class WorkerProcess:
         if not self.body.reloads:
             logs.event("reload_ignored", reason="this kind is replaced by generation: SIGHUP the master")
             return
-        source = None if self.config.source == "<embedded defaults>" else self.config.source
         try:  # (the master refused a reload that changes [queue] path: no SIGHUP came then)
-            new = configmod.load(source)
+            new = configmod.reload(self.config)
             self.body.reload(new)
         except configmod.ConfigError as exc:
             logs.event("reload_failed", error=str(exc), action="kept the running configuration")

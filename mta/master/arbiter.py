@@ -364,9 +364,8 @@ class Arbiter:
     # --- reload and drain --------------------------------------------------------
 
     def _reload(self) -> None:
-        source = None if self.config.source == "<embedded defaults>" else self.config.source
         try:
-            new = configmod.load(source)
+            new = configmod.reload(self.config)
         except ConfigError as exc:
             metrics.MASTER_RELOADS.labels("failed").inc()
             logs.event("reload_failed", error=str(exc), action="kept the running configuration")
