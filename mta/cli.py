@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def spool_missing(cfg: Config) -> str | None:
-    """Why a command that reads or changes the queue must not run: its spool does not exist."""
-    from mtaqueue.check import DATA_FILE
+    """Why a command that reads or changes the queue must not run: its spool directory
+    does not exist (mta serve makes it before anything else)."""
     path = os.path.abspath(cfg.queue.path)
-    if os.path.isfile(os.path.join(path, DATA_FILE)):
+    if os.path.isdir(path):
         return None
     return f"no spool at {path} (config: {cfg.source.strip('<>')}): is -c right?"
 

@@ -23,7 +23,10 @@ SHOWN = 50  # lines of one kind printed before "... and N more"
 
 
 def run_check(cfg: Config) -> int:
-    report = check.check_spool(cfg.queue.path)  # (mta/cli.py refused a spool that does not exist)
+    report = check.check_spool(cfg.queue.path)
+    if not os.path.exists(report.path):
+        print(f"no spool file yet at {report.path}")
+        return 0
     print(f"{report.path}: {report.file_bytes} bytes, {report.page_bytes}-byte pages, last page "
           f"{report.last_page}, transaction {report.txnid}")
     print(f"read {report.messages} envelope(s) in {report.seconds:.2f} s")
@@ -49,6 +52,9 @@ def run_salvage(cfg: Config, out: str) -> int:
     source = os.path.abspath(cfg.queue.path)
     if os.path.abspath(out) == source:
         print("mta queue salvage: OUT must be a new directory, not the spool itself", file=sys.stderr)
+        return 1
+    if not os.path.exists(os.path.join(source, check.DATA_FILE)):
+        print(f"mta queue salvage: no spool file at {source}", file=sys.stderr)
         return 1
     try:
         lock_fd = lock_spool(source)  # no server may write while we read its file
