@@ -28,6 +28,7 @@ No message is then delivered by both nodes, and none is lost.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -94,9 +95,11 @@ class Export:
     def __init__(self, cfg: Config, args: argparse.Namespace, spool: LmdbBackend, running: bool) -> None:
         self.cfg, self.args, self.spool, self.running = cfg, args, spool, running
         self.domain = queueops.destination_of("@" + args.domain) if args.domain else None
-        self.ids: IO[str] = tempfile.TemporaryFile("w+", encoding="ascii")  # "ID K|R\n" per message written
+        # "ID FLAG\n" per message read: written (R, or K: it had held recipients before),
+        # or left in the spool (S, or -: it had held recipients before)
+        self.ids: IO[str] = tempfile.TemporaryFile("w+", encoding="ascii")
         self.holding: dict[MessageId, bool] = {}  # the batch held now: id -> had held recipients before
-        self.count = self.finished = 0
+        self.count = self.finished = self.skipped = 0
 
     def run(self) -> int:
         with self.ids:
@@ -110,10 +113,13 @@ class Export:
                     self._undo()
                 raise
             print(f"exported {self.count} message(s) to {self.args.file}"
-                  + (f"; {self.finished} finished one(s) left out" if self.finished else ""))
+                  + (f"; {self.finished} finished one(s) left out" if self.finished else "")
+                  + (f"; {self.skipped} could not be written (left in the spool)" if self.skipped else ""))
             if self.args.delete:
                 self._delete()
-        return 0
+            if self.running and self.skipped:
+                self._release("S")  # held for the export, not in it: as they were (deferred ones due now)
+        return 1 if self.skipped else 0
 
     # --- reading and writing ------------------------------------------------------------
 
@@ -124,7 +130,13 @@ class Export:
             out.write(bsmtp.header(self.cfg.server.hostname))
             for batch in self._batches():
                 for envelope, body in self._settled(batch) if self.running else self._read(batch):
-                    pieces = bsmtp.message(envelope, body)
+                    try:
+                        pieces = bsmtp.message(envelope, body)
+                    except ValueError as exc:  # an address no MAIL or RCPT can carry: left here
+                        self.skipped += 1
+                        self.ids.write(f"{envelope.id} {'-' if _had_held(envelope) else 'S'}\n")  # not deleted
+                        print(f"mta queue export: not exported: {exc}", file=sys.stderr)
+                        continue
                     if not pieces:
                         self.finished += 1
                         continue
@@ -202,12 +214,13 @@ class Export:
 
     # --- after the file: delete, or undo ---------------------------------------------------
 
-    def _id_batches(self, flag: str | None = None) -> Iterator[list[MessageId]]:
+    def _id_batches(self, flags: str) -> Iterator[list[MessageId]]:
+        """The ids recorded with one of `flags`, BATCH at a time."""
         self.ids.seek(0)
         batch: list[MessageId] = []
         for line in self.ids:
             msgid, _, kind = line.rstrip("\n").partition(" ")
-            if flag is None or kind == flag:
+            if kind in flags:
                 batch.append(MessageId(msgid))
             if len(batch) == BATCH:
                 yield batch
@@ -217,7 +230,7 @@ class Export:
 
     def _delete(self) -> None:
         done, pacer = 0, Pacer()
-        for batch in self._id_batches():
+        for batch in self._id_batches("RK"):
             if self.running:
                 self._scheduler(messages.QueueCommand("delete", tuple(batch)))
             else:
@@ -231,19 +244,25 @@ class Export:
     def _undo(self) -> None:
         """The export failed: release what it held (the messages of the batch under way too)."""
         current = [msgid for msgid, had in self.holding.items() if not had]
+        released = self._release("RS", current)
+        kept = [msgid for msgid, had in self.holding.items() if had]
+        count = len(kept) + sum(len(batch) for batch in self._id_batches("K-"))
+        shown = (kept + [msgid for batch in itertools.islice(self._id_batches("K-"), 1) for msgid in batch])[:SHOWN]
+        print(f"mta queue export: failed: released the {released} message(s) it had held", file=sys.stderr)
+        if count:
+            print(f"mta queue export: {count} message(s) had held recipients before and stay held: "
+                  f"{' '.join(shown)}{' ...' if count > SHOWN else ''}; `mta queue release ID` "
+                  "releases one", file=sys.stderr)
+
+
+    def _release(self, flags: str, more: list[MessageId] | None = None) -> int:
+        """Release the recorded ids with one of `flags` (and `more`) through the scheduler."""
         released = 0
-        for batch in [current, *self._id_batches("R")]:
+        for batch in itertools.chain([more or []], self._id_batches(flags)):
             if batch:
                 self._scheduler(messages.QueueCommand("release", tuple(batch)))
                 released += len(batch)
-        shown = [msgid for msgid, had in self.holding.items() if had]
-        shown += [msgid for batch in self._id_batches("K") for msgid in batch]
-        kept = len(shown)
-        print(f"mta queue export: failed: released the {released} message(s) it had held", file=sys.stderr)
-        if kept:
-            print(f"mta queue export: {kept} message(s) had held recipients before and stay held: "
-                  f"{' '.join(shown[:SHOWN])}{' ...' if kept > SHOWN else ''}; `mta queue release ID` "
-                  "releases one", file=sys.stderr)
+        return released
 
 
 def unheld(before: Envelope, after: Envelope) -> Envelope:

@@ -7,6 +7,10 @@ a hand-written BSMTP file imports."""
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from mta import bsmtp
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage, Recipient
-from tests.integration.conftest import MtaServer, SmtpClient, queued_id, spool_snapshot, wait_until
+from tests.integration.conftest import REPO_ROOT, MtaServer, SmtpClient, _env, queued_id, spool_snapshot, wait_until
 from tests.integration.sink import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -109,6 +113,41 @@ def test_export_delete_waits_for_a_delivery_under_way(mta_server, tmp_path: Path
         [envelope] = target.queue_list()
         assert envelope["id"] == held and [r["state"] for r in envelope["recipients"]] == ["held", "held"]
         assert len(sink.messages) == 1
+
+
+def test_an_interrupted_export_leaves_the_queue_as_it_was(mta_server, tmp_path: Path) -> None:
+    """Ctrl-C while the export waits for a delivery under way: no file, nothing deleted, what
+    it held is released, and a message the operator had held stays held."""
+    out = tmp_path / "out.bsmtp"
+    with SmtpSink("127.0.0.2", delay_seconds=4.0) as sink:
+        source = relay_to(mta_server, sink)
+        kept = asyncio.run(send_dsn_mail(source.port, 1, "parked.test"))[0]
+        source.mta("queue", "hold", kept)
+        parked = asyncio.run(send_dsn_mail(source.port, 1, "parked.test"))[0]
+        wait_until(lambda: b"msgid=" + parked.encode() in source.log_bytes() and
+                   any(r["state"] == "deferred" for e in source.queue_list() if e["id"] == parked
+                       for r in e["recipients"]), 10, "a deferred message", source)
+        flying = asyncio.run(send_dsn_mail(source.port, 1))[0]
+        sink.wait_until(lambda: any(line == "DATA" for _conn, line in sink.commands), 10)
+        export = subprocess.Popen([sys.executable, "-m", "mta", "queue", "export", "--bsmtp", str(out), "--all",
+                                   "--delete", "-c", str(source.config_path)], cwd=REPO_ROOT, env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: re.search(rb"event=hold msgid=" + flying.encode() + rb".*by=operator",
+                                         source.log_bytes()), 10, "the export's hold", source)
+            export.send_signal(signal.SIGINT)
+            _out, err = export.communicate(timeout=30)
+        finally:
+            if export.poll() is None:
+                export.kill()
+                export.wait()
+        assert export.returncode == 130, err
+        assert b"released the 2 message(s)" in err and kept.encode() in err and b"stay held" in err, err
+        assert not out.exists() and not Path(str(out) + ".tmp").exists()
+        sink.wait_for_messages(1, timeout=10)
+        wait_until(lambda: {e["id"] for e in source.queue_list()} == {kept, parked}, 10, "the delivery", source)
+        states = {e["id"]: {r["state"] for r in e["recipients"]} for e in source.queue_list()}
+        assert states[kept] == {"held"} and "held" not in states[parked], states
 
 
 def every_field(now: float) -> list[NewMessage]:
