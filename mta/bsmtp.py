@@ -120,7 +120,7 @@ def commands(envelope: Envelope) -> list[str]:
                                envelope.ret, envelope.envid)]
         wire += [conn.rcpt_to(r.address, r.notify, r.orcpt) for r in queued]
     except smtpclient.LocalProtocolError as exc:
-        raise ValueError(f"{envelope.id}: {exc}") from None
+        raise ValueError(str(exc)) from None
     return [w.decode("utf-8").removesuffix("\r\n") for w in wire]
 
 
@@ -285,7 +285,7 @@ def _disagrees(record: Envelope, lines: list[str], body: bytes) -> str | None:
     try:
         expected = commands(record)
     except ValueError as exc:
-        return str(exc)
+        return f"its envelope cannot be written as commands: {exc}"
     if expected != lines:
         return "its MAIL and RCPT lines are not those of its envelope record"
     if len(body) != record.size:

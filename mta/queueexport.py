@@ -133,9 +133,7 @@ class Export:
                     try:
                         pieces = bsmtp.message(envelope, body)
                     except ValueError as exc:  # an address no MAIL or RCPT can carry: left here
-                        self.skipped += 1
-                        self.ids.write(f"{envelope.id} {'-' if _had_held(envelope) else 'S'}\n")  # not deleted
-                        print(f"mta queue export: not exported: {exc}", file=sys.stderr)
+                        self._skip(envelope, str(exc))
                         continue
                     if not pieces:
                         self.finished += 1
@@ -146,6 +144,12 @@ class Export:
                 if pacer.due():
                     print(queuebulk.progress_line("exported", self.count, total), file=sys.stderr, flush=True)
             out.write(bsmtp.trailer())
+
+    def _skip(self, envelope: Envelope, why: str) -> None:
+        """Not exported: left in the spool (never deleted), released at the end if we held it."""
+        self.skipped += 1
+        self.ids.write(f"{envelope.id} {'-' if _had_held(envelope) else 'S'}\n")
+        print(f"mta queue export: not exported: {envelope.id}: {why}", file=sys.stderr)
 
     def _batches(self) -> Iterator[list[Envelope]]:
         """The selected messages, BATCH at a time, as the spool has them now."""
@@ -171,7 +175,7 @@ class Export:
         before = {e.id: e for e in batch if not queueops.finished(e)}
         self.holding = {msgid: _had_held(e) for msgid, e in before.items()}
         waiting = list(before)
-        read: dict[MessageId, tuple[Envelope, bytes]] = {}
+        settled: list[MessageId] = []
         for _ in range(SETTLE_ROUNDS):
             if not waiting:
                 break
@@ -179,18 +183,23 @@ class Export:
             self._wait_idle(set(waiting))
             again = []
             for msgid in waiting:
-                envelope, body = self.spool.message(msgid)
-                if envelope is None or body is None:
+                envelope = self.spool.envelope(msgid)
+                if envelope is None:
                     continue  # deleted meanwhile (by an operator, or delivered)
                 if any(r.state in ("ready", "deferred") for r in envelope.recipients):
                     again.append(msgid)  # an outcome came after the hold: hold it again
-                read[msgid] = (envelope, body)
+                else:
+                    settled.append(msgid)
             waiting = again
         if waiting:
             raise ExportError(f"{len(waiting)} message(s) would not stay held (e.g. {waiting[0]})")
-        for msgid, (envelope, body) in read.items():
-            yield unheld(before[msgid], envelope), body
-            self.holding.pop(msgid, None)  # written: in the ids file from here
+        for msgid in settled:  # one body in memory at a time
+            envelope, body = self.spool.message(msgid)
+            if envelope is not None and body is None:  # damage: left here, released at the end
+                self._skip(unheld(before[msgid], envelope), "its body is missing from the spool")
+            elif envelope is not None and body is not None:
+                yield unheld(before[msgid], envelope), body
+            self.holding.pop(msgid, None)  # in the ids file from here, or gone
 
     def _wait_idle(self, ids: set[MessageId]) -> None:
         deadline = time.monotonic() + SETTLE_SECONDS

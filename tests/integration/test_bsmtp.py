@@ -194,6 +194,20 @@ def test_every_envelope_field_round_trips_between_spools(mta_server, tmp_path: P
     assert set(spool_snapshot(source.spool).envelopes) == {sent[1].envelope.id, sent[2].envelope.id}
 
 
+def test_a_message_that_cannot_be_written_stays_in_the_spool(mta_server, tmp_path: Path) -> None:
+    source = relay_to(mta_server, None, start=False)
+    good, bad = every_field(time.time())[1:3]
+    bad.envelope.recipients = [Recipient("ctl\x01@x.test")]  # no RCPT can carry it (never from SMTP)
+    backend = LmdbBackend(str(source.spool), 64 << 20)
+    backend.commit([good, bad])
+    backend.close()
+    out = tmp_path / "out.bsmtp"
+    done = source.mta("queue", "export", "--bsmtp", str(out), "--all", "--delete", check=False)
+    assert done.returncode == 1 and b"exported 1 message(s)" in done.stdout and b"deleted 1" in done.stdout
+    assert f"not exported: {bad.envelope.id}: control character".encode() in done.stderr, done.stderr
+    assert set(spool_snapshot(source.spool).envelopes) == {bad.envelope.id}
+
+
 def test_a_plain_smtp_server_takes_the_exported_file(mta_server, tmp_path: Path) -> None:
     """The NOOP lines carrying our envelope are plain SMTP: fed to an SMTP server command by
     command, every one gets 2xx/3xx and the message is queued with its DSN parameters."""
