@@ -14,6 +14,9 @@ the queue operations are mta/queuecli.py's: they talk to the running server's ad
 there. `mta queue check|salvage` are mta/queuecheck.py's. `mta users` edits [auth]
 users_file (one editor at a time, atomic replace); inbound workers pick the change up at
 the next AUTH, with no reload.
+
+`mta queue backup|restore` are mta/queuebackup.py's, `export|import --bsmtp` mta/queueexport.py's
+and mta/queueimport.py's (each of those modules adds its own parsers).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 from typing import Any
 
 from mta import config as configmod
-from mta import queuecli, queuepages, version
+from mta import queuebackup, queuecli, queueexport, queueimport, queuepages, version
 from mta.config import Config, ConfigError
 
 
@@ -105,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="copy every readable message into a new spool directory (server stopped)")
     q.add_argument("out", metavar="OUT", help="the new spool directory (must not exist or be empty)")
     q.set_defaults(func=_queue_salvage, needs_spool=True)
+    queuebackup.add_parsers(qsub, common)  # backup, restore
+    queueexport.add_parsers(qsub, common)  # export --bsmtp
+    queueimport.add_parsers(qsub, common)  # import --bsmtp
     for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
                      ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
         q = qsub.add_parser(op, parents=[common], help=text)

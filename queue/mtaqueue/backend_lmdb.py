@@ -12,6 +12,9 @@ Layout (named databases; format 2, meta b"format"):
   meta      b"bytes" -> be64 octets of envelopes + bodies stored; b"format" -> b"2";
             b"recount", b"rebuild": see upgrade.py
   corrupt   msgid -> msgpack {"raw": envelope bytes, "error": str, "at": unix seconds}
+  imported  msgid -> be64 ms of the import: every id `add_new` ever added (made at the
+            first import; an import adds no id it holds, so it is idempotent per id even
+            after the message was delivered and deleted)
 due, counts and bydest change in the transaction of every change (indexes.py). A spool
 of format 1 (no due rule, counts or bydest) is upgraded by the first read-write open
 (upgrade.py); a read-only open of one raises QueueIOError.
@@ -39,6 +42,7 @@ and a map filled to the last page could not be emptied. Should LMDB still run ou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import lmdb
@@ -84,6 +88,7 @@ class LmdbBackend:
         self._envelope, self._body, self._due, self._meta = dbs.envelope, dbs.body, dbs.due, dbs.meta
         self._corrupt, self._counts, self._bydest = dbs.corrupt, dbs.counts, dbs.bydest
         self._readonly = readonly
+        self._imported: lmdb._Database | None = None  # opened by the first add_new
         try:
             upgrade.on_open(self._env, dbs, path, readonly, recount, on_progress, self._on_corrupt)
         except QueueIOError:
@@ -93,6 +98,18 @@ class LmdbBackend:
     def commit(self, messages: Sequence[NewMessage]) -> None:
         self._write(add=messages, enforce_limit=True)
 
+    def add_new(self, messages: Sequence[NewMessage]) -> list[MessageId]:
+        """Commit, as commit() does, the messages whose ids this spool has never held
+        through add_new and does not hold now; the ids added (the rest are skipped)."""
+        if self._imported is None:
+            try:
+                self._imported = self._env.open_db(b"imported")  # (its own write transaction: not inside ours)
+            except lmdb.Error as exc:
+                raise QueueIOError(f"cannot open the imported table of {self.path}: {exc}") from exc
+        added: list[MessageId] = []
+        self._write(add=messages, enforce_limit=True, added=added)
+        return added
+
     def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
               add: Sequence[NewMessage] = ()) -> None:
         # Bounces (`add` here) are not held to max_size_bytes: a failure record and its
@@ -100,7 +117,9 @@ class LmdbBackend:
         self._write(update=update, delete=delete, add=add, enforce_limit=False)
 
     def _write(self, *, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
-               add: Sequence[NewMessage] = (), enforce_limit: bool) -> int:
+               add: Sequence[NewMessage] = (), enforce_limit: bool, added: list[MessageId] | None = None) -> int:
+        """One transaction; the messages deleted. With `added` (add_new): only the messages
+        of `add` new to the imported and envelope tables are added, their ids appended."""
         removed = 0
         try:
             # buffers=True: reads are views into the map, not copies (a deletion reads the
@@ -134,8 +153,14 @@ class LmdbBackend:
                     txn.delete(key, db=self._body)
                     removed += 1
                 envelopes, bodies = [], []
+                stamp = _BE64.pack(int(time.time() * 1000))
                 for m in add:
                     key = m.envelope.id.encode()
+                    if added is not None:
+                        if txn.get(key, db=self._imported) is not None or txn.get(key, db=self._envelope) is not None:
+                            continue
+                        txn.put(key, stamp, db=self._imported)
+                        added.append(m.envelope.id)
                     raw = records.encode(m.envelope)
                     stored += len(raw) + len(m.body)
                     if enforce_limit and stored > self.max_size_bytes:
@@ -391,6 +416,14 @@ class LmdbBackend:
     def _stored_bytes(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(_BYTES, db=self._meta)
         return _BE64.unpack(raw)[0] if raw is not None else 0
+
+    def copy_to(self, fd: int) -> None:
+        """The whole spool (every table), compacted, written to `fd` as one LMDB file from
+        one read transaction: consistent while others write. Free pages are left out."""
+        try:
+            self._env.copyfd(fd, compact=True)
+        except lmdb.Error as exc:
+            raise QueueIOError(f"cannot copy the queue at {self.path}: {exc}") from exc
 
     def close(self) -> None:
         self._env.close()
