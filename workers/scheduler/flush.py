@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from mta import logs, metrics
+from mta.messages import Handoff
 from mta.queueops import FINAL_STATES
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage
-from mta.messages import Handoff
 from workers.scheduler.outcome import RecipientReply, RetryPolicy, delay_notice, settle
 from workers.scheduler.plan import Job
 from workers.scheduler.tracking import Tracking
