@@ -316,6 +316,8 @@ def _check_delivery(config: Config, fail: Any) -> None:
         fail("[delivery] max_backoff_seconds", "must be >= min_backoff_seconds")
     if d.max_messages_per_second < 0:
         fail("[delivery] max_messages_per_second", "must be >= 0 (0 = unlimited)")
+    if d.delay_warning_seconds < 0:
+        fail("[delivery] delay_warning_seconds", "must be >= 0 (0 = no delay notices)")
     if not 0 <= d.connection_idle_seconds <= 300:
         fail("[delivery] connection_idle_seconds", "must be 0-300 (0 = QUIT when nothing is ready)")
     if not 1 <= d.port <= 65535:

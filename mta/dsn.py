@@ -61,6 +61,7 @@ class DsnRecipient:
     remote_mta: str | None = None  # "mx.example.net" -> Remote-MTA: dns; mx.example.net
     diagnostic: str | None = None  # the remote reply -> Diagnostic-Code: smtp; <reply>
     last_attempt: float | None = None  # unix seconds
+    will_retry_until: float | None = None  # unix seconds; "delayed" only (RFC 3464 2.3.9)
 
 
 def should_notify(notify: tuple[str, ...] | None, action: str) -> bool:
@@ -147,6 +148,8 @@ def _check_arguments(reporting_mta: str, sender: str, recipients: Sequence[DsnRe
             raise ValueError(f"unknown DSN action {r.action!r} for {r.address}")
         if not _STATUS.fullmatch(r.status):
             raise ValueError(f"bad status {r.status!r} for {r.address}")
+        if r.will_retry_until is not None and r.action != "delayed":
+            raise ValueError(f"Will-Retry-Until is for a delayed recipient, not {r.action} ({r.address})")
 
 
 def _digest(reporting_mta: str, sender: str, recipients: Sequence[DsnRecipient], arrival: float,
@@ -211,6 +214,8 @@ def _report_part(reporting_mta: str, recipients: Sequence[DsnRecipient], arrival
             fields.append(_field("Diagnostic-Code", "smtp; " + "\r\n".join(_reply_lines(r.diagnostic))))
         if r.last_attempt is not None:
             fields.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
+        if r.will_retry_until is not None:
+            fields.append(f"Will-Retry-Until: {_date(r.will_retry_until)}")
         blocks.append("".join(f + "\r\n" for f in fields))
     return "\r\n".join(blocks).encode("utf-8")
 

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # One Packer (packb() builds one per call). Not thread-safe: messages are encoded on each
 # process's event-loop thread (or the CLI's only one), never in an executor.
@@ -300,6 +300,10 @@ class Close:
 
 
 RcptReply = tuple[int, int, str, str]  # recipient index, code, enhanced status, text
+# What a 2xx for a recipient means for its success notice (RFC 3461 5.2.2): "delivered"
+# (Maildir, or an LMTP server without DSN: final delivery), "relayed" (an SMTP next hop
+# without DSN), "passed" (the next hop offers DSN: NOTIFY went with it, it reports success).
+Handoff = Literal["delivered", "relayed", "passed"]
 
 
 @_wire(10)
@@ -312,6 +316,7 @@ class Done:
     remote: str | None = None  # the relay that answered
     failed: bool = False  # no session could be made: the destination's window shrinks
     skipped: tuple[int, ...] = ()  # held by an operator since the job was made: not attempted
+    handoff: Handoff = "relayed"  # for the recipients with a 2xx: which success notice, if any
 
 
 @_wire(11)

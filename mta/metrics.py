@@ -124,6 +124,9 @@ DELIVERY_BODY_MISSING = Counter(
     "Jobs whose message had an envelope but no body in the spool (a damaged spool): nothing was sent, "
     "the recipients were deferred (event=body_missing in the log names the message).")
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
+NOTICES = Counter("mta_scheduler_notices_total",
+                  "Delay and success notices (DSNs) queued to senders who asked (NOTIFY): action delayed, "
+                  "delivered or relayed. Failure notices are mta_scheduler_bounces_total.", ["action"])
 QUEUE_CORRUPT_RECORDS = Counter(
     "mta_queue_corrupt_records_total",
     "Envelopes that did not decode (damaged on disk), moved to the spool's corrupt table and no longer "

@@ -34,7 +34,7 @@ def envelope_json(e: Envelope) -> dict[str, Any]:
     return {
         "id": e.id, "sender": e.sender, "size": e.size, "arrival": iso(e.arrival),
         "next_attempt": iso(e.next_attempt), "attempts": e.attempts, "priority": e.priority,
-        "ret": e.ret, "envid": e.envid, "body": e.body_type, "smtputf8": e.smtputf8,
+        "ret": e.ret, "envid": e.envid, "body": e.body_type, "smtputf8": e.smtputf8, "warned": e.warned,
         "client": e.client,
         "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
                         "last_reply": r.last_reply, "notify": list(r.notify) if r.notify else None,

@@ -114,6 +114,9 @@ class DeliveryConfig:
     min_backoff_seconds: float = 300.0
     max_backoff_seconds: float = 14400.0
     max_queue_lifetime_seconds: float = 5 * 86400.0
+    # One delay notice (DSN) per message still queued after this long (NOTIFY=DELAY, or
+    # no NOTIFY); 0 = none. Sent at the message's first attempt or load after it.
+    delay_warning_seconds: float = 4 * 3600.0
     connect_timeout_seconds: float = 30.0
     command_timeout_seconds: float = 300.0
     data_timeout_seconds: float = 600.0

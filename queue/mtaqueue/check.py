@@ -264,7 +264,8 @@ def _readable_snapshot(data: DataFile, report: SalvageReport) -> tuple[Snapshot,
     return snaps[chosen], tables[chosen]
 
 
-ENVELOPE_PREFIX = b"\x8d\xa1i"  # records.encode: a msgpack map of 13 keys, "i" first
+# records.encode: a msgpack map, "i" first: of 14 keys, or 13 in records written before `warned`.
+ENVELOPE_PREFIXES = frozenset({b"\x8e\xa1i", b"\x8d\xa1i"})
 
 
 @dataclass
@@ -298,7 +299,7 @@ def _leaves(snap: Snapshot, tables: dict[bytes, DbRecord], report: SalvageReport
                              "told from old copies and were not read")
     for _page, orphan, leaves in snap.loose_leaves():
         keyed = [leaf for leaf in leaves if is_id(_id(leaf.key))]
-        if any(_prefix(snap, leaf) == ENVELOPE_PREFIX for leaf in keyed):
+        if any(_prefix(snap, leaf) in ENVELOPE_PREFIXES for leaf in keyed):
             for leaf in keyed if orphan else ():
                 found.envelopes.setdefault(leaf.key, leaf)
         else:
@@ -315,7 +316,7 @@ def _leaves(snap: Snapshot, tables: dict[bytes, DbRecord], report: SalvageReport
 
 def _prefix(snap: Snapshot, leaf: Leaf) -> bytes:
     try:
-        return snap.value_prefix(leaf, len(ENVELOPE_PREFIX))
+        return snap.value_prefix(leaf, 3)  # (the length of every ENVELOPE_PREFIXES member)
     except Damage:
         return b""
 

@@ -59,6 +59,7 @@ class Envelope:
     body_type: str | None = None  # 7BIT | 8BITMIME
     smtputf8: bool = False
     client: dict[str, Any] = field(default_factory=dict)  # ip, port, helo, listener, protocol
+    warned: bool = False  # the sender got its delay notice (NOTIFY=DELAY): one per message
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ def encode(envelope: Envelope) -> bytes:
         "i": envelope.id, "s": envelope.sender, "z": envelope.size, "a": envelope.arrival,
         "n": envelope.next_attempt, "p": envelope.priority, "t": envelope.attempts,
         "R": envelope.ret, "E": envelope.envid, "B": envelope.body_type, "U": envelope.smtputf8,
-        "c": envelope.client,
+        "c": envelope.client, "W": envelope.warned,
         "r": [[r.address, list(r.notify) if r.notify is not None else None, r.orcpt,
                r.state, r.attempts, r.last_reply] for r in envelope.recipients],
     })
@@ -84,7 +85,7 @@ def decode(raw: bytes) -> Envelope:
         envelope = Envelope(
             id=MessageId(d["i"]), sender=d["s"], size=d["z"], arrival=d["a"], next_attempt=d["n"],
             priority=d["p"], attempts=d["t"], ret=d["R"], envid=d["E"], body_type=d["B"],
-            smtputf8=d["U"], client=d["c"],
+            smtputf8=d["U"], client=d["c"], warned=d.get("W", False),  # (absent in records before it)
             recipients=[Recipient(a, tuple(n) if type(n) is list else _not_a_list(n), o, s, t, lr)
                         for a, n, o, s, t, lr in d["r"]],
         )
@@ -107,9 +108,10 @@ _TEXT_OR_NONE = (str, type(None))
 # Exact types (a bool is no int here: one flipped msgpack byte turns 0x01 into True).
 _FIELDS = (("id", (str,)), ("sender", (str,)), ("size", (int,)), ("arrival", _NUMBER),
            ("next_attempt", _NUMBER), ("priority", (int,)), ("attempts", (int,)), ("ret", _TEXT_OR_NONE),
-           ("envid", _TEXT_OR_NONE), ("body_type", _TEXT_OR_NONE), ("smtputf8", (bool,)), ("client", (dict,)))
+           ("envid", _TEXT_OR_NONE), ("body_type", _TEXT_OR_NONE), ("smtputf8", (bool,)), ("client", (dict,)),
+           ("warned", (bool,)))
 _VALUES = operator.attrgetter(*(name for name, _ in _FIELDS))
-# Every combination of field types an encoded envelope can have (32): the check of a
+# Every combination of field types an encoded envelope can have (64): the check of a
 # decoded one is one set lookup, in C (the scheduler and each delivery decode per message).
 _TYPES_OK = frozenset(itertools.product(*(kinds for _, kinds in _FIELDS)))
 

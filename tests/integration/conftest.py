@@ -61,8 +61,9 @@ def server_config(port: int, spool: Path, **sections: dict[str, Any]) -> dict[st
         "limits": {"max_message_bytes": 10 * MIB},
         # local.test is a relay domain (no mailbox check) and nothing is delivered: tests of
         # receiving see the spool exactly as inbound left it. Delivery tests override both.
+        # No delay notices either: spools filled with old messages would get one each.
         "relay": {"relay_domains": ["local.test"], "mynetworks": []},
-        "delivery": {"workers": 0},
+        "delivery": {"workers": 0, "delay_warning_seconds": 0},
         # Per-test DNS cache, and a resolver on a loopback port where nothing answers:
         # no test can ever reach the machine's own resolver.
         "cache": {"path": str(spool.parent / f"{spool.name}-cache")},

@@ -71,6 +71,7 @@ def test_full_config_parses() -> None:
     ({"queue": {"max_size_bytes": 1000}}, "[queue] max_size_bytes: must be at least 1048576"),
     ({"server": {"inbound_workers": True}}, "[server] inbound_workers: must be an integer"),
     ({"delivery": {"connection_idle_seconds": -1}}, "[delivery] connection_idle_seconds: must be 0-300"),
+    ({"delivery": {"delay_warning_seconds": -1}}, "[delivery] delay_warning_seconds: must be >= 0"),
 ])
 def test_errors_name_the_key(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -243,6 +243,7 @@ def test_deterministic_and_unique_per_report() -> None:
     dict(recipients=[]),
     dict(recipients=[DsnRecipient("a@b", "bounced", "5.0.0")]),
     dict(recipients=[DsnRecipient("a@b", "failed", "550")]),
+    dict(recipients=[DsnRecipient("a@b", "failed", "5.0.0", will_retry_until=NOW)]),  # delayed only
     dict(ret="full"),
 ])
 def test_bad_arguments_are_our_bug(bad: dict) -> None:  # type: ignore[type-arg]
@@ -264,7 +265,7 @@ def test_golden_failed_dsn() -> None:
 def test_golden_delay_dsn_headers_only() -> None:
     late = DsnRecipient("bob@example.net", "delayed", "4.4.1", orcpt="rfc822;bob@example.net",
                         remote_mta="mx.example.net", diagnostic="421 4.4.1 connection timed out",
-                        last_attempt=NOW)
+                        last_attempt=NOW, will_retry_until=NOW - 3600 + 432000)  # arrival + 5 days
     raw = dsn([late])
     path = GOLDEN / "delayed.eml"
     if os.environ.get("MTA_REGOLD"):

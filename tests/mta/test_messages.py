@@ -33,6 +33,7 @@ SAMPLES: list[messages.Message] = [
     messages.Done(1, 7, ((0, 250, "2.0.0", "ok"), (2, 550, "5.1.1", "unknown user ünïcode")),
                   "mx.example.com[192.0.2.1]:25"),
     messages.Done(1, 8, (), failed=True, skipped=(1,)),
+    messages.Done(2, 9, ((0, 250, "2.0.0", "ok"),), None, handoff="delivered"),
     messages.Closed(1, False),
     messages.QueueCommand("hold", ("0005F2C1A2B3C4D5E6F70A1B2C",)),
     messages.QueueCommand("delete", domain="example.com"),
@@ -91,9 +92,11 @@ def test_the_job_path_is_smaller_on_the_wire_than_the_old_maps() -> None:
     (wire(8, 1, 2, "id", 0), "wrong type"),  # rcpts not a list
     (wire(1, "ready", True), "wrong type"),  # a bool for an int
     (wire(11, 1, 1), "wrong type"),  # an int for a bool
-    (wire(10, 1, 2, [[0, 250, "2.0.0"]], None, False, []), "wrong type"),  # a reply of 3 fields
-    (wire(10, 1, 2, [[0, "250", "2.0.0", "ok"]], None, False, []), "wrong type"),
-    (wire(10, 1, 2, [], 5, False, []), "wrong type"),  # remote: text or nil
+    (wire(10, 1, 2, [[0, 250, "2.0.0"]], None, False, [], "relayed"), "wrong type"),  # a reply of 3 fields
+    (wire(10, 1, 2, [[0, "250", "2.0.0", "ok"]], None, False, [], "relayed"), "wrong type"),
+    (wire(10, 1, 2, [], 5, False, [], "relayed"), "wrong type"),  # remote: text or nil
+    (wire(10, 1, 2, [], None, False, [], "expanded"), "wrong type"),  # not a handoff
+    (wire(10, 1, 2, [], None, False, []), "a Done has 7 fields, not 6"),  # a build before handoff
     (wire(12, "purge", [], None, False), "wrong type"),  # not an operation
     (wire(15, {"id": [0, "x"]}), "wrong type"),
     (wire(17, [["d", 1, 2, 3, 4]], [0, 0, 0]), "wrong type"),  # a gauge row of 5

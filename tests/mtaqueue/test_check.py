@@ -225,6 +225,23 @@ def test_a_write_over_an_undecodable_envelope_drops_its_due_entry(tmp_path: Path
     spool.close()
 
 
+@pytest.mark.parametrize("before_warned", [False, True])
+def test_salvage_finds_envelopes_cut_off_from_their_tree_in_either_record_form(tmp_path: Path,
+                                                                              before_warned: bool) -> None:
+    held = _spool(tmp_path / "q", rounds=60)
+    if before_warned:  # records as written before `warned`: maps of 13 keys
+        with _table(tmp_path / "q") as (txn, db):
+            for key, raw in list(txn.cursor(db=db)):
+                old = msgpack.unpackb(raw)
+                del old["W"]
+                txn.put(key, msgpack.packb(old), db=db)
+    envelopes = _tables(tmp_path / "q")[b"envelope"]
+    assert envelopes.depth >= 2  # type: ignore[attr-defined]  # its leaves survive the root
+    _scramble(tmp_path / "q", envelopes.root)  # type: ignore[attr-defined]
+    salvaged = check.salvage(str(tmp_path / "q"), str(tmp_path / "out"), 64 * MIB)
+    assert salvaged.copied == len(held) and _read(tmp_path / "out") == held
+
+
 def test_salvage_refuses_a_non_empty_out_and_a_spool_without_meta_pages(tmp_path: Path) -> None:
     _spool(tmp_path / "q", rounds=3)
     (tmp_path / "out").mkdir()

@@ -30,6 +30,7 @@ from mta.smtp.server import NEED_DATA, Credentials, Message
 from mta.users import User, hash_password, save_users
 from mtaqueue import MessageId, NewMessage, QueueFull, QueueIOError, Recipient
 from mtaqueue.cache_lmdb import LmdbCache
+from tests.integration.conftest import split_received
 from tests.integration.dns_fixtures import dns_server  # noqa: F401
 from tests.integration.dns_server import DnsServer
 from workers.inbound.access import Access
@@ -324,6 +325,31 @@ def test_the_envelope_expands_aliases_keeps_orcpt_and_lists_each_recipient_once(
         assert stored.body.endswith(b"Subject: hi\r\n\r\nhello\r\n") and envelope.size == len(stored.body)
         assert envelope.client == {"ip": "192.0.2.10", "port": 40000, "helo": "c.test", "listener": SMTP.address,
                                    "protocol": "ESMTP", "tls": None, "user": None}
+    finally:
+        rig.close()
+
+
+def test_submitted_mail_gets_date_and_message_id_and_relayed_mail_never(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    try:
+        submission = rig.session(listener=SUBMISSION)
+        submission.ehlo()
+        submission.auth("carol", PASSWORD)
+        submission.mail("<carol@local.test>")
+        submission.rcpt("<bob@elsewhere.test>")
+        submission.data("Subject: hi\r\n\r\nhello\r\n")
+        insider = rig.session(INSIDER)  # mynetworks may relay on port 25: its mail is not ours to change
+        insider.ehlo()
+        insider.mail("<x@example.org>")
+        insider.rcpt("<bob@elsewhere.test>")
+        insider.data("Subject: hi\r\n\r\nhello\r\n")
+        submitted, relayed = rig.committer.stored
+        _, content = split_received(submitted.body)
+        date, msgid = content.split(b"\r\n")[1:3]
+        assert date.startswith(b"Date: ") and content.endswith(b"\r\n\r\nhello\r\n")
+        assert msgid == f"Message-ID: <{submitted.envelope.id}@mx.test>".encode(), content
+        assert submitted.envelope.size == len(submitted.body)
+        assert relayed.body.endswith(b"\r\nSubject: hi\r\n\r\nhello\r\n") and b"Message-ID" not in relayed.body
     finally:
         rig.close()
 

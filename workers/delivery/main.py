@@ -7,7 +7,9 @@ DeliverySession (below): route the destination ([delivery] smarthost, then
 greets (421/5xx greeting or connect failure -> next target) while holding one of the
 host's `max_connections_per_host` slots (per process; a full host is skipped for the
 next MX, or waited for when all are full), deliver the job, report
-Done with per-recipient replies, and wait for the next Job or Close. A session
+Done with per-recipient replies and what a 2xx meant for a success notice (`handoff`:
+Maildir and LMTP without DSN deliver, SMTP without DSN relays, a next hop with DSN got
+the parameters and reports success itself), and wait for the next Job or Close. A session
 whose connection cannot be made reports the job failed and ends (Closed). On a busy
 destination the scheduler sends a session its next job ahead: when that job is
 already here as a message's content goes out, its MAIL/RCPT/DATA ride the same write
@@ -361,9 +363,10 @@ class DeliverySession:
             self.worker._send(message)
 
     def done(self, job: messages.Open | messages.Job, current: Current, *,
-             replies: Sequence[RcptReply] | None = None, remote: str | None = None, failed: bool = False) -> None:
+             replies: Sequence[RcptReply] | None = None, remote: str | None = None, failed: bool = False,
+             handoff: messages.Handoff = "relayed") -> None:
         self.send(messages.Done(self.sid, job.job_id, tuple(current.replies if replies is None else replies), remote,
-                                failed, tuple(current.skipped)))
+                                failed, tuple(current.skipped), handoff))
 
     def follow(self) -> Outbound | None:
         """The message this connection carries next, if its job is here already."""
@@ -428,7 +431,7 @@ class DeliverySession:
         if route.kind == "maildir":
             with worker._transaction(None):
                 replies = await worker._deliver_local(current)
-            self.done(job, current, replies=replies)
+            self.done(job, current, replies=replies, handoff="delivered")
             return True
         failure: tuple[int, str, str] | None = None
         for _attempt in range(2):
@@ -459,7 +462,8 @@ class DeliverySession:
             self.ok = False
             self.done(job, current, failed=True, replies=[(i, *failure) for i in current.rcpts])
             return False  # a job sent ahead goes back to the scheduler with Closed
-        self.done(job, current, remote=outbound.remote if current.message is not None else None)
+        self.done(job, current, remote=outbound.remote if current.message is not None else None,
+                  handoff=outbound.handoff)
         return True
 
 

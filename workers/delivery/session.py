@@ -33,6 +33,7 @@ import ssl
 from collections.abc import Callable
 from typing import Final
 
+from mta.messages import Handoff
 from mta.smtp.client import CLOSED, NEED_DATA, ClientConnection, ProtocolError, ServerReply
 from mta.smtp.transaction import (  # noqa: F401 - the session's types, re-exported for its callers
     TLS_POLICIES, Outbound, OutboundOpening, OutboundRecipient, OutboundTransaction, RecipientResult,
@@ -247,6 +248,15 @@ class OutboundSession:
     def announced(self) -> Outbound | None:
         """The message whose commands went out behind the last content; the next `send` is for it."""
         return self._ahead.message if self._ahead is not None else None
+
+    @property
+    def handoff(self) -> Handoff:
+        """What a 2xx from this server means for a success notice (RFC 3461 5.2.2): a server
+        that offers DSN got NOTIFY and reports success itself (Postfix's rule, LMTP too);
+        without DSN an LMTP server delivered (final), an SMTP server relayed."""
+        if "DSN" in self._conn.extensions:
+            return "passed"
+        return "delivered" if self._conn.lmtp else "relayed"
 
     @property
     def reusable(self) -> bool:

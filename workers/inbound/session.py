@@ -25,7 +25,8 @@ mta_inbound_rejected_total) with the reason its Decision carries.
 `on_message` is the seam for the content pipeline (milters, DKIM, filters): `build`
 makes the message as it will be stored (envelope with aliases expanded, ORCPT kept, RET
 forced to HDRS where backscatter could follow, priority; our Received header in front of
-the content), `commit` stores it durably and makes the 250. Stages go between the two:
+the content; Date and Message-ID added when missing on submission and smtps listeners
+and for authenticated clients, mta/submission.py), `commit` stores it durably and makes the 250. Stages go between the two:
 each gets the stored form and the transaction as received, and returns a Decision that
 refuses it, or lets it through (changed or not). The adapter stops reading the client
 while the awaitable runs, so a slow stage holds only its own session.
@@ -41,7 +42,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from mta import logs, metrics
+from mta import logs, metrics, submission
 from mta.config import ListenerConfig, Network
 from mta.smtp import replies
 from mta.smtp.commands import Expn, MailFrom, RcptTo, Vrfy
@@ -289,8 +290,12 @@ class InboundSession:
         header = received_header(helo=conn.helo_name, client_ip=self.client.ip,
                                  hostname=ctx.config.server.hostname, protocol=protocol,
                                  msgid=msgid, recipients=rcpts, tls=self.tls_info)
-        body = header + message.data
         now = time.time()
+        content = message.data
+        if self.listener.mode in submission.SUBMISSION_MODES or self.user is not None:
+            # A user agent's message: Date and Message-ID when it has none. Never relayed mail's.
+            content = submission.add_missing(content, msgid=msgid, hostname=ctx.config.server.hostname, now=now)
+        body = header + content
         sender = message.sender.address.text
         envelope = Envelope(
             id=msgid, sender=sender, recipients=self.final_recipients(message),

@@ -230,7 +230,7 @@ class Dispatch(Outcomes):
         elif any(200 <= r.code < 300 for r in replies):
             session.dest.on_session_ok()
         if job.rcpts:
-            self._settle(job, replies, done.remote, now)
+            self._settle(job, replies, done.remote, now, done.handoff)
         self._evict(job.msgid)  # nothing more to send and nothing to write (e.g. held meanwhile)
         if done.failed:
             self._close(session)

@@ -2,11 +2,14 @@
 
 `Outcomes._settle` applies one job's replies to its envelope (outcome.py's rules), logs
 and counts them, and leaves the change pending; `PendingWrites` owns the pending
-changes (envelopes to update, ids to delete, bounces to add) and writes them in one
-transaction (backend.apply(): states, retry times, deletions and bounces together),
+changes (envelopes to update, ids to delete, notices to add) and writes them in one
+transaction (backend.apply(): states, retry times, deletions and notices together),
 gathering for FLUSH_GATHER_SECONDS first so one transaction carries many outcomes.
+Notices (DSNs): failure and success from `settle`; the one delay notice of a message
+is decided here when an attempt leaves it queued, and for a message loaded when due
+(`_check_delay`, called by tracking.py), and written with the envelope marked `warned`.
 
-Invariants: one flush round runs at a time, on one writer thread; a bounce is tracked
+Invariants: one flush round runs at a time, on one writer thread; a notice is tracked
 (may be delivered) only once its transaction is over; an id being written stays in
 `update`/`delete` or `writing`/`deleting` until its transaction is over, so a scan does
 not load (and deliver again) a message whose change is not on disk yet. After each
@@ -24,10 +27,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from mta import logs, metrics
+from mta.messages import Handoff
 from mta.queueops import FINAL_STATES
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage
-from workers.scheduler.outcome import RecipientReply, RetryPolicy, settle
+from workers.scheduler.outcome import RecipientReply, RetryPolicy, delay_notice, settle
 from workers.scheduler.plan import Job
 from workers.scheduler.tracking import Tracking
 
@@ -128,7 +132,37 @@ class Outcomes(Tracking):
         w = self.writes
         return msgid in w.update or msgid in w.writing or msgid in w.delete or msgid in w.deleting
 
-    def _settle(self, job: Job, replies: list[RecipientReply], remote: str | None, now: float) -> None:
+    def _warn_if_delayed(self, envelope: Envelope, now: float) -> bool:
+        """NOTIFY=DELAY: queue the message's one delay notice if it is due (outcome.py's
+        rule); the caller writes the envelope (now `warned`) in the notice's transaction."""
+        d = self.config.delivery
+        notice = delay_notice(envelope, now=now, warn_after_seconds=d.delay_warning_seconds,
+                              lifetime_seconds=d.max_queue_lifetime_seconds, hostname=self.config.server.hostname,
+                              load_body=lambda: self.backend.body(envelope.id) or b"")
+        if notice is None:
+            return False
+        self._queue_notice(notice, "delayed", envelope)
+        return True
+
+    def _check_delay(self, envelope: Envelope, now: float) -> None:
+        """A message loaded when due (tracking.py): its delay notice, written with it."""
+        if self._warn_if_delayed(envelope, now):
+            self.writes.update[envelope.id] = copy.deepcopy(envelope)
+            self.writes.schedule()
+
+    def _queue_notice(self, notice: NewMessage, action: str, envelope: Envelope) -> None:
+        """A DSN goes into the next write, with the change that caused it."""
+        self.writes.add.append(notice)
+        if action == "failed":
+            metrics.BOUNCES.inc()
+            logs.event("bounce_queued", msgid=notice.envelope.id, origin=envelope.id, rcpt=envelope.sender)
+        else:
+            metrics.NOTICES.labels(action).inc()
+            logs.event("notice_queued", msgid=notice.envelope.id, origin=envelope.id, rcpt=envelope.sender,
+                       action=action)
+
+    def _settle(self, job: Job, replies: list[RecipientReply], remote: str | None, now: float,
+                handoff: Handoff = "relayed") -> None:
         busy = self.busy.get(job.msgid)
         if busy is not None:
             busy.difference_update(job.rcpts)
@@ -146,7 +180,7 @@ class Outcomes(Tracking):
         with self._recounting(envelope, sorted({r.index for r in replies} | set(job.rcpts))):
             result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=policy,
                             hostname=self.config.server.hostname,
-                            load_body=lambda: self.backend.body(job.msgid) or b"")
+                            load_body=lambda: self.backend.body(job.msgid) or b"", handoff=handoff)
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
             metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
@@ -156,10 +190,11 @@ class Outcomes(Tracking):
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         if result.bounce is not None:
-            metrics.BOUNCES.inc()
-            self.writes.add.append(result.bounce)
-            logs.event("bounce_queued", msgid=result.bounce.envelope.id, origin=job.msgid,
-                       rcpt=envelope.sender)
+            self._queue_notice(result.bounce, "failed", envelope)
+        if result.success is not None:
+            self._queue_notice(result.success, handoff, envelope)
+        if not result.finished:  # still queued: its delay notice may be due (written below with it)
+            self._warn_if_delayed(envelope, now)
         if result.retry_now:  # refused for this transaction only (452 4.5.3): a new one at once
             self._enqueue(envelope)
         if result.finished and not self.busy.get(job.msgid):

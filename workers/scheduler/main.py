@@ -9,7 +9,7 @@ way (a peer of another build is refused), then:
   inbound workers   New(ids)                                after each durable commit
   delivery workers  (Hello with role "delivery" and its capacity), then per session:
                     scheduler: Open(sid, dest, job) / Job(sid, job) / Close(sid)
-                    worker:    Done(sid, job_id, replies, remote, failed, skipped) / Closed(sid, ok)
+                    worker:    Done(sid, job_id, replies, remote, failed, skipped, handoff) / Closed(sid, ok)
   the CLI, control  QueueCommand(op: retry|hold|release|delete, ids|domain|all) -> CommandResult,
                     ActiveQuery -> ActiveJobs, GaugeQuery -> DestinationGauges
 

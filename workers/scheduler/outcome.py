@@ -1,13 +1,20 @@
-"""Delivery outcomes -> new recipient states, retry times and bounces (pure).
+"""Delivery outcomes -> new recipient states, retry times and notices (pure).
 
 `settle` applies one attempt's per-recipient replies to an envelope:
   2xx -> delivered; 5xx -> bounced; 452 4.5.3 (too many recipients) -> ready again at
   once; other 4xx -> deferred with exponential back-off between
   min_backoff_seconds and max_backoff_seconds, or bounced (status 4.4.7, action failed)
   once the message is older than max_queue_lifetime_seconds.
-Bounced recipients whose NOTIFY allows it get one RFC 3464 DSN, from <> to the
-envelope sender, returned as a NewMessage to commit in the same transaction as the
-failure. A message from <> is never bounced. Pure: `now` and the body loader are passed in.
+Notices (RFC 3464 DSNs from <> to the envelope sender, each a NewMessage to commit in
+the same transaction as the change that caused it; a message from <> never gets one):
+  - failure: the bounced recipients whose NOTIFY allows it (none given: yes);
+  - success: the delivered recipients with NOTIFY=SUCCESS, as "delivered" or "relayed"
+    by the attempt's handoff; none when the next hop offered DSN ("passed": NOTIFY went
+    with the message, the next hop reports success, RFC 3461 5.2.2);
+  - delay (`delay_notice`): once per message (`Envelope.warned`), when it has been
+    queued `warn_after_seconds`, about its pending recipients whose NOTIFY allows it
+    (none given: yes), with Will-Retry-Until = arrival + the queue lifetime.
+Pure: `now` and the body loader are passed in.
 """
 
 from __future__ import annotations
@@ -15,11 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import re
+
 from mta.dsn import DsnRecipient, build_dsn, should_notify
+from mta.messages import Handoff
 from mta.queueops import FINAL_STATES
 from mtaqueue.ids import new_id
 from mtaqueue.records import Envelope, NewMessage, Recipient
 
+_TEMPORARY_STATUS = re.compile(r"\d{3} (4\.\d{1,3}\.\d{1,3})\b")  # in a last_reply "451 4.3.0 text"
 
 
 @dataclass(frozen=True)
@@ -49,16 +60,20 @@ class Settlement:
     bounced: list[int] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
     retry_now: list[int] = field(default_factory=list)  # 452 4.5.3: ready for a new transaction
-    bounce: NewMessage | None = None
+    bounce: NewMessage | None = None  # the failure notice
+    success: NewMessage | None = None  # the success notice (NOTIFY=SUCCESS)
     finished: bool = False  # every recipient is delivered or bounced: delete the message
 
 
 def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str | None, now: float,
-           policy: RetryPolicy, hostname: str, load_body: Callable[[], bytes]) -> Settlement:
-    """Mutates `envelope` (states, attempts, next_attempt) and says what else to do."""
+           policy: RetryPolicy, hostname: str, load_body: Callable[[], bytes],
+           handoff: Handoff = "relayed") -> Settlement:
+    """Mutates `envelope` (states, attempts, next_attempt) and says what else to do.
+    `handoff`: what the 2xx replies of this attempt mean for a success notice."""
     result = Settlement()
     expired = now - envelope.arrival >= policy.max_queue_lifetime_seconds
     dsn: list[DsnRecipient] = []
+    success: list[DsnRecipient] = []
     retry_at: list[float] = []
     # "Too many recipients" is retried at once only while it makes progress: some
     # recipient of the same transaction was accepted (else it is an ordinary deferral).
@@ -70,6 +85,11 @@ def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str
         if 200 <= reply.code < 300:
             rcpt.state = "delivered"
             result.delivered.append(reply.index)
+            if handoff != "passed" and should_notify(rcpt.notify, handoff):
+                status = reply.status if reply.status.startswith("2.") else "2.0.0"
+                # Maildir (no remote) has no SMTP reply to quote.
+                success.append(DsnRecipient(rcpt.address, handoff, status, rcpt.orcpt, remote_mta=remote,
+                                            diagnostic=str(reply) if remote else None, last_attempt=now))
             continue
         if reply.code == 452 and reply.status == "4.5.3" and progress and not expired:
             # "Too many recipients": not a failure of this recipient (RFC 5321 4.5.3.1.10);
@@ -98,23 +118,52 @@ def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str
         earlier = [envelope.next_attempt] if envelope.next_attempt > now and any(
             r.state == "deferred" and i not in result.deferred for i, r in enumerate(envelope.recipients)) else []
         envelope.next_attempt = min(retry_at + earlier)
-    if dsn and envelope.sender:
-        result.bounce = make_bounce(envelope, dsn, now=now, hostname=hostname, original=load_body())
+    if envelope.sender and (dsn or success):
+        original = load_body()
+        if dsn:
+            result.bounce = make_notice(envelope, dsn, now=now, hostname=hostname, original=original)
+        if success:
+            result.success = make_notice(envelope, success, now=now, hostname=hostname, original=original)
     return result
 
 
-def make_bounce(envelope: Envelope, recipients: list[DsnRecipient], *, now: float, hostname: str,
+def delay_notice(envelope: Envelope, *, now: float, warn_after_seconds: float, lifetime_seconds: float,
+                 hostname: str, load_body: Callable[[], bytes]) -> NewMessage | None:
+    """The message's one delay notice, if it is due now (then `envelope.warned` is set):
+    queued `warn_after_seconds` or longer (0: never), not warned yet, not from <>, and
+    some pending recipient's NOTIFY asks for it. It covers every such recipient."""
+    if (envelope.warned or not envelope.sender or warn_after_seconds <= 0
+            or now - envelope.arrival < warn_after_seconds):
+        return None
+    until = envelope.arrival + lifetime_seconds
+    delayed = [_delayed(r, until) for r in envelope.recipients
+               if r.state not in FINAL_STATES and should_notify(r.notify, "delayed")]
+    if not delayed:
+        return None
+    envelope.warned = True
+    return make_notice(envelope, delayed, now=now, hostname=hostname, original=load_body())
+
+
+def make_notice(envelope: Envelope, recipients: list[DsnRecipient], *, now: float, hostname: str,
                 original: bytes) -> NewMessage:
+    """A DSN about `recipients` of `envelope`, from <> to its sender, ready to commit."""
     msgid = new_id(now)
     body = build_dsn(reporting_mta=hostname, original_sender=envelope.sender, recipients=recipients,
                      original=original, arrival=envelope.arrival, now=now, envid=envelope.envid,
                      ret=envelope.ret, queue_id=envelope.id)
-    bounce = Envelope(
+    notice = Envelope(
         id=msgid, sender="", recipients=[Recipient(envelope.sender)], size=len(body), arrival=now,
         next_attempt=now, priority=envelope.priority, smtputf8=envelope.smtputf8,
         client={"protocol": "bounce", "origin": envelope.id},
     )
-    return NewMessage(bounce, body)
+    return NewMessage(notice, body)
+
+
+def _delayed(rcpt: Recipient, until: float) -> DsnRecipient:
+    """A pending recipient in a delay notice: its last temporary reply, if it has one."""
+    found = _TEMPORARY_STATUS.match(rcpt.last_reply or "")
+    return DsnRecipient(rcpt.address, "delayed", found.group(1) if found else "4.0.0", rcpt.orcpt,
+                        diagnostic=rcpt.last_reply if found else None, will_retry_until=until)
 
 
 def _dsn_recipient(rcpt: Recipient, status: str, remote: str | None, diagnostic: str | None,

@@ -18,7 +18,8 @@ untracked due entry below it lowers it (a New with no room, a retried or release
 message, a bounce, a restart: 0). A pass from the start every RESCAN_SECONDS (main.py)
 is the safety net; it reads due entries only (at most the active set plus what it
 loads), never the deferred future. A message whose recipients are all deferred or held
-leaves the active set once its write is on disk (`_evict`, called by flush.py).
+leaves the active set once its write is on disk (`_evict`, called by flush.py). A
+message the scan loads may be due its delay notice (`_check_delay`: flush.py).
 
 Counts: the gauges are the spool's counts (kept in each write transaction: mtaqueue)
 minus `spooled` plus `tally`: exact for every message, tracked or not, whenever no
@@ -28,7 +29,8 @@ write is in flight. Recipients in flight when a process died are simply `ready` 
 Invariants: every change of a tracked recipient's state, or of whether a session
 carries it, goes through `_recounting` or `_count`; `on_disk` and `spooled` change
 together (`_set_on_disk`). The base of Scheduler's mixins (main.py): the hooks below
-are theirs (`_schedule_dispatch`: dispatch.py; `_delete_later`, `_write_pending`: flush.py).
+are theirs (`_schedule_dispatch`: dispatch.py; `_delete_later`, `_write_pending`,
+`_check_delay`: flush.py).
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class Tracking:
         """A write of it (update or delete) is pending or being written (flush.py)."""
         raise NotImplementedError
 
+    def _check_delay(self, envelope: Envelope, now: float) -> None:
+        """A message the scan loaded: its delay notice if one is due, and its write (flush.py)."""
+        raise NotImplementedError
+
     # --- room -----------------------------------------------------------------------------
 
     def _room_for(self, priority: int) -> bool:
@@ -143,6 +149,8 @@ class Tracking:
                 if envelope is not None and self._due(envelope, now):
                     self._track(envelope, now)
                     loaded += 1
+                    if not envelope.warned and envelope.sender and envelope.id in self.messages:
+                        self._check_delay(envelope, now)  # queued long enough for its delay notice?
             else:
                 if len(entries) < SCAN_BATCH:
                     break
