@@ -3,12 +3,17 @@
 `max_bytes` bounds stored envelope + body bytes, so QueueFull behaves as on LMDB.
 The due index, counts and bydest are computed from the envelopes when asked (the
 rules of indexes.py, not its cost): a reference for the contract, not for a million.
+Thread-safe like LMDB is for its callers: one lock around every method (the scheduler
+writes from its writer thread while its loop reads), and listings are snapshots.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+import functools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from mtaqueue import indexes, records
 from mtaqueue.backend import QueueFull, QueueIOError, QueueStats
@@ -16,13 +21,26 @@ from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    @functools.wraps(method)
+    def call(self: MemoryBackend, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return call  # type: ignore[return-value]
+
+
 class MemoryBackend:
     def __init__(self, max_bytes: int = 1 << 62) -> None:
+        self._lock = threading.RLock()
         self.max_bytes = max_bytes
         self._envelopes: dict[MessageId, Envelope] = {}
         self._bodies: dict[MessageId, bytes] = {}
         self._used = 0
 
+    @_locked
     def commit(self, messages: Sequence[NewMessage]) -> None:
         ids = [m.envelope.id for m in messages]
         if len(set(ids)) != len(ids) or any(i in self._envelopes for i in ids):
@@ -35,6 +53,7 @@ class MemoryBackend:
             self._bodies[m.envelope.id] = bytes(m.body)
         self._used += size
 
+    @_locked
     def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
               add: Sequence[NewMessage] = ()) -> None:
         ids = [m.envelope.id for m in add]
@@ -51,20 +70,24 @@ class MemoryBackend:
             self._bodies[m.envelope.id] = bytes(m.body)
             self._used += len(m.body) + len(records.encode(m.envelope))
 
+    @_locked
     def envelope(self, msgid: MessageId) -> Envelope | None:
         found = self._envelopes.get(msgid)
         return copy.deepcopy(found) if found is not None else None
 
+    @_locked
     def body(self, msgid: MessageId) -> bytes | None:
         return self._bodies.get(msgid)
 
+    @_locked
     def message(self, msgid: MessageId) -> tuple[Envelope | None, bytes | None]:
         return self.envelope(msgid), self.body(msgid)
 
+    @_locked
     def envelopes(self) -> Iterator[Envelope]:
-        for msgid in sorted(self._envelopes):
-            yield copy.deepcopy(self._envelopes[msgid])
+        return iter([copy.deepcopy(self._envelopes[msgid]) for msgid in sorted(self._envelopes)])
 
+    @_locked
     def delete(self, msgids: Sequence[MessageId]) -> int:
         removed = 0
         for msgid in msgids:
@@ -74,15 +97,18 @@ class MemoryBackend:
                 removed += 1
         return removed
 
+    @_locked
     def due(self, now: float, limit: int) -> list[MessageId]:
         return [msgid for _key, msgid in self.due_from(b"", now, limit)]
 
+    @_locked
     def due_from(self, start: bytes, now: float, limit: int) -> list[tuple[bytes, MessageId]]:
         bound = indexes.due_floor(now) + b"\xff"
         keys = sorted(k for k in map(indexes.due_key, filter(indexes.is_due, self._envelopes.values()))
                       if start <= k < bound)
         return [(k, MessageId(k[8:].decode())) for k in keys[:limit]]
 
+    @_locked
     def next_due(self, start: bytes) -> float | None:
         keys = [k for k in map(indexes.due_key, filter(indexes.is_due, self._envelopes.values())) if k >= start]
         return indexes.due_time(min(keys)) if keys else None
@@ -90,6 +116,7 @@ class MemoryBackend:
     due_key = staticmethod(indexes.due_key)
     due_floor = staticmethod(indexes.due_floor)
 
+    @_locked
     def totals(self) -> dict[str, int]:
         out = dict.fromkeys(indexes.SPOOL_STATES, 0)
         for counts in self.destination_counts().values():
@@ -98,6 +125,7 @@ class MemoryBackend:
         out["messages"] = len(self._envelopes)
         return out
 
+    @_locked
     def destination_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for envelope in self._envelopes.values():
@@ -105,25 +133,30 @@ class MemoryBackend:
                 out.setdefault(dest, dict.fromkeys(indexes.SPOOL_STATES, 0))[state] += 1
         return out
 
+    @_locked
     def oldest_arrival(self) -> float | None:
         return self._envelopes[min(self._envelopes)].arrival if self._envelopes else None
 
+    @_locked
     def page(self, after: MessageId | None, limit: int, domain: str | None = None) -> list[Envelope]:
         return [copy.deepcopy(self._envelopes[msgid]) for msgid in self.ids(after, limit, domain)]
 
+    @_locked
     def ids(self, after: MessageId | None, limit: int, domain: str | None = None) -> list[MessageId]:
         dest = records.destination_of("@" + domain) if domain is not None else None
         chosen = sorted(msgid for msgid, e in self._envelopes.items() if (after is None or msgid > after)
                         and (dest is None or any(d == dest for d, _ in indexes.counted(e))))
         return chosen[:limit]
 
+    @_locked
     def by_destination(self) -> Iterator[tuple[str, MessageId]]:
-        keys = sorted({(dest, msgid) for msgid, e in self._envelopes.items() for dest, _ in indexes.counted(e)})
-        yield from keys
+        return iter(sorted({(dest, msgid) for msgid, e in self._envelopes.items() for dest, _ in indexes.counted(e)}))
 
+    @_locked
     def stats(self) -> QueueStats:
         return QueueStats(messages=len(self._envelopes), used_bytes=self._used, max_bytes=self.max_bytes)
 
+    @_locked
     def close(self) -> None:
         self._envelopes.clear()
         self._bodies.clear()
