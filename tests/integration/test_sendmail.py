@@ -323,3 +323,17 @@ def test_an_unprivileged_user_submits_and_cannot_read_another_users_file(local_u
         if server is not None:
             server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_reload_that_moves_the_maildrop_is_refused(mta_server: Callable[..., MtaServer], tmp_path: Path) -> None:
+    import signal
+    import tomllib
+    server = mta_server()
+    assert server.config_path is not None
+    doc = tomllib.loads(server.config_path.read_text())
+    doc["queue"]["maildrop"] = str(tmp_path / "elsewhere")
+    server.config_path.write_text(toml_dumps(doc))
+    os.kill(server.master_pid, signal.SIGHUP)
+    wait_until(lambda: b"reload_failed error=\"[queue] path or maildrop changed" in server.log_bytes(), 10,
+               "the refused reload", server)
+    assert not (tmp_path / "elsewhere").exists()
