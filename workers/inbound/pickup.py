@@ -9,8 +9,8 @@ overlap during a reload, the other pickup skips its round) and
      announced; the others are committed in this round;
   2. claims up to BATCH files of new/ (renamed to the queue ids they will have);
   3. reads each as untrusted input: a bad one goes to corrupt/ with a log line;
-  4. commits the good ones through the worker's group committer (one fsync for the
-     batch), built as SMTP mail is: aliases expanded with the original kept as ORCPT,
+  4. commits the good ones through the worker's group committer (one fsync per
+     MAX_HELD_BYTES of content read, so memory stays bounded), built as SMTP mail is: aliases expanded with the original kept as ORCPT,
      our Received header "from local uid N" (the file's owner), the priority rules
      (listener "maildrop"), due SETTLE_SECONDS from now (see pickupfiles.py);
   5. removes their files, then tells the scheduler (New), which delivers them at once.
@@ -44,7 +44,8 @@ from workers.inbound.received import local_received_header
 from workers.process import test_hooks_on
 
 SCAN_SECONDS = 5.0  # a look without a poke (a writer whose poke was lost, a server that was down)
-BATCH = 100  # files claimed per round: one group commit
+BATCH = 100  # files claimed per round
+MAX_HELD_BYTES = 32 * 1024 * 1024  # content read before it is committed (one group commit per this much)
 LISTENER = "maildrop"  # the listener [[priority_rule]]s name for local mail
 CRASH_HOOK = "crash-pickup"  # MTA_TEST_HOOKS=1: this file in the spool -> SIGKILL between commit and finish
 
@@ -152,13 +153,20 @@ class Pickup:
                 logs.event("pickup_again", msgid=msgid, note="a file left in the pickup by a crash, committed now; "
                            "if its message was delivered meanwhile, this copy is a second one")
         claimed = await self._blocking(self.files.claim, BATCH, now)
-        ready = []
+        ready: list[Claimed] = []
+        held = 0
         for msgid in [*left, *claimed]:
             try:
-                ready.append(await self._blocking(self.files.read, msgid))
+                one = await self._blocking(self.files.read, msgid)
             except DropError as exc:
                 await self._blocking(self.files.corrupt, msgid, str(exc))
                 metrics.PICKUP_FILES.labels("corrupt").inc()
+                continue
+            ready.append(one)
+            held += len(one.message)
+            if held >= MAX_HELD_BYTES:  # memory: a hundred files of 25 MiB are never read at once
+                await self._commit(ready)
+                ready, held = [], 0
         if ready:
             await self._commit(ready)
         return len(claimed)
