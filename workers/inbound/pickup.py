@@ -45,6 +45,7 @@ from workers.process import test_hooks_on
 
 SCAN_SECONDS = 5.0  # a look without a poke (a writer whose poke was lost, a server that was down)
 BATCH = 100  # files claimed per round
+MIN_ROUND_SECONDS = 0.02  # between rounds: any local user may poke, as often as they like
 MAX_HELD_BYTES = 32 * 1024 * 1024  # content read before it is committed (one group commit per this much)
 LISTENER = "maildrop"  # the listener [[priority_rule]]s name for local mail
 CRASH_HOOK = "crash-pickup"  # MTA_TEST_HOOKS=1: this file in the spool -> SIGKILL between commit and finish
@@ -123,6 +124,7 @@ class Pickup:
             if handled < BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poked.wait(), SCAN_SECONDS)
+                await asyncio.sleep(MIN_ROUND_SECONDS)  # pokes in a burst (or a flood) make one round
 
     async def round(self) -> int:
         """One look at the maildrop; how many files it claimed. 0 when another pickup holds the lock."""
