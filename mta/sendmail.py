@@ -94,9 +94,11 @@ def run(args: list[str], name: str) -> int:
         return EX_OK
     try:
         cfg = load_config(opts.config)
+    except PermissionError as exc:
+        return _fail(EX_CONFIG, f"cannot read the configuration {exc.filename}: every user who sends mail must "
+                     "(chmod 0644, with no secret in it: docs/operations.md, \"Replacing Postfix on a host\")")
     except (ConfigError, OSError) as exc:
-        print(f"{PROG}: configuration: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _fail(EX_CONFIG, f"configuration: {exc}")
     if opts.mode == "mailq":
         from mta.mailq import run as mailq
         return mailq(cfg)

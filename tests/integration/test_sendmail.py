@@ -60,10 +60,10 @@ def make_bindir(where: Path, python: str) -> Path:
 
 
 def call(bindir: Path, name: str, server: MtaServer, *args: str, stdin: bytes = b"",
-         pythonpath: str | None = None, **user: object) -> subprocess.CompletedProcess[bytes]:
+         pythonpath: str | None = None, config: Path | None = None, **user: object) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if k != "MTA_CONFIG"}
     env["PYTHONPATH"] = pythonpath or os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "queue")])
-    env["MTA_CONFIG"] = str(server.config_path)
+    env["MTA_CONFIG"] = str(config or server.config_path)
     return subprocess.run([str(bindir / name), *args], input=stdin, env=env, capture_output=True,
                           timeout=CLI_SECONDS, **user)  # type: ignore[call-overload]
 
@@ -293,6 +293,11 @@ def test_an_unprivileged_user_submits_and_cannot_read_another_users_file(local_u
             server = MtaServer(config, port, base / "spool", tmp_path / "mta.log").start()
             (uid_a, gid_a), (uid_b, gid_b) = local_users[USERS[0]], local_users[USERS[1]]
             as_a = {"user": uid_a, "group": gid_a, "extra_groups": [], "pythonpath": str(base / "lib")}
+            private = base / "private.toml"
+            private.write_text(config.read_text())
+            private.chmod(0o600)
+            done = call(bindir, "sendmail", server, "first@sink.test", stdin=b"body\n", config=private, **as_a)
+            assert done.returncode == 78 and b"cannot read the configuration" in done.stderr, done.stderr
             done = call(bindir, "sendmail", server, "-t", "-i", stdin=b"To: first@sink.test\nSubject: a\n\nhi\n", **as_a)
             assert (done.returncode, done.stderr) == (0, b"")
             [got] = only_once(sink, 1, seconds=0.5)

@@ -160,3 +160,4 @@ def test_bs_is_an_smtp_session_on_stdin_and_stdout(tmp_path: Path) -> None:
                                      DropRecipient("b@y.test", ("SUCCESS", "FAILURE"), "rfc822;old@y.test")),
                         "HDRS", "e1")
     assert message.startswith(b"Subject: bs\r\nDate: ") and message.endswith(b"\r\n\r\n.dot\r\n")
+
