@@ -1,5 +1,5 @@
-"""The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage, users,
-completion.
+"""The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage/
+backup/restore/export/import, users, completion, sendmail.
 
 The parser, and the commands short enough to live here. Every command finds its
 configuration the same way (mta/config.py find(): -c, $MTA_CONFIG, /etc/mta/mta.toml,
@@ -33,6 +33,10 @@ from mta.config import Config, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:  # sendmail's own options, not argparse's (mta/sendmail.py)
+        from mta.sendmail import main as sendmail
+        return sendmail(argv[1:], prog="sendmail")
     parser = _parser()
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
@@ -77,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the relay")
     p.set_defaults(func=_serve)
+
+    sub.add_parser("sendmail", add_help=False, help="the sendmail command line (also installed as mta-sendmail: "
+                   "link it as /usr/sbin/sendmail and /usr/bin/mailq)")
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(metavar="ACTION")

@@ -255,6 +255,10 @@ def _check(config: Config, source: str) -> None:
         fail("[queue] active_limit", "must be at least 1")
     if config.queue.active_reserve < 0:
         fail("[queue] active_reserve", "must be 0 or more")
+    spool, drop = os.path.abspath(config.queue.path), os.path.abspath(config.queue.maildrop_dir)
+    if drop == spool or drop.startswith(spool + os.sep):
+        fail("[queue] maildrop", "must be outside the spool directory (the spool is private to mta; "
+             "every local user must reach the maildrop)")
     limits = config.limits
     for name in ("max_message_bytes", "max_recipients", "max_connections_per_ip", "max_errors"):
         if getattr(limits, name) < 1:

@@ -151,6 +151,9 @@ INBOUND_BUFFERED = Gauge(
 INBOUND_BUFFERED_LIMIT = Gauge(
     "mta_inbound_buffered_limit_bytes", "[limits] max_worker_buffered_bytes: the memory budget of each inbound "
     "worker.", multiprocess_mode="livemax")
+PICKUP_FILES = Counter(
+    "mta_pickup_files_total", "Maildrop files the pickup took (mta-sendmail's mail). result: committed (queued), "
+    "corrupt (refused, set aside in <maildrop>/corrupt/).", ["result"])
 QUEUE_RECIPIENTS = Gauge(
     "mta_queue_recipients", "Recipients in the queue by state (ready, active, deferred, held), "
     "as the scheduler sees them.", ["state"], multiprocess_mode="livesum")

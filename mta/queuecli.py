@@ -64,7 +64,7 @@ def open_spool(cfg: Config) -> LmdbBackend | None:
 
 def queue_list(cfg: Config, args: argparse.Namespace) -> int:
     selection = queuepages.Selection.of(args.domain, args.state, args.sender, args.recipient)
-    entries: Iterator[dict[str, Any]] = _entries(cfg, selection)
+    entries: Iterator[dict[str, Any]] = selected(cfg, selection)
     if args.limit is not None:
         entries = itertools.islice(entries, args.limit)
     if args.json:
@@ -77,7 +77,7 @@ def queue_list(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _entries(cfg: Config, selection: queuepages.Selection) -> Iterator[dict[str, Any]]:
+def selected(cfg: Config, selection: queuepages.Selection) -> Iterator[dict[str, Any]]:
     """The selected messages in their envelope_json form, from the API or else the spool."""
     streamed = adminclient.listing(cfg, urllib.parse.urlencode(selection.filters))
     if streamed is not None:

@@ -61,11 +61,17 @@ class QueueConfig:
     max_size_bytes: int = 4 * 1024**3
     active_limit: int = 20000  # messages the scheduler holds in memory to dispatch (Postfix's active queue)
     active_reserve: int = 2000  # more of them, for messages above the default priority only
+    maildrop: str = ""  # where mta-sendmail drops messages (mta/maildrop.py); "": <path>-maildrop
 
     @property
     def scheduler_socket(self) -> str:
         """The scheduler's Unix socket, inside the spool (mode 0600: operators only)."""
         return os.path.join(self.path, "scheduler.sock")
+
+    @property
+    def maildrop_dir(self) -> str:
+        """The maildrop: beside the spool, never in it (the spool is 0700; every local user writes here)."""
+        return self.maildrop or self.path.rstrip("/") + "-maildrop"
 
 
 @dataclass(frozen=True)

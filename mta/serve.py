@@ -26,6 +26,11 @@ recount after a record was quarantined: mtaqueue/upgrade.py), the full walk runs
 (the rebuild reads every envelope through LMDB's map), then the master opens the spool
 read-write once, which rebuilds in batches with progress in the log, and closes it
 before it forks.
+
+Last, the maildrop (mta/maildrop.py: where mta-sendmail leaves mail) is created or its
+modes put right, and files a crash left in its pickup folder are settled while no
+scheduler runs (workers/inbound/pickupfiles.py: committed ones removed, the others
+picked up again); the spool is opened, read-only, only when there are such files.
 """
 
 from __future__ import annotations
@@ -89,6 +94,25 @@ def check_spool(config: Config) -> None:
         f"`mta queue check{flags}` lists every problem; `mta queue salvage{flags} OUT` copies every "
         "readable message into a new spool directory OUT: then set [queue] path to OUT and start again "
         "(keep the damaged spool until the salvaged mail is delivered).")
+
+
+def prepare_maildrop(config: Config) -> None:
+    from mta import maildrop
+    from mtaqueue.backend import QueueIOError
+    from mtaqueue.backend_lmdb import LmdbBackend
+    from workers.inbound.pickupfiles import Files, settle_at_start
+    path, limit = config.queue.maildrop_dir, config.limits.max_message_bytes
+    try:
+        maildrop.prepare(path)
+        if not Files(path, limit).left():
+            return
+        spool = LmdbBackend(config.queue.path, config.queue.max_size_bytes, readonly=True)
+        try:
+            settle_at_start(path, limit, lambda msgid: spool.envelope(msgid) is not None)
+        finally:
+            spool.close()
+    except (OSError, QueueIOError) as exc:
+        raise ServeError(f"cannot prepare the maildrop {path} ([queue] maildrop): {exc}") from None
 
 
 class RebuildLog:
@@ -157,6 +181,7 @@ def serve(config: Config, found_by: str = "-c") -> int:
     lock_fd = lock_spool(config.queue.path)
     try:
         check_spool(config)
+        prepare_maildrop(config)
     except ServeError:
         os.close(lock_fd)
         raise

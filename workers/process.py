@@ -47,7 +47,7 @@ CRASH_AT_START_EXIT = 3
 _CRASH_FILES = {"inbound": "crash-workers"}  # the others: crash-<kind>
 
 
-def _test_hooks_on() -> bool:
+def test_hooks_on() -> bool:
     return os.environ.get("MTA_TEST_HOOKS") == "1"
 
 
@@ -97,7 +97,7 @@ def run_worker(body: WorkerBody, config: Config, channel: socket.socket, name: s
 
     logs.setup(name)
     crash_file = os.path.join(config.queue.path, _CRASH_FILES.get(body.kind, f"crash-{body.kind}"))
-    if _test_hooks_on() and os.path.exists(crash_file):
+    if test_hooks_on() and os.path.exists(crash_file):
         logs.event("test_hook", hook=os.path.basename(crash_file))  # lets tests exercise the spawn back-off
         return CRASH_AT_START_EXIT
     faulthandler.enable()  # SIGABRT from the master prints where the loop was stuck
@@ -153,7 +153,7 @@ class WorkerProcess:
         loop.add_signal_handler(signal.SIGINT, self.stop, True)
         loop.add_signal_handler(signal.SIGUSR1, self._once_started, self._retire)
         loop.add_signal_handler(signal.SIGHUP, self._once_started, self._reload)
-        if _test_hooks_on():
+        if test_hooks_on():
             loop.add_signal_handler(signal.SIGUSR2, _block_loop_for_tests)
 
     def _once_started(self, action: Callable[[], None]) -> None:

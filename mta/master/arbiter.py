@@ -376,8 +376,8 @@ class Arbiter:
             metrics.MASTER_RELOADS.labels("failed").inc()
             logs.event("reload_failed", error=str(exc), action="kept the running configuration")
             return
-        if new.queue.path != self.config.queue.path:
-            logs.event("reload_failed", error="[queue] path changed: that needs a restart",
+        if (new.queue.path, new.queue.maildrop_dir) != (self.config.queue.path, self.config.queue.maildrop_dir):
+            logs.event("reload_failed", error="[queue] path or maildrop changed: that needs a restart",
                        action="kept the running configuration")
             return
         try:

@@ -116,3 +116,12 @@ def test_admin_api_token_sources_and_allowed_hosts() -> None:
     for bad in ("mx1.example:9025", "a b", "", "http://x", "x/y"):
         with pytest.raises(ConfigError, match=r"\[control\] allowed_hosts: .* is not a host name or address"):
             parse({"control": {"allowed_hosts": [bad]}})
+
+
+def test_the_maildrop_sits_beside_the_spool_unless_set_and_never_inside_it() -> None:
+    assert parse({"queue": {"path": "/var/spool/mta"}}).queue.maildrop_dir == "/var/spool/mta-maildrop"
+    assert parse({"queue": {"path": "/var/spool/mta/"}}).queue.maildrop_dir == "/var/spool/mta-maildrop"
+    assert parse({"queue": {"maildrop": "/var/spool/drop"}}).queue.maildrop_dir == "/var/spool/drop"
+    for inside in ("/var/spool/mta", "/var/spool/mta/drop"):
+        with pytest.raises(ConfigError, match=r"\[queue\] maildrop: must be outside the spool directory"):
+            parse({"queue": {"path": "/var/spool/mta", "maildrop": inside}})

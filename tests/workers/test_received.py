@@ -12,7 +12,7 @@ from mta import tls
 from mta.config import TlsConfig
 from mtaqueue.ids import MessageId
 from tests.integration.tlscerts import make_pki
-from workers.inbound.received import received_header
+from workers.inbound.received import local_received_header, received_header
 
 MSGID = MessageId("18C2B3A4F5E6D7A8B9C0D1E2F")
 DATE = r"\w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} \+0000"
@@ -67,3 +67,11 @@ def test_nested_comments_are_kept_and_what_could_end_one_is_escaped() -> None:
     header = received_header(helo="evil (x)", client_ip="192.0.2.1", hostname="mx.test", protocol="ESMTP",
                              msgid=MSGID, recipients=[]).decode()
     assert header.startswith("Received: from evil ?x? ([192.0.2.1])\r\n"), header  # the HELO name is no comment
+
+
+def test_mail_from_the_maildrop_names_the_submitting_uid_and_no_client() -> None:
+    one = local_received_header(uid=1000, hostname="mx.test", msgid=MSGID, recipients=["u@local.test"]).decode()
+    assert re.fullmatch(r"Received: by mx\.test \(mta, from local uid 1000\)\r\n"
+                        rf"\tid {MSGID}\r\n\tfor <u@local\.test>;\r\n\t{DATE}\r\n", one), one
+    two = local_received_header(uid=0, hostname="mx.test", msgid=MSGID, recipients=["a@x.test", "b@x.test"]).decode()
+    assert "for <" not in two and "from local uid 0)" in two

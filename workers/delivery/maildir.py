@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 
+from mta.durable import fsync_folder, write_all
 from mta.mailboxes import UnsafeName, mailbox_path
 
 _counter = itertools.count(1)
@@ -70,14 +71,14 @@ def _store(mailbox: str, data: bytes, hostname: str) -> str:
             continue
         try:
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             if not _publish(tmp_path, new_path):
                 continue
             try:
-                _fsync_dir(os.path.join(mailbox, "new"))
+                fsync_folder(os.path.join(mailbox, "new"))
             except OSError:
                 # Visible but maybe not durable: take it back, the sender retries.
                 _unlink_quietly(new_path)
@@ -116,21 +117,6 @@ def _ensure_dir(path: str) -> None:
     except FileExistsError:
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:

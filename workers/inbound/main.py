@@ -18,11 +18,15 @@ The process itself (signals, heartbeats, faulthandler, test hooks) is workers/pr
 `Worker` is the inbound body. Its drain: on shutdown (SIGTERM/SIGINT) idle sessions get
 421 4.3.2 now and transactions finish, up to [server] drain_timeout_seconds; on
 retirement (SIGUSR1, a reload) sessions end on their own, up to the same timeout.
+
+Worker #1 of each generation also runs the pickup (pickup.py): mail local programs left
+in the maildrop, committed through the same group committer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -43,6 +47,7 @@ from workers.inbound.budget import MemoryBudget
 from workers.inbound.context import WorkerContext
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
+from workers.inbound.pickup import Pickup
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.protocol import InboundProtocol
 from workers.link import MasterLink
@@ -73,7 +78,7 @@ def server_options(config: Config, listener: ListenerConfig) -> ServerOptions:
 
 
 def run(config: Config, channel: socket.socket, generation: int, index: int) -> int:
-    return run_worker(Worker(config, generation), config, channel, f"inbound#{index}")
+    return run_worker(Worker(config, generation, index), config, channel, f"inbound#{index}")
 
 
 def _observe_commit(messages: int, seconds: float) -> None:
@@ -86,9 +91,11 @@ class Worker(WorkerBody):
     reloads = False  # a reload replaces the inbound workers by generation
     report_drops = True
 
-    def __init__(self, config: Config, generation: int) -> None:
+    def __init__(self, config: Config, generation: int, index: int) -> None:
         self.config = config
         self.generation = generation
+        self.index = index  # #1 also runs the pickup of the maildrop (pickup.py)
+        self.pickup: Pickup | None = None
         self.listeners: dict[str, ListenerConfig] = {lst.address: lst for lst in config.listener}
         self.process: WorkerProcess | None = None
         self.link: MasterLink | None = None
@@ -114,12 +121,18 @@ class Worker(WorkerBody):
             budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
         )
         metrics.INBOUND_BUFFERED_LIMIT.set(config.limits.max_worker_buffered_bytes)
+        if self.index == 1:
+            self.pickup = Pickup(self.ctx, backend, on_crash=lambda: process.stop(shutdown=True))
+            self.pickup.start()
         return None
 
     async def drain(self, deadline: float) -> None:
         """Retiring: sessions end on their own; shutting down (also once a SIGTERM comes
         during a retirement): idle sessions get 421 4.3.2 now. All of them at the deadline."""
         assert self.ctx is not None and self.process is not None
+        if self.pickup is not None:  # its round in progress finishes; cut short, its files stay claimed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pickup.stop(), max(0.0, deadline - time.monotonic()))
         sessions = self.ctx.sessions
         logs.event("draining", sessions=len(sessions), mode="shutdown" if self.process.shutdown else "retire")
         while sessions and time.monotonic() < deadline:

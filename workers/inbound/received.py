@@ -5,6 +5,12 @@
             by mx.example (mta) with ESMTPS id 18C2B3A4F5E6D7A8B9C0D1E2F;
             Sun, 29 Nov 2026 06:43:03 +0000
 
+Mail a local program left in the maildrop (workers/inbound/pickup.py) says who submitted
+it, by the uid that owns its file, as Postfix's pickup does:
+
+    Received: by mx.example (mta, from local uid 1000)
+            id 18C2B3A4F5E6D7A8B9C0D1E2F; Sun, 29 Nov 2026 06:43:03 +0000
+
 `for <rcpt>` is added only for a single recipient, so a copy never discloses the
 others. The HELO name is the client's claim: sanitised, never trusted. The TLS
 comment keeps its balanced parentheses (RFC 5322 3.2.2: comments nest); anything
@@ -33,6 +39,15 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, protocol
     return (
         f"Received: from {claimed} ([{client_ip}]){tls_comment}\r\n"
         f"\tby {hostname} (mta) with {protocol} id {msgid}{for_clause};\r\n"
+        f"\t{_rfc5322_now()}\r\n"
+    ).encode("utf-8")
+
+
+def local_received_header(*, uid: int, hostname: str, msgid: MessageId, recipients: list[str]) -> bytes:
+    for_clause = f"\r\n\tfor <{_clean(recipients[0])}>" if len(recipients) == 1 else ""
+    return (
+        f"Received: by {hostname} (mta, from local uid {uid})\r\n"
+        f"\tid {msgid}{for_clause};\r\n"
         f"\t{_rfc5322_now()}\r\n"
     ).encode("utf-8")
 
