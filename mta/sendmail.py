@@ -38,7 +38,6 @@ from mta.smtp.content import too_many_received
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER = 0, 64, 65, 67
 EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 70, 75, 78
-SYSTEM_CONFIG = "/etc/mta/mta.toml"
 PROG = "mta-sendmail"
 _WITH_VALUE = frozenset("BCFLNORVXbefhopr")  # -X VALUE or -XVALUE
 _IGNORED = frozenset("GUcmnvx")  # flags that change nothing here
@@ -109,9 +108,9 @@ def run(args: list[str], name: str) -> int:
 
 
 def load_config(explicit: str | None) -> Config:
+    """-C, then mta's own discovery order (mta/config.py find())."""
     from mta import config as configmod
-    path = explicit or os.environ.get("MTA_CONFIG") or (SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None)
-    return configmod.load(path)
+    return configmod.load(explicit)
 
 
 # --- the command line --------------------------------------------------------------------------
