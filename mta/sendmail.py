@@ -216,7 +216,14 @@ def submit(cfg: Config, opts: Options) -> int:
         return _fail(EX_DATAERR, str(exc))
     recipients: list[str] = []
     seen: set[str] = set()
-    named = [address for _name, address in email.utils.getaddresses(opts.recipients) if address]
+    named: list[str] = []
+    for arg in opts.recipients:
+        # An argument the parser cannot read whole yields an empty address (how much of it
+        # survives differs between Python releases): that is a bad recipient, not none.
+        found = [address for _name, address in email.utils.getaddresses([arg])]
+        if arg.strip() and (not found or not all(found)):
+            return _fail(EX_NOUSER, f"bad recipient address {arg!r}")
+        named.extend(found)
     for address in [qualify(a, hostname) for a in named + list(done.recipients)]:
         try:
             maildrop.check_address(address, "recipient")
