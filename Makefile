@@ -4,6 +4,8 @@ PYTHON ?= python3
 TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks
 # Perl modules swaks needs for STARTTLS, as package:module.
 TEST_PERL = libnet-ssleay-perl:Net::SSLeay
+# Modules of the system Python (/usr/bin/python3) the tests run peers with, as package:module.
+TEST_SYSPY = python3-milter:Milter
 
 .PHONY: install run test test-deps bench-smoke
 
@@ -17,6 +19,7 @@ test-deps:
 	$(PYTHON) -m pip install -q -e '.[test]'
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for pair in $(TEST_DEBS); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	for pair in $(TEST_PERL); do perl -M$${pair#*:} -e1 2>/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	for pair in $(TEST_SYSPY); do /usr/bin/python3 -c "import $${pair#*:}" 2>/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
