@@ -5,10 +5,12 @@
     if result.verdict == "accept": message = apply_modifications(message, result.modifications)
 
 A connection per message: negotiate, then connect, helo, mail, each rcpt, data,
-headers, end of headers, body chunks, end of message, quit. Any final reply other
-than continue ends the message there (accept skips the rest and keeps no
-modifications; reject, tempfail and discard are the verdict). Each step has its own
-deadline, renewed by SMFIR_PROGRESS. A milter that cannot be reached, times out,
+headers, end of headers, body chunks, end of message, quit. Before end of message,
+any final reply other than continue ends the message there: accept skips the rest
+(no modifications), reject, tempfail and discard are the verdict. A reject or
+tempfail to one recipient is the whole message's verdict: the pipeline runs at end
+of data, when every recipient already had its 250. Each step has its own deadline,
+renewed by SMFIR_PROGRESS. A milter that cannot be reached, times out,
 closes early or breaks the protocol raises MilterFailed: what then happens is the
 caller's default_action.
 
@@ -151,7 +153,8 @@ async def run_milter(address: MilterAddress, envelope: Envelope, message: Messag
             opening = asyncio.open_connection(address.host, address.port)
         reader, writer = await asyncio.wait_for(opening, timeout_seconds)
     except (OSError, TimeoutError) as exc:
-        raise MilterFailed(f"milter {address} cannot be reached: {exc or 'timed out'}") from exc
+        why = str(exc) or f"no connection within {timeout_seconds}s"
+        raise MilterFailed(f"milter {address} cannot be reached: {why}") from exc
     session = _Session(reader, writer, timeout_seconds, str(address))
     try:
         result = await _run(session, envelope, message)

@@ -209,6 +209,26 @@ def test_a_milter_that_breaks_the_protocol():
     asyncio.run(scenario())
 
 
+def test_a_milter_that_closes_mid_message():
+    async def closing_peer(reader, writer):
+        await reader.read(100)  # the negotiation
+        writer.write(b"\x00\x00\x00\x0dO" + bytes.fromhex("00000006 000001ff 00000000"))
+        await writer.drain()
+        await reader.read(100)  # the connect step: hang up instead of answering
+        writer.close()
+        await writer.wait_closed()
+
+    async def scenario():
+        server = await asyncio.start_server(closing_peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        message = Message.parse(CONTENT, "a@s.test", ["b@r.test"])
+        async with server:
+            with pytest.raises(MilterFailed, match="closed the connection"):
+                await run_milter(MilterAddress.parse(f"inet:127.0.0.1:{port}"), ENVELOPE, message, 5)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("text", ["inet:host", "inet::25", "tcp:h:25", "unix:relative", "inet:h:0"])
 def test_bad_milter_addresses(text):
     with pytest.raises(ValueError, match="inet:host:port or unix:/path"):
