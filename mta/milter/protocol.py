@@ -24,7 +24,7 @@ Rules, from libmilter (sendmail's mi_engine.c, mfdef.h):
 5. Body chunks are at most MAX_BODY_CHUNK octets (we do not offer SMFIP_MDS_*).
 
 Errors: ProtocolError is the milter's fault (malformed, oversized or unexpected
-packets); it is sticky. LocalProtocolError is ours (a step out of order).
+packets); next_event raises it after the events before it, and it is sticky. LocalProtocolError is ours (a step out of order).
 
 Pure: no asyncio, socket or time imports.
 """
@@ -320,11 +320,15 @@ class MilterConnection:
     # Replies in.
 
     def receive_data(self, data: bytes) -> None:
+        """Frame and parse; the milter's error surfaces from next_event, after the events before it."""
+        if self._error is not None:
+            return
         self._buffer += data
         while len(self._buffer) >= 4:
             (length,) = LENGTH.unpack_from(self._buffer)
             if length == 0 or length > MAX_PACKET:
                 self._fail(f"milter sent a packet of {length} octets (1 to {MAX_PACKET})")
+                return
             if len(self._buffer) < 4 + length:
                 return
             code, payload = bytes(self._buffer[4:5]), bytes(self._buffer[5 : 4 + length])
@@ -333,6 +337,7 @@ class MilterConnection:
                 self._events.append(self._parse(code, payload))
             except ProtocolError as exc:
                 self._fail(str(exc))
+                return
 
     def next_event(self) -> Event | _Marker:
         if self._events:
@@ -344,12 +349,9 @@ class MilterConnection:
     def _fail(self, reason: str) -> None:
         self._error = ProtocolError(reason)
         self._buffer.clear()
-        raise self._error
 
     def _parse(self, code: bytes, data: bytes) -> Event:
         awaiting = self._awaiting
-        if self._error is not None:
-            raise self._error
         if awaiting is None:
             raise ProtocolError(f"milter sent reply {code!r} when none was awaited")
         if awaiting is Cmd.OPTNEG:

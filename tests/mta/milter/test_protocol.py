@@ -138,7 +138,7 @@ def test_a_no_reply_step_is_sent_and_not_waited_for(skip_flag, no_reply_flag, st
     assert step(conn) != b""
     assert not conn.awaiting_reply
     with pytest.raises(ProtocolError, match="none was awaited"):
-        conn.receive_data(packet(b"c"))
+        reply(conn, packet(b"c"))
 
 
 def test_header_leading_space_is_kept_only_when_negotiated():
@@ -235,7 +235,7 @@ def test_malformed_replies_are_the_milters_protocol_error(name, step, data, matc
     conn = negotiated(protocol=Proto.SKIP if name == "skip to mail" else Proto(0))
     step(conn)
     with pytest.raises(ProtocolError, match=match):
-        conn.receive_data(data)
+        reply(conn, data)
     with pytest.raises(ProtocolError):  # sticky
         conn.next_event()
 
@@ -246,7 +246,7 @@ def test_modification_not_negotiated_is_a_protocol_error():
     conn.receive_data(packet(b"h", b"X\0v\0"))
     assert conn.next_event() == AddHeader("X", "v")
     with pytest.raises(ProtocolError, match="CHGBODY"):
-        conn.receive_data(packet(b"b", b"x"))
+        reply(conn, packet(b"b", b"x"))
 
 
 @pytest.mark.parametrize("data,match", [
@@ -263,7 +263,7 @@ def test_bad_negotiation_is_a_protocol_error(data, match):
     conn = MilterConnection()
     conn.negotiate()
     with pytest.raises(ProtocolError, match=match):
-        conn.receive_data(data)
+        reply(conn, data)
 
 
 def test_steps_out_of_order_are_our_error():
