@@ -6,7 +6,13 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.milter.protocol import NEED_DATA, MilterConnection, Proto, ProtocolError, packet
+from mta.milter.protocol import (
+    NEED_DATA,
+    MilterConnection,
+    Proto,
+    ProtocolError,
+    packet,
+)
 
 CODES = list(b"acrtdyphmibe+2-qsOZ4f")
 PACKETS = st.builds(
