@@ -179,11 +179,11 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 async def _run(session: _Session, env: Envelope, message: Message) -> MilterResult:
     conn = session.conn
     await session.step(conn.negotiate())
-    macros = dict(env.macros)
+    macros = {name: _text(value) for name, value in env.macros.items()}
     data_macros = macros | ({"{i}": env.queue_id} if env.queue_id else {})
     steps = [
         lambda: conn.connect(env.client_name, env.family, env.client_port, env.client_address, macros),
-        lambda: conn.helo(env.helo, macros),
+        lambda: conn.helo(_text(env.helo), macros),
         lambda: conn.mail(message.sender, message.sender_args, macros),
     ]
     for rcpt in message.recipients:
@@ -191,7 +191,7 @@ async def _run(session: _Session, env: Envelope, message: Message) -> MilterResu
         steps.append(lambda rcpt=rcpt, m=rcpt_macros: conn.rcpt(rcpt, env.rcpt_args.get(rcpt, ()), m))
     steps.append(lambda: conn.data(data_macros))
     for name, value in message.headers:
-        steps.append(lambda name=name, value=value: conn.header(name, " " + value.replace("\r\n", "\n")))
+        steps.append(lambda name=name, value=value: conn.header(_text(name), " " + _text(value).replace("\r\n", "\n")))
     steps.append(lambda: conn.end_of_headers(data_macros))
     for chunk in body_chunks(message.body):
         steps.append(lambda chunk=chunk: conn.body(chunk))
@@ -203,6 +203,11 @@ async def _run(session: _Session, env: Envelope, message: Message) -> MilterResu
     if not isinstance(verdict, Verdict):
         raise MilterFailed("milter gave no verdict at end of message")
     return _result(verdict, tuple(session.modifications))
+
+
+def _text(text: str) -> str:
+    """What the client sent, as a milter string: a NUL (which SMTP lets through) shows as a space."""
+    return text.replace("\0", " ")
 
 
 def _result(verdict: Verdict, mods: tuple[Modification, ...]) -> MilterResult:

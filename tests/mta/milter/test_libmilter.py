@@ -150,6 +150,11 @@ def test_the_milter_sees_the_session_macros_and_message(peers):
     }
 
 
+def test_a_nul_in_a_header_reaches_the_milter_as_a_space(peers):
+    _, result = run(peers[0], "report@s.test", content=b"Subject: a\0b\r\nX-N\0ul: v\r\n\r\nbody\r\n")
+    assert seen(result)["headers"] == "Subject,X-N ul"
+
+
 def test_skip_stops_the_body_after_the_first_chunk(peers):
     _, result = run(peers[0], "skip@s.test")
     assert (seen(result)["chunks"], seen(result)["bytes"]) == ("1", "65535")
