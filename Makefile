@@ -9,6 +9,8 @@ VPY := $(VENV)/bin/python
 TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks groff-base:groff man-db:man
 # Perl modules swaks needs for STARTTLS, as package:module.
 TEST_PERL = libnet-ssleay-perl:Net::SSLeay
+# Modules of the system Python (/usr/bin/python3) the tests run peers with, as package:module.
+TEST_SYSPY = python3-milter:Milter
 
 .PHONY: venv install run test test-deps bench-smoke man
 
@@ -38,6 +40,7 @@ run: install
 test-deps: $(VENV)/.installed-test
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for pair in $(TEST_DEBS); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	for pair in $(TEST_PERL); do perl -M$${pair#*:} -e1 2>/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	for pair in $(TEST_SYSPY); do /usr/bin/python3 -c "import $${pair#*:}" 2>/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \

@@ -1,0 +1,1 @@
+"""The milter protocol (Sendmail/Postfix content filters): sans-I/O core, asyncio client, modifications."""
