@@ -179,7 +179,7 @@ class Driver:
             s._update_gauges(time.time())
             snapshot = s.destination_gauges
             assert len(snapshot["top"]) <= TOP_DESTINATIONS
-            totals, _ = s.queue_counts()
+            totals = s.queue_counts().totals
             for k, state in enumerate(("ready", "active", "deferred")):
                 assert sum(row[1 + k] for row in snapshot["top"]) + snapshot["other"][k] == totals[state]
         return kind
@@ -199,10 +199,10 @@ def check_queue_counts(s: Scheduler) -> None:
     """The gauges' counts equal a walk (exact whenever no write is in flight)."""
     if s.writes.flushing or s.writes.update or s.writes.delete:
         return
-    totals, by_dest = s.queue_counts()
+    counts = s.queue_counts()
     walked_totals, walked = walked_counts(s)
-    assert totals == walked_totals
-    assert {d: {k: n for k, n in c.items() if n} for d, c in by_dest.items() if any(c.values())} == \
+    assert counts.totals == walked_totals
+    assert {d: {k: n for k, n in c.items() if n} for d, c in counts.by_dest.items()} == \
         {d: {k: n for k, n in c.items() if n} for d, c in walked.items()}
 
 
@@ -263,7 +263,7 @@ def test_gauges_show_active_and_held_as_the_walk_does() -> None:
         assert s.tally.totals["active"] == 2 + 1  # one session per destination, carrying its job
         await s._command(messages.QueueCommand("hold", (first,)))  # held while being delivered
         s.check_tally()
-        assert s.queue_counts()[0] == {"ready": 0, "active": 0, "deferred": 0, "held": 3}
+        assert s.queue_counts().totals == {"ready": 0, "active": 0, "deferred": 0, "held": 3}
         await s._command(messages.QueueCommand("delete", (first,)))
         s.check_tally()
         assert s.tally.totals == {"ready": 0, "active": 0, "deferred": 0, "held": 0}
@@ -317,6 +317,46 @@ def test_a_rescan_before_the_delete_is_committed_does_not_deliver_again() -> Non
         assert msgid not in s.messages and not driver.carried_sessions()
         await s.writes.flush_now()
         assert s.backend.envelope(msgid) is None
+        if s._wake is not None:
+            s._wake.cancel()
+
+    uvloop.run(main())
+
+
+def test_the_scan_reads_only_what_came_due_since_the_last_pass() -> None:
+    """Incremental: a pass reads due entries from its mark on, never the deferred future,
+    and a second pass with nothing new due reads nothing."""
+    async def main() -> None:
+        s = new_scheduler(config(active_limit=4, active_reserve=0))
+        Driver(s, random.Random(0))  # a delivery worker
+        now = time.time()
+
+        def commit(msgid: str, state: str, next_attempt: float) -> MessageId:
+            s.backend.commit([NewMessage(Envelope(MessageId(msgid), "s@client.test", [Recipient(
+                f"{msgid}@d.test", state=state, attempts=int(state == "deferred"))], 10, now - 60, next_attempt),
+                b"x\r\n")])
+            return MessageId(msgid)
+        for n in range(40):  # deferred an hour ahead: the future part of the due index
+            commit(f"F{n:020X}", "deferred", now + 3600)
+        due = [commit(f"D{n:020X}", "ready", now - 1) for n in range(6)]  # due now, more than the set holds
+        read: list[str] = []
+        real = s.backend.due_from
+
+        def counting(start: bytes, until: float, limit: int) -> list[tuple[bytes, MessageId]]:
+            entries = real(start, until, limit)
+            read.extend(msgid for _, msgid in entries)
+            return entries
+        s.backend.due_from = counting  # type: ignore[method-assign]
+        assert s._scan(b"") == 4 and s.backlog  # the set is full: the scan stops at the 5th
+        assert not any(m.startswith("F") for m in read)  # the deferred future is never read
+        read.clear()
+        assert s._scan() == 0 and read == due[4:]  # from the mark (the first without room): not the tracked ones
+        read.clear()
+        await s._command(messages.QueueCommand("delete", tuple(due[:2])))  # room for two: a scan follows
+        assert set(due[4:]) <= set(s.messages) and read == due[4:]
+        read.clear()
+        assert s._scan() == 0 and read == []  # nothing new came due: nothing read
+        await s.writes.flush_all()
         if s._wake is not None:
             s._wake.cancel()
 

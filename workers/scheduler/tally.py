@@ -40,6 +40,23 @@ class Tally:
         self.by_dest: dict[str, dict[str, int]] = {}
         self.queued: dict[str, int] = {}  # ready + active + deferred, destinations with any only
 
+    @classmethod
+    def of(cls, by_dest: Mapping[str, Mapping[str, int]]) -> Tally:
+        """A tally of counts summed elsewhere (the gauges: the spool's counts with the
+        scheduler's view): rows taken as given, totals and queued derived from them. No
+        invariant check: while a write is in flight a row may be off by its messages."""
+        tally = cls()
+        for dest, counts in by_dest.items():
+            row = {state: counts.get(state, 0) for state in COUNTED}
+            if not any(row.values()):
+                continue
+            tally.by_dest[dest] = row
+            for state, n in row.items():
+                tally.totals[state] += n
+            if queued := sum(row[state] for state in PER_DESTINATION):
+                tally.queued[dest] = queued
+        return tally
+
     def add(self, dest: str, state: str, n: int) -> None:
         if state not in self.totals:
             return  # delivered, bounced

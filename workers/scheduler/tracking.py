@@ -51,7 +51,7 @@ from mtaqueue.backend import QueueBackend
 from mtaqueue.ids import MessageId, is_id
 from mtaqueue.records import Envelope
 from workers.scheduler.plan import Destination, Job, Limits, Plan
-from workers.scheduler.tally import COUNTED, PER_DESTINATION, TOP_DESTINATIONS, Tally
+from workers.scheduler.tally import TOP_DESTINATIONS, Tally
 
 SCAN_BATCH = 500  # due entries read per read transaction by the scan
 
@@ -274,21 +274,17 @@ class Tracking:
             if not left:
                 del self.carried[job.msgid]
 
-    def queue_counts(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """Recipients per state, in total and per destination, of the whole queue: the
+    def queue_counts(self) -> Tally:
+        """Recipients per destination and state, and in total, of the whole queue: the
         spool's counts, with the tracked messages as the scheduler sees them (ready
         instead of deferred once due, active in a session's job)."""
-        totals = dict.fromkeys(COUNTED, 0)
-        spool_totals = self.backend.totals()
-        for state in COUNTED:
-            totals[state] = spool_totals.get(state, 0) - self.spooled.totals[state] + self.tally.totals[state]
         by_dest = self.backend.destination_counts()
         for tally, sign in ((self.spooled, -1), (self.tally, +1)):
             for dest, counts in tally.by_dest.items():
                 row = by_dest.setdefault(dest, {})
                 for state, n in counts.items():
                     row[state] = row.get(state, 0) + sign * n
-        return totals, by_dest
+        return Tally.of(by_dest)
 
     # --- jobs and timers -------------------------------------------------------------------
 
@@ -351,11 +347,10 @@ class Tracking:
 
     def _update_gauges(self, now: float) -> None:
         """From the spool's counts and the running ones: O(destinations), never a walk."""
-        totals, by_dest = self.queue_counts()
-        for state, count in totals.items():
+        counts = self.queue_counts()
+        for state, count in counts.totals.items():
             metrics.QUEUE_RECIPIENTS.labels(state).set(count)
-        spool = self.backend.totals()
-        metrics.QUEUE_MESSAGES.set(spool.get("messages", 0))
+        metrics.QUEUE_MESSAGES.set(self.backend.totals().get("messages", 0))
         metrics.QUEUE_ACTIVE_MESSAGES.set(len(self.messages))
         oldest = self.backend.oldest_arrival()
         metrics.QUEUE_OLDEST_SECONDS.set(0.0 if oldest is None else max(0.0, now - oldest))
@@ -364,17 +359,13 @@ class Tracking:
         metrics.QUEUE_LIMIT_BYTES.set(stats.max_bytes)
         metrics.QUEUE_MAP_BYTES.set(stats.map_bytes)
         metrics.QUEUE_MAP_USED_BYTES.set(stats.map_used_bytes)
-        self.destination_gauges = self._destination_snapshot(totals, by_dest)
+        self.destination_gauges = self._destination_snapshot(counts)
 
-    def _destination_snapshot(self, totals: dict[str, int], by_dest: dict[str, dict[str, int]]) -> dict[str, Any]:
+    def _destination_snapshot(self, counts: Tally) -> dict[str, Any]:
         """The top destinations by queued recipients, for the control process to render at
         each scrape (metrics.render_destinations): rows [name, ready, active, deferred,
         open sessions, window], and the ready/active/deferred sums of the others."""
-        board = Tally()
-        board.totals = totals
-        board.by_dest = {d: {s: c.get(s, 0) for s in COUNTED} for d, c in by_dest.items()}
-        board.queued = {d: q for d, c in board.by_dest.items() if (q := sum(c[s] for s in PER_DESTINATION))}
-        top, other = board.top(TOP_DESTINATIONS)
+        top, other = counts.top(TOP_DESTINATIONS)
         rows = []
         for name, counts in top:
             dest = self.plan.destinations.get(name)

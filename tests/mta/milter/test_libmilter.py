@@ -203,15 +203,7 @@ def test_a_milter_that_breaks_the_protocol():
         writer.close()
         await writer.wait_closed()
 
-    async def scenario():
-        server = await asyncio.start_server(bad_peer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        message = Message.parse(CONTENT, "a@s.test", ["b@r.test"])
-        async with server:
-            with pytest.raises(MilterFailed, match="broke the protocol: milter sent a packet of 0"):
-                await run_milter(MilterAddress.parse(f"inet:127.0.0.1:{port}"), ENVELOPE, message, 5)
-
-    asyncio.run(scenario())
+    fails_against(bad_peer, "broke the protocol: milter sent a packet of 0")
 
 
 def test_a_milter_that_closes_mid_message():
@@ -223,15 +215,7 @@ def test_a_milter_that_closes_mid_message():
         writer.close()
         await writer.wait_closed()
 
-    async def scenario():
-        server = await asyncio.start_server(closing_peer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        message = Message.parse(CONTENT, "a@s.test", ["b@r.test"])
-        async with server:
-            with pytest.raises(MilterFailed, match="closed the connection"):
-                await run_milter(MilterAddress.parse(f"inet:127.0.0.1:{port}"), ENVELOPE, message, 5)
-
-    asyncio.run(scenario())
+    fails_against(closing_peer, "closed the connection")
 
 
 @pytest.mark.parametrize("text", ["inet:host", "inet::25", "tcp:h:25", "unix:relative", "inet:h:0"])
@@ -243,3 +227,16 @@ def test_bad_milter_addresses(text):
 def test_milter_addresses():
     assert MilterAddress.parse("inet:[::1]:8891") == MilterAddress(host="::1", port=8891)
     assert str(MilterAddress.parse("unix:/run/m.sock")) == "unix:/run/m.sock"
+
+
+def fails_against(peer, match: str) -> None:
+    """Run one message against a scripted `peer` (an asyncio stream handler): MilterFailed."""
+    async def scenario():
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        message = Message.parse(CONTENT, "a@s.test", ["b@r.test"])
+        async with server:
+            with pytest.raises(MilterFailed, match=match):
+                await run_milter(MilterAddress.parse(f"inet:127.0.0.1:{port}"), ENVELOPE, message, 5)
+
+    asyncio.run(scenario())
