@@ -19,21 +19,27 @@ import tomllib
 import typing
 from typing import Any, Final
 
+from mta import contentcheck
 from mta.sections import (  # re-exported: callers import the types from mta.config
+    AntivirusConfig as AntivirusConfig,
     AuthConfig as AuthConfig,
     BARE_NEWLINE_MODES as BARE_NEWLINE_MODES,
     CacheConfig as CacheConfig,
     Config as Config,
     ConfigError as ConfigError,
+    ContentConfig as ContentConfig,
     ControlConfig as ControlConfig,
     DeliveryConfig as DeliveryConfig,
+    DkimConfig as DkimConfig,
     DnsConfig as DnsConfig,
     DomainConfig as DomainConfig,
+    FooterConfig as FooterConfig,
     LISTENER_MODES as LISTENER_MODES,
     LimitsConfig as LimitsConfig,
     ListenerConfig as ListenerConfig,
     LocalConfig as LocalConfig,
     LogConfig as LogConfig,
+    MilterConfig as MilterConfig,
     Network as Network,
     PolicyConfig as PolicyConfig,
     PriorityRule as PriorityRule,
@@ -111,7 +117,8 @@ def reload(config: Config) -> Config:
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
-             "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate"}
+             "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate",
+             "milter", "dkim", "content", "antivirus", "footer"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -128,9 +135,6 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     domains_raw = raw.get("domains", {})
     if not isinstance(domains_raw, dict):
         raise ConfigError(f"{source}: [domains] must be tables like [domains.\"example.com\"]")
-    rules_raw = raw.get("priority_rule", [])
-    if not isinstance(rules_raw, list):
-        raise ConfigError(f"{source}: [[priority_rule]] must be an array of tables")
     routes_raw = raw.get("routes", {})
     if not isinstance(routes_raw, dict) or not all(isinstance(v, str) for v in routes_raw.values()):
         raise ConfigError(f"{source}: [routes] must map domains to strings")
@@ -143,8 +147,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         delivery=_section(DeliveryConfig, raw.get("delivery", {}), "[delivery]", source),
         domains={_domain_key(name): _section(DomainConfig, table, f'[domains."{name}"]', source)
                  for name, table in domains_raw.items()},
-        priority_rule=tuple(_section(PriorityRule, item, f"[[priority_rule]] #{i + 1}", source)
-                            for i, item in enumerate(rules_raw)),
+        priority_rule=_array(PriorityRule, raw, "priority_rule", source),
         routes={_domain_key(name): target for name, target in routes_raw.items()},
         dns=_section(DnsConfig, raw.get("dns", {}), "[dns]", source),
         cache=_section(CacheConfig, raw.get("cache", {}), "[cache]", source),
@@ -155,6 +158,11 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         auth=_section(AuthConfig, raw.get("auth", {}), "[auth]", source),
         policy=_section(PolicyConfig, raw.get("policy", {}), "[policy]", source),
         rate=_section(RateConfig, raw.get("rate", {}), "[rate]", source),
+        milter=_array(MilterConfig, raw, "milter", source),
+        dkim=_array(DkimConfig, raw, "dkim", source),
+        content=_section(ContentConfig, raw.get("content", {}), "[content]", source),
+        antivirus=_section(AntivirusConfig, raw.get("antivirus", {}), "[antivirus]", source),
+        footer=_array(FooterConfig, raw, "footer", source),
         source=source,
     )
     _check(config, source)
@@ -175,6 +183,14 @@ def _section(cls: type, table: Any, name: str, source: str) -> Any:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: {name} {key}: {exc}") from None
     return cls(**values)
+
+
+def _array(cls: type, raw: dict[str, Any], name: str, source: str) -> tuple[Any, ...]:
+    """An array of tables ([[name]]), in file order."""
+    items = raw.get(name, [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: [[{name}]] must be an array of tables (write [[{name}]], not [{name}])")
+    return tuple(_section(cls, item, f"[[{name}]] #{i + 1}", source) for i, item in enumerate(items))
 
 
 def _domain_key(name: str) -> str:
@@ -279,6 +295,7 @@ def _check(config: Config, source: str) -> None:
         fail("[limits] bare_newline", f"must be one of {', '.join(BARE_NEWLINE_MODES)}, got {limits.bare_newline!r}")
     _check_delivery(config, fail)
     _check_security(config, fail)
+    contentcheck.check(config, fail)
     if config.log.format not in ("keyvalue", "json"):
         fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
     _check_control(config.control, fail)

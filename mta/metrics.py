@@ -110,6 +110,14 @@ QUEUE_COMMIT_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
 QUEUE_COMMIT_MESSAGES = Histogram(
     "mta_queue_commit_messages", "Messages per group commit.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512))
+CONTENT_DECISIONS = Counter(
+    "mta_content_decisions_total",
+    "Content pipeline decisions at end of data, by stage (attachments, antivirus, milter, footer, dkim) "
+    "and result (pass, changed, reject, tempfail, discard, quarantine, failed, ...: docs/metrics.md).",
+    ["stage", "result"])
+CONTENT_STAGE_SECONDS = Histogram(
+    "mta_content_stage_seconds", "Time one content stage took for one message, by stage.", ["stage"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0))
 DELIVERY_OUTCOMES = Counter(
     "mta_delivery_recipients_total",
     "Recipient delivery outcomes: result delivered, deferred, bounced, retried (452 4.5.3: next transaction); "

@@ -228,6 +228,57 @@ class ControlConfig:
     allowed_hosts: tuple[str, ...] = ("localhost",)  # Host names /api/ answers besides listen's address
 
 
+MILTER_ACTIONS: Final = ("tempfail", "accept", "reject")
+TNEF_MODES: Final = ("keep", "convert")
+VIRUS_ACTIONS: Final = ("reject", "quarantine")
+SCAN_ERROR_ACTIONS: Final = ("tempfail", "accept")
+
+
+# The content pipeline's stages, run at end of data in this order (attachments, antivirus,
+# milters, footers, DKIM). `listeners`: the "host:port" of the listeners a stage runs for;
+# empty: every listener.
+@dataclass(frozen=True)
+class MilterConfig:
+    address: str = ""  # "inet:host:port" (IPv6 "inet:[::1]:port") | "unix:/path"
+    default_action: str = "tempfail"  # the milter down, timed out or broke the protocol
+    timeout_seconds: float = 30.0  # per protocol step
+    listeners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str = ""  # signs mail whose From: domain is this (or a subdomain, with subdomains)
+    selector: str = ""
+    key_file: str = ""  # PEM: RSA (2048 bits or more) or Ed25519
+    headers: tuple[str, ...] = ()  # the signed header fields; empty: the default list
+    subdomains: bool = False
+    listeners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContentConfig:
+    reject_attachment_extensions: tuple[str, ...] = ()  # e.g. ["exe", "vbs"]: 554 5.7.1
+    tnef: str = "keep"  # convert: winmail.dat parts become ordinary attachments
+    listeners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AntivirusConfig:
+    clamd: str = ""  # "tcp:host:port" | "unix:/path"; empty: no scanning
+    on_virus: str = "reject"  # reject (554 5.7.1) | quarantine (stored held)
+    on_error: str = "tempfail"  # clamd down, timed out, over its size limit: tempfail (451 4.7.1) | accept
+    timeout_seconds: float = 30.0
+    listeners: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FooterConfig:
+    sender_domain: str = ""  # the envelope sender's domain ("*": every sender)
+    text: str = ""  # appended to the first text/plain part
+    html: str = ""  # appended to the first text/html part; empty: html parts untouched
+    listeners: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -248,6 +299,11 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rate: RateConfig = field(default_factory=RateConfig)
+    milter: tuple[MilterConfig, ...] = ()
+    dkim: tuple[DkimConfig, ...] = ()
+    content: ContentConfig = field(default_factory=ContentConfig)
+    antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
+    footer: tuple[FooterConfig, ...] = ()
     source: str = "<embedded defaults>"
 
     def domain(self, name: str) -> DomainConfig:

@@ -138,6 +138,20 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Error: sender address not owned by the authenticated user")
 
 
+# The content pipeline's verdicts at end of data (a milter may give its own reply instead).
+CONTENT_REJECTED = Reply(550, "5.7.1", "Error: message content rejected")
+CONTENT_TEMPFAIL = Reply(451, "4.7.1", "Error: content filter unavailable, try again later")
+VIRUS_SCAN_FAILED = Reply(451, "4.7.1", "Error: virus scan unavailable, try again later")
+
+
+def attachment_refused(name: str) -> Reply:
+    return Reply(554, "5.7.1", f"Error: attachment {sanitize(name)!r} refused: its file type is not accepted here")
+
+
+def virus_found(signature: str) -> Reply:
+    return Reply(554, "5.7.1", f"Error: message refused, it contains a virus ({sanitize(signature)})")
+
+
 def too_many_junk_commands(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many NOOP/RSET/HELP/VRFY/EXPN commands, closing connection")
 

@@ -36,12 +36,14 @@ from tests.integration.dns_server import DnsServer
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
+from workers.inbound.content import Pipeline
 from workers.inbound.context import WorkerContext
 from workers.inbound.decision import Decision
 from workers.inbound.main import server_options
 from workers.inbound.policy import LocalRecipients, RcptDecision
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.session import Client, InboundSession
+from workers.inbound.stages import STAGES
 
 OUTSIDER = Client.at("192.0.2.10", 40000)
 INSIDER = Client.at("10.0.0.5", 40001)
@@ -97,7 +99,7 @@ class Rig:
             self.committer, LocalRecipients(self.config), self.notified, ssl_context=None,
             authenticator=Authenticator(self.config.auth, self.cache, str(tmp_path / "cache")),
             limiter=RateLimiter(self.config, self.cache), access=Access(self.config, resolver),
-            budget=MemoryBudget(budget_bytes))
+            budget=MemoryBudget(budget_bytes), content=Pipeline(self.config, STAGES))
 
     def session(self, client: Client = OUTSIDER, listener: ListenerConfig = SMTP) -> Session:
         return Session(InboundSession(self.ctx, listener), client)

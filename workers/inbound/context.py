@@ -17,6 +17,7 @@ from mtaqueue import MessageId, NewMessage
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
+from workers.inbound.content import Pipeline
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.ratelimit import RateLimiter
 
@@ -55,4 +56,5 @@ class WorkerContext:
     limiter: RateLimiter
     access: Access
     budget: MemoryBudget
+    content: Pipeline
     sessions: set[Connection] = field(default_factory=set)

@@ -44,12 +44,14 @@ from mta.resolver import MxResolver
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
+from workers.inbound.content import Pipeline
 from workers.inbound.context import WorkerContext
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
 from workers.inbound.pickup import Pickup
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.protocol import InboundProtocol
+from workers.inbound.stages import STAGES
 from workers.link import MasterLink
 from workers.process import WorkerBody, WorkerProcess, run_worker
 
@@ -119,6 +121,7 @@ class Worker(WorkerBody):
             limiter=RateLimiter(config, cache),
             access=Access(config, resolver),
             budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
+            content=Pipeline(config, STAGES),
         )
         metrics.INBOUND_BUFFERED_LIMIT.set(config.limits.max_worker_buffered_bytes)
         if self.index == 1:

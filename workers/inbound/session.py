@@ -16,20 +16,21 @@ what it learned (the client at `check_connect`, the cipher at `tls_started`).
                                          recipient rates
   check_vrfy(Vrfy | Expn) -> Reply
   authenticate(Credentials) -> AWAITABLE Decision   delay, the per-address budget, scrypt
-  on_message(Message) -> AWAITABLE Decision         build, [content pipeline], commit
+  on_message(Message) -> AWAITABLE Decision         build, the content pipeline, commit
   receive_data(bytes), account(), release()         the memory budget and the per-IP slot
 
 Every refusal is logged and counted here (event=rejected or refused,
 mta_inbound_rejected_total) with the reason its Decision carries.
 
-`on_message` is the seam for the content pipeline (milters, DKIM, filters): `build`
-makes the message as it will be stored (envelope with aliases expanded, ORCPT kept, RET
-forced to HDRS where backscatter could follow, priority; our Received header in front of
-the content; Date and Message-ID added when missing on submission and smtps listeners
-and for authenticated clients, mta/submission.py), `commit` stores it durably and makes the 250. Stages go between the two:
-each gets the stored form and the transaction as received, and returns a Decision that
-refuses it, or lets it through (changed or not). The adapter stops reading the client
-while the awaitable runs, so a slow stage holds only its own session.
+`on_message` runs the content pipeline between `build` and `commit`: `build` makes the
+message as it will be stored (envelope with aliases expanded, ORCPT kept, RET forced to
+HDRS where backscatter could follow, priority; our Received header in front of the
+content; Date and Message-ID added when missing on submission and smtps listeners and for
+authenticated clients, mta/submission.py); the stages this listener runs (content.py:
+attachments, antivirus, milters, footers, DKIM) change it, refuse it (the reply to end of
+data), discard it or quarantine it (stored with every recipient held); `commit` stores it
+durably and makes the 250. The adapter stops reading the client while the awaitable
+runs, so a slow stage holds only its own session.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from mta.smtp.replies import Reply
 from mta.smtp.server import Credentials, Message, ServerConnection
 from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
-from workers.inbound import policy
+from workers.inbound import content, policy
 from workers.inbound.auth import AUTH_ATTEMPTS
 from workers.inbound.context import WorkerContext
 from workers.inbound.decision import Decision
@@ -274,10 +275,34 @@ class InboundSession:
     # --- the message: build, [content pipeline], commit ---------------------------------------
 
     async def on_message(self, message: Message) -> Decision:
-        """AWAITABLE: end of data to the verdict on the message. The content pipeline's seam."""
+        """AWAITABLE: end of data to the verdict on the message: build, the content pipeline
+        (content.py: the stages this listener runs), commit."""
         stored = self.build(message)
-        # The content pipeline (milters, DKIM, filters) plugs in here, between build and commit.
-        return await self.commit(stored, message)
+        stages = self.ctx.content.for_listener(self.listener.address)
+        if not stages:
+            return await self.commit(stored, message)
+        work = content.Work(stored.envelope, stored.body, self._facts(message))
+        verdict = await content.run(stages, work)
+        msgid, notes = work.envelope.id, ",".join(work.notes)
+        if verdict.refusal is not None:
+            self._rejected(verdict.refusal, msgid=msgid, sender=work.envelope.sender, content=notes)
+            return verdict.refusal
+        if verdict.discard:
+            logs.event("discarded", msgid=msgid, client=self.client.ip, sender=work.envelope.sender, content=notes)
+            return Decision(replies.queued(msgid))
+        if work.quarantine is not None:
+            for rcpt in work.envelope.recipients:
+                rcpt.state, rcpt.last_reply = "held", f"quarantined by {work.quarantine}"
+        return await self.commit(NewMessage(work.envelope, work.body), message, notes, work.quarantine)
+
+    def _facts(self, message: Message) -> content.Facts:
+        mail = message.sender
+        args = ((f"SIZE={mail.size}",) if mail.size is not None else ()) + \
+            ((f"BODY={mail.body}",) if mail.body else ()) + (("SMTPUTF8",) if mail.smtputf8 else ()) + \
+            ((f"RET={mail.ret}",) if mail.ret else ()) + ((f"ENVID={mail.envid}",) if mail.envid else ())
+        return content.Facts(hostname=self.ctx.config.server.hostname, listener=self.listener.address,
+                             client_ip=self.client.ip, client_port=self.client.port, helo=self.conn.helo_name or "",
+                             user=self.user_name, tls=self.tls_info, sender_args=args)
 
     def build(self, message: Message) -> NewMessage:
         """The message as it will be stored: envelope and body (our Received header first)."""
@@ -325,7 +350,8 @@ class InboundSession:
                     out.append(Recipient(target, rcpt.notify, orcpt))
         return out
 
-    async def commit(self, stored: NewMessage, received: Message) -> Decision:
+    async def commit(self, stored: NewMessage, received: Message, notes: str | None = None,
+                     quarantine: str | None = None) -> Decision:
         """AWAITABLE: the durable commit (group commit, fsync), then 250 queued as ID; a full or
         failing queue is a 4xx, never a 250 for a message that is not stored."""
         envelope = stored.envelope
@@ -341,8 +367,10 @@ class InboundSession:
             metrics.INBOUND_REJECTED.labels("queue_error", "4xx").inc()
             return Decision(replies.QUEUE_ERROR, "queue_error")
         logs.event("received", msgid=msgid, client=self.client.ip, user=self.user_name, sender=envelope.sender,
-                   nrcpt=len(received.recipients), size=len(stored.body), priority=envelope.priority or None)
-        self.ctx.notifier.new(msgid)
+                   nrcpt=len(received.recipients), size=len(stored.body), priority=envelope.priority or None,
+                   content=notes, quarantined=quarantine)
+        if quarantine is None:
+            self.ctx.notifier.new(msgid)
         _, messages, octets = _listener_counters(self.listener.address)
         messages.inc()
         octets.inc(len(stored.body))

@@ -6,9 +6,7 @@ does is chosen by the sender's local part. Plus a milter that is down and one th
 
 import asyncio
 import socket
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import uvloop
@@ -16,11 +14,10 @@ import uvloop
 from mta.milter.changes import Message, apply_modifications
 from mta.milter.client import Envelope, MilterAddress, MilterFailed, run_milter
 from tests.integration.conftest import free_port
+from tests.integration.libmilter import libmilter_peers
 
 pytestmark = pytest.mark.integration
 
-PEER = Path(__file__).with_name("libmilter_peer.py")
-SYSTEM_PYTHON = "/usr/bin/python3"
 CONTENT = (b"Subject: hello\r\nX-Remove: first\r\nX-Remove: second\r\nFrom: s@s.test\r\n\r\n"
            b"line one\r\n" + b"x" * 150_000 + b"\r\n")
 ENVELOPE = Envelope(
@@ -31,50 +28,11 @@ ENVELOPE = Envelope(
 )
 
 
-def _wait_listening(proc, connect, what):
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()}")
-        try:
-            connect().close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen within 15s")
-
-
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
     """One libmilter peer on TCP, one on a unix socket: their MilterAddresses."""
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import Milter"], capture_output=True, check=False)
-    assert probe.returncode == 0, "python3-milter is missing: run `make test-deps`"
-    port = free_port()
-    path = tmp_path_factory.mktemp("milter") / "peer.sock"
-    procs = [
-        subprocess.Popen([SYSTEM_PYTHON, str(PEER), f"inet:{port}@127.0.0.1"], stderr=subprocess.PIPE),
-        subprocess.Popen([SYSTEM_PYTHON, str(PEER), f"unix:{path}"], stderr=subprocess.PIPE),
-    ]
-    try:
-        _wait_listening(procs[0], lambda: socket.create_connection(("127.0.0.1", port)), "TCP peer")
-
-        def unix():
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(str(path))
-            return s
-
-        _wait_listening(procs[1], unix, "unix peer")
-        yield MilterAddress.parse(f"inet:127.0.0.1:{port}"), MilterAddress.parse(f"unix:{path}")
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
+    with libmilter_peers(tmp_path_factory.mktemp("milter")) as (tcp, unix):
+        yield MilterAddress.parse(tcp), MilterAddress.parse(unix)
 
 
 def run(address, sender, timeout=10.0, recipients=("a@r.test", "gone@example.test"), content=CONTENT,
