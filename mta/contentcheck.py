@@ -2,7 +2,8 @@
 
 Called by config.py's checks with its `fail(key, why)`; every message names the key and
 says what a valid value looks like. A stage's `listeners` must name configured listeners
-(a typo would otherwise switch the stage off silently).
+(a typo would otherwise switch the stage off silently); footers and DKIM may also
+name "maildrop", the mail picked up from mta-sendmail.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ Fail = Callable[[str, str], None]
 def check(config: Config, fail: Fail) -> None:
     known = {lst.address.lower() for lst in config.listener}
 
-    def listeners(key: str, names: tuple[str, ...]) -> None:
+    def listeners(key: str, names: tuple[str, ...], local: bool = False) -> None:
+        """`local`: the stage may also name "maildrop" (mail picked up from mta-sendmail)."""
         for name in names:
+            if name == "maildrop" and local:
+                continue
             if name not in known:
+                also = ' and "maildrop"' if local else " (mail from mta-sendmail gets only footers and DKIM)"
                 fail(f"{key} listeners", f"{name!r} is not a configured listener "
-                                         f"(configured: {', '.join(sorted(known))})")
+                                         f"(configured: {', '.join(sorted(known))}{also})")
 
     def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
@@ -43,7 +48,7 @@ def check(config: Config, fail: Fail) -> None:
         for name in ("domain", "selector", "key_file"):
             if not getattr(dkim, name):
                 fail(f"{key} {name}", "is required")
-        listeners(key, dkim.listeners)
+        listeners(key, dkim.listeners, local=True)
     content = config.content
     for ext in content.reject_attachment_extensions:
         if not ext or "." in ext or "/" in ext:
@@ -67,4 +72,4 @@ def check(config: Config, fail: Fail) -> None:
             fail(f"{key} sender_domain", 'is required (a domain, or "*" for every sender)')
         if not footer.text:
             fail(f"{key} text", "is required")
-        listeners(key, footer.listeners)
+        listeners(key, footer.listeners, local=True)

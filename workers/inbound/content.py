@@ -19,9 +19,11 @@ policy never lets one through.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from mta import metrics
 from mta.config import Config
@@ -35,9 +37,9 @@ class Facts:
 
     hostname: str
     listener: str
-    client_ip: str
-    client_port: int
-    helo: str
+    client_ip: str = ""
+    client_port: int = 0
+    helo: str = ""
     user: str | None = None
     tls: str = ""  # "TLSv1.3 with cipher ..." when encrypted
     sender_args: tuple[str, ...] = ()  # MAIL's ESMTP parameters, "KEY=value"
@@ -51,6 +53,7 @@ class Work:
     body: bytes
     facts: Facts
     quarantine: str | None = None  # why, once a stage quarantined it
+    signed: bool = False  # a [[dkim]] stage signed it (the first covering entry signs)
     notes: list[str] = field(default_factory=list)  # "stage:result", for the log line
 
 
@@ -70,10 +73,17 @@ class Verdict:
 GO_ON = Verdict()
 
 
+T = TypeVar("T")
+INLINE_BYTES = 256 * 1024  # a pure stage over a bigger message runs on a thread: the loop keeps serving
+LOCAL = "maildrop"  # the pseudo-listener of mail picked up from mta-sendmail
+
+
 class Stage:
-    """One configured stage: its metric name, the listeners it runs for, and what it does."""
+    """One configured stage: its metric name, the listeners it runs for, and what it does.
+    `local` stages (they change a message, never refuse it) also run for picked-up mail."""
 
     name = ""
+    local = False
 
     def __init__(self, listeners: Sequence[str]) -> None:
         self.listeners = frozenset(listeners)
@@ -95,8 +105,10 @@ class Pipeline:
         self.stages: list[Stage] = [stage for make in factories for stage in make(config)]
         self._selected = {lst.address: tuple(s for s in self.stages if s.applies(lst.address))
                           for lst in config.listener}
+        self._selected[LOCAL] = tuple(s for s in self.stages if s.local and s.applies(LOCAL))
 
     def for_listener(self, address: str) -> tuple[Stage, ...]:
+        """The stages for mail on listener `address` (LOCAL: picked-up mail)."""
         return self._selected.get(address, ())
 
 
@@ -112,3 +124,11 @@ async def run(stages: Sequence[Stage], work: Work) -> Verdict:
             return Verdict(outcome.refusal, outcome.discard)
     return GO_ON
 
+
+
+async def off_loop(size: int, fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` (a pure stage's work over `size` bytes): inline for a small message, on the
+    loop's executor for a big one, so one 20 MiB message never stalls the worker's sessions."""
+    if size <= INLINE_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

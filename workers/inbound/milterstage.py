@@ -92,7 +92,6 @@ def _apply(work: Work, before: Message, after: Message) -> None:
     """The milter's changes into the message to store (recipients keep their DSN fields)."""
     if after.headers != before.headers or after.body != before.body:
         work.body = after.content()
-        work.envelope.size = len(work.body)
     envelope = work.envelope
     envelope.sender = after.sender
     kept = {r.address.casefold(): r for r in envelope.recipients}

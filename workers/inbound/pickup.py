@@ -37,7 +37,8 @@ from mta.maildrop import LOCK, SOCKET, Drop, DropError
 from mtaqueue import Envelope, NewMessage, QueueError, Recipient
 from mtaqueue.backend import QueueBackend
 from mtaqueue.ids import MessageId
-from workers.inbound import policy
+from workers.inbound import content, policy
+from workers.inbound.content import LOCAL
 from workers.inbound.context import WorkerContext
 from workers.inbound.pickupfiles import SETTLE_SECONDS, Claimed, Files, claimed_at
 from workers.inbound.received import local_received_header
@@ -47,7 +48,7 @@ SCAN_SECONDS = 5.0  # a look without a poke (a writer whose poke was lost, a ser
 BATCH = 100  # files claimed per round
 MIN_ROUND_SECONDS = 0.02  # between rounds: any local user may poke, as often as they like
 MAX_HELD_BYTES = 32 * 1024 * 1024  # content read before it is committed (one group commit per this much)
-LISTENER = "maildrop"  # the listener [[priority_rule]]s name for local mail
+LISTENER = LOCAL  # the listener [[priority_rule]]s and content stages name for local mail
 CRASH_HOOK = "crash-pickup"  # MTA_TEST_HOOKS=1: this file in the spool -> SIGKILL between commit and finish
 
 T = TypeVar("T")
@@ -178,7 +179,7 @@ class Pickup:
 
     async def _commit(self, ready: list[Claimed]) -> None:
         now = time.time()
-        stored = [self.build(c, now) for c in ready]
+        stored = [await self._content(self.build(c, now)) for c in ready]
         results = await asyncio.gather(*(self.ctx.committer.commit(m) for m in stored), return_exceptions=True)
         done: list[MessageId] = []
         for claimed, message, result in zip(ready, stored, results):
@@ -212,6 +213,17 @@ class Pickup:
             client={"uid": claimed.uid, "listener": LISTENER, "protocol": "local"},
         )
         return NewMessage(envelope, body)
+
+    async def _content(self, message: NewMessage) -> NewMessage:
+        """Footers and DKIM signing, as for SMTP mail (the stages that never refuse a message:
+        sendmail's caller is gone; Postfix's non_smtpd_milters are empty by default too)."""
+        stages = self.ctx.content.for_listener(LOCAL)
+        if not stages:
+            return message
+        work = content.Work(message.envelope, message.body, content.Facts(self.ctx.config.server.hostname, LOCAL))
+        await content.run(stages, work)
+        work.envelope.size = len(work.body)
+        return NewMessage(work.envelope, work.body)
 
     def final_recipients(self, drop: Drop) -> list[Recipient]:
         """The recipients with aliases expanded (the original kept as ORCPT), deduplicated."""

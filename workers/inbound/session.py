@@ -290,6 +290,7 @@ class InboundSession:
         if verdict.discard:
             logs.event("discarded", msgid=msgid, client=self.client.ip, sender=work.envelope.sender, content=notes)
             return Decision(replies.queued(msgid))
+        work.envelope.size = len(work.body)
         if work.quarantine is not None:
             for rcpt in work.envelope.recipients:
                 rcpt.state, rcpt.last_reply = "held", f"quarantined by {work.quarantine}"
