@@ -12,7 +12,6 @@ from typing import Final
 
 _WSP_RUN: Final = re.compile(rb"[ \t]+")
 _FOLD: Final = re.compile(rb"\r\n(?=[ \t])")
-_TRAILING_WSP: Final = re.compile(rb" (?=\r\n)")
 
 
 def relaxed_header(name: bytes, value: bytes) -> bytes:
@@ -29,8 +28,10 @@ def relaxed_body(body: bytes) -> bytes:
     a non-empty body ends in CRLF (an empty one stays empty). A last line without CRLF
     keeps its trailing WSP and gets a CRLF (as dkimpy and OpenDKIM read 3.4.4; SMTP
     content always ends in CRLF anyway)."""
-    body = _WSP_RUN.sub(b" ", body)
-    body = _TRAILING_WSP.sub(b"", body)
+    body = body.replace(b"\t", b" ")
+    while b"  " in body:  # bytes.replace (C) beats a regex here; each pass halves every run
+        body = body.replace(b"  ", b" ")
+    body = body.replace(b" \r\n", b"\r\n")  # runs are single spaces now: one pass
     end = len(body)
     while body.endswith(b"\r\n", 0, end):
         end -= 2
