@@ -23,9 +23,10 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "queue")]
 
-from mta.dkim import DkimKey, sign  # noqa: E402
 from mta.dkim.canon import relaxed_body  # noqa: E402
 from mta.dkim.fields import split_message  # noqa: E402
+from mta.dkim.keys import DkimKey  # noqa: E402
+from mta.dkim.signer import sign  # noqa: E402
 
 ROUNDS = 5
 

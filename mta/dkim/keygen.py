@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mta.dkim.keys import ALGORITHMS, MIN_RSA_BITS, DkimKey, DkimKeyError
-from mta.outfile import OutFile
+from mta.dkim import ALGORITHMS, MIN_RSA_BITS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -28,6 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def run_keygen(args: argparse.Namespace) -> int:
+    from mta.dkim.keys import DkimKey, DkimKeyError
+    from mta.outfile import OutFile
     try:
         pem = DkimKey.generate(args.algorithm, args.bits)
         key = DkimKey.from_pem(args.domain, args.selector, pem)

@@ -21,8 +21,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-MIN_RSA_BITS: Final = 2048
-ALGORITHMS: Final = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+from mta.dkim import ALGORITHMS, MIN_RSA_BITS
+
 _LABEL: Final = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 TXT_STRING_BYTES: Final = 255  # one character-string of a TXT record
 

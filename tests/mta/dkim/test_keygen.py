@@ -13,7 +13,8 @@ import dns.rdatatype
 import dns.zone
 import pytest
 
-from mta.dkim import DkimKey, sign
+from mta.dkim.keys import DkimKey
+from mta.dkim.signer import sign
 from tests.integration.dns_server import DnsServer
 from tests.mta.dkim.verifiers import dkimpy_verifies, opendkim_results
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import dkim
 import pytest
 
-from mta.dkim import DkimKey, sign
+from mta.dkim.keys import DkimKey
+from mta.dkim.signer import sign
 from tests.integration.dns_server import DnsServer
 from tests.mta.dkim.verifiers import dkimpy_verifies, dnspython_txt, opendkim_results, publish
 
