@@ -16,14 +16,26 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-# OpenDKIM's default signed list (its dkim_should_signhdrs), in its order.
+# OpenDKIM's default signed list (its dkim_should_signhdrs), in its order, plus
+# List-Unsubscribe-Post, which RFC 8058 4 says MUST be signed (one-click unsubscribe, as
+# the large mailbox providers ask of bulk senders).
 DEFAULT_HEADERS: Final[tuple[str, ...]] = (
     "From", "Reply-To", "Subject", "Date", "To", "Cc", "Resent-Date", "Resent-From", "Resent-To",
     "Resent-Cc", "In-Reply-To", "References", "List-Id", "List-Help", "List-Unsubscribe",
-    "List-Subscribe", "List-Post", "List-Owner", "List-Archive", "Message-ID", "Content-Type",
+    "List-Unsubscribe-Post", "List-Subscribe", "List-Post", "List-Owner", "List-Archive", "Message-ID", "Content-Type",
     "Content-Transfer-Encoding", "MIME-Version",
 )
 OVERSIGNED: Final = ("from",)
+
+
+def check_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` when each is a header field name that can stand in h= (printable ASCII, no
+    colon, no semicolon, no space: RFC 5322 ftext less what breaks a tag list), else
+    ValueError naming the first that cannot: for the configuration's `headers`."""
+    for name in names:
+        if not name or not all(33 <= ord(c) <= 126 and c not in ":;" for c in name):
+            raise ValueError(f"{name!r} is not a header field name")
+    return names
 
 
 class Field(NamedTuple):

@@ -16,7 +16,7 @@ import time
 from typing import Final
 
 from mta.dkim.canon import relaxed_body, relaxed_header
-from mta.dkim.fields import DEFAULT_HEADERS, select, split_message
+from mta.dkim.fields import DEFAULT_HEADERS, check_names, select, split_message
 from mta.dkim.keys import DkimKey
 
 NAME: Final = b"DKIM-Signature"
@@ -26,8 +26,9 @@ MAX_LINE: Final = 77  # characters before CRLF: lines "under 78"
 def sign(content: bytes, key: DkimKey, headers: tuple[str, ...] | None = None, now: int | None = None) -> bytes:
     """b"DKIM-Signature: ...\\r\\n" for `content` (the whole message, CRLF line ends),
     signing the fields named in `headers` (default: DEFAULT_HEADERS) that the message
-    has; From is always signed, and oversigned."""
-    names = headers if headers is not None else DEFAULT_HEADERS
+    has; From is always signed, and oversigned. ValueError for a name that is not a
+    header field name (fields.check_names: validate the configuration with it)."""
+    names = check_names(headers) if headers is not None else DEFAULT_HEADERS
     if "from" not in (n.lower() for n in names):
         names = ("From", *names)
     fields, body = split_message(content)

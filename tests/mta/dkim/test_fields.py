@@ -3,7 +3,7 @@ From: domain that decides whether a message is signed."""
 
 import pytest
 
-from mta.dkim.fields import DEFAULT_HEADERS, from_domain, select, split_message
+from mta.dkim.fields import DEFAULT_HEADERS, check_names, from_domain, select, split_message
 
 MESSAGE = (b"Received: from a\r\n\tby b\r\nSubject: one\r\nFrom: A <a@example.test>\r\n"
            b"Subject: two\r\n  folded\r\nX-Other: not signed\r\nnot a field\r\nTo: t@t.test\r\n"
@@ -29,6 +29,11 @@ def test_repeated_fields_bottom_up_and_from_oversigned() -> None:
     assert h == ["from", "from", "subject", "subject", "to"]
     assert [f.value for f in signed] == [b" A <a@example.test>\r\n", b" two\r\n  folded\r\n", b" one\r\n",
                                          b" t@t.test\r\n"]
+
+
+def test_default_list_is_opendkims_plus_rfc8058() -> None:
+    assert DEFAULT_HEADERS[0] == "From" and "List-Unsubscribe-Post" in DEFAULT_HEADERS
+    assert "Received" not in DEFAULT_HEADERS and "Return-Path" not in DEFAULT_HEADERS  # relays add these
 
 
 def test_operator_list_any_case_named_once() -> None:
@@ -60,3 +65,10 @@ def test_from_domain(value: bytes, domain: str | None) -> None:
 def test_from_domain_needs_exactly_one_from() -> None:
     assert from_domain(b"Subject: s\r\n\r\nFrom: a@example.test\r\n") is None
     assert from_domain(b"From: a@example.test\r\nFrom: b@example.test\r\n\r\n") is None
+
+
+@pytest.mark.parametrize("name", ["", "X-A:B", "X;h=from", "X A", "Sub\u00e9ct", "X\tA"])
+def test_names_that_cannot_stand_in_h(name: str) -> None:
+    with pytest.raises(ValueError, match="is not a header field name"):
+        check_names(("Subject", name))
+    assert check_names(("Subject", "X-Mailer", "List-Unsubscribe-Post")) == ("Subject", "X-Mailer", "List-Unsubscribe-Post")

@@ -85,6 +85,8 @@ def test_operator_headers(key: DkimKey, dns_server: DnsServer, tmp_path: Path) -
     assert b"h=from:from:subject:x-mailer;" in signed.replace(b"\r\n ", b"")
     assert dkimpy_verifies(signed.replace(b"To: a@", b"To: z@"), dns_server)
     assert not dkimpy_verifies(signed.replace(b"X-Mailer: not", b"X-Mailer: now"), dns_server)
+    with pytest.raises(ValueError, match="'X;bh=x' is not a header field name"):
+        sign(MULTIPART, key, headers=("Subject", "X;bh=x"))
 
 
 @pytest.mark.parametrize(("change", "what"), [
