@@ -2,10 +2,15 @@
 
 sign() is pure apart from the clock (pass `now` to fix t=): the content in, the header
 to prepend out. Tags, in this order: v=1; a=; c=relaxed/relaxed; d=; s=; t=; h=; bh=; b=.
-The header is folded so that no line reaches 78 characters; folds sit between tags,
-after a colon of h= and inside the base64 of bh= and b= (FWS is allowed there, and a
-relaxed verifier unfolds them). b= comes last: what is hashed is the header with an
-empty b=, exactly as written, folds included.
+The header is folded so that no line reaches 78 characters (only a d= or s= too long
+for any line stays whole, over it); folds sit between tags, after a colon of h= and
+inside the base64 of b= (FWS is allowed there, and a relaxed verifier unfolds it). b=
+comes last: what is hashed is the header with an empty b=, exactly as written, folds
+included.
+
+Cost (bench/dkimsign.py): the body is canonicalised in C-speed passes, about 6 µs per
+KiB, plus one signature (RSA-2048 some 0.3 ms, Ed25519 0.03 ms); a caller signing very
+large messages on an event loop may want a thread.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def sign(content: bytes, key: DkimKey, headers: tuple[str, ...] | None = None, n
     h, signed = select(fields, names)
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
     stamp = int(time.time()) if now is None else now
-    unsigned = _fold([(" ", f"v=1;"), (" ", f"a={key.algorithm};"), (" ", "c=relaxed/relaxed;"),
+    unsigned = _fold([(" ", "v=1;"), (" ", f"a={key.algorithm};"), (" ", "c=relaxed/relaxed;"),
                       (" ", f"d={key.domain};"), (" ", f"s={key.selector};"), (" ", f"t={stamp};"),
                       *_h_atoms(h), (" ", f"bh={body_hash};"), (" ", "b=")])
     data = b"".join(relaxed_header(f.name, f.value) for f in signed)

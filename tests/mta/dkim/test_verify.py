@@ -79,6 +79,17 @@ def test_the_header(key: DkimKey) -> None:
         assert tag in unfolded
 
 
+def test_long_names_fold_and_verify(dns_server: DnsServer, tmp_path: Path) -> None:
+    domain = "a-rather-long-subdomain-of-the-signing-domain.example.test"
+    key = DkimKey.from_pem(domain, "selector-" + "x" * 50, DkimKey.generate("ed25519"))
+    publish(dns_server, key)
+    content = PLAIN.replace(b"joe@example.test", b"joe@" + domain.encode())
+    header = sign(content, key, headers=("From", "Subject", "X-" + "y" * 60))
+    assert all(len(line) < 78 for line in header.split(b"\r\n"))
+    assert dkimpy_verifies(header + content, dns_server)
+    assert opendkim_results(header + content, [key], tmp_path) == ["pass"]
+
+
 def test_operator_headers(key: DkimKey, dns_server: DnsServer, tmp_path: Path) -> None:
     """A list of the operator's own: those signed (From added and oversigned), the rest free to change."""
     signed = sign(MULTIPART, key, headers=("Subject", "X-Mailer"), now=NOW) + MULTIPART
