@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mta.dkim.fields import check_names
 from mta.milter.client import MilterAddress
 from mta.sections import MILTER_ACTIONS, SCAN_ERROR_ACTIONS, TNEF_MODES, VIRUS_ACTIONS, Config
 
@@ -48,6 +49,16 @@ def check(config: Config, fail: Fail) -> None:
         for name in ("domain", "selector", "key_file"):
             if not getattr(dkim, name):
                 fail(f"{key} {name}", "is required")
+        try:
+            check_names(dkim.headers)
+        except ValueError as exc:
+            fail(f"{key} headers", str(exc))
+        # Imported here: loading cryptography costs every `mta` command that reads the config.
+        from mta.dkim.keys import DkimKey, DkimKeyError
+        try:
+            DkimKey.load(dkim.domain, dkim.selector, dkim.key_file)  # a bad key stops a start or a reload
+        except DkimKeyError as exc:
+            fail(key, str(exc))
         listeners(key, dkim.listeners, local=True)
     content = config.content
     for ext in content.reject_attachment_extensions:

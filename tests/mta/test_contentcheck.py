@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mta.config import ConfigError, parse
+from mta.dkim.keys import DkimKey
 
 LISTENERS = {"listener": [{"address": "127.0.0.1:25"}, {"address": "127.0.0.1:587"}]}
 
 
-def test_the_tables_parse_in_file_order() -> None:
+def test_the_tables_parse_in_file_order(tmp_path: Path) -> None:
+    (tmp_path / "k.pem").write_bytes(DkimKey.generate("ed25519"))
     config = parse({**LISTENERS,
                     "milter": [{"address": "inet:127.0.0.1:11332", "default_action": "accept"},
                                {"address": "unix:/run/opendkim.sock", "listeners": ["127.0.0.1:587"]}],
-                    "dkim": [{"domain": "example.com", "selector": "s1", "key_file": "/k.pem"}],
+                    "dkim": [{"domain": "example.com", "selector": "s1", "key_file": str(tmp_path / "k.pem")}],
                     "content": {"reject_attachment_extensions": ["EXE", "vbs"], "tnef": "convert"},
                     "antivirus": {"clamd": "tcp:127.0.0.1:3310", "on_virus": "quarantine"},
                     "footer": [{"sender_domain": "*", "text": "-- footer"}]})
@@ -32,6 +36,10 @@ def test_the_tables_parse_in_file_order() -> None:
      "'127.0.0.1:2526' is not a configured listener"),
     ({"milter": [{"address": "inet:127.0.0.1:1", "port": 1}]}, "[[milter]] #1 port: unknown key"),
     ({"dkim": [{"domain": "example.com", "selector": "s1"}]}, "[[dkim]] #1 key_file: is required"),
+    ({"dkim": [{"domain": "example.com", "selector": "s1", "key_file": "/nonexistent/k.pem"}]},
+     "cannot read the DKIM key /nonexistent/k.pem"),
+    ({"dkim": [{"domain": "example.com", "selector": "s1", "key_file": "/k", "headers": ["to:"]}]},
+     "[[dkim]] #1 headers"),
     ({"content": {"reject_attachment_extensions": [".exe"]}}, "[content] reject_attachment_extensions"),
     ({"content": {"tnef": "strip"}}, "[content] tnef"),
     ({"antivirus": {"clamd": "127.0.0.1:3310"}}, "[antivirus] clamd"),

@@ -15,7 +15,9 @@ from mta.content.attachments import forbidden_attachment
 from mta.content.clamd import ClamdAddress, ClamdFailed, scan
 from mta.content.footer import add_footer
 from mta.content.tnef import convert_tnef
-from mta.dkim import DkimKey, from_domain, sign
+from mta.dkim.fields import from_domain
+from mta.dkim.keys import DkimKey
+from mta.dkim.signer import sign
 from mta.smtp import replies
 from workers.inbound.content import Outcome, Stage, StageFactory, Work, off_loop
 from workers.inbound.decision import Decision
