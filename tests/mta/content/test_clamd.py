@@ -11,18 +11,18 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import uvloop
 
 from mta.content.clamd import CHUNK_BYTES, ClamdAddress, ClamdFailed, ScanResult, parse_reply, scan
 from tests.integration.conftest import free_port
-from tests.mta.content.clamdpeer import CUSTOM_MARKER, EICAR, running_clamd
-from tests.mta.content.conftest import STREAM_MAX_LENGTH_BYTES
+from tests.mta.content.clamdpeer import CUSTOM_MARKER, EICAR, Clamd, running_clamd
 
 pytestmark = pytest.mark.integration
 
+STREAM_MAX_LENGTH_BYTES = 1 << 20
 LOOPS = {"asyncio": None, "uvloop": uvloop.new_event_loop}
 # clamd names a signature from a database outside its signed .cvd files with this suffix.
 EICAR_FOUND = "Eicar-Signature.UNOFFICIAL"
@@ -53,6 +53,13 @@ def run(call: Callable[[], Awaitable[ScanResult]], loop: str = "asyncio") -> Sca
 
 def scan_with(address: str, content: bytes, timeout: float = 10.0, loop: str = "asyncio") -> ScanResult:
     return run(lambda: scan(ClamdAddress.parse(address), content, timeout), loop)
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
+    """One private clamd for the session (it takes a while to load): StreamMaxLength 1 MiB."""
+    with running_clamd(tmp_path_factory.mktemp("clamd"), STREAM_MAX_LENGTH_BYTES) as running:
+        yield running
 
 
 @pytest.fixture(params=["tcp", "unix"])
@@ -128,10 +135,11 @@ def test_a_signature_across_a_chunk_boundary_is_found(address):
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_message_over_streammaxlength_fails_and_clamd_serves_the_next(address, loop):
-    just_under = message(b"z" * (STREAM_MAX_LENGTH_BYTES - 1024))
-    assert scan_with(address, just_under, loop=loop) == ScanResult(None)
-    with pytest.raises(ClamdFailed, match="larger than clamd's StreamMaxLength"):
-        scan_with(address, message(b"z" * (3 * STREAM_MAX_LENGTH_BYTES)), loop=loop)
+    exactly = message(b"").ljust(STREAM_MAX_LENGTH_BYTES, b"z")
+    assert scan_with(address, exactly, loop=loop) == ScanResult(None)
+    for over in (exactly + b"z", exactly * 3):  # the second is refused while it is still being sent
+        with pytest.raises(ClamdFailed, match="larger than clamd's StreamMaxLength"):
+            scan_with(address, over, loop=loop)
     assert scan_with(address, CLEAN, loop=loop) == ScanResult(None)
 
 
