@@ -10,9 +10,9 @@ The wire (clamd(8)): `zINSTREAM\\0`, then the content in chunks, each behind its
 limit exceeded. ERROR` once the stream passes its StreamMaxLength; clamd then hangs up).
 
 Invariants: a connection per scan (clamd's default; no IDSESSION); one deadline over
-connect, send and answer; the socket is closed on every path. The reply is read while
-the content is still being sent, so an early answer (the size limit) is never lost to
-the reset that follows it. Anything but a clean or a FOUND answer raises ClamdFailed:
+connect, send and answer; the socket is closed on every path. The answer is read while
+the content is still being sent and counts whenever it comes: an early one (the size
+limit) ends the scan at once, and is not lost to the reset that follows it. Anything but a clean or a FOUND answer raises ClamdFailed:
 what then happens is the caller's on_error policy.
 """
 
@@ -111,23 +111,33 @@ async def _connect(loop: asyncio.AbstractEventLoop, address: ClamdAddress) -> so
 
 
 async def _exchange(loop: asyncio.AbstractEventLoop, sock: socket.socket, content: bytes) -> bytes:
-    """Send the stream while reading the answer; the answer, without its NUL."""
+    """Send the stream and read the answer at once; the answer, without its NUL.
+
+    The answer counts whenever it comes: clamd refuses an over-long stream before it has
+    all of it. A send that fails still yields the answer clamd sent before it hung up.
+    """
     answer = asyncio.create_task(_read_reply(loop, sock))
+    sending = asyncio.create_task(_send(loop, sock, content))
     try:
-        try:
-            for frame in _frames(content):
-                await loop.sock_sendall(sock, frame)
-                if answer.done():
-                    break  # clamd answered early (the size limit): it reads no more
-        except OSError:
-            if not answer.done() and not await _settles(answer):
-                raise  # the send failed and clamd said nothing: that failure is the reason
+        await asyncio.wait([answer, sending], return_when=asyncio.FIRST_COMPLETED)
+        send_failure = sending.exception() if sending.done() else None
+        if send_failure is not None:
+            await asyncio.wait([answer])
+            if answer.exception() is not None:
+                raise send_failure  # clamd said nothing we can read: the send's failure is why
         return await answer
     finally:
-        answer.cancel()
-        await asyncio.wait([answer])  # its read is off the socket before the socket closes
-        if not answer.cancelled():
-            answer.exception()  # seen: a failure of the reader is reported through the send's
+        for task in (answer, sending):
+            task.cancel()
+        await asyncio.wait([answer, sending])  # both off the socket before it closes
+        for task in (answer, sending):
+            if not task.cancelled():
+                task.exception()  # a failure not chosen as the reason above is not news
+
+
+async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, content: bytes) -> None:
+    for frame in _frames(content):
+        await loop.sock_sendall(sock, frame)
 
 
 def _frames(content: bytes) -> Iterator[bytes]:
@@ -141,12 +151,6 @@ def _frames(content: bytes) -> Iterator[bytes]:
         head = b""
     if not starts:
         yield COMMAND + END
-
-
-async def _settles(answer: asyncio.Future[bytes]) -> bool:
-    """Whether the answer completes now that the send failed (clamd closed after answering)."""
-    await asyncio.wait([answer])
-    return answer.exception() is None
 
 
 async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:

@@ -167,15 +167,17 @@ def test_a_stopped_clamd_fails_fast(tmp_path):
 def serve_then_scan(handler, content: bytes, timeout: float, loop: str = "asyncio") -> ScanResult:
     """Scan against an asyncio server on a loopback port that runs `handler` per connection.
 
-    Each connection is closed by the server once its handler ends, and the scan's result
-    waits for that: nothing of the peer outlives the test's event loop.
+    `handler(reader, writer, over)`: `over` is set once the scan returned. Each connection
+    is closed by the server once its handler ends, and the scan's result waits for that:
+    nothing of the peer outlives the test's event loop.
     """
     peers: list[asyncio.Task] = []
+    over = asyncio.Event()
 
     async def peer(reader, writer):
         peers.append(asyncio.current_task())
         try:
-            await handler(reader, writer)
+            await handler(reader, writer, over)
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -188,11 +190,12 @@ def serve_then_scan(handler, content: bytes, timeout: float, loop: str = "asynci
             try:
                 return await scan(ClamdAddress.parse(f"tcp:127.0.0.1:{port}"), content, timeout)
             finally:
+                over.set()
                 await asyncio.wait(peers, timeout=5)
     return run(scenario, loop)
 
 
-async def never_answers(reader, writer):
+async def never_answers(reader, writer, over):
     while await reader.read(65536):
         pass  # reads the whole stream, answers nothing, never hangs up: until the client does
 
@@ -217,6 +220,21 @@ def test_the_deadline_covers_a_send_that_cannot_finish(loop):
     assert time.monotonic() - started < 2.5
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_answer_before_the_end_of_the_stream_counts(loop):
+    # The peer refuses at once and then neither reads nor hangs up: the send
+    # stalls with 32 MiB to go, and the answer ends the scan anyway, long before the deadline.
+    async def refuses_early(reader, writer, over):
+        writer.transport.pause_reading()  # what arrives stays in the socket buffers, which fill
+        writer.write(b"INSTREAM size limit exceeded. ERROR\0")
+        await writer.drain()
+        await over.wait()
+    started = time.monotonic()
+    with pytest.raises(ClamdFailed, match="larger than clamd's StreamMaxLength"):
+        serve_then_scan(refuses_early, b"x" * (32 << 20), 10, loop)
+    assert time.monotonic() - started < 3
+
+
 @pytest.mark.parametrize("answer,why", [
     (b"", "closed the connection without an answer"),
     (b"stream: OK", "closed the connection without an answer"),  # no NUL: not a whole answer
@@ -224,7 +242,7 @@ def test_the_deadline_covers_a_send_that_cannot_finish(loop):
     (b"x" * 5000, "has no end within 4096 bytes"),
 ], ids=["nothing", "no-nul", "not-a-result", "endless"])
 def test_a_peer_that_answers_wrong(answer, why):
-    async def peer(reader, writer):
+    async def peer(reader, writer, over):
         await reader.readuntil(b"\0\0\0\0")
         writer.write(answer)
         await writer.drain()
