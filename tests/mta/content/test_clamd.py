@@ -164,7 +164,8 @@ def test_a_stopped_clamd_fails_fast(tmp_path):
 
 # --- peers that are not a working clamd --------------------------------------------------
 
-def serve_then_scan(handler, content: bytes, timeout: float, loop: str = "asyncio") -> ScanResult:
+def serve_then_scan(handler, content: bytes, timeout: float, loop: str = "asyncio",
+                    host: str = "127.0.0.1") -> ScanResult:
     """Scan against an asyncio server on a loopback port that runs `handler` per connection.
 
     `handler(reader, writer, over)`: `over` is set once the scan returned. Each connection
@@ -184,11 +185,11 @@ def serve_then_scan(handler, content: bytes, timeout: float, loop: str = "asynci
                 await writer.wait_closed()
 
     async def scenario():
-        server = await asyncio.start_server(peer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server = await asyncio.start_server(peer, host, 0)
+        address = ClamdAddress(host=host, port=server.sockets[0].getsockname()[1])
         async with server:
             try:
-                return await scan(ClamdAddress.parse(f"tcp:127.0.0.1:{port}"), content, timeout)
+                return await scan(ClamdAddress.parse(str(address)), content, timeout)
             finally:
                 over.set()
                 await asyncio.wait(peers, timeout=5)
@@ -248,6 +249,18 @@ def test_a_peer_that_answers_wrong(answer, why):
         await writer.drain()
     with pytest.raises(ClamdFailed, match=why):
         serve_then_scan(peer, b"short", 5)
+
+
+def test_an_ipv6_clamd():
+    async def says_found(reader, writer, over):
+        await reader.readuntil(b"\0\0\0\0")
+        writer.write(b"stream: Eicar-Signature FOUND\0")
+        await writer.drain()
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"this host has no IPv6 loopback (::1): {exc}")
+    assert serve_then_scan(says_found, b"content", 5, "uvloop", host="::1") == ScanResult("Eicar-Signature")
 
 
 def open_fds() -> int:
