@@ -23,7 +23,7 @@ import asyncio
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final
 
 from mta.milter.changes import Message
 from mta.milter.protocol import (
@@ -38,6 +38,7 @@ from mta.milter.protocol import (
     Verdict,
     body_chunks,
 )
+from mta.peeraddress import PeerAddress
 
 READ_BYTES: Final = 65536
 
@@ -47,27 +48,11 @@ class MilterFailed(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class MilterAddress:
+class MilterAddress(PeerAddress):
     """`inet:host:port` (IPv6 as `inet:[::1]:port`) or `unix:/path`, Postfix's form."""
 
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> MilterAddress:
-        kind, _, rest = text.partition(":")
-        if kind == "unix" and rest.startswith("/"):
-            return cls(path=rest)
-        if kind in ("inet", "inet6"):
-            host, _, port = rest.rpartition(":")
-            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-            if host and port.isdigit() and 0 < int(port) < 65536:
-                return cls(host=host, port=int(port))
-        raise ValueError(f"milter address {text!r}: use inet:host:port or unix:/path")
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path else f"inet:{self.host}:{self.port}"
+    KINDS: ClassVar[tuple[str, ...]] = ("inet", "inet6")
+    WHAT: ClassVar[str] = "milter"
 
 
 @dataclass(frozen=True, slots=True)
