@@ -37,7 +37,8 @@ def sample(size: int, tnef: bool) -> bytes:
             b"From: a@c.test\r\nTo: b@x.test\r\nSubject: bench\r\nMIME-Version: 1.0\r\n"
             b'Content-Type: multipart/mixed; boundary="m"\r\n\r\n')
     alternative = ('--m\r\nContent-Type: multipart/alternative; boundary="a"\r\n\r\n'
-                   "--a\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                   "--a\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
                    f"{text}--a\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}\r\n--a--\r\n").encode()
     filler = max(0, size - len(head) - len(alternative) - 400) * 3 // 4
     pdf = b"%PDF-1.4\n" + bytes(i % 251 for i in range(filler))

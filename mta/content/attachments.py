@@ -9,6 +9,10 @@ the attachments packed inside a TNEF part (winmail.dat), since its recipient's c
 unpacks them. Names compare case-insensitively, and without trailing dots and spaces,
 which Windows drops when it opens the file ("a.exe." runs as "a.exe").
 
+A message of more than MAX_PARTS (10,000) MIME parts is not read past them (one with
+10**5 empty parts would hold the event loop for seconds); forbidden_attachment then
+answers TOO_MANY_PARTS, so a forbidden name cannot hide behind them.
+
 Pure: no I/O; malformed MIME is read as far as it parses and never raises.
 """
 
@@ -19,25 +23,29 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import collapse_rfc2231_value
 
-from mta.content.mime import Part, decoded_body, parse_parts, walk
+from mta.content.mime import MAX_PARTS, Part, decoded_body, is_truncated, parse_parts, walk
 from mta.content.tnef import TnefError, is_tnef, read_tnef
+
+
+TOO_MANY_PARTS = f"(more than {MAX_PARTS} MIME parts)"
 
 
 def forbidden_attachment(content: bytes, extensions: frozenset[str]) -> str | None:
     """The decoded name of the first attachment ending in ".<ext>" for one of `extensions`
-    (lower-case, no dot), or None."""
+    (lower-case, no dot); TOO_MANY_PARTS when not every part could be read; else None."""
     if not extensions:
         return None
     suffixes = tuple("." + ext.lower().lstrip(".") for ext in extensions)
-    for name in attachment_names(content):
+    root = parse_parts(content)
+    for name in attachment_names(content, root):
         if name.rstrip(". \t").lower().endswith(suffixes):
             return name
-    return None
+    return TOO_MANY_PARTS if is_truncated(root) else None
 
 
-def attachment_names(content: bytes) -> Iterator[str]:
+def attachment_names(content: bytes, root: Part) -> Iterator[str]:
     """Every part's name, in message order; a TNEF part's packed attachments after it."""
-    for part in walk(parse_parts(content)):
+    for part in walk(root):
         name = part_name(part)
         if name:
             yield name

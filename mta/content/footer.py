@@ -3,9 +3,10 @@
     add_footer(content, "Sent via example.net", "<p>Sent via example.net</p>") -> bytes | None
 
 MIME-aware: the first text/plain part that is not an attachment, found through nested
-multiparts (mixed, alternative, related; never inside a forwarded message/rfc822), gets
-the text at its end; with `html`, the first text/html part gets it before its last
-</body> (at the end when there is none). The part's body is decoded (7bit, 8bit, binary,
+multiparts (mixed, alternative, related; never inside a forwarded message/rfc822, nor
+in a signed or encrypted message, whose signature it would break), gets the text at
+its end; with `html`, the first text/html part gets it before its last </body> (at the
+end when there is none). The part's body is decoded (7bit, 8bit, binary,
 base64, quoted-printable) and re-encoded in the same transfer encoding with its charset
 kept; a charset that cannot encode the footer makes the part UTF-8 (its Content-Type
 charset updated), and a 7bit part that is no longer ASCII becomes quoted-printable.
@@ -26,6 +27,10 @@ from email.message import Message
 from mta.content.mime import Part, decoded_body, encode_body, header_fields, parse_parts, splice
 
 MARKER = b"X-MTA-Footer: added\r\n"
+# A footer inside these would break the sender's S/MIME or OpenPGP signature (or is
+# not readable at all): such a message gets none.
+_SEALED = frozenset({"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
+                     "application/x-pkcs7-mime"})
 _CODECS = frozenset({"7bit", "8bit", "binary", "base64", "quoted-printable"})
 
 
@@ -44,6 +49,8 @@ def add_footer(content: bytes, text: str, html: str | None = None) -> bytes | No
 
 
 def _first_text_part(part: Part, subtype: str) -> Part | None:
+    if part.content_type in _SEALED:
+        return None
     if part.content_type.startswith("multipart/"):
         for child in part.children:
             found = _first_text_part(child, subtype)

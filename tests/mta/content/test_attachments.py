@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from mta.content.attachments import forbidden_attachment
+from mta.content.attachments import TOO_MANY_PARTS, forbidden_attachment
 from tests.mta.content.samples import TEXT_PART, attachment, message, mixed
 from tests.mta.content.tnefwriter import tnef_stream
 
@@ -70,3 +70,11 @@ def test_malformed_mime_is_read_as_far_as_it_goes() -> None:
     msg = message('MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="x"\n',
                   '--x\nContent-Type: text/plain\n\nhi\n--x\nContent-Disposition: attachment; filename="late.vbs"\n')
     assert forbidden_attachment(msg, BLOCKED) == "late.vbs"
+
+
+def test_a_name_cannot_hide_behind_ten_thousand_parts() -> None:
+    empty = "Content-Type: text/plain\n\n"
+    exe = attachment(' filename="x.exe"')
+    assert forbidden_attachment(mixed(*[empty] * 9_990, exe), BLOCKED) == "x.exe"
+    assert forbidden_attachment(mixed(*[empty] * 10_000, exe), BLOCKED) == TOO_MANY_PARTS
+    assert forbidden_attachment(mixed(*[empty] * 10_000), frozenset()) is None

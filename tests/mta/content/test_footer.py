@@ -122,3 +122,12 @@ def test_a_body_that_does_not_decode_in_its_charset_is_left_alone() -> None:
     assert add_footer(message("Content-Type: text/plain; charset=utf-8\n", "\xff\n").replace(b"\xc3\xbf", b"\xff"),
                       "F") is None
     assert add_footer(message("Content-Type: text/plain; charset=x-unknown\n", "hi\n"), "F") is None
+
+
+def test_a_signed_message_gets_no_footer_that_would_break_its_signature() -> None:
+    signed = ('Content-Type: multipart/signed; protocol="application/pkcs7-signature"; boundary="s"\n\n'
+              "--s\nContent-Type: text/plain\n\nsigned text\n--s\nContent-Type: application/pkcs7-signature\n\n"
+              "MIAGCSqGSIb3DQEHAqCAMIACAQExDzANBglghkgBZQMEAgEFADCABgkqhkiG9w0BBwEAAKCAMIIB\n--s--")
+    assert add_footer(mixed(signed), FOOTER) is None
+    assert add_footer(message("MIME-Version: 1.0\n" + signed.split("\n\n", 1)[0] + "\n", signed.split("\n\n", 1)[1]),
+                      FOOTER) is None

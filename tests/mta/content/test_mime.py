@@ -12,7 +12,8 @@ def test_spans_of_a_nested_multipart_and_a_forwarded_message() -> None:
     assert content[text.start:text.end] == b"Content-Type: text/plain; charset=us-ascii\r\n\r\nHello.\r\n"
     assert content[text.body_start:text.end] == b"Hello.\r\n"
     (inner,) = rfc822.children
-    assert inner.headers["Subject"] == "inner" and content[inner.body_start:inner.end] == b"inner text\r\n"
+    assert content[inner.start:inner.header_end] == b"Subject: inner\r\n"
+    assert content[inner.body_start:inner.end] == b"inner text\r\n"
     assert [p.content_type for p in walk(root)] == ["multipart/mixed", "text/plain", "message/rfc822", "text/plain"]
 
 
