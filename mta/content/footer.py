@@ -93,6 +93,9 @@ def _append(content: bytes, part: Part, addition: str, html: bool) -> list[tuple
     encoded = encode_body(data, encoding)
     if encoding == "base64" and not content[part.body_start:part.end].endswith(b"\n"):
         encoded = encoded.removesuffix(b"\r\n")  # the line end before a delimiter is the delimiter's
+    if part.body_start == part.header_end:  # no blank line: the part was all header
+        header = content[part.start:part.header_end]
+        encoded = (b"\r\n" if not header or header.endswith(b"\n") else b"\r\n\r\n") + encoded
     edits.append((part.body_start, part.end, encoded))
     return edits
 

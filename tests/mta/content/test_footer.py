@@ -131,3 +131,12 @@ def test_a_signed_message_gets_no_footer_that_would_break_its_signature() -> Non
     assert add_footer(mixed(signed), FOOTER) is None
     assert add_footer(message("MIME-Version: 1.0\n" + signed.split("\n\n", 1)[0] + "\n", signed.split("\n\n", 1)[1]),
                       FOOTER) is None
+
+
+def test_a_message_or_part_without_a_body_gets_one() -> None:
+    assert add_footer(b"Subject: x\r\nContent-Type: text/plain\r\n", "F") == \
+        b"X-MTA-Footer: added\r\nSubject: x\r\nContent-Type: text/plain\r\n\r\nF\r\n"
+    assert add_footer(b"Subject: x", "F") == b"X-MTA-Footer: added\r\nSubject: x\r\n\r\nF\r\n"
+    empty_part = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n--b--\r\n"
+    parsed = email.message_from_bytes(add_footer(empty_part, "F"), policy=default)
+    assert [decoded(p) for p in parsed.iter_parts()] == ["F"]  # the last line end is the delimiter's
