@@ -6,8 +6,9 @@ A part's name comes from Content-Disposition filename or else Content-Type name,
 RFC 2231 (charset, continuations filename*0*=) and RFC 2047 encoded words decoded. Every
 part is looked at, nested message/rfc822 parts and the multiparts inside them too, and
 the attachments packed inside a TNEF part (winmail.dat), since its recipient's client
-unpacks them. Names compare case-insensitively, and without trailing dots and spaces,
-which Windows drops when it opens the file ("a.exe." runs as "a.exe").
+unpacks them. Names compare case-insensitively, and without trailing dots, blanks and
+control characters, which Windows drops when it opens the file ("a.exe." runs as
+"a.exe"). The name returned has its control characters as "?" (it goes into a reply).
 
 A message of more than MAX_PARTS (10,000) MIME parts is not read past them (one with
 10**5 empty parts would hold the event loop for seconds); forbidden_attachment then
@@ -18,6 +19,7 @@ Pure: no I/O; malformed MIME is read as far as it parses and never raises.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
@@ -27,6 +29,7 @@ from mta.content.mime import MAX_PARTS, Part, decoded_body, is_truncated, parse_
 from mta.content.tnef import TnefError, is_tnef, read_tnef
 
 
+_TRAILING = re.compile(r"[\s.\x00-\x1f]+$")  # what Windows (or a client) drops at a name's end
 TOO_MANY_PARTS = f"(more than {MAX_PARTS} MIME parts)"
 
 
@@ -38,8 +41,8 @@ def forbidden_attachment(content: bytes, extensions: frozenset[str]) -> str | No
     suffixes = tuple("." + ext.lower().lstrip(".") for ext in extensions)
     root = parse_parts(content)
     for name in attachment_names(content, root):
-        if name.rstrip(". \t").lower().endswith(suffixes):
-            return name
+        if _TRAILING.sub("", name).lower().endswith(suffixes):
+            return "".join(c if c.isprintable() else "?" for c in name)
     return TOO_MANY_PARTS if is_truncated(root) else None
 
 

@@ -78,3 +78,10 @@ def test_a_name_cannot_hide_behind_ten_thousand_parts() -> None:
     assert forbidden_attachment(mixed(*[empty] * 9_990, exe), BLOCKED) == "x.exe"
     assert forbidden_attachment(mixed(*[empty] * 10_000, exe), BLOCKED) == TOO_MANY_PARTS
     assert forbidden_attachment(mixed(*[empty] * 10_000), frozenset()) is None
+
+
+def test_control_characters_neither_hide_the_extension_nor_reach_the_reply() -> None:
+    # =0D=0A decoded from RFC 2047 would be a line end in the 554 reply that names it.
+    name = forbidden_attachment(mixed(TEXT_PART, attachment(' filename="=?utf-8?Q?a=0D=0A250_ok.exe=0D=0A?="')),
+                                BLOCKED)
+    assert name == "a??250 ok.exe??"
