@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mta.content.clamd import ClamdAddress
 from mta.dkim.fields import check_names
 from mta.milter.client import MilterAddress
 from mta.sections import MILTER_ACTIONS, SCAN_ERROR_ACTIONS, TNEF_MODES, VIRUS_ACTIONS, Config
@@ -69,9 +70,10 @@ def check(config: Config, fail: Fail) -> None:
     listeners("[content]", content.listeners)
     av = config.antivirus
     if av.clamd:
-        kind, _, rest = av.clamd.partition(":")
-        if not ((kind == "unix" and rest.startswith("/")) or (kind == "tcp" and ":" in rest)):
-            fail("[antivirus] clamd", f'must be "tcp:host:port" or "unix:/path", got {av.clamd!r}')
+        try:
+            ClamdAddress.parse(av.clamd)
+        except ValueError as exc:
+            fail("[antivirus] clamd", str(exc))
     one_of("[antivirus] on_virus", av.on_virus, VIRUS_ACTIONS)
     one_of("[antivirus] on_error", av.on_error, SCAN_ERROR_ACTIONS)
     if av.timeout_seconds <= 0:

@@ -142,6 +142,7 @@ SENDER_NOT_OWNED = Reply(553, "5.7.1", "Error: sender address not owned by the a
 CONTENT_REJECTED = Reply(550, "5.7.1", "Error: message content rejected")
 CONTENT_TEMPFAIL = Reply(451, "4.7.1", "Error: content filter unavailable, try again later")
 VIRUS_SCAN_FAILED = Reply(451, "4.7.1", "Error: virus scan unavailable, try again later")
+TOO_MANY_PARTS = Reply(554, "5.7.1", "Error: message refused, too many MIME parts to check its attachments")
 
 
 def attachment_refused(name: str) -> Reply:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from mta import logs
 from mta.config import AntivirusConfig, Config, ContentConfig, DkimConfig, FooterConfig
-from mta.content.attachments import forbidden_attachment
+from mta.content.attachments import TOO_MANY_PARTS, forbidden_attachment
 from mta.content.clamd import ClamdAddress, ClamdFailed, scan
 from mta.content.footer import add_footer
-from mta.content.tnef import convert_tnef
+from mta.content.tnefconvert import convert_tnef
 from mta.dkim.fields import from_domain
 from mta.dkim.keys import DkimKey
 from mta.dkim.signer import sign
@@ -38,10 +38,11 @@ class AttachmentStage(Stage):
         if self.extensions:
             name = await off_loop(len(work.body), forbidden_attachment, work.body, self.extensions)
             if name is not None:
-                return Outcome("reject", Decision(replies.attachment_refused(name), "attachment"))
+                reply = replies.TOO_MANY_PARTS if name == TOO_MANY_PARTS else replies.attachment_refused(name)
+                return Outcome("reject", Decision(reply, "attachment"))
         if self.convert_tnef:
             converted = await off_loop(len(work.body), convert_tnef, work.body)
-            if converted is not None:
+            if converted is not None and converted != work.body:  # (the same bytes: no TNEF part parsed)
                 work.body = converted
                 return Outcome("converted")
         return Outcome("pass")
