@@ -12,10 +12,11 @@ import email.policy
 import logging
 
 import pytest
+import uvloop
 
 from mta.milter.changes import Message, apply_modifications
 from mta.milter.client import Envelope, MilterAddress, MilterResult, run_milter
-from mta.milter.codes import Action, Proto
+from mta.milter.codes import MAX_BODY_CHUNK, Action, Proto
 from mta.milter.protocol import AddHeader, ChangeHeader
 from tests.integration.milterpeers import GTUBE, REJECT_MESSAGE, rspamd_milter  # noqa: F401
 
@@ -29,11 +30,13 @@ ENVELOPE = Envelope(
 )
 
 
-def scan(address: str, subject: str = "hello", body: str = "A plain note between friends.") -> tuple[Message, MilterResult]:
+def scan(address: str, subject: str = "hello", body: str = "A plain note between friends.",
+         loop_factory=None) -> tuple[Message, MilterResult]:
     content = (f"From: Sender <s@sender.test>\r\nTo: a@r.test\r\nSubject: {subject}\r\n"
                f"Date: Mon, 07 Dec 2026 04:00:00 +0000\r\nMessage-ID: <1@sender.test>\r\n\r\n{body}\r\n")
     message = Message.parse(content.encode(), "s@sender.test", ("a@r.test",), ())
-    result = asyncio.run(run_milter(MilterAddress.parse(address), ENVELOPE, message, 30))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(run_milter(MilterAddress.parse(address), ENVELOPE, message, 30))
     return message, result
 
 
@@ -50,6 +53,16 @@ def test_rspamd_negotiates_no_reply_steps_and_its_actions(rspamd_milter):
     assert no_reply in negotiated.protocol  # every step before end of message goes unanswered
     assert Action.ADDHDRS | Action.CHGHDRS | Action.QUARANTINE in negotiated.actions
     assert result.verdict == "accept"  # ... and the verdict still comes back at end of message
+
+
+def test_a_large_message_streams_unanswered_body_chunks_under_uvloop(rspamd_milter):
+    """About 40 body chunks go out with no reply awaited (NR_BODY), through uvloop as in production."""
+    body = "\r\n".join(f"line {n:06d} of a long but innocent report" for n in range(60_000))
+    message, result = scan(rspamd_milter, body=body, loop_factory=uvloop.new_event_loop)
+    assert len(message.body) > 39 * MAX_BODY_CHUNK
+    headers = added(result)
+    assert result.verdict == "accept" and headers["X-Rspamd-Action"] == "no action"
+    assert headers["X-Rspamd-Queue-Id"] == ENVELOPE.queue_id
 
 
 def test_a_clean_message_gets_rspamds_headers(rspamd_milter):
