@@ -21,12 +21,13 @@ from mta.milter.client import Envelope, MilterAddress, MilterResult, run_milter
 from mta.milter.codes import Action, Proto
 from mta.milter.protocol import InsertHeader
 from tests.integration.dns_server import DnsServer
-from tests.integration.milterpeers import make_dkim_key, start_opendkim
+from tests.integration.milterpeers import make_dkim_key, rspamd_milter, start_opendkim  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 log = logging.getLogger(__name__)
 DOMAIN, SELECTOR = "example.test", "mail2026"
+OFFICE = ("127.0.0.1", "::1", "198.51.100.0/24")  # OpenDKIM's InternalHosts: mail from these is signed
 MACROS = {"j": "mx.test", "_": "client.test [192.0.2.7]", "{client_addr}": "192.0.2.7"}
 AUTHENTICATED = Envelope("client.test", "192.0.2.7", 40123, "helo.client.test",
                          MACROS | {"{auth_type}": "PLAIN", "{auth_authen}": "alice"}, queue_id="4F2A9C01B7")
@@ -47,7 +48,7 @@ def signer(request, tmp_path_factory):
     key_file = tmp_path / f"{request.param}.key"
     with DnsServer() as server:
         server.set(f"{SELECTOR}._domainkey.{DOMAIN}", "TXT", make_dkim_key(key_file, request.param))
-        with start_opendkim(tmp_path, DOMAIN, SELECTOR, key_file) as address:
+        with start_opendkim(tmp_path, DOMAIN, SELECTOR, key_file, OFFICE) as address:
             yield address, server
 
 
@@ -123,3 +124,18 @@ def test_mail_of_another_domain_is_not_signed(signer):
                           "alice@elsewhere.test", ("bob@r.test",), ())
     result = asyncio.run(run_milter(MilterAddress.parse(signer[0]), AUTHENTICATED, other, 30))
     assert (result.verdict, result.modifications) == ("accept", ())
+
+
+def test_rspamd_then_opendkim_the_signature_covers_rspamds_headers(signer, rspamd_milter):
+    """Both milters in order, as an operator runs them for mail relayed from the office network."""
+    address, dns_server = signer
+    office = Envelope("pc7.office.test", "198.51.100.7", 40123, "pc7.office.test",
+                      MACROS | {"{client_addr}": "198.51.100.7"}, queue_id="4F2A9C01B7")
+    message = Message.parse(CONTENT, "alice@example.test", ("bob@r.test",), ("BODY=8BITMIME",))
+    scanned = asyncio.run(run_milter(MilterAddress.parse(rspamd_milter), office, message, 30))
+    checked = apply_modifications(message, scanned.modifications)
+    assert "X-Spamd-Result" in dict(checked.headers)
+    signing = asyncio.run(run_milter(MilterAddress.parse(address), office, checked, 30))
+    signed = apply_modifications(checked, signing.modifications).content()
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert b"\r\nX-Spamd-Result: default: False" in signed and verifies(signed, dns_server)

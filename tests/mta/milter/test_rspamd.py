@@ -10,6 +10,7 @@ import asyncio
 import email
 import email.policy
 import logging
+from dataclasses import replace
 
 import pytest
 import uvloop
@@ -31,12 +32,12 @@ ENVELOPE = Envelope(
 
 
 def scan(address: str, subject: str = "hello", body: str = "A plain note between friends.",
-         loop_factory=None) -> tuple[Message, MilterResult]:
+         loop_factory=None, envelope: Envelope = ENVELOPE) -> tuple[Message, MilterResult]:
     content = (f"From: Sender <s@sender.test>\r\nTo: a@r.test\r\nSubject: {subject}\r\n"
                f"Date: Mon, 07 Dec 2026 04:00:00 +0000\r\nMessage-ID: <1@sender.test>\r\n\r\n{body}\r\n")
     message = Message.parse(content.encode(), "s@sender.test", ("a@r.test",), ())
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        result = runner.run(run_milter(MilterAddress.parse(address), ENVELOPE, message, 30))
+        result = runner.run(run_milter(MilterAddress.parse(address), envelope, message, 30))
     return message, result
 
 
@@ -81,6 +82,14 @@ def test_a_clean_message_gets_rspamds_headers(rspamd_milter):
     assert parsed["Authentication-Results"].startswith("mx.test;")  # named by our j macro
     assert "spf=none" in parsed["Authentication-Results"]  # inserted by rspamd's milter_headers
     assert changed.body == message.body
+
+
+def test_an_authenticated_clients_message_gets_no_headers(rspamd_milter):
+    """rspamd reads {auth_authen}; milter_headers skips authenticated mail (skip_authenticated)."""
+    authenticated = replace(ENVELOPE, macros=ENVELOPE.macros | {"{auth_authen}": "alice"})
+    _, result = scan(rspamd_milter, envelope=authenticated)
+    assert (result.verdict, result.modifications) == ("accept", ())
+    assert added(scan(rspamd_milter)[1])  # the same message from the same client, anonymous: headers
 
 
 def test_gtube_is_rejected_with_rspamds_own_reply(rspamd_milter):
