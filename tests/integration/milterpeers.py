@@ -3,15 +3,16 @@
     with start_rspamd(tmp_path) as address:                  # "inet:127.0.0.1:PORT"
         result = await run_milter(MilterAddress.parse(address), envelope, message, 30)
     with start_opendkim(tmp_path, "example.test", "sel", key_file) as address: ...
-    dns_server.set("sel._domainkey.example.test", "TXT", dkim_txt_record(key_file))
+    dns_server.set("sel._domainkey.example.test", "TXT", make_dkim_key(key_file, "ed25519"))
 
 Each daemon runs in the foreground in its own process group, with its own config under
 a fresh world-searchable directory in /tmp (the daemons drop to their own users, which
 cannot enter pytest's 0700 tmp_path); at exit it is stopped, its log copied to tmp_path
 and the directory removed. rspamd (its proxy worker in milter mode, scanning itself) asks
 a private DnsServer, so no lookup leaves the machine; it needs no Redis (the modules that
-do disable themselves). `rspamd_milter` is a session fixture: rspamd takes seconds to load.
-Its config adds three test rules on the Subject (RULES) so that each action is reachable.
+do disable themselves). `rspamd_milter` is a session fixture: rspamd takes seconds to load
+(about 14 s here). OpenDKIM starts at once but takes about 5 s to stop (libmilter's poll).
+rspamd's config adds three test rules on the Subject (RULES) so that each action is reachable.
 """
 
 from __future__ import annotations
