@@ -86,6 +86,7 @@ class MilterResult:
     status: str = ""
     text: str = ""
     modifications: tuple[Modification, ...] = ()  # in the milter's order, for apply_modifications
+    negotiated: Negotiated | None = None  # the actions and protocol flags the milter chose, for logs
 
     @property
     def quarantine(self) -> str | None:
@@ -163,7 +164,8 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 async def _run(session: _Session, env: Envelope, message: Message) -> MilterResult:
     conn = session.conn
-    await session.step(conn.negotiate())
+    negotiated = await session.step(conn.negotiate())
+    assert isinstance(negotiated, Negotiated), "the core awaits the negotiation reply"
     macros = {name: _text(value) for name, value in env.macros.items()}
     data_macros = macros | ({"{i}": env.queue_id} if env.queue_id else {})
     steps = [
@@ -183,11 +185,11 @@ async def _run(session: _Session, env: Envelope, message: Message) -> MilterResu
     for make in steps:
         verdict = await session.step(make())
         if isinstance(verdict, Verdict) and verdict.kind not in ("continue", "skip"):
-            return _result(verdict, ())
+            return _result(verdict, (), negotiated)
     verdict = await session.step(conn.end_of_message(data_macros))
     if not isinstance(verdict, Verdict):
         raise MilterFailed("milter gave no verdict at end of message")
-    return _result(verdict, tuple(session.modifications))
+    return _result(verdict, tuple(session.modifications), negotiated)
 
 
 def _text(text: str) -> str:
@@ -195,5 +197,5 @@ def _text(text: str) -> str:
     return text.replace("\0", " ")
 
 
-def _result(verdict: Verdict, mods: tuple[Modification, ...]) -> MilterResult:
-    return MilterResult(verdict.kind, verdict.code, verdict.status, verdict.text, mods)
+def _result(verdict: Verdict, mods: tuple[Modification, ...], negotiated: Negotiated) -> MilterResult:
+    return MilterResult(verdict.kind, verdict.code, verdict.status, verdict.text, mods, negotiated)
