@@ -72,6 +72,7 @@ worker "rspamd_proxy" {{
 _MILTER_HEADERS = """\
 use = ["x-spamd-result", "x-rspamd-server", "x-rspamd-queue-id", "x-spam-status", "authentication-results"];
 extended_spam_headers = true;
+skip_local = false;  # the end-to-end tests' client is 127.0.0.1
 """
 _ACTIONS = """\
 reject = 15;
