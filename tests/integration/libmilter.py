@@ -51,7 +51,11 @@ def libmilter_peers(tmp_dir: Path) -> Iterator[tuple[str, str]]:
 
         def unix() -> socket.socket:
             s = socket.socket(socket.AF_UNIX)
-            s.connect(str(path))
+            try:
+                s.connect(str(path))
+            except OSError:
+                s.close()  # not listening yet: no socket left for the GC to warn about
+                raise
             return s
 
         wait_listening(procs[1], unix, "unix peer")
