@@ -202,6 +202,14 @@ def _config_check(cfg: Config, args: argparse.Namespace) -> int:
             print(f"mta: configuration error: [local] aliases: {exc}", file=sys.stderr)
             return 2
         print(f"aliases OK: {len(aliases)} in {cfg.local.aliases}")
+    if cfg.local.mailboxes:
+        from mta.mailboxfile import MailboxFileError, load_mailboxes
+        try:
+            mailboxes = load_mailboxes(cfg.local.mailboxes)
+        except (MailboxFileError, OSError) as exc:
+            print(f"mta: configuration error: [local] mailboxes: {exc}", file=sys.stderr)
+            return 2
+        print(f"mailboxes OK: {len(mailboxes)} in {cfg.local.mailboxes}")
     print(f"configuration OK: {cfg.source.strip('<>')} ({args.found.why})")
     return 0
 

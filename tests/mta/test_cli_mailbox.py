@@ -61,3 +61,13 @@ def test_refusals_say_why(tmp_path: Path) -> None:
     assert path.read_text() == "alice@a.test aliases=al@b.test\n"
     none = mta("mailbox", "list", "--file", "")
     assert none.returncode == 2 and "set [local] mailboxes" in none.stderr
+
+
+def test_config_check_reads_the_file(tmp_path: Path) -> None:
+    config, path = setup(tmp_path)
+    path.write_text("alice@a.test\nbob@a.test quota_bytes=lots\n")
+    bad = mta("config", "check", "-c", str(config))
+    assert bad.returncode == 2 and f"[local] mailboxes: {path}:2: quota_bytes=lots" in bad.stderr
+    path.write_text("alice@a.test\n")
+    good = mta("config", "check", "-c", str(config))
+    assert good.returncode == 0 and f"mailboxes OK: 1 in {path}" in good.stdout

@@ -122,7 +122,7 @@ class LocalRecipients:
             return replies.bad_recipient("VRFY/EXPN take an address")
         if address.domain_key not in self.domains:
             return replies.VRFY_CANNOT
-        if self.check(RcptTo(address)) is not None:
+        if self.check(RcptTo(address)) not in (None, FULL_MAILBOX):  # full: it still exists
             return USER_UNKNOWN
         targets = self.expand(address.text) if expand else [address.text]
         return Reply(250, "2.1.5", tuple(f"<{t}>" for t in targets))
