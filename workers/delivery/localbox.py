@@ -22,7 +22,7 @@ import secrets
 
 from mta import logs, quota
 from mta.config import Config
-from mta.mailboxes import Owner, resolve_owner
+from mta.mailboxes import Owner, UnsafeName, mailbox_path, resolve_owner
 from mta.mailboxfile import Mailbox, MailboxFile
 from workers.delivery import maildir
 from workers.delivery.maildir import MaildirError
@@ -36,6 +36,22 @@ class LocalDelivery:
         self.warn_percent = config.local.quota_warn_percent
         self.owner: Owner | None = resolve_owner(config.local.owner)
         self.mailboxes = MailboxFile(config.local.mailboxes) if config.local.mailboxes else None
+
+    def mailbox_dir(self, address: str) -> str | None:
+        """The existing folder of the mailbox `address` names (with the file: its address or an
+        alias); None when there is none yet (the Sieve script and vacation record live there)."""
+        if self.mailboxes is not None:
+            box = self.mailboxes.lookup(address)
+            if box is None:
+                return None
+            user, domain = box.user, box.domain
+        else:
+            user, _, domain = address.rpartition("@")
+        try:
+            mailbox = mailbox_path(self.root, domain, user)
+        except UnsafeName:
+            return None
+        return mailbox if os.path.isdir(mailbox) else None
 
     def deliver(self, address: str, body: bytes, *, return_path: str) -> str:
         """Store `body` for `address`; the file's path, or MaildirError."""
