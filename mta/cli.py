@@ -1,5 +1,5 @@
 """The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage/
-backup/restore/export/import, users, dkim keygen, completion, sendmail.
+backup/restore/export/import, users, mailbox, dkim keygen, completion, sendmail.
 
 The parser, and the commands short enough to live here. Every command finds its
 configuration the same way (mta/config.py find(): -c, $MTA_CONFIG, /etc/mta/mta.toml,
@@ -17,7 +17,7 @@ the next AUTH, with no reload.
 
 `mta queue backup|restore` are mta/queuebackup.py's, `export|import --bsmtp` mta/queueexport.py's
 and mta/queueimport.py's (each of those modules adds its own parsers); `mta dkim keygen` is
-mta/dkim/keygen.py's.
+mta/dkim/keygen.py's; `mta mailbox` mta/mailboxcli.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from mta import config as configmod
-from mta import queuebackup, queuecli, queueexport, queueimport, queuepages, version
+from mta import mailboxcli, queuebackup, queuecli, queueexport, queueimport, queuepages, version
 from mta.dkim import keygen as dkimkeygen
 from mta.config import Config, ConfigError
 
@@ -148,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="one JSON array instead of lines")
     u.set_defaults(func=_users, action=_users_list)
 
+    mailboxcli.add_parsers(sub, common)  # mailbox add|delete|list|quota
     dkimkeygen.add_parsers(sub)  # dkim keygen
 
     p = sub.add_parser("completion", help="print a shell completion script (reads no configuration)")
@@ -201,6 +202,14 @@ def _config_check(cfg: Config, args: argparse.Namespace) -> int:
             print(f"mta: configuration error: [local] aliases: {exc}", file=sys.stderr)
             return 2
         print(f"aliases OK: {len(aliases)} in {cfg.local.aliases}")
+    if cfg.local.mailboxes:
+        from mta.mailboxfile import MailboxFileError, load_mailboxes
+        try:
+            mailboxes = load_mailboxes(cfg.local.mailboxes)
+        except (MailboxFileError, OSError) as exc:
+            print(f"mta: configuration error: [local] mailboxes: {exc}", file=sys.stderr)
+            return 2
+        print(f"mailboxes OK: {len(mailboxes)} in {cfg.local.mailboxes}")
     print(f"configuration OK: {cfg.source.strip('<>')} ({args.found.why})")
     return 0
 

@@ -20,6 +20,7 @@ import typing
 from typing import Any, Final
 
 from mta import contentcheck
+from mta.mailboxes import check_local
 from mta.sections import (  # re-exported: callers import the types from mta.config
     AntivirusConfig as AntivirusConfig,
     AuthConfig as AuthConfig,
@@ -299,6 +300,7 @@ def _check(config: Config, source: str) -> None:
     if config.log.format not in ("keyvalue", "json"):
         fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
     _check_control(config.control, fail)
+    check_local(config.local, fail)
     for name in ("local_domains", "relay_domains"):
         for domain in getattr(config.relay, name):
             if not domain or any(c.isspace() or c in "@<>[]" for c in domain):

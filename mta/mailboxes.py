@@ -1,14 +1,25 @@
-"""Where a local mailbox lives, and whether it exists: shared by inbound (RCPT) and delivery.
+"""Where a local mailbox lives, whether it exists, who owns it: shared by inbound (RCPT) and delivery.
 
 Layout: `root/<domain>/<user>/`, a Maildir (tmp/, new/, cur/ inside). A mailbox exists
 when that directory does; operators provision it. `domain` and `user` are lower-cased
 and must be plain names (no `/`, no `..`, no leading dot, no NUL or controls):
 anything else is an UnsafeName, so no address can name a path outside `root`.
+
+[local] owner ("user[:group]") is resolved here (`resolve_owner`: the uid and gid the
+folders and files mta creates in a mailbox are given); [local] is checked here too.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+from collections.abc import Callable
+
+from mta.sections import LocalConfig
+
+Owner = tuple[int, int]  # uid, gid
+QUOTA_FULL_MODES = ("defer", "bounce")
 
 
 class UnsafeName(ValueError):
@@ -31,3 +42,31 @@ def mailbox_exists(root: str, domain: str, user: str) -> bool:
         return os.path.isdir(mailbox_path(root, domain, user))
     except UnsafeName:
         return False
+
+
+def resolve_owner(spec: str) -> Owner | None:
+    """The uid and gid of "user[:group]" (group: the user's own when absent); None for ""; ValueError naming what is unknown."""
+    if not spec:
+        return None
+    name, _, group = spec.partition(":")
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"no user {name!r} on this system (create it, e.g. `useradd -r vmail`)") from None
+    if not group:
+        return user.pw_uid, user.pw_gid
+    try:
+        return user.pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no group {group!r} on this system") from None
+
+
+def check_local(local: LocalConfig, fail: Callable[[str, str], None]) -> None:
+    try:
+        resolve_owner(local.owner)
+    except ValueError as exc:
+        fail("[local] owner", str(exc))
+    if local.quota_full not in QUOTA_FULL_MODES:
+        fail("[local] quota_full", f"must be one of {', '.join(QUOTA_FULL_MODES)}, got {local.quota_full!r}")
+    if not 0 <= local.quota_warn_percent <= 100:
+        fail("[local] quota_warn_percent", "must be 0 (no warning) to 100")

@@ -90,7 +90,7 @@ INBOUND_BYTES = Counter(
 INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
     "Connections, senders, recipients or messages refused, by reason and reply code class. reason: "
-    "relay, user_unknown, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
+    "relay, user_unknown, mailbox_full, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
     "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit "
     "(connections; the last three answered by the master); sender_denied, "
     "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT); "

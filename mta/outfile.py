@@ -4,14 +4,17 @@
 fsyncs it, renames it to PATH and fsyncs the directory: PATH is then durable. On any
 error (Ctrl-C included) PATH.tmp is removed and PATH is left as it was. An existing PATH
 is refused (FileExistsError) unless `force`. Progress lines for long copies are paced
-here too (`Pacer`).
+here too (`Pacer`). `editor_lock(path)`: one editor at a time of a file the `mta`
+commands edit in place (flock on `<path>.lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import BinaryIO, Final
 
@@ -51,6 +54,17 @@ class OutFile:
         if kind is None:
             os.replace(self.tmp, self.path)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+
+@contextlib.contextmanager
+def editor_lock(path: str) -> Iterator[None]:
+    """Hold the exclusive flock on `<path>.lock` (made 0600 if missing) for the block."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def fsync_dir(path: str) -> None:

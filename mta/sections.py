@@ -167,6 +167,10 @@ class CacheConfig:
 class LocalConfig:
     maildir_root: str = "var/mail"  # mailboxes are <root>/<domain>/<user>/ (create one to add a user)
     aliases: str = ""  # path of the aliases file; empty = none
+    mailboxes: str = ""  # the virtual mailboxes file (`mta mailbox`); empty = a mailbox exists when its directory does
+    owner: str = ""  # "user[:group]" that owns the mailboxes mta creates and writes; empty = mta's own user
+    quota_full: str = "defer"  # a message over a mailbox's quota: "defer" (4.2.2, bounced 5.2.2 at the lifetime) or "bounce"
+    quota_warn_percent: int = 90  # one warning message into a mailbox whose usage crosses this; 0 = none
 
 
 @dataclass(frozen=True)

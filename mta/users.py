@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import os
@@ -33,6 +32,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
+
+from mta.outfile import editor_lock
 
 SCRYPT_N: Final = 2**14
 SCRYPT_R: Final = 8
@@ -216,17 +217,13 @@ def save_users(path: str, users: Mapping[str, User]) -> None:
 @contextlib.contextmanager
 def edit_users(path: str) -> Iterator[dict[str, User]]:
     """Lock, load (a missing file is empty), yield the table to change, save it unless the block raised."""
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, NEW_FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with editor_lock(path):
         try:
             users = load_users(path)
         except FileNotFoundError:
             users = {}
         yield users
         save_users(path, users)
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def _replace(path: str, text: str, st: os.stat_result | None) -> None:

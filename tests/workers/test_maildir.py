@@ -14,6 +14,8 @@ from workers.delivery.maildir import MaildirError
 
 BODY = b"Received: from a by b\r\nSubject: hello\r\n\r\nline one\r\n.dot line\r\n"
 STORED = b"Return-Path: <alice@example.org>\nDelivered-To: bob@example.com\nReceived: from a by b\nSubject: hello\n\nline one\n.dot line\n"
+LINES = STORED.count(b"\n")
+SIZES = f",S={len(STORED)},W={len(STORED) + LINES}"  # Maildir++: the size, and with CRLF
 
 
 @pytest.fixture
@@ -50,14 +52,14 @@ def test_file_names_are_unique_and_follow_the_maildir_convention(root: Path) -> 
     for name in names:
         seconds, unique, host = name.split(".", 2)
         assert seconds.isdigit() and unique.startswith("M") and "P" in unique and "Q" in unique and "R" in unique
-        assert host == "mx.example.com"
+        assert host == "mx.example.com" + SIZES
         assert ":" not in name and "/" not in name
 
 
-def test_hostname_slash_and_colon_are_escaped(root: Path) -> None:
-    path = maildir.deliver(str(root), "example.com", "bob", BODY, return_path="a@b",
-                           delivered_to="bob@example.com", hostname="odd/host:name")
-    assert Path(path).name.endswith(".odd\\057host\\072name")
+def test_hostname_slash_colon_and_comma_are_escaped(root: Path) -> None:
+    path = maildir.deliver(str(root), "example.com", "bob", BODY, return_path="alice@example.org",
+                           delivered_to="bob@example.com", hostname="odd/host:name,S=1")
+    assert Path(path).name.endswith(".odd\\057host\\072name\\054S=1" + SIZES)
 
 
 def test_user_and_domain_are_lower_cased(root: Path) -> None:
@@ -207,13 +209,38 @@ def test_name_collision_in_new_picks_another_name(root: Path, monkeypatch: pytes
     names = iter(["taken", "free"])
     monkeypatch.setattr(maildir, "_unique_name", lambda hostname: next(names))
     (root / "example.com" / "bob" / "new").mkdir()
-    (root / "example.com" / "bob" / "new" / "taken").write_bytes(b"older message")
+    (root / "example.com" / "bob" / "new" / ("taken" + SIZES)).write_bytes(b"older message")
     path = deliver(root)
-    assert Path(path).name == "free"
-    assert (root / "example.com" / "bob" / "new" / "taken").read_bytes() == b"older message"
+    assert Path(path).name == "free" + SIZES
+    assert (root / "example.com" / "bob" / "new" / ("taken" + SIZES)).read_bytes() == b"older message"
     assert list((root / "example.com" / "bob" / "tmp").iterdir()) == []
 
 
 def test_error_attributes() -> None:
     error = MaildirError(True, "4.3.0", "disk full")
     assert (error.temporary, error.status, error.text, str(error)) == (True, "4.3.0", "disk full", "4.3.0 disk full")
+
+
+def test_sizes_in_the_name_are_the_file_and_its_crlf_size(root: Path) -> None:
+    path = Path(deliver(root))
+    size = path.stat().st_size
+    size, count = path.stat().st_size, path.read_bytes().count(b"\n")
+    assert path.name.endswith(f",S={size},W={size + count}")
+
+
+def test_open_mailbox_creates_a_listed_mailbox_and_refuses_an_unlisted_one(root: Path) -> None:
+    with pytest.raises(MaildirError) as refused:
+        maildir.open_mailbox(str(root), "example.net", "carol")
+    assert (refused.value.temporary, refused.value.status) == (False, "5.1.1")
+    box = maildir.open_mailbox(str(root), "example.net", "carol", create=True)
+    assert sorted(p.name for p in Path(box).iterdir()) == ["cur", "new", "tmp"]
+    assert os.stat(Path(box).parent).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_owner_gets_every_folder_and_file_created(root: Path) -> None:
+    owner = (65534, 65534)
+    box = maildir.open_mailbox(str(root), "example.net", "carol", create=True, owner=owner)
+    path = maildir.store(box, b"Subject: x\n\nhi\n", "h", owner)
+    for made in (Path(box).parent, Path(box), Path(box) / "tmp", Path(box) / "new", Path(box) / "cur", Path(path)):
+        assert (made.stat().st_uid, made.stat().st_gid) == owner, made

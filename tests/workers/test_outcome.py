@@ -56,6 +56,14 @@ def test_expiry_bounces_a_temporary_failure_with_4_4_7() -> None:
     assert result.bounce is not None and b"Status: 4.4.7" in result.bounce.body
 
 
+def test_expiry_bounces_a_full_mailbox_with_5_2_2() -> None:
+    e = envelope(n=1)
+    result = run(e, [RecipientReply(0, 450, "4.2.2", "Mailbox full: a@b holds 10 of 10 bytes")], now=1000.0 + 3600)
+    assert result.bounced == [0]
+    assert result.bounce is not None and b"Status: 5.2.2" in result.bounce.body
+    assert b"Mailbox full" in result.bounce.body
+
+
 def test_never_bounce_a_bounce_and_honour_notify_never() -> None:
     assert run(envelope(sender=""), [RecipientReply(0, 550, "5.1.1", "x")]).bounce is None
     assert run(envelope(notify=("NEVER",)), [RecipientReply(0, 550, "5.1.1", "x")]).bounce is None

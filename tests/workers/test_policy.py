@@ -150,3 +150,31 @@ def test_untrusted_mail_to_any_postmaster_is_stored_with_ret_hdrs(requested: str
     assert dsn_ret(requested, [rcpt("<postmaster@relay.test>")], trusted=False) == "HDRS"
     assert dsn_ret(requested, to_postmaster, trusted=True) == requested
     assert dsn_ret(requested, [rcpt("<alice@local.test>")], trusted=False) == requested
+
+
+# --- the virtual mailboxes file ------------------------------------------------------------
+
+def virtual_site(tmp_path: Path) -> Site:
+    (tmp_path / "mail" / "a.test").mkdir(parents=True)
+    (tmp_path / "mail" / "a.test" / "dironly").mkdir()  # a folder alone no longer makes a mailbox
+    (tmp_path / "mailboxes").write_text("alice@a.test aliases=al@b.test\nfull@a.test quota_messages=1\n")
+    box = tmp_path / "mail" / "a.test" / "full"
+    (box / "new").mkdir(parents=True)
+    (box / "new" / "1.M1P1.h,S=10").write_bytes(b"x" * 10)
+    site = Site(tmp_path, ("a.test", "b.test"))
+    site.config = Config(server=site.config.server, relay=site.config.relay,
+                         local=LocalConfig(maildir_root=str(tmp_path / "mail"), mailboxes=str(tmp_path / "mailboxes")))
+    site.local = LocalRecipients(site.config)
+    return site
+
+
+def test_with_a_mailboxes_file_it_decides_who_exists_and_who_is_full(tmp_path: Path) -> None:
+    site = virtual_site(tmp_path)
+    assert verdict(site.check("<alice@a.test>")) == OK
+    assert verdict(site.check("<AL@b.test>")) == OK
+    assert verdict(site.check("<dironly@a.test>")) == UNKNOWN
+    assert verdict(site.check("<alice@b.test>")) == UNKNOWN
+    assert verdict(site.check("<full@a.test>")) == (452, "4.2.2", "mailbox_full")
+    assert site.local.verify("full@a.test").code == 250  # full, but it exists
+    assert site.local.expand("Al@b.test") == ["alice@a.test"]  # an alias goes to its mailbox
+    assert site.local.expand("alice@a.test") == ["alice@a.test"]

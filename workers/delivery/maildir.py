@@ -1,8 +1,13 @@
 """Local delivery into Maildir (https://cr.yp.to/proc/maildir.html).
 
 Layout: `root/<domain>/<user>/{tmp,new,cur}` (mta/mailboxes.py: where a mailbox is, and
-whether it exists). Operators provision the mailbox; `deliver` only adds a missing
-tmp/, new/ or cur/ inside it. A domain or user that cannot be a directory name is 5.1.3.
+whether it exists). Operators provision the mailbox, or with [local] mailboxes the file
+lists it and `open_mailbox(create=True)` makes its directories at its first delivery;
+otherwise only a missing tmp/, new/ or cur/ is added. A domain or user that cannot be a
+directory name is 5.1.3. With [local] owner, every folder and file created here is
+given to that user (folders 0700, files 0600), so a Dovecot running as it reads them.
+File names carry Maildir++ sizes (`,S=<bytes>,W=<bytes with CRLF>`): Dovecot and the
+quota count (mta/quota.py) read them instead of stat().
 
 Invariant: when `deliver` returns, the message is in new/ and both the file and the
 new/ directory entry have been fsynced; when it raises, nothing is left behind in
@@ -19,7 +24,7 @@ import secrets
 import time
 
 from mta.durable import fsync_folder, write_all
-from mta.mailboxes import UnsafeName, mailbox_path
+from mta.mailboxes import Owner, UnsafeName, mailbox_path
 
 _counter = itertools.count(1)
 _TEMPORARY_STORAGE = {errno.ENOSPC: "4.3.0", errno.EIO: "4.3.0", errno.EDQUOT: "4.2.2", errno.EROFS: "4.3.0"}
@@ -39,30 +44,54 @@ class MaildirError(Exception):
 
 
 def deliver(root: str, domain: str, user: str, body: bytes, *, return_path: str,
-            delivered_to: str, hostname: str) -> str:
+            delivered_to: str, hostname: str, owner: Owner | None = None) -> str:
     """Store one message durably in the mailbox's new/; return the file's path."""
+    mailbox = open_mailbox(root, domain, user, owner=owner)
+    return store(mailbox, prepare(body, return_path=return_path, delivered_to=delivered_to), hostname, owner)
+
+
+def open_mailbox(root: str, domain: str, user: str, *, create: bool = False, owner: Owner | None = None) -> str:
+    """The mailbox directory, its tmp/ new/ cur/ made if missing (and, with `create`, the
+    directory itself); MaildirError when it cannot be used."""
     try:
         mailbox = mailbox_path(root, domain, user)
     except UnsafeName as exc:
         raise MaildirError(False, "5.1.3", str(exc)) from None
-    if not os.path.isdir(mailbox):
-        if not os.path.isdir(root):
-            # The whole store is missing: our configuration, not the recipient.
-            raise MaildirError(True, "4.3.5", f"maildir root {root} does not exist")
-        raise MaildirError(False, "5.1.1", f"no mailbox for {user.lower()}@{domain.lower()}")
-    data = (f"Return-Path: <{_one_line(return_path)}>\n"
-            f"Delivered-To: {_one_line(delivered_to)}\n").encode("utf-8") + body.replace(b"\r\n", b"\n")
+    if not os.path.isdir(root):
+        # The whole store is missing: our configuration, not the recipient.
+        raise MaildirError(True, "4.3.5", f"maildir root {root} does not exist")
     try:
+        if create:
+            _ensure_dir(os.path.dirname(mailbox), owner)
+            _ensure_dir(mailbox, owner)
+        elif not os.path.isdir(mailbox):
+            raise MaildirError(False, "5.1.1", f"no mailbox for {user.lower()}@{domain.lower()}")
         for sub in ("tmp", "new", "cur"):
-            _ensure_dir(os.path.join(mailbox, sub))
-        return _store(mailbox, data, hostname)
+            _ensure_dir(os.path.join(mailbox, sub), owner)
     except OSError as exc:
-        raise _as_maildir_error(exc) from exc
+        raise as_maildir_error(exc) from exc
+    return mailbox
 
 
-def _store(mailbox: str, data: bytes, hostname: str) -> str:
+def prepare(body: bytes, *, return_path: str, delivered_to: str) -> bytes:
+    """The message as stored: Return-Path and Delivered-To first, LF line ends."""
+    return (f"Return-Path: <{_one_line(return_path)}>\n"
+            f"Delivered-To: {_one_line(delivered_to)}\n").encode() + body.replace(b"\r\n", b"\n")
+
+
+def store(mailbox: str, data: bytes, hostname: str, owner: Owner | None = None) -> str:
+    """`data` durably in `mailbox`/new/ (the invariant above); its path."""
+    try:
+        return _store(mailbox, data, hostname, owner)
+    except OSError as exc:
+        raise as_maildir_error(exc) from exc
+
+
+def _store(mailbox: str, data: bytes, hostname: str, owner: Owner | None) -> str:
+    lines = data.count(b"\n")
+    sizes = f",S={len(data)},W={len(data) + lines}"  # W: the size with CRLF line ends (Dovecot's virtual size)
     for _ in range(_MAX_NAME_ATTEMPTS):
-        name = _unique_name(hostname)
+        name = _unique_name(hostname) + sizes
         tmp_path = os.path.join(mailbox, "tmp", name)
         new_path = os.path.join(mailbox, "new", name)
         try:
@@ -71,6 +100,8 @@ def _store(mailbox: str, data: bytes, hostname: str) -> str:
             continue
         try:
             try:
+                if owner is not None:
+                    os.fchown(fd, *owner)
                 write_all(fd, data)
                 os.fsync(fd)
             finally:
@@ -106,14 +137,16 @@ def _publish(tmp_path: str, new_path: str) -> bool:
 def _unique_name(hostname: str) -> str:
     # time.MusecPpidQcounterRrandom.host: unique across processes, restarts and hosts.
     now = time.time()
-    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    host = hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
     return (f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q{next(_counter)}"
             f"R{secrets.token_hex(8)}.{host}")
 
 
-def _ensure_dir(path: str) -> None:
+def _ensure_dir(path: str, owner: Owner | None) -> None:
     try:
         os.mkdir(path, 0o700)
+        if owner is not None:
+            os.chown(path, *owner)
     except FileExistsError:
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
@@ -126,7 +159,7 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _as_maildir_error(exc: OSError) -> MaildirError:
+def as_maildir_error(exc: OSError) -> MaildirError:
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno in _PERMISSION:
         return MaildirError(True, "4.2.0", f"mailbox not writable: {exc.strerror}{where}")

@@ -44,6 +44,7 @@ from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 from workers.delivery import maildir
+from workers.delivery.localbox import LocalDelivery
 from mta.resolver import MxResolver
 from mta.smtp.transaction import Outbound, OutboundRecipient, SessionError
 from workers.delivery.session import OutboundSession
@@ -100,6 +101,7 @@ class DeliveryWorker(WorkerBody):
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.local = LocalDelivery(config)
         self._inbox: dict[int, asyncio.Queue[SessionMessage]] = {}
         self._out: frames.StreamFrames | None = None  # frames to the scheduler, one write per burst
         self._slots = HostSlots(config.delivery.max_connections_per_host)
@@ -127,6 +129,7 @@ class DeliveryWorker(WorkerBody):
 
     def reload(self, config: Config) -> None:
         self.config = config
+        self.local = LocalDelivery(config)
 
     async def drain(self, deadline: float) -> None:
         """No new session starts and no session starts another job; a session in a
@@ -315,16 +318,14 @@ class DeliveryWorker(WorkerBody):
         message = current.message
         assert message is not None
         body = message.body
-        root = self.config.local.maildir_root
+        local = self.local
         replies: list[RcptReply] = []
         loop = asyncio.get_running_loop()
         for i, rcpt in zip(current.rcpts, message.recipients):
             address = rcpt.address
-            user, _, domain = address.rpartition("@")
             try:
-                path = await loop.run_in_executor(None, lambda: maildir.deliver(
-                    root, domain.lower(), user, body, return_path=message.sender, delivered_to=address,
-                    hostname=self.config.server.hostname))
+                path = await loop.run_in_executor(None, lambda: local.deliver(
+                    address, body, return_path=message.sender))
             except maildir.MaildirError as exc:
                 replies.append((i, 450 if exc.temporary else 550, exc.status, exc.text))
                 continue

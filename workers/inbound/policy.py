@@ -8,8 +8,11 @@ nothing.
 
 Local recipients: in a local domain delivered to Maildir (no [routes] entry, or
 "maildir"), a recipient must be an alias or have a mailbox directory, else 550 5.1.1
-at RCPT time (never accept-then-bounce). Domains routed elsewhere (LMTP) are checked
-by the server they are routed to.
+at RCPT time (never accept-then-bounce). With [local] mailboxes, a mailbox exists when
+the file lists it (or one of its aliases, which the commit rewrites to the mailbox's
+address, ORCPT keeping the original); a listed mailbox full by its quota (mta/quota.py)
+is 452 4.2.2 (the message may come back when there is room). Domains routed elsewhere
+(LMTP) are checked by the server they are routed to.
 
 Postmaster (RFC 5321 4.5.1) without backscatter: the bare <postmaster> is decided, and
 stored, as postmaster@ the first local domain, or @ [server] hostname when there is
@@ -24,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-
 from collections.abc import Sequence
 
-from mta import logs
+from mta import logs, quota
 from mta.aliases import AliasError, Aliases
 from mta.config import Config, RelayConfig
-from mta.mailboxes import mailbox_exists
+from mta.mailboxes import mailbox_exists, mailbox_path
+from mta.mailboxfile import MailboxFile
 from mta.smtp import replies
 from mta.smtp.address import Address, AddressError, parse_path
 from mta.smtp.commands import MailFrom, RcptTo
@@ -40,9 +43,11 @@ from workers.inbound.decision import Decision
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 ALIAS_BROKEN = Reply(451, "4.3.0", "Error: the alias for this recipient is broken, try again later")
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")
 # Refusals of a recipient, each with its reason (the mta_inbound_rejected_total label).
 UNKNOWN_USER = Decision(USER_UNKNOWN, "user_unknown")
 BROKEN_ALIAS = Decision(ALIAS_BROKEN, "rcpt")
+FULL_MAILBOX = Decision(MAILBOX_FULL, "mailbox_full")
 NO_RELAY = Decision(replies.RELAY_DENIED, "relay")
 
 
@@ -51,7 +56,7 @@ class RcptDecision:
     """A RCPT verdict, why it was refused, and the recipient as the transaction keeps it."""
 
     reply: Reply
-    reason: str  # "" when accepted; else relay | user_unknown | rcpt (the rejected-metric label)
+    reason: str  # "" when accepted; else relay | user_unknown | mailbox_full | rcpt (the rejected-metric label)
     rcpt: RcptTo  # the bare <postmaster> as postmaster@domain, ORCPT keeping what was sent
 
 
@@ -65,6 +70,7 @@ class LocalRecipients:
                                  if config.routes.get(d, "maildir") == "maildir")
         # No local domains: the aliases file's bare names (`postmaster: ...`) apply to our hostname.
         self.all_local = tuple(config.relay.local_domains) or (config.server.hostname.lower().rstrip("."),)
+        self.mailboxes = MailboxFile(config.local.mailboxes) if config.local.mailboxes else None
 
     def check(self, command: RcptTo) -> Decision | None:
         """None when the recipient exists here (or is not ours to judge); else the refusal."""
@@ -73,9 +79,30 @@ class LocalRecipients:
         if domain not in self.domains:
             return None
         unknown = self.check_alias(address)
-        if unknown is UNKNOWN_USER and mailbox_exists(self.maildir_root, domain, address.local.lower()):
+        if unknown is not UNKNOWN_USER:
+            return unknown
+        if self.mailboxes is not None:
+            return self.check_mailbox(address.text)
+        if mailbox_exists(self.maildir_root, domain, address.local.lower()):
             return None
         return unknown
+
+    def check_mailbox(self, address: str) -> Decision | None:
+        """A listed mailbox with room (None), full (FULL_MAILBOX) or none (UNKNOWN_USER)."""
+        assert self.mailboxes is not None
+        box = self.mailboxes.lookup(address)
+        if box is None:
+            return UNKNOWN_USER
+        if box.has_quota:
+            limits = quota.Limits(box.quota_bytes, box.quota_messages)
+            try:
+                usage = quota.usage(mailbox_path(self.maildir_root, box.domain, box.user), limits, write=False)
+            except OSError as exc:  # delivery meets the same error and answers for it
+                logs.event("quota_error", mailbox=box.address, error=str(exc))
+                return None
+            if usage.full(limits):
+                return FULL_MAILBOX
+        return None
 
     def check_alias(self, address: Address) -> Decision | None:
         """None when `address` is an alias; UNKNOWN_USER when not; BROKEN_ALIAS when it cannot expand."""
@@ -95,7 +122,7 @@ class LocalRecipients:
             return replies.bad_recipient("VRFY/EXPN take an address")
         if address.domain_key not in self.domains:
             return replies.VRFY_CANNOT
-        if self.check(RcptTo(address)) is not None:
+        if self.check(RcptTo(address)) not in (None, FULL_MAILBOX):  # full: it still exists
             return USER_UNKNOWN
         targets = self.expand(address.text) if expand else [address.text]
         return Reply(250, "2.1.5", tuple(f"<{t}>" for t in targets))
@@ -106,7 +133,11 @@ class LocalRecipients:
             targets = self.aliases.expand(address, self.all_local)
         except AliasError:  # already answered 451 at RCPT time; keep the address as sent
             return [address]
-        return targets if targets else [address]
+        if targets:
+            return targets
+        local = address.rpartition("@")[2].lower().rstrip(".") in self.domains
+        box = self.mailboxes.lookup(address) if self.mailboxes is not None and local else None
+        return [box.address] if box is not None and box.address != address.lower() else [address]
 
 
 def check_mail_from(relay: RelayConfig, client: IPAddress | None, command: MailFrom) -> Reply:

@@ -3,8 +3,9 @@
 `settle` applies one attempt's per-recipient replies to an envelope:
   2xx -> delivered; 5xx -> bounced; 452 4.5.3 (too many recipients) -> ready again at
   once; other 4xx -> deferred with exponential back-off between
-  min_backoff_seconds and max_backoff_seconds, or bounced (status 4.4.7, action failed)
-  once the message is older than max_queue_lifetime_seconds.
+  min_backoff_seconds and max_backoff_seconds, or bounced (status 4.4.7, action failed;
+  5.2.2 when the last reply was 4.2.2, mailbox full) once the message is older than
+  max_queue_lifetime_seconds.
 Notices (RFC 3464 DSNs from <> to the envelope sender, each a NewMessage to commit in
 the same transaction as the change that caused it; a message from <> never gets one):
   - failure: the bounced recipients whose NOTIFY allows it (none given: yes);
@@ -107,7 +108,8 @@ def settle(envelope: Envelope, replies: Sequence[RecipientReply], *, remote: str
         result.bounced.append(reply.index)
         status = reply.status or ("5.0.0" if reply.code >= 500 else "4.0.0")
         if 400 <= reply.code < 500:
-            status = "4.4.7"  # delivery time expired
+            # Delivery time expired; a mailbox still full is the permanent 5.2.2 (RFC 3463).
+            status = "5.2.2" if reply.status == "4.2.2" else "4.4.7"
             rcpt.last_reply = f"{reply} (gave up after {int(now - envelope.arrival)} s in the queue)"
         if should_notify(rcpt.notify, "failed"):
             dsn.append(_dsn_recipient(rcpt, status, remote, rcpt.last_reply, now))
