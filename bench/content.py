@@ -31,7 +31,7 @@ from contentpeers import (MILTER_CHANGES, MILTER_SLEEP_SECONDS, MILTER_SLEEPS, S
 from mtaconf import dead_dns, mta_launch, write_config
 from procs import HOST, Server, free_port, log
 from procstat import machine_busy_seconds, machine_line, reaped_children_cpu_seconds
-from results import (Outcome, Summary, cell, failed_note, first_problems, fmt, machine_notes, md_row, notes_cell,
+from results import (Outcome, Summary, cell, failed_note, first_problems, machine_notes, md_row, notes_cell,
                      report_text, timeout_note)
 from targets import RCPT_DOMAIN, RCPT_USER
 
@@ -41,8 +41,10 @@ DEFAULT_MESSAGES: Final = 2000
 MESSAGE_BYTES: Final = 10 * 1024
 BLOCKED_EXTENSIONS: Final = ("exe", "vbs", "js", "scr")
 SLOW_MILTER: Final = "milter-slow"
-# The event-loop check fails below this share of N / delay (fully overlapped waits).
-OVERLAP_FLOOR: Final = 0.5
+# The event-loop check fails below this share of N / delay (fully overlapped waits): far
+# above workers / delay (each wait blocking its worker), with room for each message's own
+# time beside the delay (~70 ms here, 40 of them TCP's delayed ACK) and a busy machine.
+OVERLAP_FLOOR: Final = 0.25
 DECISION_LINE: Final = re.compile(r'^mta_content_decisions_total\{(.*)\} ([0-9.e+]+)$')
 LABEL: Final = re.compile(r'(\w+)="([^"]*)"')
 
@@ -131,6 +133,15 @@ def decisions_check(config: str, before: dict, after: dict, accepted: int) -> st
             f"(a stage that did not run, or did something else: see mta's log)")
 
 
+def overlap_check(rate: float, sessions: int) -> str | None:
+    """None when `sessions` waits of MILTER_SLEEP_SECONDS on the milter overlapped enough."""
+    overlapped = sessions / MILTER_SLEEP_SECONDS
+    if rate >= OVERLAP_FLOOR * overlapped:
+        return None
+    return (f"{rate:.1f} msg/s with {sessions} sessions waiting {MILTER_SLEEP_SECONDS} s each on the milter: "
+            f"under {OVERLAP_FLOOR:.0%} of {overlapped:.0f} msg/s, the waits did not overlap (a blocked event loop?)")
+
+
 def launch_content(config: str, port: int, control_port: int, workdir: Path, workers: int,
                    fixtures: Fixtures) -> Server:
     for sub in ("cur", "new", "tmp"):
@@ -197,11 +208,8 @@ def measure(config: str, repeat: int, args: argparse.Namespace, scratch: Path, f
             outcome.error = f"{messages - accepted} of {messages} not accepted: " + first_problems(result)
         else:
             outcome.error = decisions_check(config, before, after, accepted)
-            rate, overlapped = result["accepted_per_second"], result.get("overlapped_per_second")
-            if outcome.error is None and overlapped and rate < OVERLAP_FLOOR * overlapped:
-                outcome.error = (f"{rate:.1f} msg/s with {args.slow_milter_sessions} sessions waiting "
-                                 f"{MILTER_SLEEP_SECONDS} s each on the milter: under {OVERLAP_FLOOR:.0%} of "
-                                 f"{overlapped:.0f} msg/s, the waits did not overlap (the event loop blocked?)")
+            if outcome.error is None and config == SLOW_MILTER:
+                outcome.error = overlap_check(result["accepted_per_second"], args.slow_milter_sessions)
         if outcome.error:
             outcome.ok = False
             outcome.stderr_tail = server.log_tail()
@@ -219,6 +227,11 @@ def ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x" if value is not None and base else ""
 
 
+def peer_cell(s: Summary, stage: str, peer: str) -> str:
+    """A peer's CPU per message, on the rows whose configuration uses it."""
+    return cell(s, f"{peer}_cpu_us_per_message", 0) if any(st == stage for st, _ in CONFIGS[s.target]) else ""
+
+
 def render_table(summaries: list[Summary]) -> str:
     base = summaries[0]  # "none"
     base_rate, base_cpu = base.median("accepted_per_second"), base.median("server_cpu_us_per_message")
@@ -234,8 +247,8 @@ def render_table(summaries: list[Summary]) -> str:
         notes = failed_note(s) + timeout_note(s) + machine_notes(s, "loadgen", ": client-bound, msg/s is a lower bound")
         rows.append(md_row(s.target, cell(s, "accepted_per_second", 0), "" if s is base else ratio(rate, base_rate),
                            cell(s, "latency_p50_ms", 2), cell(s, "server_cpu_us_per_message", 0),
-                           "" if s is base else ratio(cpu, base_cpu), added, cell(s, "clamd_cpu_us_per_message", 0),
-                           cell(s, "milter_cpu_us_per_message", 0), checked if s.target != "none" else "none counted",
+                           "" if s is base else ratio(cpu, base_cpu), added, peer_cell(s, "antivirus", "clamd"),
+                           peer_cell(s, "milter", "milter"), checked if s.target != "none" else "none counted",
                            notes_cell(notes)))
     return "\n".join(rows)
 
@@ -269,8 +282,9 @@ def run_content(args: argparse.Namespace, scratch: Path) -> tuple[str, dict, boo
         f"mta bench --content: one {len(message)}-byte multipart message (text, HTML, a base64 PDF; From: in "
         f"{SIGNING_DOMAIN}), {args.messages} per run, {args.sessions} sessions, {args.per_session} per session, "
         f"{args.mta_worker_list[0]} inbound worker(s), delivery workers 0, {args.repeat} repeat(s), warm-up "
-        f"{args.warmup}; a fresh mta per row and run, ratios against `none` of this run. Each run checked "
-        f"against mta_content_decisions_total. \"+ µs/msg\": server CPU over `none`'s. {machine_line()}",
+        f"{args.warmup}; `all` signs with the RSA key; a fresh mta per row and run, ratios against `none` of "
+        f"this run. Each run checked against mta_content_decisions_total. \"+ µs/msg\": server CPU over "
+        f"`none`'s. {machine_line()}",
         render_table(ordered), ordered, render_slow(summaries[SLOW_MILTER], args))
     doc = {"message_bytes": len(message),
            "rows": [{"config": s.target, "median_accepted_per_second": s.median("accepted_per_second"),

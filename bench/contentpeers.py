@@ -31,8 +31,8 @@ from procstat import process_cpu_seconds, threads_runtime_seconds
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # the repo's mta and tests packages
-from tests.integration.libmilter import PEER, SYSTEM_PYTHON, wait_listening  # noqa: E402
-from tests.mta.content.clamdpeer import running_clamd  # noqa: E402
+from tests.integration.libmilter import PEER, SYSTEM_PYTHON, wait_listening
+from tests.mta.content.clamdpeer import running_clamd
 
 SIGNING_DOMAIN: Final = "bench.test"
 FROM_HEADER: Final = f"Bench Sender <news@{SIGNING_DOMAIN}>"

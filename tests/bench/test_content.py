@@ -26,7 +26,7 @@ def test_content_mode_measures_every_configuration_with_its_stages_checked(tmp_p
     out = tmp_path / "content.json"
     done = subprocess.run(
         [sys.executable, str(BENCH / "run"), "--content", "--messages", "20", "--warmup", "3", "--sessions", "4",
-         "--slow-milter-sessions", "4", "--slow-milter-rounds", "2", "--quiet", "--json", str(out)],
+         "--slow-milter-sessions", "8", "--slow-milter-rounds", "2", "--quiet", "--json", str(out)],
         cwd=REPO_ROOT, capture_output=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
     doc = json.loads(out.read_text())["content"]
@@ -37,7 +37,7 @@ def test_content_mode_measures_every_configuration_with_its_stages_checked(tmp_p
         (run,) = row["runs"]
         assert run["ok"] and run["error"] is None, (config, run["error"])
         result = run["result"]
-        messages = 8 if config == "milter-slow" else 20
+        messages = 16 if config == "milter-slow" else 20
         assert result["accepted"] == messages, config
         assert result["server_cpu_us_per_message"] > 0
     decisions = {config: rows[config]["runs"][0]["result"]["decisions"] for config in CONFIGS}
@@ -50,8 +50,8 @@ def test_content_mode_measures_every_configuration_with_its_stages_checked(tmp_p
     assert decisions["all"] == {"attachments:pass": 20, "antivirus:clean": 20, "milter:changed": 20,
                                 "footer:added": 20, "dkim:signed": 20}
     slow = rows["milter-slow"]["runs"][0]["result"]
-    assert decisions["milter-slow"] == {"milter:changed": 8}
-    assert slow["overlapped_per_second"] == 20 and slow["serial_per_second"] == 5
+    assert decisions["milter-slow"] == {"milter:changed": 16}
+    assert slow["overlapped_per_second"] == 40 and slow["serial_per_second"] == 5
 
     report = done.stdout.decode()
     assert "| dkim-ed25519 |" in report and "| all |" in report
@@ -73,3 +73,14 @@ def test_a_stage_that_did_not_run_or_decided_otherwise_fails_the_run() -> None:
     assert failed is not None and "milter:failed=10" in failed
     stray = decisions_check("dkim-rsa", {}, {("dkim", "signed"): 20.0, ("footer", "added"): 20.0}, 20)
     assert stray is not None and "footer:added=20" in stray
+
+
+def test_a_slow_milter_whose_waits_queue_up_fails_the_run() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from content import overlap_check
+    finally:
+        sys.path.remove(str(BENCH))
+    assert overlap_check(64.0, 20) is None  # 20 sessions x 0.2 s, overlapped: up to 100 msg/s
+    blocked = overlap_check(5.0, 20)  # one wait at a time: 1 / 0.2 s
+    assert blocked is not None and "did not overlap" in blocked and "100 msg/s" in blocked
