@@ -272,11 +272,15 @@ def run_content(args: argparse.Namespace, scratch: Path) -> tuple[str, dict, boo
     message_file.write_bytes(message)
     keys = write_dkim_keys(scratch)
     summaries = {config: Summary(config) for config in CONFIGS}
-    with content_peers(scratch) as peers:
-        fixtures = Fixtures(peers, keys, message_file, len(message))
-        for repeat in range(1, args.repeat + 1):
-            for config in CONFIGS:
-                summaries[config].outcomes.append(measure(config, repeat, args, scratch, fixtures))
+    try:
+        with content_peers(scratch) as peers:
+            fixtures = Fixtures(peers, keys, message_file, len(message))
+            for repeat in range(1, args.repeat + 1):
+                for config in CONFIGS:
+                    summaries[config].outcomes.append(measure(config, repeat, args, scratch, fixtures))
+    except RuntimeError as exc:
+        log(f"content: FAILED: the peers: {exc}")
+        return f"mta bench --content: FAILED, the peers (clamd, the libmilter milter): {exc}", {}, False
     ordered = list(summaries.values())
     report = report_text(
         f"mta bench --content: one {len(message)}-byte multipart message (text, HTML, a base64 PDF; From: in "

@@ -5,11 +5,14 @@
         peers.clamd, peers.milter           # addresses for [antivirus] and [[milter]]
         peers.cpu_seconds()                 # {"clamd": s, "milter": s}: each peer's own CPU
 
-The peers are the tests' own (bench may import from tests/, as contentfuncs.py does):
+The peers are the tests' own (bench may import from tests/, as contentfuncs.py does;
+imported when the peers start, so bench/run's other modes need no test dependencies):
 tests/mta/content/clamdpeer.py's clamd with its two-signature database (nothing is
 downloaded), and tests/mta/milter/libmilter_peer.py on libmilter itself (Debian's
 python3-milter, run by /usr/bin/python3), whose behaviour the envelope sender's local
 part chooses. One of each serves every configuration of an invocation.
+
+A peer that is missing or does not start raises RuntimeError saying what to do.
 
 Invariant: when content_peers ends, both peer processes are gone.
 """
@@ -31,8 +34,6 @@ from procstat import process_cpu_seconds, threads_runtime_seconds
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # the repo's mta and tests packages
-from tests.integration.libmilter import PEER, SYSTEM_PYTHON, wait_listening
-from tests.mta.content.clamdpeer import running_clamd
 
 SIGNING_DOMAIN: Final = "bench.test"
 FROM_HEADER: Final = f"Bench Sender <news@{SIGNING_DOMAIN}>"
@@ -95,6 +96,8 @@ class Peers:
 @contextlib.contextmanager
 def libmilter_peer(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """The libmilter test peer on a loopback port: ("inet:127.0.0.1:PORT", its process)."""
+    from tests.integration.libmilter import PEER, SYSTEM_PYTHON, wait_listening
+
     probe = subprocess.run([SYSTEM_PYTHON, "-c", "import Milter"], capture_output=True, check=False)
     if probe.returncode != 0:
         raise RuntimeError("python3-milter is missing: run `make test-deps` (Debian python3-milter)")
@@ -116,6 +119,17 @@ def libmilter_peer(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
 
 @contextlib.contextmanager
 def content_peers(scratch: Path) -> Iterator[Peers]:
+    try:
+        # Here, not at the top: the tests' helpers need the test dependencies (lmdb, pytest).
+        from tests.integration import libmilter  # noqa: F401  (libmilter_peer's, checked here)
+        from tests.mta.content.clamdpeer import clamd_binary, running_clamd
+    except ImportError as exc:
+        raise RuntimeError(f"the tests' peer helpers do not import ({exc}): install mta's dependencies and "
+                           f"its test extra (make install; pip install -e '.[test]')") from exc
+    try:
+        clamd_binary()
+    except AssertionError as exc:  # the tests' way of saying what to install
+        raise RuntimeError(str(exc)) from exc
     root = scratch / "peers"
     (root / "clamd").mkdir(parents=True)
     log("content: starting a private clamd (two-signature database) and the libmilter peer")
