@@ -35,13 +35,18 @@ def run_json(argv: list[str], timeout_seconds: float) -> dict:
 def run_loadgen(port: int, *, sessions: int, messages: int, size: int, per_session: int,
                 pipelining: bool, timeout_seconds: float, quiet: bool, rcpt: str | None = None,
                 rate: float | None = None, duration_seconds: float | None = None,
-                latencies: bool = False) -> dict:
+                latencies: bool = False, sender: str | None = None,
+                message_file: str | None = None) -> dict:
     argv = [str(LOADGEN), "--host", HOST, "--port", str(port), "--sessions", str(sessions),
             "--messages", str(messages), "--size", str(size), "--per-session", str(per_session),
             "--timeout-seconds", str(timeout_seconds), "--json",
             "--pipelining" if pipelining else "--no-pipelining"]
     if rcpt is not None:
         argv += ["--rcpt", rcpt]
+    if sender is not None:
+        argv += ["--sender", sender]
+    if message_file is not None:
+        argv += ["--message-file", message_file]
     if rate is not None:
         argv += ["--rate", f"{rate:.3f}"]
     if duration_seconds is not None:

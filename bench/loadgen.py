@@ -20,7 +20,9 @@ the order the replies arrived) for a CDF. And `rate` (bench/run --half-load): me
 start on a fixed schedule, message k no earlier than k/rate seconds into the run
 (open loop within the sessions' limit: a server that falls behind is not waited for
 beyond what the sessions allow), so latency is measured at a chosen load, not at the
-server's maximum.
+server's maximum. And `message` (bench/run --content): a whole message of the caller's
+(header fields, blank line, body; CRLF line ends) sent instead of the generated one, with
+only a unique Message-ID field put in front of it.
 
 Invariants: accepted + rejected + errors + unsent <= messages (equal unless the
 overall timeout cut the run short); only loopback-style targets are meant (the caller
@@ -37,6 +39,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import evloop
@@ -117,11 +120,15 @@ def dot_stuff(data: bytes) -> bytes:
     return data.replace(b"\r\n.", b"\r\n..")
 
 
-def build_message(sender: str, rcpt: str, message_id: str, stuffed_body: bytes) -> bytes:
+def build_message(sender: str, rcpt: str, message_id: str, stuffed_body: bytes,
+                  whole: bool = False) -> bytes:
     """Headers + an already stuffed body + the "." terminator, ready for the wire.
 
-    Header lines never start with ".", so stuffing the body alone is enough.
+    Header lines never start with ".", so stuffing the body alone is enough. whole: the
+    stuffed bytes are a whole message already; only the Message-ID field goes first.
     """
+    if whole:
+        return f"Message-ID: <{message_id}>\r\n".encode("ascii") + stuffed_body + b".\r\n"
     headers = (
         f"From: <{sender}>\r\n"
         f"To: <{rcpt}>\r\n"
@@ -202,7 +209,7 @@ class _Run(Tally):
 
 
 async def _session(run: _Run, host: str, port: int, per_session: int, pipelining: bool,
-                   sender: str, rcpt: str, stuffed_body: bytes, ehlo_name: str) -> None:
+                   sender: str, rcpt: str, stuffed_body: bytes, ehlo_name: str, whole: bool) -> None:
     """Connect, send up to `per_session` messages, QUIT; repeat until none are left."""
     res = run.result
     timeout = run.io_timeout
@@ -238,7 +245,7 @@ async def _session(run: _Run, host: str, port: int, per_session: int, pipelining
                     await run.pace()
                     in_flight = True
                 message = build_message(sender, rcpt, f"{run.tag}.{next(run.ids)}@client.test",
-                                        stuffed_body)
+                                        stuffed_body, whole)
                 if use_pipelining:
                     # RFC 2920: MAIL, RCPT and DATA go in one write; DATA ends the group.
                     writer.write(group)
@@ -302,19 +309,22 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
                    timeout_seconds: float = 120.0, io_timeout_seconds: float = 30.0,
                    ehlo_name: str = "client.test", progress: bool = False,
                    duration_seconds: float | None = None,
-                   keep_latencies: bool = False, rate: float | None = None) -> LoadResult:
+                   keep_latencies: bool = False, rate: float | None = None,
+                   message: bytes | None = None) -> LoadResult:
     """Run one load and return what happened; never raises for server misbehaviour.
 
     duration_seconds: soft deadline (see the module docstring); timeout_seconds stays
-    the hard cap. keep_latencies: fill `latencies_ms`."""
+    the hard cap. keep_latencies: fill `latencies_ms`. message: send this whole message
+    (a Message-ID put first) instead of generated headers and a `size`-byte body."""
     if sessions < 1 or messages < 0 or per_session < 1 or size < 0:
         raise ValueError("sessions and per_session must be >= 1; messages and size >= 0")
     if rate is not None and rate <= 0:
         raise ValueError("rate must be > 0 messages per second")
     result = LoadResult(host=host, port=port, sessions=sessions, messages=messages,
-                        size=size, per_session=per_session, pipelining_requested=pipelining,
+                        size=size if message is None else len(message), per_session=per_session,
+                        pipelining_requested=pipelining,
                         event_loop=evloop.loop_name(), rate=rate)
-    stuffed_body = dot_stuff(build_body(size))
+    stuffed_body = dot_stuff(build_body(size) if message is None else message)
     result.started_monotonic = time.monotonic()
     started = time.perf_counter()
     run = _Run(result, io_timeout_seconds,
@@ -322,7 +332,7 @@ async def run_load(host: str, port: int, sessions: int, messages: int, size: int
                started=started)
     cpu_started = time.process_time()
     tasks = [asyncio.create_task(_session(run, host, port, per_session, pipelining, sender,
-                                          rcpt, stuffed_body, ehlo_name))
+                                          rcpt, stuffed_body, ehlo_name, message is not None))
              for _ in range(min(sessions, max(messages, 1)))]
     reporter = asyncio.create_task(report_progress(lambda elapsed: (
         f"loadgen: {elapsed:6.1f}s sent={result.sent} accepted={result.accepted} "
@@ -374,6 +384,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=None,
                    help="messages per second: start message k at k/RATE seconds (paced, "
                         "for latency at a chosen load); default: as fast as possible")
+    p.add_argument("--message-file", default=None, metavar="FILE",
+                   help="send this whole message (header fields, blank line, body; CRLF line "
+                        "ends), a unique Message-ID put first, instead of generated headers "
+                        "and a --size body")
     p.add_argument("--latencies", action="store_true",
                    help="with --json: include every accepted message's latency "
                         "(`latencies_ms`)")
@@ -386,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     pipelining=a.pipelining, sender=a.sender, rcpt=a.rcpt,
                     timeout_seconds=a.timeout_seconds, io_timeout_seconds=a.io_timeout_seconds,
                     ehlo_name=a.ehlo, progress=not a.quiet,
-                    duration_seconds=a.duration_seconds, keep_latencies=a.latencies, rate=a.rate)
+                    duration_seconds=a.duration_seconds, keep_latencies=a.latencies, rate=a.rate,
+                    message=None if a.message_file is None else Path(a.message_file).read_bytes())
     result = evloop.run(coro)
     if a.json:
         print(json.dumps(result.to_dict()))

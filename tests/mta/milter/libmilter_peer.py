@@ -81,6 +81,9 @@ class TestMilter(Milter.Base):
             self.chgfrom("<new-sender@example.test>", "BODY=8BITMIME")
         elif local == "quarantine":
             self.quarantine("held by test milter")
+        elif local == "sleep":
+            time.sleep(0.2)  # bench/run --content: concurrent sessions must overlap their waits
+            self.addheader("X-Slept", "0.2")
         elif local == "slow":
             for _ in range(6):
                 time.sleep(0.4)
