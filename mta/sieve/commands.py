@@ -137,6 +137,7 @@ def _block(nodes: list[Node], requires: frozenset[str]) -> tuple[Command, ...]:
         if spec.kind == "test":
             raise SieveError(node.line, node.column, f"{node.name} is a test, not a command")
         if node.name == "if":
+            line = node.line
             branches = []
             while True:
                 call = _bind(node, _spec(node, requires), requires)
@@ -147,7 +148,7 @@ def _block(nodes: list[Node], requires: frozenset[str]) -> tuple[Command, ...]:
                     break
                 i += 1
                 node = nxt
-            out.append(If(branches[0][0].line if branches[0][0] else node.line, tuple(branches)))
+            out.append(If(line, tuple(branches)))
         else:
             out.append(_bind(node, spec, requires))
         i += 1

@@ -142,16 +142,16 @@ class _Run:
         comparator = str(call.tags.get("comparator", "i;ascii-casemap")).lower()
         part = str(call.tags.get("part", "all"))
         if name == "header":
-            values = [v for h in names for v in self._message.values(h)]
+            found = [v for h in names for v in self._message.values(h)]
         elif name == "address":
-            values = [address_part(a, part) for h in names for a in self._message.addresses(h)]
+            found = [address_part(a, part) for h in names for a in self._message.addresses(h)]
         elif name == "envelope":
-            values = [self._envelope(p.lower(), part) for p in names]
+            found = [self._envelope(p.lower(), part) for p in names]
         else:
             raise AssertionError(f"sieve: test {name} passed the check but is not run")
-        return any_matches(values, keys, match, comparator)
+        return any_matches([v for v in found if v is not None], keys, match, comparator)
 
-    def _envelope(self, which: str, part: str) -> str:
+    def _envelope(self, which: str, part: str) -> str | None:
         address = self._context.envelope_from if which == "from" else self._context.envelope_to
         address = address.strip().removeprefix("<").removesuffix(">")
         if not address:  # RFC 5228 5.4: the null reverse-path is "" whatever the part

@@ -138,7 +138,10 @@ class Lexer:
         text = self._text
         while self._pos < len(text) and "0" <= text[self._pos] <= "9":
             self._pos += 1
-        value = int(text[start:self._pos])
+        digits = text[start:self._pos].lstrip("0") or "0"
+        if len(digits) > len(str(MAX_NUMBER)):  # before int(): Python refuses over 4300 digits
+            raise self._error("number too large", column=self._column(start))
+        value = int(digits)
         if self._pos < len(text) and text[self._pos].lower() in QUANTIFIERS:
             value *= QUANTIFIERS[text[self._pos].lower()]
             self._pos += 1

@@ -44,13 +44,14 @@ def decode_words(value: str) -> str:
         return value
 
 
-def address_part(address: str, part: str) -> str:
-    """:all, :localpart or :domain of an addr-spec (RFC 5228 2.7.4)."""
+def address_part(address: str, part: str) -> str | None:
+    """:all, :localpart or :domain of an addr-spec (RFC 5228 2.7.4); None for the local part
+    or domain of an address without an @, which those parts never match."""
     if part == "all":
         return address
     local, at, domain = address.rpartition("@")
     if not at:
-        return address if part == "localpart" else ""
+        return None
     return local if part == "localpart" else domain
 
 

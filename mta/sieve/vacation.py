@@ -21,7 +21,7 @@ import hashlib
 from dataclasses import dataclass
 from email import quoprimime
 from email.header import Header
-from email.utils import formatdate, getaddresses
+from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import Final
 
 from mta.sieve.actions import Vacation
@@ -79,7 +79,7 @@ def vacation_reply(action: Vacation, envelope_from: str, envelope_to: str, mailb
     subject = action.subject if action.subject is not None else _auto_subject(view)
     message_id = hashlib.sha256(f"{handle}\0{sender}\0{now!r}".encode()).hexdigest()[:32]
     fields = [
-        ("From", action.from_ or _bare(envelope_to)),
+        ("From", _encode_address(action.from_) if action.from_ else _bare(envelope_to)),
         ("To", sender),
         ("Subject", _encode(subject)),
         ("Date", formatdate(now, usegmt=True)),
@@ -126,6 +126,12 @@ def _auto_subject(view: MessageView) -> str:
 def _encode(text: str) -> str:
     text = _one_line(text)
     return text if text.isascii() else Header(text, "utf-8").encode()
+
+
+def _encode_address(text: str) -> str:
+    """A :from as a From field: a non-ASCII display name RFC 2047 encoded."""
+    name, addr = parseaddr(_one_line(text))
+    return formataddr((name, addr), charset="utf-8") if name else addr
 
 
 def _one_line(value: str) -> str:

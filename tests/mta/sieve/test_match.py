@@ -105,3 +105,9 @@ def test_envelope_to_and_from_parts() -> None:
     assert run(script, message(), envelope_from="bobby@x.test", envelope_to="me@EXAMPLE.com") == [Discard()]
     assert run(script, message(), envelope_from="bobby@x.test", envelope_to="me@example.org") == [Keep()]
     assert run(script, message(), envelope_from="<rob@x.test>", envelope_to="<me@example.com>") == [Keep()]
+
+
+def test_localpart_and_domain_never_match_an_address_without_an_at() -> None:
+    for part in (":localpart", ":domain"):
+        assert run(f'if address {part} :matches "to" "*" {{ discard; }}', message("To: postmaster")) == [Keep()]
+    assert run('if address :all :is "to" "postmaster" { discard; }', message("To: postmaster")) == [Discard()]

@@ -117,3 +117,9 @@ def test_errors_name_their_line(script: str, line: int, fragment: str | None) ->
     assert caught.value.line == line, str(caught.value)
     assert fragment in caught.value.message
     assert str(caught.value).startswith(f"line {line}: ")
+
+
+def test_a_number_of_thousands_of_digits_is_an_error_not_a_crash() -> None:
+    with pytest.raises(SieveError, match="number too large"):
+        parse("if size :over " + "9" * 5000 + " { keep; }")
+    assert parse("if size :over 0009223372036854775807 { keep; }")

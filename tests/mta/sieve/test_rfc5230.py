@@ -216,3 +216,12 @@ def test_no_message_id_no_threading_fields() -> None:
     reply = vacation_reply(vacation(), "pal@example.org", ME, (), message(f"To: {ME}"), "mx.example.com", NOW)
     assert reply is not None and b"In-Reply-To" not in reply.content and b"References" not in reply.content
     assert b"Subject: Automated reply\r\n" in reply.content
+
+
+def test_a_non_ascii_from_name_is_encoded() -> None:
+    action = vacation("x", from_="Zoë Smith <zoe@example.com>")
+    reply = vacation_reply(action, "pal@example.org", ME, (), ORIGINAL, "mx.example.com", NOW)
+    assert reply is not None and reply.content.isascii()
+    parsed = email.message_from_bytes(reply.content, policy=email.policy.default)
+    assert parsed["From"].addresses[0].display_name == "Zoë Smith"
+    assert parsed["From"].addresses[0].addr_spec == "zoe@example.com"
