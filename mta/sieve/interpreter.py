@@ -5,8 +5,9 @@ The result is the action list of mta/sieve/actions.py: duplicates removed (2.10.
 keep once, one fileinto per folder, one redirect per address), `fileinto "INBOX"` read as
 keep, and the implicit keep (2.10.2) added last unless discard, fileinto, redirect or
 reject cancelled it. Action sets RFC 5228 2.10.6 and RFC 5429/5230 forbid raise
-SieveRuntimeError: two rejects, reject with keep, fileinto or vacation, two vacations,
-more than MAX_REDIRECTS redirects. Pure: no I/O, no clock.
+SieveRuntimeError: two rejects, reject with keep, fileinto, redirect or vacation, two vacations,
+more than MAX_REDIRECTS redirects, a vacation :mime reason with 8-bit header fields.
+Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ MAX_REDIRECTS: Final = 10
 VACATION_DEFAULT_DAYS: Final = 7
 VACATION_MIN_DAYS: Final = 1
 _CANCEL_IMPLICIT_KEEP: Final = frozenset({"discard", "fileinto", "redirect", "reject", "ereject"})  # not vacation
-_NOT_WITH_REJECT: Final = frozenset({Keep, FileInto, Vacation})  # RFC 5429 2.1: redirect may go with it
+# RFC 5429 2.4: reject MUST NOT go with vacation, and is NOT RECOMMENDED with what delivers.
+_NOT_WITH_REJECT: Final = frozenset({Keep, FileInto, Redirect, Vacation})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,10 @@ class _Run:
         elif name in ("reject", "ereject"):
             self._add(Reject(str(call.positional[0]), extended=name == "ereject"), call.line)
         elif name == "vacation":
-            self._add(_vacation(call), call.line)
+            action = _vacation(call)
+            if action.mime and not action.reason.partition("\r\n\r\n")[0].partition("\n\n")[0].isascii():
+                raise SieveRuntimeError(call.line, "vacation :mime reason has 8-bit header fields (RFC 5230 5)")
+            self._add(action, call.line)
         else:
             raise AssertionError(f"sieve: command {name} passed the check but has no action")
         if name in _CANCEL_IMPLICIT_KEEP:

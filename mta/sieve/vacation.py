@@ -84,7 +84,7 @@ def vacation_reply(action: Vacation, envelope_from: str, envelope_to: str, mailb
         ("Subject", _encode(subject)),
         ("Date", formatdate(now, usegmt=True)),
         ("Message-ID", f"<{message_id}.vacation@{hostname}>"),
-        ("Auto-Submitted", "auto-replied (vacation)"),
+        ("Auto-Submitted", "auto-replied"),
     ]
     original = (view.raw("message-id") or [""])[0]
     if original:
