@@ -5,9 +5,10 @@ Commands and tests are data (SPECS): their positional arguments, their tags and 
 each tag fills (`:is`, `:contains`, `:matches` all fill "match", so two of them conflict),
 and the extension a script must `require` to use them. Checked here, so that `mta sieve
 check` finds them: unknown or un-required names, a `require` after other commands, an
-extension we do not support, if/elsif/else order, header names that are not field names,
-an address test on a header that holds no addresses, envelope parts other than from/to,
-redirect and vacation :from addresses that are not addresses.
+extension we do not support, if/elsif/else order, tags after positional arguments, an
+address test on a header that holds no addresses, envelope parts other than from/to,
+redirect and vacation :from addresses that are not addresses. With "encoded-character"
+required, string arguments are decoded here (mta/sieve/encoded.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Final
 
+from mta.sieve.encoded import decode_encoded
 from mta.sieve.errors import SieveError
 from mta.sieve.grammar import Arg, Grammar, Node
 
 EXTENSIONS: Final = frozenset({
-    "fileinto", "reject", "ereject", "envelope", "vacation", "mailbox",
+    "fileinto", "reject", "ereject", "envelope", "vacation", "mailbox", "encoded-character",
     "comparator-i;octet", "comparator-i;ascii-casemap",
 })
 COMPARATORS: Final = frozenset({"i;octet", "i;ascii-casemap"})
@@ -181,6 +183,9 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
             positional.append(arg)
             continue
         name = str(arg.value)
+        if positional:  # RFC 5228 2.6.2
+            raise SieveError(arg.line, arg.column, f"{where} tag :{name} after a positional argument "
+                             "(tags come first)")
         if name not in spec.tags:
             raise SieveError(arg.line, arg.column, f"{where} unknown tag :{name}")
         if (ext := spec.tag_extensions.get(name)) and ext not in requires:
@@ -193,7 +198,7 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
             continue
         if i >= len(args) or not _fits(args[i], kind):
             raise SieveError(arg.line, arg.column, f"{where} :{name} needs {POSITIONAL_NAMES[kind]}")
-        tags[slot] = _value(args[i], kind)
+        tags[slot] = _value(args[i], kind, requires)
         i += 1
     if len(positional) != len(spec.positional):
         wanted = ", ".join(POSITIONAL_NAMES[k] for k in spec.positional) or "no arguments"
@@ -203,7 +208,7 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
         assert isinstance(arg, Arg)
         if not _fits(arg, kind):
             raise SieveError(arg.line, arg.column, f"{where} expected {POSITIONAL_NAMES[kind]}")
-        values.append(_value(arg, kind))
+        values.append(_value(arg, kind, requires))
     tests = _tests(node, spec, requires)
     call = Call(node.name, node.line, tags, tuple(values), tests)
     _check_values(node, call)
@@ -218,10 +223,16 @@ def _fits(arg: Arg, kind: str) -> bool:
     return arg.kind == "strings"
 
 
-def _value(arg: Arg, kind: str) -> object:
-    if kind == "string":
-        return arg.value[0]  # type: ignore[index]
-    return arg.value
+def _value(arg: Arg, kind: str, requires: frozenset[str] | set[str]) -> object:
+    if kind == "number":
+        return arg.value
+    strings: tuple[str, ...] = arg.value  # type: ignore[assignment]
+    if "encoded-character" in requires:
+        try:
+            strings = tuple(decode_encoded(s) for s in strings)
+        except ValueError as exc:
+            raise SieveError(arg.line, arg.column, str(exc)) from None
+    return strings[0] if kind == "string" else strings
 
 
 def _tests(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> tuple[Call, ...]:
@@ -250,11 +261,9 @@ def _check_values(node: Node, call: Call) -> None:
     if comparator is not None and str(comparator).lower() not in COMPARATORS:
         raise SieveError(node.line, node.column, f"{where} unknown comparator {comparator!r} "
                          "(i;ascii-casemap and i;octet are supported)")
-    if node.name in ("header", "address", "exists"):
+    if node.name == "address":  # (an invalid field name is no error: it matches nothing, RFC 5228 2.4.2.2)
         for name in call.positional[0]:  # type: ignore[attr-defined]
-            if not _field_name(name):
-                raise SieveError(node.line, node.column, f"{where} {name!r} is not a header field name")
-            if node.name == "address" and name.lower() not in ADDRESS_HEADERS:
+            if field_name(name) and name.lower() not in ADDRESS_HEADERS:
                 raise SieveError(node.line, node.column, f"{where} header {name!r} holds no addresses")
     if node.name == "envelope":
         for part in call.positional[0]:  # type: ignore[attr-defined]
@@ -269,7 +278,8 @@ def _check_values(node: Node, call: Call) -> None:
         raise SieveError(node.line, node.column, f"{where} :from {call.tags['from']!r} is not a mail address")
 
 
-def _field_name(name: str) -> bool:
+def field_name(name: str) -> bool:
+    """Whether name is a valid header field name (RFC 5322 ftext)."""
     return bool(name) and all(33 <= ord(c) <= 126 and c != ":" for c in name)
 
 

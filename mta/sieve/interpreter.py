@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mta.sieve.actions import Action, Discard, FileInto, Keep, Redirect, Reject, Vacation
-from mta.sieve.commands import Call, Command, If, Script
+from mta.sieve.commands import Call, Command, If, Script, field_name
 from mta.sieve.errors import SieveRuntimeError
 from mta.sieve.match import any_matches
 from mta.sieve.message import MessageView, address_part
@@ -140,8 +140,10 @@ class _Run:
             limit = int(call.positional[0])  # type: ignore[call-overload]
             return self._message.size > limit if call.tags["relation"] == "over" else self._message.size < limit
         if name == "exists":
-            return all(self._message.has(h) for h in call.positional[0])  # type: ignore[attr-defined]
+            return all(field_name(h) and self._message.has(h) for h in call.positional[0])  # type: ignore[attr-defined]
         names: tuple[str, ...] = call.positional[0]  # type: ignore[assignment]
+        if name != "envelope":  # a name that is no field name matches nothing (RFC 5228 2.4.2.2)
+            names = tuple(h for h in names if field_name(h))
         keys: tuple[str, ...] = call.positional[1]  # type: ignore[assignment]
         match = str(call.tags.get("match", "is"))
         comparator = str(call.tags.get("comparator", "i;ascii-casemap")).lower()
