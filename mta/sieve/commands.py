@@ -14,7 +14,7 @@ required, string arguments are decoded here (mta/sieve/encoded.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 from typing import Final
 
 from mta.sieve.encoded import decode_encoded
@@ -285,7 +285,9 @@ def field_name(name: str) -> bool:
 
 def valid_address(text: str) -> bool:
     """An RFC 5322 address (`user@domain`, or `Name <user@domain>`) with one @ and no blanks."""
+    if len(getaddresses([text])) != 1:  # one address; a list is a string list (RFC 5228 2.4.2.3)
+        return False
     _, addr = parseaddr(text)
     local, at, domain = addr.rpartition("@")
-    return bool(at and local and domain and "@" not in domain
-                and not any(c.isspace() for c in addr) and "." not in (domain[0], domain[-1]))
+    return bool(at and local and domain and "@" not in domain and ("@" not in local or local.startswith('"'))
+                and not any(c.isspace() or c in "<>,;" for c in addr) and "." not in (domain[0], domain[-1]))

@@ -13,6 +13,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.utils import parseaddr
 from typing import Final
 
 from mta.sieve.actions import Action, Discard, FileInto, Keep, Redirect, Reject, Vacation
@@ -81,7 +82,7 @@ class _Run:
             folder = str(call.positional[0])
             self._add(Keep() if folder.upper() == "INBOX" else FileInto(folder, "create" in call.tags), call.line)
         elif name == "redirect":
-            self._add(Redirect(str(call.positional[0])), call.line)
+            self._add(Redirect(parseaddr(str(call.positional[0]))[1]), call.line)  # "Bart <b@x>": b@x
         elif name in ("reject", "ereject"):
             self._add(Reject(str(call.positional[0]), extended=name == "ereject"), call.line)
         elif name == "vacation":

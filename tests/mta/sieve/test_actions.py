@@ -31,6 +31,11 @@ def test_redirect_once_per_address() -> None:
     assert run(script, MSG) == [Redirect("a@b.test"), Redirect("c@b.test")]
 
 
+def test_redirect_carries_the_bare_address() -> None:
+    script = 'redirect "Bart Simpson <bart@example.com>"; redirect "bart@example.com";'
+    assert run(script, MSG) == [Redirect("bart@example.com")]
+
+
 def test_too_many_redirects_is_a_runtime_error_naming_the_line() -> None:
     script = "\n".join(f'redirect "r{i}@b.test";' for i in range(MAX_REDIRECTS + 1))
     with pytest.raises(SieveRuntimeError) as caught:
