@@ -173,7 +173,7 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
     if not spec.block and node.block is not None:
         raise SieveError(node.line, node.column, f"{where} takes no block (a ';' is missing?)")
     tags: dict[str, object] = {}
-    positional: list[object] = []
+    positional: list[Arg] = []
     args = node.args
     i = 0
     while i < len(args):
@@ -205,7 +205,6 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
         raise SieveError(node.line, node.column, f"{where} takes {wanted}; found {len(positional)} arguments")
     values = []
     for arg, kind in zip(positional, spec.positional):
-        assert isinstance(arg, Arg)
         if not _fits(arg, kind):
             raise SieveError(arg.line, arg.column, f"{where} expected {POSITIONAL_NAMES[kind]}")
         values.append(_value(arg, kind, requires))

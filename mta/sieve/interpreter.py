@@ -96,6 +96,11 @@ class _Run:
             self._implicit_keep = False
 
     def _add(self, action: Action, line: int) -> None:
+        for i, (earlier, first_line) in enumerate(self._actions):
+            if _same(earlier, action):  # RFC 5228 2.10.3: once, and no error
+                if isinstance(action, FileInto) and action.create and isinstance(earlier, FileInto):
+                    self._actions[i] = (FileInto(earlier.folder, True), first_line)
+                return
         kinds = [type(a) for a, _ in self._actions]
         if isinstance(action, Reject) and Reject in kinds:
             raise SieveRuntimeError(line, "reject or ereject run twice")
@@ -110,11 +115,6 @@ class _Run:
                                     + ", ".join(sorted(c.__name__.lower() for c in clash)))
         if isinstance(action, Redirect) and sum(k is Redirect for k in kinds) >= MAX_REDIRECTS:
             raise SieveRuntimeError(line, f"more than {MAX_REDIRECTS} redirects")
-        for i, (earlier, first_line) in enumerate(self._actions):
-            if _same(earlier, action):
-                if isinstance(action, FileInto) and action.create and isinstance(earlier, FileInto):
-                    self._actions[i] = (FileInto(earlier.folder, True), first_line)
-                return
         self._actions.append((action, line))
 
     def result(self) -> list[Action]:

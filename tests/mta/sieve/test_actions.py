@@ -41,7 +41,9 @@ def test_too_many_redirects_is_a_runtime_error_naming_the_line() -> None:
     with pytest.raises(SieveRuntimeError) as caught:
         run(script, MSG)
     assert caught.value.line == MAX_REDIRECTS + 1 and "redirects" in str(caught.value)
-    assert len(run("\n".join(script.splitlines()[:MAX_REDIRECTS]), MSG)) == MAX_REDIRECTS
+    allowed = "\n".join(script.splitlines()[:MAX_REDIRECTS])
+    assert len(run(allowed, MSG)) == MAX_REDIRECTS
+    assert len(run(allowed + '\nredirect "r0@b.test";', MSG)) == MAX_REDIRECTS  # a repeat is no new redirect
 
 
 def test_two_vacations_is_a_runtime_error() -> None:
