@@ -264,3 +264,15 @@ def test_a_non_ascii_from_name_is_encoded() -> None:
     parsed = email.message_from_bytes(reply.content, policy=email.policy.default)
     assert parsed["From"].addresses[0].display_name == "Zoë Smith"
     assert parsed["From"].addresses[0].addr_spec == "zoe@example.com"
+
+
+def test_long_fields_are_folded() -> None:
+    chain = " ".join(f"<{i:04d}.{'x' * 30}@example.org>" for i in range(60))
+    original = message(f"To: {ME}", f"References: {chain}", "Message-ID: <last@example.org>",
+                       "Subject: " + "é" * 120)
+    reply = vacation_reply(vacation(), "pal@example.org", ME, (), original, "mx.example.com", NOW)
+    assert reply is not None
+    assert max(len(line) for line in reply.content.split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(reply.content, policy=email.policy.default)
+    assert parsed["References"].split() == [*chain.split(), "<last@example.org>"]
+    assert parsed["Subject"] == "Auto: " + "é" * 120
