@@ -96,11 +96,8 @@ class _Run:
             self._implicit_keep = False
 
     def _add(self, action: Action, line: int) -> None:
-        for i, (earlier, first_line) in enumerate(self._actions):
-            if _same(earlier, action):  # RFC 5228 2.10.3: once, and no error
-                if isinstance(action, FileInto) and action.create and isinstance(earlier, FileInto):
-                    self._actions[i] = (FileInto(earlier.folder, True), first_line)
-                return
+        if any(_same(earlier, action) for earlier, _ in self._actions):
+            return  # RFC 5228 2.10.3: once, and no error; the first stays as it was (as Pigeonhole)
         kinds = [type(a) for a, _ in self._actions]
         if isinstance(action, Reject) and Reject in kinds:
             raise SieveRuntimeError(line, "reject or ereject run twice")

@@ -16,9 +16,9 @@ def test_keep_twice_is_one_keep() -> None:
     assert run("keep; keep;", MSG) == [Keep()]
 
 
-def test_fileinto_the_same_folder_once_and_create_kept() -> None:
+def test_fileinto_the_same_folder_once_the_first_as_written() -> None:
     script = 'require ["fileinto", "mailbox"];\nfileinto "Work"; fileinto "Play"; fileinto :create "Work";'
-    assert run(script, MSG) == [FileInto("Work", True), FileInto("Play", False)]
+    assert run(script, MSG) == [FileInto("Work", False), FileInto("Play", False)]
 
 
 def test_fileinto_folder_names_are_case_sensitive_but_inbox_is_keep() -> None:

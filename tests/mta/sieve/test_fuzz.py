@@ -62,21 +62,27 @@ TESTS = st.recursive(LEAF_TESTS, lambda inner: st.one_of(
     st.lists(inner, min_size=1, max_size=3).map(lambda ts: f"allof ({', '.join(ts)})"),
     st.lists(inner, min_size=1, max_size=3).map(lambda ts: f"anyof ({', '.join(ts)})"),
 ), max_leaves=6)
-ACTIONS = st.sampled_from([
+PLAIN_ACTIONS = [
     "keep;", "discard;", "stop;", 'fileinto "A";', 'fileinto :create "B";', 'fileinto "INBOX";',
     'redirect "r@example.net";', 'redirect "s@example.net";', 'vacation :days 3 "away";', 'reject "no";',
-    'ereject "no";',
-])
-COMMANDS = st.recursive(ACTIONS, lambda inner: st.builds(
-    lambda t, body, orelse: f"if {t} {{ {' '.join(body)} }}" + (f" else {{ {' '.join(orelse)} }}" if orelse else ""),
-    TESTS, st.lists(inner, max_size=3), st.lists(inner, max_size=2)), max_leaves=8)
-HEAD = 'require ["fileinto", "mailbox", "envelope", "vacation", "reject", "ereject"];\n'
+]
+PLAIN_HEAD = 'require ["fileinto", "mailbox", "envelope", "vacation", "reject"];\n'
+
+
+def scripts(actions: list[str], head: str) -> st.SearchStrategy[str]:
+    """Whole valid scripts: the head, then if/else trees of the actions under TESTS."""
+    commands = st.recursive(st.sampled_from(actions), lambda inner: st.builds(
+        lambda t, body, orelse: f"if {t} {{ {' '.join(body)} }}" + (f" else {{ {' '.join(orelse)} }}" if orelse
+                                                                     else ""),
+        TESTS, st.lists(inner, max_size=3), st.lists(inner, max_size=2)), max_leaves=8)
+    return st.lists(commands, max_size=6).map(lambda cs: head + "\n".join(cs))
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(COMMANDS, max_size=6), st.sampled_from(["", "pal@example.org", "me@example.com"]))
-def test_valid_scripts_keep_the_rules(commands: list[str], sender: str) -> None:
-    script = parse(HEAD + "\n".join(commands))
+@given(scripts([*PLAIN_ACTIONS, 'ereject "no";'], PLAIN_HEAD.replace('"reject"]', '"reject", "ereject"]')),
+       st.sampled_from(["", "pal@example.org", "me@example.com"]))
+def test_valid_scripts_keep_the_rules(text: str, sender: str) -> None:
+    script = parse(text)
     try:
         actions = evaluate(script, Context(sender, "me@example.com", MSG))
     except SieveRuntimeError:
