@@ -8,6 +8,7 @@ is parsed. Pure.
 
 from __future__ import annotations
 
+import re
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
@@ -52,7 +53,11 @@ def address_part(address: str, part: str) -> str | None:
     local, at, domain = address.rpartition("@")
     if not at:
         return None
-    return local if part == "localpart" else domain
+    if part == "domain":
+        return domain
+    if len(local) >= 2 and local[0] == local[-1] == '"':  # "a b"@x: the local part is a b
+        return re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local
 
 
 def _header_section(message: bytes) -> str:

@@ -122,3 +122,9 @@ def test_a_name_that_is_no_field_name_matches_nothing_and_is_no_error() -> None:
     assert run('if exists "From" { discard; }', msg) == [Discard()]
     assert run('if not header :matches "Cc" "?*" { discard; }', msg) == [Discard()]  # RFC 5228 5.7
     assert run('if not header :matches "Cc" "?*" { discard; }', message("Cc: x@y.test")) == [Keep()]
+
+
+def test_a_quoted_local_part_is_matched_unquoted() -> None:
+    script = 'if address :localpart :is "to" "post master" { discard; }'
+    assert run(script, message('To: "post master"@example.com')) == [Discard()]
+    assert run(script, message("To: postmaster@example.com")) == [Keep()]

@@ -32,6 +32,10 @@ MESSAGES = [
             body="x" * 120_000),
     message("From: boss@example.com", "To: staff@example.com", "Date: Mon, 7 Dec 2026 05:00:00 +0000",
             "Subject: =?utf-8?q?caf=C3=A9?=", "X-Caffeine: C8H10N4O2"),
+    message('From: "Smith, Tim" <Tim.Smith@Mail.Example.COM> (work)', "To: Team: a@example.com, b@other.test;",
+            'Cc: =?utf-8?q?Z=C3=B6e?= <zoe@example.com>, \"post master\"@example.com',
+            "Subject: folded\r\n  across\tlines",
+            "Resent-To: me@example.com", "X-Caffeine: one", "X-Caffeine: two"),
 ]
 # sieve-test cannot take the null sender (<>): tests/mta/sieve/test_rfc5228.py and test_rfc5230.py have it.
 ENVELOPES = [("pal@example.org", ME), ("tim@example.com", "me@EXAMPLE.com")]
@@ -62,6 +66,16 @@ CORPUS = [
     'redirect "Bart <bart@example.com>"; redirect "bart@example.com"; keep; keep;',
     'require "encoded-character";\nif header :contains "subject" "${unicode:E9}" { discard; }',
     "discard; keep;",
+    'if address :all :is "to" ["a@example.com", "b@other.test"] { discard; }',
+    'if address :localpart :is "cc" "post master" { discard; } elsif address :domain :is "cc" "" { keep; }',
+    'if address :all :is "to" "b@other.test" { redirect "pm@example.net"; }',
+    'if address :domain :is "from" "mail.example.com" { discard; }',
+    'if address :localpart :comparator "i;octet" :is "from" "tim.smith" { discard; }',
+    'if header :is "subject" "folded   across\tlines" { discard; } elsif header :matches "subject" "folded*lines" '
+    '{ keep; }',
+    'if header :is "x-caffeine" "two" { discard; }',
+    'if header :contains "cc" "Zöe" { discard; }',
+    'if address :is "resent-to" "me@example.com" { discard; }',
     "",
 ]
 
