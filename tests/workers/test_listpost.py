@@ -1,0 +1,82 @@
+"""Posts to a mailing list: who may post, and the copies stored for a message (listpost.py).
+Members come from real files in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mta.config import ListConfig
+from mta.lists import Lists
+from mtaqueue import Envelope, NewMessage, Recipient, new_id
+from workers.inbound.listpost import check_post, split
+
+BODY = b"Received: by mx.test; id X\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.fixture
+def lists(tmp_path: Path) -> Lists:
+    (tmp_path / "team").write_text("ann@d1.test\nbob@d2.test\n")
+    (tmp_path / "mods").write_text("ann@d1.test\n")
+    (tmp_path / "empty").write_text("# nobody yet\n")
+    return Lists((ListConfig("team@lists.test", str(tmp_path / "team"), "boss@owner.test"),
+                  ListConfig("mods@lists.test", str(tmp_path / "mods"), "boss@owner.test", "moderated"),
+                  ListConfig("open@lists.test", str(tmp_path / "empty"), "boss@owner.test", "anyone")))
+
+
+def stored(*rcpts: str, body: bytes = BODY) -> NewMessage:
+    envelope = Envelope(id=new_id(), sender="eve@else.test", recipients=[Recipient(r, ("FAILURE",)) for r in rcpts],
+                        size=len(body), arrival=1.0, next_attempt=1.0, ret="FULL", envid="E1", client={"ip": "1.2.3.4"})
+    return NewMessage(envelope, body)
+
+
+def test_members_only_takes_the_envelope_sender_of_a_member(lists: Lists) -> None:
+    refusal = check_post(lists, "TEAM@lists.test", "eve@else.test")
+    assert refusal is not None and str(refusal.reply) == "550 5.7.1 <team@lists.test>: only members may post to this list"
+    assert refusal.reason == "list_members_only"
+    assert check_post(lists, "team@lists.test", "") is not None  # <> is nobody's address
+    assert check_post(lists, "team@lists.test", "Bob@D2.test") is None
+    assert check_post(lists, "team-bounces@lists.test", "") is None  # bounces reach the owner
+    assert check_post(lists, "mods@lists.test", "eve@else.test") is None  # the owner moderates
+    assert check_post(lists, "eve@else.test", "x@y.test") is None
+
+
+def test_no_list_recipient_stores_the_message_as_it_is(lists: Lists) -> None:
+    message = stored("a@else.test")
+    assert [c.message for c in split(message, lists)] == [message]
+
+
+def test_the_list_copy_goes_to_the_members_from_the_bounces_address(lists: Lists) -> None:
+    message = stored("x@else.test", "team@lists.test")
+    original, copy = split(message, lists)
+    assert original.message.envelope.id == message.envelope.id and original.list is None
+    assert [r.address for r in original.message.envelope.recipients] == ["x@else.test"]
+    assert original.message.body == BODY
+    env = copy.message.envelope
+    assert env.id != message.envelope.id and copy.list == "team@lists.test" and copy.held_for is None
+    assert env.sender == "team-bounces@lists.test" and env.ret is None and env.envid is None
+    assert [(r.address, r.state, r.notify) for r in env.recipients] == [("ann@d1.test", "ready", None),
+                                                                         ("bob@d2.test", "ready", None)]
+    assert copy.message.body.startswith(b"Received: by mx.test; id X\r\nSubject: hi\r\nList-Id: <team.lists.test>\r\n")
+    assert env.size == len(copy.message.body) and env.client["list"] == "team@lists.test"
+
+
+def test_a_post_to_lists_only_keeps_the_id_for_the_first_copy(lists: Lists) -> None:
+    message = stored("team@lists.test", "mods@lists.test")
+    team, mods = split(message, lists)
+    assert team.message.envelope.id == message.envelope.id and mods.message.envelope.id != message.envelope.id
+    assert [(r.state, r.last_reply) for r in mods.message.envelope.recipients] == [
+        ("held", "awaiting moderation by boss@owner.test")]
+    assert mods.held_for == "boss@owner.test"
+
+
+def test_a_loop_and_an_empty_list_go_to_the_owner_once(lists: Lists) -> None:
+    looped = stored("team@lists.test", "open@lists.test", "boss@owner.test",
+                    body=b"List-Id: <team.lists.test>\r\n" + BODY)
+    [only] = split(looped, lists)
+    assert only.message.envelope.id == looped.envelope.id and only.message.body == looped.body
+    assert [(r.address, r.orcpt) for r in only.message.envelope.recipients] == [("boss@owner.test", None)]
+    [owner] = split(stored("open@lists.test"), lists)
+    assert [(r.address, r.orcpt) for r in owner.message.envelope.recipients] == [
+        ("boss@owner.test", "rfc822;open@lists.test")]
