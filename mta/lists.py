@@ -12,7 +12,7 @@ inode changes (one stat per use); a file that cannot be read or parsed is logged
 (`event=list_members_invalid`) and the last good members kept (none before the first).
 
 Invariants: addresses are compared lower-cased; a list's three addresses are unique
-across lists and never an alias (config check).
+across lists (config check) and win over an alias or mailbox of the same name.
 """
 
 from __future__ import annotations
