@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mta.config import ListConfig
+from mta.config import ListConfig, parse
 from mta.lists import Lists
 from mtaqueue import Envelope, NewMessage, Recipient, new_id
 from workers.inbound.listpost import check_post, split
+from workers.inbound.policy import LocalRecipients
 
 BODY = b"Received: by mx.test; id X\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -80,3 +81,20 @@ def test_a_loop_and_an_empty_list_go_to_the_owner_once(lists: Lists) -> None:
     [owner] = split(stored("open@lists.test"), lists)
     assert [(r.address, r.orcpt) for r in owner.message.envelope.recipients] == [
         ("boss@owner.test", "rfc822;open@lists.test")]
+
+
+def test_members_that_are_local_aliases_or_lists_are_expanded_once_without_looping(tmp_path: Path) -> None:
+    (tmp_path / "aliases").write_text("sales@lists.test: sam@d5.test, sue@d6.test\nboss: boss@owner.test\n")
+    (tmp_path / "all").write_text("team@lists.test\nsales@lists.test\nann@d1.test\nall@lists.test\n"
+                                  "all-owner@lists.test\n")
+    (tmp_path / "team").write_text("ann@d1.test\nbob@d2.test\nall@lists.test\n")  # all is a member of team too
+    config = parse({"relay": {"local_domains": ["lists.test"]}, "local": {"aliases": str(tmp_path / "aliases")},
+                    "list": [{"address": "all@lists.test", "members_file": str(tmp_path / "all"), "owner": "o@x.test"},
+                             {"address": "team@lists.test", "members_file": str(tmp_path / "team"),
+                              "owner": "o@x.test"}]})
+    local = LocalRecipients(config)
+    [copy] = split(stored("all@lists.test"), local.lists, local.expand)
+    assert [r.address for r in copy.message.envelope.recipients] == [
+        "ann@d1.test", "bob@d2.test", "sam@d5.test", "sue@d6.test"]
+    assert copy.message.envelope.sender == "all-bounces@lists.test"
+    assert copy.message.body.count(b"List-Id:") == 1

@@ -9,7 +9,8 @@
       The stored message with its list recipients taken out: every other recipient keeps
       the original (its id); each list gets a copy of its own: envelope sender
       <list>-bounces@domain (bounces reach the owner, never the poster), the members as
-      recipients, the list's header fields (mta/listheaders.py). On a moderated list the
+      recipients (a local alias expanded; a member that is a local list as its members),
+      the list's header fields (mta/listheaders.py). On a moderated list the
       copy's recipients are stored held, "awaiting moderation by OWNER"; `mta queue
       release ID` sends it. When only lists remain, the first copy takes the original's id.
       A message that already carries the list's List-Id went through it before (a loop,
@@ -24,6 +25,7 @@ The caller commits every Copy in one transaction (GroupCommitter.commit_all) bef
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mta import logs
@@ -32,6 +34,8 @@ from mta.lists import Lists, MailingList
 from mta.smtp.replies import Reply
 from mtaqueue import NewMessage, Recipient, new_id
 from workers.inbound.decision import Decision
+
+Expand = Callable[[str], list[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +57,10 @@ def check_post(lists: Lists, rcpt: str, sender: str) -> Decision | None:
                     "list_members_only")
 
 
-def split(stored: NewMessage, lists: Lists) -> list[Copy]:
+def split(stored: NewMessage, lists: Lists, expand: Expand = lambda address: [address]) -> list[Copy]:
     """The messages to store for `stored` (see the module's header); [Copy(stored)] when it
-    has no list recipient."""
+    has no list recipient. `expand`: a member's final addresses (LocalRecipients.expand:
+    aliases, a list's -owner and -bounces)."""
     envelope = stored.envelope
     others: list[Recipient] = []
     posted: list[MailingList] = []
@@ -69,7 +74,7 @@ def split(stored: NewMessage, lists: Lists) -> list[Copy]:
         return [Copy(stored)]
     copies: list[Copy] = []
     for lst in posted:
-        members = lst.members()
+        members = recipients_of(lst, lists, expand)
         looped = carries_list_id(stored.body, lst.list_id)
         if looped or not members:
             logs.event("list_loop" if looped else "list_empty", msgid=envelope.id, list=lst.address,
@@ -95,7 +100,36 @@ def log_copies(copies: list[Copy], posted: str) -> None:
                        members=len(envelope.recipients), held_for=copy.held_for)
 
 
-def _list_copy(stored: NewMessage, lst: MailingList, members: tuple[str, ...]) -> Copy:
+def recipients_of(lst: MailingList, lists: Lists, expand: Expand) -> list[str]:
+    """Where the list's copy goes: its members, each once, a local alias as its targets, a
+    member that is another list as that list's members (flattened: they get this list's
+    copy; a list met again on the way is skipped), never one of this list's own addresses."""
+    out: list[str] = []
+    own = {a.lower() for a in (lst.address, lst.bounces, lst.owner_alias)}
+    seen: set[str] = set()
+
+    def add(address: str, within: frozenset[MailingList]) -> None:
+        if address.lower() in own:
+            return
+        found = lists.find(address)
+        if found is not None and found[1] == "post":
+            if found[0] not in within:
+                for member in found[0].members():
+                    add(member, within | {found[0]})
+            return
+        for target in expand(address):
+            if lists.find(target) is not None and target.lower() != address.lower():
+                add(target, within)  # an alias naming a list
+            elif target.lower() not in seen:
+                seen.add(target.lower())
+                out.append(target)
+
+    for member in lst.members():
+        add(member, frozenset({lst}))
+    return out
+
+
+def _list_copy(stored: NewMessage, lst: MailingList, members: list[str]) -> Copy:
     held = lst.posting == "moderated"
     state, note = ("held", f"awaiting moderation by {lst.owner}") if held else ("ready", None)
     body = add_list_fields(stored.body, lst)

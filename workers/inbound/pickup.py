@@ -183,7 +183,7 @@ class Pickup:
     async def _commit(self, ready: list[Claimed]) -> None:
         now = time.time()
         stored = [await self._content(self.build(c, now)) for c in ready]
-        groups = [listpost.split(m, self.ctx.local.lists) for m in stored]
+        groups = [listpost.split(m, self.ctx.local.lists, self.ctx.local.expand) for m in stored]
         results = await asyncio.gather(*(self.ctx.committer.commit_all(tuple(c.message for c in g)) for g in groups),
                                        return_exceptions=True)
         done: list[MessageId] = []

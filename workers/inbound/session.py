@@ -364,7 +364,7 @@ class InboundSession:
         failing queue is a 4xx, never a 250 for a message that is not stored."""
         envelope = stored.envelope
         msgid = envelope.id
-        copies = listpost.split(stored, self.ctx.local.lists)
+        copies = listpost.split(stored, self.ctx.local.lists, self.ctx.local.expand)
         if quarantine is not None:
             for rcpt in (r for c in copies for r in c.message.envelope.recipients):
                 rcpt.state, rcpt.last_reply = "held", f"quarantined by {quarantine}"
