@@ -151,16 +151,19 @@ def test_moderated_post_is_held_until_the_owner_releases_it(mta_server, tmp_path
     with SmtpSink("127.0.0.2") as sink:
         server = list_server(mta_server, tmp_path, sink, posting="moderated")
         post(server.port, "stranger@else.test", [LIST], "moderate me")  # anyone may post: the owner decides
-        [held] = wait_until(lambda: server.queue_list(), 10, "the held copy", server)
+        [held] = wait_until(lambda: [m for m in server.queue_list() if m["recipients"][0]["state"] == "held"], 10,
+                            "the held copy", server)
         assert held["sender"] == "team-bounces@lists.test"
         assert {r["state"] for r in held["recipients"]} == {"held"}
         listing = server.mta("queue", "list").stdout.decode()
         assert f"awaiting moderation by {OWNER}" in listing
-        time.sleep(1.5)
-        assert sink.messages == []
+        [notice] = sink.wait_for_messages(1, timeout=20)  # the owner is told
+        assert notice.recipients == [OWNER] and f"mta queue release {held['id']}".encode() in notice.data
+        time.sleep(1)
+        assert len(sink.messages) == 1  # nothing for the members
         server.mta("queue", "release", held["id"])
-        sink.wait_for_messages(3, timeout=20)
-        assert sorted(by_recipient(sink)) == sorted(MEMBERS)
+        sink.wait_for_messages(4, timeout=20)
+        assert sorted(by_recipient(sink)) == sorted(MEMBERS + [OWNER])
         wait_until(lambda: server.queue_list() == [], 10, "an empty spool", server)
 
 

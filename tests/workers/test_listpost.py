@@ -64,12 +64,24 @@ def test_the_list_copy_goes_to_the_members_from_the_bounces_address(lists: Lists
 
 
 def test_a_post_to_lists_only_keeps_the_id_for_the_first_copy(lists: Lists) -> None:
-    message = stored("team@lists.test", "mods@lists.test")
-    team, mods = split(message, lists)
+    message = stored("team@lists.test", "mods@lists.test",
+                     body=BODY.replace(b"Subject: hi", b"Subject: a\r\n long one"))
+    team, mods, notice = split(message, lists)
     assert team.message.envelope.id == message.envelope.id and mods.message.envelope.id != message.envelope.id
     assert [(r.state, r.last_reply) for r in mods.message.envelope.recipients] == [
         ("held", "awaiting moderation by boss@owner.test")]
     assert mods.held_for == "boss@owner.test"
+    # The owner is told, in the same transaction, what waits and how to send it.
+    held_id = mods.message.envelope.id
+    assert notice.list is None and notice.held_for is None
+    env = notice.message.envelope
+    assert (env.sender, [(r.address, r.state) for r in env.recipients]) == (
+        "mods-bounces@lists.test", [("boss@owner.test", "ready")])
+    text = notice.message.body.decode()
+    assert "\r\nTo: <boss@owner.test>\r\n" in text and "From: <mods-owner@lists.test>\r\n" in text
+    assert "Subject: mods@lists.test: a post from eve@else.test awaits moderation\r\n" in text
+    assert "  subject:  a long one\r\n" in text and f"mta queue release {held_id}\r\n" in text
+    assert env.size == len(notice.message.body)
 
 
 def test_a_loop_and_an_empty_list_go_to_the_owner_once(lists: Lists) -> None:

@@ -11,8 +11,8 @@
       <list>-bounces@domain (bounces reach the owner, never the poster), the members as
       recipients (a local alias expanded; a member that is a local list as its members),
       the list's header fields (mta/listheaders.py). On a moderated list the
-      copy's recipients are stored held, "awaiting moderation by OWNER"; `mta queue
-      release ID` sends it. When only lists remain, the first copy takes the original's id.
+      copy's recipients are stored held, "awaiting moderation by OWNER", and the owner
+      gets a notice naming its id (`moderation_notice`); `mta queue release ID` sends it. When only lists remain, the first copy takes the original's id.
       A message that already carries the list's List-Id went through it before (a loop,
       e.g. two lists that are members of each other): it is not expanded again but goes,
       as it is, to the owner, who can fix the membership; so is a post to a list without
@@ -25,11 +25,12 @@ The caller commits every Copy in one transaction (GroupCommitter.commit_all) bef
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mta import logs
-from mta.listheaders import add_list_fields, carries_list_id
+from mta.listheaders import add_list_fields, carries_list_id, header_fields
 from mta.lists import Lists, MailingList
 from mta.smtp.replies import Reply
 from mtaqueue import NewMessage, Recipient, new_id
@@ -83,12 +84,14 @@ def split(stored: NewMessage, lists: Lists, expand: Expand = lambda address: [ad
             continue
         copies.append(_list_copy(stored, lst, members))
     if others:
-        others = _unique(others)
-        return [Copy(NewMessage(dataclasses.replace(envelope, recipients=others), stored.body)), *copies]
-    first = copies[0]  # only lists: the first copy is the message the client sent
-    copies[0] = Copy(NewMessage(dataclasses.replace(first.message.envelope, id=envelope.id), first.message.body),
-                     first.list, first.held_for)
-    return copies
+        copies.insert(0, Copy(NewMessage(dataclasses.replace(envelope, recipients=_unique(others)), stored.body)))
+    else:  # only lists: the first copy is the message the client sent
+        first = copies[0]
+        copies[0] = Copy(NewMessage(dataclasses.replace(first.message.envelope, id=envelope.id), first.message.body),
+                         first.list, first.held_for)
+    by_address = {lst.address: lst for lst in posted}
+    return copies + [Copy(moderation_notice(c, by_address[c.list], stored))
+                     for c in copies if c.held_for is not None and c.list is not None]
 
 
 def log_copies(copies: list[Copy], posted: str) -> None:
@@ -127,6 +130,28 @@ def recipients_of(lst: MailingList, lists: Lists, expand: Expand) -> list[str]:
     for member in lst.members():
         add(member, frozenset({lst}))
     return out
+
+
+def moderation_notice(held: Copy, lst: MailingList, stored: NewMessage) -> NewMessage:
+    """The owner's notice that `held` (the list's copy of `stored`) waits for moderation:
+    from <list>-bounces@ (its failure comes back to the owner, once), what to run to send it."""
+    envelope, address = held.message.envelope, lst.address
+    fields, _ = header_fields(stored.body)
+    subject = next((" ".join(stored.body[s:e].partition(b":")[2].decode("ascii", "replace").split())
+                    for name, s, e in fields if name == b"subject"), "")
+    poster = stored.envelope.sender or "<>"
+    text = (f"From: <{lst.owner_alias}>\r\nTo: <{lst.owner}>\r\n"
+            f"Subject: {address}: a post from {poster} awaits moderation\r\n"
+            f"Date: {email.utils.formatdate(envelope.arrival)}\r\nMessage-ID: <{envelope.id}.moderation@{lst.domain}>\r\n"
+            "Auto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+            f"\r\nA post to {address} is held for you:\r\n\r\n  queue id: {envelope.id}\r\n"
+            f"  from:     {poster}\r\n  subject:  {subject[:200]}\r\n\r\n"
+            f"Send it to the list:  mta queue release {envelope.id}\r\n"
+            f"Drop it:              mta queue delete {envelope.id}\r\n")
+    body = text.encode("ascii", "replace")
+    notice = dataclasses.replace(envelope, id=new_id(), recipients=[Recipient(lst.owner)], size=len(body),
+                                 body_type=None, smtputf8=False)
+    return NewMessage(notice, body)
 
 
 def _list_copy(stored: NewMessage, lst: MailingList, members: list[str]) -> Copy:
