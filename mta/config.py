@@ -19,7 +19,7 @@ import tomllib
 import typing
 from typing import Any, Final
 
-from mta import contentcheck
+from mta import contentcheck, lists
 from mta.mailboxes import check_local
 from mta.sections import (  # re-exported: callers import the types from mta.config
     AntivirusConfig as AntivirusConfig,
@@ -37,6 +37,7 @@ from mta.sections import (  # re-exported: callers import the types from mta.con
     FooterConfig as FooterConfig,
     LISTENER_MODES as LISTENER_MODES,
     LimitsConfig as LimitsConfig,
+    ListConfig as ListConfig,
     ListenerConfig as ListenerConfig,
     LocalConfig as LocalConfig,
     LogConfig as LogConfig,
@@ -119,7 +120,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
              "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate",
-             "milter", "dkim", "content", "antivirus", "footer"}
+             "milter", "dkim", "content", "antivirus", "footer", "list"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -164,6 +165,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         content=_section(ContentConfig, raw.get("content", {}), "[content]", source),
         antivirus=_section(AntivirusConfig, raw.get("antivirus", {}), "[antivirus]", source),
         footer=_array(FooterConfig, raw, "footer", source),
+        list=_array(ListConfig, raw, "list", source),
         source=source,
     )
     _check(config, source)
@@ -297,6 +299,7 @@ def _check(config: Config, source: str) -> None:
     _check_delivery(config, fail)
     _check_security(config, fail)
     contentcheck.check(config, fail)
+    lists.check(config, fail)
     if config.log.format not in ("keyvalue", "json"):
         fail("[log] format", f'must be "keyvalue" or "json", got {config.log.format!r}')
     _check_control(config.control, fail)

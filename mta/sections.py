@@ -283,6 +283,19 @@ class FooterConfig:
     listeners: tuple[str, ...] = ()
 
 
+LIST_POSTING: Final = ("members", "anyone", "moderated")
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    """A mailing list (mta/lists.py): the list's copy goes to its members from <local>-bounces@."""
+
+    address: str = ""  # the list's address, in a local domain
+    members_file: str = ""  # one address per line, `#` comments; re-read when it changes
+    owner: str = ""  # gets <local>-owner@ and <local>-bounces@ mail, and moderates
+    posting: str = "members"  # members (the envelope sender) | anyone | moderated (held for the owner)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -308,6 +321,7 @@ class Config:
     content: ContentConfig = field(default_factory=ContentConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     footer: tuple[FooterConfig, ...] = ()
+    list: tuple[ListConfig, ...] = ()  # the TOML table is [[list]]
     source: str = "<embedded defaults>"
 
     def domain(self, name: str) -> DomainConfig:

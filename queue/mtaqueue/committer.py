@@ -3,8 +3,10 @@
 `await committer.commit(message)` queues the message; the writer thread takes every
 message waiting at that moment, commits them in one transaction (one fsync), and
 resolves each caller's future on its event loop. A batch that fails with QueueFull is
-retried one message at a time, so one large message cannot fail its neighbours.
-Writes never run on the event loop thread.
+retried one caller at a time, so one large message cannot fail its neighbours.
+`commit_all(messages)` is one caller's group (a message and its mailing lists' copies):
+always in one transaction, stored together or not at all. Writes never run on the
+event loop thread.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mtaqueue.records import NewMessage
 MAX_BATCH = 512
 _STOP = object()
 
-Batch = list[tuple[NewMessage, asyncio.Future[None]]]
+Batch = list[tuple[tuple[NewMessage, ...], asyncio.Future[None]]]
 
 
 class GroupCommitter:
@@ -35,8 +37,12 @@ class GroupCommitter:
         self._thread.start()
 
     async def commit(self, message: NewMessage) -> None:
+        await self.commit_all((message,))
+
+    async def commit_all(self, messages: tuple[NewMessage, ...]) -> None:
+        """`messages` in one transaction: all are stored, or none (the error is raised)."""
         future: asyncio.Future[None] = self._loop.create_future()
-        self._inbox.put((message, future))
+        self._inbox.put((messages, future))
         await future
 
     def close(self) -> None:
@@ -67,19 +73,19 @@ class GroupCommitter:
     def _commit(self, batch: Batch) -> None:
         started = time.monotonic()
         try:
-            self._backend.commit([m for m, _ in batch])
+            self._backend.commit([m for group, _ in batch for m in group])
             outcome: list[QueueError | None] = [None] * len(batch)
         except QueueFull as exc:
-            outcome = [exc] if len(batch) == 1 else [self._commit_one(m) for m, _ in batch]
+            outcome = [exc] if len(batch) == 1 else [self._commit_one(group) for group, _ in batch]
         except QueueError as exc:
             outcome = [exc] * len(batch)
         if self._on_commit is not None:
             self._on_commit(len(batch), time.monotonic() - started)
         self._loop.call_soon_threadsafe(_resolve, batch, outcome)
 
-    def _commit_one(self, message: NewMessage) -> QueueError | None:
+    def _commit_one(self, group: tuple[NewMessage, ...]) -> QueueError | None:
         try:
-            self._backend.commit([message])
+            self._backend.commit(list(group))
         except QueueError as exc:
             return exc
         return None

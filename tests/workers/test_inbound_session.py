@@ -61,9 +61,12 @@ class FakeCommitter:
         self.error: Exception | None = None
 
     async def commit(self, message: NewMessage) -> None:
+        await self.commit_all((message,))
+
+    async def commit_all(self, messages: tuple[NewMessage, ...]) -> None:
         if self.error is not None:
             raise self.error
-        self.stored.append(message)
+        self.stored.extend(messages)
 
 
 class Notified:

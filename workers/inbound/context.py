@@ -23,10 +23,12 @@ from workers.inbound.ratelimit import RateLimiter
 
 
 class Committer(Protocol):
-    """The durable store (mtaqueue.committer.GroupCommitter): returns once `message` is
-    fsynced; raises QueueFull or QueueError."""
+    """The durable store (mtaqueue.committer.GroupCommitter): returns once `message` (or every
+    one of `messages`, in one transaction) is fsynced; raises QueueFull or QueueError."""
 
     async def commit(self, message: NewMessage) -> None: ...
+
+    async def commit_all(self, messages: tuple[NewMessage, ...]) -> None: ...
 
 
 class Notifier(Protocol):

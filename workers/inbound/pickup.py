@@ -12,9 +12,12 @@ overlap during a reload, the other pickup skips its round) and
   4. commits the good ones through the worker's group committer (one fsync per
      MAX_HELD_BYTES of content read, so memory stays bounded), built as SMTP mail is: aliases expanded with the original kept as ORCPT,
      our Received header "from local uid N" (the file's owner), the priority rules
-     (listener "maildrop"), due SETTLE_SECONDS from now (see pickupfiles.py);
+     (listener "maildrop"), due SETTLE_SECONDS from now (see pickupfiles.py); a
+     mailing list's copies (listpost.py) in the same transaction as their file's message,
+     which keeps the file's id (so the exactly-once check below holds for them too);
   5. removes their files, then tells the scheduler (New), which delivers them at once.
 Local submission is trusted for relay (any recipient domain, as Postfix's pickup) and
+for posting to a list (posting = "members" is not checked; "moderated" holds the copy), and
 keeps [limits] max_message_bytes. A full or failing queue leaves the files in pickup/
 under fresh ids, for the next round. Blocking file I/O (renames, reads, fsyncs) runs on
 the loop's default executor, never on the loop that serves this worker's SMTP sessions.
@@ -37,7 +40,7 @@ from mta.maildrop import LOCK, SOCKET, Drop, DropError
 from mtaqueue import Envelope, NewMessage, QueueError, Recipient
 from mtaqueue.backend import QueueBackend
 from mtaqueue.ids import MessageId
-from workers.inbound import content, policy
+from workers.inbound import content, listpost, policy
 from workers.inbound.content import LOCAL
 from workers.inbound.context import WorkerContext
 from workers.inbound.pickupfiles import SETTLE_SECONDS, Claimed, Files, claimed_at
@@ -180,9 +183,12 @@ class Pickup:
     async def _commit(self, ready: list[Claimed]) -> None:
         now = time.time()
         stored = [await self._content(self.build(c, now)) for c in ready]
-        results = await asyncio.gather(*(self.ctx.committer.commit(m) for m in stored), return_exceptions=True)
+        groups = [listpost.split(m, self.ctx.local.lists, self.ctx.local.expand) for m in stored]
+        results = await asyncio.gather(*(self.ctx.committer.commit_all(tuple(c.message for c in g)) for g in groups),
+                                       return_exceptions=True)
         done: list[MessageId] = []
-        for claimed, message, result in zip(ready, stored, results):
+        announce: list[MessageId] = []
+        for claimed, message, group, result in zip(ready, stored, groups, results):
             if isinstance(result, QueueError):  # full or failing: the file waits for the next round
                 logs.event("pickup_deferred", msgid=claimed.msgid, error=str(result), action="kept for the next round")
                 await self._blocking(self.files.reclaim, claimed.msgid, time.time())
@@ -190,12 +196,14 @@ class Pickup:
                 raise result  # our bug
             else:
                 done.append(claimed.msgid)
+                announce.extend(c.message.envelope.id for c in group if c.held_for is None)
                 self._received(claimed, message)
+                listpost.log_copies(group, claimed.msgid)
         if self._crash_hook is not None and done and os.path.exists(self._crash_hook):
             logs.event("test_hook", hook=CRASH_HOOK)
             os.kill(os.getpid(), signal.SIGKILL)  # committed, files not finished: what a crash leaves
         await self._blocking(self.files.finish, done)
-        for msgid in done:
+        for msgid in announce:
             self.ctx.notifier.new(msgid)
 
     def build(self, claimed: Claimed, now: float) -> NewMessage:

@@ -13,6 +13,8 @@ the file lists it (or one of its aliases, which the commit rewrites to the mailb
 address, ORCPT keeping the original); a listed mailbox full by its quota (mta/quota.py)
 is 452 4.2.2 (the message may come back when there is room). Domains routed elsewhere
 (LMTP) are checked by the server they are routed to.
+A mailing list's addresses (mta/lists.py) exist too: its -bounces and -owner addresses
+expand to its owner; EXPN of the list answers its members.
 
 Postmaster (RFC 5321 4.5.1) without backscatter: the bare <postmaster> is decided, and
 stored, as postmaster@ the first local domain, or @ [server] hostname when there is
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 from mta import logs, quota
 from mta.aliases import AliasError, Aliases
 from mta.config import Config, RelayConfig
+from mta.lists import Lists
 from mta.mailboxes import mailbox_exists, mailbox_path
 from mta.mailboxfile import MailboxFile
 from mta.smtp import replies
@@ -61,10 +64,11 @@ class RcptDecision:
 
 
 class LocalRecipients:
-    """Who exists in the local Maildir domains: an alias, or a mailbox directory."""
+    """Who exists in the local Maildir domains: a mailing list, an alias, or a mailbox directory."""
 
     def __init__(self, config: Config) -> None:
         self.aliases = Aliases.load(config.local.aliases or None)
+        self.lists = Lists(config.list)
         self.maildir_root = config.local.maildir_root
         self.domains = frozenset(d for d in config.relay.local_domains
                                  if config.routes.get(d, "maildir") == "maildir")
@@ -76,7 +80,7 @@ class LocalRecipients:
         """None when the recipient exists here (or is not ours to judge); else the refusal."""
         address = command.address
         domain = address.domain_key
-        if domain not in self.domains:
+        if domain not in self.domains or (self.lists and self.lists.find(address.text) is not None):
             return None
         unknown = self.check_alias(address)
         if unknown is not UNKNOWN_USER:
@@ -124,11 +128,19 @@ class LocalRecipients:
             return replies.VRFY_CANNOT
         if self.check(RcptTo(address)) not in (None, FULL_MAILBOX):  # full: it still exists
             return USER_UNKNOWN
-        targets = self.expand(address.text) if expand else [address.text]
+        found = self.lists.find(address.text) if self.lists else None
+        if expand and found is not None and found[1] == "post":
+            targets = list(found[0].members()) or [address.text]
+        else:
+            targets = self.expand(address.text) if expand else [address.text]
         return Reply(250, "2.1.5", tuple(f"<{t}>" for t in targets))
 
     def expand(self, address: str) -> list[str]:
-        """Final recipients for an accepted address: alias targets, or the address itself."""
+        """Final recipients for an accepted address: a list's owner for its -bounces and
+        -owner addresses, alias targets, or the address itself (a list's too: listpost.py)."""
+        found = self.lists.find(address) if self.lists else None
+        if found is not None:
+            return [found[0].owner] if found[1] != "post" else [address]
         try:
             targets = self.aliases.expand(address, self.all_local)
         except AliasError:  # already answered 451 at RCPT time; keep the address as sent

@@ -13,7 +13,7 @@ what it learned (the client at `check_connect`, the cipher at `tls_started`).
                                          message rates, then policy.check_mail_from
   check_rcpt(RcptTo) -> RcptDecision     recipient lists, relay control and local users
                                          (policy.check_rcpt_to: the bare <postmaster> rewritten),
-                                         recipient rates
+                                         who may post to a mailing list (listpost.py), recipient rates
   check_vrfy(Vrfy | Expn) -> Reply
   authenticate(Credentials) -> AWAITABLE Decision   delay, the per-address budget, scrypt
   on_message(Message) -> AWAITABLE Decision         build, the content pipeline, commit
@@ -29,7 +29,8 @@ content; Date and Message-ID added when missing on submission and smtps listener
 authenticated clients, mta/submission.py); the stages this listener runs (content.py:
 attachments, antivirus, milters, footers, DKIM) change it, refuse it (the reply to end of
 data), discard it or quarantine it (stored with every recipient held); `commit` stores it
-durably and makes the 250. The adapter stops reading the client while the awaitable
+durably, with its mailing lists' copies in the same transaction (listpost.py), and makes
+the 250. The adapter stops reading the client while the awaitable
 runs, so a slow stage holds only its own session.
 """
 
@@ -51,7 +52,7 @@ from mta.smtp.replies import Reply
 from mta.smtp.server import Credentials, Message, ServerConnection
 from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
-from workers.inbound import content, policy
+from workers.inbound import content, listpost, policy
 from workers.inbound.auth import AUTH_ATTEMPTS
 from workers.inbound.context import WorkerContext
 from workers.inbound.decision import Decision
@@ -95,6 +96,7 @@ class InboundSession:
         self._held = 0  # bytes last reported to the worker's memory budget
         self._dnsbl_pending = False
         self._dnsbl_verdict: Reply | None = None
+        self._sender = ""  # the transaction's envelope sender (a RCPT follows only an accepted MAIL)
 
     @property
     def user_name(self) -> str | None:
@@ -156,6 +158,7 @@ class InboundSession:
     # --- MAIL, RCPT, VRFY ----------------------------------------------------------------
 
     def check_mail(self, command: MailFrom) -> Decision:
+        self._sender = command.address.text
         refusal = self._mail_refusal(command)
         if refusal is None:
             return Decision(policy.check_mail_from(self.ctx.config.relay, self.client.address, command))
@@ -185,6 +188,10 @@ class InboundSession:
         decision = (policy.RcptDecision(denied, "recipient_denied", command) if denied is not None else
                     policy.check_rcpt_to(ctx.config.relay, self.client.address, command, ctx.local,
                                          hostname=ctx.config.server.hostname, authenticated=self.user is not None))
+        if not decision.reason:
+            refusal = listpost.check_post(ctx.local.lists, decision.rcpt.address.text, self._sender)
+            if refusal is not None:
+                decision = policy.RcptDecision(refusal.reply, refusal.reason, command)
         if not decision.reason:
             limited = ctx.limiter.recipient(self.client.ip, self.user_name, self.trusted)
             if limited is None:
@@ -357,8 +364,12 @@ class InboundSession:
         failing queue is a 4xx, never a 250 for a message that is not stored."""
         envelope = stored.envelope
         msgid = envelope.id
+        copies = listpost.split(stored, self.ctx.local.lists, self.ctx.local.expand)
+        if quarantine is not None:
+            for rcpt in (r for c in copies for r in c.message.envelope.recipients):
+                rcpt.state, rcpt.last_reply = "held", f"quarantined by {quarantine}"
         try:
-            await self.ctx.committer.commit(stored)
+            await self.ctx.committer.commit_all(tuple(c.message for c in copies))
         except QueueFull as exc:
             logs.event("queue_full", msgid=msgid, client=self.client.ip, error=str(exc))
             metrics.INBOUND_REJECTED.labels("queue_full", "4xx").inc()
@@ -370,8 +381,10 @@ class InboundSession:
         logs.event("received", msgid=msgid, client=self.client.ip, user=self.user_name, sender=envelope.sender,
                    nrcpt=len(received.recipients), size=len(stored.body), priority=envelope.priority or None,
                    content=notes, quarantined=quarantine)
-        if quarantine is None:
-            self.ctx.notifier.new(msgid)
+        listpost.log_copies(copies, msgid)
+        for copy in copies:
+            if quarantine is None and copy.held_for is None:
+                self.ctx.notifier.new(copy.message.envelope.id)
         _, messages, octets = _listener_counters(self.listener.address)
         messages.inc()
         octets.inc(len(stored.body))

@@ -8,6 +8,7 @@ gathering for FLUSH_GATHER_SECONDS first so one transaction carries many outcome
 Notices (DSNs): failure and success from `settle`; the one delay notice of a message
 is decided here when an attempt leaves it queued, and for a message loaded when due
 (`_check_delay`, called by tracking.py), and written with the envelope marked `warned`.
+A notice about a mailing list's copy (sender <list>-bounces@) goes to the list's owner.
 
 Invariants: one flush round runs at a time, on one writer thread; a notice is tracked
 (may be delivered) only once its transaction is over; an id being written stays in
@@ -27,10 +28,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from mta import logs, metrics
+from mta.lists import bounces_owner
 from mta.messages import Handoff
 from mta.queueops import FINAL_STATES
 from mtaqueue.ids import MessageId
-from mtaqueue.records import Envelope, NewMessage
+from mtaqueue.records import Envelope, NewMessage, Recipient
 from workers.scheduler.outcome import RecipientReply, RetryPolicy, delay_notice, settle
 from workers.scheduler.plan import Job
 from workers.scheduler.tracking import Tracking
@@ -151,15 +153,19 @@ class Outcomes(Tracking):
             self.writes.schedule()
 
     def _queue_notice(self, notice: NewMessage, action: str, envelope: Envelope) -> None:
-        """A DSN goes into the next write, with the change that caused it."""
+        """A DSN goes into the next write, with the change that caused it; one about a
+        mailing list's copy (sent from <list>-bounces@) goes to the list's owner."""
+        owner = bounces_owner(self.config.list, envelope.sender)
+        if owner is not None:
+            notice.envelope.recipients = [Recipient(owner, orcpt=f"rfc822;{envelope.sender}")]
+        rcpt = notice.envelope.recipients[0].address
         self.writes.add.append(notice)
         if action == "failed":
             metrics.BOUNCES.inc()
-            logs.event("bounce_queued", msgid=notice.envelope.id, origin=envelope.id, rcpt=envelope.sender)
+            logs.event("bounce_queued", msgid=notice.envelope.id, origin=envelope.id, rcpt=rcpt)
         else:
             metrics.NOTICES.labels(action).inc()
-            logs.event("notice_queued", msgid=notice.envelope.id, origin=envelope.id, rcpt=envelope.sender,
-                       action=action)
+            logs.event("notice_queued", msgid=notice.envelope.id, origin=envelope.id, rcpt=rcpt, action=action)
 
     def _settle(self, job: Job, replies: list[RecipientReply], remote: str | None, now: float,
                 handoff: Handoff = "relayed") -> None:
