@@ -217,3 +217,18 @@ def test_name_collision_in_new_picks_another_name(root: Path, monkeypatch: pytes
 def test_error_attributes() -> None:
     error = MaildirError(True, "4.3.0", "disk full")
     assert (error.temporary, error.status, error.text, str(error)) == (True, "4.3.0", "disk full", "4.3.0 disk full")
+
+
+def test_a_folder_is_created_as_maildirplusplus_and_stored_into(root: Path) -> None:
+    path = maildir.deliver(str(root), "example.com", "bob", BODY, return_path="alice@example.org",
+                           delivered_to="bob@example.com", hostname="mx.example.com", folder=".Work.Projects")
+    folder = root / "example.com" / "bob" / ".Work.Projects"
+    assert Path(path).parent == folder / "new"
+    assert Path(path).read_bytes() == STORED
+    assert sorted(p.name for p in folder.iterdir()) == ["cur", "maildirfolder", "new", "tmp"]
+    assert (folder / "maildirfolder").stat().st_size == 0
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    assert list((root / "example.com" / "bob" / "new").iterdir()) == []  # not in INBOX
+    again = maildir.deliver(str(root), "example.com", "bob", BODY, return_path="alice@example.org",
+                            delivered_to="bob@example.com", hostname="mx.example.com", folder=".Work.Projects")
+    assert sorted(p.name for p in (folder / "new").iterdir()) == sorted([Path(path).name, Path(again).name])

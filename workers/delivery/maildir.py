@@ -3,6 +3,9 @@
 Layout: `root/<domain>/<user>/{tmp,new,cur}` (mta/mailboxes.py: where a mailbox is, and
 whether it exists). Operators provision the mailbox; `deliver` only adds a missing
 tmp/, new/ or cur/ inside it. A domain or user that cannot be a directory name is 5.1.3.
+`folder` (a Sieve fileinto, named by workers/delivery/folders.py) is a Maildir++ folder
+`<mailbox>/.Name/`, created when missing with its own tmp/new/cur and the empty
+`maildirfolder` file Maildir++ readers (Dovecot) expect.
 
 Invariant: when `deliver` returns, the message is in new/ and both the file and the
 new/ directory entry have been fsynced; when it raises, nothing is left behind in
@@ -39,8 +42,9 @@ class MaildirError(Exception):
 
 
 def deliver(root: str, domain: str, user: str, body: bytes, *, return_path: str,
-            delivered_to: str, hostname: str) -> str:
-    """Store one message durably in the mailbox's new/; return the file's path."""
+            delivered_to: str, hostname: str, folder: str = "") -> str:
+    """Store one message durably in the mailbox's new/ (or its Maildir++ `folder`'s, a
+    ".Name" directory made by folders.maildir_folder); return the file's path."""
     try:
         mailbox = mailbox_path(root, domain, user)
     except UnsafeName as exc:
@@ -55,6 +59,8 @@ def deliver(root: str, domain: str, user: str, body: bytes, *, return_path: str,
     try:
         for sub in ("tmp", "new", "cur"):
             _ensure_dir(os.path.join(mailbox, sub))
+        if folder:
+            return _store(_ensure_folder(mailbox, folder), data, hostname)
         return _store(mailbox, data, hostname)
     except OSError as exc:
         raise _as_maildir_error(exc) from exc
@@ -117,6 +123,21 @@ def _ensure_dir(path: str) -> None:
     except FileExistsError:
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+
+
+def _ensure_folder(mailbox: str, folder: str) -> str:
+    """The Maildir++ folder's path, made (durably) with tmp/new/cur and `maildirfolder`."""
+    assert folder.startswith(".") and "/" not in folder and folder not in (".", ".."), folder
+    path = os.path.join(mailbox, folder)
+    if os.path.isdir(os.path.join(path, "new")):
+        return path
+    _ensure_dir(path)
+    for sub in ("tmp", "new", "cur"):
+        _ensure_dir(os.path.join(path, sub))
+    os.close(os.open(os.path.join(path, "maildirfolder"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    fsync_folder(path)
+    fsync_folder(mailbox)
+    return path
 
 
 def _unlink_quietly(path: str) -> None:
