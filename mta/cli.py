@@ -1,5 +1,5 @@
 """The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage/
-backup/restore/export/import, users, dkim keygen, completion, sendmail.
+backup/restore/export/import, users, dkim keygen, sieve check, completion, sendmail.
 
 The parser, and the commands short enough to live here. Every command finds its
 configuration the same way (mta/config.py find(): -c, $MTA_CONFIG, /etc/mta/mta.toml,
@@ -17,7 +17,7 @@ the next AUTH, with no reload.
 
 `mta queue backup|restore` are mta/queuebackup.py's, `export|import --bsmtp` mta/queueexport.py's
 and mta/queueimport.py's (each of those modules adds its own parsers); `mta dkim keygen` is
-mta/dkim/keygen.py's.
+mta/dkim/keygen.py's; `mta sieve check` mta/sieve/check.py's.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 from mta import config as configmod
 from mta import queuebackup, queuecli, queueexport, queueimport, queuepages, version
 from mta.dkim import keygen as dkimkeygen
+from mta.sieve import check as sievecheck
 from mta.config import Config, ConfigError
 
 
@@ -149,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_users, action=_users_list)
 
     dkimkeygen.add_parsers(sub)  # dkim keygen
+    sievecheck.add_parsers(sub)  # sieve check
 
     p = sub.add_parser("completion", help="print a shell completion script (reads no configuration)")
     p.add_argument("shell", choices=("bash",), help="the shell: bash")

@@ -226,7 +226,7 @@ def _value(arg: Arg, kind: str) -> object:
 def _tests(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> tuple[Call, ...]:
     where = f"{node.name}:"
     if spec.tests == "none" and node.tests:
-        raise SieveError(node.line, node.column, f"{where} takes no test")
+        raise SieveError(node.line, node.column, f"{where} takes no test; found {node.tests[0].name}")
     if spec.tests == "one" and (len(node.tests) != 1 or (node.test_list and node.name != "not")):
         raise SieveError(node.line, node.column, f"{where} needs exactly one test")
     if spec.tests == "list" and not node.tests:

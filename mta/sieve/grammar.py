@@ -92,7 +92,9 @@ class Grammar:
             node.block = self._commands(depth + 1)
             self._expect("}", "'}' or a command")
             return node
-        raise _unexpected(self._peek(), f"';' or '{{' after {node.name}")
+        last = self._tokens[self._i - 1]  # the fault is at the end of the command, not at what follows
+        found = _unexpected(self._peek(), "").message.split(", found ")[1]
+        raise SieveError(last.line, last.column, f"missing ';' after {node.name} (found {found} next)")
 
     def _test(self, depth: int) -> Node:
         """A command or a test: identifier, arguments, then a test or a test list."""

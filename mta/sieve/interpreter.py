@@ -23,6 +23,7 @@ from mta.sieve.message import MessageView, address_part
 MAX_REDIRECTS: Final = 10
 VACATION_DEFAULT_DAYS: Final = 7
 VACATION_MIN_DAYS: Final = 1
+_CANCEL_IMPLICIT_KEEP: Final = frozenset({"discard", "fileinto", "redirect", "reject", "ereject"})  # not vacation
 _NOT_WITH_REJECT: Final = frozenset({Keep, FileInto, Vacation})  # RFC 5429 2.1: redirect may go with it
 
 
@@ -85,7 +86,7 @@ class _Run:
             self._add(_vacation(call), call.line)
         else:
             raise AssertionError(f"sieve: command {name} passed the check but has no action")
-        if name != "keep":
+        if name in _CANCEL_IMPLICIT_KEEP:
             self._implicit_keep = False
 
     def _add(self, action: Action, line: int) -> None:

@@ -195,4 +195,4 @@ class Lexer:
                     self._newline_at(self._pos)
                     self._pos += 1
                 return "".join(lines)
-            lines.append((content[1:] if content.startswith(".") else content) + "\r\n")
+            lines.append(content.removeprefix(".") + "\r\n")
