@@ -16,6 +16,7 @@ import pytest
 from tests.integration.conftest import MtaServer, wait_until
 from tests.integration.sink import SmtpSink
 from tests.integration.test_delivery import delivering, mailbox, maildir_messages, send_all
+from tests.integration.test_metrics import get, sample
 
 pytestmark = pytest.mark.integration
 
@@ -67,15 +68,20 @@ def test_fileinto_creates_the_folder_and_stores_there(mta_server, tmp_path: Path
         assert re.search(rb"event=sieve msgid=\S+ rcpt=bob@local.test actions=fileinto:Work/Reports",
                          server.log_bytes())
         assert sink.messages == []
+        _status, scraped = get(server, "/metrics")
+        assert sample(scraped, "mta_delivery_sieve_actions_total", action="fileinto") == 2
+        assert sample(scraped, "mta_delivery_sieve_actions_total", action="keep") == 1  # the implicit keep
 
 
 def test_discard_stores_nothing_and_counts_as_delivered(mta_server, tmp_path: Path) -> None:
     with SmtpSink("127.0.0.2") as sink:
         server = sieve_server(mta_server, tmp_path, sink)
         box = with_script(tmp_path, "bob", 'if address :domain "from" "client.test" { discard; }\n')
-        [msgid] = send(server, ("alice@client.test", ["bob@local.test"], mail(1)))
+        carol = mailbox(tmp_path, "local.test", "carol")  # no script: INBOX, as always
+        [msgid] = send(server, ("alice@client.test", ["bob@local.test", "carol@local.test"], mail(1)))
         drained(server)
         assert maildir_messages(box) == []
+        assert len(maildir_messages(carol)) == 1
         log = server.log_bytes()
         assert re.search(rb"event=sieve msgid=" + msgid.encode() + rb" rcpt=bob@local.test actions=discard", log)
         assert re.search(rb"event=delivered msgid=" + msgid.encode() + rb".*discarded by the recipient's Sieve", log)
@@ -100,6 +106,24 @@ def test_redirect_reaches_the_target_once_with_the_original_sender(mta_server, t
         log = server.log_bytes()
         assert re.search(rb"event=sieve msgid=" + msgid.encode() + rb" rcpt=bob@local.test "
                          rb"actions=redirect:carol@remote.test queued=[0-9A-F]{21}", log)
+
+
+def test_a_refused_redirect_bounces_to_the_original_sender(mta_server, tmp_path: Path) -> None:
+    """The redirect is a queued message of its own from the original sender: the original
+    is delivered (settled) while the copy's target refuses, and the refusal goes to
+    the original sender, not to the mailbox that redirected."""
+    with SmtpSink("127.0.0.2") as sink:
+        server = sieve_server(mta_server, tmp_path, sink)
+        with_script(tmp_path, "bob", 'redirect "r550-gone@remote.test";\n')
+        [msgid] = send(server, ("alice@client.test", ["bob@local.test"], mail(1)))
+        [bounce] = sink.wait_for_messages(1, timeout=20)
+        drained(server)
+        assert bounce.sender == "" and bounce.recipients == ["alice@client.test"]
+        text = " ".join(bounce.data.decode("utf-8", "replace").split())
+        assert "r550-gone@remote.test" in text and "Status: 5.1.1" in text
+        assert "Original-Recipient: rfc822;bob@local.test" in text  # ORCPT: what alice wrote
+        log = server.log_bytes()
+        assert re.search(rb"event=delivered msgid=" + msgid.encode() + rb" rcpt=bob@local.test", log)
 
 
 def test_a_redirect_loop_between_two_mailboxes_ends_in_an_inbox(mta_server, tmp_path: Path) -> None:
@@ -158,6 +182,9 @@ def test_vacation_answers_once_per_sender_and_never_to_lists_robots_or_null(mta_
         assert "I am away until Monday." in parsed.get_body(("plain",)).get_content()
         assert len(maildir_messages(box)) == 6  # vacation keeps the message
         assert (box / ".mta-vacation").is_file()
+        _status, scraped = get(server, "/metrics")
+        assert sample(scraped, "mta_delivery_sieve_actions_total", action="vacation") == 2
+        assert sample(scraped, "mta_delivery_sieve_actions_total", action="vacation_skipped") == 4
 
 
 def test_a_broken_script_keeps_mail_in_inbox_and_is_logged_once(mta_server, tmp_path: Path) -> None:
@@ -171,6 +198,8 @@ def test_a_broken_script_keeps_mail_in_inbox_and_is_logged_once(mta_server, tmp_
         log = server.log_bytes()
         assert log.count(b"event=sieve_script_error") == 1, server.log_tail()
         assert re.search(rb"event=sieve_script_error path=\S+/bob/.dovecot.sieve error=.*line \d", log)
+        _status, scraped = get(server, "/metrics")
+        assert sample(scraped, "mta_delivery_sieve_actions_total", action="error") == 2
         # Fixed: the new version is read at the next delivery.
         (box / ".dovecot.sieve").write_text('if header :contains "subject" "x" { discard; }\n')
         send(server, ("alice@client.test", ["bob@local.test"], mail(3, "x")))

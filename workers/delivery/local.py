@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mta import logs
+from mta import logs, metrics
 from mta.config import Config
 from mta.mailboxes import UnsafeName, mailbox_path
 from mta.messages import RcptReply
@@ -161,6 +161,9 @@ class LocalDelivery:
         config = self._config()
         rcpt, plan = item.rcpt, item.plan
         folders = [""] if plan is None else plan.folders
+        if plan is not None:
+            for label in plan.actions if plan.error is None else ["error"]:
+                metrics.DELIVERY_SIEVE_ACTIONS.labels(_metric_action(label)).inc()
         if plan is not None and plan.error is None:
             logs.event("sieve", msgid=message.msgid, rcpt=rcpt.address, actions=",".join(plan.actions) or "none",
                        queued=" ".join(m.envelope.id for m in item.new) or None, no_reply=plan.vacation_skipped)
@@ -180,6 +183,13 @@ class LocalDelivery:
             return (item.index, 250, "2.0.0", f"delivered to maildir as {', '.join(stored)}")
         what = "discarded" if plan is not None and plan.discarded else "redirected"
         return (item.index, 250, "2.0.0", f"{what} by the recipient's Sieve script")
+
+
+def _metric_action(label: str) -> str:
+    """A Plan's log label as the metric's action: "fileinto:Work" -> fileinto,
+    "vacation:not-due" and "vacation:answered-before" -> vacation_skipped."""
+    kind, _, detail = label.partition(":")
+    return "vacation_skipped" if kind == "vacation" and detail else kind
 
 
 def _addresses(rcpt: OutboundRecipient) -> list[str]:
