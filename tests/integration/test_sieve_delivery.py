@@ -23,10 +23,20 @@ pytestmark = pytest.mark.integration
 SETTLE_SECONDS = 1.5  # after the spool is empty: long enough for a second copy to show up
 
 
-def sieve_server(mta_server, tmp_path: Path, sink: SmtpSink) -> MtaServer:  # type: ignore[no-untyped-def]
+def sieve_server(mta_server, tmp_path: Path, sink: SmtpSink, aliases: str = "") -> MtaServer:  # type: ignore[no-untyped-def]
     """Local domain local.test (Maildirs); remote.test and the senders' client.test go to `sink`."""
     target = f"{sink.address}:{sink.port}"
-    return delivering(mta_server, tmp_path, {"remote.test": target, "client.test": target})
+    if not aliases:
+        return delivering(mta_server, tmp_path, {"remote.test": target, "client.test": target})
+    (tmp_path / "aliases").write_text(aliases)
+    (tmp_path / "mail" / "local.test").mkdir(parents=True, exist_ok=True)
+    return mta_server(
+        server={"inbound_workers": 1},
+        relay={"local_domains": ["local.test"], "relay_domains": ["remote.test", "client.test"],
+               "mynetworks": ["127.0.0.1/32"]},
+        delivery={"workers": 1, "min_backoff_seconds": 1, "max_backoff_seconds": 2},
+        routes={"remote.test": target, "client.test": target},
+        local={"maildir_root": str(tmp_path / "mail"), "aliases": str(tmp_path / "aliases")})
 
 
 def with_script(tmp_path: Path, user: str, script: str) -> Path:
@@ -106,6 +116,20 @@ def test_redirect_reaches_the_target_once_with_the_original_sender(mta_server, t
         log = server.log_bytes()
         assert re.search(rb"event=sieve msgid=" + msgid.encode() + rb" rcpt=bob@local.test "
                          rb"actions=redirect:carol@remote.test queued=[0-9A-F]{21}", log)
+
+
+def test_a_redirect_to_a_local_alias_reaches_its_targets(mta_server, tmp_path: Path) -> None:
+    with SmtpSink("127.0.0.2") as sink:
+        server = sieve_server(mta_server, tmp_path, sink, aliases="team@local.test: carol, erin@remote.test\n")
+        with_script(tmp_path, "bob", 'redirect "team@local.test";\n')
+        carol = mailbox(tmp_path, "local.test", "carol")
+        send(server, ("alice@client.test", ["bob@local.test"], mail(1)))
+        [remote] = sink.wait_for_messages(1, timeout=20)
+        drained(server)
+        assert remote.recipients == ["erin@remote.test"] and remote.sender == "alice@client.test"
+        [local] = maildir_messages(carol)
+        assert local.startswith(b"Return-Path: <alice@client.test>\nDelivered-To: carol@local.test\n"
+                                b"Delivered-To: bob@local.test\n")
 
 
 def test_a_refused_redirect_bounces_to_the_original_sender(mta_server, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ For every recipient: its mailbox's script (sieve.py) gives a Plan (no script: IN
 Then, in this order:
 1. The new messages the plans make, redirects (from the original envelope sender, RFC
    5228 4.2; the message as stored, with `Delivered-To: <recipient>` on top, the loop
-   guard sieve.py reads) and vacation replies (from <>), are committed to the spool by
+   guard sieve.py reads; a local alias expanded as inbound would, from [local] aliases)
+   and vacation replies (from <>), are committed to the spool by
    this worker's GroupCommitter: one transaction for the job, fsynced.
 2. The scheduler is told (`New` on this worker's scheduler connection, through
    `notify`), before the job's Done, which goes on the same connection after it.
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mta import logs, metrics
+from mta.aliases import AliasError, Aliases
 from mta.config import Config
 from mta.mailboxes import UnsafeName, mailbox_path
 from mta.messages import RcptReply
@@ -61,6 +63,24 @@ class LocalDelivery:
         self._committer = committer
         self._notify = notify
         self.scripts = Scripts()
+        self._aliases: tuple[Config, Aliases] | None = None  # loaded for this config
+
+    def _targets(self, config: Config, address: str) -> list[str]:
+        """A redirect's final recipients: a local alias is expanded (as inbound expands
+        what it accepts), anything else is the address itself."""
+        if self._aliases is None or self._aliases[0] is not config:
+            try:
+                self._aliases = (config, Aliases.load(config.local.aliases or None))
+            except (OSError, AliasError) as exc:
+                logs.event("alias_error", path=config.local.aliases, error=str(exc),
+                           action="Sieve redirects to local aliases are not expanded; fix the aliases file")
+                self._aliases = (config, Aliases({}))
+        try:
+            targets = self._aliases[1].expand(address, config.relay.local_domains)
+        except AliasError as exc:
+            logs.event("alias_error", rcpt=address, error=str(exc))
+            return [address]
+        return targets or [address]
 
     async def deliver(self, message: Outbound, rcpts: Sequence[int]) -> list[RcptReply]:
         loop = asyncio.get_running_loop()
@@ -131,7 +151,7 @@ class LocalDelivery:
                 if plan.error is not None:
                     logs.event("sieve_run_error", msgid=message.msgid, rcpt=rcpt.address, error=plan.error,
                                action="kept in INBOX")
-                item.new = [_redirected(message, rcpt, to, now) for to in plan.redirects]
+                item.new = [_redirected(message, rcpt, self._targets(config, to), now) for to in plan.redirects]
             work.append(item)
         return work
 
@@ -203,12 +223,13 @@ def _addresses(rcpt: OutboundRecipient) -> list[str]:
     return found
 
 
-def _redirected(message: Outbound, rcpt: OutboundRecipient, to: str, now: float) -> NewMessage:
+def _redirected(message: Outbound, rcpt: OutboundRecipient, to: list[str], now: float) -> NewMessage:
     """The message as stored, to `to`, from the original envelope sender, DSN parameters kept."""
     body = f"Delivered-To: {rcpt.address}\r\n".encode() + message.body
+    orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
     envelope = Envelope(
         id=new_id(now), sender=message.sender,
-        recipients=[Recipient(to, rcpt.notify, rcpt.orcpt or f"rfc822;{rcpt.address}")],
+        recipients=[Recipient(target, rcpt.notify, orcpt) for target in to],
         size=len(body), arrival=now, next_attempt=now, ret=message.ret, envid=message.envid,
         body_type=message.body_type, smtputf8=message.smtputf8,
         client={"protocol": "sieve-redirect", "origin": message.msgid, "mailbox": rcpt.address},
