@@ -16,7 +16,7 @@ already here as a message's content goes out, its MAIL/RCPT/DATA ride the same w
 (session.py's `follow`); recipients an operator held after their job was sent
 ahead are skipped (`skipped` in Done: no attempt). Local
 destinations ("maildir" routes, and local domains without a route) are written to
-Maildir instead, through each mailbox's Sieve script (local.py). Envelopes and bodies
+Maildir instead, through each mailbox's Sieve script (localjob.py). Envelopes and bodies
 are read from the spool (short read transactions); outcomes go to the scheduler. The
 only writes are new messages a Sieve script makes (redirects, vacation replies), through
 this worker's GroupCommitter, announced with New before the job's Done.
@@ -46,7 +46,7 @@ from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 from mtaqueue.committer import GroupCommitter
-from workers.delivery.local import LocalDelivery
+from workers.delivery.localjob import LocalJobs
 from mta.resolver import MxResolver
 from mta.smtp.transaction import Outbound, OutboundRecipient, SessionError
 from workers.delivery.session import OutboundSession
@@ -124,7 +124,7 @@ class DeliveryWorker(WorkerBody):
         self.resolver = MxResolver(list(self.config.dns.nameservers) or None, self.cache,
                                    self.config.dns.timeout_seconds)
         self.committer = GroupCommitter(self.spool, asyncio.get_running_loop())
-        self.local = LocalDelivery(lambda: self.config, self.committer, self._announce)
+        self.local_jobs = LocalJobs(lambda: self.config, self.committer, self._announce)
         self._conversation = asyncio.get_running_loop().create_task(self._converse_forever())
 
     def status(self) -> int:
@@ -319,7 +319,7 @@ class DeliveryWorker(WorkerBody):
 
     async def _deliver_local(self, current: Current) -> list[RcptReply]:
         assert current.message is not None
-        return await self.local.deliver(current.message, current.rcpts)
+        return await self.local_jobs.deliver(current.message, current.rcpts)
 
     def _announce(self, ids: list[str]) -> None:
         """New messages this worker committed (Sieve redirects, vacation replies): on the

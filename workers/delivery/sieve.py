@@ -3,7 +3,7 @@
 The script is `<mailbox>/.dovecot.sieve` (Pigeonhole's name, so the same file works when
 delivery moves to Dovecot LMTP; a symbolic link to it is followed). It is parsed by
 mta.sieve once per version (cached by path, inode, size and mtime) and evaluated for
-each recipient; `plan` turns the actions into a Plan that workers/delivery/local.py
+each recipient; `plan` turns the actions into a Plan that workers/delivery/localjob.py
 carries out. This module reads the script only; it never writes.
 
 Rules where the RFCs leave the choice to us:
@@ -16,7 +16,7 @@ Rules where the RFCs leave the choice to us:
 - fileinto into the same folder twice, or keep twice, stores once (RFC 5228 4.1, 4.3).
 - reject/ereject: nothing stored; the recipient is refused with 5.7.1 and the reason.
 - vacation: `mta.sieve.vacation.vacation_reply` decides whether a reply is due at all
-  (<>, lists, Auto-Submitted, the mailbox itself); local.py then asks the record
+  (<>, lists, Auto-Submitted, the mailbox itself); localjob.py then asks the record
   (vacationlog.py) whether this sender already had one under this :handle within :days.
 """
 

@@ -49,12 +49,12 @@ class _Work:
     index: int
     msgid: str
     rcpt: OutboundRecipient
-    mailbox: str | None  # None: not a safe name (maildir.deliver refuses it)
+    mailbox: str | None  # None: no mailbox (maildir.deliver gives the refusal)
     plan: Plan | None  # None: no script, INBOX
     new: list[NewMessage]
 
 
-class LocalDelivery:
+class LocalJobs:
     """The delivery worker's local deliveries: scripts cached across jobs."""
 
     def __init__(self, config: Callable[[], Config], committer: GroupCommitter,
@@ -136,13 +136,9 @@ class LocalDelivery:
         config = self._config()
         work = []
         for i, rcpt in zip(rcpts, message.recipients):
-            user, _, domain = rcpt.address.rpartition("@")
-            try:
-                mailbox: str | None = mailbox_path(config.local.maildir_root, domain, user)
-            except UnsafeName:
-                mailbox = None
+            mailbox = mailbox_dir(config, rcpt.address)
             plan = None
-            if mailbox is not None and os.path.isdir(mailbox):
+            if mailbox is not None:
                 plan = sieve.plan(self.scripts, mailbox, sender=message.sender, recipient=rcpt.address,
                                   addresses=tuple(_addresses(rcpt)), body=message.body,
                                   hostname=config.server.hostname, now=now)
@@ -187,13 +183,10 @@ class LocalDelivery:
         if plan is not None and plan.error is None:
             logs.event("sieve", msgid=message.msgid, rcpt=rcpt.address, actions=",".join(plan.actions) or "none",
                        queued=" ".join(m.envelope.id for m in item.new) or None, no_reply=plan.vacation_skipped)
-        user, _, domain = rcpt.address.rpartition("@")
         stored = []
         for folder in folders:
             try:
-                path = maildir.deliver(config.local.maildir_root, domain.lower(), user, message.body,
-                                       return_path=message.sender, delivered_to=rcpt.address,
-                                       hostname=config.server.hostname, folder=folder)
+                path = store(config, rcpt.address, message.body, return_path=message.sender, folder=folder)
             except maildir.MaildirError as exc:
                 return (item.index, 450 if exc.temporary else 550, exc.status, exc.text)
             stored.append(f"{folder}/{os.path.basename(path)}" if folder else os.path.basename(path))
@@ -203,6 +196,26 @@ class LocalDelivery:
             return (item.index, 250, "2.0.0", f"delivered to maildir as {', '.join(stored)}")
         what = "discarded" if plan is not None and plan.discarded else "redirected"
         return (item.index, 250, "2.0.0", f"{what} by the recipient's Sieve script")
+
+
+# The two places that know where a recipient's mailbox is and how a copy is stored there.
+
+def mailbox_dir(config: Config, address: str) -> str | None:
+    """The recipient's existing mailbox directory (its script and vacation record live
+    there); None when it has none (maildir.deliver then gives the refusal)."""
+    user, _, domain = address.rpartition("@")
+    try:
+        mailbox = mailbox_path(config.local.maildir_root, domain, user)
+    except UnsafeName:
+        return None
+    return mailbox if os.path.isdir(mailbox) else None
+
+
+def store(config: Config, address: str, body: bytes, *, return_path: str, folder: str) -> str:
+    """One copy in the recipient's INBOX (folder "") or Maildir++ folder; its path, or MaildirError."""
+    user, _, domain = address.rpartition("@")
+    return maildir.deliver(config.local.maildir_root, domain.lower(), user, body, return_path=return_path,
+                           delivered_to=address, hostname=config.server.hostname, folder=folder)
 
 
 def _metric_action(label: str) -> str:

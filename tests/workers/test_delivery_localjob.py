@@ -1,4 +1,4 @@
-"""Local delivery of one job with Sieve (workers/delivery/local.py) over a real LMDB spool
+"""Local delivery of one job with Sieve (workers/delivery/localjob.py) over a real LMDB spool
 and real Maildirs: what is committed and announced, what is stored, and in which order."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from mta import config as mta_config
 from mta.smtp.transaction import Outbound, OutboundRecipient
 from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.committer import GroupCommitter
-from workers.delivery.local import LocalDelivery
+from workers.delivery.localjob import LocalJobs
 
 MIB = 1024 * 1024
 BODY = b"From: alice@client.test\r\nTo: bob@local.test\r\nSubject: hi\r\nMessage-ID: <m1@client.test>\r\n\r\nbody\r\n"
@@ -26,7 +26,7 @@ def deliver(tmp_path: Path, message: Outbound, max_size_bytes: int = 4 * MIB
     async def run() -> list[tuple[int, int, str, str]]:
         committer = GroupCommitter(spool, asyncio.get_running_loop())
         try:
-            local = LocalDelivery(lambda: config, committer, announced.append)
+            local = LocalJobs(lambda: config, committer, announced.append)
             return await local.deliver(message, list(range(len(message.recipients))))
         finally:
             committer.close()
