@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 # Debian packages the integration tests drive as real peers and tools, as package:command.
-TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks groff-base:groff man-db:man opendkim:opendkim clamav-daemon:clamd tnef:tnef rspamd:rspamd
+TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks groff-base:groff man-db:man opendkim:opendkim clamav-daemon:clamd tnef:tnef rspamd:rspamd dovecot-sieve:sieve-test
 # Perl modules swaks needs for STARTTLS, as package:module.
 TEST_PERL = libnet-ssleay-perl:Net::SSLeay
 # Modules of the system Python (/usr/bin/python3) the tests run peers with, as package:module.

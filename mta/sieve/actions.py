@@ -29,7 +29,8 @@ class Discard:
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    """Send the message on to address, with its original envelope sender (RFC 5228 4.2)."""
+    """Send the message on to address (an addr-spec, `user@domain`), with its original
+    envelope sender (RFC 5228 4.2)."""
     address: str
 
 

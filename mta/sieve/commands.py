@@ -5,22 +5,24 @@ Commands and tests are data (SPECS): their positional arguments, their tags and 
 each tag fills (`:is`, `:contains`, `:matches` all fill "match", so two of them conflict),
 and the extension a script must `require` to use them. Checked here, so that `mta sieve
 check` finds them: unknown or un-required names, a `require` after other commands, an
-extension we do not support, if/elsif/else order, header names that are not field names,
-an address test on a header that holds no addresses, envelope parts other than from/to,
-redirect and vacation :from addresses that are not addresses.
+extension we do not support, if/elsif/else order, tags after positional arguments, an
+address test on a header that holds no addresses, envelope parts other than from/to,
+redirect and vacation :from addresses that are not addresses. With "encoded-character"
+required, string arguments are decoded here (mta/sieve/encoded.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 from typing import Final
 
+from mta.sieve.encoded import decode_encoded
 from mta.sieve.errors import SieveError
 from mta.sieve.grammar import Arg, Grammar, Node
 
 EXTENSIONS: Final = frozenset({
-    "fileinto", "reject", "ereject", "envelope", "vacation", "mailbox",
+    "fileinto", "reject", "ereject", "envelope", "vacation", "mailbox", "encoded-character",
     "comparator-i;octet", "comparator-i;ascii-casemap",
 })
 COMPARATORS: Final = frozenset({"i;octet", "i;ascii-casemap"})
@@ -137,6 +139,7 @@ def _block(nodes: list[Node], requires: frozenset[str]) -> tuple[Command, ...]:
         if spec.kind == "test":
             raise SieveError(node.line, node.column, f"{node.name} is a test, not a command")
         if node.name == "if":
+            line = node.line
             branches = []
             while True:
                 call = _bind(node, _spec(node, requires), requires)
@@ -147,7 +150,7 @@ def _block(nodes: list[Node], requires: frozenset[str]) -> tuple[Command, ...]:
                     break
                 i += 1
                 node = nxt
-            out.append(If(branches[0][0].line if branches[0][0] else node.line, tuple(branches)))
+            out.append(If(line, tuple(branches)))
         else:
             out.append(_bind(node, spec, requires))
         i += 1
@@ -170,7 +173,7 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
     if not spec.block and node.block is not None:
         raise SieveError(node.line, node.column, f"{where} takes no block (a ';' is missing?)")
     tags: dict[str, object] = {}
-    positional: list[object] = []
+    positional: list[Arg] = []
     args = node.args
     i = 0
     while i < len(args):
@@ -180,6 +183,9 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
             positional.append(arg)
             continue
         name = str(arg.value)
+        if positional:  # RFC 5228 2.6.2
+            raise SieveError(arg.line, arg.column, f"{where} tag :{name} after a positional argument "
+                             "(tags come first)")
         if name not in spec.tags:
             raise SieveError(arg.line, arg.column, f"{where} unknown tag :{name}")
         if (ext := spec.tag_extensions.get(name)) and ext not in requires:
@@ -192,17 +198,16 @@ def _bind(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> Call:
             continue
         if i >= len(args) or not _fits(args[i], kind):
             raise SieveError(arg.line, arg.column, f"{where} :{name} needs {POSITIONAL_NAMES[kind]}")
-        tags[slot] = _value(args[i], kind)
+        tags[slot] = _value(args[i], kind, requires)
         i += 1
     if len(positional) != len(spec.positional):
         wanted = ", ".join(POSITIONAL_NAMES[k] for k in spec.positional) or "no arguments"
         raise SieveError(node.line, node.column, f"{where} takes {wanted}; found {len(positional)} arguments")
     values = []
     for arg, kind in zip(positional, spec.positional):
-        assert isinstance(arg, Arg)
         if not _fits(arg, kind):
             raise SieveError(arg.line, arg.column, f"{where} expected {POSITIONAL_NAMES[kind]}")
-        values.append(_value(arg, kind))
+        values.append(_value(arg, kind, requires))
     tests = _tests(node, spec, requires)
     call = Call(node.name, node.line, tags, tuple(values), tests)
     _check_values(node, call)
@@ -217,10 +222,16 @@ def _fits(arg: Arg, kind: str) -> bool:
     return arg.kind == "strings"
 
 
-def _value(arg: Arg, kind: str) -> object:
-    if kind == "string":
-        return arg.value[0]  # type: ignore[index]
-    return arg.value
+def _value(arg: Arg, kind: str, requires: frozenset[str] | set[str]) -> object:
+    if kind == "number":
+        return arg.value
+    strings: tuple[str, ...] = arg.value  # type: ignore[assignment]
+    if "encoded-character" in requires:
+        try:
+            strings = tuple(decode_encoded(s) for s in strings)
+        except ValueError as exc:
+            raise SieveError(arg.line, arg.column, str(exc)) from None
+    return strings[0] if kind == "string" else strings
 
 
 def _tests(node: Node, spec: Spec, requires: frozenset[str] | set[str]) -> tuple[Call, ...]:
@@ -249,11 +260,9 @@ def _check_values(node: Node, call: Call) -> None:
     if comparator is not None and str(comparator).lower() not in COMPARATORS:
         raise SieveError(node.line, node.column, f"{where} unknown comparator {comparator!r} "
                          "(i;ascii-casemap and i;octet are supported)")
-    if node.name in ("header", "address", "exists"):
+    if node.name == "address":  # (an invalid field name is no error: it matches nothing, RFC 5228 2.4.2.2)
         for name in call.positional[0]:  # type: ignore[attr-defined]
-            if not _field_name(name):
-                raise SieveError(node.line, node.column, f"{where} {name!r} is not a header field name")
-            if node.name == "address" and name.lower() not in ADDRESS_HEADERS:
+            if field_name(name) and name.lower() not in ADDRESS_HEADERS:
                 raise SieveError(node.line, node.column, f"{where} header {name!r} holds no addresses")
     if node.name == "envelope":
         for part in call.positional[0]:  # type: ignore[attr-defined]
@@ -268,13 +277,16 @@ def _check_values(node: Node, call: Call) -> None:
         raise SieveError(node.line, node.column, f"{where} :from {call.tags['from']!r} is not a mail address")
 
 
-def _field_name(name: str) -> bool:
+def field_name(name: str) -> bool:
+    """Whether name is a valid header field name (RFC 5322 ftext)."""
     return bool(name) and all(33 <= ord(c) <= 126 and c != ":" for c in name)
 
 
 def valid_address(text: str) -> bool:
     """An RFC 5322 address (`user@domain`, or `Name <user@domain>`) with one @ and no blanks."""
+    if len(getaddresses([text])) != 1:  # one address; a list is a string list (RFC 5228 2.4.2.3)
+        return False
     _, addr = parseaddr(text)
     local, at, domain = addr.rpartition("@")
-    return bool(at and local and domain and "@" not in domain
-                and not any(c.isspace() for c in addr) and "." not in (domain[0], domain[-1]))
+    return bool(at and local and domain and "@" not in domain and ("@" not in local or local.startswith('"'))
+                and not any(c.isspace() or c in "<>,;" for c in addr) and "." not in (domain[0], domain[-1]))

@@ -5,17 +5,19 @@ The result is the action list of mta/sieve/actions.py: duplicates removed (2.10.
 keep once, one fileinto per folder, one redirect per address), `fileinto "INBOX"` read as
 keep, and the implicit keep (2.10.2) added last unless discard, fileinto, redirect or
 reject cancelled it. Action sets RFC 5228 2.10.6 and RFC 5429/5230 forbid raise
-SieveRuntimeError: two rejects, reject with keep, fileinto or vacation, two vacations,
-more than MAX_REDIRECTS redirects. Pure: no I/O, no clock.
+SieveRuntimeError: two rejects, reject with keep, fileinto, redirect or vacation, two vacations,
+more than MAX_REDIRECTS redirects, a vacation :mime reason with 8-bit header fields.
+Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.utils import parseaddr
 from typing import Final
 
 from mta.sieve.actions import Action, Discard, FileInto, Keep, Redirect, Reject, Vacation
-from mta.sieve.commands import Call, Command, If, Script
+from mta.sieve.commands import Call, Command, If, Script, field_name
 from mta.sieve.errors import SieveRuntimeError
 from mta.sieve.match import any_matches
 from mta.sieve.message import MessageView, address_part
@@ -24,7 +26,8 @@ MAX_REDIRECTS: Final = 10
 VACATION_DEFAULT_DAYS: Final = 7
 VACATION_MIN_DAYS: Final = 1
 _CANCEL_IMPLICIT_KEEP: Final = frozenset({"discard", "fileinto", "redirect", "reject", "ereject"})  # not vacation
-_NOT_WITH_REJECT: Final = frozenset({Keep, FileInto, Vacation})  # RFC 5429 2.1: redirect may go with it
+# RFC 5429 2.4: reject MUST NOT go with vacation, and is NOT RECOMMENDED with what delivers.
+_NOT_WITH_REJECT: Final = frozenset({Keep, FileInto, Redirect, Vacation})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +82,22 @@ class _Run:
             folder = str(call.positional[0])
             self._add(Keep() if folder.upper() == "INBOX" else FileInto(folder, "create" in call.tags), call.line)
         elif name == "redirect":
-            self._add(Redirect(str(call.positional[0])), call.line)
+            self._add(Redirect(parseaddr(str(call.positional[0]))[1]), call.line)  # "Bart <b@x>": b@x
         elif name in ("reject", "ereject"):
             self._add(Reject(str(call.positional[0]), extended=name == "ereject"), call.line)
         elif name == "vacation":
-            self._add(_vacation(call), call.line)
+            action = _vacation(call)
+            if action.mime and not action.reason.partition("\r\n\r\n")[0].partition("\n\n")[0].isascii():
+                raise SieveRuntimeError(call.line, "vacation :mime reason has 8-bit header fields (RFC 5230 5)")
+            self._add(action, call.line)
         else:
             raise AssertionError(f"sieve: command {name} passed the check but has no action")
         if name in _CANCEL_IMPLICIT_KEEP:
             self._implicit_keep = False
 
     def _add(self, action: Action, line: int) -> None:
+        if any(_same(earlier, action) for earlier, _ in self._actions):
+            return  # RFC 5228 2.10.3: once, and no error; the first stays as it was (as Pigeonhole)
         kinds = [type(a) for a, _ in self._actions]
         if isinstance(action, Reject) and Reject in kinds:
             raise SieveRuntimeError(line, "reject or ereject run twice")
@@ -104,11 +112,6 @@ class _Run:
                                     + ", ".join(sorted(c.__name__.lower() for c in clash)))
         if isinstance(action, Redirect) and sum(k is Redirect for k in kinds) >= MAX_REDIRECTS:
             raise SieveRuntimeError(line, f"more than {MAX_REDIRECTS} redirects")
-        for i, (earlier, first_line) in enumerate(self._actions):
-            if _same(earlier, action):
-                if isinstance(action, FileInto) and action.create and isinstance(earlier, FileInto):
-                    self._actions[i] = (FileInto(earlier.folder, True), first_line)
-                return
         self._actions.append((action, line))
 
     def result(self) -> list[Action]:
@@ -135,23 +138,25 @@ class _Run:
             limit = int(call.positional[0])  # type: ignore[call-overload]
             return self._message.size > limit if call.tags["relation"] == "over" else self._message.size < limit
         if name == "exists":
-            return all(self._message.has(h) for h in call.positional[0])  # type: ignore[attr-defined]
+            return all(field_name(h) and self._message.has(h) for h in call.positional[0])  # type: ignore[attr-defined]
         names: tuple[str, ...] = call.positional[0]  # type: ignore[assignment]
+        if name != "envelope":  # a name that is no field name matches nothing (RFC 5228 2.4.2.2)
+            names = tuple(h for h in names if field_name(h))
         keys: tuple[str, ...] = call.positional[1]  # type: ignore[assignment]
         match = str(call.tags.get("match", "is"))
         comparator = str(call.tags.get("comparator", "i;ascii-casemap")).lower()
         part = str(call.tags.get("part", "all"))
         if name == "header":
-            values = [v for h in names for v in self._message.values(h)]
+            found = [v for h in names for v in self._message.values(h)]
         elif name == "address":
-            values = [address_part(a, part) for h in names for a in self._message.addresses(h)]
+            found = [address_part(a, part) for h in names for a in self._message.addresses(h)]
         elif name == "envelope":
-            values = [self._envelope(p.lower(), part) for p in names]
+            found = [self._envelope(p.lower(), part) for p in names]
         else:
             raise AssertionError(f"sieve: test {name} passed the check but is not run")
-        return any_matches(values, keys, match, comparator)
+        return any_matches([v for v in found if v is not None], keys, match, comparator)
 
-    def _envelope(self, which: str, part: str) -> str:
+    def _envelope(self, which: str, part: str) -> str | None:
         address = self._context.envelope_from if which == "from" else self._context.envelope_to
         address = address.strip().removeprefix("<").removesuffix(">")
         if not address:  # RFC 5228 5.4: the null reverse-path is "" whatever the part

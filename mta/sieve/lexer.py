@@ -3,9 +3,10 @@
 
 Lines end with CRLF or LF (scripts written on Unix). A quoted string keeps what is between
 its quotes with every backslash pair `\\x` turned into `x` (RFC 5228 2.4.2); a multi-line
-string is its lines up to the lone "." with one leading dot removed from each (dot-stuffing),
-each line ending in CRLF. Pure: text in, tokens out; every fault is a SieveError with the
-line and column where the token starts.
+string is its lines up to the lone "." with the first dot of a leading ".." removed
+(dot-stuffing; ".foo" stays ".foo"), each line ending in CRLF. NUL is refused anywhere.
+Pure: text in, tokens out; every fault is a SieveError with the line and column where
+the token starts.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Lexer:
         self._line_start = 0
 
     def tokens(self) -> list[Token]:
+        if (nul := self._text.find("\0")) >= 0:  # RFC 5228 2.1: never permitted
+            line = self._text.count("\n", 0, nul) + 1
+            raise SieveError(line, nul - (self._text.rfind("\n", 0, nul) + 1) + 1, "NUL character in the script")
         out: list[Token] = []
         while True:
             token = self._next()
@@ -138,7 +142,10 @@ class Lexer:
         text = self._text
         while self._pos < len(text) and "0" <= text[self._pos] <= "9":
             self._pos += 1
-        value = int(text[start:self._pos])
+        digits = text[start:self._pos].lstrip("0") or "0"
+        if len(digits) > len(str(MAX_NUMBER)):  # before int(): Python refuses over 4300 digits
+            raise self._error("number too large", column=self._column(start))
+        value = int(digits)
         if self._pos < len(text) and text[self._pos].lower() in QUANTIFIERS:
             value *= QUANTIFIERS[text[self._pos].lower()]
             self._pos += 1
@@ -195,4 +202,4 @@ class Lexer:
                     self._newline_at(self._pos)
                     self._pos += 1
                 return "".join(lines)
-            lines.append(content.removeprefix(".") + "\r\n")
+            lines.append((content[1:] if content.startswith("..") else content) + "\r\n")

@@ -3,7 +3,8 @@
 
 In :matches, `*` is any run of characters, `?` exactly one, and a backslash makes the next
 character literal (a script writes "\\\\*" for a literal star: the lexer has already turned
-it into `\\*`). A character is a Unicode code point. Pure.
+it into `\\*`). Both comparators define a character as one octet (RFC 5228 2.7.1), so
+:matches runs over the UTF-8 octets: `?` is one octet, "é" is `??`. Pure.
 """
 
 from __future__ import annotations
@@ -28,26 +29,27 @@ def matches(value: str, key: str, match: str, comparator: str) -> bool:
         return value == key
     if match == "contains":
         return key in value
-    return _glob(value, _pattern(key))
+    return _glob(value.encode("utf-8", "surrogatepass"), _pattern(key))
 
 
-_ONE = object()   # ?
-_ANY = object()   # *
+_ONE = -1   # ?
+_ANY = -2   # *
 
 
 @lru_cache(maxsize=256)
-def _pattern(key: str) -> tuple[object, ...]:
-    """The key as literal characters and the two wildcards."""
-    out: list[object] = []
+def _pattern(key: str) -> tuple[int, ...]:
+    """The key as octets and the two wildcards (both comparators' character is an octet)."""
+    out: list[int] = []
+    raw = key.encode("utf-8", "surrogatepass")
     i = 0
-    while i < len(key):
-        c = key[i]
-        if c == "\\" and i + 1 < len(key):
+    while i < len(raw):
+        c = raw[i]
+        if c == 0x5C and i + 1 < len(raw):  # backslash: the next octet is literal
             i += 1
-            out.append(key[i])
-        elif c == "*":
+            out.append(raw[i])
+        elif c == 0x2A:
             out.append(_ANY)
-        elif c == "?":
+        elif c == 0x3F:
             out.append(_ONE)
         else:
             out.append(c)
@@ -55,15 +57,15 @@ def _pattern(key: str) -> tuple[object, ...]:
     return tuple(out)
 
 
-def _glob(value: str, pattern: tuple[object, ...]) -> bool:
+def _glob(value: bytes, pattern: tuple[int, ...]) -> bool:
     """Wildcard match that backtracks only to the last *: O(len(value) * len(pattern))."""
     v = p = 0
     star, mark = -1, 0
     while v < len(value):
-        if p < len(pattern) and (pattern[p] is _ONE or pattern[p] == value[v]):
+        if p < len(pattern) and (pattern[p] == _ONE or pattern[p] == value[v]):
             v += 1
             p += 1
-        elif p < len(pattern) and pattern[p] is _ANY:
+        elif p < len(pattern) and pattern[p] == _ANY:
             star, mark = p, v
             p += 1
         elif star >= 0:
@@ -72,7 +74,7 @@ def _glob(value: str, pattern: tuple[object, ...]) -> bool:
             v = mark
         else:
             return False
-    while p < len(pattern) and pattern[p] is _ANY:
+    while p < len(pattern) and pattern[p] == _ANY:
         p += 1
     return p == len(pattern)
 

@@ -8,6 +8,7 @@ is parsed. Pure.
 
 from __future__ import annotations
 
+import re
 from email.header import decode_header, make_header
 from email.utils import getaddresses
 
@@ -44,14 +45,19 @@ def decode_words(value: str) -> str:
         return value
 
 
-def address_part(address: str, part: str) -> str:
-    """:all, :localpart or :domain of an addr-spec (RFC 5228 2.7.4)."""
+def address_part(address: str, part: str) -> str | None:
+    """:all, :localpart or :domain of an addr-spec (RFC 5228 2.7.4); None for the local part
+    or domain of an address without an @, which those parts never match."""
     if part == "all":
         return address
     local, at, domain = address.rpartition("@")
     if not at:
-        return address if part == "localpart" else ""
-    return local if part == "localpart" else domain
+        return None
+    if part == "domain":
+        return domain
+    if len(local) >= 2 and local[0] == local[-1] == '"':  # "a b"@x: the local part is a b
+        return re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local
 
 
 def _header_section(message: bytes) -> str:

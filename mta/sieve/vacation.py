@@ -21,7 +21,7 @@ import hashlib
 from dataclasses import dataclass
 from email import quoprimime
 from email.header import Header
-from email.utils import formatdate, getaddresses
+from email.utils import formataddr, formatdate, getaddresses, parseaddr
 from typing import Final
 
 from mta.sieve.actions import Vacation
@@ -79,12 +79,12 @@ def vacation_reply(action: Vacation, envelope_from: str, envelope_to: str, mailb
     subject = action.subject if action.subject is not None else _auto_subject(view)
     message_id = hashlib.sha256(f"{handle}\0{sender}\0{now!r}".encode()).hexdigest()[:32]
     fields = [
-        ("From", action.from_ or _bare(envelope_to)),
+        ("From", _encode_address(action.from_) if action.from_ else _bare(envelope_to)),
         ("To", sender),
-        ("Subject", _encode(subject)),
+        ("Subject", _encode("Subject", subject)),
         ("Date", formatdate(now, usegmt=True)),
         ("Message-ID", f"<{message_id}.vacation@{hostname}>"),
-        ("Auto-Submitted", "auto-replied (vacation)"),
+        ("Auto-Submitted", "auto-replied"),
     ]
     original = (view.raw("message-id") or [""])[0]
     if original:
@@ -98,7 +98,7 @@ def vacation_reply(action: Vacation, envelope_from: str, envelope_to: str, mailb
         fields += [("Content-Type", "text/plain; charset=utf-8")]
         cte, body = _text_body(action.reason)
         fields.append(("Content-Transfer-Encoding", cte))
-    head = "".join(f"{name}: {_one_line(value)}\r\n" for name, value in fields)
+    head = "".join(_field(name, _one_line(value)) for name, value in fields)
     return Reply(sender, handle, action.days, (head + "\r\n" + body).encode("utf-8"))
 
 
@@ -123,9 +123,28 @@ def _auto_subject(view: MessageView) -> str:
     return f"Auto: {original}" if original else "Automated reply"
 
 
-def _encode(text: str) -> str:
+def _encode(name: str, text: str) -> str:
     text = _one_line(text)
-    return text if text.isascii() else Header(text, "utf-8").encode()
+    return text if text.isascii() else Header(text, "utf-8", header_name=name).encode(linesep=" ")
+
+
+def _encode_address(text: str) -> str:
+    """A :from as a From field: a non-ASCII display name RFC 2047 encoded."""
+    name, addr = parseaddr(_one_line(text))
+    return formataddr((name, addr), charset="utf-8") if name else addr
+
+
+def _field(name: str, value: str) -> str:
+    """One header field, folded at spaces to lines of about 78 characters (a long
+    References chain would otherwise pass RFC 5322's 998)."""
+    if len(name) + 2 + len(value) <= 78:
+        return f"{name}: {value}\r\n"
+    lines = [f"{name}:"]
+    for word in value.split():
+        if len(lines[-1]) + 1 + len(word) > 78 and lines[-1] != f"{name}:":
+            lines.append("")
+        lines[-1] += " " + word
+    return "\r\n".join(lines) + "\r\n"
 
 
 def _one_line(value: str) -> str:

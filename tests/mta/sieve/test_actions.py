@@ -16,9 +16,9 @@ def test_keep_twice_is_one_keep() -> None:
     assert run("keep; keep;", MSG) == [Keep()]
 
 
-def test_fileinto_the_same_folder_once_and_create_kept() -> None:
+def test_fileinto_the_same_folder_once_the_first_as_written() -> None:
     script = 'require ["fileinto", "mailbox"];\nfileinto "Work"; fileinto "Play"; fileinto :create "Work";'
-    assert run(script, MSG) == [FileInto("Work", True), FileInto("Play", False)]
+    assert run(script, MSG) == [FileInto("Work", False), FileInto("Play", False)]
 
 
 def test_fileinto_folder_names_are_case_sensitive_but_inbox_is_keep() -> None:
@@ -31,12 +31,19 @@ def test_redirect_once_per_address() -> None:
     assert run(script, MSG) == [Redirect("a@b.test"), Redirect("c@b.test")]
 
 
+def test_redirect_carries_the_bare_address() -> None:
+    script = 'redirect "Bart Simpson <bart@example.com>"; redirect "bart@example.com";'
+    assert run(script, MSG) == [Redirect("bart@example.com")]
+
+
 def test_too_many_redirects_is_a_runtime_error_naming_the_line() -> None:
     script = "\n".join(f'redirect "r{i}@b.test";' for i in range(MAX_REDIRECTS + 1))
     with pytest.raises(SieveRuntimeError) as caught:
         run(script, MSG)
     assert caught.value.line == MAX_REDIRECTS + 1 and "redirects" in str(caught.value)
-    assert len(run("\n".join(script.splitlines()[:MAX_REDIRECTS]), MSG)) == MAX_REDIRECTS
+    allowed = "\n".join(script.splitlines()[:MAX_REDIRECTS])
+    assert len(run(allowed, MSG)) == MAX_REDIRECTS
+    assert len(run(allowed + '\nredirect "r0@b.test";', MSG)) == MAX_REDIRECTS  # a repeat is no new redirect
 
 
 def test_two_vacations_is_a_runtime_error() -> None:

@@ -29,7 +29,9 @@ TABLE = [
     ("", "?", "matches", CASEMAP, False),
     ("a", "?", "matches", CASEMAP, True),
     ("ab", "?", "matches", CASEMAP, False),
-    ("é", "?", "matches", OCTET, True),          # ? is one character, not one octet
+    ("é", "?", "matches", OCTET, False),         # ? is one octet (RFC 5228 2.7.1): é is two
+    ("é", "??", "matches", OCTET, True),
+    ("É", "??", "matches", CASEMAP, True),
     ("make lots of money fast", "*make*money*fast*", "matches", CASEMAP, True),
     ("make money", "*make*money*fast*", "matches", CASEMAP, False),
     ("university diplomas", "*university*dipl*mas*", "matches", CASEMAP, True),
@@ -105,3 +107,24 @@ def test_envelope_to_and_from_parts() -> None:
     assert run(script, message(), envelope_from="bobby@x.test", envelope_to="me@EXAMPLE.com") == [Discard()]
     assert run(script, message(), envelope_from="bobby@x.test", envelope_to="me@example.org") == [Keep()]
     assert run(script, message(), envelope_from="<rob@x.test>", envelope_to="<me@example.com>") == [Keep()]
+
+
+def test_localpart_and_domain_never_match_an_address_without_an_at() -> None:
+    for part in (":localpart", ":domain"):
+        assert run(f'if address {part} :matches "to" "*" {{ discard; }}', message("To: postmaster")) == [Keep()]
+    assert run('if address :all :is "to" "postmaster" { discard; }', message("To: postmaster")) == [Discard()]
+
+
+def test_a_name_that_is_no_field_name_matches_nothing_and_is_no_error() -> None:
+    msg = message("From: a@b.test", "X Bad: value")
+    assert run('if header :contains ["x bad", "From:"] "" { discard; }', msg) == [Keep()]
+    assert run('if exists ["From", "From:"] { discard; }', msg) == [Keep()]
+    assert run('if exists "From" { discard; }', msg) == [Discard()]
+    assert run('if not header :matches "Cc" "?*" { discard; }', msg) == [Discard()]  # RFC 5228 5.7
+    assert run('if not header :matches "Cc" "?*" { discard; }', message("Cc: x@y.test")) == [Keep()]
+
+
+def test_a_quoted_local_part_is_matched_unquoted() -> None:
+    script = 'if address :localpart :is "to" "post master" { discard; }'
+    assert run(script, message('To: "post master"@example.com')) == [Discard()]
+    assert run(script, message("To: postmaster@example.com")) == [Keep()]

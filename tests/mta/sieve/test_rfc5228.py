@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mta.sieve import Discard, FileInto, Keep, Redirect
+from mta.sieve import Discard, FileInto, Keep, Redirect, parse
 from tests.mta.sieve.runner import message, run
 
 # RFC 5228 section 9, verbatim (the capitals of :DOMAIN and NOT included).
@@ -155,11 +155,81 @@ def test_section_5_5_exists_needs_every_header() -> None:
 
 def test_section_5_7_header_empty_key() -> None:
     is_empty = 'if header :is ["X-Caffeine"] [""] { discard; }'
-    contains_empty = 'if header :contains "X-Caffeine" "" { discard; }'
+    contains_empty = 'if header :contains ["X-Caffeine"] [""] { discard; }'
+    caffeine = message("X-Caffeine: C8H10N4O2")
+    assert run(is_empty, caffeine) == [Keep()]
+    assert run(contains_empty, caffeine) == [Discard()]
     assert run(is_empty, message("X-Caffeine:")) == [Discard()]
-    assert run(is_empty, message("X-Caffeine: yes")) == [Keep()]
-    assert run(contains_empty, message("X-Caffeine: yes")) == [Discard()]
-    assert run(contains_empty, message("Subject: none")) == [Keep()]  # absent: nothing to match
+    assert run(contains_empty, message("Subject: none")) == [Keep()]  # absent: not even ""
+
+
+def test_section_5_9_size_is_neither_over_nor_under_its_own_size() -> None:
+    msg = message("Subject: x", body="y" * 4000)
+    size = len(msg)
+    assert run(f"if size :over {size} {{ discard; }}", msg) == [Keep()]
+    assert run(f"if size :under {size} {{ discard; }}", msg) == [Keep()]
+    assert run(f"if size :over {size - 1} {{ discard; }}", msg) == [Discard()]
+    assert run(f"if size :under {size + 1} {{ discard; }}", msg) == [Discard()]
+
+
+@pytest.mark.parametrize(("tests", "allof", "anyof"), [
+    ("false, false", False, False), ("false, true", False, True), ("true,  true", True, True)])
+def test_sections_5_2_and_5_3_truth_tables(tests: str, allof: bool, anyof: bool) -> None:
+    assert (run(f"if allof ({tests}) {{ discard; }}", message()) == [Discard()]) is allof
+    assert (run(f"if anyof ({tests}) {{ discard; }}", message()) == [Discard()]) is anyof
+
+
+def test_section_2_3_comments() -> None:
+    hashed = "if size :over 100k { # this is a comment\n   discard;\n}\n"
+    bracketed = ("if size :over 100K { /* this is a comment\n   this is still a comment */ discard /* this is "
+                 "a comment\n   */ ;\n}\n")
+    big, small = message(body="x" * 102400), message()
+    for script in (hashed, bracketed):
+        assert (run(script, big), run(script, small)) == ([Discard()], [Keep()])
+
+
+def test_section_2_4_2_1_string_lists() -> None:
+    script = 'if header :contains ["To", "Cc"] ["me@example.com", "me00@landru.example.com"] { discard; }'
+    assert run(script, message("To: a@b.test", "Cc: Me <me00@landru.example.com>")) == [Discard()]
+    assert run(script, message("To: me@example.com")) == [Discard()]
+    assert run(script, message("To: a@b.test", "Bcc: me@example.com")) == [Keep()]
+    assert run('if exists "To" { discard; }', message("To: x")) == run('if exists ["To"] { discard; }',
+                                                                       message("To: x")) == [Discard()]
+
+
+def test_section_2_5_1_test_list() -> None:
+    script = ('if anyof (not exists ["From", "Date"],\n        header :contains "from" "fool@example.com") {\n'
+              '   discard;\n}')
+    date = "Date: Mon, 7 Dec 2026 05:00:00 +0000"
+    assert run(script, message("From: fool@example.com", date)) == [Discard()]
+    assert run(script, message("From: wise@example.com")) == [Discard()]
+    assert run(script, message("From: wise@example.com", date)) == [Keep()]
+
+
+def test_section_3_1_redirect_chain() -> None:
+    script = """\
+if header :contains ["From"] ["coyote"] {
+   redirect "acm@example.com";
+} elsif header :contains "Subject" "$$$" {
+   redirect "postmaster@example.com";
+} else {
+   redirect "field@example.com";
+}
+"""
+    assert run(script, message("From: coyote@desert.example.org", "Subject: $$$")) == [Redirect("acm@example.com")]
+    assert run(script, message("From: a@b.test", "Subject: $$$")) == [Redirect("postmaster@example.com")]
+    assert run(script, message("From: a@b.test", "Subject: hi")) == [Redirect("field@example.com")]
+
+
+def test_section_3_2_require_forms() -> None:
+    assert parse('require ["fileinto", "reject"];').requires == {"fileinto", "reject"}
+    assert parse('require "fileinto";\nrequire "vacation";').requires == {"fileinto", "vacation"}
+
+
+def test_section_4_3_keep_equivalence() -> None:
+    for msg in (message(), message(body="x" * (1 << 20))):
+        assert run("if size :under 1M { keep; } else { discard; }", msg) == run(
+            "if not size :under 1M { discard; }", msg)
 
 
 def test_section_5_9_size_over() -> None:

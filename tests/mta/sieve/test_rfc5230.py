@@ -8,7 +8,7 @@ import email.policy
 
 import pytest
 
-from mta.sieve import Keep, Redirect, SieveError, Vacation, parse
+from mta.sieve import Keep, Redirect, SieveError, SieveRuntimeError, Vacation, parse
 from mta.sieve.vacation import check_vacation, vacation_reply
 from tests.mta.sieve.runner import message, run
 
@@ -56,13 +56,13 @@ def test_section_4_redirect_the_boss_else_vacation() -> None:
     script = """\
 require "vacation";
 if header :contains "from" "boss@example.edu" {
-    redirect "pleeb@xanadu.example.edu";
+    redirect "pleeb@isp.example.org";
 } else {
     vacation "Sorry, I'm away, I'll read your
 message when I get around to it.";
 }
 """
-    assert run(script, message("From: boss@example.edu")) == [Redirect("pleeb@xanadu.example.edu")]
+    assert run(script, message("From: boss@example.edu")) == [Redirect("pleeb@isp.example.org")]
     assert run(script, message("From: pal@example.edu")) == [
         vacation("Sorry, I'm away, I'll read your\nmessage when I get around to it."), Keep()]
 
@@ -116,6 +116,45 @@ def test_section_4_3_mime_reason_is_the_reply_entity() -> None:
     assert parsed.get_content_type() == "multipart/alternative"
     parts = [p.get_content_type() for p in parsed.iter_parts()]  # type: ignore[attr-defined]
     assert parts == ["text/plain", "text/html"]
+
+
+def test_section_7_language_selection() -> None:
+    script = """\
+require "vacation";
+if header :contains ["accept-language", "content-language"] "en"
+{
+    vacation "I am away this week.";
+} else {
+    vacation "Estoy ausente esta semana.";
+}
+"""
+    assert run(script, message("Content-Language: en-GB"))[0] == vacation("I am away this week.")
+    assert run(script, message("Accept-Language: es"))[0] == vacation("Estoy ausente esta semana.")
+
+
+def test_section_7_subject_by_division() -> None:
+    script = """\
+require "vacation";
+if address :matches "from" "*@ourdivision.example.com"
+{
+    vacation :subject "Gone fishing"
+             "Having lots of fun! Back in a day or two!";
+} else {
+    vacation :subject "Je suis parti cette semaine"
+             "Je lirai votre message quand je retourne.";
+}
+"""
+    assert run(script, message("From: pal@ourdivision.example.com"))[0] == vacation(
+        "Having lots of fun! Back in a day or two!", subject="Gone fishing")
+    assert run(script, message("From: pal@example.fr"))[0] == vacation(
+        "Je lirai votre message quand je retourne.", subject="Je suis parti cette semaine")
+
+
+def test_a_mime_reason_with_8bit_fields_is_a_runtime_error() -> None:
+    script = 'require "vacation";\nvacation :mime "Content-Type: text/plain; name=caf\u00e9\n\nhi";'
+    with pytest.raises(SieveRuntimeError, match="8-bit header"):
+        run(script, message())
+    assert run(script.replace("caf\u00e9", "cafe"), message())[0].mime  # type: ignore[union-attr]
 
 
 def test_from_subject_and_days_tags() -> None:
@@ -185,7 +224,7 @@ def test_the_reply_message() -> None:
     assert (reply.to, reply.days) == ("pal@example.org", 7)
     assert reply.content.count(b"\n") == reply.content.count(b"\r\n")
     parsed = email.message_from_bytes(reply.content, policy=email.policy.default)
-    assert parsed["Auto-Submitted"].startswith("auto-replied")
+    assert parsed["Auto-Submitted"] == "auto-replied"
     assert parsed["In-Reply-To"] == "<m1@example.org>"
     assert parsed["References"] == "<m0@example.org> <m1@example.org>"
     assert parsed["Subject"] == "Auto: déjeuner"
@@ -216,3 +255,24 @@ def test_no_message_id_no_threading_fields() -> None:
     reply = vacation_reply(vacation(), "pal@example.org", ME, (), message(f"To: {ME}"), "mx.example.com", NOW)
     assert reply is not None and b"In-Reply-To" not in reply.content and b"References" not in reply.content
     assert b"Subject: Automated reply\r\n" in reply.content
+
+
+def test_a_non_ascii_from_name_is_encoded() -> None:
+    action = vacation("x", from_="Zoë Smith <zoe@example.com>")
+    reply = vacation_reply(action, "pal@example.org", ME, (), ORIGINAL, "mx.example.com", NOW)
+    assert reply is not None and reply.content.isascii()
+    parsed = email.message_from_bytes(reply.content, policy=email.policy.default)
+    assert parsed["From"].addresses[0].display_name == "Zoë Smith"
+    assert parsed["From"].addresses[0].addr_spec == "zoe@example.com"
+
+
+def test_long_fields_are_folded() -> None:
+    chain = " ".join(f"<{i:04d}.{'x' * 30}@example.org>" for i in range(60))
+    original = message(f"To: {ME}", f"References: {chain}", "Message-ID: <last@example.org>",
+                       "Subject: " + "é" * 120)
+    reply = vacation_reply(vacation(), "pal@example.org", ME, (), original, "mx.example.com", NOW)
+    assert reply is not None
+    assert max(len(line) for line in reply.content.split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(reply.content, policy=email.policy.default)
+    assert parsed["References"].split() == [*chain.split(), "<last@example.org>"]
+    assert parsed["Subject"] == "Auto: " + "é" * 120

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mta.sieve import Keep, Redirect, Reject, SieveError, SieveRuntimeError, parse
+from mta.sieve import Discard, Keep, Reject, SieveError, SieveRuntimeError, parse
 from tests.mta.sieve.runner import message, run
 
 REJECT_EXAMPLE = """\
@@ -22,7 +22,7 @@ want your birdseed, either!
 EREJECT_EXAMPLE = """\
 require ["ereject"];
 
-if address "from" "coyote@desert.example.org" {
+if address "from" "someone@example.com" {
    ereject "I no longer accept mail from this address";
 }
 """
@@ -35,9 +35,9 @@ def test_reject_example() -> None:
 
 
 def test_ereject_example() -> None:
-    assert run(EREJECT_EXAMPLE, message("From: Coyote <coyote@desert.example.org>")) == [
+    assert run(EREJECT_EXAMPLE, message("From: Some One <someone@example.com>")) == [
         Reject("I no longer accept mail from this address", extended=True)]
-    assert run(EREJECT_EXAMPLE, message("From: roadrunner@desert.example.org")) == [Keep()]
+    assert run(EREJECT_EXAMPLE, message("From: someone@example.com.evil.test")) == [Keep()]
 
 
 def test_reject_and_ereject_each_need_their_own_require() -> None:
@@ -54,14 +54,31 @@ def test_reject_and_ereject_each_need_their_own_require() -> None:
     'require "reject"; reject "a"; keep;',
     'require ["reject", "fileinto"]; reject "a"; fileinto "x";',
     'require ["reject", "vacation"]; vacation "away"; reject "a";',
+    'require "ereject"; redirect "a@b.test"; ereject "no";',
+    'require "reject"; reject "no"; redirect "a@b.test";',
 ])
-def test_reject_twice_or_with_keep_fileinto_vacation_is_a_runtime_error(script: str) -> None:
+def test_reject_twice_or_with_keep_fileinto_redirect_vacation_is_a_runtime_error(script: str) -> None:
     with pytest.raises(SieveRuntimeError, match="reject"):
         run(script, message("From: a@b.test", "To: me@example.com"))
 
 
-def test_reject_with_redirect_is_allowed() -> None:
-    assert run('require "reject"; redirect "a@b.test"; reject "no";', message("From: x@y.test")) == [
-        Redirect("a@b.test"), Reject("no", extended=False)]
+def test_size_example() -> None:
+    script = """\
+require ["reject"];
+
+if size :over 100K {
+    reject text:
+Your message is to big. If you want to send me a big attachment,
+put it on a public web site and send me an URL.
+.
+    ;
+}
+"""
+    [action] = run(script, message(body="x" * 101 * 1024))
+    assert isinstance(action, Reject) and action.reason.startswith("Your message is to big.")
+    assert run(script, message(body="x" * 99 * 1024)) == [Keep()]
 
 
+def test_reject_with_discard_is_allowed() -> None:
+    assert run('require "reject"; discard; reject "no";', message("From: x@y.test")) == [
+        Discard(), Reject("no", extended=False)]
