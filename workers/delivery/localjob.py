@@ -2,16 +2,17 @@
 
 For every recipient: its mailbox's script (sieve.py) gives a Plan (no script: INBOX).
 Then, in this order:
-1. The new messages the plans make, redirects (from the original envelope sender, RFC
-   5228 4.2; the message as stored, with `Delivered-To: <recipient>` on top, the loop
-   guard sieve.py reads; a local alias expanded as inbound would, from [local] aliases)
-   and vacation replies (from <>), are committed to the spool by
-   this worker's GroupCommitter: one transaction for the job, fsynced.
-2. The scheduler is told (`New` on this worker's scheduler connection, through
-   `notify`), before the job's Done, which goes on the same connection after it.
-3. The vacation replies are recorded (vacationlog.py: checked, committed and recorded
-   under the mailbox's lock); then the stores: maildir.deliver into INBOX and each
-   fileinto folder.
+1. Vacation: the record of each mailbox with a reply to send is locked (vacationlog.py)
+   and a reply it says this sender had already is dropped.
+2. The new messages the plans make are committed to the spool by this worker's
+   GroupCommitter (a group commit, fsynced): redirects, from the original
+   envelope sender (RFC 5228 4.2), the message as stored with `Delivered-To:
+   <recipient>` on top (the loop guard sieve.py reads), a local alias expanded as
+   inbound would ([local] aliases); vacation replies, from <>. The scheduler is told
+   (`New` on this worker's scheduler connection, through `notify`) before the job's
+   Done, which goes on the same connection after it.
+3. The replies are recorded and the records unlocked.
+4. The stores: INBOX and each fileinto folder (`store`).
 So a crash anywhere costs a duplicate (a second redirect or reply when the job runs
 again), never a loss. A recipient whose new messages could not be committed stores
 nothing and is deferred (452 4.3.1 queue full, 451 4.3.0 otherwise).
@@ -35,9 +36,9 @@ from mta.config import Config
 from mta.mailboxes import UnsafeName, mailbox_path
 from mta.messages import RcptReply
 from mta.smtp.transaction import Outbound, OutboundRecipient
+from mta.sieve.vacation import Reply
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from mtaqueue.committer import GroupCommitter
-from mta.sieve.vacation import Reply
 from workers.delivery import maildir, sieve
 from workers.delivery.sieve import Plan, Scripts
 from workers.delivery.vacationlog import VacationLog
