@@ -27,8 +27,8 @@ MSG = message("From: Pal <pal@example.org>", "To: me@example.com", "Subject: =?u
 def test_any_text(text: str) -> None:
     try:
         parse(text)
-    except SieveError:
-        pass
+    except SieveError as exc:  # and it names a place in the text
+        assert 1 <= exc.line <= text.count("\n") + 1 and exc.column >= 1, (exc.line, exc.column)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -36,7 +36,8 @@ def test_any_text(text: str) -> None:
 def test_script_like_text(text: str) -> None:
     try:
         script = parse(text)
-    except SieveError:
+    except SieveError as exc:
+        assert 1 <= exc.line <= text.count("\n") + 1 and exc.column >= 1, (exc.line, exc.column)
         return
     try:
         evaluate(script, Context("pal@example.org", "me@example.com", MSG))
