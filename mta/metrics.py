@@ -131,6 +131,11 @@ DELIVERY_BODY_MISSING = Counter(
     "mta_delivery_body_missing_total",
     "Jobs whose message had an envelope but no body in the spool (a damaged spool): nothing was sent, "
     "the recipients were deferred (event=body_missing in the log names the message).")
+DELIVERY_SIEVE_ACTIONS = Counter(
+    "mta_delivery_sieve_actions_total",
+    "Actions of mailboxes' Sieve scripts carried out at local delivery, one per recipient and action: "
+    "keep, fileinto, discard, redirect, reject, vacation (a reply queued), vacation_skipped (not due or "
+    "answered before), error (the script failed to parse or run: kept in INBOX).", ["action"])
 BOUNCES = Counter("mta_scheduler_bounces_total", "Bounce messages (DSNs) queued.")
 NOTICES = Counter("mta_scheduler_notices_total",
                   "Delay and success notices (DSNs) queued to senders who asked (NOTIFY): action delayed, "

@@ -244,3 +244,18 @@ def test_owner_gets_every_folder_and_file_created(root: Path) -> None:
     path = maildir.store(box, b"Subject: x\n\nhi\n", "h", owner)
     for made in (Path(box).parent, Path(box), Path(box) / "tmp", Path(box) / "new", Path(box) / "cur", Path(path)):
         assert (made.stat().st_uid, made.stat().st_gid) == owner, made
+
+
+def test_a_folder_is_created_as_maildirplusplus_and_stored_into(root: Path) -> None:
+    path = maildir.deliver(str(root), "example.com", "bob", BODY, return_path="alice@example.org",
+                           delivered_to="bob@example.com", hostname="mx.example.com", folder=".Work.Projects")
+    folder = root / "example.com" / "bob" / ".Work.Projects"
+    assert Path(path).parent == folder / "new"
+    assert Path(path).read_bytes() == STORED
+    assert sorted(p.name for p in folder.iterdir()) == ["cur", "maildirfolder", "new", "tmp"]
+    assert (folder / "maildirfolder").stat().st_size == 0
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    assert list((root / "example.com" / "bob" / "new").iterdir()) == []  # not in INBOX
+    again = maildir.deliver(str(root), "example.com", "bob", BODY, return_path="alice@example.org",
+                            delivered_to="bob@example.com", hostname="mx.example.com", folder=".Work.Projects")
+    assert sorted(p.name for p in (folder / "new").iterdir()) == sorted([Path(path).name, Path(again).name])

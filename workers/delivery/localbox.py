@@ -53,19 +53,21 @@ class LocalDelivery:
             return None
         return mailbox if os.path.isdir(mailbox) else None
 
-    def deliver(self, address: str, body: bytes, *, return_path: str) -> str:
-        """Store `body` for `address`; the file's path, or MaildirError."""
+    def deliver(self, address: str, body: bytes, *, return_path: str, folder: str = "") -> str:
+        """Store `body` for `address` in its INBOX, or in its Maildir++ `folder` (".Name", a Sieve
+        fileinto: made when missing); the file's path, or MaildirError. Quota counts every folder."""
         user, _, domain = address.rpartition("@")
         if self.mailboxes is None:
             return maildir.deliver(self.root, domain.lower(), user, body, return_path=return_path,
-                                   delivered_to=address, hostname=self.hostname, owner=self.owner)
+                                   delivered_to=address, hostname=self.hostname, owner=self.owner, folder=folder)
         box = self.mailboxes.lookup(address)
         if box is None:
             raise MaildirError(False, "5.1.1", f"no mailbox for {address.lower()} in {self.mailboxes.path}")
         mailbox = maildir.open_mailbox(self.root, box.domain, box.user, create=True, owner=self.owner)
+        target = maildir.open_folder(mailbox, folder, self.owner) if folder else mailbox
         data = maildir.prepare(body, return_path=return_path, delivered_to=box.address)
         if not box.has_quota:
-            return maildir.store(mailbox, data, self.hostname, self.owner)
+            return maildir.store(target, data, self.hostname, self.owner)
         limits = quota.Limits(box.quota_bytes, box.quota_messages)
         try:
             before = quota.usage(mailbox, limits, owner=self.owner)
@@ -75,7 +77,7 @@ class LocalDelivery:
             raise MaildirError(not self.bounce_when_full, "5.2.2" if self.bounce_when_full else "4.2.2",
                                f"Mailbox full: {box.address} holds {_describe(before, limits)}, "
                                f"the message has {len(data)} bytes")
-        path = maildir.store(mailbox, data, self.hostname, self.owner)
+        path = maildir.store(target, data, self.hostname, self.owner)
         after = quota.Usage(before.bytes + len(data), before.messages + 1)
         try:
             quota.add(mailbox, len(data))

@@ -8,6 +8,9 @@ directory name is 5.1.3. With [local] owner, every folder and file created here 
 given to that user (folders 0700, files 0600), so a Dovecot running as it reads them.
 File names carry Maildir++ sizes (`,S=<bytes>,W=<bytes with CRLF>`): Dovecot and the
 quota count (mta/quota.py) read them instead of stat().
+`folder` (a Sieve fileinto, named by workers/delivery/folders.py) is a Maildir++ folder
+`<mailbox>/.Name/`, created when missing with its own tmp/new/cur and the empty
+`maildirfolder` file Maildir++ readers (Dovecot) expect.
 
 Invariant: when `deliver` returns, the message is in new/ and both the file and the
 new/ directory entry have been fsynced; when it raises, nothing is left behind in
@@ -44,9 +47,12 @@ class MaildirError(Exception):
 
 
 def deliver(root: str, domain: str, user: str, body: bytes, *, return_path: str,
-            delivered_to: str, hostname: str, owner: Owner | None = None) -> str:
-    """Store one message durably in the mailbox's new/; return the file's path."""
+            delivered_to: str, hostname: str, owner: Owner | None = None, folder: str = "") -> str:
+    """Store one message durably in the mailbox's new/ (or its Maildir++ `folder`'s, a
+    ".Name" directory made by folders.maildir_folder); return the file's path."""
     mailbox = open_mailbox(root, domain, user, owner=owner)
+    if folder:
+        mailbox = open_folder(mailbox, folder, owner)
     return store(mailbox, prepare(body, return_path=return_path, delivered_to=delivered_to), hostname, owner)
 
 
@@ -150,6 +156,30 @@ def _ensure_dir(path: str, owner: Owner | None) -> None:
     except FileExistsError:
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+
+
+def open_folder(mailbox: str, folder: str, owner: Owner | None = None) -> str:
+    """The Maildir++ folder's path, made (durably) with tmp/new/cur and `maildirfolder` when
+    missing (given to `owner` like the rest); MaildirError when it cannot be."""
+    assert folder.startswith(".") and "/" not in folder and folder not in (".", ".."), folder
+    path = os.path.join(mailbox, folder)
+    if os.path.isdir(os.path.join(path, "new")):
+        return path
+    try:
+        _ensure_dir(path, owner)
+        for sub in ("tmp", "new", "cur"):
+            _ensure_dir(os.path.join(path, sub), owner)
+        marker = os.open(os.path.join(path, "maildirfolder"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if owner is not None:
+                os.fchown(marker, *owner)
+        finally:
+            os.close(marker)
+        fsync_folder(path)
+        fsync_folder(mailbox)
+    except OSError as exc:
+        raise as_maildir_error(exc) from exc
+    return path
 
 
 def _unlink_quietly(path: str) -> None:

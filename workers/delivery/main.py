@@ -16,8 +16,10 @@ already here as a message's content goes out, its MAIL/RCPT/DATA ride the same w
 (session.py's `follow`); recipients an operator held after their job was sent
 ahead are skipped (`skipped` in Done: no attempt). Local
 destinations ("maildir" routes, and local domains without a route) are written to
-Maildir instead. Envelopes and bodies are read from the spool (short read
-transactions); nothing here writes to it: outcomes go to the scheduler.
+Maildir instead, through each mailbox's Sieve script (localjob.py). Envelopes and bodies
+are read from the spool (short read transactions); outcomes go to the scheduler. The
+only writes are new messages a Sieve script makes (redirects, vacation replies), through
+this worker's GroupCommitter, announced with New before the job's Done.
 
 The process (signals, heartbeats, reload) is workers/process.py. On SIGTERM (drain())
 a session in a transaction finishes it and reports it, up to [server]
@@ -43,8 +45,9 @@ from mta.spool import open_spool
 from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
-from workers.delivery import maildir
+from mtaqueue.committer import GroupCommitter
 from workers.delivery.localbox import LocalDelivery
+from workers.delivery.localjob import LocalJobs
 from mta.resolver import MxResolver
 from mta.smtp.transaction import Outbound, OutboundRecipient, SessionError
 from workers.delivery.session import OutboundSession
@@ -122,6 +125,8 @@ class DeliveryWorker(WorkerBody):
                                self.config.cache.max_entries)
         self.resolver = MxResolver(list(self.config.dns.nameservers) or None, self.cache,
                                    self.config.dns.timeout_seconds)
+        self.committer = GroupCommitter(self.spool, asyncio.get_running_loop())
+        self.local_jobs = LocalJobs(lambda: self.config, lambda: self.local, self.committer, self._announce)
         self._conversation = asyncio.get_running_loop().create_task(self._converse_forever())
 
     def status(self) -> int:
@@ -155,6 +160,7 @@ class DeliveryWorker(WorkerBody):
                 await asyncio.wait_for(out.writer.wait_closed(), SCHEDULER_CLOSE_SECONDS)
 
     async def close(self) -> dict[str, Any]:
+        self.committer.close()
         self.spool.close()
         self.cache.close()
         return {}
@@ -315,22 +321,13 @@ class DeliveryWorker(WorkerBody):
         return Current(message, rcpts, skipped, [])
 
     async def _deliver_local(self, current: Current) -> list[RcptReply]:
-        message = current.message
-        assert message is not None
-        body = message.body
-        local = self.local
-        replies: list[RcptReply] = []
-        loop = asyncio.get_running_loop()
-        for i, rcpt in zip(current.rcpts, message.recipients):
-            address = rcpt.address
-            try:
-                path = await loop.run_in_executor(None, lambda: local.deliver(
-                    address, body, return_path=message.sender))
-            except maildir.MaildirError as exc:
-                replies.append((i, 450 if exc.temporary else 550, exc.status, exc.text))
-                continue
-            replies.append((i, 250, "2.0.0", f"delivered to maildir as {os.path.basename(path)}"))
-        return replies
+        assert current.message is not None
+        return await self.local_jobs.deliver(current.message, current.rcpts)
+
+    def _announce(self, ids: list[str]) -> None:
+        """New messages this worker committed (Sieve redirects, vacation replies): on the
+        scheduler connection, so they reach it before the Done that follows."""
+        self._send(messages.New(tuple(ids)))
 
 
 class DeliverySession:
