@@ -43,7 +43,7 @@ DOVECOT = "/usr/sbin/dovecot"
 # package -> a file it installs that these tests need (Makefile TEST_DEBS has the same pairs)
 PACKAGES = {"dovecot-core": DOVECOT, "dovecot-imapd": "/usr/lib/dovecot/imap",
             "dovecot-pop3d": "/usr/lib/dovecot/pop3", "dovecot-lmtpd": "/usr/lib/dovecot/lmtp",
-            "dovecot-sieve": "/usr/bin/sievec"}
+            "dovecot-sieve": "/usr/bin/sievec", "dovecot-managesieved": "/usr/lib/dovecot/managesieve"}
 START_SECONDS = 30.0
 STOP_SECONDS = 10.0
 

@@ -12,12 +12,13 @@ import imaplib
 import math
 import poplib
 import smtplib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MtaServer, wait_until
+from tests.integration.conftest import REPO_ROOT, MtaServer, wait_until
 from tests.integration.dovecot import (
     Dovecot,
     DovecotUser,
@@ -25,6 +26,7 @@ from tests.integration.dovecot import (
     mail_user,
     start_dovecot,
 )
+from tests.integration.tlscerts import make_pki
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +51,10 @@ def dovecot(tmp_path: Path, vmail_user: str) -> Iterator[Dovecot]:
 
 
 def mta_over(mta_server, dovecot: Dovecot, *, routes: dict[str, str] | None = None) -> MtaServer:  # type: ignore[no-untyped-def]
-    """mta with example.test local (Maildir under Dovecot's root) or, with `routes`, relayed there."""
-    relay = ({"local_domains": [], "relay_domains": sorted(routes)} if routes
-             else {"local_domains": [DOMAIN], "relay_domains": []})
+    """mta with example.test local: Maildir under Dovecot's root, or `routes` (to Dovecot's LMTP)."""
     return mta_server(
         server={"inbound_workers": 1},
-        relay={**relay, "mynetworks": ["127.0.0.1/32"]},
+        relay={"local_domains": [DOMAIN], "relay_domains": [], "mynetworks": ["127.0.0.1/32"]},
         delivery={"workers": 1, "min_backoff_seconds": 1, "max_backoff_seconds": 2},
         local={"maildir_root": str(dovecot.mail_root)},
         **({"routes": routes} if routes else {}))
@@ -237,3 +237,36 @@ def test_pigeonhole_runs_the_same_dovecot_sieve_on_an_lmtp_route(mta_server, dov
         assert list(by_message_id(fetch_all(imap, "INBOX"))) == [b"<m2@sender.test>"]
     finally:
         imap.logout()
+
+
+# --- docs/mailboxes.md ------------------------------------------------------------------------
+
+def documented_dovecot_conf() -> str:
+    """The dovecot.conf blocks of docs/mailboxes.md (each begins "# dovecot.conf"), in order."""
+    blocks, current, fenced = [], [], False
+    for line in (REPO_ROOT / "docs" / "mailboxes.md").read_text().splitlines():
+        if line.startswith("```"):
+            if fenced and current and current[0].startswith("# dovecot.conf"):
+                blocks.append("\n".join(current))
+            fenced, current = not fenced, []
+        elif fenced:
+            current.append(line)
+    return "\n".join(blocks) + "\n"
+
+
+def test_the_documented_dovecot_configuration_is_one_dovecot_accepts(tmp_path: Path) -> None:
+    conf = documented_dovecot_conf()
+    assert conf.count("# dovecot.conf") == 3, "the Maildir, ManageSieve and LMTP blocks"
+    pki = make_pki(tmp_path / "pki")
+    conf = (conf.replace("/etc/dovecot/private/mail.example.com.pem", str(pki.cert))
+            .replace("/etc/dovecot/private/mail.example.com.key", str(pki.key)))
+    (tmp_path / "dovecot.conf").write_text(conf)
+    checked = subprocess.run(["doveconf", "-n", "-c", str(tmp_path / "dovecot.conf")],
+                             check=False, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    settings = checked.stdout
+    assert "mail_location = maildir:/var/vmail/%Ld/%Ln" in settings
+    assert "protocols = imap pop3 sieve lmtp" in settings
+    assert 'mail_plugins = " quota sieve"' in settings  # protocol lmtp
+    assert "quota = maildir:User quota" in settings
+    assert "quota_rule" not in settings  # the limits are the ones mta writes into maildirsize
