@@ -1,4 +1,4 @@
-"""A private Dovecot 2.3 on loopback over mta's Maildirs: IMAP, POP3, LMTP, maildir quota, Sieve.
+"""A private Dovecot 2.3 on loopback over mta's Maildirs: IMAP, POP3, LMTP, ManageSieve, maildir quota, Sieve.
 
     with mail_user() as vmail, start_dovecot(tmp_path, vmail, {"alice@example.test": DovecotUser("pw")}) as dc:
         # mta: [local] maildir_root = dc.mail_root, or [routes] "example.test" = dc.lmtp_route
@@ -21,6 +21,7 @@ Invariant: when start_dovecot's context exits, no process of that Dovecot is ali
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import grp
 import os
@@ -53,7 +54,7 @@ base_dir = {base}/run
 state_dir = {base}/state
 instance_name = mta-test-{imap_port}
 log_path = {base}/dovecot.log
-protocols = imap pop3 lmtp
+protocols = imap pop3 lmtp sieve
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
@@ -99,6 +100,12 @@ service lmtp {{
     port = {lmtp_port}
   }}
 }}
+service managesieve-login {{
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {managesieve_port}
+  }}
+}}
 
 protocol imap {{
   mail_plugins = $mail_plugins imap_quota
@@ -113,6 +120,8 @@ protocol lmtp {{
 plugin {{
   quota = maildir:User quota
   sieve = file:~/sieve;active=~/.dovecot.sieve
+  # ManageSieve takes only what mta's own Sieve runs (docs/mailboxes.md)
+  sieve_extensions = fileinto reject envelope vacation mailbox
 }}
 """
 
@@ -140,6 +149,7 @@ class Dovecot:
     imap_port: int
     pop3_port: int
     lmtp_port: int
+    managesieve_port: int
     base: Path
 
     @property
@@ -170,12 +180,13 @@ def start_dovecot(tmp_path: Path, mail_user: str, users: Mapping[str, DovecotUse
     try:
         base.chmod(0o755)
         (base / "users").write_text("".join(user.line(address) for address, user in users.items()))
-        dovecot = Dovecot(free_port(), free_port(), free_port(), base)
+        dovecot = Dovecot(free_port(), free_port(), free_port(), free_port(), base)
         dovecot.mail_root.mkdir(mode=0o755)
         mail_root = dovecot.mail_root
         conf = base / "dovecot.conf"
         conf.write_text(_CONF.format(
             base=base, imap_port=dovecot.imap_port, pop3_port=dovecot.pop3_port, lmtp_port=dovecot.lmtp_port,
+            managesieve_port=dovecot.managesieve_port,
             privileges=_privileges(), first_valid_uid=min(account.pw_uid, 500), mail_uid=account.pw_uid,
             mail_gid=account.pw_gid, mail_root=mail_root, postmaster_domain=postmaster_domain))
         with open(base / "dovecot.out", "wb") as out:
@@ -190,6 +201,44 @@ def start_dovecot(tmp_path: Path, mail_user: str, users: Mapping[str, DovecotUse
         kept = [base / name for name in ("dovecot.out", "dovecot.log") if (base / name).exists()]
         (tmp_path / "dovecot.log").write_bytes(b"".join(path.read_bytes() for path in kept))
         shutil.rmtree(base, ignore_errors=True)
+
+
+class ManageSieve:
+    """The few RFC 5804 commands a webmail's filter page sends: AUTHENTICATE PLAIN, PUTSCRIPT, SETACTIVE."""
+
+    def __init__(self, port: int) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self._file = self._sock.makefile("rb")
+        self._response()  # the capabilities, then OK
+
+    def _response(self) -> tuple[bool, str]:
+        """(OK?, the final line's text) after any untagged lines."""
+        while True:
+            line = self._file.readline()
+            if not line:
+                raise ConnectionError("ManageSieve server closed the connection")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text.endswith("}") and "{" in text:  # a literal follows: read it into the text
+                size = int(text[text.rindex("{") + 1:-1].rstrip("+"))
+                text += self._file.read(size).decode("utf-8", "replace") + self._file.readline().decode().rstrip()
+            if text.startswith(("OK", "NO", "BYE")):
+                return text.startswith("OK"), text
+
+    def command(self, line: str, literal: bytes | None = None) -> tuple[bool, str]:
+        data = line.encode() + (f" {{{len(literal)}+}}\r\n".encode() + literal if literal is not None else b"")
+        self._sock.sendall(data + b"\r\n")
+        return self._response()
+
+    def login(self, user: str, password: str) -> None:
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        ok, text = self.command(f'AUTHENTICATE "PLAIN" "{token}"')
+        assert ok, text
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.command("LOGOUT")
+        self._file.close()
+        self._sock.close()
 
 
 VMAIL = "mtatest-vmail"
@@ -239,13 +288,13 @@ def _privileges() -> str:
     me = pwd.getpwuid(os.geteuid()).pw_name
     group = grp.getgrgid(os.getegid()).gr_name
     return (f"default_internal_user = {me}\ndefault_internal_group = {group}\ndefault_login_user = {me}\n"
-            "service imap-login {\n  chroot =\n}\nservice pop3-login {\n  chroot =\n}")
+            "".join(f"service {login}-login {{\n  chroot =\n}}\n" for login in ("imap", "pop3", "managesieve")))
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], dovecot: Dovecot) -> None:
-    """The master binds every listener before it forks a service: all three, or fail with the log."""
+    """The master binds every listener before it forks a service: all of them, or fail with the log."""
     deadline = time.monotonic() + START_SECONDS
-    ports = [dovecot.imap_port, dovecot.pop3_port, dovecot.lmtp_port]
+    ports = [dovecot.imap_port, dovecot.pop3_port, dovecot.lmtp_port, dovecot.managesieve_port]
     while ports:
         if proc.poll() is not None:
             raise RuntimeError(f"dovecot exited with {proc.returncode}:\n{_tail(dovecot.base)}")

@@ -22,6 +22,7 @@ from tests.integration.conftest import REPO_ROOT, MtaServer, wait_until
 from tests.integration.dovecot import (
     Dovecot,
     DovecotUser,
+    ManageSieve,
     hand_over,
     mail_user,
     start_dovecot,
@@ -237,6 +238,65 @@ def test_pigeonhole_runs_the_same_dovecot_sieve_on_an_lmtp_route(mta_server, dov
         assert list(by_message_id(fetch_all(imap, "INBOX"))) == [b"<m2@sender.test>"]
     finally:
         imap.logout()
+
+
+
+def test_a_full_mailbox_behind_an_lmtp_route_bounces_at_once_with_5_2_2(mta_server, tmp_path: Path,
+                                                                         vmail_user: str) -> None:
+    users = {ALICE: DovecotUser(PASSWORD, quota_bytes=2000), f"bob@{DOMAIN}": DovecotUser(PASSWORD)}
+    with start_dovecot(tmp_path, vmail_user, users) as dovecot:
+        (dovecot.mail_root / DOMAIN).mkdir()
+        hand_over(dovecot.mail_root / DOMAIN, vmail_user)
+        server = mta_over(mta_server, dovecot, routes={DOMAIN: dovecot.lmtp_route})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            client.sendmail(f"bob@{DOMAIN}", [ALICE], message(1, body_lines=200))  # ~6 KB > 2000 B + 10 %
+        bob_inbox = dovecot.mail_root / DOMAIN / "bob" / "new"
+        [bounce] = wait_until(lambda: bob_inbox.is_dir() and list(bob_inbox.iterdir()), 20,
+                              "the bounce in bob's mailbox", server)
+        text = bounce.read_text(errors="replace")
+        assert "Return-Path: <>" in text
+        assert "Status: 5.2.2" in text and f"Final-Recipient: rfc822; {ALICE}" in text
+        assert "Quota exceeded" in text  # Dovecot's own words, passed on
+        alice_inbox = dovecot.mail_root / DOMAIN / "alice" / "new"
+        assert not alice_inbox.is_dir() or not any(alice_inbox.iterdir())
+        assert server.queue_list() == []  # bounced at once: no retries left queued
+
+
+
+# --- ManageSieve: the script a webmail's filter page writes is the one mta runs ----------------
+
+ROUNDCUBE_SCRIPT = b"""require ["fileinto","vacation"];
+# rule:[lists]
+if header :contains "list-id" "announce.example.org"
+{
+\tfileinto "Lists";
+\tstop;
+}
+# rule:[away]
+vacation :days 1 :subject "Away" :addresses ["alice@example.test"] "Back on Monday.";
+"""
+
+
+def test_managesieve_makes_the_uploaded_script_the_mailboxs_dovecot_sieve(dovecot: Dovecot,
+                                                                         vmail_user: str) -> None:
+    box = mailbox(dovecot)
+    hand_over(box, vmail_user)
+    client = ManageSieve(dovecot.managesieve_port)
+    try:
+        client.login(ALICE, PASSWORD)
+        ok, text = client.command('PUTSCRIPT "roundcube"', ROUNDCUBE_SCRIPT)
+        assert ok, text
+        ok, text = client.command('SETACTIVE "roundcube"')
+        assert ok, text
+        # a script mta's Sieve could not run is refused at upload, with the reason
+        ok, text = client.command('PUTSCRIPT "dated"', b'require ["date"];\nkeep;\n')
+        assert not ok and "date" in text, text
+    finally:
+        client.close()
+    active = box / ".dovecot.sieve"
+    assert active.is_symlink() and active.resolve() == (box / "sieve" / "roundcube.sieve").resolve()
+    assert active.read_bytes() == ROUNDCUBE_SCRIPT
+    assert not (box / "sieve" / "dated.sieve").exists()
 
 
 # --- docs/mailboxes.md ------------------------------------------------------------------------
