@@ -64,6 +64,8 @@ first_valid_uid = {first_valid_uid}
 mail_uid = {mail_uid}
 mail_gid = {mail_gid}
 mail_location = maildir:{mail_root}/%Ld/%Ln
+# only directories are folders: not the .dovecot.sieve link, nor mta's files in the mailbox
+maildir_stat_dirs = yes
 mail_plugins = $mail_plugins quota
 
 passdb {{

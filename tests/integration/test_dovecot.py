@@ -106,6 +106,13 @@ def fetch_all(imap: imaplib.IMAP4, folder: str = "INBOX") -> list[bytes]:
     return fetched
 
 
+def folders(imap: imaplib.IMAP4) -> list[str]:
+    """The folder names LIST shows, sorted."""
+    typ, listing = imap.list()
+    assert typ == "OK", listing
+    return sorted(line.decode().rsplit(" ", 1)[1].strip('"') for line in listing)
+
+
 def by_message_id(messages: list[bytes]) -> dict[bytes, bytes]:
     found = {}
     for data in messages:
@@ -231,9 +238,7 @@ def test_pigeonhole_runs_the_same_dovecot_sieve_on_an_lmtp_route(mta_server, dov
 
     imap = imap_login(dovecot)
     try:
-        typ, listing = imap.list()
-        assert typ == "OK"
-        assert any(line.endswith((b' "Lists"', b" Lists")) for line in listing), listing
+        assert folders(imap) == ["INBOX", "Lists"]
         assert list(by_message_id(fetch_all(imap, "Lists"))) == [b"<m1@sender.test>"]
         assert list(by_message_id(fetch_all(imap, "INBOX"))) == [b"<m2@sender.test>"]
     finally:
@@ -297,6 +302,11 @@ def test_managesieve_makes_the_uploaded_script_the_mailboxs_dovecot_sieve(doveco
     assert active.is_symlink() and active.resolve() == (box / "sieve" / "roundcube.sieve").resolve()
     assert active.read_bytes() == ROUNDCUBE_SCRIPT
     assert not (box / "sieve" / "dated.sieve").exists()
+    imap = imap_login(dovecot)
+    try:
+        assert folders(imap) == ["INBOX"]  # the link is no folder "dovecot.sieve"
+    finally:
+        imap.logout()
 
 
 # --- docs/mailboxes.md ------------------------------------------------------------------------
