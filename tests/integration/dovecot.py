@@ -236,6 +236,12 @@ class ManageSieve:
         ok, text = self.command(f'AUTHENTICATE "PLAIN" "{token}"')
         assert ok, text
 
+    def activate(self, name: str, script: bytes) -> None:
+        """PUTSCRIPT then SETACTIVE, as a webmail saves a filter set; both must succeed."""
+        for line, literal in ((f'PUTSCRIPT "{name}"', script), (f'SETACTIVE "{name}"', None)):
+            ok, text = self.command(line, literal)
+            assert ok, f"{line}: {text}"
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.command("LOGOUT")

@@ -289,10 +289,7 @@ def test_managesieve_makes_the_uploaded_script_the_mailboxs_dovecot_sieve(doveco
     client = ManageSieve(dovecot.managesieve_port)
     try:
         client.login(ALICE, PASSWORD)
-        ok, text = client.command('PUTSCRIPT "roundcube"', ROUNDCUBE_SCRIPT)
-        assert ok, text
-        ok, text = client.command('SETACTIVE "roundcube"')
-        assert ok, text
+        client.activate("roundcube", ROUNDCUBE_SCRIPT)
         # a script mta's Sieve could not run is refused at upload, with the reason
         ok, text = client.command('PUTSCRIPT "dated"', b'require ["date"];\nkeep;\n')
         assert not ok and "date" in text, text

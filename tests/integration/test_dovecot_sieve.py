@@ -42,8 +42,7 @@ def test_a_script_uploaded_over_managesieve_files_mail_into_an_imap_folder(
     client = ManageSieve(dovecot.managesieve_port)  # what Roundcube's Filters page does
     try:
         client.login(ALICE, PASSWORD)
-        assert client.command('PUTSCRIPT "roundcube"', ROUNDCUBE_SCRIPT)[0]
-        assert client.command('SETACTIVE "roundcube"')[0]
+        client.activate("roundcube", ROUNDCUBE_SCRIPT)
     finally:
         client.close()
 
