@@ -51,13 +51,15 @@ def dovecot(tmp_path: Path, vmail_user: str) -> Iterator[Dovecot]:
         yield running
 
 
-def mta_over(mta_server, dovecot: Dovecot, *, routes: dict[str, str] | None = None) -> MtaServer:  # type: ignore[no-untyped-def]
-    """mta with example.test local: Maildir under Dovecot's root, or `routes` (to Dovecot's LMTP)."""
+def mta_over(mta_server, dovecot: Dovecot, *, routes: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
+             local: dict[str, object] | None = None) -> MtaServer:
+    """mta with example.test local: Maildir under Dovecot's root (`local`: more [local] keys),
+    or `routes` (to Dovecot's LMTP)."""
     return mta_server(
         server={"inbound_workers": 1},
         relay={"local_domains": [DOMAIN], "relay_domains": [], "mynetworks": ["127.0.0.1/32"]},
         delivery={"workers": 1, "min_backoff_seconds": 1, "max_backoff_seconds": 2},
-        local={"maildir_root": str(dovecot.mail_root)},
+        local={"maildir_root": str(dovecot.mail_root), **(local or {})},
         **({"routes": routes} if routes else {}))
 
 
