@@ -1,19 +1,29 @@
-"""mta's Sieve under Dovecot: the script a webmail uploads over ManageSieve, run by mta at
-delivery; the folder its fileinto makes is an IMAP folder, its vacation reply an ordinary
-message, and nothing mta keeps beside the mail shows up as a folder.
+"""mta's Sieve under Dovecot (needs Sieve in local delivery, branch q17-deliver).
 
-The same private Dovecot and `mta serve` as test_dovecot.py (mta writes the Maildirs as
-root; the test hands each mailbox to Dovecot's mail user before Dovecot reads it).
+The script a webmail uploads over ManageSieve, run by mta at delivery: the folder its
+fileinto makes is an IMAP folder, its vacation reply an ordinary message, and nothing
+mta keeps beside the mail shows up as a folder. The same script run by mta and by
+Pigeonhole (an LMTP route) makes the same folder directories (modified UTF-7 names,
+Maildir++ levels). The same private Dovecot and `mta serve` as test_dovecot.py (mta
+writes as root; the test hands a mailbox to Dovecot's mail user before Dovecot reads it).
 """
 
 from __future__ import annotations
 
+import imaplib
 import smtplib
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import wait_until
-from tests.integration.dovecot import Dovecot, ManageSieve, hand_over
+from tests.integration.dovecot import (
+    Dovecot,
+    DovecotUser,
+    ManageSieve,
+    hand_over,
+    start_dovecot,
+)
 from tests.integration.test_dovecot import (  # noqa: F401  (dovecot, vmail_user: fixtures)
     ALICE,
     DOMAIN,
@@ -70,3 +80,51 @@ def test_a_script_uploaded_over_managesieve_files_mail_into_an_imap_folder(
         imap.logout()
     text = reply.read_text(errors="replace")
     assert "Return-Path: <>" in text and "Subject: Away" in text and "Back on Monday." in text
+
+
+FOLDERS_SCRIPT = """require ["fileinto"];
+if header :contains "subject" "meeting" { fileinto "Réunions"; stop; }
+if header :contains "subject" "project" { fileinto "Work.Projects"; stop; }
+"""
+
+
+def test_mta_names_fileinto_folders_on_disk_as_pigeonhole_does(
+        mta_server, tmp_path: Path, vmail_user: str) -> None:  # noqa: F811
+    """The same script, run by mta (alice, Maildir) and by Pigeonhole (carol, LMTP route):
+    the same folder directories, the same IMAP folders."""
+    carol = "carol@lmtp.test"
+    users = {ALICE: DovecotUser(PASSWORD), carol: DovecotUser(PASSWORD)}
+    with start_dovecot(tmp_path, vmail_user, users) as peer:
+        boxes = {ALICE: mailbox(peer), carol: peer.mail_root / "lmtp.test" / "carol"}
+        boxes[carol].mkdir(parents=True)
+        for box in boxes.values():
+            (box / ".dovecot.sieve").write_text(FOLDERS_SCRIPT)
+        hand_over(peer.mail_root / "lmtp.test", vmail_user)
+        server = mta_server(
+            server={"inbound_workers": 1},
+            relay={"local_domains": [DOMAIN, "lmtp.test"], "relay_domains": [], "mynetworks": ["127.0.0.1/32"]},
+            delivery={"workers": 1, "min_backoff_seconds": 1, "max_backoff_seconds": 2},
+            local={"maildir_root": str(peer.mail_root)}, routes={"lmtp.test": peer.lmtp_route})
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+            for n, subject in enumerate(("meeting on Monday", "project plan"), 1):
+                smtp.sendmail(BOB, [ALICE, carol], message(n, subject=subject))
+
+        def folder_dirs(box: Path) -> list[str]:
+            return sorted(p.name for p in box.iterdir() if p.name.startswith(".") and (p / "new").is_dir()
+                          and any((p / "new").iterdir()))
+
+        expected = [".R&AOk-unions", ".Work.Projects"]  # RFC 3501 modified UTF-7, Maildir++ levels
+        for box in boxes.values():
+            wait_until(lambda box=box: folder_dirs(box) == expected, 20, f"both folders in {box}", server)
+        hand_over(boxes[ALICE], vmail_user)
+        listed = {}
+        for address in boxes:
+            imap = imaplib.IMAP4("127.0.0.1", peer.imap_port, timeout=30)
+            try:
+                imap.login(address, PASSWORD)
+                listed[address] = folders(imap)
+                assert list(by_message_id(fetch_all(imap, '"R&AOk-unions"'))) == [b"<m1@sender.test>"]
+            finally:
+                imap.logout()
+        assert listed[ALICE] == listed[carol]
+        assert {"R&AOk-unions", "Work.Projects"} <= set(listed[ALICE])
