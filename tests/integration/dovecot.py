@@ -182,15 +182,17 @@ def start_dovecot(tmp_path: Path, mail_user: str, users: Mapping[str, DovecotUse
     try:
         base.chmod(0o755)
         (base / "users").write_text("".join(user.line(address) for address, user in users.items()))
-        dovecot = Dovecot(free_port(), free_port(), free_port(), free_port(), base)
+        ports: set[int] = set()
+        while len(ports) < 4:  # four different ones (the kernel may hand one out twice)
+            ports.add(free_port())
+        dovecot = Dovecot(*sorted(ports), base)
         dovecot.mail_root.mkdir(mode=0o755)
-        mail_root = dovecot.mail_root
         conf = base / "dovecot.conf"
         conf.write_text(_CONF.format(
             base=base, imap_port=dovecot.imap_port, pop3_port=dovecot.pop3_port, lmtp_port=dovecot.lmtp_port,
             managesieve_port=dovecot.managesieve_port,
             privileges=_privileges(), first_valid_uid=min(account.pw_uid, 500), mail_uid=account.pw_uid,
-            mail_gid=account.pw_gid, mail_root=mail_root, postmaster_domain=postmaster_domain))
+            mail_gid=account.pw_gid, mail_root=dovecot.mail_root, postmaster_domain=postmaster_domain))
         with open(base / "dovecot.out", "wb") as out:
             proc = subprocess.Popen([DOVECOT, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
