@@ -159,6 +159,9 @@ def test_match_types_and_comparators_agree(pigeonhole: Pigeonhole, value: str, k
                                            comparator: str) -> None:
     # Pigeonhole 0.5.19 panics on a :matches key ending in a lone backslash (mcht-matches.c:102)
     assume(match != ":matches" or (len(key) - len(key.rstrip("\\"))) % 2 == 0)
+    # ... and matches a value holding a literal "?" or "*" against some wildcard keys where
+    # RFC 5228 2.7.1 says no (value "?", key "??*": two characters needed, one given)
+    assume(match != ":matches" or not set(value) & set("?*"))
     quoted = key.replace("\\", "\\\\").replace('"', '\\"')
     script = f'if header {match} :comparator "{comparator}" "X-Test" "{quoted}" {{ discard; }}'
     msg = message(f"X-Test: {value}")
