@@ -8,6 +8,8 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import pytest
+
 from workers.delivery.vacationlog import FILE_NAME, VacationLog
 
 DAY = 86400.0
@@ -84,3 +86,12 @@ def test_of_concurrent_deliveries_in_separate_processes_one_replies(tmp_path: Pa
         p.join(30)
         assert p.exitcode == 0
     assert sorted(results.get(timeout=5) for _ in procs) == [False, False, False, True]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_the_record_belongs_to_the_mailboxs_owner(tmp_path: Path) -> None:
+    """With [local] owner the mailbox is the mail user's (Dovecot's); so is the record in it."""
+    os.chown(tmp_path, 65534, 65534)
+    locked(tmp_path).close()
+    made = (tmp_path / FILE_NAME).stat()
+    assert (made.st_uid, made.st_gid, made.st_mode & 0o777) == (65534, 65534, 0o600)

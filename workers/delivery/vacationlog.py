@@ -60,6 +60,9 @@ class VacationLog:
         """Wait for the lock without blocking the event loop (or an executor thread)."""
         fd = os.open(os.path.join(mailbox, FILE_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            box, mine = os.stat(mailbox), os.fstat(fd)
+            if (mine.st_uid, mine.st_gid) != (box.st_uid, box.st_gid) and os.geteuid() == 0:
+                os.fchown(fd, box.st_uid, box.st_gid)  # the mailbox's owner's, like its mail ([local] owner)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
