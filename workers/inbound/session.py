@@ -298,9 +298,6 @@ class InboundSession:
             logs.event("discarded", msgid=msgid, client=self.client.ip, sender=work.envelope.sender, content=notes)
             return Decision(replies.queued(msgid))
         work.envelope.size = len(work.body)
-        if work.quarantine is not None:
-            for rcpt in work.envelope.recipients:
-                rcpt.state, rcpt.last_reply = "held", f"quarantined by {work.quarantine}"
         return await self.commit(NewMessage(work.envelope, work.body), message, notes, work.quarantine)
 
     def _facts(self, message: Message) -> content.Facts:
