@@ -1,5 +1,5 @@
 """The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage/
-backup/restore/export/import, users, mailbox, dkim keygen, sieve check, completion, sendmail.
+backup/restore/export/import/transfer, node drain/undrain/status, users, mailbox, dkim keygen, sieve check, completion, sendmail.
 
 The parser, and the commands short enough to live here. Every command finds its
 configuration the same way (mta/config.py find(): -c, $MTA_CONFIG, /etc/mta/mta.toml,
@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 from mta import config as configmod
-from mta import mailboxcli, queuebackup, queuecli, queueexport, queueimport, queuepages, version
+from mta import mailboxcli, nodecli, queuebackup, queuecli, queueexport, queueimport, queuepages, version
 from mta.dkim import keygen as dkimkeygen
 from mta.sieve import check as sievecheck
 from mta.config import Config, ConfigError
@@ -151,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_users, action=_users_list)
 
     mailboxcli.add_parsers(sub, common)  # mailbox add|delete|list|quota
+    nodecli.add_parsers(sub, common)  # node drain|undrain|status
     dkimkeygen.add_parsers(sub)  # dkim keygen
     sievecheck.add_parsers(sub)  # sieve check
 

@@ -91,8 +91,8 @@ INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
     "Connections, senders, recipients or messages refused, by reason and reply code class. reason: "
     "relay, user_unknown, mailbox_full, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
-    "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit "
-    "(connections; the last three answered by the master); sender_denied, "
+    "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit, "
+    "node_drained (connections; the last four answered by the master); sender_denied, "
     "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT); "
     "memory_budget (MAIL 452, or a transfer 451: the worker's max_worker_buffered_bytes); idle_timeout, "
     "data_total_timeout, session_timeout (421 4.4.2: sessions closed by a timeout).",
