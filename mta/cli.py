@@ -16,8 +16,8 @@ users_file (one editor at a time, atomic replace); inbound workers pick the chan
 the next AUTH, with no reload.
 
 `mta queue backup|restore` are mta/queuebackup.py's, `export|import --bsmtp` mta/queueexport.py's
-and mta/queueimport.py's (each of those modules adds its own parsers); `mta dkim keygen` is
-mta/dkim/keygen.py's; `mta mailbox` mta/mailboxcli.py's; `mta sieve check`
+and mta/queueimport.py's, `transfer` mta/queuetransfer.py's, `mta node` mta/nodecli.py's
+(each of those modules adds its own parsers); `mta dkim keygen` is mta/dkim/keygen.py's; `mta mailbox` mta/mailboxcli.py's; `mta sieve check`
 mta/sieve/check.py's.
 """
 
@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 from mta import config as configmod
-from mta import mailboxcli, nodecli, queuebackup, queuecli, queueexport, queueimport, queuepages, version
+from mta import mailboxcli, nodecli, queuebackup, queuecli, queueexport, queueimport, queuepages, queuetransfer, version
 from mta.dkim import keygen as dkimkeygen
 from mta.sieve import check as sievecheck
 from mta.config import Config, ConfigError
@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     queuebackup.add_parsers(qsub, common)  # backup, restore
     queueexport.add_parsers(qsub, common)  # export --bsmtp
     queueimport.add_parsers(qsub, common)  # import --bsmtp
+    queuetransfer.add_parsers(qsub, common)  # transfer --to HOST:PORT
     for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
                      ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
         q = qsub.add_parser(op, parents=[common], help=text)

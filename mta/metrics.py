@@ -85,6 +85,11 @@ INBOUND_CONNECTIONS = Counter(
     "mta_inbound_connections_total", "Client connections that reached an inbound worker.", ["listener"])
 INBOUND_MESSAGES = Counter(
     "mta_inbound_messages_total", "Messages accepted with 250 after DATA/BDAT (durably queued).", ["listener"])
+INBOUND_TRANSFER_DUPLICATES = Counter(
+    "mta_inbound_transfer_duplicates_total",
+    "Messages another node moved here with `mta queue transfer` that had come before (same X-Mta-Transfer id "
+    "and origin): its transfer was interrupted between our 250 and its delete. Each is logged "
+    "(event=transfer_duplicate) and still delivered.")
 INBOUND_BYTES = Counter(
     "mta_inbound_bytes_total", "Bytes of accepted messages as stored (our Received header included).", ["listener"])
 INBOUND_REJECTED = Counter(
@@ -218,14 +223,15 @@ class _Families(Collector):
         return self._families
 
 
-CACHE_NAMESPACES = ("dns", "auth", "rate")
+CACHE_NAMESPACES = ("dns", "auth", "rate", "transfer")
 
 
 def render_cache_entries(counts: dict[str, int]) -> bytes:
     """mta_cache_entries{namespace}: counted in the shared cache at each scrape (dns, auth, rate)."""
     family = GaugeMetricFamily(
         "mta_cache_entries", "Entries in the shared LMDB cache by namespace: dns (answers), auth (verified "
-        "logins), rate (rate-limit windows and connection counts). Bounded by [cache] max_entries in total; "
+        "logins), rate (rate-limit windows and connection counts), transfer (ids of messages moved here by `mta queue "
+        "transfer`, for duplicate detection). Bounded by [cache] max_entries in total; "
         "near it, the entries expiring soonest are evicted.", labels=["namespace"])
     for name in CACHE_NAMESPACES:
         family.add_metric([name], counts.get(name, 0))
