@@ -35,6 +35,9 @@ import smtplib
 import sys
 from typing import Final
 
+from mtaqueue.backend import QueueError
+from mtaqueue.records import Envelope
+
 from mta import adminclient, bsmtp, messages, queuebulk
 from mta.adminclient import ControlError
 from mta.config import Config
@@ -42,8 +45,6 @@ from mta.outfile import Pacer
 from mta.queueexport import Export, ExportError
 from mta.sections import split_hostport
 from mta.smtp import client as smtpclient
-from mtaqueue.backend import QueueError
-from mtaqueue.records import Envelope
 
 REPLY_SECONDS: Final = 300.0  # the longest wait for one reply (the other node's commit is in it)
 
@@ -187,9 +188,10 @@ class Transfer(Export):
 
 
 def run_transfer(cfg: Config, args: argparse.Namespace) -> int:
+    from mtaqueue.backend_lmdb import LmdbBackend
+
     from mta.master.listeners import ServeError
     from mta.serve import lock_spool
-    from mtaqueue.backend_lmdb import LmdbBackend
     if not (args.ids or args.domain or args.all):
         print("mta queue transfer: name message IDs, --domain D or --all", file=sys.stderr)
         return 2

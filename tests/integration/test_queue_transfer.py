@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,3 +95,39 @@ def test_a_transfer_killed_midway_then_run_again_delivers_every_message(mta_serv
         copies = collections.Counter(m.sender for m in sink.messages)
     duplicates = b.log_bytes().count(b"event=transfer_duplicate")
     assert sum(copies.values()) - count == duplicates <= 1, (copies, duplicates)
+
+
+def test_a_refused_message_stays_here_and_is_released_the_rest_moves(mta_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "mail" / "local.test").mkdir(parents=True)
+    with SmtpSink("127.0.0.2") as sink:
+        delivery = {"workers": 1, **FAST_RETRY}
+        a = mta_server(server={"inbound_workers": 1, "hostname": "a.test"}, delivery=delivery,
+                       relay={"relay_domains": ["dest.test", "local.test"], "mynetworks": ["127.0.0.1/32"]},
+                       routes={"dest.test": "127.0.0.3:9", "local.test": "127.0.0.3:9"})
+        b = mta_server(server={"inbound_workers": 1, "hostname": "b.test"}, delivery=delivery,
+                       relay={"relay_domains": ["dest.test"], "local_domains": ["local.test"],
+                              "mynetworks": ["127.0.0.1/32"]},
+                       routes={"dest.test": f"{sink.address}:{sink.port}"}, local={"maildir_root": str(tmp_path / "mail")})
+        moved = asyncio.run(send_dsn_mail(a.port, 2))
+        [refused] = asyncio.run(send_dsn_mail(a.port, 1, domain="local.test"))  # no such mailbox on B
+        deferred(a, 3)
+        done = a.mta("queue", "transfer", "--to", f"127.0.0.1:{b.port}", "--all", check=False)
+        assert done.returncode == 1, done
+        assert b"transferred 2 message(s)" in done.stdout and b"1 left here" in done.stdout, done
+        assert f"left here: {refused}: 127.0.0.1:{b.port} refused RCPT: 550".encode() in done.stderr, done.stderr
+        [left] = a.queue_list()
+        assert left["id"] == refused and all(r["state"] != "held" for r in left["recipients"])  # released
+        assert {m.sender for m in sink.wait_for_messages(2, timeout=30)} == {"s0@client.test", "s1@client.test"}
+        assert not set(moved) & {e["id"] for e in a.queue_list()}
+
+
+def test_transfer_from_a_stopped_server_takes_the_spool_lock(mta_server) -> None:
+    with SmtpSink("127.0.0.2") as sink:
+        a, b = nodes(mta_server, sink)
+        asyncio.run(send_dsn_mail(a.port, 3))
+        deferred(a, 3)
+        a.stop()
+        moved = a.mta("queue", "transfer", "--to", f"127.0.0.1:{b.port}", "--all")
+        assert b"transferred 3 message(s)" in moved.stdout, moved
+        assert a.queue_list() == []
+        assert len(sink.wait_for_messages(3, timeout=30)) == 3

@@ -18,8 +18,9 @@ import re
 import time
 from typing import Final
 
-from mta import logs, metrics
 from mtaqueue.cache_lmdb import LmdbCache
+
+from mta import logs, metrics
 
 HEADER: Final = b"X-Mta-Transfer"
 REMEMBER_SECONDS: Final = 7 * 86400.0
