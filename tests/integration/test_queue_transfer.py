@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import MtaServer, _env, wait_until
+from tests.integration.conftest import MtaServer, SmtpClient, _env, queued_id, wait_until
 from tests.integration.sink import SmtpSink
 from tests.integration.test_bsmtp import FAST_RETRY, send_dsn_mail
 
@@ -131,3 +131,23 @@ def test_transfer_from_a_stopped_server_takes_the_spool_lock(mta_server) -> None
         assert b"transferred 3 message(s)" in moved.stdout, moved
         assert a.queue_list() == []
         assert len(sink.wait_for_messages(3, timeout=30)) == 3
+
+
+def test_the_receiving_node_logs_a_second_copy_of_a_transferred_message(mta_server) -> None:
+    """What a transfer killed between B's 250 and A's delete sends again: B recognises it."""
+    with SmtpSink("127.0.0.2") as sink:
+        _a, b = nodes(mta_server, sink)
+        content = b"X-Mta-Transfer: id=66204F527A796350D850A; from=a.test\r\nSubject: once\r\n\r\nbody\r\n"
+
+        async def send_twice() -> list[str | None]:
+            client = await SmtpClient.connect(b.port)
+            ids = [queued_id(await client.send_mail("s@client.test", ["x@dest.test"], content)) for _ in range(2)]
+            await client.close()
+            return ids
+
+        first, second = asyncio.run(send_twice())
+        sink.wait_for_messages(2, timeout=30)  # both delivered: a header anyone can write never drops mail
+    log = b.log_bytes().decode()
+    assert f"event=transferred_in msgid={first} origin_id=66204F527A796350D850A origin=a.test" in log
+    assert (f"event=transfer_duplicate msgid={second} origin_id=66204F527A796350D850A origin=a.test copies=2"
+            in log), b.log_tail()
