@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import MtaServer, SmtpClient, _env, queued_id, wait_until
+from tests.integration.conftest import (
+    MtaServer,
+    SmtpClient,
+    _env,
+    queued_id,
+    wait_until,
+)
 from tests.integration.sink import SmtpSink
 from tests.integration.test_bsmtp import FAST_RETRY, send_dsn_mail
 
