@@ -157,3 +157,20 @@ def test_the_receiving_node_logs_a_second_copy_of_a_transferred_message(mta_serv
     assert f"event=transferred_in msgid={first} origin_id=66204F527A796350D850A origin=a.test" in log
     assert (f"event=transfer_duplicate msgid={second} origin_id=66204F527A796350D850A origin=a.test copies=2"
             in log), b.log_tail()
+
+
+def test_a_message_whose_reply_never_came_stays_held_and_is_named(mta_server) -> None:
+    """The other end took the content and dropped the connection without a reply: it may
+    have the message, so it is neither deleted nor released here (no silent duplicate)."""
+    with SmtpSink("127.0.0.2") as parked, SmtpSink("127.0.0.4", drop_after_data=True) as other:
+        a, _b = nodes(mta_server, parked)
+        ids = asyncio.run(send_dsn_mail(a.port, 3))
+        deferred(a, 3)
+        done = a.mta("queue", "transfer", "--to", f"{other.address}:{other.port}", "--all", check=False)
+        assert done.returncode == 1, done
+        assert b"after the content of" in done.stderr and b"stays held here" in done.stderr, done.stderr
+        listed = {e["id"]: {r["state"] for r in e["recipients"]} for e in a.queue_list()}
+        assert set(listed) == set(ids)  # nothing deleted
+        uncertain = [msgid for msgid, states in listed.items() if states == {"held"}]
+        assert len(uncertain) == 1 and uncertain[0].encode() in done.stderr
+        assert all("held" not in states for msgid, states in listed.items() if msgid != uncertain[0])  # released
