@@ -1,5 +1,5 @@
 """The `mta` command line: serve, config check, queue list/show/shape/retry/hold/release/delete/check/salvage/
-backup/restore/export/import, users, mailbox, dkim keygen, sieve check, completion, sendmail.
+backup/restore/export/import/transfer, node drain/undrain/status, users, mailbox, dkim keygen, sieve check, completion, sendmail.
 
 The parser, and the commands short enough to live here. Every command finds its
 configuration the same way (mta/config.py find(): -c, $MTA_CONFIG, /etc/mta/mta.toml,
@@ -16,8 +16,8 @@ users_file (one editor at a time, atomic replace); inbound workers pick the chan
 the next AUTH, with no reload.
 
 `mta queue backup|restore` are mta/queuebackup.py's, `export|import --bsmtp` mta/queueexport.py's
-and mta/queueimport.py's (each of those modules adds its own parsers); `mta dkim keygen` is
-mta/dkim/keygen.py's; `mta mailbox` mta/mailboxcli.py's; `mta sieve check`
+and mta/queueimport.py's, `transfer` mta/queuetransfer.py's, `mta node` mta/nodecli.py's
+(each of those modules adds its own parsers); `mta dkim keygen` is mta/dkim/keygen.py's; `mta mailbox` mta/mailboxcli.py's; `mta sieve check`
 mta/sieve/check.py's.
 """
 
@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 from mta import config as configmod
-from mta import mailboxcli, queuebackup, queuecli, queueexport, queueimport, queuepages, version
+from mta import mailboxcli, nodecli, queuebackup, queuecli, queueexport, queueimport, queuepages, queuetransfer, version
 from mta.dkim import keygen as dkimkeygen
 from mta.sieve import check as sievecheck
 from mta.config import Config, ConfigError
@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     queuebackup.add_parsers(qsub, common)  # backup, restore
     queueexport.add_parsers(qsub, common)  # export --bsmtp
     queueimport.add_parsers(qsub, common)  # import --bsmtp
+    queuetransfer.add_parsers(qsub, common)  # transfer --to HOST:PORT
     for op, text in (("retry", "deliver deferred recipients now"), ("hold", "stop delivering (until release)"),
                      ("release", "deliver held recipients again"), ("delete", "remove messages from the spool")):
         q = qsub.add_parser(op, parents=[common], help=text)
@@ -151,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_users, action=_users_list)
 
     mailboxcli.add_parsers(sub, common)  # mailbox add|delete|list|quota
+    nodecli.add_parsers(sub, common)  # node drain|undrain|status
     dkimkeygen.add_parsers(sub)  # dkim keygen
     sievecheck.add_parsers(sub)  # sieve check
 

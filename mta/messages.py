@@ -11,6 +11,7 @@ job/done path runs once per message).
     master -> inbound    Conn, with the socket (SCM_RIGHTS)
     inbound -> master    Took | Refused, for every Conn
     master -> control    Children: the crash-looping slots, when they change
+    control <-> master   NodeDrain: `mta node drain|undrain` asks; the master's state back
   peers <-> scheduler (<spool>/scheduler.sock)
     peer <-> scheduler   Hello, first, both ways: the scheduler refuses another build's peer;
                          delivery workers and the CLI check the scheduler's (the inbound
@@ -40,7 +41,7 @@ from typing import Any, Literal
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # One Packer (packb() builds one per call). Not thread-safe: messages are encoded on each
 # process's event-loop thread (or the CLI's only one), never in an executor.
@@ -262,6 +263,14 @@ class Children:
     crash_looping: tuple[str, ...]  # e.g. ("scheduler#1",)
 
 
+@_wire(19)
+@dataclass(frozen=True, slots=True)
+class NodeDrain:
+    """control -> master: take no new sessions (421) or take them again; master ->
+    control: the state it keeps (when it changes, or to a new control process)."""
+    drained: bool
+
+
 # --- peers <-> scheduler (stream) -----------------------------------------------------------
 
 @_wire(6)
@@ -381,5 +390,5 @@ class DestinationGauges:
     other: tuple[int, int, int]  # ready, active, deferred of every other destination
 
 
-Message = (Hello | Status | Conn | Took | Refused | Children | New | Open | Job | Close | Done | Closed
+Message = (Hello | Status | Conn | Took | Refused | Children | NodeDrain | New | Open | Job | Close | Done | Closed
            | QueueCommand | CommandResult | CommandProgress | ActiveQuery | ActiveJobs | GaugeQuery | DestinationGauges)

@@ -85,14 +85,19 @@ INBOUND_CONNECTIONS = Counter(
     "mta_inbound_connections_total", "Client connections that reached an inbound worker.", ["listener"])
 INBOUND_MESSAGES = Counter(
     "mta_inbound_messages_total", "Messages accepted with 250 after DATA/BDAT (durably queued).", ["listener"])
+INBOUND_TRANSFER_DUPLICATES = Counter(
+    "mta_inbound_transfer_duplicates_total",
+    "Messages another node moved here with `mta queue transfer` that had come before (same X-Mta-Transfer id "
+    "and origin): its transfer was interrupted between our 250 and its delete. Each is logged "
+    "(event=transfer_duplicate) and still delivered.")
 INBOUND_BYTES = Counter(
     "mta_inbound_bytes_total", "Bytes of accepted messages as stored (our Received header included).", ["listener"])
 INBOUND_REJECTED = Counter(
     "mta_inbound_rejected_total",
     "Connections, senders, recipients or messages refused, by reason and reply code class. reason: "
     "relay, user_unknown, mailbox_full, rcpt, queue_full, queue_error (messages and recipients); client_denied, "
-    "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit "
-    "(connections; the last three answered by the master); sender_denied, "
+    "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit, "
+    "node_drained (connections; the last four answered by the master); sender_denied, "
     "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT); "
     "memory_budget (MAIL 452, or a transfer 451: the worker's max_worker_buffered_bytes); idle_timeout, "
     "data_total_timeout, session_timeout (421 4.4.2: sessions closed by a timeout).",
@@ -218,14 +223,15 @@ class _Families(Collector):
         return self._families
 
 
-CACHE_NAMESPACES = ("dns", "auth", "rate")
+CACHE_NAMESPACES = ("dns", "auth", "rate", "transfer")
 
 
 def render_cache_entries(counts: dict[str, int]) -> bytes:
     """mta_cache_entries{namespace}: counted in the shared cache at each scrape (dns, auth, rate)."""
     family = GaugeMetricFamily(
         "mta_cache_entries", "Entries in the shared LMDB cache by namespace: dns (answers), auth (verified "
-        "logins), rate (rate-limit windows and connection counts). Bounded by [cache] max_entries in total; "
+        "logins), rate (rate-limit windows and connection counts), transfer (ids of messages moved here by `mta queue "
+        "transfer`, for duplicate detection). Bounded by [cache] max_entries in total; "
         "near it, the entries expiring soonest are evicted.", labels=["namespace"])
     for name in CACHE_NAMESPACES:
         family.add_metric([name], counts.get(name, 0))

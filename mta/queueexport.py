@@ -92,6 +92,9 @@ def run_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 class Export:
+    command = "mta queue export"  # names the command in what it prints (queuetransfer.py's Transfer too)
+    not_done = "not exported"
+
     def __init__(self, cfg: Config, args: argparse.Namespace, spool: LmdbBackend, running: bool) -> None:
         self.cfg, self.args, self.spool, self.running = cfg, args, spool, running
         self.domain = queueops.destination_of("@" + args.domain) if args.domain else None
@@ -149,7 +152,7 @@ class Export:
         """Not exported: left in the spool (never deleted), released at the end if we held it."""
         self.skipped += 1
         self.ids.write(f"{envelope.id} {'-' if _had_held(envelope) else 'S'}\n")
-        print(f"mta queue export: not exported: {envelope.id}: {why}", file=sys.stderr)
+        print(f"{self.command}: {self.not_done}: {envelope.id}: {why}", file=sys.stderr)
 
     def _batches(self) -> Iterator[list[Envelope]]:
         """The selected messages, BATCH at a time, as the spool has them now."""
@@ -257,9 +260,9 @@ class Export:
         kept = [msgid for msgid, had in self.holding.items() if had]
         count = len(kept) + sum(len(batch) for batch in self._id_batches("K-"))
         shown = (kept + [msgid for batch in itertools.islice(self._id_batches("K-"), 1) for msgid in batch])[:SHOWN]
-        print(f"mta queue export: failed: released the {released} message(s) it had held", file=sys.stderr)
+        print(f"{self.command}: failed: released the {released} message(s) it had held", file=sys.stderr)
         if count:
-            print(f"mta queue export: {count} message(s) had held recipients before and stay held: "
+            print(f"{self.command}: {count} message(s) had held recipients before and stay held: "
                   f"{' '.join(shown)}{' ...' if count > SHOWN else ''}; `mta queue release ID` "
                   "releases one", file=sys.stderr)
 

@@ -18,6 +18,8 @@
   the listeners are unregistered for 0.1 s, doubling to 1 s while it keeps failing;
   a descriptor the master frees ends the pause at once. Without it a readable listener
   whose accept fails spins the select loop.
+- Node drain (`mta node drain`, through the control process): every new connection
+  gets the same 421 4.3.2, open sessions go on; delivery is not touched.
 - Tally: refusals and accept failures are logged at most once per second each, with a
   count, never once per event.
 
@@ -129,6 +131,7 @@ class Admission:
         self._accept_failures = Tally("accept_failed", "failures")
         self._refusals = Tally("too_busy", "refused")
         self.expired = Tally("handoff_expired", "connections")
+        self.drained = False  # `mta node drain`: refuse every new connection
 
     def configure(self, config: Config) -> None:
         """At start and after each reload (workers, limits, hostname or listeners changed)."""

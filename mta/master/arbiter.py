@@ -15,6 +15,8 @@ channels and the signal wake-up pipe. Signal handlers only record the signal.
   (never a halt). Such a slot is crash-looping until a child in it is READY again; the
   control process is told the crash-looping slots (a `Children` message on its
   channel, sent when the set changes), and its /readyz answers 503 meanwhile.
+- Node drain: the control process relays `mta node drain|undrain` (NodeDrain); while
+  drained every new connection gets 421 4.3.2 (dispatch.py), nothing else changes.
   A worker silent for heartbeat_timeout_seconds gets SIGABRT (faulthandler, which the
   bootstrap workers/process.py enables in every kind, prints its stack), then SIGKILL
   after KILL_GRACE_SECONDS.
@@ -82,7 +84,7 @@ class Arbiter:
         self._reload_started = 0.0
         self._respawn_at: dict[tuple[str, int], float] = {}
         self._backoff: dict[tuple[str, int], float] = {}
-        self._control_told: dict[int, list[str]] = {}  # control pid -> crash-looping slots it was told
+        self._control_told: dict[int, tuple[list[str], bool]] = {}  # control pid -> slots, drained it was told
         self._dispatch = Dispatcher(self._children, lambda: self._serving_generation, self._wake)
         self._orphans = self._dispatch.orphans
         self._signals: list[int] = []
@@ -287,6 +289,10 @@ class Arbiter:
                         child.state = ChildState.READY
                         self._urgent = True
                         logs.event("ready", child=child.title, child_pid=child.pid)
+                case messages.NodeDrain(drained=drained) if child.kind == CONTROL:
+                    self._dispatch.admission.drained = drained  # `mta node drain|undrain`
+                    logs.event("node_drain" if drained else "node_undrain")
+                    self._urgent = True  # tell the control process at once
                 case messages.Hello():
                     pass  # of this build: decode refuses another PROTOCOL_VERSION
                 case _:
@@ -458,18 +464,19 @@ class Arbiter:
                       if kind != CONTROL and index <= self._count(kind) and (kind, index) not in ready)
 
     def _tell_control(self) -> None:
-        """The control process's /readyz needs the crash-looping slots: a frame on its
-        channel when they change (or it is new). A full channel: next tick."""
-        failing = self._crash_looping()
+        """The control process's /readyz needs the crash-looping slots and the node drain:
+        frames on its channel when they change (or it is new). A full channel: next tick."""
+        state = (self._crash_looping(), self._dispatch.admission.drained)
         for child in self._children.values():
-            if child.kind != CONTROL or self._control_told.get(child.pid) == failing:
+            if child.kind != CONTROL or self._control_told.get(child.pid) == state:
                 continue
             try:
-                sent = frames.send_frame(child.channel, messages.Children(tuple(failing)))
+                sent = (frames.send_frame(child.channel, messages.Children(tuple(state[0])))
+                        and frames.send_frame(child.channel, messages.NodeDrain(state[1])))
             except OSError:  # it is exiting: _reap will see it
                 sent = False
             if sent:
-                self._control_told[child.pid] = failing
+                self._control_told[child.pid] = state
         for pid in [p for p in self._control_told if p not in self._children]:
             del self._control_told[pid]
 

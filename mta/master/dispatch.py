@@ -48,6 +48,9 @@ class Dispatcher:
 
     def hand(self, address: str, conn: socket.socket) -> None:
         caps = self.admission.caps
+        if self.admission.drained:  # `mta node drain`: open sessions go on, new ones go elsewhere
+            self._refuse(address, conn, "node_drained")
+            return
         if self._total_load() >= caps.total:
             self._refuse(address, conn, "max_sessions")
             return

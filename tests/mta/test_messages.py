@@ -26,6 +26,7 @@ SAMPLES: list[messages.Message] = [
     messages.Refused(4, 13),
     messages.Children(("scheduler#1", "delivery#2")),
     messages.Children(()),
+    messages.NodeDrain(True),
     messages.New(("0005F2C1A2B3C4D5E6F70A1B2C",) * 3),
     messages.Open(1, "example.com", 7, "0005F2C1A2B3C4D5E6F70A1B2C", (0, 2)),
     messages.Job(1, 8, "0005F2C1A2B3C4D5E6F70A1B2D", (1,)),

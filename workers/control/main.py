@@ -6,7 +6,12 @@
   GET /readyz   200 while mta accepts mail; 503 from the start of a drain, which the
                 master announces with SIGUSR1 *before* it closes the listeners, so a
                 load balancer stops sending first; 503 while a required child is
-                crash-looping (the master sends messages.Children when they change)
+                crash-looping (the master sends messages.Children when they change); 503
+                while the node is drained (`mta node drain`)
+  /api/node     GET: {"drained", "ready"}; POST /api/node/drain | /api/node/undrain asks the
+                master (messages.NodeDrain) to refuse new sessions with 421 4.3.2, or to
+                take them again; /readyz follows at once. The master keeps the state (a
+                restarted control process is told it); a restart of `mta serve` clears it.
   /api/...      the admin API (JSON): workers/control/api.py has its routes. Always
                 `Authorization: Bearer <token>`: [control] token, else the one
                 mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type
@@ -57,6 +62,7 @@ class Control(WorkerBody):
         self.config = config
         self.draining = False
         self.crash_looping: list[str] = []  # e.g. ["scheduler#1"], as the master last told
+        self.node_drained = False  # `mta node drain`, as asked or as the master last told
         self.process: WorkerProcess | None = None
 
     async def start(self, process: WorkerProcess) -> int | None:
@@ -106,6 +112,12 @@ class Control(WorkerBody):
     def on_frame(self, message: Message, fds: list[int]) -> None:
         for fd in fds:  # the master sends control no descriptors: never keep one
             os.close(fd)
+        if isinstance(message, messages.NodeDrain):
+            if message.drained != self.node_drained:
+                self.node_drained = message.drained
+                logs.event("readyz", ready=not (self.draining or self.crash_looping or message.drained),
+                           node_drained=message.drained)
+            return
         if not isinstance(message, messages.Children):
             raise messages.unexpected(message, "from the master")
         failing = list(message.crash_looping)
@@ -132,8 +144,8 @@ class Control(WorkerBody):
         if path.startswith(b"/api/"):
             refusal = self.guard.check_request(method, headers)
             if refusal is None:
-                reply = await self.api.answer(method, path.decode("ascii", "replace"),
-                                              query.decode("ascii", "replace"), headers, payload)
+                reply = self._node(method, path) or await self.api.answer(
+                    method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload)
             else:
                 refused = json_reply(refusal.status, {"error": refusal.message})
                 reply = Reply(refused.status, refused.body, headers=refusal.headers)
@@ -203,6 +215,19 @@ class Control(WorkerBody):
         finally:
             writer.close()
 
+    def _node(self, method: bytes, path: bytes) -> Reply | None:
+        """/api/node: the node drain (the master refuses new sessions; it keeps the state)."""
+        if method == b"POST" and path in (b"/api/node/drain", b"/api/node/undrain"):
+            assert self.process is not None
+            self.node_drained = path.endswith(b"/drain")
+            self.process.link.send(messages.NodeDrain(self.node_drained))
+            logs.event("readyz", ready=not (self.draining or self.crash_looping or self.node_drained),
+                       node_drained=self.node_drained)
+        elif not (method == b"GET" and path == b"/api/node"):
+            return None
+        return json_reply(b"200 OK", {"drained": self.node_drained,
+                                      "ready": not (self.draining or self.crash_looping or self.node_drained)})
+
     def _route(self, method: bytes, path: bytes) -> Reply:
         text = b"text/plain; charset=utf-8"
         if method != b"GET":
@@ -215,6 +240,8 @@ class Control(WorkerBody):
             if self.crash_looping:
                 return Reply(b"503 Service Unavailable", f"crash-looping: {' '.join(self.crash_looping)}\n".encode(),
                              text)
+            if self.node_drained:
+                return Reply(b"503 Service Unavailable", b"node drained (mta node drain)\n", text)
             return Reply(b"200 OK", b"ready\n", text)
         return Reply(b"404 Not Found", b"not found\n", text)
 

@@ -14,6 +14,7 @@ from typing import Protocol
 from mta.config import Config
 from mta.smtp.server import ServerOptions
 from mtaqueue import MessageId, NewMessage
+from mtaqueue.cache_lmdb import LmdbCache
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
@@ -59,4 +60,5 @@ class WorkerContext:
     access: Access
     budget: MemoryBudget
     content: Pipeline
+    cache: LmdbCache | None = None  # the shared cache (transferin.py's ids); None in unit tests
     sessions: set[Connection] = field(default_factory=set)

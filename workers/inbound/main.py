@@ -122,6 +122,7 @@ class Worker(WorkerBody):
             access=Access(config, resolver),
             budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
             content=Pipeline(config, STAGES),
+            cache=cache,
         )
         metrics.INBOUND_BUFFERED_LIMIT.set(config.limits.max_worker_buffered_bytes)
         if self.index == 1:

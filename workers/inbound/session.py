@@ -52,7 +52,7 @@ from mta.smtp.replies import Reply
 from mta.smtp.server import Credentials, Message, ServerConnection
 from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
-from workers.inbound import content, listpost, policy
+from workers.inbound import content, listpost, policy, transferin
 from workers.inbound.auth import AUTH_ATTEMPTS
 from workers.inbound.context import WorkerContext
 from workers.inbound.decision import Decision
@@ -379,6 +379,8 @@ class InboundSession:
                    nrcpt=len(received.recipients), size=len(stored.body), priority=envelope.priority or None,
                    content=notes, quarantined=quarantine)
         listpost.log_copies(copies, msgid)
+        if self.ctx.cache is not None:
+            transferin.note(self.ctx.cache, stored.body, msgid)
         for copy in copies:
             if quarantine is None and copy.held_for is None:
                 self.ctx.notifier.new(copy.message.envelope.id)

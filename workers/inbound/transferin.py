@@ -1,0 +1,52 @@
+"""Messages another node moved here with `mta queue transfer`: recognised, and a second
+copy of one logged as a duplicate.
+
+The sending node puts `X-Mta-Transfer: id=<its queue id>; from=<its hostname>` on top of
+the stored content (mta/queuetransfer.py). After our commit we remember each such id in
+the shared cache (namespace `transfer`, REMEMBER_SECONDS, every inbound worker sees it)
+and log `event=transferred_in msgid= origin_id= origin=`; an id seen before is logged
+`event=transfer_duplicate` instead and counted: the sender was killed between our 250
+and its delete, and sent the message again. The copy is kept and delivered (the
+operator decides; at most one per interrupted transfer): nothing is dropped on a header
+any client can write. The cache may evict an entry under pressure: detection is then
+missed, never wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Final
+
+from mtaqueue.cache_lmdb import LmdbCache
+
+from mta import logs, metrics
+
+HEADER: Final = b"X-Mta-Transfer"
+REMEMBER_SECONDS: Final = 7 * 86400.0
+HEAD_BYTES: Final = 65536  # the header is near the top: the next hop's Received only precedes it
+_FIELD: Final = re.compile(rb"^X-Mta-Transfer:[ \t]*id=([0-9A-Z]{1,64});[ \t]*from=([^\r\n;]{1,255})\r?$",
+                           re.IGNORECASE | re.MULTILINE)
+
+
+def origin(body: bytes) -> tuple[str, str] | None:
+    """(origin id, origin host) of the topmost X-Mta-Transfer field of the header, or None."""
+    head = body[:HEAD_BYTES]
+    end = head.find(b"\r\n\r\n")
+    found = _FIELD.search(head if end < 0 else head[:end + 2])
+    return (found.group(1).decode("ascii"), found.group(2).decode("utf-8", "replace").strip()) if found else None
+
+
+def note(cache: LmdbCache, body: bytes, msgid: str) -> None:
+    """After the commit of `msgid`: log a transferred message, or its duplicate."""
+    seen = origin(body)
+    if seen is None:
+        return
+    origin_id, origin_host = seen
+    key = f"{origin_host} {origin_id}"
+    copies = cache.update("transfer", key, lambda old: (old or 0) + 1, REMEMBER_SECONDS, time.time())
+    if copies and copies > 1:
+        metrics.INBOUND_TRANSFER_DUPLICATES.inc()
+        logs.event("transfer_duplicate", msgid=msgid, origin_id=origin_id, origin=origin_host, copies=copies)
+    else:
+        logs.event("transferred_in", msgid=msgid, origin_id=origin_id, origin=origin_host)
