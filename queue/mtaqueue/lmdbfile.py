@@ -96,7 +96,12 @@ class DataFile:
         self.size = os.fstat(self._fd).st_size
 
     def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self._fd, size, offset)
+        """`size` bytes at `offset`; Damage when the file ends before them (a damaged page
+        number or page count points past its end)."""
+        data = os.pread(self._fd, size, offset)
+        if len(data) < size:
+            raise Damage(f"bytes {offset}..{offset + size} lie past the end of the file ({self.size} bytes)")
+        return data
 
     def close(self) -> None:
         os.close(self._fd)
