@@ -164,6 +164,16 @@ INBOUND_BUFFERED = Gauge(
 INBOUND_BUFFERED_LIMIT = Gauge(
     "mta_inbound_buffered_limit_bytes", "[limits] max_worker_buffered_bytes: the memory budget of each inbound "
     "worker.", multiprocess_mode="livemax")
+CLUSTER_REDIS_UP = Gauge(
+    "mta_cluster_redis_up", "1 while [cluster] redis answers, 0 while it does not (then [cluster] on_redis_down "
+    "decides); the lowest over the live processes of that side (inbound).", ["side"], multiprocess_mode="livemin")
+CLUSTER_REDIS_OUTAGES = Counter(
+    "mta_cluster_redis_outages_total", "Times a process found [cluster] redis down (once per outage, logged as "
+    "event=cluster_redis_down).", ["side"])
+CLUSTER_SHARED_DECISIONS = Counter(
+    "mta_cluster_shared_decisions_total", "Decisions of the cluster-wide limits. limit: message_rate, "
+    "recipient_rate, auth_lockout; result: allowed, refused (by Redis, or a full window remembered), local "
+    "(Redis down: the node's own limit decided), tempfail (Redis down: 4xx).", ["limit", "result"])
 PICKUP_FILES = Counter(
     "mta_pickup_files_total", "Maildrop files the pickup took (mta-sendmail's mail). result: committed (queued), "
     "corrupt (refused, set aside in <maildrop>/corrupt/).", ["result"])

@@ -20,6 +20,7 @@ from workers.inbound.budget import MemoryBudget
 from workers.inbound.content import Pipeline
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.ratelimit import RateLimiter
+from workers.inbound.sharedlimits import SharedLimits
 
 
 class Committer(Protocol):
@@ -59,4 +60,5 @@ class WorkerContext:
     access: Access
     budget: MemoryBudget
     content: Pipeline
+    shared: SharedLimits | None = None  # [cluster] redis: the cluster-wide rate windows and AUTH failures
     sessions: set[Connection] = field(default_factory=set)

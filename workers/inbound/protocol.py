@@ -206,11 +206,14 @@ class InboundProtocol(asyncio.Protocol):
         while True:
             event = conn.next_event()
             if isinstance(event, MailFrom):
-                if session.waits_for_dnsbl:
-                    self._decide(self._mail_after_dnsbl(event))
+                if session.waits_for_dnsbl or session.mail_asks_cluster:
+                    self._decide(self._mail_later(event))
                     break
                 conn.reply(session.check_mail(event).reply)
             elif isinstance(event, RcptTo):
+                if session.rcpt_asks_cluster:
+                    self._decide(self._rcpt_later(event))
+                    break
                 decision = session.check_rcpt(event)
                 conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
@@ -267,17 +270,27 @@ class InboundProtocol(asyncio.Protocol):
     async def _answer_when(self, decision: Awaitable[Decision]) -> None:
         self._answer((await decision).reply)
 
-    async def _mail_after_dnsbl(self, command: MailFrom) -> None:
-        assert self._dnsbl is not None
-        await asyncio.wait([self._dnsbl])
-        self._answer(self._session.check_mail(command).reply)
+    async def _mail_later(self, command: MailFrom) -> None:
+        """MAIL after the DNSBL lookup, or counted in the cluster's windows ([cluster] redis)."""
+        session = self._session
+        if session.waits_for_dnsbl:
+            assert self._dnsbl is not None
+            await asyncio.wait([self._dnsbl])
+        if session.mail_asks_cluster:
+            self._answer((await session.check_mail_shared(command)).reply)
+        else:
+            self._answer(session.check_mail(command).reply)
 
-    def _answer(self, reply: Reply) -> None:
+    async def _rcpt_later(self, command: RcptTo) -> None:
+        decision = await self._session.check_rcpt_shared(command)
+        self._answer(decision.reply, decision.rcpt)
+
+    def _answer(self, reply: Reply, rcpt: RcptTo | None = None) -> None:
         """Deliver an asynchronous decision and go on with the input."""
         self._task = None
         if self._lingering or self._transport is None or self._transport.is_closing():
             return  # gone, or shut down (421 sent) while we were deciding
-        self._conn.reply(reply)
+        self._conn.reply(reply, rcpt)
         self._pump()
 
     # --- TLS, output, timers -------------------------------------------------------------

@@ -57,6 +57,7 @@ TOO_MANY_CONNECTIONS: Final = Decision(replies.CONNECTION_LIMIT, "max_connection
 CONNECTIONS_TOO_FAST: Final = Decision(CONNECTION_RATE, "connection_rate")
 
 Window = list[float]  # [window_start, count], as stored
+Limit = tuple[str, int, str]  # (key, limit, who for the reply)
 
 
 def too_much_mail(who: str) -> Reply:
@@ -135,11 +136,7 @@ class RateLimiter:
 
     def _count(self, kind: str, ip: str, user: str | None, trusted: bool, ip_limit: int, user_limit: int,
                refusal: Callable[[str], Reply]) -> Reply | None:
-        limits: list[tuple[str, int, str]] = []  # (key, limit, who for the reply)
-        if ip_limit and not self._exempt(trusted):
-            limits.append((f"{kind}/ip/{ip}", ip_limit, ip))
-        if user_limit and user is not None:
-            limits.append((f"{kind}/user/{user}", user_limit, user))
+        limits = windows(kind, ip, user, self._exempt(trusted), ip_limit, user_limit)
         if not limits:
             return None  # the fast path: no LMDB transaction
         refused = self._charge(limits, self._clock())
@@ -148,7 +145,7 @@ class RateLimiter:
     def _exempt(self, trusted: bool) -> bool:
         return trusted and self._rate.exempt_mynetworks
 
-    def _charge(self, limits: list[tuple[str, int, str]], now: float) -> str | None:
+    def _charge(self, limits: list[Limit], now: float) -> str | None:
         """Count one in the window of each (key, limit, who); None when all allow, else who was refused.
 
         A refusal gives back the counts already taken, so a refused attempt costs nothing.
@@ -232,6 +229,17 @@ class RateLimiter:
         now = self._clock()
         value = self._cache.get(CACHE_NAMESPACE, f"auth/{ip}", now)
         return int(_auth_window(value, now, self._auth.lockout_seconds)[1])
+
+
+def windows(kind: str, ip: str, user: str | None, exempt: bool, ip_limit: int, user_limit: int) -> list[Limit]:
+    """The windows one MAIL ("msg") or RCPT ("rcpt") counts in: its address's unless `exempt`,
+    its user's when authenticated; a limit of 0 is no window."""
+    limits: list[Limit] = []
+    if ip_limit and not exempt:
+        limits.append((f"{kind}/ip/{ip}", ip_limit, ip))
+    if user_limit and user is not None:
+        limits.append((f"{kind}/user/{user}", user_limit, user))
+    return limits
 
 
 def _without_dead_pids(counts: Any) -> dict[str, int] | None:
