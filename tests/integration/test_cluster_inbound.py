@@ -64,6 +64,23 @@ def queued(replies: list[Reply]) -> set[str]:
     return {msgid for msgid in map(queued_id, replies) if msgid is not None}
 
 
+async def greeting(port: int, source: str, tls: Any = None) -> str:
+    client = await SmtpClient.connect(port, helo=None, source=source, tls=tls)
+    text = str(client.greeting)
+    await drop(client)
+    return text
+
+
+def test_a_per_ip_connection_rate_holds_across_nodes(mta_server, tmp_path: Path, pki: Pki,
+                                                     redis_server: RedisServer) -> None:
+    (one, _), (two, _) = two_nodes(mta_server, tmp_path, pki, redis_server,
+                                   rate={"window_seconds": 120, "connections_per_window": 3})
+    greetings = [asyncio.run(greeting(node.port, SENDER)) for node in (one, two, one, two, one)]
+    assert [g[:9] for g in greetings] == ["220 mx.te"] * 3 + ["421 4.7.0"] * 2, greetings
+    assert asyncio.run(greeting(two.port, DURING)).startswith("220")  # per address
+    assert sample(metrics(one), "mta_cluster_shared_decisions_total", limit="connection_rate", result="refused") == 1
+
+
 def test_auth_failures_spread_over_two_nodes_lock_the_address_out_on_both(
         mta_server, tmp_path: Path, pki: Pki, redis_server: RedisServer) -> None:
     (one, one_ports), (two, two_ports) = two_nodes(mta_server, tmp_path, pki, redis_server)
@@ -80,14 +97,28 @@ def test_auth_failures_spread_over_two_nodes_lock_the_address_out_on_both(
         await drop(client)
         return reply
 
-    # 2 + 1 failures: each node alone has fewer than max_failures = 4; the cluster has 3.
-    assert all(r.startswith("535 5.7.8") for r in asyncio.run(guesses(one_ports["smtps"], 2)))
-    assert all(r.startswith("535 5.7.8") for r in asyncio.run(guesses(two_ports["smtps"], 1)))
-    assert asyncio.run(guesses(one_ports["smtps"], 1))[0].startswith("421 4.7.0")  # the fourth: locked out
-    # Even the right password is refused now, on both nodes; another address logs in.
-    assert asyncio.run(login(two_ports["smtps"], ATTACKER)).startswith("421 4.7.0")
-    assert asyncio.run(login(one_ports["smtps"], ATTACKER)).startswith("421 4.7.0")
-    assert asyncio.run(login(two_ports["smtps"], SENDER)).startswith("235")
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        # A session opened before the lockout: its AUTH afterwards asks the cluster.
+        waiting = await SmtpClient.connect(two_ports["smtps"], tls=pki.client_context(), source=ATTACKER)
+        # 2 + 1 failures: each node alone has fewer than max_failures = 4; the cluster has 3.
+        out["guesses"] = await guesses(one_ports["smtps"], 2) + await guesses(two_ports["smtps"], 1)
+        out["fourth"] = (await guesses(one_ports["smtps"], 1))[0]
+        out["waiting"] = str(await waiting.auth_plain("alice", "correct horse"))  # even the right password
+        await drop(waiting)
+        tls = pki.client_context()
+        out["greetings"] = [await greeting(ports["smtps"], ATTACKER, tls) for ports in (one_ports, two_ports)]
+        out["greetings"] += [await greeting(ports["submission"], ATTACKER) for ports in (one_ports, two_ports)]
+        out["port25"] = await greeting(two.port, ATTACKER)  # mail still flows
+        out["other"] = await login(two_ports["smtps"], SENDER)
+        return out
+
+    out = asyncio.run(scenario())
+    assert all(r.startswith("535 5.7.8") for r in out["guesses"]), out
+    assert out["fourth"].startswith("421 4.7.0"), out  # locked out
+    assert out["waiting"].startswith("421 4.7.0"), out
+    assert all(g.startswith("421 4.7.0") for g in out["greetings"]), out
+    assert out["port25"].startswith("220") and out["other"].startswith("235"), out
     assert sample(metrics(two), "mta_cluster_shared_decisions_total", limit="auth_lockout", result="refused") >= 1
     assert sample(metrics(one), "mta_cluster_redis_up", side="inbound") == 1
 

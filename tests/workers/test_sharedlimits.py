@@ -98,6 +98,20 @@ def test_two_nodes_share_each_window_and_a_refusal_costs_nothing(redis_server: R
     assert decided("message_rate", "refused") == refused + 3
 
 
+def test_two_nodes_share_the_connection_window(redis_server: RedisServer, caches: list[LmdbCache]) -> None:
+    config = make_config(redis_server.url, connections_per_window=2)
+
+    async def scenario() -> list[str | None]:
+        a, b = nodes(config, caches)
+        out = [reply_of(await node.connection(IP, False)) for node in (a, b, b)]
+        out.append(reply_of(await a.connection(IP, True)))  # mynetworks: exempt
+        for node in (a, b):
+            await node.close()
+        return out
+
+    assert asyncio.run(scenario()) == [None, None, "421 4.7.0", None]
+
+
 def test_round_trips_one_per_counted_command_none_when_exempt_or_known_full(
         redis_server: RedisServer, caches: list[LmdbCache]) -> None:
     config = make_config(redis_server.url, messages_per_window=2)
@@ -196,22 +210,25 @@ def test_redis_down_local_falls_back_on_each_nodes_own_limits_then_shared_again(
 
 def test_redis_down_tempfail_answers_4xx_for_what_needs_redis(redis_server: RedisServer,
                                                              caches: list[LmdbCache]) -> None:
-    config = make_config(redis_server.url, "tempfail", messages_per_window=2, recipients_per_window=5)
+    config = make_config(redis_server.url, "tempfail", messages_per_window=2, recipients_per_window=5,
+                         connections_per_window=5)
 
     async def scenario() -> list[Any]:
         a, _b = nodes(config, caches)
         redis_server.stop()
         started = time.monotonic()
         out = [await a.message(IP, None, False), await a.recipient(IP, None, False), await a.auth_admit(IP),
-               await a.message(IP, None, True)]  # exempt: needs no shared decision
+               await a.message(IP, None, True),  # exempt: needs no shared decision
+               await a.connection(IP, False)]
         out.append(time.monotonic() - started)
         await a.close()
         return out
 
-    mail, rcpt, auth, exempt, took = asyncio.run(scenario())
+    mail, rcpt, auth, exempt, connect, took = asyncio.run(scenario())
     assert mail.reply == CLUSTER_TEMPFAIL and mail.reason == "cluster_unavailable"
     assert rcpt.reply == CLUSTER_TEMPFAIL
     assert auth.reply == AUTH_TEMPFAIL and str(AUTH_TEMPFAIL).startswith("454 4.7.0")
     assert str(CLUSTER_TEMPFAIL).startswith("451 4.3.0")
     assert exempt is None
+    assert str(connect.reply).startswith("421 4.3.0") and connect.reason == "cluster_unavailable"
     assert took < 1.0, took  # a stopped server refuses at once: no timeout per command

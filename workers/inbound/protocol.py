@@ -87,8 +87,24 @@ class InboundProtocol(asyncio.Protocol):
         self._proxy_buffer = b""
         self._timer = asyncio.get_running_loop().call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
 
-    def _start_session(self, client: Client) -> None:
-        decision = self._session.check_connect(client)
+    def _start_session(self, client: Client, early: bytes = b"") -> None:
+        """`early`: bytes the client sent after a PROXY header, before our greeting."""
+        if self._session.connect_asks_cluster(client):
+            if self._transport is not None:
+                self._transport.pause_reading()  # nothing is read before the verdict
+            self._decide(self._start_session_later(client, early))
+            return
+        self._begin(self._session.check_connect(client), early)
+
+    async def _start_session_later(self, client: Client, early: bytes) -> None:
+        decision = await self._session.check_connect_shared(client)
+        self._task = None
+        if self._gone or self._transport is None or self._transport.is_closing():
+            return
+        self._transport.resume_reading()
+        self._begin(decision, early)
+
+    def _begin(self, decision: Decision, early: bytes) -> None:
         if decision.accepted:
             self._conn.greet()
             lookup = self._session.dnsbl_lookup()
@@ -101,6 +117,9 @@ class InboundProtocol(asyncio.Protocol):
         self._flush()
         if self._conn.state is State.CLOSED:
             self._linger_close()
+        elif early:
+            self._session.receive_data(early)
+            self._pump()
 
     def _dnsbl_done(self, task: asyncio.Task[None]) -> None:
         """A lookup that raised lets the client through, like a timeout; it is logged."""
@@ -124,10 +143,7 @@ class InboundProtocol(asyncio.Protocol):
             self._timer.cancel()
         # LOCAL / UNKNOWN (e.g. a health check): the proxy itself, never a relay client.
         source = header.source
-        self._start_session(Client(self._peer.ip, self._peer.port) if source is None else Client.at(*source))
-        if rest and self._conn.state is not State.CLOSED:
-            self._session.receive_data(rest)
-            self._pump()
+        self._start_session(Client(self._peer.ip, self._peer.port) if source is None else Client.at(*source), rest)
 
     def _on_proxy_timeout(self) -> None:
         logs.event("proxy_refused", client=self._peer.ip, reason="no PROXY header in time")

@@ -84,10 +84,10 @@ class RateLimiter:
 
     # --- connections ------------------------------------------------------------------
 
-    def open_connection(self, ip: str, trusted: bool) -> Decision | None:
-        """Take a concurrency slot and count the connection; None when allowed, else the
-        refusal (421, max_connections_per_ip or connection_rate)."""
-        now = self._clock()
+    def open_connection(self, ip: str, trusted: bool, rate: bool = True) -> Decision | None:
+        """Take a concurrency slot and count the connection (unless not `rate`: the cluster
+        counts it, sharedlimits.py); None when allowed, else the refusal (421,
+        max_connections_per_ip or connection_rate)."""
         refused = False
 
         def take(counts: dict[str, int] | None) -> dict[str, int] | None:
@@ -104,10 +104,17 @@ class RateLimiter:
         self._cache.tally(f"conn/{ip}", take)
         if refused:
             return TOO_MANY_CONNECTIONS
+        if rate and self.connection_rate(ip, trusted) is not None:
+            self.close_connection(ip)
+            return CONNECTIONS_TOO_FAST
+        return None
+
+    def connection_rate(self, ip: str, trusted: bool) -> Reply | None:
+        """Count one connection in the window of `ip`; None when allowed, else 421."""
         if self._rate.connections_per_window and not self._exempt(trusted):
-            if self._charge([(f"conn-window/{ip}", self._rate.connections_per_window, ip)], now) is not None:
-                self.close_connection(ip)
-                return CONNECTIONS_TOO_FAST
+            limit = [(f"conn-window/{ip}", self._rate.connections_per_window, ip)]
+            if self._charge(limit, self._clock()) is not None:
+                return CONNECTION_RATE
         return None
 
     def close_connection(self, ip: str) -> None:

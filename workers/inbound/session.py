@@ -7,6 +7,8 @@ Nothing here touches a socket, a timer or a TLS object: the adapter tells the se
 what it learned (the client at `check_connect`, the cipher at `tls_started`).
 
   check_connect(client) -> Decision      [policy] client lists, the AUTH lockout, per-IP limits
+  check_connect_shared(client)           AWAITABLE: the same with the cluster's lockout and connection
+                                         window, when `connect_asks_cluster`
   dnsbl_lookup() -> AWAITABLE | None     run in the background from connect; MAIL waits for it
                                          while `waits_for_dnsbl`
   check_mail(MailFrom) -> Decision       sender lists, sender/login match, memory budget, DNSBL,
@@ -110,27 +112,64 @@ class InboundSession:
     def check_connect(self, client: Client) -> Decision:
         """Greet (the accepted decision's reply) or refuse `client`; an accepted client holds
         a per-IP slot until `release`."""
+        self._connected(client)
+        refusal = self._connect_refusal()
+        if refusal is None:
+            refusal = self.ctx.limiter.open_connection(client.ip, self.trusted)
+            self._counted = refusal is None
+        return self._connect_verdict(refusal)
+
+    def connect_asks_cluster(self, client: Client) -> bool:
+        """The cluster's lockout (submission, smtps) or connection window applies: the connect
+        is decided by `check_connect_shared`."""
+        shared = self.ctx.shared
+        return shared is not None and (self._checks_lockout or
+                                       shared.applies_to_connect(client.within(self.ctx.config.relay.mynetworks)))
+
+    async def check_connect_shared(self, client: Client) -> Decision:
+        """AWAITABLE: check_connect with the cluster's lockout and connection window (sharedlimits.py)."""
+        shared = self.ctx.shared
+        assert shared is not None
+        self._connected(client)
+        refusal = self._connect_refusal()
+        if refusal is None and self._checks_lockout and await shared.locked_out(client.ip):
+            refusal = Decision(LOCKED_OUT, "auth_lockout")
+        if refusal is None:
+            refusal = self.ctx.limiter.open_connection(client.ip, self.trusted, rate=False)
+        if refusal is None:
+            self._counted = True  # from here a client that leaves gives its slot back (release)
+            refusal = await shared.connection(client.ip, self.trusted)
+            if refusal is not None:
+                self.release()
+        return self._connect_verdict(refusal)
+
+    @property
+    def _checks_lockout(self) -> bool:
+        return self.listener.mode in ("submission", "smtps")
+
+    def _connected(self, client: Client) -> None:
         self.client = client
         # Decided once per session, like Postfix's smtpd: a reload during it changes the next one.
         self.trusted = client.within(self.ctx.config.relay.mynetworks)
         logs.event("connect", client=client.ip, listener=self.listener.address, tls=self.tls_info or None)
         _listener_counters(self.listener.address)[0].inc()
-        refusal = self._connect_refusal()
+
+    def _connect_verdict(self, refusal: Decision | None) -> Decision:
         if refusal is None:
-            self._counted = True
             return Decision(replies.greeting(self.ctx.config.server.hostname))
-        logs.event("refused", client=client.ip, reason=refusal.reason, reply=str(refusal.reply))
+        logs.event("refused", client=self.client.ip, reason=refusal.reason, reply=str(refusal.reply))
         metrics.INBOUND_REJECTED.labels(refusal.reason, f"{refusal.reply.code // 100}xx").inc()
         return refusal
 
     def _connect_refusal(self) -> Decision | None:
+        """The refusals before the per-IP slot: client_deny, the node's lockout."""
         ctx, ip = self.ctx, self.client.ip
         denied = ctx.access.client(ip)
         if denied is not None:
             return Decision(denied, "client_denied")
-        if self.listener.mode in ("submission", "smtps") and ctx.limiter.locked_out(ip):
+        if self._checks_lockout and ctx.limiter.locked_out(ip):
             return Decision(LOCKED_OUT, "auth_lockout")
-        return ctx.limiter.open_connection(ip, self.trusted)
+        return None
 
     def release(self) -> None:
         """The session is over: give its per-IP slot back (once; a reconnect must not count twice)."""

@@ -1,27 +1,28 @@
 """Cluster-wide inbound limits in Redis ([cluster] redis): the rate windows and AUTH failures.
 
-With [cluster] redis set, the per-IP and per-user message and recipient windows
-([rate]) and the AUTH failure count of an address ([auth] max_failures within
-lockout_seconds) are kept in Redis, so they hold for every node sharing it. Keys:
-  mta:rate:<msg|rcpt>/<ip|user>/<who>   INCR'd count; PEXPIRE window_seconds from its first count
-  mta:auth:<ip>                         failures; PEXPIRE lockout_seconds from the first failure
+With [cluster] redis set, the per-IP connection window, the per-IP and per-user message
+and recipient windows ([rate]) and the AUTH failure count of an address ([auth]
+max_failures within lockout_seconds) are kept in Redis, so they hold for every node
+sharing it. Keys:
+  mta:rate:<conn|msg|rcpt>/<ip|user>/<who>   INCR'd count; PEXPIRE window_seconds from its first count
+  mta:auth:<ip>                              failures; PEXPIRE lockout_seconds from the first failure
 The windows are fixed, as the local ones (ratelimit.py): a window starts at its first
 count and ends window_seconds later (the key's expiry). One Lua script checks every
-window of a MAIL or RCPT and counts them all or none, atomically: a refused attempt
-costs nothing. Round trips: one per MAIL and per RCPT that a shared limit applies to
-(none when no limit applies: limit 0, or a mynetworks client exempt), none while a
+window of a command and counts them all or none, atomically: a refused attempt costs
+nothing. Round trips: one per connection, MAIL and RCPT that a shared window applies to
+(none when no window applies: limit 0, or a mynetworks client exempt), none while a
 refusal is remembered (a full window stays full until its key expires: the refusal is
-cached here until then); AUTH: one read before the check, one count per failure.
-The concurrency limit, the connection rate and the AUTH checks in progress stay the
-node's own (ratelimit.py); AUTH failures are counted in both, the node's count is its
-fallback.
+cached here until then); the lockout: one read at connect on submission and smtps
+listeners and before each AUTH check, one count per failure. The concurrency limit
+([limits] max_connections_per_ip) and the AUTH checks in progress stay the node's own
+(ratelimit.py); AUTH failures are counted in both, the node's count is its fallback.
 
 Redis down (a command fails or times out, REDIS_TIMEOUT_SECONDS): logged once per
 outage per worker, mta_cluster_redis_up 0, and no command is sent until the prober
 (`watch`, once a PROBE_SECONDS) gets an answer again; meanwhile [cluster] on_redis_down
 "local" decides with the node's own limits (ratelimit.py, the LMDB cache), "tempfail"
-answers 451 4.3.0 (MAIL, RCPT) and 454 4.7.0 (AUTH). Every decision is counted in
-mta_cluster_shared_decisions_total{limit,result}.
+answers 421 4.3.0 (connect), 451 4.3.0 (MAIL, RCPT) and 454 4.7.0 (AUTH). Every decision
+is counted in mta_cluster_shared_decisions_total{limit,result}.
 
 Invariant: Redis is only ever awaited (redis-py's asyncio client): the event loop never blocks.
 """
@@ -43,6 +44,7 @@ from mta.config import Config
 from mta.smtp.replies import Reply
 from workers.inbound.decision import Decision
 from workers.inbound.ratelimit import (
+    CONNECTION_RATE,
     LOCKED_OUT,
     Limit,
     RateLimiter,
@@ -55,6 +57,7 @@ REDIS_TIMEOUT_SECONDS: Final = 0.5
 PROBE_SECONDS: Final = 1.0
 MAX_REMEMBERED: Final = 10_000  # cached refusals; past that the cache starts over
 
+CONNECT_TEMPFAIL = Reply(421, "4.3.0", "Error: the cluster's shared limits are unavailable, try again later")
 CLUSTER_TEMPFAIL = Reply(451, "4.3.0", "Error: the cluster's shared limits are unavailable, try again later")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure: the cluster's shared limits are "
                                     "unavailable, try again later")
@@ -104,11 +107,20 @@ class SharedLimits:
         """Would a window apply (so the decision needs Redis)? False: the synchronous path."""
         return bool(windows("", "", user, self._exempt(trusted), ip_limit, user_limit))
 
+    def applies_to_connect(self, trusted: bool) -> bool:
+        return self.applies(self._rate.connections_per_window, 0, None, trusted)
+
     def applies_to_mail(self, user: str | None, trusted: bool) -> bool:
         return self.applies(self._rate.messages_per_window, self._rate.user_messages_per_window, user, trusted)
 
     def applies_to_rcpt(self, user: str | None, trusted: bool) -> bool:
         return self.applies(self._rate.recipients_per_window, self._rate.user_recipients_per_window, user, trusted)
+
+    async def connection(self, ip: str, trusted: bool) -> Decision | None:
+        """AWAITABLE: count one connection in the cluster's window of `ip`; None when allowed."""
+        limits = windows("conn", ip, None, self._exempt(trusted), self._rate.connections_per_window, 0)
+        return await self._count("connection_rate", limits, lambda _who: CONNECTION_RATE,
+                                 lambda: self._local.connection_rate(ip, trusted), CONNECT_TEMPFAIL)
 
     async def message(self, ip: str, user: str | None, trusted: bool) -> Decision | None:
         """AWAITABLE: count one MAIL in the cluster's windows; None when allowed, else the refusal."""
@@ -128,12 +140,12 @@ class SharedLimits:
         return trusted and self._rate.exempt_mynetworks
 
     async def _count(self, limit: str, limits: list[Limit], refusal: Callable[[str], Reply],
-                     local: Callable[[], Reply | None]) -> Decision | None:
+                     local: Callable[[], Reply | None], tempfail: Reply = CLUSTER_TEMPFAIL) -> Decision | None:
         if not limits:
             return None
         keys = [f"mta:rate:{key}" for key, _limit, _who in limits]
         now = time.monotonic()
-        for key, (_key, _limit, who) in zip(keys, limits):
+        for key, (_key, _limit, who) in zip(keys, limits, strict=True):
             if self._full.get(key, 0.0) > now:
                 return self._decided(limit, "refused", refusal(who))
         window_ms = int(self._rate.window_seconds * 1000)
@@ -141,7 +153,7 @@ class SharedLimits:
             full, ttl_ms = await self._ask(lambda: self._charge_script(keys, [window_ms, *(n for _k, n, _w in limits)]))
         except Down:
             if self._tempfail:
-                return self._decided(limit, "tempfail", CLUSTER_TEMPFAIL, "cluster_unavailable")
+                return self._decided(limit, "tempfail", tempfail, "cluster_unavailable")
             return self._decided(limit, "local", local())
         if not full:
             return self._decided(limit, "allowed", None)
@@ -172,6 +184,12 @@ class SharedLimits:
             return self._decided("auth_lockout", "allowed", None)
         self._full[key] = time.monotonic() + max(ttl_ms, 0) / 1000
         return self._decided("auth_lockout", "refused", LOCKED_OUT, "locked_out")
+
+    async def locked_out(self, ip: str) -> bool:
+        """AWAITABLE, at connect: has the cluster locked `ip` out? (False while Redis is down:
+        its AUTH answers then.)"""
+        refusal = await self.auth_admit(ip)
+        return refusal is not None and refusal.reply is LOCKED_OUT
 
     async def _read_failures(self, key: str) -> tuple[int, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
