@@ -26,6 +26,7 @@ from mta.sections import (  # re-exported: callers import the types from mta.con
     AuthConfig as AuthConfig,
     BARE_NEWLINE_MODES as BARE_NEWLINE_MODES,
     CacheConfig as CacheConfig,
+    ClusterConfig as ClusterConfig,
     Config as Config,
     ConfigError as ConfigError,
     ContentConfig as ContentConfig,
@@ -119,7 +120,7 @@ def reload(config: Config) -> Config:
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
-             "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate",
+             "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate", "cluster",
              "milter", "dkim", "content", "antivirus", "footer", "list"}
     for key in raw:
         if key not in known:
@@ -160,6 +161,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         auth=_section(AuthConfig, raw.get("auth", {}), "[auth]", source),
         policy=_section(PolicyConfig, raw.get("policy", {}), "[policy]", source),
         rate=_section(RateConfig, raw.get("rate", {}), "[rate]", source),
+        cluster=_section(ClusterConfig, raw.get("cluster", {}), "[cluster]", source),
         milter=_array(MilterConfig, raw, "milter", source),
         dkim=_array(DkimConfig, raw, "dkim", source),
         content=_section(ContentConfig, raw.get("content", {}), "[content]", source),
@@ -413,6 +415,11 @@ def _check_security(config: Config, fail: Any) -> None:
                  "user_messages_per_window", "user_recipients_per_window"):
         if getattr(rate, name) < 0:
             fail(f"[rate] {name}", "must be >= 0 (0 = no limit)")
+    cluster = config.cluster
+    if cluster.redis and not cluster.redis.startswith(("redis://", "rediss://", "unix://")):
+        fail("[cluster] redis", f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db"')
+    if cluster.on_redis_down not in ("local", "tempfail"):
+        fail("[cluster] on_redis_down", 'must be "local" or "tempfail"')
     if config.limits.max_junk_commands < 1:
         fail("[limits] max_junk_commands", "must be >= 1")
     for name in ("sender_deny", "recipient_deny"):

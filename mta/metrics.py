@@ -99,6 +99,7 @@ INBOUND_REJECTED = Counter(
     "auth_lockout, max_connections_per_ip, connection_rate, max_sessions, max_sessions_per_worker, fd_limit, "
     "node_drained (connections; the last four answered by the master); sender_denied, "
     "sender_login_mismatch, dnsbl, message_rate (MAIL); recipient_denied, recipient_rate (RCPT); "
+    "cluster_unavailable ([cluster] redis down, on_redis_down = tempfail: connect, MAIL or RCPT); "
     "memory_budget (MAIL 452, or a transfer 451: the worker's max_worker_buffered_bytes); idle_timeout, "
     "data_total_timeout, session_timeout (421 4.4.2: sessions closed by a timeout).",
     ["reason", "code"])
@@ -169,6 +170,16 @@ INBOUND_BUFFERED = Gauge(
 INBOUND_BUFFERED_LIMIT = Gauge(
     "mta_inbound_buffered_limit_bytes", "[limits] max_worker_buffered_bytes: the memory budget of each inbound "
     "worker.", multiprocess_mode="livemax")
+CLUSTER_REDIS_UP = Gauge(
+    "mta_cluster_redis_up", "1 while [cluster] redis answers, 0 while it does not (then [cluster] on_redis_down "
+    "decides); the lowest over the live processes of that side (inbound).", ["side"], multiprocess_mode="livemin")
+CLUSTER_REDIS_OUTAGES = Counter(
+    "mta_cluster_redis_outages_total", "Times a process found [cluster] redis down (once per outage, logged as "
+    "event=cluster_redis_down).", ["side"])
+CLUSTER_SHARED_DECISIONS = Counter(
+    "mta_cluster_shared_decisions_total", "Decisions of the cluster-wide limits. limit: connection_rate, "
+    "message_rate, recipient_rate, auth_lockout; result: allowed, refused (by Redis, or a full window remembered), local "
+    "(Redis down: the node's own limit decided), tempfail (Redis down: 4xx).", ["limit", "result"])
 PICKUP_FILES = Counter(
     "mta_pickup_files_total", "Maildrop files the pickup took (mta-sendmail's mail). result: committed (queued), "
     "corrupt (refused, set aside in <maildrop>/corrupt/).", ["result"])

@@ -219,6 +219,15 @@ class RateConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes as one: limits shared through Redis (docs/operations.md)."""
+
+    redis: str = ""  # "redis://host:port/db" or "rediss://..."; empty: no cluster, every limit is the node's own
+    node: str = ""  # this node's name; empty: the host name
+    on_redis_down: str = "local"  # "local": the node's own limits; "tempfail": 4xx where a shared decision is needed
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "keyvalue"  # or "json": one JSON object per line
 
@@ -316,6 +325,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rate: RateConfig = field(default_factory=RateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     milter: tuple[MilterConfig, ...] = ()
     dkim: tuple[DkimConfig, ...] = ()
     content: ContentConfig = field(default_factory=ContentConfig)

@@ -21,6 +21,7 @@ from workers.inbound.budget import MemoryBudget
 from workers.inbound.content import Pipeline
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.ratelimit import RateLimiter
+from workers.inbound.sharedlimits import SharedLimits
 
 
 class Committer(Protocol):
@@ -61,4 +62,5 @@ class WorkerContext:
     budget: MemoryBudget
     content: Pipeline
     cache: LmdbCache | None = None  # the shared cache (transferin.py's ids); None in unit tests
+    shared: SharedLimits | None = None  # [cluster] redis: the cluster-wide rate windows and AUTH failures
     sessions: set[Connection] = field(default_factory=set)

@@ -50,6 +50,7 @@ from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
 from workers.inbound.pickup import Pickup
 from workers.inbound.policy import LocalRecipients
+from workers.inbound.sharedlimits import SharedLimits
 from workers.inbound.protocol import InboundProtocol
 from workers.inbound.stages import STAGES
 from workers.link import MasterLink
@@ -103,6 +104,7 @@ class Worker(WorkerBody):
         self.link: MasterLink | None = None
         self.ctx: WorkerContext | None = None
         self.adopting = 0  # sockets taken whose session has not started (e.g. in a TLS handshake)
+        self._watch: asyncio.Task[None] | None = None  # [cluster] redis: its prober (sharedlimits.py)
 
     async def start(self, process: WorkerProcess) -> None:
         loop = asyncio.get_running_loop()
@@ -118,12 +120,15 @@ class Worker(WorkerBody):
             LocalRecipients(config), SchedulerNotifier(config.queue.scheduler_socket),
             ssl_context=server_context(config.tls),
             authenticator=Authenticator(config.auth, cache, config.cache.path),
-            limiter=RateLimiter(config, cache),
+            limiter=(limiter := RateLimiter(config, cache)),
             access=Access(config, resolver),
             budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
             content=Pipeline(config, STAGES),
             cache=cache,
+            shared=SharedLimits(config, limiter) if config.cluster.redis else None,
         )
+        if self.ctx.shared is not None:
+            self._watch = loop.create_task(self.ctx.shared.watch())
         metrics.INBOUND_BUFFERED_LIMIT.set(config.limits.max_worker_buffered_bytes)
         if self.index == 1:
             self.pickup = Pickup(self.ctx, backend, on_crash=lambda: process.stop(shutdown=True))
@@ -153,6 +158,10 @@ class Worker(WorkerBody):
         self.ctx.committer.close()
         self.ctx.notifier.close()
         self.ctx.authenticator.close()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.ctx.shared is not None:
+            await self.ctx.shared.close()
         self._backend.close()
         self._cache.close()
         return {"sessions": len(self.ctx.sessions)}

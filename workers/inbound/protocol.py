@@ -87,8 +87,24 @@ class InboundProtocol(asyncio.Protocol):
         self._proxy_buffer = b""
         self._timer = asyncio.get_running_loop().call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
 
-    def _start_session(self, client: Client) -> None:
-        decision = self._session.check_connect(client)
+    def _start_session(self, client: Client, early: bytes = b"") -> None:
+        """`early`: bytes the client sent after a PROXY header, before our greeting."""
+        if self._session.connect_asks_cluster(client):
+            if self._transport is not None:
+                self._transport.pause_reading()  # nothing is read before the verdict
+            self._decide(self._start_session_later(client, early))
+            return
+        self._begin(self._session.check_connect(client), early)
+
+    async def _start_session_later(self, client: Client, early: bytes) -> None:
+        decision = await self._session.check_connect_shared(client)
+        self._task = None
+        if self._gone or self._transport is None or self._transport.is_closing():
+            return
+        self._transport.resume_reading()
+        self._begin(decision, early)
+
+    def _begin(self, decision: Decision, early: bytes) -> None:
         if decision.accepted:
             self._conn.greet()
             lookup = self._session.dnsbl_lookup()
@@ -101,6 +117,9 @@ class InboundProtocol(asyncio.Protocol):
         self._flush()
         if self._conn.state is State.CLOSED:
             self._linger_close()
+        elif early:
+            self._session.receive_data(early)
+            self._pump()
 
     def _dnsbl_done(self, task: asyncio.Task[None]) -> None:
         """A lookup that raised lets the client through, like a timeout; it is logged."""
@@ -124,10 +143,7 @@ class InboundProtocol(asyncio.Protocol):
             self._timer.cancel()
         # LOCAL / UNKNOWN (e.g. a health check): the proxy itself, never a relay client.
         source = header.source
-        self._start_session(Client(self._peer.ip, self._peer.port) if source is None else Client.at(*source))
-        if rest and self._conn.state is not State.CLOSED:
-            self._session.receive_data(rest)
-            self._pump()
+        self._start_session(Client(self._peer.ip, self._peer.port) if source is None else Client.at(*source), rest)
 
     def _on_proxy_timeout(self) -> None:
         logs.event("proxy_refused", client=self._peer.ip, reason="no PROXY header in time")
@@ -206,11 +222,14 @@ class InboundProtocol(asyncio.Protocol):
         while True:
             event = conn.next_event()
             if isinstance(event, MailFrom):
-                if session.waits_for_dnsbl:
-                    self._decide(self._mail_after_dnsbl(event))
+                if session.waits_for_dnsbl or session.mail_asks_cluster:
+                    self._decide(self._mail_later(event))
                     break
                 conn.reply(session.check_mail(event).reply)
             elif isinstance(event, RcptTo):
+                if session.rcpt_asks_cluster:
+                    self._decide(self._rcpt_later(event))
+                    break
                 decision = session.check_rcpt(event)
                 conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
@@ -267,17 +286,27 @@ class InboundProtocol(asyncio.Protocol):
     async def _answer_when(self, decision: Awaitable[Decision]) -> None:
         self._answer((await decision).reply)
 
-    async def _mail_after_dnsbl(self, command: MailFrom) -> None:
-        assert self._dnsbl is not None
-        await asyncio.wait([self._dnsbl])
-        self._answer(self._session.check_mail(command).reply)
+    async def _mail_later(self, command: MailFrom) -> None:
+        """MAIL after the DNSBL lookup, or counted in the cluster's windows ([cluster] redis)."""
+        session = self._session
+        if session.waits_for_dnsbl:
+            assert self._dnsbl is not None
+            await asyncio.wait([self._dnsbl])
+        if session.mail_asks_cluster:
+            self._answer((await session.check_mail_shared(command)).reply)
+        else:
+            self._answer(session.check_mail(command).reply)
 
-    def _answer(self, reply: Reply) -> None:
+    async def _rcpt_later(self, command: RcptTo) -> None:
+        decision = await self._session.check_rcpt_shared(command)
+        self._answer(decision.reply, decision.rcpt)
+
+    def _answer(self, reply: Reply, rcpt: RcptTo | None = None) -> None:
         """Deliver an asynchronous decision and go on with the input."""
         self._task = None
         if self._lingering or self._transport is None or self._transport.is_closing():
             return  # gone, or shut down (421 sent) while we were deciding
-        self._conn.reply(reply)
+        self._conn.reply(reply, rcpt)
         self._pump()
 
     # --- TLS, output, timers -------------------------------------------------------------

@@ -57,6 +57,7 @@ TOO_MANY_CONNECTIONS: Final = Decision(replies.CONNECTION_LIMIT, "max_connection
 CONNECTIONS_TOO_FAST: Final = Decision(CONNECTION_RATE, "connection_rate")
 
 Window = list[float]  # [window_start, count], as stored
+Limit = tuple[str, int, str]  # (key, limit, who for the reply)
 
 
 def too_much_mail(who: str) -> Reply:
@@ -83,10 +84,10 @@ class RateLimiter:
 
     # --- connections ------------------------------------------------------------------
 
-    def open_connection(self, ip: str, trusted: bool) -> Decision | None:
-        """Take a concurrency slot and count the connection; None when allowed, else the
-        refusal (421, max_connections_per_ip or connection_rate)."""
-        now = self._clock()
+    def open_connection(self, ip: str, trusted: bool, rate: bool = True) -> Decision | None:
+        """Take a concurrency slot and count the connection (unless not `rate`: the cluster
+        counts it, sharedlimits.py); None when allowed, else the refusal (421,
+        max_connections_per_ip or connection_rate)."""
         refused = False
 
         def take(counts: dict[str, int] | None) -> dict[str, int] | None:
@@ -103,10 +104,17 @@ class RateLimiter:
         self._cache.tally(f"conn/{ip}", take)
         if refused:
             return TOO_MANY_CONNECTIONS
+        if rate and self.connection_rate(ip, trusted) is not None:
+            self.close_connection(ip)
+            return CONNECTIONS_TOO_FAST
+        return None
+
+    def connection_rate(self, ip: str, trusted: bool) -> Reply | None:
+        """Count one connection in the window of `ip`; None when allowed, else 421."""
         if self._rate.connections_per_window and not self._exempt(trusted):
-            if self._charge([(f"conn-window/{ip}", self._rate.connections_per_window, ip)], now) is not None:
-                self.close_connection(ip)
-                return CONNECTIONS_TOO_FAST
+            limit = [(f"conn-window/{ip}", self._rate.connections_per_window, ip)]
+            if self._charge(limit, self._clock()) is not None:
+                return CONNECTION_RATE
         return None
 
     def close_connection(self, ip: str) -> None:
@@ -135,11 +143,7 @@ class RateLimiter:
 
     def _count(self, kind: str, ip: str, user: str | None, trusted: bool, ip_limit: int, user_limit: int,
                refusal: Callable[[str], Reply]) -> Reply | None:
-        limits: list[tuple[str, int, str]] = []  # (key, limit, who for the reply)
-        if ip_limit and not self._exempt(trusted):
-            limits.append((f"{kind}/ip/{ip}", ip_limit, ip))
-        if user_limit and user is not None:
-            limits.append((f"{kind}/user/{user}", user_limit, user))
+        limits = windows(kind, ip, user, self._exempt(trusted), ip_limit, user_limit)
         if not limits:
             return None  # the fast path: no LMDB transaction
         refused = self._charge(limits, self._clock())
@@ -148,7 +152,7 @@ class RateLimiter:
     def _exempt(self, trusted: bool) -> bool:
         return trusted and self._rate.exempt_mynetworks
 
-    def _charge(self, limits: list[tuple[str, int, str]], now: float) -> str | None:
+    def _charge(self, limits: list[Limit], now: float) -> str | None:
         """Count one in the window of each (key, limit, who); None when all allow, else who was refused.
 
         A refusal gives back the counts already taken, so a refused attempt costs nothing.
@@ -232,6 +236,17 @@ class RateLimiter:
         now = self._clock()
         value = self._cache.get(CACHE_NAMESPACE, f"auth/{ip}", now)
         return int(_auth_window(value, now, self._auth.lockout_seconds)[1])
+
+
+def windows(kind: str, ip: str, user: str | None, exempt: bool, ip_limit: int, user_limit: int) -> list[Limit]:
+    """The windows one MAIL ("msg") or RCPT ("rcpt") counts in: its address's unless `exempt`,
+    its user's when authenticated; a limit of 0 is no window."""
+    limits: list[Limit] = []
+    if ip_limit and not exempt:
+        limits.append((f"{kind}/ip/{ip}", ip_limit, ip))
+    if user_limit and user is not None:
+        limits.append((f"{kind}/user/{user}", user_limit, user))
+    return limits
 
 
 def _without_dead_pids(counts: Any) -> dict[str, int] | None:

@@ -7,6 +7,8 @@ Nothing here touches a socket, a timer or a TLS object: the adapter tells the se
 what it learned (the client at `check_connect`, the cipher at `tls_started`).
 
   check_connect(client) -> Decision      [policy] client lists, the AUTH lockout, per-IP limits
+  check_connect_shared(client)           AWAITABLE: the same with the cluster's lockout and connection
+                                         window, when `connect_asks_cluster`
   dnsbl_lookup() -> AWAITABLE | None     run in the background from connect; MAIL waits for it
                                          while `waits_for_dnsbl`
   check_mail(MailFrom) -> Decision       sender lists, sender/login match, memory budget, DNSBL,
@@ -14,8 +16,11 @@ what it learned (the client at `check_connect`, the cipher at `tls_started`).
   check_rcpt(RcptTo) -> RcptDecision     recipient lists, relay control and local users
                                          (policy.check_rcpt_to: the bare <postmaster> rewritten),
                                          who may post to a mailing list (listpost.py), recipient rates
+  check_mail_shared, check_rcpt_shared    AWAITABLE: the same, the rates counted in the cluster's windows
+                                         ([cluster] redis, sharedlimits.py) when `mail_asks_cluster` /
+                                         `rcpt_asks_cluster`
   check_vrfy(Vrfy | Expn) -> Reply
-  authenticate(Credentials) -> AWAITABLE Decision   delay, the per-address budget, scrypt
+  authenticate(Credentials) -> AWAITABLE Decision   the cluster's lockout, delay, the per-address budget, scrypt
   on_message(Message) -> AWAITABLE Decision         build, the content pipeline, commit
   receive_data(bytes), account(), release()         the memory budget and the per-IP slot
 
@@ -107,27 +112,64 @@ class InboundSession:
     def check_connect(self, client: Client) -> Decision:
         """Greet (the accepted decision's reply) or refuse `client`; an accepted client holds
         a per-IP slot until `release`."""
+        self._connected(client)
+        refusal = self._connect_refusal()
+        if refusal is None:
+            refusal = self.ctx.limiter.open_connection(client.ip, self.trusted)
+            self._counted = refusal is None
+        return self._connect_verdict(refusal)
+
+    def connect_asks_cluster(self, client: Client) -> bool:
+        """The cluster's lockout (submission, smtps) or connection window applies: the connect
+        is decided by `check_connect_shared`."""
+        shared = self.ctx.shared
+        return shared is not None and (self._checks_lockout or
+                                       shared.applies_to_connect(client.within(self.ctx.config.relay.mynetworks)))
+
+    async def check_connect_shared(self, client: Client) -> Decision:
+        """AWAITABLE: check_connect with the cluster's lockout and connection window (sharedlimits.py)."""
+        shared = self.ctx.shared
+        assert shared is not None
+        self._connected(client)
+        refusal = self._connect_refusal()
+        if refusal is None and self._checks_lockout and await shared.locked_out(client.ip):
+            refusal = Decision(LOCKED_OUT, "auth_lockout")
+        if refusal is None:
+            refusal = self.ctx.limiter.open_connection(client.ip, self.trusted, rate=False)
+        if refusal is None:
+            self._counted = True  # from here a client that leaves gives its slot back (release)
+            refusal = await shared.connection(client.ip, self.trusted)
+            if refusal is not None:
+                self.release()
+        return self._connect_verdict(refusal)
+
+    @property
+    def _checks_lockout(self) -> bool:
+        return self.listener.mode in ("submission", "smtps")
+
+    def _connected(self, client: Client) -> None:
         self.client = client
         # Decided once per session, like Postfix's smtpd: a reload during it changes the next one.
         self.trusted = client.within(self.ctx.config.relay.mynetworks)
         logs.event("connect", client=client.ip, listener=self.listener.address, tls=self.tls_info or None)
         _listener_counters(self.listener.address)[0].inc()
-        refusal = self._connect_refusal()
+
+    def _connect_verdict(self, refusal: Decision | None) -> Decision:
         if refusal is None:
-            self._counted = True
             return Decision(replies.greeting(self.ctx.config.server.hostname))
-        logs.event("refused", client=client.ip, reason=refusal.reason, reply=str(refusal.reply))
+        logs.event("refused", client=self.client.ip, reason=refusal.reason, reply=str(refusal.reply))
         metrics.INBOUND_REJECTED.labels(refusal.reason, f"{refusal.reply.code // 100}xx").inc()
         return refusal
 
     def _connect_refusal(self) -> Decision | None:
+        """The refusals before the per-IP slot: client_deny, the node's lockout."""
         ctx, ip = self.ctx, self.client.ip
         denied = ctx.access.client(ip)
         if denied is not None:
             return Decision(denied, "client_denied")
-        if self.listener.mode in ("submission", "smtps") and ctx.limiter.locked_out(ip):
+        if self._checks_lockout and ctx.limiter.locked_out(ip):
             return Decision(LOCKED_OUT, "auth_lockout")
-        return ctx.limiter.open_connection(ip, self.trusted)
+        return None
 
     def release(self) -> None:
         """The session is over: give its per-IP slot back (once; a reconnect must not count twice)."""
@@ -161,11 +203,39 @@ class InboundSession:
         self._sender = command.address.text
         refusal = self._mail_refusal(command)
         if refusal is None:
+            limited = self.ctx.limiter.message(self.client.ip, self.user_name, self.trusted)
+            refusal = Decision(limited, "message_rate") if limited is not None else None
+        return self._mail_verdict(command, refusal)
+
+    @property
+    def mail_asks_cluster(self) -> bool:
+        """A shared message window applies: MAIL is decided by `check_mail_shared`, not `check_mail`."""
+        shared = self.ctx.shared
+        return shared is not None and shared.applies_to_mail(self.user_name, self.trusted)
+
+    @property
+    def rcpt_asks_cluster(self) -> bool:
+        """A shared recipient window applies: RCPT is decided by `check_rcpt_shared`."""
+        shared = self.ctx.shared
+        return shared is not None and shared.applies_to_rcpt(self.user_name, self.trusted)
+
+    async def check_mail_shared(self, command: MailFrom) -> Decision:
+        """AWAITABLE: check_mail with the message rate counted in the cluster's windows (sharedlimits.py)."""
+        assert self.ctx.shared is not None
+        self._sender = command.address.text
+        refusal = self._mail_refusal(command)
+        if refusal is None:
+            refusal = await self.ctx.shared.message(self.client.ip, self.user_name, self.trusted)
+        return self._mail_verdict(command, refusal)
+
+    def _mail_verdict(self, command: MailFrom, refusal: Decision | None) -> Decision:
+        if refusal is None:
             return Decision(policy.check_mail_from(self.ctx.config.relay, self.client.address, command))
         self._rejected(refusal, sender=command.address.text)
         return refusal
 
     def _mail_refusal(self, command: MailFrom) -> Decision | None:
+        """The refusals before the message rate."""
         ctx, sender = self.ctx, command.address.text
         denied = ctx.access.sender(sender)
         if denied is not None:
@@ -177,11 +247,34 @@ class InboundSession:
             return Decision(busy, "memory_budget")
         if self._dnsbl_verdict is not None and self.user is None:
             return Decision(self._dnsbl_verdict, "dnsbl")
-        limited = ctx.limiter.message(self.client.ip, self.user_name, self.trusted)
-        return Decision(limited, "message_rate") if limited is not None else None
+        return None
 
     def check_rcpt(self, command: RcptTo) -> policy.RcptDecision:
         """The verdict, and the recipient as the transaction keeps it (see policy.RcptDecision)."""
+        decision = self._rcpt_decision(command)
+        if not decision.reason:
+            limited = self.ctx.limiter.recipient(self.client.ip, self.user_name, self.trusted)
+            if limited is not None:
+                decision = policy.RcptDecision(limited, "recipient_rate", command)
+        return self._rcpt_verdict(command, decision)
+
+    async def check_rcpt_shared(self, command: RcptTo) -> policy.RcptDecision:
+        """AWAITABLE: check_rcpt with the recipient rate counted in the cluster's windows."""
+        assert self.ctx.shared is not None
+        decision = self._rcpt_decision(command)
+        if not decision.reason:
+            limited = await self.ctx.shared.recipient(self.client.ip, self.user_name, self.trusted)
+            if limited is not None:
+                decision = policy.RcptDecision(limited.reply, limited.reason, command)
+        return self._rcpt_verdict(command, decision)
+
+    def _rcpt_verdict(self, command: RcptTo, decision: policy.RcptDecision) -> policy.RcptDecision:
+        if decision.reason:
+            self._rejected(Decision(decision.reply, decision.reason), rcpt=command.address.text)
+        return decision
+
+    def _rcpt_decision(self, command: RcptTo) -> policy.RcptDecision:
+        """The verdict before the recipient rate."""
         ctx = self.ctx
         rcpt = command.address.text
         denied = ctx.access.recipient(rcpt)
@@ -192,12 +285,6 @@ class InboundSession:
             refusal = listpost.check_post(ctx.local.lists, decision.rcpt.address.text, self._sender)
             if refusal is not None:
                 decision = policy.RcptDecision(refusal.reply, refusal.reason, command)
-        if not decision.reason:
-            limited = ctx.limiter.recipient(self.client.ip, self.user_name, self.trusted)
-            if limited is None:
-                return decision
-            decision = policy.RcptDecision(limited, "recipient_rate", command)
-        self._rejected(Decision(decision.reply, decision.reason), rcpt=rcpt)
         return decision
 
     def check_vrfy(self, command: Vrfy | Expn) -> Reply:
@@ -242,6 +329,11 @@ class InboundSession:
         if ctx.limiter.locked_out(ip):
             logs.event("auth", client=ip, user=replies.sanitize(credentials.username), result="locked_out")
             return _auth_result(Decision(LOCKED_OUT, "locked_out"))
+        if ctx.shared is not None:  # the cluster's failure count: a lockout earned on other nodes holds here
+            refusal = await ctx.shared.auth_admit(ip)
+            if refusal is not None:
+                logs.event("auth", client=ip, user=replies.sanitize(credentials.username), result=refusal.reason)
+                return _auth_result(refusal)
         delay = ctx.limiter.auth_delay(ip)
         if delay > 0:
             await asyncio.sleep(delay)
@@ -268,6 +360,8 @@ class InboundSession:
             failed = not (result is not None and result.ok and result.user is not None)
         finally:
             failures = ctx.limiter.auth_end(ip, failed)
+        if failed and ctx.shared is not None:
+            failures = max(failures, await ctx.shared.auth_failed(ip))
         if result is not None and not failed and result.user is not None:
             self.user = result.user
             logs.event("auth", client=ip, user=result.user.name, mechanism=credentials.mechanism,
