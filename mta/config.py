@@ -27,6 +27,7 @@ from mta.sections import (  # re-exported: callers import the types from mta.con
     BARE_NEWLINE_MODES as BARE_NEWLINE_MODES,
     CacheConfig as CacheConfig,
     Config as Config,
+    ClusterConfig as ClusterConfig,
     ConfigError as ConfigError,
     ContentConfig as ContentConfig,
     ControlConfig as ControlConfig,
@@ -43,6 +44,7 @@ from mta.sections import (  # re-exported: callers import the types from mta.con
     LogConfig as LogConfig,
     MilterConfig as MilterConfig,
     Network as Network,
+    ON_REDIS_DOWN as ON_REDIS_DOWN,
     PolicyConfig as PolicyConfig,
     PriorityRule as PriorityRule,
     QueueConfig as QueueConfig,
@@ -120,7 +122,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
     """Validate a decoded TOML document into a Config."""
     known = {"server", "listener", "queue", "limits", "relay", "delivery", "domains", "priority_rule",
              "routes", "dns", "cache", "local", "control", "log", "tls", "auth", "policy", "rate",
-             "milter", "dkim", "content", "antivirus", "footer", "list"}
+             "milter", "dkim", "content", "antivirus", "footer", "list", "cluster"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -166,6 +168,7 @@ def parse(raw: dict[str, Any], source: str = "<string>") -> Config:
         antivirus=_section(AntivirusConfig, raw.get("antivirus", {}), "[antivirus]", source),
         footer=_array(FooterConfig, raw, "footer", source),
         list=_array(ListConfig, raw, "list", source),
+        cluster=_section(ClusterConfig, raw.get("cluster", {}), "[cluster]", source),
         source=source,
     )
     _check(config, source)
@@ -406,6 +409,11 @@ def _check_security(config: Config, fail: Any) -> None:
         fail("[auth] failure_delay_seconds", "must be >= 0")
     if auth.max_failures < 1 or auth.slow_after_failures < 0:
         fail("[auth] max_failures", "must be >= 1 (and slow_after_failures >= 0)")
+    cluster = config.cluster
+    if cluster.redis and not cluster.redis.startswith(("redis://", "rediss://", "unix://")):
+        fail("[cluster] redis", f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db"')
+    if cluster.on_redis_down not in ON_REDIS_DOWN:
+        fail("[cluster] on_redis_down", f"must be one of {', '.join(ON_REDIS_DOWN)}, got {cluster.on_redis_down!r}")
     rate = config.rate
     if rate.window_seconds <= 0:
         fail("[rate] window_seconds", "must be > 0")

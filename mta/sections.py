@@ -219,6 +219,15 @@ class RateConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes as one: shared limits in Redis. redis = "": no cluster, all limits local."""
+
+    redis: str = ""  # "redis://host:port/db" or "rediss://..." (TLS)
+    node: str = ""  # this node's name in Redis; "" = the hostname
+    on_redis_down: str = "local"  # local (the node's own limits) | tempfail (nothing new that needs Redis)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "keyvalue"  # or "json": one JSON object per line
 
@@ -322,6 +331,7 @@ class Config:
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     footer: tuple[FooterConfig, ...] = ()
     list: tuple[ListConfig, ...] = ()  # the TOML table is [[list]]
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = "<embedded defaults>"
 
     def domain(self, name: str) -> DomainConfig:
@@ -330,6 +340,7 @@ class Config:
 
 _NO_OVERRIDES = DomainConfig()
 TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")
+ON_REDIS_DOWN: Final = ("local", "tempfail")
 TLS_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
 
 

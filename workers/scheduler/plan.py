@@ -11,6 +11,10 @@ established, and suspends the destination for a while when that happens at windo
 best job has the highest priority, and among equals the one served longest ago, so a
 huge domain never starves a small one.
 
+With [cluster] redis set, `shared` is the number of session slots this node holds in the
+destination's cluster lease (leases.py): sessions open within it only; None: no lease
+applies (no cluster, or Redis down with on_redis_down = "local").
+
 Invariants: 0 <= in_flight <= limit for every destination with no pending shrink;
 every queued job appears in exactly one destination heap. A Destination changes its own
 counts: sessions are counted by `open_session` and `close_session` only (a close with
@@ -56,6 +60,7 @@ class Destination:
     last_served: float = 0.0
     tokens: float = 0.0
     tokens_at: float = 0.0
+    shared: int | None = None  # slots held in the cluster lease; None = none applies
     _heap: list[tuple[int, float, int, Job]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,6 +70,11 @@ class Destination:
     @property
     def limit(self) -> int:
         return max(1, min(int(self.window), self.limits.concurrency))
+
+    @property
+    def cap(self) -> int:
+        """Sessions allowed now: the window, within the cluster lease if one applies."""
+        return self.limit if self.shared is None else min(self.limit, self.shared)
 
     def push(self, job: Job, seq: int) -> None:
         heapq.heappush(self._heap, (-job.priority, job.arrival, seq, job))
@@ -136,18 +146,25 @@ class Destination:
         self.window = max(1.0, self.window / 2.0)
 
     def may_open(self, now: float) -> bool:
-        return bool(self._heap) and self.in_flight < self.limit and now >= self.suspended_until
+        return bool(self._heap) and self.in_flight < self.cap and now >= self.suspended_until
+
+    def short_of_lease(self, now: float) -> bool:
+        """Ready, within its window, and only the cluster lease holds it back."""
+        return (self.shared is not None and bool(self._heap) and self.shared <= self.in_flight < self.limit
+                and now >= self.suspended_until)
 
 
 class Plan:
     def __init__(self) -> None:
         self.destinations: dict[str, Destination] = {}
         self._seq = itertools.count()
+        self.shared_start: int | None = None  # a new destination's lease: 0 with [cluster] redis (ask first)
+        self.short_of_lease = False  # set by next_destination: a destination waits for lease slots
 
     def destination(self, name: str, limits: Limits) -> Destination:
         dest = self.destinations.get(name)
         if dest is None:
-            dest = self.destinations[name] = Destination(name, limits)
+            dest = self.destinations[name] = Destination(name, limits, shared=self.shared_start)
         else:
             dest.limits = limits  # a reload may have changed them
         return dest
@@ -160,6 +177,7 @@ class Plan:
         best_key: tuple[int, float] | None = None
         for dest in self.destinations.values():
             if not dest.may_open(now):
+                self.short_of_lease = self.short_of_lease or dest.short_of_lease(now)
                 continue
             top = dest.peek()
             assert top is not None
@@ -174,5 +192,5 @@ class Plan:
     def forget_idle(self) -> None:
         """Drop destinations with nothing queued or open (their windows restart from slow start)."""
         for name in [n for n, d in self.destinations.items() if not d and not d.in_flight
-                     and d.suspended_until == 0.0]:
+                     and d.suspended_until == 0.0 and not d.shared]:  # a lease is given back first
             del self.destinations[name]
