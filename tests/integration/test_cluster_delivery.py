@@ -72,12 +72,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def node(mta_server, sink: SmtpSink, redis: RedisServer, name: str, *, on_redis_down: str = "local",
-         concurrency: int = 2) -> MtaServer:  # type: ignore[no-untyped-def]
+         concurrency: int = 2, window: int = 2, rate: float = 0.0) -> MtaServer:  # type: ignore[no-untyped-def]
     return mta_server(
         server={"inbound_workers": 1},
         relay={"relay_domains": [DOMAIN], "mynetworks": ["127.0.0.1/32"]},
-        delivery={"workers": 1, "concurrency": concurrency, "initial_concurrency": concurrency,
-                  "max_messages_per_connection": 2, "connection_idle_seconds": 0.2, **FAST_RETRY},
+        delivery={"workers": 1, "concurrency": concurrency, "initial_concurrency": window,
+                  "max_messages_per_connection": 2, "connection_idle_seconds": 0.2,
+                  "max_messages_per_second": rate, **FAST_RETRY},
         routes={DOMAIN: f"{sink.address}:{sink.port}"},
         cluster={"redis": redis.url, "node": name, "on_redis_down": on_redis_down},
     )
@@ -120,6 +121,30 @@ def test_concurrency_is_a_cluster_total(mta_server, redis_server: RedisServer) -
             assert 'mta_cluster_shared_decisions_total{limit="concurrency",result="allowed"}' in scrape(server)
         wait_until(lambda: redis_server.cli("EXISTS", lease_keys(DOMAIN)[0]) == "0", 10,
                    "the leases given back when idle")
+
+
+def test_message_rate_is_a_cluster_total(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    rate, total = 10.0, 40
+    with SmtpSink() as sink:
+        # Both nodes deliver at once: each window starts at 2 of a cluster total of 20.
+        one = node(mta_server, sink, redis_server, "n1", concurrency=20, rate=rate)
+        two = node(mta_server, sink, redis_server, "n2", concurrency=20, rate=rate)
+
+        async def load() -> None:
+            await asyncio.gather(send_all(one.port, mails("one", total // 2)), send_all(two.port, mails("two", total // 2)))
+
+        asyncio.run(load())
+        sink.wait_for_messages(1, timeout=10)
+        first = time.monotonic()
+        sink.wait_for_messages(total, timeout=30)
+        elapsed = time.monotonic() - first
+        # At most a burst of `rate` tokens, then `rate` a second for the cluster; each
+        # node's own bucket would let both go at `rate` each (about 1 s here).
+        least = (total - 1 - rate) / rate
+        assert least * 0.9 <= elapsed < least * 2, elapsed
+        ids = message_ids(sink)
+        assert len(ids) == total and set(ids.values()) == {1}
+        assert 'mta_cluster_shared_decisions_total{limit="rate",result="allowed"}' in scrape(one)
 
 
 def test_a_killed_node_gives_its_slots_back_at_lease_expiry(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]

@@ -119,3 +119,18 @@ def test_a_cluster_lease_caps_sessions_and_says_when_only_it_holds_them_back() -
     plan.destinations["a.test"].pop()
     plan.forget_idle()
     assert "a.test" in plan.destinations  # idle, but its lease is given back before it goes
+
+
+def test_with_a_cluster_lease_rate_tokens_come_only_from_the_cluster() -> None:
+    plan = Plan()
+    plan.shared_start = 0
+    limits = Limits(concurrency=3, initial_concurrency=3, max_messages_per_connection=100, max_messages_per_second=5)
+    plan.add(job(1, "a.test"), limits)
+    dest = plan.destinations["a.test"]
+    dest.shared = 1
+    assert not dest.take_token(100.0) and dest.wants_tokens  # no local burst, and time refills nothing
+    assert not dest.take_token(200.0)
+    dest.tokens += 2  # a batch from Redis (leases.py)
+    assert dest.take_token(200.0) and dest.take_token(200.0) and not dest.take_token(200.0)
+    dest.shared = None  # Redis down, on_redis_down = "local": the node's own bucket refills
+    assert dest.take_token(300.0)

@@ -2,13 +2,21 @@
 
 A node holds, per destination, a lease of k session slots in Redis: the hash
 `mta:conc:{<dest>}:held` (node -> k) with each node's expiry in the sorted set
-`mta:conc:{<dest>}:exp`. One Lua script (LEASE_LUA) drops expired leases, then sets
-this node's to min(want, concurrency - the other nodes' slots) and renews its expiry, all
-atomically; so the slots of a node that died come back LEASE_SECONDS after its last
-renewal. The scheduler opens sessions within its lease without asking Redis
+`mta:conc:{<dest>}:exp`. One Lua script (LEASE_LUA) drops expired leases, then grants
+this node min(want, concurrency - the other nodes' slots, its fair share: concurrency /
+the nodes holding or waiting, rounded up), records max(grant, its open sessions) and
+renews its expiry, all atomically; so the slots of a node that died come back
+LEASE_SECONDS after its last renewal. A node waiting records 0: it counts in the fair
+share, and a node above its share gets a smaller grant at its next renewal and closes
+sessions down to it as their jobs end (never one in the middle of a message). The scheduler opens sessions within its lease without asking Redis
 (plan.Destination.shared); this task asks for more when a destination has ready jobs
 and no room, renews every RENEW_SECONDS, and gives slots back when sessions close
 (want = open sessions + ready jobs, capped by the window).
+
+Message rate (max_messages_per_second): one token bucket per destination for the
+cluster, `mta:rate:{<dest>}` (RATE_LUA, refilled by Redis's clock). A node out of
+local tokens takes a batch of up to TOKEN_BATCH_SECONDS' worth (at most its ready
+jobs), so a message costs a fraction of a round trip, not one.
 
 Redis down ([cluster] on_redis_down): "local": each destination's `shared` is None,
 the node's own full limits (the cluster total is not divided by the node count: nodes
@@ -20,6 +28,7 @@ task with short timeouts: the scheduler's loop never waits for them.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -35,24 +44,29 @@ LEASE_SECONDS = 10.0  # a dead node's slots come back this long after its last r
 RENEW_SECONDS = LEASE_SECONDS / 4
 POLL_SECONDS = 0.1  # a destination waiting for slots asks again this often
 REDIS_TIMEOUT_SECONDS = 0.5
+DOWN_RETRY_SECONDS = 1.0  # Redis down: asked again at most this often
 
 LEASE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local held, exp = KEYS[1], KEYS[2]
 local node, want, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local open = tonumber(ARGV[5])
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', now)) do
   redis.call('HDEL', held, gone)
   redis.call('ZREM', exp, gone)
 end
-local others = 0
+local others, nodes = 0, 1
 local all = redis.call('HGETALL', held)
 for i = 1, #all, 2 do
-  if all[i] ~= node then others = others + tonumber(all[i + 1]) end
+  if all[i] ~= node then
+    others = others + tonumber(all[i + 1])
+    nodes = nodes + 1
+  end
 end
-local grant = math.max(0, math.min(want, limit - others))
-if grant > 0 then
-  redis.call('HSET', held, node, grant)
+local grant = math.max(0, math.min(want, limit - others, math.ceil(limit / nodes)))
+if want > 0 or open > 0 then
+  redis.call('HSET', held, node, math.max(grant, open))
   redis.call('ZADD', exp, now + ttl, node)
   redis.call('PEXPIRE', held, ttl * 2)
   redis.call('PEXPIRE', exp, ttl * 2)
@@ -64,9 +78,38 @@ return grant
 """
 
 
+# The destination's message rate as one token bucket for the cluster (max_messages_per_second,
+# a burst of max(1, rate) as the local bucket's). A node takes up to ARGV[3] tokens at once.
+RATE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, want = tonumber(ARGV[1]), tonumber(ARGV[2])
+local burst = math.max(1, rate)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+local grant = math.min(want, math.floor(tokens))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - grant), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return grant
+"""
+TOKEN_BATCH_SECONDS = 0.2  # a batch of rate tokens is at most this long's worth
+
+
+def rate_key(dest: str) -> str:
+    return f"mta:rate:{{{dest}}}"
+
+
 def lease_keys(dest: str) -> list[str]:
     """The destination's keys; {dest} is a hash tag, so both sit on one Redis Cluster slot."""
     return [f"mta:conc:{{{dest}}}:held", f"mta:conc:{{{dest}}}:exp"]
+
+
+def token_batch(dest: Destination) -> int:
+    """Rate tokens to ask for at once: TOKEN_BATCH_SECONDS' worth, no more than the ready jobs."""
+    rate = dest.limits.max_messages_per_second
+    return max(1, min(math.ceil(rate * TOKEN_BATCH_SECONDS), len(dest)))
 
 
 def want_of(dest: Destination, now: float) -> int:
@@ -86,6 +129,7 @@ class Leases:
         self._client = aioredis.Redis.from_url(config.redis, socket_timeout=REDIS_TIMEOUT_SECONDS,
                                                socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
         self._script = self._client.register_script(LEASE_LUA)
+        self._rate_script = self._client.register_script(RATE_LUA)
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}  # destination -> when it first wanted more than its lease
         self.up: bool | None = None
@@ -106,6 +150,8 @@ class Leases:
                 pass
             if pending:
                 await asyncio.sleep(POLL_SECONDS / 4)  # a burst of wake-ups costs one round trip
+            elif self.up is False:
+                await asyncio.sleep(DOWN_RETRY_SECONDS)
 
     async def release_all(self) -> None:
         """At close: this node's leases go back now, not at their expiry."""
@@ -120,22 +166,28 @@ class Leases:
         now = time.time()
         asks = [(dest, want_of(dest, now)) for dest in self._destinations()]
         asks = [(d, w) for d, w in asks if w or d.shared]
-        if not asks:
+        tokens = [(d, token_batch(d)) for d in self._destinations() if d.wants_tokens]
+        if not asks and not tokens:
             return False
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for dest, want in asks:
                     await self._script(keys=lease_keys(dest.name), client=pipe,
-                                       args=[self.node, want, dest.limits.concurrency, int(LEASE_SECONDS * 1000)])
-                grants = await pipe.execute()
+                                       args=[self.node, want, dest.limits.concurrency, int(LEASE_SECONDS * 1000),
+                                             dest.in_flight])
+                for dest, want in tokens:
+                    await self._rate_script(keys=[rate_key(dest.name)], client=pipe,
+                                            args=[dest.limits.max_messages_per_second, want])
+                answers = await pipe.execute()
         except (RedisError, OSError) as exc:
-            self._down(asks, str(exc))
+            self._down(asks, tokens, str(exc))
             return False
+        grants = answers[:len(asks)]
+        pending = self._got_tokens(tokens, answers[len(asks):])
         if self.up is not True:
             self.up = True
             metrics.CLUSTER_REDIS_UP.set(1)
             logs.event("cluster_redis_up", node=self.node)
-        pending = False
         for (dest, want), grant in zip(asks, grants):
             grant = int(grant)
             if want > (dest.shared or 0):
@@ -151,7 +203,17 @@ class Leases:
             dest.shared = grant
         return pending
 
-    def _down(self, asks: list[tuple[Destination, int]], error: str) -> None:
+    def _got_tokens(self, tokens: list[tuple[Destination, int]], grants: list[int]) -> bool:
+        """Rate tokens from the cluster's buckets; True while a destination got none."""
+        pending = False
+        for (dest, want), grant in zip(tokens, grants):
+            dest.tokens += int(grant)
+            dest.wants_tokens = False
+            pending = pending or not grant
+            metrics.CLUSTER_DECISIONS.labels("rate", "allowed" if grant else "waiting").inc()
+        return pending
+
+    def _down(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]], error: str) -> None:
         if self.up is not False:
             self.up = False
             metrics.CLUSTER_REDIS_UP.set(0)
@@ -166,3 +228,8 @@ class Leases:
                 dest.shared = min(dest.shared or 0, dest.in_flight)
             if want > dest.in_flight:
                 metrics.CLUSTER_DECISIONS.labels("concurrency", self.on_redis_down).inc()
+        for dest, _want in tokens:
+            dest.wants_tokens = False
+            if self.on_redis_down == "local":
+                dest.shared = None  # the node's own bucket
+            metrics.CLUSTER_DECISIONS.labels("rate", self.on_redis_down).inc()

@@ -5,7 +5,9 @@ its ready jobs ordered by (priority desc, arrival, sequence) and a Window: the n
 concurrent sessions allowed, which starts at `initial_concurrency`, grows by one per
 successful session up to `concurrency`, halves on a session that could not be
 established, and suspends the destination for a while when that happens at window 1
-(cf. Postfix qmgr_feedback). An optional token bucket caps messages per second.
+(cf. Postfix qmgr_feedback). An optional token bucket caps messages per second; with
+a cluster lease the bucket is the cluster's, in Redis, and the local one only holds the
+tokens fetched from it in batches.
 
 `next_destination` picks, among destinations that may open a session now, the one whose
 best job has the highest priority, and among equals the one served longest ago, so a
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from mtaqueue.ids import MessageId
 
 SUSPEND_SECONDS = 60.0
+SHARED_TOKEN_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Destination:
     tokens: float = 0.0
     tokens_at: float = 0.0
     shared: int | None = None  # slots held in the cluster lease; None = none applies
+    wants_tokens: bool = False  # out of the cluster's rate tokens: leases.py asks Redis for a batch
     _heap: list[tuple[int, float, int, Job]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -119,6 +123,12 @@ class Destination:
         rate = self.limits.max_messages_per_second
         if rate <= 0:
             return True
+        if self.shared is not None:  # the cluster's bucket: tokens come in batches from Redis (leases.py)
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return True
+            self.wants_tokens = True
+            return False
         self.tokens = min(max(1.0, rate), self.tokens + (now - self.tokens_at) * rate)
         self.tokens_at = now
         if self.tokens >= 1.0:
@@ -128,6 +138,8 @@ class Destination:
 
     def token_wait(self, now: float) -> float:
         rate = self.limits.max_messages_per_second
+        if rate > 0 and self.shared is not None:
+            return min(SHARED_TOKEN_POLL_SECONDS, 1.0 / rate)  # or sooner: a batch from Redis dispatches
         return 0.0 if rate <= 0 else max(0.0, (1.0 - self.tokens) / rate)
 
     def wait_for_token(self, now: float) -> float:
@@ -150,8 +162,8 @@ class Destination:
 
     def short_of_lease(self, now: float) -> bool:
         """Ready, within its window, and only the cluster lease holds it back."""
-        return (self.shared is not None and bool(self._heap) and self.shared <= self.in_flight < self.limit
-                and now >= self.suspended_until)
+        return self.wants_tokens or (self.shared is not None and bool(self._heap)
+                                     and self.shared <= self.in_flight < self.limit and now >= self.suspended_until)
 
 
 class Plan:
@@ -165,6 +177,8 @@ class Plan:
         dest = self.destinations.get(name)
         if dest is None:
             dest = self.destinations[name] = Destination(name, limits, shared=self.shared_start)
+            if self.shared_start is not None:
+                dest.tokens = 0.0  # no burst of the node's own: rate tokens come from the cluster's bucket
         else:
             dest.limits = limits  # a reload may have changed them
         return dest
