@@ -74,7 +74,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def node(mta_server, sink: SmtpSink, redis: RedisServer, name: str, *, on_redis_down: str = "local",
          concurrency: int = 2, window: int = 2, rate: float = 0.0) -> MtaServer:  # type: ignore[no-untyped-def]
     return mta_server(
-        server={"inbound_workers": 1},
+        server={"inbound_workers": 1, "drain_timeout_seconds": 1},
         relay={"relay_domains": [DOMAIN], "mynetworks": ["127.0.0.1/32"]},
         delivery={"workers": 1, "concurrency": concurrency, "initial_concurrency": window,
                   "max_messages_per_connection": 2, "connection_idle_seconds": 0.2,
@@ -173,6 +173,18 @@ def delivered_then_redis_stopped(one: MtaServer, sink: SmtpSink, redis: RedisSer
     redis.stop()
     asyncio.run(send_all(one.port, mails("down", 3)))
     return one
+
+
+def test_a_stopped_node_gives_its_slots_back_at_once(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    with SmtpSink(delay_seconds=30) as slow:
+        one = node(mta_server, slow, redis_server, "n1")
+        asyncio.run(send_all(one.port, mails("one", 2)))
+        held = lease_keys(DOMAIN)[0]
+        wait_until(lambda: redis_server.cli("HGET", held, "n1") == "2", 10, "n1 holding both slots", one)
+        stopped = time.monotonic()  # SIGTERM: a drain of 1 s, the sessions hanging in DATA are cut
+        one.stop()
+        assert redis_server.cli("HGET", held, "n1") == ""
+        assert time.monotonic() - stopped < LEASE_SECONDS / 2
 
 
 def test_redis_down_local_fallback(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]

@@ -155,10 +155,16 @@ class Leases:
 
     async def release_all(self) -> None:
         """At close: this node's leases go back now, not at their expiry."""
-        for dest in self._destinations():
-            if dest.shared:
-                dest.shared = 0
-        await self._sync()
+        held = [dest for dest in self._destinations() if dest.shared]
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for dest in held:
+                    await self._script(keys=lease_keys(dest.name), client=pipe,
+                                       args=[self.node, 0, dest.limits.concurrency, int(LEASE_SECONDS * 1000), 0])
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            logs.event("cluster_release_failed", node=self.node, destinations=len(held), error=str(exc),
+                       action=f"nothing to do: the leases expire within {LEASE_SECONDS:g} s")
         await self._client.aclose()
 
     async def _sync(self) -> bool:
