@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from mta import logs, metrics
 from mta.sections import ClusterConfig
@@ -128,8 +128,7 @@ class Leases:
         self._on_change = on_change
         self._client = aioredis.Redis.from_url(config.redis, socket_timeout=REDIS_TIMEOUT_SECONDS,
                                                socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
-        self._script = self._client.register_script(LEASE_LUA)
-        self._rate_script = self._client.register_script(RATE_LUA)
+        self._shas: tuple[str, str] | None = None  # the scripts' SHA1s once loaded into this Redis
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}  # destination -> when it first wanted more than its lease
         self.up: bool | None = None
@@ -155,13 +154,9 @@ class Leases:
 
     async def release_all(self) -> None:
         """At close: this node's leases go back now, not at their expiry."""
-        held = [dest for dest in self._destinations() if dest.shared]
+        held = [(dest, 0) for dest in self._destinations() if dest.shared]
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for dest in held:
-                    await self._script(keys=lease_keys(dest.name), client=pipe,
-                                       args=[self.node, 0, dest.limits.concurrency, int(LEASE_SECONDS * 1000), 0])
-                await pipe.execute()
+            await self._call(held, [], release=True)
         except (RedisError, OSError) as exc:
             logs.event("cluster_release_failed", node=self.node, destinations=len(held), error=str(exc),
                        action=f"nothing to do: the leases expire within {LEASE_SECONDS:g} s")
@@ -176,15 +171,10 @@ class Leases:
         if not asks and not tokens:
             return False
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for dest, want in asks:
-                    await self._script(keys=lease_keys(dest.name), client=pipe,
-                                       args=[self.node, want, dest.limits.concurrency, int(LEASE_SECONDS * 1000),
-                                             dest.in_flight])
-                for dest, want in tokens:
-                    await self._rate_script(keys=[rate_key(dest.name)], client=pipe,
-                                            args=[dest.limits.max_messages_per_second, want])
-                answers = await pipe.execute()
+            answers = await self._call(asks, tokens)
+        except NoScriptError:  # Redis restarted (or SCRIPT FLUSH): load them again, ask again soon
+            self._shas = None
+            return True
         except (RedisError, OSError) as exc:
             self._down(asks, tokens, str(exc))
             return False
@@ -208,6 +198,21 @@ class Leases:
                     metrics.CLUSTER_LEASE_WAIT_SECONDS.observe(time.monotonic() - since)
             dest.shared = grant
         return pending
+
+    async def _call(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]],
+                    release: bool = False) -> list[int]:
+        """Lease and rate scripts in one pipeline: one round trip (EVALSHA, no SCRIPT EXISTS each time)."""
+        if self._shas is None:
+            self._shas = (await self._client.script_load(LEASE_LUA), await self._client.script_load(RATE_LUA))
+        lease, rate = self._shas
+        ttl = int(LEASE_SECONDS * 1000)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for dest, want in asks:
+                pipe.evalsha(lease, 2, *lease_keys(dest.name), self.node, want, dest.limits.concurrency, ttl,
+                             0 if release else dest.in_flight)
+            for dest, want in tokens:
+                pipe.evalsha(rate, 1, rate_key(dest.name), dest.limits.max_messages_per_second, want)
+            return [int(answer) for answer in await pipe.execute()]
 
     def _got_tokens(self, tokens: list[tuple[Destination, int]], grants: list[int]) -> bool:
         """Rate tokens from the cluster's buckets; True while a destination got none."""
