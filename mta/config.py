@@ -44,6 +44,7 @@ from mta.sections import (  # re-exported: callers import the types from mta.con
     LogConfig as LogConfig,
     MilterConfig as MilterConfig,
     Network as Network,
+    ON_REDIS_DOWN as ON_REDIS_DOWN,
     PolicyConfig as PolicyConfig,
     PriorityRule as PriorityRule,
     QueueConfig as QueueConfig,
@@ -408,6 +409,11 @@ def _check_security(config: Config, fail: Any) -> None:
         fail("[auth] failure_delay_seconds", "must be >= 0")
     if auth.max_failures < 1 or auth.slow_after_failures < 0:
         fail("[auth] max_failures", "must be >= 1 (and slow_after_failures >= 0)")
+    cluster = config.cluster
+    if cluster.redis and not cluster.redis.startswith(("redis://", "rediss://", "unix://")):
+        fail("[cluster] redis", f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db"')
+    if cluster.on_redis_down not in ON_REDIS_DOWN:
+        fail("[cluster] on_redis_down", f"must be one of {', '.join(ON_REDIS_DOWN)}, got {cluster.on_redis_down!r}")
     rate = config.rate
     if rate.window_seconds <= 0:
         fail("[rate] window_seconds", "must be > 0")
@@ -415,11 +421,6 @@ def _check_security(config: Config, fail: Any) -> None:
                  "user_messages_per_window", "user_recipients_per_window"):
         if getattr(rate, name) < 0:
             fail(f"[rate] {name}", "must be >= 0 (0 = no limit)")
-    cluster = config.cluster
-    if cluster.redis and not cluster.redis.startswith(("redis://", "rediss://", "unix://")):
-        fail("[cluster] redis", f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db"')
-    if cluster.on_redis_down not in ("local", "tempfail"):
-        fail("[cluster] on_redis_down", 'must be "local" or "tempfail"')
     if config.limits.max_junk_commands < 1:
         fail("[limits] max_junk_commands", "must be >= 1")
     for name in ("sender_deny", "recipient_deny"):

@@ -203,6 +203,12 @@ QUEUE_MAP_USED_BYTES = Gauge(
     "mta_queue_map_used_bytes", "Spool LMDB pages up to the highest one ever written (free pages inside are "
     "reused). Near mta_queue_map_bytes, writes fail with 452 4.3.1 even below max_size_bytes.",
     multiprocess_mode="livemax")
+CLUSTER_REDIS_UP = Gauge("mta_cluster_redis_up", "Redis answers (1) or not (0)", multiprocess_mode="livemin")
+CLUSTER_DECISIONS = Counter("mta_cluster_shared_decisions_total", "Shared limit decisions by limit and result",
+                            ["limit", "result"])
+CLUSTER_LEASE_WAIT_SECONDS = Histogram(
+    "mta_cluster_lease_wait_seconds", "Time a destination with ready mail waited for cluster session slots.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 DELIVERY_LATENCY_SECONDS = Histogram(
     "mta_delivery_latency_seconds", "Arrival to successful delivery, per recipient.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400))

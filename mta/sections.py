@@ -340,6 +340,7 @@ class Config:
 
 _NO_OVERRIDES = DomainConfig()
 TLS_POLICIES: Final = ("none", "may", "encrypt", "verify")
+ON_REDIS_DOWN: Final = ("local", "tempfail")
 TLS_VERSIONS: Final = ("TLSv1.2", "TLSv1.3")
 
 

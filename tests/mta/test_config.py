@@ -128,3 +128,13 @@ def test_the_maildrop_sits_beside_the_spool_unless_set_and_never_inside_it() -> 
     for inside in ("/var/spool/mta", "/var/spool/mta/drop"):
         with pytest.raises(ConfigError, match=r"\[queue\] maildrop: must be outside the spool directory"):
             parse({"queue": {"path": "/var/spool/mta", "maildrop": inside}})
+
+
+def test_cluster_section() -> None:
+    assert parse({}).cluster.redis == ""  # no cluster: every limit is the node's own
+    config = parse({"cluster": {"redis": "redis://10.0.0.5:6379/0", "node": "mx1", "on_redis_down": "tempfail"}})
+    assert (config.cluster.node, config.cluster.on_redis_down) == ("mx1", "tempfail")
+    with pytest.raises(ConfigError, match=r"\[cluster\] on_redis_down: must be one of local, tempfail"):
+        parse({"cluster": {"on_redis_down": "ignore"}})
+    with pytest.raises(ConfigError, match=r"\[cluster\] redis: .* use \"redis://host:port/db\""):
+        parse({"cluster": {"redis": "10.0.0.5:6379"}})

@@ -90,3 +90,47 @@ def test_a_destination_counts_its_own_sessions_and_panics_on_a_close_too_many() 
     assert dest.in_flight == 0
     with pytest.raises(AssertionError, match="c.test: a session closed with none open"):
         dest.close_session()
+
+
+def test_a_cluster_lease_caps_sessions_and_says_when_only_it_holds_them_back() -> None:
+    plan = Plan()
+    plan.shared_start = 0  # [cluster] redis: no session before a lease
+    for n in range(10):
+        plan.add(job(n, "a.test"), LIMITS)
+    dest = plan.destinations["a.test"]
+    assert plan.next_destination(now=0.0) is None and plan.short_of_lease
+    assert dest.short_of_lease(0.0)
+    dest.shared = 2  # the lease grew: two sessions, not the window's three
+    opened = 0
+    while (d := plan.next_destination(now=0.0)) is not None:
+        d.pop()
+        d.open_session(0.0)
+        opened += 1
+    assert opened == 2 and dest.short_of_lease(0.0)
+    dest.shared = None  # Redis down, on_redis_down = "local": the node's own window
+    assert plan.next_destination(now=0.0) is dest and not dest.short_of_lease(0.0)
+    dest.close_session()
+    dest.close_session()
+    dest.remove(lambda j: True)
+    plan.forget_idle()
+    assert "a.test" not in plan.destinations
+    plan.add(job(20, "a.test"), LIMITS)
+    plan.destinations["a.test"].shared = 1
+    plan.destinations["a.test"].pop()
+    plan.forget_idle()
+    assert "a.test" in plan.destinations  # idle, but its lease is given back before it goes
+
+
+def test_with_a_cluster_lease_rate_tokens_come_only_from_the_cluster() -> None:
+    plan = Plan()
+    plan.shared_start = 0
+    limits = Limits(concurrency=3, initial_concurrency=3, max_messages_per_connection=100, max_messages_per_second=5)
+    plan.add(job(1, "a.test"), limits)
+    dest = plan.destinations["a.test"]
+    dest.shared = 1
+    assert not dest.take_token(100.0) and dest.wants_tokens  # no local burst, and time refills nothing
+    assert not dest.take_token(200.0)
+    dest.tokens += 2  # a batch from Redis (leases.py)
+    assert dest.take_token(200.0) and dest.take_token(200.0) and not dest.take_token(200.0)
+    dest.shared = None  # Redis down, on_redis_down = "local": the node's own bucket refills
+    assert dest.take_token(300.0)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from mta import frames, logs, messages
 from mta.messages import Message
 from workers.scheduler.flush import Outcomes
+from workers.scheduler.leases import Leases
 from workers.scheduler.outcome import RecipientReply
 from workers.scheduler.plan import Destination, Job
 
@@ -74,6 +75,7 @@ class WorkerLink:
 class Dispatch(Outcomes):
     _draining: bool
     _stopping: bool
+    leases: Leases | None
 
     def _init_dispatch(self) -> None:
         self.sessions: dict[int, Session] = {}
@@ -121,6 +123,9 @@ class Dispatch(Outcomes):
             worker.sessions.add(sid)
             dest.open_session(now)
             worker.send(messages.Open(sid, dest.name, job.id, job.msgid, job.rcpts))
+        if self.plan.short_of_lease and self.leases is not None:
+            self.plan.short_of_lease = False
+            self.leases.want_more()
         suspended = [d.suspended_until for d in self.plan.destinations.values() if d.suspended_until > now and len(d)]
         if suspended:
             self._arm_wake(min(suspended))
@@ -133,7 +138,7 @@ class Dispatch(Outcomes):
         if session.closing or self._draining:  # failed (a job sent ahead comes back) or draining:
             self._close(session)  # nothing more goes to it
             return
-        if session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.limit:
+        if session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.cap:
             while (len(session.jobs) < LOOKAHEAD and len(dest)
                    and session.jobs_sent < dest.limits.max_messages_per_connection
                    and (not session.jobs or self._window_full(dest)) and dest.take_token(now)):
@@ -149,7 +154,7 @@ class Dispatch(Outcomes):
 
     def _window_full(self, dest: Destination) -> bool:
         """No new session may open for `dest`: more of its jobs go ahead on open ones."""
-        return dest.in_flight >= dest.limit or len(self.sessions) >= self.config.delivery.max_connections
+        return dest.in_flight >= dest.cap or len(self.sessions) >= self.config.delivery.max_connections
 
     def _give(self, session: Session, job: Job, now: float) -> None:
         """The next job on an open session."""
@@ -164,12 +169,12 @@ class Dispatch(Outcomes):
         that shrank (a failed session, a reload) below the open sessions closes parked ones."""
         for name in list(self.parked):
             parked, dest = self.parked[name], self.plan.destinations.get(name)
-            if dest is not None and dest.in_flight > dest.limit:
+            if dest is not None and dest.in_flight > dest.cap:
                 closing = sum(1 for s in self.sessions.values() if s.dest is dest and s.closing)
-                for session in list(parked.values())[:dest.in_flight - closing - dest.limit]:
+                for session in list(parked.values())[:dest.in_flight - closing - dest.cap]:
                     self._close(session)
             while (parked and dest is not None and len(dest) and now >= dest.suspended_until
-                   and dest.in_flight <= dest.limit and dest.take_token(now)):
+                   and dest.in_flight <= dest.cap and dest.take_token(now)):
                 _sid, session = parked.popitem()
                 session.idle_since = 0.0
                 self._give(session, dest.pop(), now)

@@ -18,6 +18,7 @@ over one state, each owning its part of it:
   tracking.py    the messages tracked, their timers, the running counts (tally.py)
   flush.py       outcomes applied in memory, written to the spool in batches
   dispatch.py    sessions and jobs: dispatch, parking, lookahead, Done/Closed
+  leases.py      with [cluster] redis: per-destination session slots leased in Redis
   operations.py  the operator's hold/release/retry/delete (mta/queueops.py's rules)
   plan.py, outcome.py, tally.py: the pure rules they use.
 
@@ -46,6 +47,7 @@ from mta.spool import open_spool
 from mtaqueue.ids import MessageId
 from workers.process import WorkerBody, WorkerProcess, run_worker
 from workers.scheduler.dispatch import WorkerLink
+from workers.scheduler.leases import Leases
 from workers.scheduler.operations import Operations
 from workers.scheduler.tally import Tally, recount
 
@@ -66,6 +68,7 @@ class Scheduler(Operations, WorkerBody):
         self._init_tracking()
         self._init_outcomes()
         self._init_dispatch()
+        self.leases = None  # start(): with [cluster] redis, fixed until restart
         self._peers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._draining = False  # nothing new is dispatched; outcomes still come (drain())
         self._stopping = False  # drained: peers are closed, the last flush runs
@@ -84,6 +87,12 @@ class Scheduler(Operations, WorkerBody):
         logs.event("ready", loaded=loaded, ready_jobs=self.plan.ready_jobs(), backlog=self.backlog or None)
         self._tasks = [loop.create_task(self._rescan_forever()), loop.create_task(self._gauges_forever()),
                        loop.create_task(self._expire_parked_forever())]
+        if self.config.cluster.redis:
+            self.plan.shared_start = 0  # no session before a lease
+            for dest in self.plan.destinations.values():
+                dest.shared = 0
+            self.leases = Leases(self.config.cluster, self.plan.destinations.values, self._schedule_dispatch)
+            self._tasks.append(loop.create_task(self.leases.run_forever()))
         self._schedule_dispatch()
 
     def status(self) -> int:
@@ -117,6 +126,8 @@ class Scheduler(Operations, WorkerBody):
         for writer in self._peers.values():
             writer.close()
         await asyncio.gather(*self._tasks, *self._peers, return_exceptions=True)
+        if self.leases is not None:
+            await self.leases.release_all()
         await self.writes.flush_all()
         self.writes.close()
         self.backend.close()

@@ -5,11 +5,17 @@ its ready jobs ordered by (priority desc, arrival, sequence) and a Window: the n
 concurrent sessions allowed, which starts at `initial_concurrency`, grows by one per
 successful session up to `concurrency`, halves on a session that could not be
 established, and suspends the destination for a while when that happens at window 1
-(cf. Postfix qmgr_feedback). An optional token bucket caps messages per second.
+(cf. Postfix qmgr_feedback). An optional token bucket caps messages per second; with
+a cluster lease the bucket is the cluster's, in Redis, and the local one only holds the
+tokens fetched from it in batches.
 
 `next_destination` picks, among destinations that may open a session now, the one whose
 best job has the highest priority, and among equals the one served longest ago, so a
 huge domain never starves a small one.
+
+With [cluster] redis set, `shared` is the number of session slots this node holds in the
+destination's cluster lease (leases.py): sessions open within it only; None: no lease
+applies (no cluster, or Redis down with on_redis_down = "local").
 
 Invariants: 0 <= in_flight <= limit for every destination with no pending shrink;
 every queued job appears in exactly one destination heap. A Destination changes its own
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from mtaqueue.ids import MessageId
 
 SUSPEND_SECONDS = 60.0
+SHARED_TOKEN_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -56,6 +63,8 @@ class Destination:
     last_served: float = 0.0
     tokens: float = 0.0
     tokens_at: float = 0.0
+    shared: int | None = None  # slots held in the cluster lease; None = none applies
+    wants_tokens: bool = False  # out of the cluster's rate tokens: leases.py asks Redis for a batch
     _heap: list[tuple[int, float, int, Job]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,6 +74,11 @@ class Destination:
     @property
     def limit(self) -> int:
         return max(1, min(int(self.window), self.limits.concurrency))
+
+    @property
+    def cap(self) -> int:
+        """Sessions allowed now: the window, within the cluster lease if one applies."""
+        return self.limit if self.shared is None else min(self.limit, self.shared)
 
     def push(self, job: Job, seq: int) -> None:
         heapq.heappush(self._heap, (-job.priority, job.arrival, seq, job))
@@ -109,6 +123,12 @@ class Destination:
         rate = self.limits.max_messages_per_second
         if rate <= 0:
             return True
+        if self.shared is not None:  # the cluster's bucket: tokens come in batches from Redis (leases.py)
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return True
+            self.wants_tokens = True
+            return False
         self.tokens = min(max(1.0, rate), self.tokens + (now - self.tokens_at) * rate)
         self.tokens_at = now
         if self.tokens >= 1.0:
@@ -118,6 +138,8 @@ class Destination:
 
     def token_wait(self, now: float) -> float:
         rate = self.limits.max_messages_per_second
+        if rate > 0 and self.shared is not None:
+            return min(SHARED_TOKEN_POLL_SECONDS, 1.0 / rate)  # or sooner: a batch from Redis dispatches
         return 0.0 if rate <= 0 else max(0.0, (1.0 - self.tokens) / rate)
 
     def wait_for_token(self, now: float) -> float:
@@ -136,18 +158,27 @@ class Destination:
         self.window = max(1.0, self.window / 2.0)
 
     def may_open(self, now: float) -> bool:
-        return bool(self._heap) and self.in_flight < self.limit and now >= self.suspended_until
+        return bool(self._heap) and self.in_flight < self.cap and now >= self.suspended_until
+
+    def short_of_lease(self, now: float) -> bool:
+        """Ready, within its window, and only the cluster lease holds it back."""
+        return self.wants_tokens or (self.shared is not None and bool(self._heap)
+                                     and self.shared <= self.in_flight < self.limit and now >= self.suspended_until)
 
 
 class Plan:
     def __init__(self) -> None:
         self.destinations: dict[str, Destination] = {}
         self._seq = itertools.count()
+        self.shared_start: int | None = None  # a new destination's lease: 0 with [cluster] redis (ask first)
+        self.short_of_lease = False  # set by next_destination: a destination waits for lease slots
 
     def destination(self, name: str, limits: Limits) -> Destination:
         dest = self.destinations.get(name)
         if dest is None:
-            dest = self.destinations[name] = Destination(name, limits)
+            dest = self.destinations[name] = Destination(name, limits, shared=self.shared_start)
+            if self.shared_start is not None:
+                dest.tokens = 0.0  # no burst of the node's own: rate tokens come from the cluster's bucket
         else:
             dest.limits = limits  # a reload may have changed them
         return dest
@@ -160,6 +191,7 @@ class Plan:
         best_key: tuple[int, float] | None = None
         for dest in self.destinations.values():
             if not dest.may_open(now):
+                self.short_of_lease = self.short_of_lease or dest.short_of_lease(now)
                 continue
             top = dest.peek()
             assert top is not None
@@ -174,5 +206,5 @@ class Plan:
     def forget_idle(self) -> None:
         """Drop destinations with nothing queued or open (their windows restart from slow start)."""
         for name in [n for n, d in self.destinations.items() if not d and not d.in_flight
-                     and d.suspended_until == 0.0]:
+                     and d.suspended_until == 0.0 and not d.shared]:  # a lease is given back first
             del self.destinations[name]
