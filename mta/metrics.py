@@ -172,14 +172,16 @@ INBOUND_BUFFERED_LIMIT = Gauge(
     "worker.", multiprocess_mode="livemax")
 CLUSTER_REDIS_UP = Gauge(
     "mta_cluster_redis_up", "1 while [cluster] redis answers, 0 while it does not (then [cluster] on_redis_down "
-    "decides); the lowest over the live processes of that side (inbound).", ["side"], multiprocess_mode="livemin")
+    "decides); the lowest over the live processes of that side (inbound, delivery: the scheduler's leases).", ["side"],
+    multiprocess_mode="livemin")
 CLUSTER_REDIS_OUTAGES = Counter(
     "mta_cluster_redis_outages_total", "Times a process found [cluster] redis down (once per outage, logged as "
     "event=cluster_redis_down).", ["side"])
 CLUSTER_SHARED_DECISIONS = Counter(
     "mta_cluster_shared_decisions_total", "Decisions of the cluster-wide limits. limit: connection_rate, "
-    "message_rate, recipient_rate, auth_lockout; result: allowed, refused (by Redis, or a full window remembered), local "
-    "(Redis down: the node's own limit decided), tempfail (Redis down: 4xx).", ["limit", "result"])
+    "message_rate, recipient_rate, auth_lockout (inbound), concurrency, rate (delivery); result: allowed, refused "
+    "(by Redis, or a full window remembered), waiting (no slot or token yet), local (Redis down: the node's own "
+    "limit decided), tempfail (Redis down: 4xx, or no new session).", ["limit", "result"])
 PICKUP_FILES = Counter(
     "mta_pickup_files_total", "Maildrop files the pickup took (mta-sendmail's mail). result: committed (queued), "
     "corrupt (refused, set aside in <maildrop>/corrupt/).", ["result"])
@@ -203,9 +205,6 @@ QUEUE_MAP_USED_BYTES = Gauge(
     "mta_queue_map_used_bytes", "Spool LMDB pages up to the highest one ever written (free pages inside are "
     "reused). Near mta_queue_map_bytes, writes fail with 452 4.3.1 even below max_size_bytes.",
     multiprocess_mode="livemax")
-CLUSTER_REDIS_UP = Gauge("mta_cluster_redis_up", "Redis answers (1) or not (0)", multiprocess_mode="livemin")
-CLUSTER_DECISIONS = Counter("mta_cluster_shared_decisions_total", "Shared limit decisions by limit and result",
-                            ["limit", "result"])
 CLUSTER_LEASE_WAIT_SECONDS = Histogram(
     "mta_cluster_lease_wait_seconds", "Time a destination with ready mail waited for cluster session slots.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

@@ -59,6 +59,11 @@ class RedisServer:
         except OSError:
             return False
 
+    def cli(self, *args: str) -> str:
+        """redis-cli's answer to one command on this server (to look at keys from a test)."""
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=5)
+        return done.stdout.decode().strip()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -11,64 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import subprocess
 import time
 import tomllib
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MtaServer, free_port, wait_until
+from tests.integration.conftest import MtaServer, wait_until
 from tests.integration.sink import SmtpSink
 from tests.integration.test_delivery import FAST_RETRY, send_all
+from tests.redisserver import RedisServer, redis_server  # noqa: F401 (a fixture)
 from workers.scheduler.leases import LEASE_SECONDS, lease_keys
 
 pytestmark = pytest.mark.integration
 
 DOMAIN = "sink.test"
-
-
-class RedisServer:
-    """A private redis-server: its own port and directory, never the system one."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.directory.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.cli("PING") == "PONG", 5, "redis-server answering PING")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(5)
-            self.proc = None
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=5)
-        return done.stdout.decode().strip()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def node(mta_server, sink: SmtpSink, redis: RedisServer, name: str, *, on_redis_down: str = "local",
@@ -193,7 +151,7 @@ def test_redis_down_local_fallback(mta_server, redis_server: RedisServer) -> Non
                                            sink, redis_server)
         sink.wait_for_messages(5, timeout=20)  # the node's own limits
         wait_until(lambda: b"event=cluster_redis_down" in one.log_bytes(), 10, "the outage logged", one)
-        assert "mta_cluster_redis_up 0.0" in scrape(one)
+        assert 'mta_cluster_redis_up{side="delivery"} 0.0' in scrape(one)
         assert 'mta_cluster_shared_decisions_total{limit="concurrency",result="local"}' in scrape(one)
 
 

@@ -58,7 +58,7 @@ def test_full_config_parses() -> None:
     ({"rate": {"window_seconds": 0}}, "[rate] window_seconds: must be > 0"),
     ({"cluster": {"redis": "127.0.0.1:6379"}}, '[cluster] redis: \'127.0.0.1:6379\': use "redis://host:port/db"'),
     ({"cluster": {"redis": "redis://r:6379/0", "on_redis_down": "wait"}},
-     '[cluster] on_redis_down: must be "local" or "tempfail"'),
+     '[cluster] on_redis_down: must be one of local, tempfail'),
     ({"limits": {"max_recipeints": 10}}, "[limits] max_recipeints: unknown key"),
     ({"limits": {"bare_newline": "allow"}}, "[limits] bare_newline: must be one of reject, normalize"),
     ({"limits": {"session_timeout_seconds": 0}}, "[limits] session_timeout_seconds: must be > 0"),

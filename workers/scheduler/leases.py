@@ -138,7 +138,7 @@ class Leases:
         self._wake.set()
 
     async def run_forever(self) -> None:
-        metrics.CLUSTER_REDIS_UP.set(0)
+        metrics.CLUSTER_REDIS_UP.labels("delivery").set(0)
         while True:
             pending = await self._sync()
             self._on_change()
@@ -182,12 +182,12 @@ class Leases:
         pending = self._got_tokens(tokens, answers[len(asks):])
         if self.up is not True:
             self.up = True
-            metrics.CLUSTER_REDIS_UP.set(1)
+            metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
             logs.event("cluster_redis_up", node=self.node)
         for (dest, want), grant in zip(asks, grants):
             grant = int(grant)
             if want > (dest.shared or 0):
-                metrics.CLUSTER_DECISIONS.labels("concurrency", "allowed" if grant > (dest.shared or 0)
+                metrics.CLUSTER_SHARED_DECISIONS.labels("concurrency", "allowed" if grant > (dest.shared or 0)
                                                  else "waiting").inc()
             if want > grant:
                 self._waiting.setdefault(dest.name, time.monotonic())
@@ -221,13 +221,13 @@ class Leases:
             dest.tokens += int(grant)
             dest.wants_tokens = False
             pending = pending or not grant
-            metrics.CLUSTER_DECISIONS.labels("rate", "allowed" if grant else "waiting").inc()
+            metrics.CLUSTER_SHARED_DECISIONS.labels("rate", "allowed" if grant else "waiting").inc()
         return pending
 
     def _down(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]], error: str) -> None:
         if self.up is not False:
             self.up = False
-            metrics.CLUSTER_REDIS_UP.set(0)
+            metrics.CLUSTER_REDIS_UP.labels("delivery").set(0)
             logs.event("cluster_redis_down", node=self.node, fallback=self.on_redis_down, error=error,
                        action="check [cluster] redis and the Redis server; limits are "
                        + ("this node's own" if self.on_redis_down == "local" else "held: no new sessions"))
@@ -238,9 +238,9 @@ class Leases:
             else:
                 dest.shared = min(dest.shared or 0, dest.in_flight)
             if want > dest.in_flight:
-                metrics.CLUSTER_DECISIONS.labels("concurrency", self.on_redis_down).inc()
+                metrics.CLUSTER_SHARED_DECISIONS.labels("concurrency", self.on_redis_down).inc()
         for dest, _want in tokens:
             dest.wants_tokens = False
             if self.on_redis_down == "local":
                 dest.shared = None  # the node's own bucket
-            metrics.CLUSTER_DECISIONS.labels("rate", self.on_redis_down).inc()
+            metrics.CLUSTER_SHARED_DECISIONS.labels("rate", self.on_redis_down).inc()
