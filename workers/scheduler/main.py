@@ -11,7 +11,7 @@ way (a peer of another build is refused), then:
                     scheduler: Open(sid, dest, job) / Job(sid, job) / Close(sid)
                     worker:    Done(sid, job_id, replies, remote, failed, skipped, handoff) / Closed(sid, ok)
   the CLI, control  QueueCommand(op: retry|hold|release|delete, ids|domain|all) -> CommandResult,
-                    ActiveQuery -> ActiveJobs, GaugeQuery -> DestinationGauges
+                    ActiveQuery -> ActiveJobs (after the pending outcomes are written), GaugeQuery -> DestinationGauges
 
 The scheduler's concepts are one module each (cf. Postfix qmgr), mixins of Scheduler
 over one state, each owning its part of it:
@@ -191,7 +191,10 @@ class Scheduler(Operations, WorkerBody):
                     case messages.QueueCommand():  # on disk before the answer; progress while it runs
                         answer = await self._command(message, lambda m: writer.write(frames.encode_stream_frame(m)))
                         writer.write(frames.encode_stream_frame(answer))
-                    case messages.ActiveQuery() | messages.GaugeQuery():
+                    case messages.ActiveQuery():  # the outcomes already in are on disk before the answer:
+                        await self.writes.flush_now()  # the asker (an export) reads the spool next
+                        writer.write(frames.encode_stream_frame(self._query(message)))
+                    case messages.GaugeQuery():
                         writer.write(frames.encode_stream_frame(self._query(message)))
                     case _:
                         raise messages.unexpected(message, f"from a {hello.role} peer")
