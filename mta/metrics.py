@@ -179,7 +179,7 @@ CLUSTER_REDIS_OUTAGES = Counter(
     "event=cluster_redis_down).", ["side"])
 CLUSTER_SHARED_DECISIONS = Counter(
     "mta_cluster_shared_decisions_total", "Decisions of the cluster-wide limits. limit: connection_rate, "
-    "message_rate, recipient_rate, auth_lockout (inbound), concurrency, rate (delivery); result: allowed, refused "
+    "message_rate, recipient_rate, auth_lockout (inbound), concurrency, rate, max_connections (delivery); result: allowed, refused "
     "(by Redis, or a full window remembered), waiting (no slot or token yet), local (Redis down: the node's own "
     "limit decided), tempfail (Redis down: 4xx, or no new session).", ["limit", "result"])
 PICKUP_FILES = Counter(

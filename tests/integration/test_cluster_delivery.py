@@ -22,7 +22,7 @@ from tests.integration.conftest import MtaServer, wait_until
 from tests.integration.sink import SmtpSink
 from tests.integration.test_delivery import FAST_RETRY, send_all
 from tests.redisserver import RedisServer, redis_server  # noqa: F401 (a fixture)
-from workers.scheduler.leases import LEASE_SECONDS, lease_keys
+from workers.scheduler.leases import LEASE_SECONDS, TOTAL_KEYS, lease_keys
 
 pytestmark = pytest.mark.integration
 
@@ -170,3 +170,33 @@ def test_redis_down_tempfail_holds_new_sessions_until_redis_is_back(mta_server, 
         log = one.log_bytes()
         assert b"event=cluster_redis_down" in log and log.rindex(b"event=cluster_redis_up") > log.index(
             b"event=cluster_redis_down")
+
+
+DOMAINS = ("a.sink.test", "b.sink.test", "c.sink.test")
+
+
+def test_max_connections_is_a_cluster_total(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    # Three destinations allowed 3 sessions each for the cluster, on two nodes allowed 3
+    # sessions in total each: only max_connections as a cluster total keeps it to 3.
+    with SmtpSink(delay_seconds=0.2) as sink:
+        nodes = [mta_server(
+            server={"inbound_workers": 1, "drain_timeout_seconds": 1},
+            relay={"relay_domains": list(DOMAINS), "mynetworks": ["127.0.0.1/32"]},
+            delivery={"workers": 1, "max_connections": 3, "concurrency": 3, "initial_concurrency": 3,
+                      "max_messages_per_connection": 2, "connection_idle_seconds": 0.2, **FAST_RETRY},
+            routes={d: f"{sink.address}:{sink.port}" for d in DOMAINS},
+            cluster={"redis": redis_server.url, "node": name}) for name in ("n1", "n2")]
+
+        def spread(tag: str) -> list[tuple[str, list[str], bytes]]:  # over the three destinations
+            return [(sender, [f"u{i}@{DOMAINS[i % 3]}"], data) for i, (sender, _rcpts, data) in enumerate(mails(tag, 30))]
+
+        async def load() -> None:
+            await asyncio.gather(send_all(nodes[0].port, spread("one")), send_all(nodes[1].port, spread("two")))
+
+        asyncio.run(load())
+        sink.wait_for_messages(60, timeout=60)
+        ids = message_ids(sink)
+        assert len(ids) == 60 and set(ids.values()) == {1}
+        assert sink.peak_connections == 3, sink.peak_connections  # the cluster total, and it was used
+        assert 'mta_cluster_shared_decisions_total{limit="max_connections",result="allowed"}' in scrape(nodes[0])
+        wait_until(lambda: redis_server.cli("EXISTS", TOTAL_KEYS[0]) == "0", 10, "the total lease given back")

@@ -101,10 +101,12 @@ class Dispatch(Outcomes):
             if dest is None:
                 break
             worker = None
-            if len(self.sessions) < self.config.delivery.max_connections:
+            if len(self.sessions) < self.max_sessions():
                 worker = min((w for w in self.workers if len(w.sessions) < w.capacity),
                              key=lambda w: len(w.sessions), default=None)
             if worker is None:
+                if self.leases is not None and self.max_sessions() <= len(self.sessions) < self.config.delivery.max_connections:
+                    self.leases.want_more()  # the cluster's max_connections lease is full: ask for more
                 # Every slot is taken: a parked session of another destination gives its
                 # slot up (one at a time; its "closed" dispatches again).
                 if not self._yielding and self.parked:
@@ -138,7 +140,8 @@ class Dispatch(Outcomes):
         if session.closing or self._draining:  # failed (a job sent ahead comes back) or draining:
             self._close(session)  # nothing more goes to it
             return
-        if session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.cap:
+        if (session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.cap
+                and len(self.sessions) <= self.max_sessions()):  # above a shrunk cluster share: close
             while (len(session.jobs) < LOOKAHEAD and len(dest)
                    and session.jobs_sent < dest.limits.max_messages_per_connection
                    and (not session.jobs or self._window_full(dest)) and dest.take_token(now)):
@@ -154,7 +157,14 @@ class Dispatch(Outcomes):
 
     def _window_full(self, dest: Destination) -> bool:
         """No new session may open for `dest`: more of its jobs go ahead on open ones."""
-        return dest.in_flight >= dest.cap or len(self.sessions) >= self.config.delivery.max_connections
+        return dest.in_flight >= dest.cap or len(self.sessions) >= self.max_sessions()
+
+    def max_sessions(self) -> int:
+        """Sessions the node may have open: [delivery] max_connections, within its share of
+        the cluster's total when [cluster] redis is set (leases.py)."""
+        limit = self.config.delivery.max_connections
+        total = None if self.leases is None else self.leases.total
+        return limit if total is None else min(limit, total)
 
     def _give(self, session: Session, job: Job, now: float) -> None:
         """The next job on an open session."""

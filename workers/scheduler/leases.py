@@ -1,4 +1,4 @@
-"""Cluster leases: per-destination concurrency as a cluster total, held in Redis ([cluster]).
+"""Cluster leases: per-destination concurrency and max_connections as cluster totals, in Redis ([cluster]).
 
 A node holds, per destination, a lease of k session slots in Redis: the hash
 `mta:conc:{<dest>}:held` (node -> k) with each node's expiry in the sorted set
@@ -13,6 +13,13 @@ sessions down to it as their jobs end (never one in the middle of a message). Th
 and no room, renews every RENEW_SECONDS, and gives slots back when sessions close
 (want = open sessions + ready jobs, capped by the window).
 
+[delivery] max_connections (outbound sessions in total) is a cluster total the same way:
+one more lease, on the cluster-wide keys TOTAL_KEYS, with want = the node's open sessions
+plus the sessions its destinations could open now (each within its window and its
+lease), capped by max_connections; `total` holds the node's grant. The dispatcher opens
+sessions within it without asking Redis (dispatch.py max_sessions), asks for more when it
+is full and mail waits, and it is renewed and given back with the others (the same round trip).
+
 Message rate (max_messages_per_second): one token bucket per destination for the
 cluster, `mta:rate:{<dest>}` (RATE_LUA, refilled by Redis's clock). A node out of
 local tokens takes a batch of up to TOKEN_BATCH_SECONDS' worth (at most its ready
@@ -20,8 +27,8 @@ jobs), so a message costs a fraction of a round trip, not one.
 
 Redis down ([cluster] on_redis_down): "local": each destination's `shared` is None,
 the node's own full limits (the cluster total is not divided by the node count: nodes
-do not know how many are alive without Redis); "tempfail": no session beyond those
-already open. Either is logged once per outage and counted. Redis calls run on this
+do not know how many are alive without Redis), and `total` is None (the node's own
+max_connections); "tempfail": no session beyond those already open. Either is logged once per outage and counted. Redis calls run on this
 task with short timeouts: the scheduler's loop never waits for them.
 """
 
@@ -97,6 +104,9 @@ return grant
 TOKEN_BATCH_SECONDS = 0.2  # a batch of rate tokens is at most this long's worth
 
 
+TOTAL_KEYS = ["mta:sessions:{total}:held", "mta:sessions:{total}:exp"]  # max_connections for the cluster
+
+
 def rate_key(dest: str) -> str:
     return f"mta:rate:{{{dest}}}"
 
@@ -119,12 +129,28 @@ def want_of(dest: Destination, now: float) -> int:
     return dest.in_flight
 
 
+def want_total(destinations: Iterable[Destination], open_sessions: int, max_connections: int, now: float) -> int:
+    """Sessions in total the node could use now: those open, plus those its destinations
+    could open within their windows and leases (a destination waiting for its own lease
+    asks for total slots once it has it)."""
+    more = 0
+    for dest in destinations:
+        want = want_of(dest, now)
+        if dest.shared is not None:
+            want = min(want, max(dest.shared, dest.in_flight))
+        more += max(0, want - dest.in_flight)
+    return min(max_connections, open_sessions + more)
+
+
 class Leases:
     def __init__(self, config: ClusterConfig, destinations: Callable[[], Iterable[Destination]],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], sessions: Callable[[], tuple[int, int]]) -> None:
+        """`sessions`: the node's open sessions and its [delivery] max_connections (read at each sync)."""
         self.node = config.node or socket.gethostname()
         self.on_redis_down = config.on_redis_down
         self._destinations = destinations
+        self._sessions = sessions
+        self.total: int | None = 0  # slots of the cluster's max_connections held; None: the node's own
         self._on_change = on_change
         self._client = aioredis.Redis.from_url(config.redis, socket_timeout=REDIS_TIMEOUT_SECONDS,
                                                socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
@@ -156,7 +182,7 @@ class Leases:
         """At close: this node's leases go back now, not at their expiry."""
         held = [(dest, 0) for dest in self._destinations() if dest.shared]
         try:
-            await self._call(held, [], release=True)
+            await self._call(held, [], (0, 0) if self.total else None, release=True)
         except (RedisError, OSError) as exc:
             logs.event("cluster_release_failed", node=self.node, destinations=len(held), error=str(exc),
                        action=f"nothing to do: the leases expire within {LEASE_SECONDS:g} s")
@@ -168,18 +194,27 @@ class Leases:
         asks = [(dest, want_of(dest, now)) for dest in self._destinations()]
         asks = [(d, w) for d, w in asks if w or d.shared]
         tokens = [(d, token_batch(d)) for d in self._destinations() if d.wants_tokens]
-        if not asks and not tokens:
+        open_sessions, max_connections = self._sessions()
+        total = (want_total(self._destinations(), open_sessions, max_connections, now), open_sessions)
+        if not total[0] and not self.total:
+            total = None
+        if not asks and not tokens and total is None:
             return False
         try:
-            answers = await self._call(asks, tokens)
+            answers = await self._call(asks, tokens, total)
         except NoScriptError:  # Redis restarted (or SCRIPT FLUSH): load them again, ask again soon
             self._shas = None
             return True
         except (RedisError, OSError) as exc:
-            self._down(asks, tokens, str(exc))
+            self._down(asks, tokens, total, str(exc))
             return False
+        if total is not None:
+            pending = self._got_total(total[0], answers.pop())
+        else:
+            pending = False
+            self.total = 0  # Redis answers (again): no lease held, none assumed
         grants = answers[:len(asks)]
-        pending = self._got_tokens(tokens, answers[len(asks):])
+        pending = self._got_tokens(tokens, answers[len(asks):]) or pending
         if self.up is not True:
             self.up = True
             metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
@@ -200,8 +235,9 @@ class Leases:
         return pending
 
     async def _call(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]],
-                    release: bool = False) -> list[int]:
-        """Lease and rate scripts in one pipeline: one round trip (EVALSHA, no SCRIPT EXISTS each time)."""
+                    total: tuple[int, int] | None, release: bool = False) -> list[int]:
+        """Lease and rate scripts in one pipeline: one round trip (EVALSHA, no SCRIPT EXISTS each time).
+        `total`: (want, open sessions) of the max_connections lease, its answer last."""
         if self._shas is None:
             self._shas = (await self._client.script_load(LEASE_LUA), await self._client.script_load(RATE_LUA))
         lease, rate = self._shas
@@ -212,7 +248,17 @@ class Leases:
                              0 if release else dest.in_flight)
             for dest, want in tokens:
                 pipe.evalsha(rate, 1, rate_key(dest.name), dest.limits.max_messages_per_second, want)
+            if total is not None:
+                pipe.evalsha(lease, 2, *TOTAL_KEYS, self.node, total[0], self._sessions()[1], ttl, total[1])
             return [int(answer) for answer in await pipe.execute()]
+
+    def _got_total(self, want: int, grant: int) -> bool:
+        """The max_connections lease's answer; True while the node waits for more."""
+        if want > (self.total or 0):
+            metrics.CLUSTER_SHARED_DECISIONS.labels("max_connections", "allowed" if grant > (self.total or 0)
+                                             else "waiting").inc()
+        self.total = grant
+        return want > grant
 
     def _got_tokens(self, tokens: list[tuple[Destination, int]], grants: list[int]) -> bool:
         """Rate tokens from the cluster's buckets; True while a destination got none."""
@@ -224,7 +270,8 @@ class Leases:
             metrics.CLUSTER_SHARED_DECISIONS.labels("rate", "allowed" if grant else "waiting").inc()
         return pending
 
-    def _down(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]], error: str) -> None:
+    def _down(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]],
+              total: tuple[int, int] | None, error: str) -> None:
         if self.up is not False:
             self.up = False
             metrics.CLUSTER_REDIS_UP.labels("delivery").set(0)
@@ -239,6 +286,10 @@ class Leases:
                 dest.shared = min(dest.shared or 0, dest.in_flight)
             if want > dest.in_flight:
                 metrics.CLUSTER_SHARED_DECISIONS.labels("concurrency", self.on_redis_down).inc()
+        if total is not None:
+            self.total = None if self.on_redis_down == "local" else min(self.total or 0, total[1])
+            if total[0] > total[1]:
+                metrics.CLUSTER_SHARED_DECISIONS.labels("max_connections", self.on_redis_down).inc()
         for dest, _want in tokens:
             dest.wants_tokens = False
             if self.on_redis_down == "local":

@@ -91,7 +91,8 @@ class Scheduler(Operations, WorkerBody):
             self.plan.shared_start = 0  # no session before a lease
             for dest in self.plan.destinations.values():
                 dest.shared = 0
-            self.leases = Leases(self.config.cluster, self.plan.destinations.values, self._schedule_dispatch)
+            self.leases = Leases(self.config.cluster, self.plan.destinations.values, self._schedule_dispatch,
+                                 lambda: (len(self.sessions), self.config.delivery.max_connections))
             self._tasks.append(loop.create_task(self.leases.run_forever()))
         self._schedule_dispatch()
 
