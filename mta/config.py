@@ -19,7 +19,7 @@ import tomllib
 import typing
 from typing import Any, Final
 
-from mta import contentcheck, lists
+from mta import contentcheck, lists, redisclient
 from mta.mailboxes import check_local
 from mta.sections import (  # re-exported: callers import the types from mta.config
     AntivirusConfig as AntivirusConfig,
@@ -410,8 +410,8 @@ def _check_security(config: Config, fail: Any) -> None:
     if auth.max_failures < 1 or auth.slow_after_failures < 0:
         fail("[auth] max_failures", "must be >= 1 (and slow_after_failures >= 0)")
     cluster = config.cluster
-    if cluster.redis and not cluster.redis.startswith(("redis://", "rediss://", "unix://")):
-        fail("[cluster] redis", f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db"')
+    for key, why in redisclient.problems(cluster):
+        fail(key, why)
     if cluster.on_redis_down not in ON_REDIS_DOWN:
         fail("[cluster] on_redis_down", f"must be one of {', '.join(ON_REDIS_DOWN)}, got {cluster.on_redis_down!r}")
     rate = config.rate

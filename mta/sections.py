@@ -225,6 +225,9 @@ class ClusterConfig:
     redis: str = ""  # "redis://host:port/db" or "rediss://..."; empty: no cluster, every limit is the node's own
     node: str = ""  # this node's name; empty: the host name
     on_redis_down: str = "local"  # "local": the node's own limits; "tempfail": 4xx where a shared decision is needed
+    redis_ca_file: str = ""  # rediss://: the CA that signed Redis's certificate (PEM); empty: the system's CAs
+    redis_cert_file: str = ""  # rediss://: a client certificate (PEM), for a Redis with tls-auth-clients
+    redis_key_file: str = ""  # its private key
 
 
 @dataclass(frozen=True)

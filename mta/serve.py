@@ -42,7 +42,7 @@ import resource
 import shutil
 import time
 
-from mta import logs
+from mta import logs, redisclient
 from mta.config import Config
 from mta.master.listeners import ServeError, bind_all
 from mta.tls import TlsError, server_context
@@ -177,6 +177,9 @@ def serve(config: Config, found_by: str = "-c") -> int:
         server_context(config.tls)  # refuse to start on a bad certificate, before any fork
     except TlsError as exc:
         raise ServeError(str(exc)) from None
+    problem = redisclient.check_at_start(config.cluster)  # a Redis TLS setting that cannot work
+    if problem:
+        raise ServeError(problem)
     fds = raise_fd_limit()
     lock_fd = lock_spool(config.queue.path)
     try:

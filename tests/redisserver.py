@@ -2,6 +2,8 @@
 
 Never the system's Redis. stop() and start() again keep the port (a node's [cluster]
 redis URL stays valid across a restart); nothing is saved, so a restart starts empty.
+With `pki` (tests/integration/tlscerts.py) it listens with TLS only, requiring a client
+certificate signed by the test CA (tls-auth-clients yes, Redis's default); its url is rediss://.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.tlscerts import Pki
+
 REDIS_SERVER = "/usr/bin/redis-server"
 START_SECONDS = 10.0
 
@@ -26,21 +30,31 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pki: Pki | None = None) -> None:
         self.directory = directory
         self.port = _free_port()
+        self.pki = pki
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.pki else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def _tls_args(self, server: bool) -> list[str]:
+        if self.pki is None:
+            return []
+        pki = self.pki
+        if server:
+            return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(pki.cert),
+                    "--tls-key-file", str(pki.key), "--tls-ca-cert-file", str(pki.ca)]
+        return ["--tls", "--cacert", str(pki.ca), "--cert", str(pki.cert), "--key", str(pki.key)]
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = (self.directory / "redis.log").open("ab")
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=log, stderr=subprocess.STDOUT)
+             "--dir", str(self.directory), *self._tls_args(server=True)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
@@ -52,6 +66,8 @@ class RedisServer:
         raise RuntimeError(f"redis-server on port {self.port} did not start: see {self.directory / 'redis.log'}")
 
     def ping(self) -> bool:
+        if self.pki is not None:
+            return self.cli("PING") == "PONG"
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
@@ -61,7 +77,8 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """redis-cli's answer to one command on this server (to look at keys from a test)."""
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=5)
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *self._tls_args(server=False), *args],
+                              capture_output=True, timeout=5)
         return done.stdout.decode().strip()
 
     def stop(self) -> None:

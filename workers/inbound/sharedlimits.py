@@ -34,12 +34,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from mta import logs, metrics
+from mta import logs, metrics, redisclient
 from mta.config import Config
 from mta.smtp.replies import Reply
 from workers.inbound.decision import Decision
@@ -92,9 +89,8 @@ class SharedLimits:
         self._rate, self._auth = config.rate, config.auth
         self._tempfail = config.cluster.on_redis_down == "tempfail"
         self._local = local
-        self._redis = aioredis.Redis.from_url(
-            config.cluster.redis, socket_timeout=REDIS_TIMEOUT_SECONDS,
-            socket_connect_timeout=REDIS_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 0))
+        self._cluster = config.cluster
+        self._redis = redisclient.client(config.cluster, REDIS_TIMEOUT_SECONDS, no_retry=True)
         self._charge_script = self._redis.register_script(_CHARGE)
         self._fail_script = self._redis.register_script(_FAIL)
         self._up: bool | None = None  # None: not asked yet
@@ -236,7 +232,7 @@ class SharedLimits:
             self._up = False
             metrics.CLUSTER_REDIS_OUTAGES.labels("inbound").inc()
             logs.event("cluster_redis_down", error=f"{type(exc).__name__}: {exc}",
-                       fallback="tempfail" if self._tempfail else "local")
+                       fallback="tempfail" if self._tempfail else "local", action=redisclient.action(self._cluster, exc))
 
     def _came_up(self) -> None:
         self._up_gauge.set(1)

@@ -40,10 +40,9 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from mta import logs, metrics
+from mta import logs, metrics, redisclient
 from mta.sections import ClusterConfig
 from workers.scheduler.plan import Destination
 
@@ -152,8 +151,8 @@ class Leases:
         self._sessions = sessions
         self.total: int | None = 0  # slots of the cluster's max_connections held; None: the node's own
         self._on_change = on_change
-        self._client = aioredis.Redis.from_url(config.redis, socket_timeout=REDIS_TIMEOUT_SECONDS,
-                                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        self._config = config
+        self._client = redisclient.client(config, REDIS_TIMEOUT_SECONDS)
         self._shas: tuple[str, str] | None = None  # the scripts' SHA1s once loaded into this Redis
         self._wake = asyncio.Event()
         self._waiting: dict[str, float] = {}  # destination -> when it first wanted more than its lease
@@ -276,7 +275,7 @@ class Leases:
             self.up = False
             metrics.CLUSTER_REDIS_UP.labels("delivery").set(0)
             logs.event("cluster_redis_down", node=self.node, fallback=self.on_redis_down, error=error,
-                       action="check [cluster] redis and the Redis server; limits are "
+                       action=redisclient.action(self._config, error) + "; limits are "
                        + ("this node's own" if self.on_redis_down == "local" else "held: no new sessions"))
         self._waiting.clear()
         for dest, want in asks:

@@ -1,0 +1,110 @@
+"""The Redis client of [cluster]: its URL forms, its TLS files, and what a failure means.
+
+One place builds the client that the inbound workers (sharedlimits.py) and the
+scheduler (leases.py) use, from [cluster]:
+  redis://host:port/db      plain TCP
+  rediss://host:port/db     TLS: the server's certificate is verified against
+                            redis_ca_file (empty: the system's CAs) and its host name;
+                            redis_cert_file + redis_key_file: a client certificate, for
+                            a Redis with tls-auth-clients
+  unix:///path?db=N         a local socket
+`problems` checks the settings without I/O (config.py); `check_at_start` connects once
+before the master forks, so a certificate that does not verify stops `mta serve` with
+what to fix, while a Redis that is only down lets it start (the on_redis_down fallback).
+`action` turns an error into the operator's next step for the cluster_redis_down log.
+
+redis is imported inside the functions: the CLI's other commands do not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from typing import Any
+
+from mta.sections import ClusterConfig
+
+START_TIMEOUT_SECONDS = 3.0
+SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def problems(cluster: ClusterConfig) -> list[tuple[str, str]]:
+    """(key, what to fix) for every wrong [cluster] setting; no I/O beyond file existence."""
+    found: list[tuple[str, str]] = []
+    if cluster.redis and not cluster.redis.startswith(SCHEMES):
+        why = f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db" (TLS)'
+        found.append(("[cluster] redis", why))
+    tls_files = {"redis_ca_file": cluster.redis_ca_file, "redis_cert_file": cluster.redis_cert_file,
+                 "redis_key_file": cluster.redis_key_file}
+    if any(tls_files.values()) and not cluster.redis.startswith("rediss://"):
+        why = 'redis_ca_file, redis_cert_file and redis_key_file apply to TLS only: use a "rediss://" URL, or remove them'
+        found.append(("[cluster] redis", why))
+    if bool(cluster.redis_cert_file) != bool(cluster.redis_key_file):
+        found.append(("[cluster] redis_cert_file", "a client certificate needs both redis_cert_file and redis_key_file"))
+    for name, path in tls_files.items():
+        if path and not os.path.isfile(path):
+            found.append((f"[cluster] {name}", f"{path}: no such file"))
+    return found
+
+
+def _tls_options(cluster: ClusterConfig) -> dict[str, Any]:
+    if not cluster.redis.startswith("rediss://"):
+        return {}
+    return {"ssl_cert_reqs": "required", "ssl_check_hostname": True,
+            "ssl_ca_certs": cluster.redis_ca_file or None,
+            "ssl_certfile": cluster.redis_cert_file or None, "ssl_keyfile": cluster.redis_key_file or None}
+
+
+def client(cluster: ClusterConfig, timeout_seconds: float, no_retry: bool = False) -> Any:
+    """The asyncio client (redis.asyncio.Redis) for [cluster] redis; `no_retry`: a failed
+    command fails at once (the caller falls back) instead of being tried again."""
+    import redis.asyncio as aioredis
+    options: dict[str, Any] = {"socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds,
+                               **_tls_options(cluster)}
+    if no_retry:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        options["retry"] = Retry(NoBackoff(), 0)
+    return aioredis.Redis.from_url(cluster.redis, **options)
+
+
+def is_certificate_error(error: BaseException | str) -> bool:
+    text = str(error)
+    return "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or isinstance(
+        error, ssl.SSLCertVerificationError)
+
+
+def action(cluster: ClusterConfig, error: BaseException | str) -> str:
+    """What the operator should do about a Redis error."""
+    if is_certificate_error(error):
+        return (f"the Redis server's TLS certificate does not verify: set [cluster] redis_ca_file to the CA that "
+                f"signed it (now: {cluster.redis_ca_file or 'the system CAs'}), and check that it names the host "
+                "in [cluster] redis")
+    if "ssl" in str(error).lower() or "tls" in str(error).lower():
+        return ("the TLS handshake with Redis failed: check that [cluster] redis uses rediss:// only for a TLS port, "
+                "and redis_cert_file/redis_key_file if Redis requires a client certificate (tls-auth-clients)")
+    return "check [cluster] redis and that the Redis server runs and is reachable"
+
+
+def check_at_start(cluster: ClusterConfig) -> str | None:
+    """Connect once (PING): a TLS setting that cannot work, as the reason to refuse to start;
+    None when Redis answered, or is only unreachable (the nodes start and fall back)."""
+    if not cluster.redis:
+        return None
+    from redis.exceptions import RedisError
+
+    async def ping() -> None:
+        redis = client(cluster, START_TIMEOUT_SECONDS, no_retry=True)
+        try:
+            await redis.ping()
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(ping())
+    except (RedisError, OSError, ssl.SSLError) as exc:
+        if is_certificate_error(exc) or (cluster.redis.startswith("rediss://") and "SSL" in str(exc)):
+            return f"[cluster] redis {cluster.redis}: {exc}; {action(cluster, exc)}"
+        return None
+    return None
