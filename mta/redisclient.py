@@ -8,6 +8,9 @@ scheduler (leases.py) use, from [cluster]:
                             redis_cert_file + redis_key_file: a client certificate, for
                             a Redis with tls-auth-clients
   unix:///path?db=N         a local socket
+  redis+sentinel://h1:p1,h2:p2/MASTER/db
+                            Sentinel: the sentinels are asked where the master named
+                            MASTER is, and asked again when it stops answering (a failover)
 `problems` checks the settings without I/O (config.py); `check_at_start` connects once
 before the master forks, so a certificate that does not verify stops `mta serve` with
 what to fix, while a Redis that is only down lets it start (the on_redis_down fallback).
@@ -26,15 +29,40 @@ from typing import Any
 from mta.sections import ClusterConfig
 
 START_TIMEOUT_SECONDS = 3.0
-SCHEMES = ("redis://", "rediss://", "unix://")
+SENTINEL = "redis+sentinel://"
+SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL)
+
+
+def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """redis+sentinel://h1:p1,h2:p2/MASTER/db -> the sentinels, the master's name, the db.
+    ValueError saying what is wrong."""
+    hosts, _, path = url.removeprefix(SENTINEL).partition("/")
+    name, _, db = path.partition("/")
+    sentinels = []
+    for host in hosts.split(","):
+        address, _, port = host.rpartition(":")
+        if not address or not port.isdigit():
+            raise ValueError(f"{host!r} is not host:port")
+        sentinels.append((address.strip("[]"), int(port)))
+    if not name:
+        raise ValueError("no master name (redis+sentinel://h1:p1,h2:p2/MASTER/db)")
+    if db and not db.isdigit():
+        raise ValueError(f"db {db!r} is not a number")
+    return sentinels, name, int(db or 0)
 
 
 def problems(cluster: ClusterConfig) -> list[tuple[str, str]]:
     """(key, what to fix) for every wrong [cluster] setting; no I/O beyond file existence."""
     found: list[tuple[str, str]] = []
     if cluster.redis and not cluster.redis.startswith(SCHEMES):
-        why = f'{cluster.redis!r}: use "redis://host:port/db" or "rediss://host:port/db" (TLS)'
+        why = (f'{cluster.redis!r}: use "redis://host:port/db", "rediss://host:port/db" (TLS) '
+               'or "redis+sentinel://host:port,host:port/MASTER/db"')
         found.append(("[cluster] redis", why))
+    if cluster.redis.startswith(SENTINEL):
+        try:
+            sentinel_parts(cluster.redis)
+        except ValueError as exc:
+            found.append(("[cluster] redis", f"{cluster.redis!r}: {exc}"))
     tls_files = {"redis_ca_file": cluster.redis_ca_file, "redis_cert_file": cluster.redis_cert_file,
                  "redis_key_file": cluster.redis_key_file}
     if any(tls_files.values()) and not cluster.redis.startswith("rediss://"):
@@ -66,6 +94,11 @@ def client(cluster: ClusterConfig, timeout_seconds: float, no_retry: bool = Fals
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         options["retry"] = Retry(NoBackoff(), 0)
+    if cluster.redis.startswith(SENTINEL):
+        from redis.asyncio.sentinel import Sentinel
+        sentinels, name, db = sentinel_parts(cluster.redis)
+        timeouts = {"socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds}
+        return Sentinel(sentinels, sentinel_kwargs=timeouts).master_for(name, db=db, **options)
     return aioredis.Redis.from_url(cluster.redis, **options)
 
 
@@ -84,6 +117,9 @@ def action(cluster: ClusterConfig, error: BaseException | str) -> str:
     if "ssl" in str(error).lower() or "tls" in str(error).lower():
         return ("the TLS handshake with Redis failed: check that [cluster] redis uses rediss:// only for a TLS port, "
                 "and redis_cert_file/redis_key_file if Redis requires a client certificate (tls-auth-clients)")
+    if "No master found" in str(error):
+        return ("no sentinel in [cluster] redis answers for that master name: check the name "
+                "(redis+sentinel://host:port/MASTER/db, as in the sentinels' `sentinel monitor`) and the sentinels")
     return "check [cluster] redis and that the Redis server runs and is reachable"
 
 

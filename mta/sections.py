@@ -222,7 +222,7 @@ class RateConfig:
 class ClusterConfig:
     """Several nodes as one: limits shared through Redis (docs/operations.md)."""
 
-    redis: str = ""  # "redis://host:port/db" or "rediss://..."; empty: no cluster, every limit is the node's own
+    redis: str = ""  # "redis://host:port/db", "rediss://...", "redis+sentinel://h:p,h:p/MASTER/db"; empty: no cluster
     node: str = ""  # this node's name; empty: the host name
     on_redis_down: str = "local"  # "local": the node's own limits; "tempfail": 4xx where a shared decision is needed
     redis_ca_file: str = ""  # rediss://: the CA that signed Redis's certificate (PEM); empty: the system's CAs

@@ -30,10 +30,11 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, pki: Pki | None = None) -> None:
+    def __init__(self, directory: Path, pki: Pki | None = None, extra: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.port = _free_port()
         self.pki = pki
+        self.extra = extra  # more redis-server arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +55,7 @@ class RedisServer:
         log = (self.directory / "redis.log").open("ab")
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), *self._tls_args(server=True)], stdout=log, stderr=subprocess.STDOUT)
+             "--dir", str(self.directory), *self._tls_args(server=True), *self.extra], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
@@ -86,6 +87,45 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(START_SECONDS)
         self.proc = None
+
+
+class RedisSentinel(RedisServer):
+    """A Sentinel (the same redis-server binary, --sentinel) watching `master` as MASTER_NAME,
+    quorum 1, a master down after DOWN_AFTER_MS. Sentinel rewrites its config file: one per instance."""
+
+    MASTER_NAME = "mta"
+    DOWN_AFTER_MS = 1000
+
+    def __init__(self, directory: Path, master: RedisServer) -> None:
+        super().__init__(directory)
+        self.master = master
+
+    def start(self) -> RedisSentinel:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                        f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 1\n"
+                        f"sentinel down-after-milliseconds {self.MASTER_NAME} {self.DOWN_AFTER_MS}\n"
+                        f"sentinel failover-timeout {self.MASTER_NAME} 10000\n")
+        self.extra = ()
+        log = (self.directory / "sentinel.log").open("ab")
+        self.proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis sentinel on port {self.port} did not start: see {self.directory / 'sentinel.log'}")
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.MASTER_NAME}/0"
+
+    def master_port(self) -> int:
+        """The port of the master this sentinel names now."""
+        return int(self.cli("SENTINEL", "get-master-addr-by-name", self.MASTER_NAME).split()[-1])
 
 
 @pytest.fixture

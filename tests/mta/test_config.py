@@ -63,6 +63,9 @@ def test_full_config_parses() -> None:
      "[cluster] redis: redis_ca_file, redis_cert_file and redis_key_file apply to TLS only"),
     ({"cluster": {"redis": "rediss://r:6379/0", "redis_cert_file": "/etc/hostname"}},
      "[cluster] redis_cert_file: a client certificate needs both redis_cert_file and redis_key_file"),
+    ({"cluster": {"redis": "redis+sentinel://s1:26379,s2/mta/0"}}, "[cluster] redis: 'redis+sentinel://s1:26379,s2/mta/0': "
+     "'s2' is not host:port"),
+    ({"cluster": {"redis": "redis+sentinel://s1:26379"}}, "no master name"),
     ({"cluster": {"redis": "rediss://r:6379/0", "redis_ca_file": "/nonexistent/ca.pem"}},
      "[cluster] redis_ca_file: /nonexistent/ca.pem: no such file"),
     ({"limits": {"max_recipeints": 10}}, "[limits] max_recipeints: unknown key"),
