@@ -415,7 +415,7 @@ class InboundSession:
                                  hostname=ctx.config.server.hostname, protocol=protocol,
                                  msgid=msgid, recipients=rcpts, tls=self.tls_info)
         now = time.time()
-        content = message.data
+        content = transferin.strip(message.data)  # another node's transfer field: never passed on
         if self.listener.mode in submission.SUBMISSION_MODES or self.user is not None:
             # A user agent's message: Date and Message-ID when it has none. Never relayed mail's.
             content = submission.add_missing(content, msgid=msgid, hostname=ctx.config.server.hostname, now=now)
@@ -474,7 +474,7 @@ class InboundSession:
                    content=notes, quarantined=quarantine)
         listpost.log_copies(copies, msgid)
         if self.ctx.cache is not None:
-            transferin.note(self.ctx.cache, stored.body, msgid)
+            transferin.note(self.ctx.cache, received.data, msgid)  # the data as received: the field is in it
         for copy in copies:
             if quarantine is None and copy.held_for is None:
                 self.ctx.notifier.new(copy.message.envelope.id)
