@@ -24,6 +24,11 @@ sends the bounces and notices from then on.
   already had is logged there as `event=transfer_duplicate` (at most one per break).
   The same holds when this command is killed between the other node's 250 and our delete.
 
+A receiving node that lets this one relay only over TLS or after AUTH: `--starttls`
+(required: no STARTTLS offered, or a certificate that does not verify against
+`--ca-file` or the system's CAs, stops the run before any message) and `--user NAME
+--password-file FILE` (AUTH after STARTTLS: a password is never sent in clear).
+
 Progress on stderr each second, a summary on stdout; exit 1 when anything stayed here.
 """
 
@@ -32,7 +37,9 @@ from __future__ import annotations
 import argparse
 import os
 import smtplib
+import ssl
 import sys
+from dataclasses import dataclass
 from typing import Final
 
 from mtaqueue.backend import QueueError
@@ -57,21 +64,68 @@ class Uncertain(TransferError):
     """The content was sent but its reply never came: the other node may have the message."""
 
 
+@dataclass(frozen=True)
+class Login:
+    """How the session gets the right to relay beyond the other node's mynetworks."""
+
+    tls: ssl.SSLContext | None = None  # STARTTLS, required, with this verification
+    user: str = ""
+    password: str = ""
+
+
 class Relay:
     """One SMTP session to the other node, a transaction per message."""
 
-    def __init__(self, host: str, port: int, helo: str) -> None:
+    def __init__(self, host: str, port: int, helo: str, login: Login) -> None:
         self.where = f"{host}:{port}"
-        self.smtp = smtplib.SMTP(local_hostname=helo, timeout=REPLY_SECONDS)
         try:
-            self.smtp.connect(host, port)
-            code, text = self.smtp.ehlo()
+            # host given here, not to connect(): STARTTLS checks the certificate against it
+            self.smtp = smtplib.SMTP(host, port, local_hostname=helo, timeout=REPLY_SECONDS)
+            self._ehlo()
+            if login.tls is not None:
+                self._starttls(login.tls)
+            if login.user:
+                self._login(login.user, login.password)
+        except TransferError:
+            self.smtp.close()
+            raise
         except OSError as exc:
             raise TransferError(f"cannot reach {self.where}: {exc}") from None
-        if code != 250:
-            raise TransferError(f"{self.where} answered EHLO with {code} {text.decode('utf-8', 'replace')}")
         if not self.smtp.has_extn("dsn"):
             raise TransferError(f"{self.where} does not offer DSN: the messages' DSN parameters would be lost")
+
+    def _ehlo(self) -> None:
+        code, text = self.smtp.ehlo()
+        if code != 250:
+            raise TransferError(f"{self.where} answered EHLO with {code} {text.decode('utf-8', 'replace')}")
+
+    def _starttls(self, context: ssl.SSLContext) -> None:
+        if not self.smtp.has_extn("starttls"):
+            raise TransferError(f"{self.where} does not offer STARTTLS (--starttls): is it the right listener, "
+                                "with [tls] configured?")
+        try:
+            code, text = self.smtp.starttls(context=context)
+        except ssl.SSLCertVerificationError as exc:
+            raise TransferError(f"{self.where}'s certificate does not verify ({exc.verify_message}): give the CA "
+                                "that signed it with --ca-file") from None
+        except ssl.SSLError as exc:
+            raise TransferError(f"the TLS handshake with {self.where} failed: {exc}") from None
+        if code != 220:
+            raise TransferError(f"{self.where} refused STARTTLS: {code} {text.decode('utf-8', 'replace')}")
+        self._ehlo()
+
+    def _login(self, user: str, password: str) -> None:
+        try:
+            self.smtp.login(user, password)
+        except smtplib.SMTPNotSupportedError:
+            raise TransferError(f"{self.where} does not offer AUTH here: use its submission listener, or "
+                                "--starttls if it offers AUTH after TLS only") from None
+        except smtplib.SMTPAuthenticationError as exc:
+            raise TransferError(f"{self.where} refused the login of {user!r}: {exc.smtp_code} "
+                                f"{exc.smtp_error.decode('utf-8', 'replace')}: check --user and --password-file"
+                                ) from None
+        except smtplib.SMTPException as exc:
+            raise TransferError(f"AUTH with {self.where} failed: {exc}") from None
 
     def send(self, envelope: Envelope, lines: list[str], content: bytes) -> str | None:
         """One message: None once the other node answered 250 after its content; else why not
@@ -124,9 +178,10 @@ class Transfer(Export):
     command = "mta queue transfer"
     not_done = "left here"
 
-    def __init__(self, cfg: Config, args: argparse.Namespace, spool: object, running: bool) -> None:
+    def __init__(self, cfg: Config, args: argparse.Namespace, spool: object, running: bool, login: Login) -> None:
         super().__init__(cfg, args, spool, running)  # type: ignore[arg-type]
         self.relay: Relay | None = None
+        self.login = login
 
     def run(self) -> int:
         with self.ids:
@@ -134,7 +189,7 @@ class Transfer(Export):
                 raise TransferError(f"a server holds the spool at {self.cfg.queue.path} but its scheduler does "
                                     "not answer (starting or stopping?): try again")
             host, port = split_hostport(self.args.to)
-            self.relay = Relay(host, port, self.args.helo or self.cfg.server.hostname)
+            self.relay = Relay(host, port, self.args.helo or self.cfg.server.hostname, self.login)
             try:
                 self._send()
             except BaseException:
@@ -187,6 +242,32 @@ class Transfer(Export):
                     print(queuebulk.progress_line("transferred", self.count, total), file=sys.stderr, flush=True)
 
 
+def login_of(args: argparse.Namespace) -> Login:
+    """--starttls, --ca-file, --user, --password-file as a Login; ValueError saying what is wrong."""
+    if (args.user is None) != (args.password_file is None):
+        raise ValueError("--user and --password-file go together")
+    if args.user is not None and not args.starttls:
+        raise ValueError("--user needs --starttls: a password is never sent in clear")
+    if args.ca_file and not args.starttls:
+        raise ValueError("--ca-file applies to --starttls")
+    tls = None
+    if args.starttls:
+        try:
+            tls = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--ca-file {args.ca_file}: {exc}") from None
+    password = ""
+    if args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"--password-file: {exc}") from None
+        if not password:
+            raise ValueError(f"--password-file {args.password_file}: the first line is empty")
+    return Login(tls, args.user or "", password)
+
+
 def run_transfer(cfg: Config, args: argparse.Namespace) -> int:
     from mtaqueue.backend_lmdb import LmdbBackend
 
@@ -197,8 +278,9 @@ def run_transfer(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     try:
         split_hostport(args.to)
+        login = login_of(args)
     except ValueError as exc:
-        print(f"mta queue transfer: --to: {exc}", file=sys.stderr)
+        print(f"mta queue transfer: {exc}", file=sys.stderr)
         return 2
     try:
         lock_fd: int | None = lock_spool(cfg.queue.path)  # stopped: no server may start before we are done
@@ -207,7 +289,7 @@ def run_transfer(cfg: Config, args: argparse.Namespace) -> int:
     try:
         spool = LmdbBackend(cfg.queue.path, cfg.queue.max_size_bytes, readonly=True, recount=False)
         try:
-            return Transfer(cfg, args, spool, running=lock_fd is None).run()
+            return Transfer(cfg, args, spool, running=lock_fd is None, login=login).run()
         finally:
             spool.close()
     except (OSError, QueueError, ControlError, ExportError) as exc:
@@ -225,8 +307,15 @@ def add_parsers(qsub: argparse._SubParsersAction, common: argparse.ArgumentParse
     q = qsub.add_parser("transfer", parents=[common],
                         help="relay queued messages to another mta node over SMTP, each deleted here after its 250")
     q.add_argument("--to", required=True, metavar="HOST:PORT",
-                   help="the other node's SMTP listener (it must let this node relay: mynetworks or AUTH)")
+                   help="the other node's SMTP listener (it must let this node relay: mynetworks, or --user)")
     q.add_argument("--helo", metavar="NAME", help="the EHLO name (default: [server] hostname)")
+    q.add_argument("--starttls", action="store_true",
+                   help="STARTTLS before anything is sent (required: the run stops if it is not offered or the "
+                        "certificate does not verify)")
+    q.add_argument("--ca-file", metavar="FILE", help="with --starttls: the CA that signed the other node's "
+                   "certificate (PEM; default: the system's CAs)")
+    q.add_argument("--user", metavar="NAME", help="AUTH as NAME after STARTTLS (the other node relays for its users)")
+    q.add_argument("--password-file", metavar="FILE", help="the password for --user: the first line of FILE")
     which = q.add_mutually_exclusive_group(required=True)
     which.add_argument("ids", nargs="*", metavar="ID", default=[])
     which.add_argument("--domain", help="every message with a queued recipient at this destination")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ from tests.integration.conftest import (
 )
 from tests.integration.sink import SmtpSink
 from tests.integration.test_bsmtp import FAST_RETRY, send_dsn_mail
+from tests.integration.test_security import pki, secure_server  # noqa: F401 (fixture)
+from tests.integration.tlscerts import Pki
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +180,41 @@ def test_a_message_whose_reply_never_came_stays_held_and_is_named(mta_server) ->
         uncertain = [msgid for msgid, states in listed.items() if states == {"held"}]
         assert len(uncertain) == 1 and uncertain[0].encode() in done.stderr
         assert all("held" not in states for msgid, states in listed.items() if msgid != uncertain[0])  # released
+
+
+def test_transfer_to_a_node_that_relays_only_for_its_users_over_tls(mta_server, tmp_path: Path, pki: Pki) -> None:
+    """B's submission listener: AUTH after STARTTLS only, and A is not in B's mynetworks."""
+    with SmtpSink("127.0.0.2") as sink:
+        a, _b = nodes(mta_server, sink)
+        b, ports = secure_server(mta_server, tmp_path, pki, server={"inbound_workers": 1, "hostname": "b.test"},
+                                 relay={"relay_domains": ["dest.test"]}, delivery={"workers": 1, **FAST_RETRY},
+                                 routes={"dest.test": f"{sink.address}:{sink.port}"})
+        ids = asyncio.run(send_dsn_mail(a.port, 3))
+        deferred(a, 3)
+        to = f"127.0.0.1:{ports['submission']}"
+        password = tmp_path / "b.password"
+        password.write_text("correct horse\n")
+
+        plain = a.mta("queue", "transfer", "--to", to, "--all", check=False)
+        assert plain.returncode == 1 and b"transferred 0 message(s)" in plain.stdout, plain
+        assert b"refused MAIL: 530" in plain.stderr, plain.stderr  # what the operator sees: AUTH needed
+        untrusted = a.mta("queue", "transfer", "--to", to, "--all", "--starttls", "--user", "alice",
+                          "--password-file", str(password), check=False)
+        assert untrusted.returncode == 1 and b"give the CA that signed it with --ca-file" in untrusted.stderr, untrusted
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("battery staple\n")
+        refused = a.mta("queue", "transfer", "--to", to, "--all", "--starttls", "--ca-file", str(pki.ca),
+                        "--user", "alice", "--password-file", str(wrong), check=False)
+        assert refused.returncode == 1 and b"refused the login of 'alice': 535" in refused.stderr, refused
+        assert sorted(e["id"] for e in a.queue_list()) == sorted(ids)  # nothing moved so far
+
+        moved = a.mta("queue", "transfer", "--to", to, "--all", "--starttls", "--ca-file", str(pki.ca),
+                      "--user", "alice", "--password-file", str(password))
+        assert b"transferred 3 message(s)" in moved.stdout, moved
+        got = sink.wait_for_messages(3, timeout=30)
+        assert a.queue_list() == []
+    assert sorted(m.sender for m in got) == [f"s{n}@client.test" for n in range(3)]
+    assert all(b"X-Mta-Transfer" not in m.data and m.mail_params["ENVID"].startswith("env") for m in got)
+    log = b.log_bytes().decode()
+    assert all(f"origin_id={msgid} origin=a.test" in log for msgid in ids)
+    assert "with ESMTPSA" in got[0].data.decode()  # B's Received: over TLS, authenticated
