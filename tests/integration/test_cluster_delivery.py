@@ -152,7 +152,9 @@ def test_redis_down_local_fallback(mta_server, redis_server: RedisServer) -> Non
         sink.wait_for_messages(5, timeout=20)  # the node's own limits
         wait_until(lambda: b"event=cluster_redis_down" in one.log_bytes(), 10, "the outage logged", one)
         assert 'mta_cluster_redis_up{side="delivery"} 0.0' in scrape(one)
-        assert 'mta_cluster_shared_decisions_total{limit="concurrency",result="local"}' in scrape(one)
+        metrics = scrape(one)
+        assert 'mta_cluster_shared_decisions_total{limit="concurrency",result="local"}' in metrics
+        assert 'mta_cluster_shared_decisions_total{limit="max_connections",result="local"}' in metrics
 
 
 def test_redis_down_tempfail_holds_new_sessions_until_redis_is_back(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
