@@ -105,7 +105,8 @@ class Dispatch(Outcomes):
                 worker = min((w for w in self.workers if len(w.sessions) < w.capacity),
                              key=lambda w: len(w.sessions), default=None)
             if worker is None:
-                if self.leases is not None and self.max_sessions() <= len(self.sessions) < self.config.delivery.max_connections:
+                if (self.leases is not None
+                        and self.max_sessions() <= len(self.sessions) < self.config.delivery.max_connections):
                     self.leases.want_more()  # the cluster's max_connections lease is full: ask for more
                 # Every slot is taken: a parked session of another destination gives its
                 # slot up (one at a time; its "closed" dispatches again).

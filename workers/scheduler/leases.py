@@ -28,8 +28,9 @@ jobs), so a message costs a fraction of a round trip, not one.
 Redis down ([cluster] on_redis_down): "local": each destination's `shared` is None,
 the node's own full limits (the cluster total is not divided by the node count: nodes
 do not know how many are alive without Redis), and `total` is None (the node's own
-max_connections); "tempfail": no session beyond those already open. Either is logged once per outage and counted. Redis calls run on this
-task with short timeouts: the scheduler's loop never waits for them.
+max_connections); "tempfail": no session beyond those already open. Either is logged
+once per outage and counted. Redis calls run on this task with short timeouts: the
+scheduler's loop never waits for them.
 """
 
 from __future__ import annotations
