@@ -170,3 +170,20 @@ def test_redis_down_tempfail_holds_new_sessions_until_redis_is_back(mta_server, 
         log = one.log_bytes()
         assert b"event=cluster_redis_down" in log and log.rindex(b"event=cluster_redis_up") > log.index(
             b"event=cluster_redis_down")
+
+
+def test_an_idle_node_reports_redis_up_down_and_back(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """No mail at all: mta_cluster_redis_up{side="delivery"} still says whether Redis answers
+    (an alert on min() == 0 must not fire for a healthy idle node, nor stay on after an outage)."""
+    with SmtpSink() as sink:
+        one = node(mta_server, sink, redis_server, "n1")
+        up = 'mta_cluster_redis_up{side="delivery"} 1.0'
+        down = 'mta_cluster_redis_up{side="delivery"} 0.0'
+        wait_until(lambda: up in scrape(one), 10, "Redis seen up with no mail", one)
+        redis_server.stop()
+        wait_until(lambda: down in scrape(one), 10, "the outage seen with no mail", one)
+        redis_server.start()
+        wait_until(lambda: up in scrape(one), 10, "Redis seen back with no mail", one)
+        log = one.log_bytes()
+        assert log.rindex(b"event=cluster_redis_up") > log.index(b"event=cluster_redis_down")
+        assert sink.connections == 0

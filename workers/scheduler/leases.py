@@ -22,7 +22,9 @@ Redis down ([cluster] on_redis_down): "local": each destination's `shared` is No
 the node's own full limits (the cluster total is not divided by the node count: nodes
 do not know how many are alive without Redis); "tempfail": no session beyond those
 already open. Either is logged once per outage and counted. Redis calls run on this
-task with short timeouts: the scheduler's loop never waits for them.
+task with short timeouts: the scheduler's loop never waits for them. With nothing to ask,
+the task PINGs every RENEW_SECONDS, so mta_cluster_redis_up{side="delivery"} says whether
+Redis answers on an idle node too (and an outage ends without waiting for mail).
 """
 
 from __future__ import annotations
@@ -168,9 +170,11 @@ class Leases:
         asks = [(dest, want_of(dest, now)) for dest in self._destinations()]
         asks = [(d, w) for d, w in asks if w or d.shared]
         tokens = [(d, token_batch(d)) for d in self._destinations() if d.wants_tokens]
-        if not asks and not tokens:
-            return False
         try:
+            if not asks and not tokens:  # idle: a PING keeps mta_cluster_redis_up true (and finds Redis back)
+                await self._client.ping()
+                self._mark_up()
+                return False
             answers = await self._call(asks, tokens)
         except NoScriptError:  # Redis restarted (or SCRIPT FLUSH): load them again, ask again soon
             self._shas = None
@@ -180,10 +184,7 @@ class Leases:
             return False
         grants = answers[:len(asks)]
         pending = self._got_tokens(tokens, answers[len(asks):])
-        if self.up is not True:
-            self.up = True
-            metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
-            logs.event("cluster_redis_up", node=self.node)
+        self._mark_up()
         for (dest, want), grant in zip(asks, grants):
             grant = int(grant)
             if want > (dest.shared or 0):
@@ -198,6 +199,12 @@ class Leases:
                     metrics.CLUSTER_LEASE_WAIT_SECONDS.observe(time.monotonic() - since)
             dest.shared = grant
         return pending
+
+    def _mark_up(self) -> None:
+        if self.up is not True:
+            self.up = True
+            metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
+            logs.event("cluster_redis_up", node=self.node)
 
     async def _call(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]],
                     release: bool = False) -> list[int]:
