@@ -187,3 +187,28 @@ def test_an_idle_node_reports_redis_up_down_and_back(mta_server, redis_server: R
         log = one.log_bytes()
         assert log.rindex(b"event=cluster_redis_up") > log.index(b"event=cluster_redis_down")
         assert sink.connections == 0
+
+
+def test_after_an_outage_on_local_limits_the_cluster_total_holds_again_at_once(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """A destination served on each node's own limits during the outage asks for a lease
+    before its next session once Redis is back (not at the next renewal, seconds later)."""
+    with SmtpSink(delay_seconds=0.05) as sink:
+        one = node(mta_server, sink, redis_server, "n1")
+        two = node(mta_server, sink, redis_server, "n2")
+        redis_server.stop()
+
+        async def load(tag: str) -> None:
+            await asyncio.gather(send_all(one.port, mails(f"{tag}one", 10)), send_all(two.port, mails(f"{tag}two", 10)))
+
+        asyncio.run(load("down"))
+        sink.wait_for_messages(20, timeout=30)
+        redis_server.start()
+        for server in (one, two):
+            wait_until(lambda s=server: 'mta_cluster_redis_up{side="delivery"} 1.0' in scrape(s), 10,
+                       "Redis seen back", server)
+        sink.peak_connections = sink.current_connections
+        asyncio.run(load("back"))
+        sink.wait_for_messages(40, timeout=30)
+        assert sink.peak_connections <= 2, sink.peak_connections
+        ids = message_ids(sink)
+        assert len(ids) == 40 and set(ids.values()) == {1}

@@ -201,10 +201,18 @@ class Leases:
         return pending
 
     def _mark_up(self) -> None:
-        if self.up is not True:
-            self.up = True
-            metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
-            logs.event("cluster_redis_up", node=self.node)
+        """Redis answered. After an outage on the node's own limits ("local"), every destination
+        asks for a lease again before its next session, the way a new one does: one idle
+        through the outage would otherwise open sessions on its own limits until asked."""
+        if self.up is True:
+            return
+        for dest in self._destinations():
+            if dest.shared is None:
+                dest.shared = 0
+                dest.tokens = 0.0  # the node's own bucket's tokens are no cluster tokens
+        self.up = True
+        metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
+        logs.event("cluster_redis_up", node=self.node)
 
     async def _call(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]],
                     release: bool = False) -> list[int]:
