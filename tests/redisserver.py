@@ -2,6 +2,7 @@
 
 Never the system's Redis. stop() and start() again keep the port (a node's [cluster]
 redis URL stays valid across a restart); nothing is saved, so a restart starts empty.
+`host` and `wrapper` (e.g. `ip netns exec NS`) run it on another address, in a namespace.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,21 +27,24 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, host: str = "127.0.0.1", port: int | None = None,
+                 wrapper: Sequence[str] = ()) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.host = host
+        self.port = port if port is not None else _free_port()
+        self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = (self.directory / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=log, stderr=subprocess.STDOUT)
+            [*self.wrapper, REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--protected-mode", "no",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
@@ -49,11 +53,11 @@ class RedisServer:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start: see {self.directory / 'redis.log'}")
+        raise RuntimeError(f"redis-server on {self.host}:{self.port} did not start: see {self.directory / 'redis.log'}")
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with socket.create_connection((self.host, self.port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
@@ -61,7 +65,7 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """redis-cli's answer to one command on this server (to look at keys from a test)."""
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=5)
+        done = subprocess.run(["redis-cli", "-h", self.host, "-p", str(self.port), *args], capture_output=True, timeout=5)
         return done.stdout.decode().strip()
 
     def stop(self) -> None:
