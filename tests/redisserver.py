@@ -4,6 +4,7 @@ Never the system's Redis. stop() and start() again keep the port (a node's [clus
 redis URL stays valid across a restart); nothing is saved, so a restart starts empty.
 With `pki` (tests/integration/tlscerts.py) it listens with TLS only, requiring a client
 certificate signed by the test CA (tls-auth-clients yes, Redis's default); its url is rediss://.
+`host` and `wrapper` (e.g. `ip netns exec NS`) run it on another address, in a namespace.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,16 +31,19 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, pki: Pki | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, directory: Path, pki: Pki | None = None, extra: tuple[str, ...] = (),
+                 host: str = "127.0.0.1", port: int | None = None, wrapper: Sequence[str] = ()) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.host = host
+        self.port = port if port is not None else _free_port()
         self.pki = pki
         self.extra = extra  # more redis-server arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
+        self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"{'rediss' if self.pki else 'redis'}://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.pki else 'redis'}://{self.host}:{self.port}/0"
 
     def _tls_args(self, server: bool) -> list[str]:
         if self.pki is None:
@@ -54,8 +58,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = (self.directory / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), *self._tls_args(server=True), *self.extra], stdout=log, stderr=subprocess.STDOUT)
+            [*self.wrapper, REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--protected-mode", "no",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory), *self._tls_args(server=True), *self.extra],
+            stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
@@ -64,13 +69,13 @@ class RedisServer:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start: see {self.directory / 'redis.log'}")
+        raise RuntimeError(f"redis-server on {self.host}:{self.port} did not start: see {self.directory / 'redis.log'}")
 
     def ping(self) -> bool:
         if self.pki is not None:
             return self.cli("PING") == "PONG"
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with socket.create_connection((self.host, self.port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
@@ -78,7 +83,7 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """redis-cli's answer to one command on this server (to look at keys from a test)."""
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *self._tls_args(server=False), *args],
+        done = subprocess.run(["redis-cli", "-h", self.host, "-p", str(self.port), *self._tls_args(server=False), *args],
                               capture_output=True, timeout=5)
         return done.stdout.decode().strip()
 

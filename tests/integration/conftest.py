@@ -123,14 +123,16 @@ class MtaServer:
     """One `mta serve` process group: start, wait for its greeting, stop or crash it, query its queue.
 
     start() may be called again after stop() or kill9(): same config, port and spool.
-    `wrapper` prefixes the command (e.g. strace); signals then go to the master by
-    the pid it logs, and the process group still holds everything.
+    `wrapper` prefixes the command (e.g. strace, or `ip netns exec NS`); signals then go to
+    the master by the pid it logs, and the process group still holds everything. `host`:
+    where its greeting is awaited (a node in a network namespace listens on its own address).
     """
 
     def __init__(self, config_path: Path | None, port: int, spool: Path, log_path: Path,
-                 cwd: Path = REPO_ROOT, wrapper: Sequence[str] = ()) -> None:
+                 cwd: Path = REPO_ROOT, wrapper: Sequence[str] = (), host: str = "127.0.0.1") -> None:
         self.config_path = config_path
         self.port = port
+        self.host = host
         self.spool = spool
         self.log_path = log_path
         self.cwd = cwd
@@ -162,10 +164,10 @@ class MtaServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mta serve exited with {self.proc.returncode} before listening\n"
                                    f"{self.log_tail()}")
-            if _greets(self.port, deadline):
+            if _greets(self.port, deadline, self.host):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mta serve did not greet on 127.0.0.1:{self.port} within "
+                raise RuntimeError(f"mta serve did not greet on {self.host}:{self.port} within "
                                    f"{timeout} s\n{self.log_tail()}")
             time.sleep(0.05)
 
@@ -281,10 +283,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _greets(port: int, deadline: float) -> bool:
+def _greets(port: int, deadline: float, host: str = "127.0.0.1") -> bool:
     """True once a connection gets a 220 greeting (the master binds before its workers serve)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             greeting = b""
             while not greeting.endswith(b"\n"):
@@ -438,11 +440,12 @@ class SmtpClient:
 
     @classmethod
     async def connect(cls, port: int, helo: str | None = "client.test", *, source: str | None = None,
-                      tls: ssl.SSLContext | None = None) -> SmtpClient:
+                      tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> SmtpClient:
         """`source`: the client's own loopback address (e.g. 127.0.0.9, outside mynetworks);
-        `tls`: implicit TLS (smtps), verified against that context, server name mx.test."""
+        `tls`: implicit TLS (smtps), verified against that context, server name mx.test;
+        `host`: the server's address (default loopback)."""
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, limit=1024 * 1024, local_addr=(source, 0) if source else None,
+            host, port, limit=1024 * 1024, local_addr=(source, 0) if source else None,
             ssl=tls, server_hostname="mx.test" if tls else None)
         client = cls(reader, writer)
         client.greeting = await client.read_reply()

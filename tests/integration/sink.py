@@ -76,6 +76,7 @@ class SinkMessage:
     tls: bool
     replies: list[ReplyTuple] = field(default_factory=list)  # final reply per recipient (one under SMTP)
     dropped: bool = False  # the sink dropped the connection instead of replying
+    received_at: float = field(default_factory=time.monotonic)  # when its content was complete
 
 
 class SmtpSink:

@@ -202,3 +202,45 @@ def test_max_connections_is_a_cluster_total(mta_server, redis_server: RedisServe
         assert sink.peak_connections == 3, sink.peak_connections  # the cluster total, and it was used
         assert 'mta_cluster_shared_decisions_total{limit="max_connections",result="allowed"}' in scrape(nodes[0])
         wait_until(lambda: redis_server.cli("EXISTS", TOTAL_KEYS[0]) == "0", 10, "the total lease given back")
+
+
+def test_an_idle_node_reports_redis_up_down_and_back(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """No mail at all: mta_cluster_redis_up{side="delivery"} still says whether Redis answers
+    (an alert on min() == 0 must not fire for a healthy idle node, nor stay on after an outage)."""
+    with SmtpSink() as sink:
+        one = node(mta_server, sink, redis_server, "n1")
+        up = 'mta_cluster_redis_up{side="delivery"} 1.0'
+        down = 'mta_cluster_redis_up{side="delivery"} 0.0'
+        wait_until(lambda: up in scrape(one), 10, "Redis seen up with no mail", one)
+        redis_server.stop()
+        wait_until(lambda: down in scrape(one), 10, "the outage seen with no mail", one)
+        redis_server.start()
+        wait_until(lambda: up in scrape(one), 10, "Redis seen back with no mail", one)
+        log = one.log_bytes()
+        assert log.rindex(b"event=cluster_redis_up") > log.index(b"event=cluster_redis_down")
+        assert sink.connections == 0
+
+
+def test_after_an_outage_on_local_limits_the_cluster_total_holds_again_at_once(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """A destination served on each node's own limits during the outage asks for a lease
+    before its next session once Redis is back (not at the next renewal, seconds later)."""
+    with SmtpSink(delay_seconds=0.05) as sink:
+        one = node(mta_server, sink, redis_server, "n1")
+        two = node(mta_server, sink, redis_server, "n2")
+        redis_server.stop()
+
+        async def load(tag: str) -> None:
+            await asyncio.gather(send_all(one.port, mails(f"{tag}one", 10)), send_all(two.port, mails(f"{tag}two", 10)))
+
+        asyncio.run(load("down"))
+        sink.wait_for_messages(20, timeout=30)
+        redis_server.start()
+        for server in (one, two):
+            wait_until(lambda s=server: 'mta_cluster_redis_up{side="delivery"} 1.0' in scrape(s), 10,
+                       "Redis seen back", server)
+        sink.peak_connections = sink.current_connections
+        asyncio.run(load("back"))
+        sink.wait_for_messages(40, timeout=30)
+        assert sink.peak_connections <= 2, sink.peak_connections
+        ids = message_ids(sink)
+        assert len(ids) == 40 and set(ids.values()) == {1}

@@ -30,7 +30,9 @@ the node's own full limits (the cluster total is not divided by the node count: 
 do not know how many are alive without Redis), and `total` is None (the node's own
 max_connections); "tempfail": no session beyond those already open. Either is logged
 once per outage and counted. Redis calls run on this task with short timeouts: the
-scheduler's loop never waits for them.
+scheduler's loop never waits for them. With nothing to ask, the task PINGs every
+RENEW_SECONDS, so mta_cluster_redis_up{side="delivery"} says whether Redis answers on an
+idle node too (and an outage ends without waiting for mail).
 """
 
 from __future__ import annotations
@@ -198,9 +200,11 @@ class Leases:
         total = (want_total(self._destinations(), open_sessions, max_connections, now), open_sessions)
         if not total[0] and not self.total:
             total = None
-        if not asks and not tokens and total is None:
-            return False
         try:
+            if not asks and not tokens and total is None:  # idle: a PING keeps mta_cluster_redis_up true (and finds Redis back)
+                await self._client.ping()
+                self._mark_up()
+                return False
             answers = await self._call(asks, tokens, total)
         except NoScriptError:  # Redis restarted (or SCRIPT FLUSH): load them again, ask again soon
             self._shas = None
@@ -215,10 +219,7 @@ class Leases:
             self.total = 0  # Redis answers (again): no lease held, none assumed
         grants = answers[:len(asks)]
         pending = self._got_tokens(tokens, answers[len(asks):]) or pending
-        if self.up is not True:
-            self.up = True
-            metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
-            logs.event("cluster_redis_up", node=self.node)
+        self._mark_up()
         for (dest, want), grant in zip(asks, grants):
             grant = int(grant)
             if want > (dest.shared or 0):
@@ -233,6 +234,22 @@ class Leases:
                     metrics.CLUSTER_LEASE_WAIT_SECONDS.observe(time.monotonic() - since)
             dest.shared = grant
         return pending
+
+    def _mark_up(self) -> None:
+        """Redis answered. After an outage on the node's own limits ("local"), every destination
+        asks for a lease again before its next session, the way a new one does: one idle
+        through the outage would otherwise open sessions on its own limits until asked."""
+        if self.up is True:
+            return
+        for dest in self._destinations():
+            if dest.shared is None:
+                dest.shared = 0
+                dest.tokens = 0.0  # the node's own bucket's tokens are no cluster tokens
+        if self.total is None:  # likewise the max_connections lease
+            self.total = 0
+        self.up = True
+        metrics.CLUSTER_REDIS_UP.labels("delivery").set(1)
+        logs.event("cluster_redis_up", node=self.node)
 
     async def _call(self, asks: list[tuple[Destination, int]], tokens: list[tuple[Destination, int]],
                     total: tuple[int, int] | None, release: bool = False) -> list[int]:
