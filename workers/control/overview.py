@@ -50,7 +50,7 @@ class Series:
     def minutes(self, now: float, totals: dict[str, float]) -> list[dict[str, int]]:
         """The last MINUTES rows, oldest first, the current partial one last."""
         ends = [*list(self._samples)[1:], (int(now // 60 * 60), totals)]
-        rows = [{"t": start, **{name: max(int(end.get(name, 0) - begin.get(name, 0)), 0) for name in SERIES}}
+        rows = [dict(t=start, **{name: max(int(end.get(name, 0) - begin.get(name, 0)), 0) for name in SERIES})
                 for (start, begin), (_, end) in zip(self._samples, ends)]
         return rows[-MINUTES:]
 
