@@ -250,7 +250,7 @@ class Control(WorkerBody):
             return json_reply(b"503 Service Unavailable", {"error": f"metrics unavailable: {exc}"})
         gauges = await self._ask(messages.GaugeQuery(), SCRAPE_ASK_SECONDS)
         for pid in seen.sessions.keys() - self._worker_names.keys():
-            self._worker_names[pid] = worker_name(pid) or f"inbound pid {pid}"
+            self._worker_names[pid] = worker_name(pid) or f"pid {pid}"
         self._worker_names = {pid: self._worker_names[pid] for pid in seen.sessions}
         health = {"ready": not (self.draining or self.crash_looping or self.node_drained), "draining": self.draining,
                   "drained": self.node_drained, "crash_looping": self.crash_looping}
