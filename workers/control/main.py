@@ -139,6 +139,8 @@ class Control(WorkerBody):
             return
         if self.tls is not None:  # the listener's context: a new chain for the handshakes to come
             self.tls.load_cert_chain(config.control.tls_cert_file, config.control.tls_key_file)
+        if not self.guard.check_login_token(token):
+            self.webui.sessions.end_all("token")  # logged in with the old token: log in again
         self.config = config
         self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, self.tls is not None)
         self._configure_webui(config)
