@@ -14,8 +14,19 @@
                 restarted control process is told it); a restart of `mta serve` clears it.
   /api/...      the admin API (JSON): workers/control/api.py has its routes. Always
                 `Authorization: Bearer <token>`: [control] token, else the one
-                mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type
-                checked by guard.py before any route.
+                mta/admintoken.py keeps in a 0600 file, or a web UI session (cookie and
+                X-CSRF-Token); Host, Origin and Content-Type checked by guard.py before
+                any route.
+  /api/overview the web UI's live figures (workers/control/overview.py): per-minute counts of
+                the last hour, sampled here from the merged counters at most once a minute
+  /api/users, /api/mailboxes  `mta users` and `mta mailbox` for the web UI (accounts.py)
+  /ui/...       the web UI: its page and its login (workers/control/webui.py; sessions
+                and lockout: websession.py). /ui/ and /api/ replies carry the security
+                headers (webui.SECURITY_HEADERS), and answer a client off loopback only
+                over TLS (guard.check_transport).
+
+With [control] tls_cert_file and tls_key_file the listener speaks HTTPS (SIGHUP loads the
+certificate again into the listener's context: new connections get the new one).
 
 One request per connection (Connection: close); requests are bounded in size and time.
 A reply is sent whole (Content-Length), or, for a listing or a bulk operation's progress,
@@ -30,18 +41,26 @@ drain's announcement (above); SIGHUP reloads (reload()). The process: workers/pr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
+import ssl
+import time
 from collections.abc import AsyncIterator
 
 from mta import admintoken, frames, logs, messages, metrics
 from mta.config import Config, ConfigError, split_hostport
 from mta.messages import Message
 from mta.spool import open_spool
+from mta.tls import TlsError, control_context
 from mtaqueue.backend import QueueError
 from mtaqueue.cache_lmdb import LmdbCache
+from workers.control.accounts import Accounts
 from workers.control.api import AdminApi, Reply, json_reply
-from workers.control.guard import Guard
+from workers.control.guard import Guard, Refusal, check_transport
+from workers.control.overview import Series, figures, overview_json, worker_name
+from workers.control.webui import SECURITY_HEADERS, WEBUI_DIR, WebUi, read_files
+from workers.control.websession import Lockout, Sessions
 from workers.process import WorkerBody, WorkerProcess, run_worker
 
 MAX_REQUEST_BYTES = 8192
@@ -64,6 +83,9 @@ class Control(WorkerBody):
         self.crash_looping: list[str] = []  # e.g. ["scheduler#1"], as the master last told
         self.node_drained = False  # `mta node drain`, as asked or as the master last told
         self.process: WorkerProcess | None = None
+        self.tls: ssl.SSLContext | None = None  # [control] tls_cert_file: HTTPS
+        self.series = Series()
+        self._worker_names: dict[int, str] = {}  # inbound pid -> "inbound#2" (its process title)
 
     async def start(self, process: WorkerProcess) -> int | None:
         self.process = process
@@ -72,12 +94,23 @@ class Control(WorkerBody):
         except (OSError, admintoken.TokenError) as exc:  # the master restarts us after a back-off
             logs.event("api_token_error", file=admintoken.path(self.config), error=str(exc))
             return 1
-        self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token)
+        try:
+            self.tls = control_context(self.config.control)
+        except TlsError as exc:
+            logs.event("control_tls_error", error=str(exc))
+            return 1
+        self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token, self.tls is not None)
+        self.webui = WebUi(read_files(WEBUI_DIR), Sessions(self.config.control.session_seconds),
+                           Lockout(self.config.auth.max_failures, self.config.auth.lockout_seconds))
+        self._configure_webui(self.config)
+        self.accounts = Accounts(self.config)
         self.spool = open_spool(self.config.queue)
         self.api = AdminApi(self.spool, self._ask, self._converse)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
-        self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True, ssl=self.tls,
+                                                  ssl_handshake_timeout=REQUEST_SECONDS if self.tls else None)
+        self._sampler = asyncio.create_task(self._sample())
         logs.event("listening", address=self.config.control.listen, role="control")
         return None
 
@@ -88,21 +121,40 @@ class Control(WorkerBody):
         return False
 
     def reload(self, config: Config) -> None:
-        """The token and the allowed hosts change in place. Another listen address needs
-        another process: this one exits and the master starts one with the new config."""
+        """The token, the allowed hosts, the certificate (same files or others: new
+        connections get the new one) change in place. Another listen address, or TLS turned
+        on or off, needs another listener: this process exits and the master starts one
+        with the new config (the web UI's sessions end)."""
         try:
             token = admintoken.ensure(config)
+            tls = control_context(config.control)
         except (OSError, admintoken.TokenError) as exc:
             raise ConfigError(f"[control] token: {exc}") from None
-        if config.control.listen != self.config.control.listen:
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+        if config.control.listen != self.config.control.listen or (tls is None) != (self.tls is None):
             assert self.process is not None
-            logs.event("restarting", reason="[control] listen changed", address=config.control.listen)
+            logs.event("restarting", reason="[control] listen or TLS changed", address=config.control.listen)
             self.process.stop(shutdown=True)
             return
+        if self.tls is not None:  # the listener's context: a new chain for the handshakes to come
+            self.tls.load_cert_chain(config.control.tls_cert_file, config.control.tls_key_file)
+        if not self.guard.check_login_token(token):
+            self.webui.sessions.end_all("token")  # logged in with the old token: log in again
         self.config = config
-        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token)
+        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, self.tls is not None)
+        self._configure_webui(config)
+        self.accounts.config = config
+
+    def _configure_webui(self, config: Config) -> None:
+        self.webui.tls = self.tls is not None
+        self.webui.admin_users_file = config.control.admin_users_file
+        self.webui.sessions.idle_seconds = config.control.session_seconds
+        self.webui.lockout.max_failures = config.auth.max_failures
+        self.webui.lockout.lockout_seconds = config.auth.lockout_seconds
 
     async def close(self) -> dict[str, object]:
+        self._sampler.cancel()
         self._server.close()
         await self._server.wait_closed()
         self.spool.close()
@@ -127,6 +179,7 @@ class Control(WorkerBody):
                        crash_looping=",".join(self.crash_looping) or None)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = self.tls
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
             headers = _headers(head)
@@ -135,23 +188,26 @@ class Control(WorkerBody):
                 raise ValueError("request body too large")
             payload = await asyncio.wait_for(reader.readexactly(length), REQUEST_SECONDS) if length else b""
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError):
+                ValueError, ssl.SSLError):
             writer.close()
             return
         method, _, rest = head.partition(b"\r\n")[0].partition(b" ")
         target, _, version = rest.partition(b" ")
         path, _, query = target.partition(b"?")
-        if path.startswith(b"/api/"):
-            refusal = self.guard.check_request(method, headers)
-            if refusal is None:
-                reply = self._node(method, path) or await self.api.answer(
-                    method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload)
-            else:
+        if path.startswith(b"/api/") or path == b"/ui" or path.startswith(b"/ui/"):
+            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+            client = peer[0] if isinstance(peer, tuple) else None
+            refusal = check_transport(client, local[0] if isinstance(local, tuple) else None, tls is not None)
+            if refusal is not None:
                 refused = json_reply(refusal.status, {"error": refusal.message})
-                reply = Reply(refused.status, refused.body, headers=refusal.headers)
-            peer = writer.get_extra_info("peername")
+                reply = Reply(refused.status, refused.body)
+            elif path.startswith(b"/ui"):
+                reply, refusal = await self.webui.answer(self.guard, method, path, headers, payload, client or "")
+            else:
+                reply, refusal = await self._api(method, path, query, headers, payload)
+            reply = dataclasses.replace(reply, headers=reply.headers + SECURITY_HEADERS)
             logs.event("api", method=method.decode("ascii", "replace"), path=path[:200].decode("ascii", "replace"),
-                       status=int(reply.status[:3]), client=peer[0] if isinstance(peer, tuple) else None,
+                       status=int(reply.status[:3]), client=client,
                        refused=refusal and refusal.reason, seen=refusal and refusal.seen)
         elif method == b"GET" and path == b"/metrics":
             reply = await self._metrics()
@@ -166,6 +222,41 @@ class Control(WorkerBody):
         except (ConnectionError, TimeoutError):
             pass  # the client left, or stopped reading: nothing more to tell it
         writer.close()
+
+    async def _api(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes],
+                   payload: bytes) -> tuple[Reply, Refusal | None]:
+        refusal = self.guard.check_request(method, headers, self.webui.session(headers))
+        if refusal is not None:
+            refused = json_reply(refusal.status, {"error": refusal.message})
+            return Reply(refused.status, refused.body, headers=refusal.headers), refusal
+        if method == b"GET" and path == b"/api/overview":
+            return await self._overview(), None
+        if (accounts := await self.accounts.answer(method, path.decode("ascii", "replace"), payload)) is not None:
+            return accounts, None
+        return self._node(method, path) or await self.api.answer(
+            method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload), None
+
+    async def _sample(self) -> None:
+        """The overview's per-minute samples: one at each minute's start."""
+        while True:
+            try:
+                self.series.record(time.time(), figures(metrics.merged()).totals)
+            except OSError as exc:  # a metrics file vanished: the next minute's sample covers this one
+                logs.event("metrics_error", error=str(exc))
+            await asyncio.sleep(60.5 - time.time() % 60)
+
+    async def _overview(self) -> Reply:
+        try:
+            seen = figures(metrics.merged())
+        except OSError as exc:
+            return json_reply(b"503 Service Unavailable", {"error": f"metrics unavailable: {exc}"})
+        gauges = await self._ask(messages.GaugeQuery(), SCRAPE_ASK_SECONDS)
+        for pid in seen.sessions.keys() - self._worker_names.keys():
+            self._worker_names[pid] = worker_name(pid) or f"pid {pid}"
+        self._worker_names = {pid: self._worker_names[pid] for pid in seen.sessions}
+        health = {"ready": not (self.draining or self.crash_looping or self.node_drained), "draining": self.draining,
+                  "drained": self.node_drained, "crash_looping": self.crash_looping}
+        return json_reply(b"200 OK", overview_json(time.time(), self.series, seen, gauges, self._worker_names, health))
 
     async def _metrics(self) -> Reply:
         """The merged files, then the scheduler's per-destination snapshot (none while it is down)."""
