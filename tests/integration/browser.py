@@ -1,0 +1,96 @@
+"""A real browser for the web UI tests: Debian's chromium driven by Playwright (sync API).
+
+Playwright's own browser downloads are not used (nothing may leave the machine):
+the system chromium at CHROMIUM runs headless, with --no-sandbox since tests run as
+root. A Tab records what the page printed to the console and every uncaught error,
+so a test can assert the page ran clean (a CSP violation is a console error).
+
+Screenshots go to $MTA_TEST_ARTIFACTS, else to webui-screenshots/ under pytest's
+temporary base directory (printed, so a run shows where they are).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import MtaServer
+
+CHROMIUM = "/usr/bin/chromium"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 10_000
+API_REFUSAL = re.compile(r"error: Failed to load resource: the server responded with a status of 4(01|03|09|29) ")
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test-deps installs it)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = Path(os.environ.get("MTA_TEST_ARTIFACTS") or tmp_path_factory.getbasetemp() / "webui-screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"\nweb UI screenshots: {directory}")
+    return directory
+
+
+def control_url(server: MtaServer, path: str = "/ui/") -> str:
+    assert server.config_path is not None
+    listen = tomllib.loads(server.config_path.read_text())["control"]["listen"]
+    return f"http://{listen}{path}"
+
+
+@dataclass
+class Tab:
+    """One browser context (its own cookies) and page, with what the page reported."""
+
+    context: sync_api.BrowserContext
+    page: sync_api.Page
+    console: list[str] = field(default_factory=list)  # "type: text"
+    errors: list[str] = field(default_factory=list)  # uncaught exceptions
+
+    def problems(self) -> list[str]:
+        """Console errors and uncaught exceptions (a CSP violation, a broken module, a missing
+        file), except the browser's note of each API refusal (a 4xx the page shows as it should)."""
+        return [line for line in self.console if line.startswith("error:") and not API_REFUSAL.match(line)] + self.errors
+
+    def shot(self, directory: Path, name: str) -> Path:
+        path = directory / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def open_tab(browser: sync_api.Browser, viewport: dict[str, int] = DESKTOP) -> Tab:
+    context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    tab = Tab(context, page)
+    page.on("console", lambda msg: tab.console.append(f"{msg.type}: {msg.text}"))
+    page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    return tab
+
+
+def log_in(tab: Tab, server: MtaServer, token: str) -> None:
+    """Open /ui/, log in with the token and wait for the overview."""
+    page = tab.page
+    page.goto(control_url(server))
+    page.get_by_label("Token", exact=True).fill(token)
+    page.get_by_role("button", name="Log in with the token").click()
+    sync_api.expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
