@@ -194,9 +194,10 @@ def _queue_salvage(cfg: Config, args: argparse.Namespace) -> int:
 
 def _config_check(cfg: Config, args: argparse.Namespace) -> int:
     from mta.aliases import AliasError, Aliases
-    from mta.tls import TlsError, server_context
+    from mta.tls import TlsError, control_context, server_context
     try:
         server_context(cfg.tls)
+        control_context(cfg.control)
     except TlsError as exc:
         print(f"mta: configuration error: {exc}", file=sys.stderr)
         return 2

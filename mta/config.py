@@ -323,6 +323,10 @@ def _check_control(control: ControlConfig, fail: Any) -> None:
              "(or a token_file you give its clients)")
     if control.token and control.token_file:
         fail("[control] token_file", "set token or token_file, not both")
+    if bool(control.tls_cert_file) != bool(control.tls_key_file):
+        fail("[control] tls_key_file", "set tls_cert_file and tls_key_file together (or neither)")
+    if not control.session_seconds > 0:
+        fail("[control] session_seconds", "must be > 0")
     for name in control.allowed_hosts:
         bare = name.removeprefix("[").removesuffix("]")  # an IPv6 address may come in brackets
         if not bare or bare.count(":") == 1 or not all(c.isascii() and (c.isalnum() or c in ".-_:") for c in bare):

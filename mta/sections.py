@@ -239,6 +239,10 @@ class ControlConfig:
     token: str = ""  # bearer token for /api/...; empty: the one mta keeps in token_file
     token_file: str = ""  # empty: <[queue] path>/control.token; created 0600 at start when missing
     allowed_hosts: tuple[str, ...] = ("localhost",)  # Host names /api/ answers besides listen's address
+    tls_cert_file: str = ""  # PEM chain: the listener speaks HTTPS (needed for /ui/ and /api/ off loopback)
+    tls_key_file: str = ""
+    admin_users_file: str = ""  # web UI logins besides the token (the users-file format: mta users --file)
+    session_seconds: float = 3600.0  # a web UI session ends after this long without a request
 
 
 MILTER_ACTIONS: Final = ("tempfail", "accept", "reject")

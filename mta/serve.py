@@ -45,7 +45,7 @@ import time
 from mta import logs
 from mta.config import Config
 from mta.master.listeners import ServeError, bind_all
-from mta.tls import TlsError, server_context
+from mta.tls import TlsError, control_context, server_context
 from mtaqueue.private import private_dir
 
 PROGRESS_SECONDS = 1.0  # spool_rebuild progress lines at most this often
@@ -175,6 +175,7 @@ def serve(config: Config, found_by: str = "-c") -> int:
     logs.set_format(config.log.format)
     try:
         server_context(config.tls)  # refuse to start on a bad certificate, before any fork
+        control_context(config.control)
     except TlsError as exc:
         raise ServeError(str(exc)) from None
     fds = raise_fd_limit()

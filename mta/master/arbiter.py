@@ -50,7 +50,7 @@ from mta.config import Config, ConfigError
 from mta.master.children import Child, ChildState, describe_status, set_title, spawn
 from mta.master.dispatch import INBOUND, Dispatcher
 from mta.master.listeners import ServeError
-from mta.tls import TlsError, server_context
+from mta.tls import TlsError, control_context, server_context
 
 CRASH_WINDOW_SECONDS = 1.0  # dying before READY, or this soon after starting, is a crash at start
 MAX_BACKOFF_SECONDS = 30.0
@@ -378,6 +378,7 @@ class Arbiter:
             return
         try:
             server_context(new.tls)  # a broken certificate must not reach the new workers
+            control_context(new.control)
         except TlsError as exc:
             metrics.MASTER_RELOADS.labels("failed").inc()
             logs.event("reload_failed", error=str(exc), action="kept the running configuration")

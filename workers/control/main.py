@@ -14,8 +14,16 @@
                 restarted control process is told it); a restart of `mta serve` clears it.
   /api/...      the admin API (JSON): workers/control/api.py has its routes. Always
                 `Authorization: Bearer <token>`: [control] token, else the one
-                mta/admintoken.py keeps in a 0600 file; Host, Origin and Content-Type
-                checked by guard.py before any route.
+                mta/admintoken.py keeps in a 0600 file, or a web UI session (cookie and
+                X-CSRF-Token); Host, Origin and Content-Type checked by guard.py before
+                any route.
+  /ui/...       the web UI: its page and its login (workers/control/webui.py; sessions
+                and lockout: websession.py). /ui/ and /api/ replies carry the security
+                headers (webui.SECURITY_HEADERS), and answer a client off loopback only
+                over TLS (guard.check_transport).
+
+With [control] tls_cert_file and tls_key_file the listener speaks HTTPS (the context is
+rebuilt on SIGHUP: new connections get the new certificate).
 
 One request per connection (Connection: close); requests are bounded in size and time.
 A reply is sent whole (Content-Length), or, for a listing or a bulk operation's progress,
@@ -30,18 +38,23 @@ drain's announcement (above); SIGHUP reloads (reload()). The process: workers/pr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator
 
 from mta import admintoken, frames, logs, messages, metrics
 from mta.config import Config, ConfigError, split_hostport
 from mta.messages import Message
 from mta.spool import open_spool
+from mta.tls import TlsError, control_context
 from mtaqueue.backend import QueueError
 from mtaqueue.cache_lmdb import LmdbCache
 from workers.control.api import AdminApi, Reply, json_reply
-from workers.control.guard import Guard
+from workers.control.guard import Guard, Refusal, check_transport
+from workers.control.webui import SECURITY_HEADERS, WEBUI_DIR, WebUi, read_files
+from workers.control.websession import Lockout, Sessions
 from workers.process import WorkerBody, WorkerProcess, run_worker
 
 MAX_REQUEST_BYTES = 8192
@@ -64,6 +77,7 @@ class Control(WorkerBody):
         self.crash_looping: list[str] = []  # e.g. ["scheduler#1"], as the master last told
         self.node_drained = False  # `mta node drain`, as asked or as the master last told
         self.process: WorkerProcess | None = None
+        self.tls: ssl.SSLContext | None = None  # [control] tls_cert_file: HTTPS
 
     async def start(self, process: WorkerProcess) -> int | None:
         self.process = process
@@ -72,7 +86,15 @@ class Control(WorkerBody):
         except (OSError, admintoken.TokenError) as exc:  # the master restarts us after a back-off
             logs.event("api_token_error", file=admintoken.path(self.config), error=str(exc))
             return 1
-        self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token)
+        try:
+            self.tls = control_context(self.config.control)
+        except TlsError as exc:
+            logs.event("control_tls_error", error=str(exc))
+            return 1
+        self.guard = Guard(self.config.control.listen, self.config.control.allowed_hosts, token, self.tls is not None)
+        self.webui = WebUi(read_files(WEBUI_DIR), Sessions(self.config.control.session_seconds),
+                           Lockout(self.config.auth.max_failures, self.config.auth.lockout_seconds))
+        self._configure_webui(self.config)
         self.spool = open_spool(self.config.queue)
         self.api = AdminApi(self.spool, self._ask, self._converse)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
@@ -99,8 +121,21 @@ class Control(WorkerBody):
             logs.event("restarting", reason="[control] listen changed", address=config.control.listen)
             self.process.stop(shutdown=True)
             return
+        try:
+            tls = control_context(config.control)
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
         self.config = config
-        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token)
+        self.tls = tls
+        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, tls is not None)
+        self._configure_webui(config)
+
+    def _configure_webui(self, config: Config) -> None:
+        self.webui.tls = self.tls is not None
+        self.webui.admin_users_file = config.control.admin_users_file
+        self.webui.sessions.idle_seconds = config.control.session_seconds
+        self.webui.lockout.max_failures = config.auth.max_failures
+        self.webui.lockout.lockout_seconds = config.auth.lockout_seconds
 
     async def close(self) -> dict[str, object]:
         self._server.close()
@@ -127,7 +162,10 @@ class Control(WorkerBody):
                        crash_looping=",".join(self.crash_looping) or None)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = self.tls
         try:
+            if tls is not None:
+                await asyncio.wait_for(writer.start_tls(tls), REQUEST_SECONDS)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
             headers = _headers(head)
             length = int(headers.get(b"content-length", b"0") or 0)
@@ -135,23 +173,26 @@ class Control(WorkerBody):
                 raise ValueError("request body too large")
             payload = await asyncio.wait_for(reader.readexactly(length), REQUEST_SECONDS) if length else b""
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError):
+                ValueError, ssl.SSLError):
             writer.close()
             return
         method, _, rest = head.partition(b"\r\n")[0].partition(b" ")
         target, _, version = rest.partition(b" ")
         path, _, query = target.partition(b"?")
-        if path.startswith(b"/api/"):
-            refusal = self.guard.check_request(method, headers)
-            if refusal is None:
-                reply = self._node(method, path) or await self.api.answer(
-                    method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload)
-            else:
+        if path.startswith(b"/api/") or path == b"/ui" or path.startswith(b"/ui/"):
+            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+            client = peer[0] if isinstance(peer, tuple) else None
+            refusal = check_transport(client, local[0] if isinstance(local, tuple) else None, tls is not None)
+            if refusal is not None:
                 refused = json_reply(refusal.status, {"error": refusal.message})
-                reply = Reply(refused.status, refused.body, headers=refusal.headers)
-            peer = writer.get_extra_info("peername")
+                reply = Reply(refused.status, refused.body)
+            elif path.startswith(b"/ui"):
+                reply, refusal = await self.webui.answer(self.guard, method, path, headers, payload, client or "")
+            else:
+                reply, refusal = await self._api(method, path, query, headers, payload)
+            reply = dataclasses.replace(reply, headers=reply.headers + SECURITY_HEADERS)
             logs.event("api", method=method.decode("ascii", "replace"), path=path[:200].decode("ascii", "replace"),
-                       status=int(reply.status[:3]), client=peer[0] if isinstance(peer, tuple) else None,
+                       status=int(reply.status[:3]), client=client,
                        refused=refusal and refusal.reason, seen=refusal and refusal.seen)
         elif method == b"GET" and path == b"/metrics":
             reply = await self._metrics()
@@ -166,6 +207,15 @@ class Control(WorkerBody):
         except (ConnectionError, TimeoutError):
             pass  # the client left, or stopped reading: nothing more to tell it
         writer.close()
+
+    async def _api(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes],
+                   payload: bytes) -> tuple[Reply, Refusal | None]:
+        refusal = self.guard.check_request(method, headers, self.webui.session(headers))
+        if refusal is not None:
+            refused = json_reply(refusal.status, {"error": refusal.message})
+            return Reply(refused.status, refused.body, headers=refusal.headers), refusal
+        return self._node(method, path) or await self.api.answer(
+            method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload), None
 
     async def _metrics(self) -> Reply:
         """The merged files, then the scheduler's per-destination snapshot (none while it is down)."""

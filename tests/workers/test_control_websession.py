@@ -1,0 +1,88 @@
+"""The web UI's sessions, lockout and static files (pure; the page's files from a temp dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from workers.control.guard import Guard
+from workers.control.webui import WebUi, read_files
+from workers.control.websession import MAX_SESSIONS, Lockout, Sessions, clear_cookie, session_id, set_cookie
+
+
+def cookie(session_value: str) -> bytes:
+    return b"theme=dark; mta_session=" + session_value.encode() + b"; other=1"
+
+
+def test_a_session_ends_after_its_idle_time_and_each_request_restarts_the_clock() -> None:
+    sessions = Sessions(idle_seconds=100)
+    s = sessions.create("ops", now=0)
+    assert sessions.find(cookie(s.id), 99) is s
+    assert sessions.find(cookie(s.id), 198) is s  # 99 s after the last request
+    assert sessions.find(cookie(s.id), 298) is None and len(sessions) == 0
+    t = sessions.create("ops", 300)
+    assert sessions.find(cookie(t.id + "x"), 301) is None and sessions.find(b"mta_session=", 301) is None
+    sessions.end(t)
+    assert sessions.find(cookie(t.id), 302) is None
+    assert s.id != t.id and s.csrf != t.csrf and len(t.id) >= 43
+
+
+def test_sessions_are_bounded_the_oldest_go_first() -> None:
+    sessions = Sessions(idle_seconds=1e9)
+    first = sessions.create("a", 0)
+    for i in range(MAX_SESSIONS):
+        sessions.create("b", i)
+    assert len(sessions) == MAX_SESSIONS and sessions.find(cookie(first.id), 1) is None
+
+
+def test_cookies() -> None:
+    s = Sessions(10).create("ops", 0)
+    assert set_cookie(s, secure=False) == f"Set-Cookie: mta_session={s.id}; Path=/; HttpOnly; SameSite=Strict\r\n".encode()
+    assert set_cookie(s, secure=True).endswith(b"; SameSite=Strict; Secure\r\n")
+    assert clear_cookie(True) == b"Set-Cookie: mta_session=; Path=/; HttpOnly; SameSite=Strict; Secure; Max-Age=0\r\n"
+    assert session_id(b"a=1;mta_session=xyz") == "xyz" and session_id(b"mta_sessionx=1") is None
+    assert session_id(None) is None
+
+
+def test_failures_lock_an_address_out_until_the_window_ends() -> None:
+    lockout = Lockout(max_failures=3, lockout_seconds=600)
+    for t in (0, 10, 20):
+        assert lockout.check("192.0.2.1", t) == 0
+        lockout.fail("192.0.2.1", t)
+    assert lockout.check("192.0.2.1", 30) == 570 and lockout.check("192.0.2.2", 30) == 0
+    assert lockout.check("192.0.2.1", 600) == 0  # the window began at the first failure
+    lockout.begin("192.0.2.3")
+    lockout.begin("192.0.2.3")
+    lockout.fail("192.0.2.3", 0)
+    assert lockout.check("192.0.2.3", 0) > 0  # two being checked count as they may fail
+    lockout.end("192.0.2.3")
+    lockout.end("192.0.2.3")
+    assert lockout.check("192.0.2.3", 0) == 0
+
+
+def test_only_the_files_read_at_start_are_served(tmp_path: Path) -> None:
+    page = tmp_path / "webui"
+    (page / "img").mkdir(parents=True)
+    (page / "index.html").write_bytes(b"<!doctype html>")
+    (page / "app.js").write_bytes(b"1")
+    (page / "img" / "logo.svg").write_bytes(b"<svg/>")
+    (page / ".hidden").write_bytes(b"no")
+    (tmp_path / "secret").write_bytes(b"no")
+    ui = WebUi(read_files(page), Sessions(10), Lockout(3, 60))
+    (page / "later.js").write_bytes(b"no")
+    guard = Guard("127.0.0.1:9025", [], "t")
+
+    def get(path: bytes) -> tuple[bytes, bytes, bytes]:
+        reply, _ = asyncio.run(ui.answer(guard, b"GET", path, {b"host": b"127.0.0.1:9025"}, b"", "127.0.0.1"))
+        assert isinstance(reply.body, bytes)
+        return reply.status[:3], reply.kind, reply.body
+
+    assert get(b"/ui/") == (b"200", b"text/html; charset=utf-8", b"<!doctype html>")
+    assert get(b"/ui/app.js") == (b"200", b"text/javascript; charset=utf-8", b"1")
+    assert get(b"/ui/img/logo.svg") == (b"200", b"image/svg+xml", b"<svg/>")
+    for path in (b"/ui/.hidden", b"/ui/../secret", b"/ui/%2e%2e/secret", b"/ui/later.js", b"/ui/img", b"/ui/img/",
+                 b"/ui/webui/app.js", b"/ui//app.js"):
+        status, _, body = get(path)
+        assert status == b"404" and json.loads(body) == {"error": "no such page"}, path
+    assert read_files(tmp_path / "absent") == {}
