@@ -53,6 +53,12 @@ def render() -> bytes:
         return generate_latest(registry)
 
 
+def merged() -> list[Metric]:
+    """The merged metric families, as render() shows them (the web UI's overview reads them)."""
+    with _files_locked(exclusive=False):
+        return list(multiprocess.MultiProcessCollector(CollectorRegistry()).collect())
+
+
 def process_dead(pid: int) -> None:
     """A child is gone: drop its live gauges, fold its counters into one merged file.
 

@@ -86,3 +86,23 @@ def test_only_the_files_read_at_start_are_served(tmp_path: Path) -> None:
         status, _, body = get(path)
         assert status == b"404" and json.loads(body) == {"error": "no such page"}, path
     assert read_files(tmp_path / "absent") == {}
+
+
+def test_the_overview_series_counts_per_minute_with_the_partial_minute_last() -> None:
+    from workers.control.overview import MINUTES, Series
+    series = Series()
+    series.record(130.0, {"accepted": 5})  # started mid-minute 120
+    assert series.minutes(150.0, {"accepted": 7}) == [{"t": 120, "accepted": 2, "delivered": 0, "deferred": 0,
+                                                       "bounced": 0}]
+    series.record(170.0, {"accepted": 9})  # the same minute: no second sample
+    series.record(181.0, {"accepted": 10})
+    series.record(305.0, {"accepted": 12})  # minutes 240 was missed: its mail counts in 180's row
+    rows = series.minutes(310.0, {"accepted": 20, "delivered": 3})
+    assert [(r["t"], r["accepted"], r["delivered"]) for r in rows] == [(120, 5, 0), (180, 2, 0), (300, 8, 3)]
+    assert series.minutes(320.0, {"accepted": 1})[-1]["accepted"] == 0  # counters reset: never negative
+    for minute in range(6, 6 + 2 * MINUTES):
+        series.record(minute * 60.0, {"accepted": minute})
+    rows = series.minutes(minute * 60.0 + 1, {"accepted": minute + 1})
+    assert len(rows) == MINUTES and rows[-1] == {"t": minute * 60, "accepted": 1, "delivered": 0, "deferred": 0,
+                                                 "bounced": 0}
+    assert all(r["accepted"] == 1 for r in rows) and rows[0]["t"] == (minute - MINUTES + 1) * 60

@@ -17,6 +17,8 @@
                 mta/admintoken.py keeps in a 0600 file, or a web UI session (cookie and
                 X-CSRF-Token); Host, Origin and Content-Type checked by guard.py before
                 any route.
+  /api/overview the web UI's live figures (workers/control/overview.py): per-minute counts of
+                the last hour, sampled here from the merged counters at most once a minute
   /ui/...       the web UI: its page and its login (workers/control/webui.py; sessions
                 and lockout: websession.py). /ui/ and /api/ replies carry the security
                 headers (webui.SECURITY_HEADERS), and answer a client off loopback only
@@ -42,6 +44,7 @@ import dataclasses
 import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 
 from mta import admintoken, frames, logs, messages, metrics
@@ -53,6 +56,7 @@ from mtaqueue.backend import QueueError
 from mtaqueue.cache_lmdb import LmdbCache
 from workers.control.api import AdminApi, Reply, json_reply
 from workers.control.guard import Guard, Refusal, check_transport
+from workers.control.overview import Series, figures, overview_json, worker_name
 from workers.control.webui import SECURITY_HEADERS, WEBUI_DIR, WebUi, read_files
 from workers.control.websession import Lockout, Sessions
 from workers.process import WorkerBody, WorkerProcess, run_worker
@@ -78,6 +82,8 @@ class Control(WorkerBody):
         self.node_drained = False  # `mta node drain`, as asked or as the master last told
         self.process: WorkerProcess | None = None
         self.tls: ssl.SSLContext | None = None  # [control] tls_cert_file: HTTPS
+        self.series = Series()
+        self._worker_names: dict[int, str] = {}  # inbound pid -> "inbound#2" (its process title)
 
     async def start(self, process: WorkerProcess) -> int | None:
         self.process = process
@@ -100,6 +106,7 @@ class Control(WorkerBody):
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
         self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
+        self._sampler = asyncio.create_task(self._sample())
         logs.event("listening", address=self.config.control.listen, role="control")
         return None
 
@@ -138,6 +145,7 @@ class Control(WorkerBody):
         self.webui.lockout.lockout_seconds = config.auth.lockout_seconds
 
     async def close(self) -> dict[str, object]:
+        self._sampler.cancel()
         self._server.close()
         await self._server.wait_closed()
         self.spool.close()
@@ -214,8 +222,32 @@ class Control(WorkerBody):
         if refusal is not None:
             refused = json_reply(refusal.status, {"error": refusal.message})
             return Reply(refused.status, refused.body, headers=refusal.headers), refusal
+        if method == b"GET" and path == b"/api/overview":
+            return await self._overview(), None
         return self._node(method, path) or await self.api.answer(
             method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload), None
+
+    async def _sample(self) -> None:
+        """The overview's per-minute samples: one at each minute's start."""
+        while True:
+            try:
+                self.series.record(time.time(), figures(metrics.merged()).totals)
+            except OSError as exc:  # a metrics file vanished: the next minute's sample covers this one
+                logs.event("metrics_error", error=str(exc))
+            await asyncio.sleep(60.5 - time.time() % 60)
+
+    async def _overview(self) -> Reply:
+        try:
+            seen = figures(metrics.merged())
+        except OSError as exc:
+            return json_reply(b"503 Service Unavailable", {"error": f"metrics unavailable: {exc}"})
+        gauges = await self._ask(messages.GaugeQuery(), SCRAPE_ASK_SECONDS)
+        for pid in seen.sessions.keys() - self._worker_names.keys():
+            self._worker_names[pid] = worker_name(pid) or f"inbound pid {pid}"
+        self._worker_names = {pid: self._worker_names[pid] for pid in seen.sessions}
+        health = {"ready": not (self.draining or self.crash_looping or self.node_drained), "draining": self.draining,
+                  "drained": self.node_drained, "crash_looping": self.crash_looping}
+        return json_reply(b"200 OK", overview_json(time.time(), self.series, seen, gauges, self._worker_names, health))
 
     async def _metrics(self) -> Reply:
         """The merged files, then the scheduler's per-destination snapshot (none while it is down)."""
