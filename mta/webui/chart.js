@@ -20,27 +20,32 @@ function niceMax(n) {
   }
 }
 
-export function chart(minutes) {
+// minutes: [{t, accepted, ...}] oldest first (a minute without a row had no sample: its
+// figures are in the row before); now: epoch seconds. The x axis is the last hour.
+export function chart(minutes, now) {
   const totals = Object.fromEntries(SERIES.map(([key]) => [key, minutes.reduce((s, m) => s + (m[key] || 0), 0)]));
-  const label = `Messages per minute over the last ${minutes.length} minutes: ` +
+  const label = `Messages per minute over the last hour: ` +
     SERIES.map(([key, name]) => `${name.toLowerCase()} ${totals[key]}`).join(", ") + " in total.";
   const top = niceMax(Math.max(0, ...minutes.flatMap((m) => SERIES.map(([key]) => m[key] || 0))));
-  const n = Math.max(minutes.length, 2);
-  const x = (i) => LEFT + (i * (W - LEFT - RIGHT)) / (n - 1);
+  const last = Math.floor(now / 60) * 60;
+  const first = last - 59 * 60;
+  const x = (t) => LEFT + ((Math.max(t, first) - first) * (W - LEFT - RIGHT)) / (last - first);
   const y = (v) => TOP + (H - TOP - BOTTOM) * (1 - v / top);
   const grid = [0, 0.25, 0.5, 0.75, 1].map((f) => [
     svg("line", { class: "grid", x1: LEFT, x2: W - RIGHT, y1: y(top * f), y2: y(top * f) }),
-    svg("text", { class: "axis", x: LEFT - 6, y: y(top * f) + 4, "text-anchor": "end", text: String(Math.round(top * f)) }),
+    svg("text", { class: "axis", x: LEFT - 6, y: y(top * f) + 4, "text-anchor": "end", text: String(top * f) }),
   ]);
-  const ticks = minutes.map((m, i) => [m, i]).filter(([, i]) => i % 15 === 0 || i === minutes.length - 1)
-    .map(([m, i]) => svg("text", { class: "axis", x: x(i), y: H - 8, text: clock(m.t),
-      "text-anchor": i === 0 ? "start" : i === minutes.length - 1 ? "end" : "middle" }));
+  const ticks = [0, 15, 30, 45, 59].map((i) => svg("text", { class: "axis", x: x(first + i * 60), y: H - 8,
+    text: clock(first + i * 60), "text-anchor": i === 0 ? "start" : i === 59 ? "end" : "middle" }));
   const lines = SERIES.map(([key]) => svg("polyline", {
     class: `series ${key}`, fill: "none",
-    points: minutes.map((m, i) => `${x(i).toFixed(1)},${y(m[key] || 0).toFixed(1)}`).join(" "),
+    points: minutes.map((m) => `${x(m.t).toFixed(1)},${y(m[key] || 0).toFixed(1)}`).join(" "),
   }));
+  // A line needs two points: with few rows, each is a dot as well.
+  const dots = minutes.length > 5 ? [] : SERIES.map(([key]) => minutes.map((m) =>
+    svg("circle", { class: `dot ${key}`, cx: x(m.t).toFixed(1), cy: y(m[key] || 0).toFixed(1), r: 3 })));
   const picture = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label },
-    svg("title", { text: label }), grid, ticks, lines);
+    svg("title", { text: label }), grid, ticks, lines, dots);
   const legend = h("ul", { class: "legend" },
     SERIES.map(([key, name]) => h("li", {}, h("span", { class: `swatch ${key}`, "aria-hidden": "true" }),
       `${name}: ${totals[key]}`)));

@@ -2,7 +2,7 @@
 // replies, its header block and its body. The stored bytes are shown only through
 // textContent in a <pre>: whatever they hold (<script>, <img onerror>) is text.
 
-import { call, get } from "./api.js";
+import { ApiError, call, get } from "./api.js";
 import { bytes, h, table, when } from "./dom.js";
 import { opButtons, runOp } from "./queue.js";
 import { attempt } from "./ui.js";
@@ -35,11 +35,23 @@ export function render(container, id) {
   const body = h("div", {});
   container.append(h("p", {}, h("a", { href: "#/queue", text: "Back to the queue" })), head, actions, body);
 
+  // The message, or null once it left the queue (delivered, bounced, deleted): said in the page.
+  async function fetchOr404(fetcher) {
+    try {
+      return await fetcher();
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 404) throw err;
+      actions.hidden = true;
+      body.replaceChildren(h("p", { class: "gone", text: `Message ${id} is not in the queue (any more): it was delivered, bounced or deleted.` }));
+      return null;
+    }
+  }
+
   async function load() {
-    const message = await attempt(() => get(`/api/queue/${encodeURIComponent(id)}`));
+    const message = await attempt(() => fetchOr404(() => get(`/api/queue/${encodeURIComponent(id)}`)));
     if (!message || !container.isConnected) return;
-    const raw = await attempt(() => call("GET", `/api/queue/${encodeURIComponent(id)}/body`, undefined, "bytes"));
-    if (!container.isConnected) return;
+    const raw = await attempt(() => fetchOr404(() => call("GET", `/api/queue/${encodeURIComponent(id)}/body`, undefined, "bytes")));
+    if (raw === null || !container.isConnected) return;
     const envelope = [["Sender", message.sender || "<> (a bounce)"], ["Arrival (UTC)", when(message.arrival)],
       ["Size", bytes(message.size)], ["Attempts", message.attempts], ["Next attempt (UTC)", when(message.next_attempt)],
       ["Client", message.client || "-"], ["Envelope id", message.envid || "-"], ["Return", message.ret || "-"],
@@ -53,7 +65,7 @@ export function render(container, id) {
       h("section", { "aria-labelledby": "h-rcpt" }, h("h2", { id: "h-rcpt", text: "Recipients" }),
         table("Recipients, their states and last replies", ["Recipient", "State", ["Attempts", "num"], "Last reply"], recipients)),
     ];
-    if (raw !== undefined) {
+    if (raw !== undefined) {  // undefined: the body could not be read (the alert says why)
       const { text, charset } = decode(raw);
       const [headers, content] = split(text);
       const cut = raw.byteLength > SHOWN_BYTES ? ` (the first ${bytes(SHOWN_BYTES)} of ${bytes(raw.byteLength)})` : "";

@@ -9,10 +9,11 @@ import { attempt } from "./ui.js";
 const REFRESH_MS = 10000;
 
 function health(value) {
-  const ok = value.ready && !value.drained && !(value.crash_looping || []).length;
+  const ok = value.ready && !value.drained && !value.draining && !(value.crash_looping || []).length;
   const items = [
     h("li", { text: value.ready ? "Ready: accepting and delivering." : "Not ready: see the server log." }),
-    h("li", { text: value.drained ? "Drained: this node accepts no new mail." : "Not drained." }),
+    h("li", { text: value.drained ? "Drained: this node accepts no new mail."
+      : value.draining ? "Draining: this node is handing its mail on." : "Not drained." }),
     h("li", { text: (value.crash_looping || []).length
       ? `Crash looping: ${value.crash_looping.join(", ")}.` : "No worker is crash looping." }),
   ];
@@ -59,7 +60,7 @@ export function render(container) {
     open = details ? details.open : open;
     body.replaceChildren(
       h("section", { class: "card wide", "aria-labelledby": "h-chart" },
-        h("h2", { id: "h-chart", text: "Messages per minute, last hour" }), chart(data.minutes || [])),
+        h("h2", { id: "h-chart", text: "Messages per minute, last hour" }), chart(data.minutes || [], data.now || Date.now() / 1000)),
       queueCard(data.queue || {}, data.oldest_age_seconds),
       health(data.health || {}),
       inbound(data.inbound || []),

@@ -26,7 +26,8 @@ CHROMIUM = "/usr/bin/chromium"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 10_000
-API_REFUSAL = re.compile(r"error: Failed to load resource: the server responded with a status of 4(01|03|09|29) ")
+RESOURCE = re.compile(r"error: Failed to load resource: the server responded with a status of \d+ ")  # see Tab.failed
+REFUSALS = (400, 401, 403, 409, 429)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the [test] extra)")
 
@@ -65,11 +66,13 @@ class Tab:
     page: sync_api.Page
     console: list[str] = field(default_factory=list)  # "type: text"
     errors: list[str] = field(default_factory=list)  # uncaught exceptions
+    failed: list[str] = field(default_factory=list)  # "status url" of answers >= 400
 
     def problems(self) -> list[str]:
-        """Console errors and uncaught exceptions (a CSP violation, a broken module, a missing
-        file), except the browser's note of each API refusal (a 4xx the page shows as it should)."""
-        return [line for line in self.console if line.startswith("error:") and not API_REFUSAL.match(line)] + self.errors
+        """Console errors (a CSP violation, a broken module), uncaught exceptions, and answers
+        that are no refusal of the API the page shows (401, 403, 409, 429 are; a 404 or a 5xx is not)."""
+        console = [line for line in self.console if line.startswith("error:") and not RESOURCE.match(line)]
+        return console + self.errors + [f for f in self.failed if int(f.split()[0]) not in REFUSALS]
 
     def shot(self, directory: Path, name: str) -> Path:
         path = directory / f"{name}.png"
@@ -84,6 +87,7 @@ def open_tab(browser: sync_api.Browser, viewport: dict[str, int] = DESKTOP) -> T
     tab = Tab(context, page)
     page.on("console", lambda msg: tab.console.append(f"{msg.type}: {msg.text}"))
     page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    page.on("response", lambda r: tab.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     return tab
 
 
