@@ -247,47 +247,36 @@ def _users_add(path: str, args: argparse.Namespace) -> int:
     users.check_name(args.name)
     for entry in args.sender:
         users.check_sender(entry)
-    _users_require(path, args.name, exists=False)
+    users.require(path, _users_now(path), args.name, exists=False)  # before the password is asked
     password = _read_password()
     if password is None:
         return 1
-    user = users.User(args.name, users.hash_password(password), tuple(args.sender))
-    with users.edit_users(path) as table:
-        _users_require(path, args.name, exists=False, table=table)
-        table[args.name] = user
+    users.add_user(path, users.User(args.name, users.hash_password(password), tuple(args.sender)))
     print(f"mta users: added {args.name} to {path}", file=sys.stderr)
     return 0
 
 
 def _users_passwd(path: str, args: argparse.Namespace) -> int:
     from mta import users
-    _users_require(path, args.name, exists=True)
+    users.require(path, _users_now(path), args.name, exists=True)
     password = _read_password()
     if password is None:
         return 1
-    new_hash = users.hash_password(password)
-    with users.edit_users(path) as table:
-        _users_require(path, args.name, exists=True, table=table)
-        table[args.name] = users.User(args.name, new_hash, table[args.name].senders)
+    users.set_password(path, args.name, users.hash_password(password))
     print(f"mta users: changed the password of {args.name} in {path}", file=sys.stderr)
     return 0
 
 
 def _users_delete(path: str, args: argparse.Namespace) -> int:
     from mta import users
-    with users.edit_users(path) as table:
-        _users_require(path, args.name, exists=True, table=table)
-        del table[args.name]
+    users.delete_user(path, args.name)
     print(f"mta users: deleted {args.name} from {path}", file=sys.stderr)
     return 0
 
 
 def _users_list(path: str, args: argparse.Namespace) -> int:
     from mta import users
-    try:
-        table = users.load_users(path)
-    except FileNotFoundError:
-        table = {}
+    table = _users_now(path)
     if args.json:
         json.dump([{"name": u.name, "senders": list(u.senders)} for u in table.values()], sys.stdout, indent=1)
         print()
@@ -298,18 +287,13 @@ def _users_list(path: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _users_require(path: str, name: str, *, exists: bool, table: dict[str, Any] | None = None) -> None:
-    """Refuse (UsersError: exit 1) unless `name` exists, or does not, in `table` (default: the file now)."""
+def _users_now(path: str) -> dict[str, Any]:
+    """The users of `path` now (a missing file has none)."""
     from mta import users
-    if table is None:
-        try:
-            table = users.load_users(path)
-        except FileNotFoundError:
-            table = {}
-    if exists and name not in table:
-        raise users.UsersError(f"no user {name} in {path}")
-    if not exists and name in table:
-        raise users.UsersError(f"user {name} exists, use `mta users passwd {name}`")
+    try:
+        return users.load_users(path)
+    except FileNotFoundError:
+        return {}
 
 
 def _read_password() -> str | None:

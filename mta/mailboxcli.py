@@ -16,14 +16,7 @@ import sys
 from mta import quota
 from mta.config import Config
 from mta.mailboxes import mailbox_path
-from mta.mailboxfile import (
-    Mailbox,
-    MailboxFileError,
-    MailboxTable,
-    check_address,
-    edit_mailboxes,
-    load_mailboxes,
-)
+from mta.mailboxfile import Mailbox, MailboxFileError, add_mailbox, check_address, delete_mailbox, load_mailboxes
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -64,22 +57,14 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 def mailbox_add(cfg: Config, path: str, args: argparse.Namespace) -> int:
     aliases = tuple(a.strip().lower() for a in args.aliases.split(",") if a.strip())
     box = Mailbox(args.address.lower(), args.quota_bytes, args.quota_messages, aliases)  # checks every address
-    with edit_mailboxes(path) as table:
-        existing = MailboxTable(table)
-        for name in (box.address, *box.aliases):
-            if (owner := existing.lookup(name)) is not None:
-                raise MailboxFileError(f"{name} is already {'a mailbox' if owner.address == name else 'an alias of ' + owner.address} in {path}")
-        table[box.address] = box
+    add_mailbox(path, box)
     print(f"mta mailbox: added {box.address} to {path}", file=sys.stderr)
     return 0
 
 
 def mailbox_delete(cfg: Config, path: str, args: argparse.Namespace) -> int:
     address = args.address.lower()
-    with edit_mailboxes(path) as table:
-        if address not in table:
-            raise MailboxFileError(f"no mailbox {address} in {path}")
-        del table[address]
+    delete_mailbox(path, address)
     print(f"mta mailbox: deleted {address} from {path} (its folder "
           f"{mailbox_path(cfg.local.maildir_root, *reversed(address.rsplit('@', 1)))} is left as it is)",
           file=sys.stderr)
@@ -92,7 +77,7 @@ def mailbox_list(cfg: Config, path: str, args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(f"-- no mailboxes: {path} does not exist yet", file=sys.stderr)
         return 0
-    rows = [_row(cfg, box) for box in table.mailboxes.values()]
+    rows = [usage_row(cfg, box) for box in table.mailboxes.values()]
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
@@ -109,12 +94,12 @@ def mailbox_quota(cfg: Config, path: str, args: argparse.Namespace) -> int:
     box = load_mailboxes(path).lookup(args.address)
     if box is None:
         raise MailboxFileError(f"no mailbox {args.address.lower()} in {path}")
-    row = _row(cfg, box)
+    row = usage_row(cfg, box)
     print(f"{box.address}  {_usage_text(row)}")
     return 0
 
 
-def _row(cfg: Config, box: Mailbox) -> dict[str, object]:
+def usage_row(cfg: Config, box: Mailbox) -> dict[str, object]:
     folder = mailbox_path(cfg.local.maildir_root, box.domain, box.user)
     limits = quota.Limits(box.quota_bytes, box.quota_messages)
     used = quota.usage(folder, limits, write=False) if box.has_quota else quota.scan(folder)[0]

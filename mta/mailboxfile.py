@@ -14,7 +14,8 @@ error naming both lines. A mailbox's directory is `<maildir_root>/<domain>/<user
 `MailboxFile` re-reads the file when its mtime, size or inode changes (as the users file
 is read: workers/inbound/auth.py); a file that no longer parses is logged and the last
 good table kept. `edit_mailboxes` is the one writer: flock on `<file>.lock`, atomic
-replace (mta/outfile.py), comments and order kept, mode and owner of an existing file kept.
+replace (mta/outfile.py), comments and order kept, mode and owner of an existing file kept;
+add_mailbox, delete_mailbox and set_quota are its edits (`mta mailbox`, the web UI).
 
 Invariants: every Mailbox of a table is valid (its address, limits and aliases checked);
 `lookup` never raises.
@@ -196,6 +197,37 @@ def edit_mailboxes(path: str) -> Iterator[dict[str, Mailbox]]:
         yield mailboxes
         parse_mailboxes("\n".join(format_line(b) for b in mailboxes.values()), path)  # no address claimed twice
         _save(path, text, mailboxes, st)
+
+
+def add_mailbox(path: str, box: Mailbox) -> None:
+    """`mta mailbox add` and POST /api/mailboxes/add: MailboxFileError when its address or
+    an alias is already a mailbox or an alias."""
+    with edit_mailboxes(path) as table:
+        existing = MailboxTable(table)
+        for name in (box.address, *box.aliases):
+            if (owner := existing.lookup(name)) is not None:
+                raise MailboxFileError(f"{name} is already {'a mailbox' if owner.address == name else 'an alias of ' + owner.address} in {path}")
+        table[box.address] = box
+
+
+def delete_mailbox(path: str, address: str) -> None:
+    """The line goes; the mailbox's folder and mail stay."""
+    with edit_mailboxes(path) as table:
+        if address not in table:
+            raise MailboxFileError(f"no mailbox {address} in {path}")
+        del table[address]
+
+
+def set_quota(path: str, address: str, quota_bytes: int | None, quota_messages: int | None) -> Mailbox:
+    """New limits (None: as it was; 0: no limit) for the mailbox `address`."""
+    with edit_mailboxes(path) as table:
+        box = table.get(address)
+        if box is None:
+            raise MailboxFileError(f"no mailbox {address} in {path}")
+        box = Mailbox(address, box.quota_bytes if quota_bytes is None else quota_bytes,
+                      box.quota_messages if quota_messages is None else quota_messages, box.aliases)
+        table[address] = box
+    return box
 
 
 def _save(path: str, old_text: str, mailboxes: dict[str, Mailbox], st: os.stat_result | None) -> None:

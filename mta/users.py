@@ -11,7 +11,8 @@ name: 1-256 characters without ':', white space or control characters, matched e
 senders: addresses (`a@example.com`) and domains (`@example.com`) the user may put in
 MAIL FROM; without any, a user named like an address owns that one address.
 
-`mta users` edits the file through `edit_users`: one editor at a time (flock on
+`mta users` and the web UI (workers/control/accounts.py) edit the file through
+add_user, set_password and delete_user (`edit_users`): one editor at a time (flock on
 `<file>.lock`), atomic replace (readers see the old file or the new one, never half),
 comments and line order kept, mode and owner of an existing file kept (0600 for a new one).
 
@@ -224,6 +225,34 @@ def edit_users(path: str) -> Iterator[dict[str, User]]:
             users = {}
         yield users
         save_users(path, users)
+
+
+def add_user(path: str, user: User) -> None:
+    """`mta users add` and POST /api/users/add: UsersError when the name is taken."""
+    with edit_users(path) as table:
+        require(path, table, user.name, exists=False)
+        table[user.name] = user
+
+
+def set_password(path: str, name: str, new_hash: str) -> None:
+    """`mta users passwd` and POST /api/users/password: the senders stay."""
+    with edit_users(path) as table:
+        require(path, table, name, exists=True)
+        table[name] = User(name, new_hash, table[name].senders)
+
+
+def delete_user(path: str, name: str) -> None:
+    with edit_users(path) as table:
+        require(path, table, name, exists=True)
+        del table[name]
+
+
+def require(path: str, table: Mapping[str, User], name: str, *, exists: bool) -> None:
+    """UsersError unless `name` is in `table` (exists) or is not."""
+    if exists and name not in table:
+        raise UsersError(f"no user {name} in {path}")
+    if not exists and name in table:
+        raise UsersError(f"user {name} exists, use `mta users passwd {name}` to change its password")
 
 
 def _replace(path: str, text: str, st: os.stat_result | None) -> None:

@@ -19,6 +19,7 @@
                 any route.
   /api/overview the web UI's live figures (workers/control/overview.py): per-minute counts of
                 the last hour, sampled here from the merged counters at most once a minute
+  /api/users, /api/mailboxes  `mta users` and `mta mailbox` for the web UI (accounts.py)
   /ui/...       the web UI: its page and its login (workers/control/webui.py; sessions
                 and lockout: websession.py). /ui/ and /api/ replies carry the security
                 headers (webui.SECURITY_HEADERS), and answer a client off loopback only
@@ -54,6 +55,7 @@ from mta.spool import open_spool
 from mta.tls import TlsError, control_context
 from mtaqueue.backend import QueueError
 from mtaqueue.cache_lmdb import LmdbCache
+from workers.control.accounts import Accounts
 from workers.control.api import AdminApi, Reply, json_reply
 from workers.control.guard import Guard, Refusal, check_transport
 from workers.control.overview import Series, figures, overview_json, worker_name
@@ -101,6 +103,7 @@ class Control(WorkerBody):
         self.webui = WebUi(read_files(WEBUI_DIR), Sessions(self.config.control.session_seconds),
                            Lockout(self.config.auth.max_failures, self.config.auth.lockout_seconds))
         self._configure_webui(self.config)
+        self.accounts = Accounts(self.config)
         self.spool = open_spool(self.config.queue)
         self.api = AdminApi(self.spool, self._ask, self._converse)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
@@ -136,6 +139,7 @@ class Control(WorkerBody):
         self.tls = tls
         self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, tls is not None)
         self._configure_webui(config)
+        self.accounts.config = config
 
     def _configure_webui(self, config: Config) -> None:
         self.webui.tls = self.tls is not None
@@ -224,6 +228,8 @@ class Control(WorkerBody):
             return Reply(refused.status, refused.body, headers=refusal.headers), refusal
         if method == b"GET" and path == b"/api/overview":
             return await self._overview(), None
+        if (accounts := await self.accounts.answer(method, path.decode("ascii", "replace"), payload)) is not None:
+            return accounts, None
         return self._node(method, path) or await self.api.answer(
             method, path.decode("ascii", "replace"), query.decode("ascii", "replace"), headers, payload), None
 
