@@ -18,7 +18,9 @@ const $ = (id) => document.getElementById(id);
 let loggedIn = false;
 let cleanup = null;
 
-function showLogin(reason) {
+// focus: move the focus to the Token field (after a logout or an expired session; on the
+// first load the focus stays at the top, where the skip link is).
+function showLogin(reason, focus = true) {
   loggedIn = false;
   setSession("");
   if (cleanup) { cleanup(); cleanup = null; }
@@ -28,7 +30,7 @@ function showLogin(reason) {
   $("login").hidden = false;
   document.title = "Log in - mta administration";
   if (reason) showError(reason);
-  $("token").focus();
+  if (focus) $("token").focus();
 }
 
 function showApp(session) {
@@ -91,7 +93,7 @@ async function start() {
   try {
     showApp(await call("GET", "/ui/session"));
   } catch (_notLoggedIn) {
-    showLogin("");
+    showLogin("", false);
   }
 }
 

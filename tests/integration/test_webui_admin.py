@@ -254,3 +254,69 @@ def test_wrong_tokens_lock_the_login_out_until_the_lockout_ends(mta_server, tmp_
     login.click()
     expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
     tab.context.close()
+
+
+def tab_to(page: sync_api.Page, name: str, key: str = "Tab", limit: int = 40) -> None:
+    """Press `key` until the focused control's accessible text is `name`."""
+    for _ in range(limit):
+        page.keyboard.press(key)
+        if page.evaluate("(document.activeElement.getAttribute('aria-label') || document.activeElement.textContent"
+                         " || '').trim()") == name:
+            return
+    raise AssertionError(f"{key} never reached {name!r}")
+
+
+def test_the_page_works_from_the_keyboard(queued_server, browser, artifacts) -> None:  # noqa: F811
+    server, msgid = queued_server
+    tab = open_tab(browser)
+    page = tab.page
+    page.goto(control_url(server))
+    expect(page.get_by_label("Token", exact=True)).to_be_visible()
+    tab.shot(artifacts, "login")
+
+    # The first Tab reaches the skip link, shown while focused; Enter moves to the content.
+    page.keyboard.press("Tab")
+    skip = page.get_by_role("link", name="Skip to content")
+    expect(skip).to_be_focused()
+    box = skip.bounding_box()
+    assert box is not None and box["y"] >= 0
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"  # focus is visible
+    page.keyboard.press("Enter")
+    expect(page.locator("main")).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Token", exact=True)).to_be_focused()
+    page.keyboard.type(TOKEN)
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+
+    # The nav, then a row's checkbox, then back up to Hold.
+    page.keyboard.press("Tab")
+    tab_to(page, "Queue")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Queue", level=1)).to_be_visible()
+    tab_to(page, f"Select {msgid}")
+    page.keyboard.press("Space")
+    expect(page.get_by_role("checkbox", name=f"Select {msgid}")).to_be_checked()
+    tab_to(page, "Hold", key="Shift+Tab")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("status")).to_have_text("Held: 1 message.")
+    assert [r["state"] for m in server.queue_list() for r in m["recipients"]] == ["held"]
+
+    # Delete: the dialog takes the focus (on Cancel); Escape cancels, Tab then Enter deletes.
+    tab_to(page, f"Select {msgid}")
+    page.keyboard.press("Space")
+    tab_to(page, "Delete", key="Shift+Tab")
+    page.keyboard.press("Enter")
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_role("button", name="Cancel")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    assert len(server.queue_list()) == 1
+    page.keyboard.press("Enter")  # the focus is back on Delete
+    expect(dialog.get_by_role("button", name="Cancel")).to_be_focused()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("status")).to_have_text("Deleted: 1 message.")
+    assert server.queue_list() == []
+    assert tab.problems() == [], tab.console
+    tab.context.close()
