@@ -12,8 +12,9 @@ function health(value) {
   const ok = value.ready && !value.drained && !value.draining && !(value.crash_looping || []).length;
   const items = [
     h("li", { text: value.ready ? "Ready: accepting and delivering." : "Not ready: see the server log." }),
-    h("li", { text: value.drained ? "Drained: this node accepts no new mail."
-      : value.draining ? "Draining: this node is handing its mail on." : "Not drained." }),
+    h("li", { text: value.drained ? "Drained (mta node drain): new SMTP sessions get 421; the queue is still delivered."
+      : "Not drained: taking new SMTP sessions." }),
+    value.draining ? h("li", { text: "Shutting down: finishing the sessions and deliveries under way." }) : null,
     h("li", { text: (value.crash_looping || []).length
       ? `Crash looping: ${value.crash_looping.join(", ")}.` : "No worker is crash looping." }),
   ];
@@ -22,8 +23,9 @@ function health(value) {
 }
 
 function queueCard(q, oldest) {
-  const rows = [["Messages", q.messages], ["Size", bytes(q.bytes)], ["Ready", q.ready], ["Deferred", q.deferred],
-    ["Held", q.held], ["Active (being delivered)", q.active], ["Oldest message", duration(oldest)]];
+  // The states count recipients (a message to three domains may be in three states).
+  const rows = [["Messages", q.messages], ["Stored", bytes(q.bytes)], ["Oldest message", duration(oldest)],
+    ["Recipients ready", q.ready], ["deferred", q.deferred], ["held", q.held], ["being delivered", q.active]];
   return h("section", { class: "card", "aria-labelledby": "h-queue" },
     h("h2", { id: "h-queue", text: "Queue" }),
     h("dl", { class: "figures" }, rows.map(([k, v]) => [h("dt", { text: k }), h("dd", { text: String(v ?? "-") })])));

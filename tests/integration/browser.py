@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,8 +81,9 @@ class Tab:
         return path
 
 
-def open_tab(browser: sync_api.Browser, viewport: dict[str, int] = DESKTOP) -> Tab:
-    context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
+def open_tab(browser: sync_api.Browser, viewport: dict[str, int] = DESKTOP, **options: Any) -> Tab:
+    """A new context (`options`: Browser.new_context's, e.g. ignore_https_errors) and its page."""
+    context = browser.new_context(viewport=viewport, **options)  # type: ignore[arg-type]
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     tab = Tab(context, page)
