@@ -1,6 +1,9 @@
 """The CLI's side of a running server: its admin API on [control] listen, and the
 scheduler's socket when the API does not answer.
 
+With [control] tls_cert_file the API is HTTPS: the server must present that certificate
+(pinned: no CA or name check, the listen address is seldom the certificate's name).
+
 Every call returns None when nothing listens there (the server is stopped, or its
 control process is not up yet): the caller then falls back, as `mta queue` always has.
 ControlError for everything else that stops the command: a refused or unreadable token
@@ -19,6 +22,7 @@ import codecs
 import http.client
 import json
 import socket
+import ssl
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -117,12 +121,21 @@ def _open(cfg: Config, method: str, path: str, body: dict[str, Any] | None, expe
     """Send one request; its response with the headers read, its status one of `expect`."""
     host, port = split_hostport(cfg.control.listen)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard listener: ask it on loopback
-    conn = http.client.HTTPConnection(host, port, timeout=CONTROL_CONNECT_SECONDS)
+    conn: http.client.HTTPConnection
+    if cfg.control.tls_cert_file:
+        conn = http.client.HTTPSConnection(host, port, timeout=CONTROL_CONNECT_SECONDS, context=_pinning_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=CONTROL_CONNECT_SECONDS)
     try:
         conn.connect()
+    except ssl.SSLError as exc:
+        conn.close()
+        raise ControlError(f"{_where(cfg)}: TLS failed: {exc}") from None
     except OSError:
         conn.close()
         return None
+    if cfg.control.tls_cert_file:
+        _check_pin(cfg, conn)
     headers = {"Content-Type": "application/json"} | ({"Accept": accept} if accept else {})
     try:
         token = admintoken.read(cfg)
@@ -150,6 +163,32 @@ def _open(cfg: Config, method: str, path: str, body: dict[str, Any] | None, expe
         raise ControlError(f"{_where(cfg)} answered {method} {path} with {response.status}: "
                            f"{data.decode('utf-8', 'replace')}")
     return response
+
+
+def _pinning_context() -> ssl.SSLContext:
+    """TLS to our own server: the certificate is checked against [control] tls_cert_file
+    (_check_pin), not a CA and a name (the listener's address is seldom the certificate's name)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _check_pin(cfg: Config, conn: http.client.HTTPConnection) -> None:
+    """The server must present the first certificate of [control] tls_cert_file."""
+    try:
+        with open(cfg.control.tls_cert_file, encoding="ascii", errors="replace") as f:
+            pem = f.read()
+        expected = ssl.PEM_cert_to_DER_cert(pem[:pem.index("-----END CERTIFICATE-----") + 25])
+    except (OSError, ValueError) as exc:
+        conn.close()
+        raise ControlError(f"cannot read [control] tls_cert_file {cfg.control.tls_cert_file} to check the server: "
+                           f"{exc}: run this as the user mta runs as (or root)") from None
+    assert isinstance(conn.sock, ssl.SSLSocket)
+    if conn.sock.getpeercert(binary_form=True) != expected:
+        conn.close()
+        raise ControlError(f"{_where(cfg)} presented another certificate than [control] tls_cert_file "
+                           f"{cfg.control.tls_cert_file}: is another server listening there?")
 
 
 class _reading:

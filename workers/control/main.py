@@ -25,8 +25,8 @@
                 headers (webui.SECURITY_HEADERS), and answer a client off loopback only
                 over TLS (guard.check_transport).
 
-With [control] tls_cert_file and tls_key_file the listener speaks HTTPS (the context is
-rebuilt on SIGHUP: new connections get the new certificate).
+With [control] tls_cert_file and tls_key_file the listener speaks HTTPS (SIGHUP loads the
+certificate again into the listener's context: new connections get the new one).
 
 One request per connection (Connection: close); requests are bounded in size and time.
 A reply is sent whole (Content-Length), or, for a listing or a bulk operation's progress,
@@ -108,7 +108,8 @@ class Control(WorkerBody):
         self.api = AdminApi(self.spool, self._ask, self._converse)
         self.cache = LmdbCache(self.config.cache.path, self.config.cache.max_size_bytes, self.config.cache.max_entries)
         host, port = split_hostport(self.config.control.listen)
-        self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(self._on_client, host, port, reuse_address=True, ssl=self.tls,
+                                                  ssl_handshake_timeout=REQUEST_SECONDS if self.tls else None)
         self._sampler = asyncio.create_task(self._sample())
         logs.event("listening", address=self.config.control.listen, role="control")
         return None
@@ -120,24 +121,26 @@ class Control(WorkerBody):
         return False
 
     def reload(self, config: Config) -> None:
-        """The token and the allowed hosts change in place. Another listen address needs
-        another process: this one exits and the master starts one with the new config."""
+        """The token, the allowed hosts, the certificate (same files or others: new
+        connections get the new one) change in place. Another listen address, or TLS turned
+        on or off, needs another listener: this process exits and the master starts one
+        with the new config (the web UI's sessions end)."""
         try:
             token = admintoken.ensure(config)
+            tls = control_context(config.control)
         except (OSError, admintoken.TokenError) as exc:
             raise ConfigError(f"[control] token: {exc}") from None
-        if config.control.listen != self.config.control.listen:
-            assert self.process is not None
-            logs.event("restarting", reason="[control] listen changed", address=config.control.listen)
-            self.process.stop(shutdown=True)
-            return
-        try:
-            tls = control_context(config.control)
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
+        if config.control.listen != self.config.control.listen or (tls is None) != (self.tls is None):
+            assert self.process is not None
+            logs.event("restarting", reason="[control] listen or TLS changed", address=config.control.listen)
+            self.process.stop(shutdown=True)
+            return
+        if self.tls is not None:  # the listener's context: a new chain for the handshakes to come
+            self.tls.load_cert_chain(config.control.tls_cert_file, config.control.tls_key_file)
         self.config = config
-        self.tls = tls
-        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, tls is not None)
+        self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, self.tls is not None)
         self._configure_webui(config)
         self.accounts.config = config
 
@@ -176,8 +179,6 @@ class Control(WorkerBody):
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tls = self.tls
         try:
-            if tls is not None:
-                await asyncio.wait_for(writer.start_tls(tls), REQUEST_SECONDS)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
             headers = _headers(head)
             length = int(headers.get(b"content-length", b"0") or 0)
