@@ -11,13 +11,21 @@ against `mta queue list` and the sink.
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 import urllib.request
 
 import pytest
 
-from tests.integration.browser import PHONE, artifacts, browser, control_url, log_in, open_tab  # noqa: F401
-from tests.integration.browser import sync_api
+from tests.integration.browser import (  # noqa: F401
+    PHONE,
+    artifacts,
+    browser,
+    control_url,
+    log_in,
+    open_tab,
+    sync_api,
+)
 from tests.integration.conftest import MtaServer, wait_until
 from tests.integration.sink import SmtpSink, reply_for
 
@@ -25,6 +33,7 @@ pytestmark = pytest.mark.integration
 expect = sync_api.expect
 
 TOKEN = "webui-token-0123456789abcdef"
+PAGE = 50  # messages on a page of the queue (mta/webui/queue.js)
 SCRIPT = "<script>window.__xss=1</script>"
 IMAGE = '<img src=x onerror="window.__xss=2">'
 HOSTILE = (f"From: <script>@client.test\r\nTo: rcpt@dest.test\r\nSubject: {SCRIPT}\r\n\r\n"
@@ -194,3 +203,41 @@ def test_the_overview_fits_a_phone(mta_server, browser, artifacts) -> None:  # n
         tab.shot(artifacts, "queue-phone")
         assert tab.problems() == [], tab.console
         tab.context.close()
+
+
+def test_the_queue_pages_and_filters(mta_server, browser) -> None:  # noqa: F811
+    server = mta_server(control={"token": TOKEN})  # no delivery: the messages stay ready
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as smtp:
+        for n in range(PAGE + 10):
+            smtp.sendmail(f"s{n}@client.test", [f"rcpt{n}@local.test"], f"Subject: {n}\r\n\r\n{n}\r\n".encode())
+    ids = [m["id"] for m in wait_until(lambda: len(server.queue_list()) == PAGE + 10 and server.queue_list(), 10,
+                                       "every message to be queued", server)]
+    tab = open_tab(browser)
+    page = tab.page
+    log_in(tab, server, TOKEN)
+    page.get_by_role("link", name="Queue", exact=True).click()
+    links = page.get_by_role("link", name=re.compile(r"^[0-9A-F]{21}$"))
+    expect(links).to_have_count(PAGE)
+    assert links.all_inner_texts() == ids[:PAGE]  # oldest first
+    expect(page.get_by_role("button", name="First page")).to_have_count(0)
+    page.get_by_role("button", name="Next page").click()
+    expect(links).to_have_count(10)
+    assert links.all_inner_texts() == ids[PAGE:]
+    expect(page.get_by_role("button", name="Next page")).to_have_count(0)
+    page.get_by_role("button", name="First page").click()
+    expect(links).to_have_count(PAGE)
+
+    page.get_by_label("Recipient contains").fill("rcpt17@")
+    page.get_by_role("button", name="Apply filters").click()
+    expect(links).to_have_count(1)
+    expect(links).to_have_text(ids[17])
+    page.get_by_label("Recipient contains").fill("")
+    page.get_by_label("State").select_option("held")
+    page.get_by_role("button", name="Apply filters").click()
+    expect(page.get_by_text("No message matches.")).to_be_visible()
+    page.get_by_label("State").select_option("ready")
+    page.get_by_label("Sender contains").fill("s5")
+    page.get_by_role("button", name="Apply filters").click()
+    expect(links).to_have_count(11)  # s5 and s50..s59
+    assert tab.problems() == [], tab.console
+    tab.context.close()

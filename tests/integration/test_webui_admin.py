@@ -15,11 +15,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
-from tests.integration.browser import artifacts, browser, control_url, log_in, open_tab  # noqa: F401
-from tests.integration.browser import sync_api
+from mta.users import User, hash_password, save_users
+from tests.integration.browser import (  # noqa: F401
+    artifacts,
+    browser,
+    control_url,
+    log_in,
+    open_tab,
+    sync_api,
+)
 from tests.integration.conftest import MtaServer, free_port, wait_until
 from tests.integration.test_security import users_file
 
@@ -38,7 +46,7 @@ def admin_server(mta_server, tmp_path: Path, **sections) -> MtaServer:  # type: 
                         relay={"local_domains": ["a.test"], "mynetworks": []},
                         local={"maildir_root": str(tmp_path / "mail"), "mailboxes": str(tmp_path / "mailboxes")},
                         auth={"users_file": str(users_file(tmp_path, alice="correct horse"))},
-                        control={"token": TOKEN}, **sections)
+                        **{"control": {"token": TOKEN}, **sections})
     assert server.config_path is not None
     text = server.config_path.read_text()
     listener = f'address = "127.0.0.1:{server.port}"\n'
@@ -104,12 +112,18 @@ def test_a_user_added_on_the_page_logs_in_over_smtp_auth(mta_server, tmp_path, b
     tab.context.close()
 
 
-def test_a_mailbox_added_on_the_page_receives_mail(mta_server, tmp_path, browser, artifacts) -> None:  # noqa: F811
-    server = admin_server(mta_server, tmp_path)
+def test_an_admin_user_adds_a_mailbox_that_then_receives_mail(mta_server, tmp_path, browser, artifacts) -> None:  # noqa: F811
+    admins = tmp_path / "admins"
+    save_users(str(admins), {"ops": User("ops", hash_password("admin password"), ())})
+    server = admin_server(mta_server, tmp_path, control={"token": TOKEN, "admin_users_file": str(admins)})
     assert rcpt_code(server, "carol@a.test") == 550
     tab = open_tab(browser)
     page = tab.page
-    log_in(tab, server, TOKEN)
+    page.goto(control_url(server))
+    page.get_by_label("User", exact=True).fill("ops")
+    page.get_by_label("Password", exact=True).fill("admin password")
+    page.get_by_role("button", name="Log in as this user").click()
+    expect(page.get_by_text("Logged in as ops")).to_be_visible()
     page.get_by_role("link", name="Mailboxes", exact=True).click()
     expect(page.get_by_role("cell", name="alice@a.test", exact=True)).to_be_visible()
 
@@ -168,21 +182,21 @@ class HostileSite:
         content = page.encode()
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
                 self.wfile.write(content)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass  # quiet: the test's output is the assertions
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> HostileSite:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.browser import browser, control_url, open_tab  # noqa: F401
-from tests.integration.browser import sync_api
+from tests.integration.browser import browser, control_url, open_tab, sync_api  # noqa: F401
 from tests.integration.conftest import wait_until
 from tests.integration.tlscerts import make_pki
 
