@@ -37,12 +37,15 @@ export function chart(minutes, now) {
   ]);
   const ticks = [0, 15, 30, 45, 59].map((i) => svg("text", { class: "axis", x: x(first + i * 60), y: H - 8,
     text: clock(first + i * 60), "text-anchor": i === 0 ? "start" : i === 59 ? "end" : "middle" }));
+  // The minute under way is drawn once it is over (its count so far would read as a drop);
+  // the totals and the table have it.
+  const drawn = minutes.length > 1 && minutes[minutes.length - 1].t >= last ? minutes.slice(0, -1) : minutes;
   const lines = SERIES.map(([key]) => svg("polyline", {
     class: `series ${key}`, fill: "none",
-    points: minutes.map((m) => `${x(m.t).toFixed(1)},${y(m[key] || 0).toFixed(1)}`).join(" "),
+    points: drawn.map((m) => `${x(m.t).toFixed(1)},${y(m[key] || 0).toFixed(1)}`).join(" "),
   }));
   // A line needs two points: with few rows, each is a dot as well.
-  const dots = minutes.length > 5 ? [] : SERIES.map(([key]) => minutes.map((m) =>
+  const dots = drawn.length > 5 ? [] : SERIES.map(([key]) => drawn.map((m) =>
     svg("circle", { class: `dot ${key}`, cx: x(m.t).toFixed(1), cy: y(m[key] || 0).toFixed(1), r: 3 })));
   const picture = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label },
     svg("title", { text: label }), grid, ticks, lines, dots);

@@ -19,6 +19,14 @@ function decode(buffer) {
   }
 }
 
+// The client that sent it: {ip, port, helo, listener, protocol, ...} as one line.
+function client(c) {
+  if (!c || typeof c !== "object") return c ? String(c) : "-";
+  const where = c.ip ? `[${c.ip}]${c.port ? `:${c.port}` : ""}` : "";
+  const rest = Object.entries(c).filter(([k]) => k !== "ip" && k !== "port").map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`);
+  return [where, ...rest].filter(Boolean).join(" ") || "-";
+}
+
 function split(text) {
   const m = /\r?\n\r?\n/.exec(text);
   return m ? [text.slice(0, m.index), text.slice(m.index + m[0].length)] : [text, ""];
@@ -54,7 +62,7 @@ export function render(container, id) {
     if (raw === null || !container.isConnected) return;
     const envelope = [["Sender", message.sender || "<> (a bounce)"], ["Arrival (UTC)", when(message.arrival)],
       ["Size", bytes(message.size)], ["Attempts", message.attempts], ["Next attempt (UTC)", when(message.next_attempt)],
-      ["Client", message.client || "-"], ["Envelope id", message.envid || "-"], ["Return", message.ret || "-"],
+      ["Client", client(message.client)], ["Envelope id", message.envid || "-"], ["Return", message.ret || "-"],
       ["Body type", message.body || "-"], ["SMTPUTF8", message.smtputf8 ? "yes" : "no"], ["Priority", message.priority]];
     const recipients = message.recipients.map((r) => h("tr", {},
       h("td", { class: "addr", text: r.address }), h("td", { text: r.state }), h("td", { class: "num", text: String(r.attempts) }),

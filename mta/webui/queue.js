@@ -82,6 +82,8 @@ export function render(container, domainArg) {
     if (cursor) query.set("cursor", cursor);
     const page = await attempt(() => get(`/api/queue?${query}`));
     if (!container.isConnected) return;
+    // The selection never reaches past the rows on screen: no hidden message is acted on.
+    selected = new Set(page ? page.messages.filter((m) => selected.has(m.id)).map((m) => m.id) : []);
     bars();
     if (!page) { listing.replaceChildren(); pager.replaceChildren(); return; }
     const all = h("input", { type: "checkbox", "aria-label": "Select every message on this page" });

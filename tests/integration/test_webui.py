@@ -122,6 +122,8 @@ def test_a_queued_message_is_shown_as_text_held_released_and_delivered(mta_serve
         expect(recipient).to_contain_text("deferred")
         expect(recipient).to_contain_text("try again later")  # the sink's last reply
         assert page.locator("main script, main img").count() == 0
+        expect(page.get_by_role("main")).to_contain_text("[127.0.0.1]:")  # the client, as text
+        expect(page.get_by_role("main")).not_to_contain_text("[object Object]")
         assert page.evaluate("window.__xss") is None
         tab.shot(artifacts, "message")
 
