@@ -7,11 +7,13 @@ queue is read back through `mta queue` after each attempt, so "refused" means un
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MtaServer, SmtpClient, queued_id
+from tests.integration.conftest import MtaServer, SmtpClient, queued_id, wait_until
 from tests.integration.webclient import CSP, Answer, call, control_address, cookie_of, login, wait_for_control
 from workers.control.webui import WEBUI_DIR
 
@@ -150,3 +152,20 @@ def test_an_admin_user_of_the_admin_users_file_logs_in_with_a_password(mta_serve
     assert user == "ops"
     assert call(server, "GET", "/ui/session", headers={"Cookie": headers["Cookie"]}).json()["user"] == "ops"
     assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 200
+
+
+def test_a_new_token_on_sighup_logs_out_the_sessions_of_the_old_one(mta_server, tmp_path: Path) -> None:
+    admins = tmp_path / "admins"
+    server = mta_server(control={"token": TOKEN, "admin_users_file": str(admins)})
+    wait_for_control(server)
+    server.mta("users", "add", "--file", str(admins), "ops", stdin=b"s3cret pass\n")
+    by_token, _ = login(server, {"token": TOKEN})
+    by_admin, _ = login(server, {"user": "ops", "password": "s3cret pass"})
+    assert server.config_path is not None
+    server.config_path.write_text(server.config_path.read_text().replace(TOKEN, "the-next-token-0123456789"))
+    os.kill(server.master_pid, signal.SIGHUP)
+    wait_until(lambda: call(server, "GET", "/api/queue?limit=1",
+                            headers={"Authorization": "Bearer the-next-token-0123456789"}).status == 200,
+               10, "the new token", server)
+    assert call(server, "GET", "/ui/session", headers={"Cookie": by_token["Cookie"]}).status == 401
+    assert call(server, "GET", "/ui/session", headers={"Cookie": by_admin["Cookie"]}).json()["user"] == "ops"

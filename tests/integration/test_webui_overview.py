@@ -73,6 +73,8 @@ def test_the_overview_counts_what_was_accepted_delivered_deferred_and_bounced(mt
                 await client.close()
         [busy] = asyncio.run(with_a_session_open())
         assert busy["worker"] == "inbound#1" and busy["sessions"] == 1 and busy["pid"] > 0
+        # Only inbound workers (every process reports the sessions gauge, the others at 0).
+        assert sorted(w["worker"] for w in overview(server, headers)["inbound"]) == ["inbound#1"]
     # Bearer clients read it too; nobody else does.
     assert call(server, "GET", "/api/overview", headers={"Authorization": f"Bearer {TOKEN}"}).status == 200
     assert call(server, "GET", "/api/overview").status == 401

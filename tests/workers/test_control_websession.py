@@ -28,6 +28,13 @@ def test_a_session_ends_after_its_idle_time_and_each_request_restarts_the_clock(
     assert s.id != t.id and s.csrf != t.csrf and len(t.id) >= 43
 
 
+def test_a_changed_token_ends_the_sessions_made_with_it() -> None:
+    sessions = Sessions(idle_seconds=100)
+    by_token, by_admin = sessions.create("token", 0), sessions.create("ops", 0)
+    sessions.end_all("token")
+    assert sessions.find(cookie(by_token.id), 1) is None and sessions.find(cookie(by_admin.id), 1) is by_admin
+
+
 def test_sessions_are_bounded_the_oldest_go_first() -> None:
     sessions = Sessions(idle_seconds=1e9)
     first = sessions.create("a", 0)

@@ -139,6 +139,8 @@ class Control(WorkerBody):
             return
         if self.tls is not None:  # the listener's context: a new chain for the handshakes to come
             self.tls.load_cert_chain(config.control.tls_cert_file, config.control.tls_key_file)
+        if not self.guard.check_login_token(token):
+            self.webui.sessions.end_all("token")  # logged in with the old token: log in again
         self.config = config
         self.guard = Guard(config.control.listen, config.control.allowed_hosts, token, self.tls is not None)
         self._configure_webui(config)
@@ -250,7 +252,7 @@ class Control(WorkerBody):
             return json_reply(b"503 Service Unavailable", {"error": f"metrics unavailable: {exc}"})
         gauges = await self._ask(messages.GaugeQuery(), SCRAPE_ASK_SECONDS)
         for pid in seen.sessions.keys() - self._worker_names.keys():
-            self._worker_names[pid] = worker_name(pid) or f"inbound pid {pid}"
+            self._worker_names[pid] = worker_name(pid) or f"pid {pid}"
         self._worker_names = {pid: self._worker_names[pid] for pid in seen.sessions}
         health = {"ready": not (self.draining or self.crash_looping or self.node_drained), "draining": self.draining,
                   "drained": self.node_drained, "crash_looping": self.crash_looping}

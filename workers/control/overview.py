@@ -82,7 +82,8 @@ def figures(families: Iterable[Metric]) -> Figures:
 
 def overview_json(now: float, series: Series, seen: Figures, gauges: messages.Message | None,
                   names: dict[int, str], health: dict[str, Any]) -> dict[str, Any]:
-    """The reply. `names`: a worker's name by pid (its process title), where known."""
+    """The reply. `names`: a process's name by pid (its title): only inbound workers are
+    listed (every process that imports mta.metrics reports the sessions gauge, at 0)."""
     top = gauges.top if isinstance(gauges, messages.DestinationGauges) else ()
     return {
         "now": now,
@@ -91,8 +92,8 @@ def overview_json(now: float, series: Series, seen: Figures, gauges: messages.Me
         "oldest_age_seconds": seen.oldest_age_seconds if seen.queue["messages"] else None,
         "destinations": [{"domain": name, "recipients": ready + active + deferred, "connections": open_sessions,
                           "limit": window} for name, ready, active, deferred, open_sessions, window in top[:TOP]],
-        "inbound": [{"worker": names.get(pid, f"inbound pid {pid}"), "pid": pid, "sessions": count}
-                    for pid, count in sorted(seen.sessions.items())],
+        "inbound": [{"worker": names[pid], "pid": pid, "sessions": count}
+                    for pid, count in sorted(seen.sessions.items()) if names.get(pid, "").startswith("inbound")],
         "health": health,
     }
 

@@ -3,7 +3,8 @@
 A login makes a Session: a random id (the mta_session cookie, HttpOnly, SameSite=Strict,
 Secure over TLS) and a random CSRF token the page sends back as X-CSRF-Token on every
 request that changes something. A session ends at logout, after `idle_seconds` without a
-request, or with the process (a restart logs everyone out).
+request, when the token it logged in with changes (SIGHUP), or with the process (a
+restart logs everyone out).
 
 Failed logins count per client address like SMTP AUTH ([auth] max_failures within
 lockout_seconds of the first): at the limit, every login from that address is refused,
@@ -67,6 +68,11 @@ class Sessions:
 
     def end(self, session: Session) -> None:
         self._by_id.pop(session.id, None)
+
+    def end_all(self, user: str) -> None:
+        """Every session of `user` ends (the token's, when [control] token changes)."""
+        for sid in [sid for sid, s in self._by_id.items() if s.user == user]:
+            del self._by_id[sid]
 
     def __len__(self) -> int:
         return len(self._by_id)
