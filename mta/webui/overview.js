@@ -43,8 +43,7 @@ function destinations(list) {
 }
 
 function inbound(list) {
-  // Only inbound workers take SMTP sessions (other processes may report a zero).
-  const rows = list.filter((w) => String(w.worker).startsWith("inbound")).map((w) => h("tr", {}, h("td", { text: w.worker }), h("td", { class: "num", text: String(w.sessions) })));
+  const rows = list.map((w) => h("tr", {}, h("td", { text: w.worker }), h("td", { class: "num", text: String(w.sessions) })));
   return h("section", { class: "card", "aria-labelledby": "h-inbound" },
     h("h2", { id: "h-inbound", text: "Inbound sessions" }),
     table("Open SMTP sessions per inbound worker", ["Worker", ["Sessions", "num"]], rows.length ? rows : emptyRow(2, "No inbound workers.")));
