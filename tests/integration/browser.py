@@ -11,6 +11,7 @@ temporary base directory (printed, so a run shows where they are).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -46,10 +47,12 @@ def browser() -> Iterator[sync_api.Browser]:
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifacts(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     directory = Path(os.environ.get("MTA_TEST_ARTIFACTS") or tmp_path_factory.getbasetemp() / "webui-screenshots")
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"\nweb UI screenshots: {directory}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        print(f"\nweb UI screenshots: {directory}")  # past pytest's output capture: a quiet run says it too
     return directory
 
 
