@@ -4,7 +4,7 @@
 // (the overview's 10 s refresh timer). No inline script or style: CSP allows only 'self'.
 
 import { call, setSession, whenLoggedOut } from "./api.js";
-import { attempt, clearNotices, showError } from "./ui.js";
+import { attempt, clearNotices, onSubmit, showError } from "./ui.js";
 import * as overview from "./overview.js";
 import * as queue from "./queue.js";
 import * as message from "./message.js";
@@ -84,11 +84,8 @@ async function start() {
   whenLoggedOut((reason) => showLogin(`${reason}: log in again`));
   $("skip").addEventListener("click", skipToMain);
   $("logout").addEventListener("click", logout);
-  $("login-token").addEventListener("submit", (e) => { e.preventDefault(); login({ token: $("token").value }); });
-  $("login-user").addEventListener("submit", (e) => {
-    e.preventDefault();
-    login({ user: $("user").value, password: $("password").value });
-  });
+  onSubmit($("login-token"), () => login({ token: $("token").value }));
+  onSubmit($("login-user"), () => login({ user: $("user").value, password: $("password").value }));
   window.addEventListener("hashchange", route);
   try {
     showApp(await call("GET", "/ui/session"));

@@ -1,9 +1,9 @@
 // #/mailboxes: virtual mailboxes (GET/POST /api/mailboxes...): list with usage and
 // quota, add, change quota, delete. The server applies the rules of `mta mailbox`.
 
-import { get, post } from "./api.js";
+import { get } from "./api.js";
 import { bytes, emptyRow, field, h, hiddenText, parseSize, table, words } from "./dom.js";
-import { attempt, confirmDelete, showError, showStatus } from "./ui.js";
+import { attempt, change, confirmDelete, onSubmit } from "./ui.js";
 
 function usage(used, quota, format) {
   return quota ? `${format(used || 0)} of ${format(quota)}` : `${format(used || 0)} (no quota)`;
@@ -38,37 +38,25 @@ export function render(container) {
     h("div", {}, h("button", { type: "submit", text: "Change quota" })));
   container.append(h("h1", { text: "Mailboxes" }), listing, h("div", { class: "forms" }, addForm, quotaForm));
 
-  addForm.addEventListener("submit", async (e) => {
-    e.preventDefault();
+  onSubmit(addForm, () => {
     const body = quotas(size.input, count.input);
-    if (typeof body === "string") { showError(body); return; }
-    body.address = address.input.value.trim();
-    const list = words(aliases.input.value);
-    if (list.length) body.aliases = list;
-    if (await attempt(() => post("/api/mailboxes/add", body))) {
-      showStatus(`Added mailbox ${body.address}.`);
-      addForm.reset();
-      load();
+    if (typeof body !== "string") {
+      body.address = address.input.value.trim();
+      const list = words(aliases.input.value);
+      if (list.length) body.aliases = list;
     }
+    change("/api/mailboxes/add", body, `Added mailbox ${body.address}.`, { form: addForm, after: load });
   });
 
-  quotaForm.addEventListener("submit", async (e) => {
-    e.preventDefault();
+  onSubmit(quotaForm, () => {
     const body = quotas(newSize.input, newCount.input);
-    if (typeof body === "string") { showError(body); return; }
-    body.address = which.input.value.trim();
-    if (await attempt(() => post("/api/mailboxes/quota", body))) {
-      showStatus(`Changed the quota of ${body.address}.`);
-      quotaForm.reset();
-      load();
-    }
+    if (typeof body !== "string") body.address = which.input.value.trim();
+    change("/api/mailboxes/quota", body, `Changed the quota of ${body.address}.`, { form: quotaForm, after: load });
   });
 
   async function remove(box) {
-    if (!(await confirmDelete(`Delete mailbox ${box}? Mail to it is refused from then on.`))) return;
-    if (await attempt(() => post("/api/mailboxes/delete", { address: box }))) {
-      showStatus(`Deleted mailbox ${box}.`);
-      load();
+    if (await confirmDelete(`Delete mailbox ${box}? Mail to it is refused from then on.`)) {
+      change("/api/mailboxes/delete", { address: box }, `Deleted mailbox ${box}.`, { after: load });
     }
   }
 

@@ -4,7 +4,7 @@
 
 import { get, post } from "./api.js";
 import { bytes, emptyRow, field, h, hiddenText, selectField, table, when } from "./dom.js";
-import { attempt, confirmDelete, plural, showStatus } from "./ui.js";
+import { attempt, confirmDelete, onSubmit, plural, showStatus } from "./ui.js";
 
 export const OPS = [["hold", "Hold"], ["release", "Release"], ["retry", "Retry"], ["delete", "Delete"]];
 const DONE = { hold: "Held", release: "Released", retry: "Scheduled for retry", delete: "Deleted" };
@@ -50,7 +50,7 @@ export function render(container, domainArg) {
   const pager = h("div", { class: "pager" });
   container.append(h("h1", { text: "Queue" }), form, selectionBar, domainBar, listing, pager);
 
-  form.addEventListener("submit", (e) => { e.preventDefault(); apply(); });
+  onSubmit(form, apply);
 
   function apply() {
     Object.assign(filters, { state: state.input.value, domain: domain.input.value.trim(),

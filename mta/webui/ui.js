@@ -1,7 +1,7 @@
 // What every view shares: the error (role="alert") and status (role="status") notices,
 // the delete confirmation <dialog>, and running an API call with its error shown.
 
-import { ApiError } from "./api.js";
+import { ApiError, post } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -39,6 +39,20 @@ export async function attempt(action) {
     else { showError(`the page failed: ${err.message}`); console.error(err); }
     return undefined;
   }
+}
+
+// A change through the API: POST `body` to `path`; once done, say `done`, reset `form`
+// and call `after` (each if given). A string `body` is the user's mistake, shown instead.
+export async function change(path, body, done, { form = null, after = null } = {}) {
+  if (typeof body === "string") { showError(body); return; }
+  if ((await attempt(() => post(path, body))) === undefined) return;
+  showStatus(done);
+  if (form) form.reset();
+  if (after) after();
+}
+
+export function onSubmit(form, handler) {
+  form.addEventListener("submit", (event) => { event.preventDefault(); handler(); });
 }
 
 // Asks "text" in the modal dialog; resolves true for Delete, false for Cancel or Escape.

@@ -1,9 +1,9 @@
 // #/users: SMTP AUTH users (GET/POST /api/users...): list, add, change password, delete.
 // The server applies the rules of `mta users`; its refusals are shown as they come.
 
-import { get, post } from "./api.js";
+import { get } from "./api.js";
 import { emptyRow, field, h, hiddenText, table, words } from "./dom.js";
-import { attempt, confirmDelete, showStatus } from "./ui.js";
+import { attempt, change, confirmDelete, onSubmit } from "./ui.js";
 
 export function render(container) {
   const listing = h("div", {});
@@ -20,33 +20,23 @@ export function render(container) {
     h("div", {}, h("button", { type: "submit", text: "Change password" })));
   container.append(h("h1", { text: "Users" }), listing, h("div", { class: "forms" }, addForm, passForm));
 
-  addForm.addEventListener("submit", async (e) => {
-    e.preventDefault();
+  onSubmit(addForm, () => {
     const user = name.input.value.trim();
     const body = { name: user, password: password.input.value };
     const list = words(senders.input.value);
     if (list.length) body.senders = list;
-    if (await attempt(() => post("/api/users/add", body))) {
-      showStatus(`Added user ${user}.`);
-      addForm.reset();
-      load();
-    }
+    change("/api/users/add", body, `Added user ${user}.`, { form: addForm, after: load });
   });
 
-  passForm.addEventListener("submit", async (e) => {
-    e.preventDefault();
+  onSubmit(passForm, () => {
     const user = who.input.value.trim();
-    if (await attempt(() => post("/api/users/password", { name: user, password: fresh.input.value }))) {
-      showStatus(`Changed the password of ${user}.`);
-      passForm.reset();
-    }
+    change("/api/users/password", { name: user, password: fresh.input.value }, `Changed the password of ${user}.`,
+      { form: passForm });
   });
 
   async function remove(user) {
-    if (!(await confirmDelete(`Delete user ${user}? They can no longer log in over SMTP AUTH.`))) return;
-    if (await attempt(() => post("/api/users/delete", { name: user }))) {
-      showStatus(`Deleted user ${user}.`);
-      load();
+    if (await confirmDelete(`Delete user ${user}? They can no longer log in over SMTP AUTH.`)) {
+      change("/api/users/delete", { name: user }, `Deleted user ${user}.`, { after: load });
     }
   }
 
