@@ -8,6 +8,7 @@ export class ApiError extends Error {
   constructor(status, message) {
     super(message);
     this.status = status;
+    this.handled = false;  // true: the page already said it (the login form is back)
   }
 }
 
@@ -44,7 +45,10 @@ export async function call(method, path, body = undefined, as = "json") {
   }
   if (!response.ok) {
     const error = await errorOf(response);
-    if (response.status === 401 && !path.startsWith("/ui/")) onLoggedOut(error.message);
+    if (response.status === 401 && !path.startsWith("/ui/")) {
+      error.handled = true;
+      onLoggedOut();
+    }
     throw error;
   }
   if (as === "bytes") return response.arrayBuffer();

@@ -81,7 +81,8 @@ function skipToMain(event) {
 }
 
 async function start() {
-  whenLoggedOut((reason) => showLogin(`${reason}: log in again`));
+  whenLoggedOut(() => showLogin("Your session has ended (logged out, idle too long, a new token, or mta serve "
+    + "restarted): log in again."));
   $("skip").addEventListener("click", skipToMain);
   $("logout").addEventListener("click", logout);
   onSubmit($("login-token"), () => login({ token: $("token").value }));

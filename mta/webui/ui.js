@@ -35,7 +35,7 @@ export async function attempt(action) {
     showError("");
     return value;
   } catch (err) {
-    if (err instanceof ApiError) showError(err.message);
+    if (err instanceof ApiError) { if (!err.handled) showError(err.message); }
     else { showError(`the page failed: ${err.message}`); console.error(err); }
     return undefined;
   }

@@ -9,10 +9,14 @@ loopback port as the hostile site, Debian's chromium driven by Playwright
 from __future__ import annotations
 
 import http.server
+import os
 import re
+import signal
 import smtplib
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
@@ -334,3 +338,34 @@ def test_the_page_works_from_the_keyboard(queued_server, browser, artifacts) -> 
     assert server.queue_list() == []
     assert tab.problems() == [], tab.console
     tab.context.close()
+
+
+def test_a_session_ended_by_the_server_brings_the_login_back(queued_server, browser) -> None:  # noqa: F811
+    server, msgid = queued_server
+    tab = open_tab(browser)
+    page = tab.page
+    log_in(tab, server, TOKEN)
+    # A new [control] token on SIGHUP ends the sessions that logged in with the old one.
+    fresh = "the-next-token-0123456789"
+    assert server.config_path is not None
+    server.config_path.write_text(server.config_path.read_text().replace(TOKEN, fresh))
+    os.kill(server.master_pid, signal.SIGHUP)
+    request = urllib.request.Request(control_url(server, "/api/queue/summary"), headers={"Authorization": f"Bearer {fresh}"})
+    wait_until(lambda: _answers(request), 10, "the new token", server)
+
+    page.get_by_role("link", name="Queue", exact=True).click()
+    expect(page.get_by_role("alert")).to_contain_text("log in again")
+    expect(page.get_by_label("Token", exact=True)).to_be_focused()
+    expect(page.get_by_role("navigation", name="Pages")).to_be_hidden()
+    page.get_by_label("Token", exact=True).fill(fresh)
+    page.get_by_role("button", name="Log in with the token").click()
+    expect(page.get_by_role("link", name=msgid)).to_be_visible()  # back where it was going
+    tab.context.close()
+
+
+def _answers(request: urllib.request.Request) -> bool:
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except urllib.error.HTTPError:
+        return False
