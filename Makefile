@@ -7,7 +7,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 # Debian packages the integration tests drive as real peers and tools, as package:command
 # (a command on PATH, or the full path of a program outside it, e.g. /usr/lib/dovecot/imap).
-TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks groff-base:groff man-db:man opendkim:opendkim clamav-daemon:clamd tnef:tnef rspamd:rspamd dovecot-imapd:/usr/lib/dovecot/imap dovecot-pop3d:/usr/lib/dovecot/pop3 dovecot-lmtpd:/usr/lib/dovecot/lmtp dovecot-sieve:sievec dovecot-managesieved:/usr/lib/dovecot/managesieve redis-server:redis-server iproute2:ip
+TEST_DEBS = strace:strace haproxy:haproxy postfix:postfix prometheus:promtool swaks:swaks groff-base:groff man-db:man opendkim:opendkim clamav-daemon:clamd tnef:tnef rspamd:rspamd dovecot-imapd:/usr/lib/dovecot/imap dovecot-pop3d:/usr/lib/dovecot/pop3 dovecot-lmtpd:/usr/lib/dovecot/lmtp dovecot-sieve:sievec dovecot-managesieved:/usr/lib/dovecot/managesieve redis-server:redis-server iproute2:ip chromium:chromium
 # Perl modules swaks needs for STARTTLS, as package:module.
 TEST_PERL = libnet-ssleay-perl:Net::SSLeay
 # Modules of the system Python (/usr/bin/python3) the tests run peers with, as package:module.
