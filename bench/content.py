@@ -16,11 +16,9 @@ each other: the achieved msg/s against N / delay (SLOW_MILTER).
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,7 +26,7 @@ from typing import Final
 from clients import run_loadgen
 from contentpeers import (MILTER_CHANGES, MILTER_SLEEP_SECONDS, MILTER_SLEEPS, SIGNING_DOMAIN, Peers,
                           content_message, content_peers, write_dkim_keys)
-from mtaconf import dead_dns, mta_launch, write_config
+from mtaconf import dead_dns, labelled_totals, mta_launch, write_config
 from procs import HOST, Server, free_port, log
 from procstat import machine_busy_seconds, machine_line, reaped_children_cpu_seconds
 from results import (Outcome, Summary, cell, failed_note, first_problems, machine_notes, md_row, notes_cell,
@@ -45,8 +43,6 @@ SLOW_MILTER: Final = "milter-slow"
 # above workers / delay (each wait blocking its worker), with room for each message's own
 # time beside the delay (~70 ms here, 40 of them TCP's delayed ACK) and a busy machine.
 OVERLAP_FLOOR: Final = 0.25
-DECISION_LINE: Final = re.compile(r'^mta_content_decisions_total\{(.*)\} ([0-9.e+]+)$')
-LABEL: Final = re.compile(r'(\w+)="([^"]*)"')
 
 # Each configuration's stages, in pipeline order: (stage, the result every message must get).
 CONFIGS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
@@ -94,17 +90,7 @@ def stage_tables(config: str, peers: Peers, keys: dict[str, Path]) -> dict:
 
 def content_decisions(control_port: int) -> dict[tuple[str, str], float]:
     """(stage, result) -> mta_content_decisions_total from mta's /metrics (none yet: {})."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1, no proxy
-    with opener.open(f"http://{HOST}:{control_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        match = DECISION_LINE.match(line)
-        if match:
-            labels = dict(LABEL.findall(match.group(1)))
-            key = (labels.get("stage", "?"), labels.get("result", "?"))
-            found[key] = found.get(key, 0.0) + float(match.group(2))
-    return found
+    return labelled_totals(control_port, "mta_content_decisions_total", ("stage", "result"))  # type: ignore[return-value]
 
 
 def wait_metrics(control_port: int) -> str | None:

@@ -2,6 +2,7 @@
 
     config = write_config(workdir, port, workers, relay={...}, delivery={...})
     launch = mta_launch(config, workers)      # for procs.Server
+    counts = labelled_totals(control_port, "mta_content_decisions_total", ("stage", "result"))
 
 Every mode starts from one base: `[server]` hostname, N inbound workers and a drain
 (5 s) shorter than any stop grace, so the master's own drain ends before a SIGKILL;
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Final
 
@@ -29,6 +31,8 @@ from procs import HOST, REPO_ROOT, Launch, free_port
 MAX_CONNECTIONS_PER_IP: Final = 1_000_000
 QUEUE_MAX_SIZE_BYTES: Final = 4 * 1024**3
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+_SAMPLE: Final = re.compile(r'^([a-z_]+)\{(.*)\} ([0-9.e+]+)$')
+_LABEL: Final = re.compile(r'(\w+)="([^"]*)"')
 
 
 def write_config(workdir: Path, port: int, workers: int, *, hostname: str = "mta.bench",
@@ -88,3 +92,19 @@ def mta_launch(config: Path, workers: int) -> Launch:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return Launch(argv=[sys.executable, "-m", "mta", "serve", "-c", str(config)],
                   cwd=REPO_ROOT, env=env, prefork_workers=workers)
+
+
+def labelled_totals(control_port: int, metric: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """One labelled counter from a running mta's /metrics, summed by `labels` ("?" for a
+    label a sample lacks); {} while nothing was counted."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1, no proxy
+    with opener.open(f"http://{HOST}:{control_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[tuple[str, ...], float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group(1) == metric:
+            values = dict(_LABEL.findall(match.group(2)))
+            key = tuple(values.get(label, "?") for label in labels)
+            found[key] = found.get(key, 0.0) + float(match.group(3))
+    return found
