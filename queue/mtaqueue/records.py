@@ -104,6 +104,7 @@ def _not_a_list(notify: object) -> None:
 
 
 _NUMBER = (int, float)
+MAX_TIME = 1e12  # unix seconds (year 33658); NaN and infinities fail the range check too
 _TEXT_OR_NONE = (str, type(None))
 # Exact types (a bool is no int here: one flipped msgpack byte turns 0x01 into True).
 _FIELDS = (("id", (str,)), ("sender", (str,)), ("size", (int,)), ("arrival", _NUMBER),
@@ -120,6 +121,10 @@ def _wrong_field(e: Envelope) -> str | None:
     """The first field whose type (or state) no encoded envelope can have; None if all fit."""
     if tuple(map(type, _VALUES(e))) not in _TYPES_OK:
         return next(name for name, kinds in _FIELDS if type(getattr(e, name)) not in kinds)
+    if not 0 <= e.next_attempt < MAX_TIME:  # a flipped exponent: the due index's be64 milliseconds cannot hold it
+        return "next_attempt"
+    if not 0 <= e.arrival < MAX_TIME:
+        return "arrival"
     if not e.recipients:
         return "recipients"
     for r in e.recipients:

@@ -1,6 +1,9 @@
-"""Envelope records: the `warned` field (a delay notice was sent) and records written before it."""
+"""Envelope records: the `warned` field (a delay notice was sent) and records written before it;
+times no spool index can hold are corrupt."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import msgpack
 import pytest
@@ -30,3 +33,12 @@ def test_warned_of_another_type_is_a_corrupt_record(value: object) -> None:
     damaged = {**msgpack.unpackb(records.encode(envelope())), "W": value}
     with pytest.raises(CorruptRecord, match="warned"):
         records.decode(msgpack.packb(damaged))
+
+
+@pytest.mark.parametrize("field", ["next_attempt", "arrival"])
+@pytest.mark.parametrize("value", [1e300, float("inf"), float("nan"), -1.0])
+def test_a_time_no_spool_index_can_hold_is_a_corrupt_record(field: str, value: float) -> None:
+    # One flipped bit in a float's exponent: the record decodes, but its due key cannot be
+    # packed (struct.error in the index); it must be reported as corrupt instead.
+    with pytest.raises(CorruptRecord, match=field):
+        records.decode(records.encode(dataclasses.replace(envelope(), **{field: value})))
