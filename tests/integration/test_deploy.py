@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from tests.integration.conftest import REPO_ROOT, MtaServer, SmtpClient, wait_until
 from tests.integration.dns_fixtures import dns_server  # noqa: F401
@@ -54,12 +55,7 @@ def dashboard_exprs() -> list[str]:
 
 
 def alert_exprs() -> list[str]:
-    text = ALERTS.read_text()
-    try:
-        import yaml
-    except ImportError:  # no PyYAML: every rule here has a one-line `expr:`
-        return [m.group(1).strip().strip("'\"") for m in re.finditer(r"^\s*expr:\s*(.+)$", text, re.M)]
-    doc = yaml.safe_load(text)
+    doc = yaml.safe_load(ALERTS.read_text())
     return [rule["expr"] for group in doc["groups"] for rule in group["rules"] if "expr" in rule]
 
 
