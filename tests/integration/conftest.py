@@ -126,10 +126,15 @@ class MtaServer:
     `wrapper` prefixes the command (e.g. strace, or `ip netns exec NS`); signals then go to
     the master by the pid it logs, and the process group still holds everything. `host`:
     where its greeting is awaited (a node in a network namespace listens on its own address).
+    `cli_wrapper` prefixes the `mta` commands run on it (the queue CLI, `mta node`): a node in
+    a namespace is administered from inside it, as an operator runs them on the node itself
+    (its admin API answers a client off loopback only over TLS).
     """
 
     def __init__(self, config_path: Path | None, port: int, spool: Path, log_path: Path,
-                 cwd: Path = REPO_ROOT, wrapper: Sequence[str] = (), host: str = "127.0.0.1") -> None:
+                 cwd: Path = REPO_ROOT, wrapper: Sequence[str] = (), host: str = "127.0.0.1",
+                 cli_wrapper: Sequence[str] = ()) -> None:
+        self.cli_wrapper = list(cli_wrapper)
         self.config_path = config_path
         self.port = port
         self.host = host
@@ -249,7 +254,7 @@ class MtaServer:
 
     def mta(self, *args: str, check: bool = True, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """`python -m mta ARGS -c CONFIG`, in the server's working directory."""
-        return run_mta(*args, *self._config_args(), cwd=self.cwd, check=check, stdin=stdin)
+        return run_mta(*args, *self._config_args(), cwd=self.cwd, check=check, stdin=stdin, wrapper=self.cli_wrapper)
 
     def queue_list(self) -> list[dict[str, Any]]:
         return json.loads(self.mta("queue", "list", "--json").stdout)
@@ -268,8 +273,8 @@ class MtaServer:
 
 
 def run_mta(*args: str, cwd: Path = REPO_ROOT, check: bool = True,
-            stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    done = subprocess.run([sys.executable, "-m", "mta", *args], cwd=cwd, env=_env(), input=stdin,
+            stdin: bytes | None = None, wrapper: Sequence[str] = ()) -> subprocess.CompletedProcess[bytes]:
+    done = subprocess.run([*wrapper, sys.executable, "-m", "mta", *args], cwd=cwd, env=_env(), input=stdin,
                           capture_output=True, timeout=CLI_TIMEOUT_SECONDS)
     if check and done.returncode != 0:
         raise AssertionError(f"mta {' '.join(args)} exited {done.returncode}: "

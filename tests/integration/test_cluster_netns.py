@@ -182,7 +182,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             config = tmp / f"n{i + 1}.toml"
             config.write_text(node_config(topo, i, tmp / f"spool{i + 1}", redis, users))
             node = MtaServer(config, SMTP_PORT, tmp / f"spool{i + 1}", tmp / f"n{i + 1}.log",
-                             wrapper=topo.exec_prefix(topo.node_ns[i]), host=topo.node(i))
+                             wrapper=topo.exec_prefix(topo.node_ns[i]), host=topo.node(i),
+                             cli_wrapper=topo.exec_prefix(topo.node_ns[i]))
             stack.callback(node.stop)
             nodes.append(node.start())
         proc, sock = start_haproxy(topo, tmp)
