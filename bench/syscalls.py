@@ -20,6 +20,7 @@ are not reported: only counts. A run is FAILED unless every accepted message arr
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink:
         log(f"{label}: {accepted}/{args.messages} accepted, {arrived} arrived; "
             f"{result['syscalls_per_message']:.1f} syscalls per message")
         return outcome
+    except (subprocess.TimeoutExpired, RuntimeError, OSError) as exc:
+        return Outcome(target, 1, ok=False, error=f"load run failed: {exc}", stderr_tail=handle.log_tail())
     finally:
         if tracer is not None:
             tracer.stop()
