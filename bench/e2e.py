@@ -33,7 +33,7 @@ from mtaconf import dead_dns, mta_launch, write_config
 from peers import (E2E_DOMAIN, POSTFIX_INSTALL_COMMANDS, CountingSink, PostfixInstance, install_postfix,
                    postfix_installed, postfix_version)
 from procs import HOST, Launch, Server, become_subreaper, free_port, log, reap_orphans, tail
-from procstat import (machine_busy_seconds, machine_interrupt_seconds, machine_line,
+from procstat import (group_pids, machine_busy_seconds, machine_interrupt_seconds, machine_line,
                       reaped_children_cpu_seconds, self_cpu_seconds)
 from results import (Outcome, Summary, cell, failed_note, first_problems, fmt, machine_notes, md_row, notes_cell,
                      problem_kinds, report_text, share_cell, shortfalls, span, timeout_note)
@@ -67,6 +67,7 @@ class E2EHandle:
     stop: Callable[[], object]
     log_tail: Callable[[], str]
     cpu_by_kind: Callable[[], dict[str, float]] | None = None  # mta only: per process kind
+    pids: Callable[[], list[int]] | None = None  # its live processes (bench/run --syscalls)
 
 
 def start_e2e_target(target: str, port: int, workdir: Path, sink_port: int,
@@ -74,7 +75,7 @@ def start_e2e_target(target: str, port: int, workdir: Path, sink_port: int,
     """Start one e2e target relaying e2e.test to the sink; (handle, why it is not ready)."""
     if target == POSTFIX_TARGET:
         pf = PostfixInstance(workdir, port, sink_port, args.postfix_in_flow_delay)
-        handle = E2EHandle(pf.cpu_seconds, pf.alive, pf.stop, pf.log_tail)
+        handle = E2EHandle(pf.cpu_seconds, pf.alive, pf.stop, pf.log_tail, pids=pf.processes)
         return handle, pf.start(START_TIMEOUT_SECONDS)
     match = MTA_ROW.fullmatch(target)
     assert match is not None, target  # parse_args admits only mta-<N>w and postfix
@@ -82,8 +83,34 @@ def start_e2e_target(target: str, port: int, workdir: Path, sink_port: int,
                             sink_port)
     server = Server(target, launch, workdir, port)
     handle = E2EHandle(server.cpu_seconds, server.alive, server.stop, server.log_tail,
-                       server.cpu_by_kind)
+                       server.cpu_by_kind, lambda: group_pids(server.proc.pid))
     return handle, server.wait_ready(START_TIMEOUT_SECONDS)
+
+
+def start_fresh(target: str, label: str, prefix: str, args: argparse.Namespace, scratch: Path,
+                sink: CountingSink) -> tuple[E2EHandle, int, str | None]:
+    """One target on a free port in a new directory under `scratch`, relaying to the sink:
+    (its handle, its port, why it is not ready)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch))
+    workdir.chmod(0o755)  # Postfix's daemons (user postfix) work below it
+    port = free_port()
+    log(f"{label}: starting on {HOST}:{port}, relaying {E2E_DOMAIN} to {HOST}:{sink.port}")
+    handle, why = start_e2e_target(target, port, workdir, sink.port, args)
+    return handle, port, why
+
+
+def warm_up(label: str, port: int, size: int, args: argparse.Namespace, sink: CountingSink) -> str | None:
+    """--warmup messages, waited for at the sink until it is quiet; None, or why not."""
+    if args.warmup <= 0:
+        return None
+    log(f"{label}: warm-up, {args.warmup} messages, waiting for them at the sink")
+    base = sink.count()
+    warm = loadgen_run(port, args, args.warmup, quiet=True, size=size, rcpt=E2E_RCPT)
+    if sink.wait_for(base + warm["accepted"], time.monotonic() + args.timeout_seconds) is None:
+        return (f"warm-up: {sink.count() - base} of {warm['accepted']} accepted messages arrived "
+                f"within {args.timeout_seconds:.0f}s")
+    sink.wait_quiet(E2E_QUIET_SECONDS, 5.0)
+    return None
 
 
 def measure_e2e(target: str, size: int, messages: int, repeat: int, args: argparse.Namespace,
@@ -95,29 +122,16 @@ def measure_e2e(target: str, size: int, messages: int, repeat: int, args: argpar
     target accepted. Server CPU is read right before the load and right after the
     last arrival."""
     label = f"{target} {size} B repeat {repeat}/{args.repeat}"
-    workdir = Path(tempfile.mkdtemp(prefix=f"e2e-{target}-{size}-r{repeat}-", dir=scratch))
-    workdir.chmod(0o755)  # Postfix's daemons (user postfix) work below it
-    port = free_port()
-    log(f"{label}: starting on {HOST}:{port}, relaying {E2E_DOMAIN} to {HOST}:{sink.port}")
-    handle, why = start_e2e_target(target, port, workdir, sink.port, args)
+    handle, port, why = start_fresh(target, label, f"e2e-{target}-{size}-r{repeat}-", args, scratch, sink)
     try:
         if why is not None:
             return Outcome(target, repeat, ok=False, error=f"failed to start: {why}",
                            stderr_tail=handle.log_tail())
         if not sink.alive():
             return Outcome(target, repeat, ok=False, error="the sink is not running")
-        if args.warmup > 0:
-            log(f"{label}: warm-up, {args.warmup} messages, waiting for them at the sink")
-            base = sink.count()
-            warm = loadgen_run(port, args, args.warmup, quiet=True, size=size, rcpt=E2E_RCPT)
-            if sink.wait_for(base + warm["accepted"],
-                             time.monotonic() + args.timeout_seconds) is None:
-                return Outcome(target, repeat, ok=False,
-                               error=f"warm-up: {sink.count() - base} of {warm['accepted']} "
-                                     f"accepted messages arrived within "
-                                     f"{args.timeout_seconds:.0f}s",
-                               stderr_tail=handle.log_tail())
-            sink.wait_quiet(E2E_QUIET_SECONDS, 5.0)
+        why = warm_up(label, port, size, args, sink)
+        if why is not None:
+            return Outcome(target, repeat, ok=False, error=why, stderr_tail=handle.log_tail())
         log(f"{label}: {messages} messages, {args.sessions} sessions, {size} bytes")
         base = sink.count()
         irq0 = machine_interrupt_seconds()

@@ -128,12 +128,13 @@ def group_cpu_by_kind(pgid: int) -> dict[str, float]:
             continue
         ticks_own = (int(fields[11]) + int(fields[12])) / TICKS  # utime stime
         own = max(ticks_own, threads_runtime_seconds(entry.name))
-        kind = _kind(entry.name)
+        kind = process_kind(entry.name)
         by_kind[kind] = by_kind.get(kind, 0.0) + own + (int(fields[13]) + int(fields[14])) / TICKS
     return by_kind
 
 
-def _kind(pid: str) -> str:
+def process_kind(pid: int | str) -> str:
+    """mta's kind from its title ("inbound" of `mta: inbound#1 gen1`), else the program's name."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().decode(errors="replace").replace("\0", " ").split()
