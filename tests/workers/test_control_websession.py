@@ -68,6 +68,18 @@ def test_failures_lock_an_address_out_until_the_window_ends() -> None:
     assert lockout.check("192.0.2.3", 0) == 0
 
 
+def test_an_ipv6_client_counts_per_64_so_another_address_of_its_host_gains_nothing() -> None:
+    lockout = Lockout(max_failures=2, lockout_seconds=600)
+    lockout.fail("2001:db8:1:2::1", 0)
+    lockout.fail("2001:db8:1:2:ffff:ffff:ffff:fffe", 1)
+    assert lockout.check("2001:db8:1:2::abcd", 2) > 0 and lockout.check("2001:db8:1:3::1", 2) == 0
+    lockout.begin("2001:db8:1:2::7")  # begin and end from other addresses of the /64 balance
+    lockout.end("2001:db8:1:2::8")
+    lockout.fail("::ffff:192.0.2.1", 0)  # an IPv4-mapped client is its IPv4 address
+    lockout.fail("192.0.2.1", 0)
+    assert lockout.check("192.0.2.1", 1) > 0 and lockout.check("192.0.2.2", 1) == 0
+
+
 def test_only_the_files_read_at_start_are_served(tmp_path: Path) -> None:
     page = tmp_path / "webui"
     (page / "img").mkdir(parents=True)

@@ -8,7 +8,9 @@ restart logs everyone out).
 
 Failed logins count per client address like SMTP AUTH ([auth] max_failures within
 lockout_seconds of the first): at the limit, every login from that address is refused,
-even a right one, until the window ends.
+even a right one, until the window ends. An IPv6 client counts per /64 (one host holds a
+whole /64: per address it would have endless guesses). Loopback is not exempt: over the
+documented SSH tunnel every remote user is loopback.
 
 Invariants: at most MAX_SESSIONS sessions and MAX_ADDRESSES counted addresses (the oldest
 go first); ids and CSRF tokens compare in constant time. Pure: no I/O, no clock reads
@@ -18,6 +20,7 @@ go first); ids and CSRF tokens compare in constant time. Pure: no I/O, no clock 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +29,7 @@ COOKIE: Final = "mta_session"
 MAX_SESSIONS: Final = 1000
 MAX_ADDRESSES: Final = 10000
 SECRET_BYTES: Final = 32
+IPV6_PREFIX: Final = 64  # the lockout counts an IPv6 client per /64
 
 
 @dataclass
@@ -115,6 +119,7 @@ class Lockout:
 
     def check(self, address: str, now: float) -> float:
         """0 when `address` may try a login now, else the seconds until it may."""
+        address = counted_as(address)
         start, failures = self._window(address, now)
         if failures + self._checking.get(address, 0) < self.max_failures:
             return 0.0
@@ -122,14 +127,17 @@ class Lockout:
 
     def begin(self, address: str) -> None:
         """A login from `address` is being checked: parallel guesses count before they fail."""
+        address = counted_as(address)
         self._checking[address] = self._checking.get(address, 0) + 1
 
     def end(self, address: str) -> None:
+        address = counted_as(address)
         left = self._checking.pop(address) - 1
         if left:
             self._checking[address] = left
 
     def fail(self, address: str, now: float) -> None:
+        address = counted_as(address)
         start, failures = self._window(address, now)
         self._windows.pop(address, None)  # re-inserted last: the oldest windows go first
         while len(self._windows) >= MAX_ADDRESSES:
@@ -142,3 +150,16 @@ class Lockout:
             del self._windows[address]
             return now, 0
         return start, failures
+
+
+def counted_as(address: str) -> str:
+    """The key `address` counts under: an IPv4 address itself, an IPv6 address its /64."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return address
+    if ip.ipv4_mapped is not None:  # ::ffff:192.0.2.1 is 192.0.2.1
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
