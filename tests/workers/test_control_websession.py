@@ -8,7 +8,7 @@ from pathlib import Path
 
 from workers.control.guard import Guard
 from workers.control.webui import WebUi, read_files
-from workers.control.websession import MAX_SESSIONS, Lockout, Sessions, clear_cookie, session_id, set_cookie
+from workers.control.websession import LIFETIME_SECONDS, MAX_SESSIONS, Lockout, Sessions, clear_cookie, session_id, set_cookie
 
 
 def cookie(session_value: str) -> bytes:
@@ -26,6 +26,17 @@ def test_a_session_ends_after_its_idle_time_and_each_request_restarts_the_clock(
     sessions.end(t)
     assert sessions.find(cookie(t.id), 302) is None
     assert s.id != t.id and s.csrf != t.csrf and len(t.id) >= 43
+
+
+def test_a_session_in_constant_use_still_ends_a_lifetime_after_its_login() -> None:
+    sessions = Sessions(idle_seconds=3600)
+    s = sessions.create("ops", now=0)
+    for t in range(10, LIFETIME_SECONDS, 10):  # an open overview asks every 10 s
+        assert sessions.find(cookie(s.id), t) is s
+    assert sessions.find(cookie(s.id), LIFETIME_SECONDS) is None and len(sessions) == 0
+    long_idle = Sessions(idle_seconds=2 * LIFETIME_SECONDS)  # a longer session_seconds is the lifetime
+    t = long_idle.create("ops", 0)
+    assert long_idle.find(cookie(t.id), LIFETIME_SECONDS + 1) is t
 
 
 def test_a_changed_token_ends_the_sessions_made_with_it() -> None:

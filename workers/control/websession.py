@@ -3,8 +3,9 @@
 A login makes a Session: a random id (the mta_session cookie, HttpOnly, SameSite=Strict,
 Secure over TLS) and a random CSRF token the page sends back as X-CSRF-Token on every
 request that changes something. A session ends at logout, after `idle_seconds` without a
-request, when the token it logged in with changes (SIGHUP), or with the process (a
-restart logs everyone out).
+request, LIFETIME_SECONDS after its login whatever its use (an open overview asks every
+10 s: idle alone would never end it), when the token it logged in with changes (SIGHUP),
+or with the process (a restart logs everyone out).
 
 Failed logins count per client address like SMTP AUTH ([auth] max_failures within
 lockout_seconds of the first): at the limit, every login from that address is refused,
@@ -29,6 +30,7 @@ COOKIE: Final = "mta_session"
 MAX_SESSIONS: Final = 1000
 MAX_ADDRESSES: Final = 10000
 SECRET_BYTES: Final = 32
+LIFETIME_SECONDS: Final = 12 * 3600  # a working day; at least [control] session_seconds
 IPV6_PREFIX: Final = 64  # the lockout counts an IPv6 client per /64
 
 
@@ -38,6 +40,7 @@ class Session:
     csrf: str
     last_seen: float
     id: str = field(repr=False, default="")
+    created: float = 0.0
 
     def check_csrf(self, given: bytes | None) -> bool:
         return given is not None and hmac.compare_digest(given.strip(), self.csrf.encode())
@@ -52,7 +55,7 @@ class Sessions:
         self._expire(now)
         while len(self._by_id) >= MAX_SESSIONS:
             del self._by_id[next(iter(self._by_id))]
-        session = Session(user, secrets.token_urlsafe(SECRET_BYTES), now, secrets.token_urlsafe(SECRET_BYTES))
+        session = Session(user, secrets.token_urlsafe(SECRET_BYTES), now, secrets.token_urlsafe(SECRET_BYTES), now)
         self._by_id[session.id] = session
         return session
 
@@ -64,7 +67,7 @@ class Sessions:
         session = self._by_id.get(wanted)
         if session is None or not hmac.compare_digest(session.id, wanted):
             return None
-        if now - session.last_seen >= self.idle_seconds:
+        if self._over(session, now):
             del self._by_id[session.id]
             return None
         session.last_seen = now
@@ -82,8 +85,12 @@ class Sessions:
         return len(self._by_id)
 
     def _expire(self, now: float) -> None:
-        for sid in [sid for sid, s in self._by_id.items() if now - s.last_seen >= self.idle_seconds]:
+        for sid in [sid for sid, s in self._by_id.items() if self._over(s, now)]:
             del self._by_id[sid]
+
+    def _over(self, session: Session, now: float) -> bool:
+        return (now - session.last_seen >= self.idle_seconds
+                or now - session.created >= max(LIFETIME_SECONDS, self.idle_seconds))
 
 
 def session_id(cookie_header: bytes | None) -> str | None:
