@@ -91,6 +91,27 @@ def test_an_ipv6_client_counts_per_64_so_another_address_of_its_host_gains_nothi
     assert lockout.check("192.0.2.1", 1) > 0 and lockout.check("192.0.2.2", 1) == 0
 
 
+def test_a_login_with_a_session_cookie_ends_that_session_and_gives_a_new_one() -> None:
+    ui = WebUi({}, Sessions(100), Lockout(3, 60), clock=lambda: 0.0)
+    guard = Guard("127.0.0.1:9025", [], "t")
+    base = {b"host": b"127.0.0.1:9025", b"content-type": b"application/json"}
+
+    def ask(method: bytes, path: bytes, cookie_value: str | None = None) -> tuple[bytes, bytes]:
+        headers = base | ({b"cookie": cookie(cookie_value)} if cookie_value else {})
+        reply, _ = asyncio.run(ui.answer(guard, method, path, headers, b'{"token": "t"}', "127.0.0.1"))
+        return reply.status[:3], reply.headers
+
+    def issued(set_cookie_headers: bytes) -> str:
+        value = session_id(set_cookie_headers.partition(b"Set-Cookie: ")[2])  # "mta_session=V; Path=/; ..."
+        assert value is not None
+        return value
+
+    first = issued(ask(b"POST", b"/ui/login")[1])
+    second = issued(ask(b"POST", b"/ui/login", first)[1])
+    assert second != first and len(ui.sessions) == 1
+    assert ask(b"GET", b"/ui/session", first)[0] == b"401" and ask(b"GET", b"/ui/session", second)[0] == b"200"
+
+
 def test_only_the_files_read_at_start_are_served(tmp_path: Path) -> None:
     page = tmp_path / "webui"
     (page / "img").mkdir(parents=True)

@@ -6,7 +6,8 @@
                     (no `..`, no listing, no file added later)
   POST /ui/login    {"token": T} ([control] token) or {"user": U, "password": P} (an
                     admin of [control] admin_users_file, scrypt as mta/users.py): 200
-                    {"user", "csrf"} and the mta_session cookie; 401 for a wrong one; 429
+                    {"user", "csrf"} and a new mta_session cookie (the session the old
+                    one named ends); 401 for a wrong one; 429
                     (Retry-After) while the client's address is locked out (websession.py)
   GET  /ui/session  {"user", "csrf"} for a live session cookie, else 401
   POST /ui/logout   with the session's X-CSRF-Token: 204, the session gone, the cookie cleared
@@ -82,7 +83,7 @@ class WebUi:
             refused = json_reply(refusal.status, {"error": refusal.message})
             return Reply(refused.status, refused.body, headers=refusal.headers), refusal
         if method == b"POST" and path == b"/ui/login":
-            return await self._login(guard, payload, client), None
+            return await self._login(guard, headers, payload, client), None
         if method == b"POST" and path == b"/ui/logout":
             return self._logout(headers), None
         if method != b"GET":
@@ -100,7 +101,7 @@ class WebUi:
         content, kind = self.files[name]
         return Reply(b"200 OK", content, kind), None
 
-    async def _login(self, guard: Guard, payload: bytes, client: str) -> Reply:
+    async def _login(self, guard: Guard, headers: dict[bytes, bytes], payload: bytes, client: str) -> Reply:
         now = self.clock()
         wait = self.lockout.check(client, now)
         if wait:
@@ -128,6 +129,8 @@ class WebUi:
             self.lockout.fail(client, self.clock())
             logs.event("ui_login", client=client, result="wrong", user=given.get("user", "token")[:100])
             return json_reply(b"401 Unauthorized", {"error": WRONG})
+        if (previous := self.session(headers)) is not None:  # a login replaces the cookie: the old one ends
+            self.sessions.end(previous)
         session = self.sessions.create(user, self.clock())
         logs.event("ui_login", client=client, result="ok", user=user[:100])
         reply = json_reply(b"200 OK", {"user": user, "csrf": session.csrf})
