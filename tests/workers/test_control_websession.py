@@ -112,6 +112,26 @@ def test_a_login_with_a_session_cookie_ends_that_session_and_gives_a_new_one() -
     assert ask(b"GET", b"/ui/session", first)[0] == b"401" and ask(b"GET", b"/ui/session", second)[0] == b"200"
 
 
+def test_an_unreadable_admin_users_file_is_a_503_that_names_no_path_or_line(tmp_path: Path) -> None:
+    ui = WebUi({}, Sessions(100), Lockout(3, 60), clock=lambda: 0.0)
+    guard = Guard("127.0.0.1:9025", [], "t")
+    headers = {b"host": b"127.0.0.1:9025", b"content-type": b"application/json"}
+    admins = tmp_path / "secret-place" / "admins"
+    admins.parent.mkdir()
+    for broken in ("ops:scrypt$not-a-hash\n", None):  # a bad line; a directory where the file should be
+        if broken is None:
+            admins.unlink()
+            admins.mkdir()
+        else:
+            admins.write_text(broken)
+        ui.admin_users_file = str(admins)
+        reply, _ = asyncio.run(ui.answer(guard, b"POST", b"/ui/login", headers, b'{"user": "ops", "password": "p"}',
+                                         "192.0.2.1"))
+        assert isinstance(reply.body, bytes) and reply.status.startswith(b"503")
+        assert b"secret-place" not in reply.body and b"scrypt" not in reply.body, reply.body
+        assert json.loads(reply.body)["error"].startswith("[control] admin_users_file cannot be read")
+
+
 def test_only_the_files_read_at_start_are_served(tmp_path: Path) -> None:
     page = tmp_path / "webui"
     (page / "img").mkdir(parents=True)

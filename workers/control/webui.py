@@ -43,6 +43,8 @@ TYPES: Final = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; 
                 ".ico": b"image/x-icon", ".json": b"application/json", ".txt": b"text/plain; charset=utf-8",
                 ".woff2": b"font/woff2"}
 WRONG: Final = "wrong token or password"
+ADMINS_UNREADABLE: Final = ("[control] admin_users_file cannot be read: the control process's log (event=ui_login "
+                            "result=error) says why; the token still logs in")
 # Checked when the user is unknown, so that a wrong name costs the same scrypt as a wrong password.
 _DECOY_HASH: Final = users.hash_password("decoy")
 
@@ -121,8 +123,8 @@ class WebUi:
             if "token" not in given:
                 user = await self._admin(given["user"], given["password"])
         except (OSError, users.UsersError) as exc:
-            logs.event("ui_login", client=client, result="error", error=str(exc))
-            return json_reply(b"503 Service Unavailable", {"error": f"[control] admin_users_file: {exc}"})
+            logs.event("ui_login", client=client, result="error", error=str(exc))  # its path and line: not for the client
+            return json_reply(b"503 Service Unavailable", {"error": ADMINS_UNREADABLE})
         finally:
             self.lockout.end(client)
         if user is None:
