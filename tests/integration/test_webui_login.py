@@ -153,6 +153,20 @@ def test_an_admin_user_of_the_admin_users_file_logs_in_with_a_password(mta_serve
     assert call(server, "GET", "/ui/session", headers={"Cookie": headers["Cookie"]}).json()["user"] == "ops"
     assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 200
 
+    # Another admin added: the session stays. Its password changed, or the admin deleted: the session ends.
+    server.mta("users", "add", "--file", str(admins), "other", stdin=b"other pass\n")
+    assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 200
+    server.mta("users", "passwd", "--file", str(admins), "ops", stdin=b"new pass\n")
+    assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 401
+    assert call(server, "GET", "/ui/session", headers={"Cookie": headers["Cookie"]}).status == 401
+    by_other, _ = login(server, {"user": "other", "password": "other pass"})
+    by_token, _ = login(server, {"token": TOKEN})
+    server.mta("users", "delete", "--file", str(admins), "other")
+    assert call(server, "GET", "/ui/session", headers={"Cookie": by_other["Cookie"]}).status == 401
+    assert call(server, "POST", "/api/queue/hold", {"all": True}, headers=by_other).status == 401
+    assert call(server, "GET", "/ui/session", headers={"Cookie": by_token["Cookie"]}).status == 200
+    assert b"event=ui_session_end user=other" in server.log_bytes()
+
 
 def test_a_new_token_on_sighup_logs_out_the_sessions_of_the_old_one(mta_server, tmp_path: Path) -> None:
     admins = tmp_path / "admins"

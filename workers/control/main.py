@@ -225,7 +225,7 @@ class Control(WorkerBody):
 
     async def _api(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes],
                    payload: bytes) -> tuple[Reply, Refusal | None]:
-        refusal = self.guard.check_request(method, headers, self.webui.session(headers))
+        refusal = self.guard.check_request(method, headers, await self.webui.current(headers))
         if refusal is not None:
             refused = json_reply(refusal.status, {"error": refusal.message})
             return Reply(refused.status, refused.body, headers=refusal.headers), refusal

@@ -5,7 +5,8 @@ Secure over TLS) and a random CSRF token the page sends back as X-CSRF-Token on 
 request that changes something. A session ends at logout, after `idle_seconds` without a
 request, LIFETIME_SECONDS after its login whatever its use (an open overview asks every
 10 s: idle alone would never end it), when the token it logged in with changes (SIGHUP),
-or with the process (a restart logs everyone out).
+when the admin it logged in as is deleted or gets a new password (webui.py), or with the
+process (a restart logs everyone out).
 
 Failed logins count per client address like SMTP AUTH ([auth] max_failures within
 lockout_seconds of the first): at the limit, every login from that address is refused,
@@ -41,6 +42,8 @@ class Session:
     last_seen: float
     id: str = field(repr=False, default="")
     created: float = 0.0
+    credential: str = field(repr=False, default="")  # an admin's scrypt hash at login; "" for the token
+    admins_stamp: tuple[int, int, int] | None = None  # the admin users file then (inode, mtime_ns, size)
 
     def check_csrf(self, given: bytes | None) -> bool:
         return given is not None and hmac.compare_digest(given.strip(), self.csrf.encode())
