@@ -93,7 +93,8 @@ def test_mailboxes_added_limited_and_deleted_over_the_api(mta_server, tmp_path: 
     assert row == {"address": "carol@local.test", "quota_bytes": 1000, "quota_messages": 0,
                    "aliases": ["c@local.test"], "used_bytes": 100, "used_messages": 1}
     for bad, why in (({"address": "c@local.test"}, "already an alias of carol@local.test"),
-                     ({"address": "dave"}, "not an address"), ({"address": "d@local.test", "quota_bytes": -1}, "whole")):
+                     ({"address": "dave"}, "not an address"), ({"address": "d@local.test", "quota_bytes": -1}, "whole"),
+                     ({"address": "d@local.test", "quota_bytes": 10**4000}, "quotas must be 0 (no limit) to ")):
         answer = call(server, "POST", "/api/mailboxes/add", bad, bearer)
         assert answer.status == 400 and why in answer.json()["error"], (bad, answer.body)
     limited = call(server, "POST", "/api/mailboxes/quota", {"address": "carol@local.test", "quota_messages": 5}, bearer)
