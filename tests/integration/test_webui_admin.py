@@ -369,3 +369,18 @@ def _answers(request: urllib.request.Request) -> bool:
             return response.status == 200
     except urllib.error.HTTPError:
         return False
+
+
+def test_an_address_with_a_bad_escape_still_shows_its_page(queued_server, browser) -> None:  # noqa: F811
+    server, msgid = queued_server
+    tab = open_tab(browser)
+    page = tab.page
+    log_in(tab, server, TOKEN)
+    page.evaluate("location.hash = '#/queue/50%off.test'")  # typed by hand: "%of" is no escape
+    expect(page.get_by_role("heading", name="Queue", level=1)).to_be_visible()
+    expect(page.get_by_label("Destination domain")).to_have_value("50%off.test")
+    assert tab.problems() == []
+    page.evaluate("location.hash = '#/message/%E0%A4%A'")  # no such message: the page says so
+    expect(page.get_by_text("Message %E0%A4%A is not in the queue")).to_be_visible()
+    assert tab.errors == []
+    tab.context.close()
