@@ -56,6 +56,10 @@ def test_users_added_changed_and_deleted_over_the_api(mta_server, tmp_path: Path
                      ({**bob, "senders": ["nobody"]}, "@example.com"), ({"name": "alice", "password": "x"}, "exists")):
         answer = post("/api/users/add", bad)
         assert answer.status == 400 and why in answer.json()["error"], (bad, answer.body)
+    # A body over the limit (here: many senders) is answered, not cut off: 413 saying what to do.
+    many = post("/api/users/add", {**bob, "senders": [f"s{i}@local.test" for i in range(800)]})
+    assert many.status == 413 and "send less" in many.json()["error"], (many.status, many.body)
+    assert many.headers["content-security-policy"].startswith("default-src 'none'")
     assert users.read_bytes() == before
     assert smtp_auth(ports["smtps"], pki, "bob@local.test", "pw one").startswith("535")
 

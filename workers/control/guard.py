@@ -42,7 +42,7 @@ NEEDS_TLS = ("the web UI and the admin API answer off loopback only over TLS: se
 @dataclass(frozen=True)
 class Refusal:
     status: bytes
-    reason: str  # for the log: transport, host, origin, fetch_site, token_missing, token_wrong, csrf, content_type
+    reason: str  # for the log: transport, host, origin, fetch_site, token_missing, token_wrong, csrf, content_type, size (main.py)
     message: str  # for the client
     seen: str | None = None  # the offending header value, for the log (never a token)
     headers: bytes = b""  # extra response header lines, each ending in CRLF
