@@ -384,3 +384,21 @@ def test_an_address_with_a_bad_escape_still_shows_its_page(queued_server, browse
     expect(page.get_by_text("Message %E0%A4%A is not in the queue")).to_be_visible()
     assert tab.errors == []
     tab.context.close()
+
+
+def test_a_link_from_another_site_opens_the_page(queued_server, browser) -> None:  # noqa: F811
+    server, msgid = queued_server
+    tab = open_tab(browser)
+    page = tab.page
+    link = '<!doctype html><html><body><a id="go" href="{ui}">mail relay admin</a></body></html>'
+    with HostileSite(link.format(ui=control_url(server, "/ui/#/queue"))) as wiki:  # a team wiki, a dashboard
+        page.goto(wiki.url)
+        page.get_by_role("link", name="mail relay admin").click()
+        page.get_by_label("Token", exact=True).fill(TOKEN)
+        page.get_by_role("button", name="Log in with the token").click()
+        expect(page.get_by_role("link", name=msgid)).to_be_visible()
+        page.goto(wiki.url)  # logged in: the link goes straight to the page
+        page.get_by_role("link", name="mail relay admin").click()
+        expect(page.get_by_role("link", name=msgid)).to_be_visible()
+    assert tab.problems() == []
+    tab.context.close()

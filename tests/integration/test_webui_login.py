@@ -134,6 +134,12 @@ def test_the_page_is_served_from_a_fixed_table_and_nothing_else_is(mta_server, t
             assert shown.status == 200 and shown.body == (WEBUI_DIR / name).read_bytes() and secure_headers(shown)
     # A foreign Host (DNS rebinding) gets nothing either.
     assert call(server, "GET", "/ui/session", headers={"Host": "evil.example"}).status == 421
+    assert call(server, "GET", "/ui/", headers={"Host": "evil.example"}).status == 421
+    # A link from another site opens the page's files; its session and API stay same-origin only.
+    cross = {"Sec-Fetch-Site": "cross-site"}
+    assert call(server, "GET", "/ui/", headers=cross).status == 200
+    assert call(server, "GET", "/ui/session", headers=cross).status == 403
+    assert call(server, "GET", "/ui/session", headers={"Origin": "http://evil.example"}).status == 403
     assert call(server, "POST", "/ui/login", {"token": TOKEN}, {"Host": "evil.example"}).status == 421
     assert call(server, "POST", "/ui/login", {"token": TOKEN}, {"Origin": "http://evil.example"}).status == 403
     assert call(server, "POST", "/ui/login", b'{"token": "%s"}' % TOKEN.encode(),

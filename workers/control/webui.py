@@ -13,7 +13,8 @@
                     session ends when the file no longer has its name and hash: current())
   POST /ui/logout   with the session's X-CSRF-Token: 204, the session gone, the cookie cleared
 
-Every route is behind the guard's Host/Origin checks (guard.check_browser), and logins
+Every route is behind the guard's Host/Origin checks (guard.check_browser; the page's
+files behind its Host check alone, guard.check_host), and logins
 behind its Content-Type check. The caller adds the security headers (SECURITY_HEADERS).
 """
 
@@ -97,7 +98,8 @@ class WebUi:
     async def answer(self, guard: Guard, method: bytes, path: bytes, headers: dict[bytes, bytes], payload: bytes,
                      client: str) -> tuple[Reply, Refusal | None]:
         """The reply, and the guard's refusal when there was one (for the log)."""
-        refusal = guard.check_browser(headers)
+        page = method == b"GET" and path != b"/ui/session"  # the page's public files: a link from elsewhere opens it
+        refusal = guard.check_host(headers) if page else guard.check_browser(headers)
         if refusal is None and method == b"POST" and path == b"/ui/login":
             refusal = check_body(method, headers)
         if refusal is not None:
