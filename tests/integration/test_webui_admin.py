@@ -400,5 +400,12 @@ def test_a_link_from_another_site_opens_the_page(queued_server, browser) -> None
         page.goto(wiki.url)  # logged in: the link goes straight to the page
         page.get_by_role("link", name="mail relay admin").click()
         expect(page.get_by_role("link", name=msgid)).to_be_visible()
+        # A site that opens the page in a window keeps no handle on it (Cross-Origin-Opener-Policy).
+        page.goto(wiki.url)
+        with tab.context.expect_page() as popup:
+            page.evaluate("url => { window.opened = window.open(url); }", control_url(server, "/ui/#/queue"))
+        expect(popup.value.get_by_role("link", name=msgid)).to_be_visible()
+        assert page.evaluate("window.opened.closed") is True
+        popup.value.close()
     assert tab.problems() == []
     tab.context.close()

@@ -41,7 +41,7 @@ def secure_headers(answer: Answer) -> bool:
     h = answer.headers
     return (h.get("content-security-policy") == CSP and h.get("x-content-type-options") == "nosniff"
             and h.get("referrer-policy") == "no-referrer" and h.get("x-frame-options") == "DENY"
-            and h.get("cache-control") == "no-store")
+            and h.get("cache-control") == "no-store" and h.get("cross-origin-opener-policy") == "same-origin")
 
 
 def test_a_token_login_gives_a_strict_cookie_and_every_change_needs_its_csrf_token(mta_server) -> None:

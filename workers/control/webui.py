@@ -40,7 +40,8 @@ CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 
               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS: Final = (f"Content-Security-Policy: {CSP}\r\n"
                            "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
-                           "X-Frame-Options: DENY\r\nCache-Control: no-store\r\n").encode()
+                           "X-Frame-Options: DENY\r\nCache-Control: no-store\r\n"
+                           "Cross-Origin-Opener-Policy: same-origin\r\n").encode()  # an opener cannot steer the page
 TYPES: Final = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
                 ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".png": b"image/png",
                 ".ico": b"image/x-icon", ".json": b"application/json", ".txt": b"text/plain; charset=utf-8",
