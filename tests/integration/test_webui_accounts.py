@@ -60,6 +60,9 @@ def test_users_added_changed_and_deleted_over_the_api(mta_server, tmp_path: Path
     many = post("/api/users/add", {**bob, "senders": [f"s{i}@local.test" for i in range(800)]})
     assert many.status == 413 and "send less" in many.json()["error"], (many.status, many.body)
     assert many.headers["content-security-policy"].startswith("default-src 'none'")
+    for method in ("PUT", "DELETE", "PATCH"):  # only POST changes; the others are told so, not run on an empty body
+        other = call(server, method, "/api/users/add", bob, headers)
+        assert other.status == 405 and other.json()["error"] == "GET the lists, POST the changes", (method, other.body)
     assert users.read_bytes() == before
     assert smtp_auth(ports["smtps"], pki, "bob@local.test", "pw one").startswith("535")
 
