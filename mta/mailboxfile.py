@@ -34,6 +34,7 @@ from mta.mailboxes import UnsafeName, mailbox_path
 from mta.outfile import OutFile, editor_lock
 
 KEYS: Final = ("quota_bytes", "quota_messages", "aliases")
+MAX_QUOTA: Final = 2**63 - 1  # what maildirsize readers (Dovecot: int64) can hold
 
 
 class MailboxFileError(ValueError):
@@ -51,8 +52,8 @@ class Mailbox:
         check_address(self.address)
         for alias in self.aliases:
             check_address(alias)
-        if self.quota_bytes < 0 or self.quota_messages < 0:
-            raise MailboxFileError(f"{self.address}: quotas must be 0 (no limit) or more")
+        if not (0 <= self.quota_bytes <= MAX_QUOTA and 0 <= self.quota_messages <= MAX_QUOTA):
+            raise MailboxFileError(f"{self.address}: quotas must be 0 (no limit) to {MAX_QUOTA}")
 
     @property
     def user(self) -> str:

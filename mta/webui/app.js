@@ -61,7 +61,12 @@ function route() {
   document.title = `${TITLES[name]} - mta administration`;
   const container = document.createElement("div");
   $("view").replaceChildren(container);
-  cleanup = view.render(container, decodeURIComponent(rest.join("/"))) || null;
+  cleanup = view.render(container, decoded(rest.join("/"))) || null;
+}
+
+// A bad escape in a typed or pasted address ("#/queue/50%off") stays as typed (decodeURIComponent throws).
+function decoded(text) {
+  try { return decodeURIComponent(text); } catch (_badEscape) { return text; }
 }
 
 async function login(body) {

@@ -210,6 +210,11 @@ def test_malformed_ids_get_a_404_or_400_reply_and_break_nothing(mta_server) -> N
     for which in ({"ids": [""]}, {"ids": ["A" * 600]}, {"ids": "abc"}, {"ids": [ids[0], 7]}):
         status, _, body = call(server, "POST", "/api/queue/hold", json.dumps(which).encode(), post)
         assert status == 400 and "not a message id" in json.loads(body)["error"], which
+    # "all" is JSON true itself: a string "false", a 1 or a list is a mistake, never every message.
+    for which in ({"all": "false"}, {"all": 1}, {"all": [False]}, {"all": "no", "ids": [ids[0]]}):
+        status, _, body = call(server, "POST", "/api/queue/delete", json.dumps(which).encode(), post)
+        assert status == 400 and json.loads(body)["error"].startswith('name {"ids"'), which
+    assert queued(server) == sorted(ids)
     # The control process and the scheduler behind it still answer.
     status, _, body = call(server, "POST", "/api/queue/hold", json.dumps({"ids": ids}).encode(), post)
     assert (status, json.loads(body)) == (200, {"op": "hold", "count": 2})

@@ -56,6 +56,13 @@ def test_users_added_changed_and_deleted_over_the_api(mta_server, tmp_path: Path
                      ({**bob, "senders": ["nobody"]}, "@example.com"), ({"name": "alice", "password": "x"}, "exists")):
         answer = post("/api/users/add", bad)
         assert answer.status == 400 and why in answer.json()["error"], (bad, answer.body)
+    # A body over the limit (here: many senders) is answered, not cut off: 413 saying what to do.
+    many = post("/api/users/add", {**bob, "senders": [f"s{i}@local.test" for i in range(800)]})
+    assert many.status == 413 and "send less" in many.json()["error"], (many.status, many.body)
+    assert many.headers["content-security-policy"].startswith("default-src 'none'")
+    for method in ("PUT", "DELETE", "PATCH"):  # only POST changes; the others are told so, not run on an empty body
+        other = call(server, method, "/api/users/add", bob, headers)
+        assert other.status == 405 and other.json()["error"] == "GET the lists, POST the changes", (method, other.body)
     assert users.read_bytes() == before
     assert smtp_auth(ports["smtps"], pki, "bob@local.test", "pw one").startswith("535")
 
@@ -93,7 +100,8 @@ def test_mailboxes_added_limited_and_deleted_over_the_api(mta_server, tmp_path: 
     assert row == {"address": "carol@local.test", "quota_bytes": 1000, "quota_messages": 0,
                    "aliases": ["c@local.test"], "used_bytes": 100, "used_messages": 1}
     for bad, why in (({"address": "c@local.test"}, "already an alias of carol@local.test"),
-                     ({"address": "dave"}, "not an address"), ({"address": "d@local.test", "quota_bytes": -1}, "whole")):
+                     ({"address": "dave"}, "not an address"), ({"address": "d@local.test", "quota_bytes": -1}, "whole"),
+                     ({"address": "d@local.test", "quota_bytes": 10**4000}, "quotas must be 0 (no limit) to ")):
         answer = call(server, "POST", "/api/mailboxes/add", bad, bearer)
         assert answer.status == 400 and why in answer.json()["error"], (bad, answer.body)
     limited = call(server, "POST", "/api/mailboxes/quota", {"address": "carol@local.test", "quota_messages": 5}, bearer)

@@ -369,3 +369,43 @@ def _answers(request: urllib.request.Request) -> bool:
             return response.status == 200
     except urllib.error.HTTPError:
         return False
+
+
+def test_an_address_with_a_bad_escape_still_shows_its_page(queued_server, browser) -> None:  # noqa: F811
+    server, msgid = queued_server
+    tab = open_tab(browser)
+    page = tab.page
+    log_in(tab, server, TOKEN)
+    page.evaluate("location.hash = '#/queue/50%off.test'")  # typed by hand: "%of" is no escape
+    expect(page.get_by_role("heading", name="Queue", level=1)).to_be_visible()
+    expect(page.get_by_label("Destination domain")).to_have_value("50%off.test")
+    assert tab.problems() == []
+    page.evaluate("location.hash = '#/message/%E0%A4%A'")  # no such message: the page says so
+    expect(page.get_by_text("Message %E0%A4%A is not in the queue")).to_be_visible()
+    assert tab.errors == []
+    tab.context.close()
+
+
+def test_a_link_from_another_site_opens_the_page(queued_server, browser) -> None:  # noqa: F811
+    server, msgid = queued_server
+    tab = open_tab(browser)
+    page = tab.page
+    link = '<!doctype html><html><body><a id="go" href="{ui}">mail relay admin</a></body></html>'
+    with HostileSite(link.format(ui=control_url(server, "/ui/#/queue"))) as wiki:  # a team wiki, a dashboard
+        page.goto(wiki.url)
+        page.get_by_role("link", name="mail relay admin").click()
+        page.get_by_label("Token", exact=True).fill(TOKEN)
+        page.get_by_role("button", name="Log in with the token").click()
+        expect(page.get_by_role("link", name=msgid)).to_be_visible()
+        page.goto(wiki.url)  # logged in: the link goes straight to the page
+        page.get_by_role("link", name="mail relay admin").click()
+        expect(page.get_by_role("link", name=msgid)).to_be_visible()
+        # A site that opens the page in a window keeps no handle on it (Cross-Origin-Opener-Policy).
+        page.goto(wiki.url)
+        with tab.context.expect_page() as popup:
+            page.evaluate("url => { window.opened = window.open(url); }", control_url(server, "/ui/#/queue"))
+        expect(popup.value.get_by_role("link", name=msgid)).to_be_visible()
+        assert page.evaluate("window.opened.closed") is True
+        popup.value.close()
+    assert tab.problems() == []
+    tab.context.close()

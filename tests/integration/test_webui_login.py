@@ -41,7 +41,7 @@ def secure_headers(answer: Answer) -> bool:
     h = answer.headers
     return (h.get("content-security-policy") == CSP and h.get("x-content-type-options") == "nosniff"
             and h.get("referrer-policy") == "no-referrer" and h.get("x-frame-options") == "DENY"
-            and h.get("cache-control") == "no-store")
+            and h.get("cache-control") == "no-store" and h.get("cross-origin-opener-policy") == "same-origin")
 
 
 def test_a_token_login_gives_a_strict_cookie_and_every_change_needs_its_csrf_token(mta_server) -> None:
@@ -134,6 +134,12 @@ def test_the_page_is_served_from_a_fixed_table_and_nothing_else_is(mta_server, t
             assert shown.status == 200 and shown.body == (WEBUI_DIR / name).read_bytes() and secure_headers(shown)
     # A foreign Host (DNS rebinding) gets nothing either.
     assert call(server, "GET", "/ui/session", headers={"Host": "evil.example"}).status == 421
+    assert call(server, "GET", "/ui/", headers={"Host": "evil.example"}).status == 421
+    # A link from another site opens the page's files; its session and API stay same-origin only.
+    cross = {"Sec-Fetch-Site": "cross-site"}
+    assert call(server, "GET", "/ui/", headers=cross).status == 200
+    assert call(server, "GET", "/ui/session", headers=cross).status == 403
+    assert call(server, "GET", "/ui/session", headers={"Origin": "http://evil.example"}).status == 403
     assert call(server, "POST", "/ui/login", {"token": TOKEN}, {"Host": "evil.example"}).status == 421
     assert call(server, "POST", "/ui/login", {"token": TOKEN}, {"Origin": "http://evil.example"}).status == 403
     assert call(server, "POST", "/ui/login", b'{"token": "%s"}' % TOKEN.encode(),
@@ -152,6 +158,20 @@ def test_an_admin_user_of_the_admin_users_file_logs_in_with_a_password(mta_serve
     assert user == "ops"
     assert call(server, "GET", "/ui/session", headers={"Cookie": headers["Cookie"]}).json()["user"] == "ops"
     assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 200
+
+    # Another admin added: the session stays. Its password changed, or the admin deleted: the session ends.
+    server.mta("users", "add", "--file", str(admins), "other", stdin=b"other pass\n")
+    assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 200
+    server.mta("users", "passwd", "--file", str(admins), "ops", stdin=b"new pass\n")
+    assert call(server, "GET", "/api/queue?limit=1", headers=headers).status == 401
+    assert call(server, "GET", "/ui/session", headers={"Cookie": headers["Cookie"]}).status == 401
+    by_other, _ = login(server, {"user": "other", "password": "other pass"})
+    by_token, _ = login(server, {"token": TOKEN})
+    server.mta("users", "delete", "--file", str(admins), "other")
+    assert call(server, "GET", "/ui/session", headers={"Cookie": by_other["Cookie"]}).status == 401
+    assert call(server, "POST", "/api/queue/hold", {"all": True}, headers=by_other).status == 401
+    assert call(server, "GET", "/ui/session", headers={"Cookie": by_token["Cookie"]}).status == 200
+    assert b"event=ui_session_end user=other" in server.log_bytes()
 
 
 def test_a_new_token_on_sighup_logs_out_the_sessions_of_the_old_one(mta_server, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ def test_parses_fields_and_looks_up_by_address_or_alias_in_any_case() -> None:
     ("alice@example.com quota=5", "'quota=5': expected one of quota_bytes="),
     ("alice@example.com quota_bytes=1M", "quota_bytes=1M: expected a whole number"),
     ("alice@example.com quota_bytes=1 quota_bytes=2", "quota_bytes given twice"),
+    ("alice@example.com quota_messages=9223372036854775808", "quotas must be 0 (no limit) to 9223372036854775807"),
     ("alice", "'alice' is not an address"),
     ("../x@example.com", "unsafe user name"),
     ("alice@example.com aliases=bob", "'bob' is not an address"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from workers.control.guard import Guard
 from workers.control.webui import WebUi, read_files
-from workers.control.websession import MAX_SESSIONS, Lockout, Sessions, clear_cookie, session_id, set_cookie
+from workers.control.websession import LIFETIME_SECONDS, MAX_SESSIONS, Lockout, Sessions, clear_cookie, session_id, set_cookie
 
 
 def cookie(session_value: str) -> bytes:
@@ -26,6 +26,17 @@ def test_a_session_ends_after_its_idle_time_and_each_request_restarts_the_clock(
     sessions.end(t)
     assert sessions.find(cookie(t.id), 302) is None
     assert s.id != t.id and s.csrf != t.csrf and len(t.id) >= 43
+
+
+def test_a_session_in_constant_use_still_ends_a_lifetime_after_its_login() -> None:
+    sessions = Sessions(idle_seconds=3600)
+    s = sessions.create("ops", now=0)
+    for t in range(10, LIFETIME_SECONDS, 10):  # an open overview asks every 10 s
+        assert sessions.find(cookie(s.id), t) is s
+    assert sessions.find(cookie(s.id), LIFETIME_SECONDS) is None and len(sessions) == 0
+    long_idle = Sessions(idle_seconds=2 * LIFETIME_SECONDS)  # a longer session_seconds is the lifetime
+    t = long_idle.create("ops", 0)
+    assert long_idle.find(cookie(t.id), LIFETIME_SECONDS + 1) is t
 
 
 def test_a_changed_token_ends_the_sessions_made_with_it() -> None:
@@ -66,6 +77,59 @@ def test_failures_lock_an_address_out_until_the_window_ends() -> None:
     lockout.end("192.0.2.3")
     lockout.end("192.0.2.3")
     assert lockout.check("192.0.2.3", 0) == 0
+
+
+def test_an_ipv6_client_counts_per_64_so_another_address_of_its_host_gains_nothing() -> None:
+    lockout = Lockout(max_failures=2, lockout_seconds=600)
+    lockout.fail("2001:db8:1:2::1", 0)
+    lockout.fail("2001:db8:1:2:ffff:ffff:ffff:fffe", 1)
+    assert lockout.check("2001:db8:1:2::abcd", 2) > 0 and lockout.check("2001:db8:1:3::1", 2) == 0
+    lockout.begin("2001:db8:1:2::7")  # begin and end from other addresses of the /64 balance
+    lockout.end("2001:db8:1:2::8")
+    lockout.fail("::ffff:192.0.2.1", 0)  # an IPv4-mapped client is its IPv4 address
+    lockout.fail("192.0.2.1", 0)
+    assert lockout.check("192.0.2.1", 1) > 0 and lockout.check("192.0.2.2", 1) == 0
+
+
+def test_a_login_with_a_session_cookie_ends_that_session_and_gives_a_new_one() -> None:
+    ui = WebUi({}, Sessions(100), Lockout(3, 60), clock=lambda: 0.0)
+    guard = Guard("127.0.0.1:9025", [], "t")
+    base = {b"host": b"127.0.0.1:9025", b"content-type": b"application/json"}
+
+    def ask(method: bytes, path: bytes, cookie_value: str | None = None) -> tuple[bytes, bytes]:
+        headers = base | ({b"cookie": cookie(cookie_value)} if cookie_value else {})
+        reply, _ = asyncio.run(ui.answer(guard, method, path, headers, b'{"token": "t"}', "127.0.0.1"))
+        return reply.status[:3], reply.headers
+
+    def issued(set_cookie_headers: bytes) -> str:
+        value = session_id(set_cookie_headers.partition(b"Set-Cookie: ")[2])  # "mta_session=V; Path=/; ..."
+        assert value is not None
+        return value
+
+    first = issued(ask(b"POST", b"/ui/login")[1])
+    second = issued(ask(b"POST", b"/ui/login", first)[1])
+    assert second != first and len(ui.sessions) == 1
+    assert ask(b"GET", b"/ui/session", first)[0] == b"401" and ask(b"GET", b"/ui/session", second)[0] == b"200"
+
+
+def test_an_unreadable_admin_users_file_is_a_503_that_names_no_path_or_line(tmp_path: Path) -> None:
+    ui = WebUi({}, Sessions(100), Lockout(3, 60), clock=lambda: 0.0)
+    guard = Guard("127.0.0.1:9025", [], "t")
+    headers = {b"host": b"127.0.0.1:9025", b"content-type": b"application/json"}
+    admins = tmp_path / "secret-place" / "admins"
+    admins.parent.mkdir()
+    for broken in ("ops:scrypt$not-a-hash\n", None):  # a bad line; a directory where the file should be
+        if broken is None:
+            admins.unlink()
+            admins.mkdir()
+        else:
+            admins.write_text(broken)
+        ui.admin_users_file = str(admins)
+        reply, _ = asyncio.run(ui.answer(guard, b"POST", b"/ui/login", headers, b'{"user": "ops", "password": "p"}',
+                                         "192.0.2.1"))
+        assert isinstance(reply.body, bytes) and reply.status.startswith(b"503")
+        assert b"secret-place" not in reply.body and b"scrypt" not in reply.body, reply.body
+        assert json.loads(reply.body)["error"].startswith("[control] admin_users_file cannot be read")
 
 
 def test_only_the_files_read_at_start_are_served(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ class Accounts:
         """The reply, or None when `path` is not one of these routes."""
         if path not in ROUTES:
             return None
-        if (method == b"GET") != (path in ("/api/users", "/api/mailboxes")):
+        if method != (b"GET" if path in ("/api/users", "/api/mailboxes") else b"POST"):  # a PUT changes nothing
             return json_reply(b"405 Method Not Allowed", {"error": "GET the lists, POST the changes"})
         users_route = path.startswith("/api/users")
         file = self.config.auth.users_file if users_route else self.config.local.mailboxes

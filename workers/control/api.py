@@ -13,7 +13,8 @@
   GET  /api/queue/ID       one message (404 for an ID that is not one: mtaqueue.ids)
   GET  /api/queue/ID/body  its stored bytes
   POST /api/queue/OP       OP = retry | hold | release | delete; body {"ids": [...]},
-                           {"domain": "d"} or {"all": true}; applied by the scheduler:
+                           {"domain": "d"} or {"all": true} (true itself: "false" or 1 is a
+                           400, never every message); applied by the scheduler:
                            {"op", "count"}. With Accept: application/x-ndjson, a line
                            {"done", "total"} for each progress report of the scheduler
                            as it comes, then {"op", "count"} (or {"error"}).
@@ -114,7 +115,7 @@ class AdminApi:
         except ValueError:
             return json_reply(b"400 Bad Request", {"error": "the body must be JSON"})
         if (not isinstance(which, dict) or not (which.get("ids") or which.get("domain") or which.get("all"))
-                or not isinstance(which.get("domain") or "", str)):
+                or not isinstance(which.get("domain") or "", str) or not isinstance(which.get("all", False), bool)):
             return json_reply(b"400 Bad Request", {"error": 'name {"ids": [...]}, {"domain": "d"} or {"all": true}'})
         ids = which.get("ids") or []
         bad = [i for i in ids if not isinstance(i, str) or not is_id(i.upper())] if isinstance(ids, list) else [ids]

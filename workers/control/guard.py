@@ -15,7 +15,9 @@ Then, in this order, the first that fails refuses the request:
   4. A POST carries Content-Type: application/json (what a page can send without a CORS
      preflight, a form or text/plain, is refused). Else 415.
 /ui/ runs 1, 2 and 4 (check_browser, check_body); its routes need no credential to show
-the page or to log in. /metrics, /healthz and /readyz are not checked: Prometheus and
+the page or to log in. A GET of the page's own files runs rule 1 only (check_host): they
+are public and read no cookie, and a link from a wiki or a dashboard (Sec-Fetch-Site
+cross-site) must open the page; framing stays refused (frame-ancestors 'none'). /metrics, /healthz and /readyz are not checked: Prometheus and
 load balancers scrape them under whatever name they were given, and they change nothing.
 
 Pure: no I/O. A Refusal names its reason for the log, and never holds the token.
@@ -42,7 +44,7 @@ NEEDS_TLS = ("the web UI and the admin API answer off loopback only over TLS: se
 @dataclass(frozen=True)
 class Refusal:
     status: bytes
-    reason: str  # for the log: transport, host, origin, fetch_site, token_missing, token_wrong, csrf, content_type
+    reason: str  # for the log: transport, host, origin, fetch_site, token_missing, token_wrong, csrf, content_type, size (main.py)
     message: str  # for the client
     seen: str | None = None  # the offending header value, for the log (never a token)
     headers: bytes = b""  # extra response header lines, each ending in CRLF
@@ -98,10 +100,9 @@ class Guard:
 
     def check_browser(self, headers: dict[bytes, bytes]) -> Refusal | None:
         """Rules 1 and 2: the Host, the Origin, Sec-Fetch-Site."""
-        host = headers.get(b"host", b"")
-        if host.lower() not in self.hosts:
-            return Refusal(b"421 Misdirected Request", "host", "the Host header does not name this server "
-                           "(add the name to [control] allowed_hosts)", _shown(host))
+        refusal = self.check_host(headers)
+        if refusal is not None:
+            return refusal
         origin = headers.get(b"origin")
         if origin is not None:
             scheme, _, where = origin.partition(b"://")
@@ -110,6 +111,14 @@ class Guard:
         site = headers.get(b"sec-fetch-site")
         if site is not None and site.lower() not in BROWSER_SAME_SITE:
             return Refusal(b"403 Forbidden", "fetch_site", "cross-site requests are refused", _shown(site))
+        return None
+
+    def check_host(self, headers: dict[bytes, bytes]) -> Refusal | None:
+        """Rule 1."""
+        host = headers.get(b"host", b"")
+        if host.lower() not in self.hosts:
+            return Refusal(b"421 Misdirected Request", "host", "the Host header does not name this server "
+                           "(add the name to [control] allowed_hosts)", _shown(host))
         return None
 
     def check_token(self, given: bytes | None) -> Refusal | None:

@@ -28,7 +28,7 @@
 With [control] tls_cert_file and tls_key_file the listener speaks HTTPS (SIGHUP loads the
 certificate again into the listener's context: new connections get the new one).
 
-One request per connection (Connection: close); requests are bounded in size and time.
+One request per connection (Connection: close); requests are bounded in size (an /api/ or /ui/ body over MAX_REQUEST_BYTES: 413) and time.
 A reply is sent whole (Content-Length), or, for a listing or a bulk operation's progress,
 in parts as they come (chunked; a client that takes nothing for SEND_SECONDS is dropped).
 Every /api/ request is logged (event=api: method, path, status, client; a refusal adds
@@ -64,6 +64,8 @@ from workers.control.websession import Lockout, Sessions
 from workers.process import WorkerBody, WorkerProcess, run_worker
 
 MAX_REQUEST_BYTES = 8192
+MAX_READ_BYTES = 64 * 1024  # a larger body is read to its end and answered 413; past this, the connection closes
+TOO_LARGE = f"the request body is over {MAX_REQUEST_BYTES} bytes: send less (fewer senders or aliases at a time)"
 REQUEST_SECONDS = 5.0
 SCRAPE_ASK_SECONDS = 1.0  # a scrape waits this long for the scheduler's per-destination gauges
 COMMAND_QUIET_SECONDS = 30.0  # a queue operation's longest silence (the scheduler reports progress each second)
@@ -184,7 +186,7 @@ class Control(WorkerBody):
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
             headers = _headers(head)
             length = int(headers.get(b"content-length", b"0") or 0)
-            if not 0 <= length <= MAX_REQUEST_BYTES:
+            if not 0 <= length <= MAX_READ_BYTES:
                 raise ValueError("request body too large")
             payload = await asyncio.wait_for(reader.readexactly(length), REQUEST_SECONDS) if length else b""
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
@@ -198,6 +200,8 @@ class Control(WorkerBody):
             peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
             client = peer[0] if isinstance(peer, tuple) else None
             refusal = check_transport(client, local[0] if isinstance(local, tuple) else None, tls is not None)
+            if refusal is None and len(payload) > MAX_REQUEST_BYTES:  # read whole: the client sees the answer
+                refusal = Refusal(b"413 Content Too Large", "size", TOO_LARGE, str(len(payload)))
             if refusal is not None:
                 refused = json_reply(refusal.status, {"error": refusal.message})
                 reply = Reply(refused.status, refused.body)
@@ -225,7 +229,7 @@ class Control(WorkerBody):
 
     async def _api(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes],
                    payload: bytes) -> tuple[Reply, Refusal | None]:
-        refusal = self.guard.check_request(method, headers, self.webui.session(headers))
+        refusal = self.guard.check_request(method, headers, await self.webui.current(headers))
         if refusal is not None:
             refused = json_reply(refusal.status, {"error": refusal.message})
             return Reply(refused.status, refused.body, headers=refusal.headers), refusal

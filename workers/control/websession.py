@@ -3,12 +3,16 @@
 A login makes a Session: a random id (the mta_session cookie, HttpOnly, SameSite=Strict,
 Secure over TLS) and a random CSRF token the page sends back as X-CSRF-Token on every
 request that changes something. A session ends at logout, after `idle_seconds` without a
-request, when the token it logged in with changes (SIGHUP), or with the process (a
-restart logs everyone out).
+request, LIFETIME_SECONDS after its login whatever its use (an open overview asks every
+10 s: idle alone would never end it), when the token it logged in with changes (SIGHUP),
+when the admin it logged in as is deleted or gets a new password (webui.py), or with the
+process (a restart logs everyone out).
 
 Failed logins count per client address like SMTP AUTH ([auth] max_failures within
 lockout_seconds of the first): at the limit, every login from that address is refused,
-even a right one, until the window ends.
+even a right one, until the window ends. An IPv6 client counts per /64 (one host holds a
+whole /64: per address it would have endless guesses). Loopback is not exempt: over the
+documented SSH tunnel every remote user is loopback.
 
 Invariants: at most MAX_SESSIONS sessions and MAX_ADDRESSES counted addresses (the oldest
 go first); ids and CSRF tokens compare in constant time. Pure: no I/O, no clock reads
@@ -18,6 +22,7 @@ go first); ids and CSRF tokens compare in constant time. Pure: no I/O, no clock 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +31,8 @@ COOKIE: Final = "mta_session"
 MAX_SESSIONS: Final = 1000
 MAX_ADDRESSES: Final = 10000
 SECRET_BYTES: Final = 32
+LIFETIME_SECONDS: Final = 12 * 3600  # a working day; at least [control] session_seconds
+IPV6_PREFIX: Final = 64  # the lockout counts an IPv6 client per /64
 
 
 @dataclass
@@ -34,6 +41,9 @@ class Session:
     csrf: str
     last_seen: float
     id: str = field(repr=False, default="")
+    created: float = 0.0
+    credential: str = field(repr=False, default="")  # an admin's scrypt hash at login; "" for the token
+    admins_stamp: tuple[int, int, int] | None = None  # the admin users file then (inode, mtime_ns, size)
 
     def check_csrf(self, given: bytes | None) -> bool:
         return given is not None and hmac.compare_digest(given.strip(), self.csrf.encode())
@@ -48,7 +58,7 @@ class Sessions:
         self._expire(now)
         while len(self._by_id) >= MAX_SESSIONS:
             del self._by_id[next(iter(self._by_id))]
-        session = Session(user, secrets.token_urlsafe(SECRET_BYTES), now, secrets.token_urlsafe(SECRET_BYTES))
+        session = Session(user, secrets.token_urlsafe(SECRET_BYTES), now, secrets.token_urlsafe(SECRET_BYTES), now)
         self._by_id[session.id] = session
         return session
 
@@ -60,7 +70,7 @@ class Sessions:
         session = self._by_id.get(wanted)
         if session is None or not hmac.compare_digest(session.id, wanted):
             return None
-        if now - session.last_seen >= self.idle_seconds:
+        if self._over(session, now):
             del self._by_id[session.id]
             return None
         session.last_seen = now
@@ -78,8 +88,12 @@ class Sessions:
         return len(self._by_id)
 
     def _expire(self, now: float) -> None:
-        for sid in [sid for sid, s in self._by_id.items() if now - s.last_seen >= self.idle_seconds]:
+        for sid in [sid for sid, s in self._by_id.items() if self._over(s, now)]:
             del self._by_id[sid]
+
+    def _over(self, session: Session, now: float) -> bool:
+        return (now - session.last_seen >= self.idle_seconds
+                or now - session.created >= max(LIFETIME_SECONDS, self.idle_seconds))
 
 
 def session_id(cookie_header: bytes | None) -> str | None:
@@ -115,6 +129,7 @@ class Lockout:
 
     def check(self, address: str, now: float) -> float:
         """0 when `address` may try a login now, else the seconds until it may."""
+        address = counted_as(address)
         start, failures = self._window(address, now)
         if failures + self._checking.get(address, 0) < self.max_failures:
             return 0.0
@@ -122,14 +137,17 @@ class Lockout:
 
     def begin(self, address: str) -> None:
         """A login from `address` is being checked: parallel guesses count before they fail."""
+        address = counted_as(address)
         self._checking[address] = self._checking.get(address, 0) + 1
 
     def end(self, address: str) -> None:
+        address = counted_as(address)
         left = self._checking.pop(address) - 1
         if left:
             self._checking[address] = left
 
     def fail(self, address: str, now: float) -> None:
+        address = counted_as(address)
         start, failures = self._window(address, now)
         self._windows.pop(address, None)  # re-inserted last: the oldest windows go first
         while len(self._windows) >= MAX_ADDRESSES:
@@ -142,3 +160,16 @@ class Lockout:
             del self._windows[address]
             return now, 0
         return start, failures
+
+
+def counted_as(address: str) -> str:
+    """The key `address` counts under: an IPv4 address itself, an IPv6 address its /64."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return address
+    if ip.ipv4_mapped is not None:  # ::ffff:192.0.2.1 is 192.0.2.1
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
