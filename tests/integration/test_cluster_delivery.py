@@ -52,10 +52,14 @@ def message_ids(sink: SmtpSink) -> Counter[str]:
 
 
 def scrape(server: MtaServer) -> str:
+    """The node's /metrics; "" while its control process does not answer yet (polled in wait_until)."""
     assert server.config_path is not None
     listen = tomllib.loads(server.config_path.read_text())["control"]["listen"]
-    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as answer:
-        return str(answer.read().decode())
+    try:
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as answer:
+            return str(answer.read().decode())
+    except OSError:  # URLError, a refused or reset connection: the control process starts after SMTP
+        return ""
 
 
 def test_concurrency_is_a_cluster_total(mta_server, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
