@@ -15,6 +15,9 @@ scheduler (leases.py) use, from [cluster]:
 before the master forks, so a certificate that does not verify stops `mta serve` with
 what to fix, while a Redis that is only down lets it start (the on_redis_down fallback).
 `action` turns an error into the operator's next step for the cluster_redis_down log.
+`Scripts` runs one Lua script per call on connections of its own, for the inbound
+workers' per-command windows: redis-py's command path (pool, retry, events, a timeout
+task per send) cost more CPU than the round trip.
 
 redis is imported inside the functions: the CLI's other commands do not pay for it.
 """
@@ -144,3 +147,71 @@ def check_at_start(cluster: ClusterConfig) -> str | None:
             return f"[cluster] redis {cluster.redis}: {exc}; {action(cluster, exc)}"
         return None
     return None
+
+
+class Scripts:
+    """EVALSHA on connections made by `redis`'s pool but kept here, one per command in flight.
+
+    Per call: pack (hiredis), send, read the reply, under one asyncio.timeout; the connection
+    goes back to the idle list only after a whole reply (an error, a timeout or a cancel
+    drops it: never a connection with a reply still owed). An idle connection found closed
+    (Redis restarted or failed over since) drops them all and the call is made once more on
+    a new one, as the pool's check before each command did. NOSCRIPT (a restarted Redis, a
+    SCRIPT FLUSH) sends the script itself once. Errors are redis-py's (RedisError, OSError)
+    or TimeoutError."""
+
+    def __init__(self, redis: Any, timeout_seconds: float) -> None:
+        import hashlib
+
+        import hiredis
+        self._pack = hiredis.pack_command
+        pool = redis.connection_pool
+        # No socket_timeout on these: one asyncio.timeout covers the send and the read.
+        self._new = lambda: pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        self._timeout = timeout_seconds
+        self._idle: list[Any] = []
+        self._sha = lambda body: hashlib.sha1(body.encode()).hexdigest()
+
+    def script(self, body: str) -> Any:
+        """An awaitable callable(keys, args) -> the script's answer."""
+        sha = self._sha(body)
+
+        async def call(keys: list[str], args: list[Any]) -> Any:
+            from redis.exceptions import NoScriptError
+            try:
+                return await self._command(("EVALSHA", sha, len(keys), *keys, *args))
+            except NoScriptError:
+                return await self._command(("EVAL", body, len(keys), *keys, *args))
+        return call
+
+    async def _command(self, args: tuple[Any, ...]) -> Any:
+        from redis.exceptions import ConnectionError as Closed
+        if not self._idle:
+            return await self._on(self._new(), args)
+        try:
+            return await self._on(self._idle.pop(), args)
+        except Closed:  # an idle connection Redis closed meanwhile (a restart, a failover): so are the others
+            while self._idle:
+                await self._idle.pop().disconnect()
+            return await self._on(self._new(), args)
+
+    async def _on(self, connection: Any, args: tuple[Any, ...]) -> Any:
+        from redis.exceptions import ResponseError
+        try:
+            async with asyncio.timeout(self._timeout):
+                if not connection.is_connected:
+                    await connection.connect()  # as the pool does (a Sentinel's connection asks where the master is)
+                await connection.send_packed_command(self._pack(args), check_health=False)
+                answer = await connection.read_response()
+        except ResponseError:  # a whole reply (NOSCRIPT, a script error): the connection is fine
+            self._idle.append(connection)
+            raise
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        self._idle.append(connection)
+        return answer
+
+    async def close(self) -> None:
+        while self._idle:
+            await self._idle.pop().disconnect()

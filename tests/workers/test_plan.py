@@ -3,7 +3,7 @@
 import pytest
 
 from mtaqueue.ids import MessageId
-from workers.scheduler.plan import SUSPEND_SECONDS, Job, Limits, Plan
+from workers.scheduler.plan import SUSPEND_SECONDS, Destination, Job, Limits, Plan
 
 LIMITS = Limits(concurrency=3, initial_concurrency=5, max_messages_per_connection=100, max_messages_per_second=0)
 
@@ -121,16 +121,33 @@ def test_a_cluster_lease_caps_sessions_and_says_when_only_it_holds_them_back() -
     assert "a.test" in plan.destinations  # idle, but its lease is given back before it goes
 
 
-def test_with_a_cluster_lease_rate_tokens_come_only_from_the_cluster() -> None:
+def cluster_destination(rate: float, shared: int) -> tuple[Plan, Destination]:
+    """A.test with a cluster lease of `shared` slots and a cluster-wide message rate."""
     plan = Plan()
     plan.shared_start = 0
-    limits = Limits(concurrency=3, initial_concurrency=3, max_messages_per_connection=100, max_messages_per_second=5)
+    limits = Limits(concurrency=3, initial_concurrency=3, max_messages_per_connection=100, max_messages_per_second=rate)
     plan.add(job(1, "a.test"), limits)
     dest = plan.destinations["a.test"]
-    dest.shared = 1
+    dest.shared = shared
+    return plan, dest
+
+
+def test_with_a_cluster_lease_rate_tokens_come_only_from_the_cluster() -> None:
+    _plan, dest = cluster_destination(5, 1)
     assert not dest.take_token(100.0) and dest.wants_tokens  # no local burst, and time refills nothing
     assert not dest.take_token(200.0)
     dest.tokens += 2  # a batch from Redis (leases.py)
     assert dest.take_token(200.0) and dest.take_token(200.0) and not dest.take_token(200.0)
     dest.shared = None  # Redis down, on_redis_down = "local": the node's own bucket refills
     assert dest.take_token(300.0)
+
+
+def test_waiting_for_the_clusters_rate_tokens_sets_no_timer_and_the_batch_reopens_it() -> None:
+    # The answer from Redis dispatches (leases.py); a short timer here instead woke the
+    # scheduler thousands of times a second, each a spool scan, while the batch was on its way.
+    plan, dest = cluster_destination(5000, 2)
+    assert not dest.take_token(10.0)
+    assert dest.wait_for_token(10.0) is None and dest.suspended_until == 0.0
+    assert plan.next_destination(60.0) is None and dest.short_of_lease(60.0)  # not picked, however late
+    dest.tokens, dest.wants_tokens = 3.0, False  # the batch (leases.py _got_tokens)
+    assert plan.next_destination(60.0) is dest and dest.take_token(60.0)

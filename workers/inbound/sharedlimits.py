@@ -24,7 +24,8 @@ outage per worker, mta_cluster_redis_up 0, and no command is sent until the prob
 answers 421 4.3.0 (connect), 451 4.3.0 (MAIL, RCPT) and 454 4.7.0 (AUTH). Every decision
 is counted in mta_cluster_shared_decisions_total{limit,result}.
 
-Invariant: Redis is only ever awaited (redis-py's asyncio client): the event loop never blocks.
+Invariant: Redis is only ever awaited (redis-py's asyncio client; the window scripts on
+redisclient.Scripts' own connections): the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class SharedLimits:
         self._local = local
         self._cluster = config.cluster
         self._redis = redisclient.client(config.cluster, REDIS_TIMEOUT_SECONDS, no_retry=True)
-        self._charge_script = self._redis.register_script(_CHARGE)
-        self._fail_script = self._redis.register_script(_FAIL)
+        self._scripts = redisclient.Scripts(self._redis, REDIS_TIMEOUT_SECONDS)  # the per-command path
+        self._charge_script = self._scripts.script(_CHARGE)
+        self._fail_script = self._scripts.script(_FAIL)
         self._up: bool | None = None  # None: not asked yet
         self._full: dict[str, float] = {}  # key -> monotonic time its window ends (a cached refusal)
         self._up_gauge = metrics.CLUSTER_REDIS_UP.labels("inbound")
@@ -235,10 +237,13 @@ class SharedLimits:
                        fallback="tempfail" if self._tempfail else "local", action=redisclient.action(self._cluster, exc))
 
     def _came_up(self) -> None:
+        if self._up:  # every answer comes here: the gauge is 1 already
+            return
         self._up_gauge.set(1)
         if self._up is False:
             logs.event("cluster_redis_up")
         self._up = True
 
     async def close(self) -> None:
+        await self._scripts.close()
         await self._redis.aclose()

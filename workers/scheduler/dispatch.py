@@ -116,7 +116,9 @@ class Dispatch(Outcomes):
                     self._close(oldest, yielding=True)
                 break
             if not dest.take_token(now):
-                self._arm_wake(dest.wait_for_token(now))
+                wake = dest.wait_for_token(now)
+                if wake is not None:
+                    self._arm_wake(wake)
                 continue
             job = dest.pop()
             sid = next(self._sids)

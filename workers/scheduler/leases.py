@@ -11,7 +11,8 @@ share, and a node above its share gets a smaller grant at its next renewal and c
 sessions down to it as their jobs end (never one in the middle of a message). The scheduler opens sessions within its lease without asking Redis
 (plan.Destination.shared); this task asks for more when a destination has ready jobs
 and no room, renews every RENEW_SECONDS, and gives slots back when sessions close
-(want = open sessions + ready jobs, capped by the window).
+(want = open sessions + ready jobs, capped by the window). A destination Redis refused
+asks again every POLL_SECONDS, not at each dispatch that finds it still short.
 
 [delivery] max_connections (outbound sessions in total) is a cluster total the same way:
 one more lease, on the cluster-wide keys TOTAL_KEYS, with want = the node's open sessions
@@ -171,14 +172,29 @@ class Leases:
             pending = await self._sync()
             self._on_change()
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS if pending else RENEW_SECONDS)
-            except TimeoutError:
-                pass
+            until = time.monotonic() + (POLL_SECONDS if pending else RENEW_SECONDS)
+            while await self._woken(until - time.monotonic()) and pending and not self._news():
+                self._wake.clear()  # the dispatcher re-asking what Redis just refused: the poll's pace
             if pending:
                 await asyncio.sleep(POLL_SECONDS / 4)  # a burst of wake-ups costs one round trip
             elif self.up is False:
                 await asyncio.sleep(DOWN_RETRY_SECONDS)
+
+    async def _woken(self, timeout: float) -> bool:
+        """Wait for want_more up to `timeout` seconds; False when none came."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    def _news(self) -> bool:
+        """Something to ask that Redis has not just refused: rate tokens, or more slots for a
+        destination that was not waiting for them. (A waiting destination's every dispatch
+        asks again; answered at once, that was a round trip per 25 ms per waiting node.)"""
+        now = time.time()
+        return any(d.wants_tokens or (d.name not in self._waiting and want_of(d, now) > (d.shared or 0))
+                   for d in self._destinations())
 
     async def release_all(self) -> None:
         """At close: this node's leases go back now, not at their expiry."""

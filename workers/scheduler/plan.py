@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from mtaqueue.ids import MessageId
 
 SUSPEND_SECONDS = 60.0
-SHARED_TOKEN_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -138,12 +137,14 @@ class Destination:
 
     def token_wait(self, now: float) -> float:
         rate = self.limits.max_messages_per_second
-        if rate > 0 and self.shared is not None:
-            return min(SHARED_TOKEN_POLL_SECONDS, 1.0 / rate)  # or sooner: a batch from Redis dispatches
         return 0.0 if rate <= 0 else max(0.0, (1.0 - self.tokens) / rate)
 
-    def wait_for_token(self, now: float) -> float:
-        """Out of tokens: no session opens until the next one (a pause, not a failure). The time it comes."""
+    def wait_for_token(self, now: float) -> float | None:
+        """Out of tokens: no session opens until the next one (a pause, not a failure). The time
+        it comes; None while a batch from the cluster's bucket is awaited: no timer, leases.py
+        dispatches when Redis answers (a short poll here woke the scheduler ~5000 times a second)."""
+        if self.wants_tokens:
+            return None
         self.suspended_until = now + self.token_wait(now)
         return self.suspended_until
 
@@ -158,7 +159,8 @@ class Destination:
         self.window = max(1.0, self.window / 2.0)
 
     def may_open(self, now: float) -> bool:
-        return bool(self._heap) and self.in_flight < self.cap and now >= self.suspended_until
+        return (bool(self._heap) and self.in_flight < self.cap and now >= self.suspended_until
+                and not self.wants_tokens)
 
     def short_of_lease(self, now: float) -> bool:
         """Ready, within its window, and only the cluster lease holds it back."""
