@@ -14,6 +14,10 @@ lookup), `[domains."e2e.test"] concurrency = 20` with the default initial window
 (Postfix's default_destination_concurrency_limit and initial_destination_concurrency:
 the same window on both sides), a dead `[dns]` (a bounce to client.test must not ask
 the machine's resolver).
+
+With --against DIR (against.py) every mta row is followed by the same row run by DIR's
+own code (`mta-1w@<short commit>`) on this configuration, and the report adds this
+build against that one: both medians and this/other.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from against import checkout_for, config_refused, e2e_comparison_json, render_e2e_comparison, this_build
 from clients import loadgen_run
 from mtaconf import dead_dns, mta_launch, write_config
 from peers import (E2E_DOMAIN, POSTFIX_INSTALL_COMMANDS, CountingSink, PostfixInstance, install_postfix,
                    postfix_installed, postfix_version)
-from procs import HOST, Launch, Server, become_subreaper, free_port, log, reap_orphans, tail
+from procs import HOST, REPO_ROOT, Launch, Server, become_subreaper, free_port, log, reap_orphans, tail
 from procstat import (group_pids, machine_busy_seconds, machine_interrupt_seconds, machine_line,
                       reaped_children_cpu_seconds, self_cpu_seconds)
 from results import (Outcome, Summary, cell, failed_note, first_problems, fmt, machine_notes, md_row, notes_cell,
@@ -49,13 +54,32 @@ E2E_DEFAULT_SIZES: Final = "1024,102400"
 E2E_QUIET_SECONDS: Final = 0.5
 
 
+def e2e_config(port: int, workdir: Path, workers: int, delivery_workers: int, sink_port: int) -> Path:
+    return write_config(workdir, port, workers, relay={"relay_domains": [E2E_DOMAIN]},
+                        delivery={"workers": delivery_workers},
+                        **{f'domains."{E2E_DOMAIN}"': {"concurrency": 20},
+                           "routes": {E2E_DOMAIN: f"{HOST}:{sink_port}"}, "dns": dead_dns()})
+
+
 def launch_mta_e2e(port: int, workdir: Path, workers: int, delivery_workers: int,
-                   sink_port: int) -> Launch:
-    config = write_config(workdir, port, workers, relay={"relay_domains": [E2E_DOMAIN]},
-                          delivery={"workers": delivery_workers},
-                          **{f'domains."{E2E_DOMAIN}"': {"concurrency": 20},
-                             "routes": {E2E_DOMAIN: f"{HOST}:{sink_port}"}, "dns": dead_dns()})
-    return mta_launch(config, workers)
+                   sink_port: int, root: Path = REPO_ROOT) -> Launch:
+    """mta relaying e2e.test to the sink; `root`: the checkout whose code runs."""
+    config = e2e_config(port, workdir, workers, delivery_workers, sink_port)
+    return mta_launch(config, workers, root)
+
+
+def check_other_build(args: argparse.Namespace, scratch: Path) -> None:
+    """--against: exit, saying why, unless the other build's code accepts this configuration."""
+    build = args.against_build
+    if build is None:
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="against-config-", dir=scratch))
+    config = e2e_config(free_port(), workdir, args.mta_worker_list[0], args.delivery_workers, free_port())
+    why = config_refused(build, config)
+    if why is not None:
+        raise SystemExit(f"bench: --against {build.root}: {why}")
+    log(f"against: {build.describe()} accepts this bench's configuration; this build: "
+        f"{this_build().describe()}")
 
 
 @dataclass
@@ -77,10 +101,11 @@ def start_e2e_target(target: str, port: int, workdir: Path, sink_port: int,
         pf = PostfixInstance(workdir, port, sink_port, args.postfix_in_flow_delay)
         handle = E2EHandle(pf.cpu_seconds, pf.alive, pf.stop, pf.log_tail, pids=pf.processes)
         return handle, pf.start(START_TIMEOUT_SECONDS)
-    match = MTA_ROW.fullmatch(target)
-    assert match is not None, target  # parse_args admits only mta-<N>w and postfix
+    row, root = checkout_for(target, args.against_build)
+    match = MTA_ROW.fullmatch(row)
+    assert match is not None, target  # parse_args admits only mta-<N>w[@build] and postfix
     launch = launch_mta_e2e(port, workdir, int(match.group(1)), args.delivery_workers,
-                            sink_port)
+                            sink_port, root)
     server = Server(target, launch, workdir, port)
     handle = E2EHandle(server.cpu_seconds, server.alive, server.stop, server.log_tail,
                        server.cpu_by_kind, lambda: group_pids(server.proc.pid))
@@ -339,6 +364,7 @@ def run_e2e(args: argparse.Namespace, targets: list[str], scratch: Path) -> tupl
         s.skipped = skipped if s.target == POSTFIX_TARGET else ""
     # Postfix's master daemonizes: as a subreaper we adopt it and its last children
     # when they exit, and reap them after each run instead of leaving zombies.
+    check_other_build(args, scratch)
     become_subreaper()
     sink_port = free_port()
     sink = CountingSink(args.sink, sink_port, scratch)
@@ -365,12 +391,14 @@ def run_e2e(args: argparse.Namespace, targets: list[str], scratch: Path) -> tupl
     install = (f"{skipped}. To install it (as root, after which bench/run finds it):\n\n```\n"
                + "\n".join(POSTFIX_INSTALL_COMMANDS) + "\n```\n\nor run `bench/run --e2e --install-peers`."
                if skipped else "")
+    build = args.against_build
     report = report_text(f"mta bench --e2e: {sizes} messages, {args.repeat} repeat(s), "
                          f"{args.sessions} sessions, {args.per_session} per session, warm-up "
                          f"{args.warmup}; common sink: {sink.kind}; mta: inbound_workers per row, "
                          f"{args.delivery_workers} delivery worker(s); {pf}; {machine_line()}",
-                         render_e2e_table(ordered, args), ordered, render_cpu_by_process(ordered),
-                         after=[install])
+                         render_e2e_table(ordered, args), ordered,
+                         render_e2e_comparison(ordered, build) if build else "",
+                         render_cpu_by_process(ordered), after=[install])
     doc = {"sink": sink.kind,
            "targets": [{"target": s.target, "size": s.size, "messages": s.messages,
                         "skipped": s.skipped or None,
@@ -379,5 +407,7 @@ def run_e2e(args: argparse.Namespace, targets: list[str], scratch: Path) -> tupl
                         "median_server_cpu_us_per_message":
                             s.median("server_cpu_us_per_message"),
                         "runs": [vars(o) for o in s.outcomes]} for s in ordered]}
+    if build is not None:
+        doc["against"] = e2e_comparison_json(ordered, build)
     ok = all(o.ok for s in ordered for o in s.outcomes) and not (skipped and not args.smoke)
     return report, doc, ok

@@ -1,7 +1,8 @@
-"""This checkout's mta as a bench target: its configuration file and its command line.
+"""mta as a bench target: its configuration file and its command line.
 
     config = write_config(workdir, port, workers, relay={...}, delivery={...})
-    launch = mta_launch(config, workers)      # for procs.Server
+    launch = mta_launch(config, workers)      # for procs.Server; this checkout's mta
+    launch = mta_launch(config, workers, root=other)   # another checkout's (--against)
     counts = labelled_totals(control_port, "mta_content_decisions_total", ("stage", "result"))
 
 Every mode starts from one base: `[server]` hostname, N inbound workers and a drain
@@ -82,16 +83,22 @@ def _value(value: object) -> str:
     return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
-def mta_launch(config: Path, workers: int) -> Launch:
-    """`python3 -m mta serve -c CONFIG` from the repo root, on the repo's own packages."""
+def mta_env(root: Path = REPO_ROOT) -> dict[str, str]:
+    """The environment that runs the mta of the checkout at `root` on its own packages,
+    not whatever `pip install -e` left elsewhere."""
     env = dict(os.environ)
-    # The repo's own packages, not whatever `pip install -e` left elsewhere.
-    paths = [str(REPO_ROOT), str(REPO_ROOT / "queue")]
+    paths = [str(root), str(root / "queue")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def mta_launch(config: Path, workers: int, root: Path = REPO_ROOT) -> Launch:
+    """`python3 -m mta serve -c CONFIG` from a checkout's root (default: this one), on
+    that checkout's own packages."""
     return Launch(argv=[sys.executable, "-m", "mta", "serve", "-c", str(config)],
-                  cwd=REPO_ROOT, env=env, prefork_workers=workers)
+                  cwd=root, env=mta_env(root), prefork_workers=workers)
 
 
 def labelled_totals(control_port: int, metric: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:

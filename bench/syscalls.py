@@ -15,6 +15,8 @@ top syscalls, and the JSON keeps every kind's count of every syscall.
 
 Tracing slows every call a lot (each one stops the process twice), so the run's rates
 are not reported: only counts. A run is FAILED unless every accepted message arrived.
+With --against DIR, each mta row is followed by the same row run by DIR's code
+(e2e.py, against.py), and the report adds calls per message per kind of both builds.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from against import render_syscalls_comparison, syscalls_comparison_json
 from clients import loadgen_run
 from e2e import (
     E2E_QUIET_SECONDS,
     E2E_RCPT,
     POSTFIX_TARGET,
     START_TIMEOUT_SECONDS,
+    check_other_build,
     start_fresh,
     warm_up,
 )
@@ -184,6 +188,7 @@ def run_syscalls(args: argparse.Namespace, scratch: Path) -> tuple[str, dict, bo
         log(f"{skipped}; to install it as root: " + "; ".join(POSTFIX_INSTALL_COMMANDS)
             + " (or run bench/run with --install-peers)")
     summaries = [SyscallSummary(t, skipped=skipped if t == POSTFIX_TARGET else "") for t in targets]
+    check_other_build(args, scratch)
     become_subreaper()  # Postfix's master daemonizes: adopt and reap its last children
     sink = CountingSink(args.sink, free_port(), scratch)
     log(f"syscalls: common sink {sink.kind} on {HOST}:{sink.port}")
@@ -197,16 +202,20 @@ def run_syscalls(args: argparse.Namespace, scratch: Path) -> tuple[str, dict, bo
                 reap_orphans(keep={sink.proc.pid})
     finally:
         sink.stop()
+    build = args.against_build
     pf = f"Postfix {postfix_version()}" if any(s.target == POSTFIX_TARGET and s.good for s in summaries) else "no Postfix"
     report = report_text(f"mta bench --syscalls: {args.messages} messages of {args.size} B, {args.sessions} "
                          f"sessions, {args.per_session} per connection, warm-up {args.warmup} (not traced); "
                          f"strace -f on every server process, calls per message that arrived at the sink "
                          f"({sink.kind}); mta: {args.delivery_workers} delivery worker(s); {pf}; {machine_line()}",
-                         render_syscalls(summaries), summaries)
+                         render_syscalls(summaries), summaries,
+                         render_syscalls_comparison(summaries, build, MTA_KINDS) if build else "")
     doc = {"sink": sink.kind, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "targets": [{"target": s.target, "skipped": s.skipped or None,
                         "syscalls_per_message": s.good[0]["syscalls_per_message"] if s.good else None,
                         "runs": [vars(o) for o in s.outcomes]} for s in summaries]}
+    if build is not None:
+        doc["against"] = syscalls_comparison_json(summaries, build)
     ok = all(o.ok for s in summaries for o in s.outcomes) and any(s.outcomes for s in summaries)
     if skipped and not args.smoke_syscalls:
         ok = False
