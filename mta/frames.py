@@ -138,13 +138,14 @@ class StreamFrames:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()  # once: each ask costs a getpid() on Python 3.11
 
     def send(self, message: Message) -> None:
         if self.writer.is_closing():
             return
         self._out.append(encode_stream_frame(message))
         if len(self._out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         out, self._out = self._out, []

@@ -7,6 +7,9 @@
 key=value: values with spaces, quotes or `=` are double-quoted with escapes, so every
 line splits on spaces outside quotes. The message id is always the field `msgid`.
 The format is chosen once in the master (`set_format`); forked children inherit it.
+A process whose lines come many per event-loop turn (the scheduler: one per outcome)
+may write them once per turn (`write_each_turn(loop)`, `write_each_turn(None)` to
+write the rest and stop): one write() instead of one per line.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import json
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import asyncio
 
 from mta import procinfo
 
@@ -23,6 +29,8 @@ _process = "mta"
 _stream: TextIO = sys.stderr
 _json = False
 FORMATS = ("keyvalue", "json")
+_turn_loop: asyncio.AbstractEventLoop | None = None  # write_each_turn: lines wait for the end of the turn
+_waiting: list[str] = []
 
 
 def set_format(name: str) -> None:
@@ -44,15 +52,40 @@ def event(name: str, **fields: Any) -> None:
         record = {"ts": stamp, "proc": _process, "pid": procinfo.pid(), "event": name}
         record.update((k, v if isinstance(v, (int, float, bool)) else str(v))
                       for k, v in fields.items() if v is not None)
-        _stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        _stream.flush()
+        _emit(json.dumps(record, ensure_ascii=False) + "\n")
         return
     line = f"ts={stamp} proc={_process} pid={procinfo.pid()} event={name}"
     for key, value in fields.items():
         if value is not None:
             line += f" {key}={_quote(value)}"
-    _stream.write(line + "\n")
-    _stream.flush()
+    _emit(line + "\n")
+
+
+def write_each_turn(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Lines from now on go out together at the end of each turn of `loop` (None: the
+    lines waiting go out now, and each later line at once)."""
+    global _turn_loop
+    _turn_loop = loop
+    if loop is None:
+        _write_waiting()
+
+
+def _emit(text: str) -> None:
+    if _turn_loop is None:
+        _stream.write(text)
+        _stream.flush()
+        return
+    _waiting.append(text)
+    if len(_waiting) == 1:
+        _turn_loop.call_soon(_write_waiting)
+
+
+def _write_waiting() -> None:
+    if _waiting:
+        text = "".join(_waiting)
+        _waiting.clear()
+        _stream.write(text)
+        _stream.flush()
 
 
 _stamped = (-1, "")

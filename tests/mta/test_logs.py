@@ -56,3 +56,44 @@ def test_keyvalue_any_value_reads_back_as_one_field(value: str) -> None:
     if printable:
         assert fields["reply"] == value
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["ts"])
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_of_one_turn_go_out_in_one_write_in_order() -> None:
+    import asyncio
+
+    out = CountingStream()
+    seen: list[tuple[int, str]] = []
+
+    async def main() -> None:
+        logs.write_each_turn(asyncio.get_running_loop())
+        for n in range(5):
+            logs.event("delivered", n=n)
+        seen.append((out.writes, out.getvalue()))  # nothing yet: the turn is not over
+        await asyncio.sleep(0.01)
+        seen.append((out.writes, out.getvalue()))
+        logs.event("late", n=5)
+        logs.write_each_turn(None)  # what waits goes out now, later lines at once
+        seen.append((out.writes, out.getvalue()))
+        logs.event("stopped")
+        seen.append((out.writes, out.getvalue()))
+
+    logs.setup("test", stream=out)
+    try:
+        asyncio.run(main())
+    finally:
+        logs.write_each_turn(None)
+        logs.setup("test", stream=sys.stderr)
+    assert seen[0] == (0, "")
+    assert seen[1][0] == 1 and [split_fields(line)["n"] for line in seen[1][1].splitlines(keepends=True)] == list("01234")
+    assert seen[2][0] == 2 and seen[2][1].splitlines()[-1].endswith("event=late n=5")
+    assert seen[3][0] == 3 and seen[3][1].endswith("event=stopped\n")

@@ -46,6 +46,7 @@ from mtaqueue.cache_lmdb import LmdbCache
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 from mtaqueue.committer import GroupCommitter
+from workers.delivery.inbox import Inbox
 from workers.delivery.localbox import LocalDelivery
 from workers.delivery.localjob import LocalJobs
 from mta.resolver import MxResolver
@@ -105,7 +106,7 @@ class DeliveryWorker(WorkerBody):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.local = LocalDelivery(config)
-        self._inbox: dict[int, asyncio.Queue[SessionMessage]] = {}
+        self._inbox: dict[int, Inbox[SessionMessage]] = {}
         self._out: frames.StreamFrames | None = None  # frames to the scheduler, one write per burst
         self._slots = HostSlots(config.delivery.max_connections_per_host)
         self._session_slot: dict[int, str] = {}
@@ -125,9 +126,10 @@ class DeliveryWorker(WorkerBody):
                                self.config.cache.max_entries)
         self.resolver = MxResolver(list(self.config.dns.nameservers) or None, self.cache,
                                    self.config.dns.timeout_seconds)
-        self.committer = GroupCommitter(self.spool, asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()  # kept: asking for it costs a getpid() on 3.11
+        self.committer = GroupCommitter(self.spool, self._loop)
         self.local_jobs = LocalJobs(lambda: self.config, lambda: self.local, self.committer, self._announce)
-        self._conversation = asyncio.get_running_loop().create_task(self._converse_forever())
+        self._conversation = self._loop.create_task(self._converse_forever())
 
     def status(self) -> int:
         return len(self._inbox)
@@ -195,10 +197,10 @@ class DeliveryWorker(WorkerBody):
             case messages.Open(sid=sid, dest=dest):
                 if self._draining:
                     return  # never started: the scheduler has its job ready again once we disconnect
-                queue: asyncio.Queue[SessionMessage] = asyncio.Queue()
+                queue: Inbox[SessionMessage] = Inbox(self._loop)
                 self._inbox[sid] = queue
                 queue.put_nowait(message)
-                task = asyncio.get_running_loop().create_task(DeliverySession(self, sid, dest, queue).run())
+                task = self._loop.create_task(DeliverySession(self, sid, dest, queue).run())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             case messages.Job() | messages.Close():
@@ -214,7 +216,7 @@ class DeliveryWorker(WorkerBody):
     def _transaction(self, outbound: OutboundSession | None) -> _Sending:
         """A message is going out: a drain lets this session finish it (drain()). Cut at
         the drain's deadline, its connection is dropped: no QUIT in the middle of it."""
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # with the loop given: no getpid()
         assert task is not None
         return _Sending(self._sending, task, outbound)
 
@@ -341,7 +343,7 @@ class DeliverySession:
     (nothing goes to a new scheduler, which may reuse this sid, and no job of the old one
     runs)."""
 
-    def __init__(self, worker: DeliveryWorker, sid: int, dest: str, queue: asyncio.Queue[SessionMessage]) -> None:
+    def __init__(self, worker: DeliveryWorker, sid: int, dest: str, queue: Inbox[SessionMessage]) -> None:
         self.worker = worker
         self.sid = sid
         self.dest = dest

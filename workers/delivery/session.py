@@ -50,12 +50,17 @@ class _Dropped(Exception):
 
 
 class _Link(asyncio.Protocol):
-    """Transport callbacks -> the core; wakes whoever waits for input or write room."""
+    """Transport callbacks -> the core; wakes whoever waits for input or write room.
 
-    def __init__(self, conn: ClientConnection) -> None:
+    `expire()` (the session's deadline passed) wakes them too, and every wait after it
+    raises TimeoutError until the session sets a new deadline (`expired = False`)."""
+
+    def __init__(self, conn: ClientConnection, loop: asyncio.AbstractEventLoop) -> None:
         self._conn = conn
+        self._loop = loop  # kept: asyncio.get_running_loop() costs a getpid() per call on 3.11
         self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.expired = False
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -85,24 +90,39 @@ class _Link(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._loop.create_future()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
     async def readable(self) -> None:
+        if self.expired:
+            raise TimeoutError()
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        self._readable = asyncio.get_running_loop().create_future()
+        self._readable = self._loop.create_future()
         await self._readable
+        if self.expired:
+            raise TimeoutError()
 
     async def drain(self) -> None:
-        if self._writable is not None:
+        if self._writable is not None and not self._writable.done():
+            if self.expired:
+                raise TimeoutError()
             await self._writable
+            if self.expired:
+                raise TimeoutError()
         if self.closed.done():
             raise _Dropped()
+
+    def expire(self) -> None:
+        """The deadline passed: the waiter wakes to a TimeoutError."""
+        self.expired = True
+        self._wake_reader()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)  # a later pause_writing makes a new one
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -143,7 +163,7 @@ def _tls_context(verify: bool, custom: ssl.SSLContext | None) -> ssl.SSLContext:
 
 class OutboundSession:
     def __init__(self, host: str, address: str, port: int, conn: ClientConnection, link: _Link,
-                 command_timeout: float, data_timeout: float) -> None:
+                 command_timeout: float, data_timeout: float, loop: asyncio.AbstractEventLoop) -> None:
         self.host = host
         self.remote = f"{host}[{address}]:{port}"
         self.usable = True
@@ -152,6 +172,13 @@ class OutboundSession:
         self._link = link
         self._command_timeout = command_timeout
         self._data_timeout = data_timeout
+        self._loop = loop
+        # One deadline for whatever the session awaits (a reply, write room), one timer
+        # for it: moved later, the timer stays and re-arms itself when it fires early
+        # (asyncio.timeout per reply cost three getpid() calls on Python 3.11).
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._closed = False
         self.transactions = 0  # messages sent on this connection
         # The last send found the connection dead before MAIL was answered, on a connection
@@ -171,7 +198,7 @@ class OutboundSession:
             raise ValueError(f"tls must be one of {TLS_POLICIES}, not {tls!r}")
         loop = asyncio.get_running_loop()
         conn = ClientConnection(helo_name, lmtp=lmtp)
-        link = _Link(conn)
+        link = _Link(conn, loop)
         remote = f"{host}[{address}]:{port}"
         try:
             async with asyncio.timeout(connect_timeout):
@@ -179,7 +206,7 @@ class OutboundSession:
         except (OSError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             raise SessionError(451, "4.4.1", f"connect to {remote}: {why}", False, "connect") from None
-        session = cls(host, address, port, conn, link, command_timeout, data_timeout)
+        session = cls(host, address, port, conn, link, command_timeout, data_timeout, loop)
         try:
             await session._greet(tls, ssl_context_verify)
         except BaseException:
@@ -210,10 +237,9 @@ class OutboundSession:
     async def _handshake(self, verify: bool, custom: ssl.SSLContext | None) -> None:
         link = self._link
         assert link.transport is not None
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._command_timeout):
-                transport = await loop.start_tls(
+                transport = await self._loop.start_tls(
                     link.transport, link, _tls_context(verify, custom), server_hostname=self.host,
                     ssl_handshake_timeout=self._command_timeout)
         except (OSError, ssl.SSLError, ssl.CertificateError, TimeoutError, ConnectionError) as exc:
@@ -312,7 +338,8 @@ class OutboundSession:
             out = txn.receive(await self._reply(self._command_timeout))
         if not txn.content_due:
             return
-        async with asyncio.timeout(self._data_timeout):
+        self._expect_by(self._data_timeout)  # the content and the final reply, together
+        try:
             following = follow() if follow is not None and txn.may_announce else None
             after = OutboundTransaction(self._conn, following) if following is not None else None
             parts = txn.content(after)
@@ -322,22 +349,57 @@ class OutboundSession:
             await link.drain()
             while txn.waiting:
                 txn.receive(await self._reply(None))
+        finally:
+            self._deadline = None
 
     async def _reply(self, timeout: float | None) -> ServerReply:
+        """The next reply, within `timeout` seconds from now (None: the deadline already set)."""
         event = self._conn.next_event()  # pipelined replies mostly arrive together: no timer
         if isinstance(event, ServerReply):
             return event
         if event is CLOSED:
             raise _Dropped()
-        async with asyncio.timeout(timeout):
+        if timeout is not None:
+            self._expect_by(timeout)
+        try:
             while True:
+                await self._link.readable()
                 event = self._conn.next_event()
                 if isinstance(event, ServerReply):
                     return event
                 if event is CLOSED:
                     raise _Dropped()
                 assert event is NEED_DATA, event
-                await self._link.readable()
+        finally:
+            if timeout is not None:
+                self._deadline = None
+
+    # --- the deadline ----------------------------------------------------------------------
+
+    def _expect_by(self, seconds: float) -> None:
+        """Waits from now on fail with TimeoutError once `seconds` have passed."""
+        self._link.expired = False
+        when = self._deadline = self._loop.time() + seconds
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return  # it fires first and moves itself on to the deadline
+            self._timer.cancel()
+        self._timer, self._timer_at = self._loop.call_at(when, self._on_timer), when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return  # nothing awaited: the timer sleeps until the next deadline
+        if self._loop.time() < self._deadline:
+            self._timer, self._timer_at = self._loop.call_at(self._deadline, self._on_timer), self._deadline
+        else:
+            self._link.expire()
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _fail(self, txn: OutboundTransaction, code: int, status: str, text: str) -> None:
         """A connection-level failure mid-transaction: unresolved recipients are deferred."""
@@ -350,6 +412,7 @@ class OutboundSession:
     def abort(self) -> None:
         """Drop the connection now, no QUIT: a transaction was cut short (a drain's deadline)."""
         self.usable = False
+        self._stop_timer()
         if self._link.transport is not None:
             self._link.transport.abort()
 
@@ -370,6 +433,7 @@ class OutboundSession:
         await self._link_close()
 
     async def _link_close(self) -> None:
+        self._stop_timer()
         transport = self._link.transport
         if transport is None:
             return

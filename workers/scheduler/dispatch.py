@@ -90,7 +90,7 @@ class Dispatch(Outcomes):
     def _schedule_dispatch(self) -> None:
         if not self._dispatch_scheduled and not self._draining:  # draining: nothing new goes out
             self._dispatch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            self._event_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False

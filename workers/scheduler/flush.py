@@ -58,18 +58,28 @@ class PendingWrites:
         self.snapshots = 0  # flush rounds that have taken the pending changes
         self.written = 0  # flush rounds whose transaction is over
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
+        # Asked for once (each asyncio.get_running_loop(), ensure_future() or sleep() costs
+        # a getpid() system call on Python 3.11); the round's task, referenced while it runs.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._round: asyncio.Task[None] | None = None
 
     def schedule(self) -> None:
         if not self.flushing:
             self.flushing = True
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._round = self._loop.create_task(self._flush())
 
     async def _flush(self) -> None:
+        loop = self._loop
+        assert loop is not None
         try:
             while self.update or self.delete or self.add:
                 # Outcomes arrive a few per millisecond under load: gathering them for a
                 # moment makes one transaction (two fsyncs) carry many, not a handful.
-                await asyncio.sleep(FLUSH_GATHER_SECONDS)
+                gathered: asyncio.Future[None] = loop.create_future()
+                loop.call_later(FLUSH_GATHER_SECONDS, _wake, gathered)
+                await gathered
                 update = list(self.update.values())
                 delete = list(self.delete)
                 add = self.add
@@ -77,7 +87,6 @@ class PendingWrites:
                 self.snapshots += 1
                 self.deleting.update(delete)
                 self.writing.update(e.id for e in update)
-                loop = asyncio.get_running_loop()
                 try:
                     await loop.run_in_executor(self._writer, self._apply, update, delete, add)
                 finally:
@@ -87,6 +96,7 @@ class PendingWrites:
                 self._on_written(update, delete, add)
         finally:
             self.flushing = False
+            self._round = None
 
     async def flush_now(self) -> None:
         """Until what is pending now is written: the next flush round takes it. Outcomes
@@ -104,6 +114,11 @@ class PendingWrites:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # cancelled meanwhile (the process is stopping)
+        waiter.set_result(None)
 
 
 class Outcomes(Tracking):

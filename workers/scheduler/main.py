@@ -77,6 +77,7 @@ class Scheduler(Operations, WorkerBody):
 
     async def start(self, process: WorkerProcess) -> None:
         loop = asyncio.get_running_loop()
+        logs.write_each_turn(loop)  # a line per outcome: one write() per turn, not per line
         self.backend = open_spool(self.config.queue)
         path = self.config.queue.scheduler_socket
         if os.path.exists(path):
@@ -132,6 +133,7 @@ class Scheduler(Operations, WorkerBody):
         await self.writes.flush_all()
         self.writes.close()
         self.backend.close()
+        logs.write_each_turn(None)  # the last lines out now; "stopped" goes at once
         return {"in_flight_sessions": len(self.sessions)}
 
     async def _gauges_forever(self) -> None:

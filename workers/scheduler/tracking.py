@@ -60,6 +60,8 @@ class Tracking:
     config: Config
     backend: QueueBackend
 
+    _loop: asyncio.AbstractEventLoop | None = None  # the first one running (_event_loop)
+
     def _init_tracking(self) -> None:
         self.plan = Plan()
         self.messages: dict[MessageId, Envelope] = {}
@@ -76,6 +78,13 @@ class Tracking:
         self._wake: asyncio.Handle | None = None
         self._wake_at = 0.0
         self._scan_soon: asyncio.Handle | None = None
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the scheduler runs on, asked for once: each asyncio.get_running_loop()
+        costs a getpid() system call on Python 3.11. RuntimeError when none runs yet."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _schedule_dispatch(self) -> None:
         """Run a dispatch round soon (dispatch.py)."""
@@ -235,7 +244,7 @@ class Tracking:
         (one scan for all the departures of this turn)."""
         if self.backlog and self._scan_soon is None:
             with contextlib.suppress(RuntimeError):  # no loop: a test driving the scheduler by hand
-                self._scan_soon = asyncio.get_running_loop().call_soon(self._scan_now)
+                self._scan_soon = self._event_loop().call_soon(self._scan_now)
 
     def _scan_now(self) -> None:
         self._scan_soon = None
@@ -322,7 +331,7 @@ class Tracking:
         if self._wake is not None:
             self._wake.cancel()
         self._wake_at = when
-        self._wake = asyncio.get_running_loop().call_later(max(0.0, when - time.time()), self._on_wake)
+        self._wake = self._event_loop().call_later(max(0.0, when - time.time()), self._on_wake)
 
     def _on_wake(self) -> None:
         """Timers of tracked messages, and the scan for entries of the due index that came due."""
