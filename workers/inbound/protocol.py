@@ -46,6 +46,7 @@ LINGER_SECONDS = 2.0
 class InboundProtocol(asyncio.Protocol):
     def __init__(self, ctx: WorkerContext, listener: ListenerConfig) -> None:
         self._ctx = ctx
+        self._loop = ctx.loop  # never asyncio.get_running_loop() per connection: a getpid each (context.py)
         self._listener = listener
         self._session = InboundSession(ctx, listener)
         self._conn = self._session.conn
@@ -85,7 +86,7 @@ class InboundProtocol(asyncio.Protocol):
             transport.close()
             return
         self._proxy_buffer = b""
-        self._timer = asyncio.get_running_loop().call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
+        self._timer = self._loop.call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
 
     def _start_session(self, client: Client, early: bytes = b"") -> None:
         """`early`: bytes the client sent after a PROXY header, before our greeting."""
@@ -109,7 +110,7 @@ class InboundProtocol(asyncio.Protocol):
             self._conn.greet()
             lookup = self._session.dnsbl_lookup()
             if lookup is not None:
-                self._dnsbl = asyncio.get_running_loop().create_task(lookup)
+                self._dnsbl = self._loop.create_task(lookup)
                 self._dnsbl.add_done_callback(self._dnsbl_done)
         else:
             self._conn.refuse(decision.reply)
@@ -215,7 +216,7 @@ class InboundProtocol(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
-        self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+        self._linger_timer = self._loop.call_later(LINGER_SECONDS, transport.close)
 
     def _pump(self) -> None:
         conn, session = self._conn, self._session
@@ -268,7 +269,7 @@ class InboundProtocol(asyncio.Protocol):
             self._paused = False
 
     def _decide(self, decision: Coroutine[Any, Any, None]) -> None:
-        self._task = asyncio.get_running_loop().create_task(decision)
+        self._task = self._loop.create_task(decision)
         self._task.add_done_callback(self._decided)
 
     def _decided(self, task: asyncio.Task[None]) -> None:
@@ -318,10 +319,9 @@ class InboundProtocol(asyncio.Protocol):
         if self._gone or self._lingering or transport is None or transport.is_closing():
             self._task = None  # reset before our 220 left: start_tls would never finish
             return
-        loop = asyncio.get_running_loop()
         try:
-            secure = await loop.start_tls(transport, self, ctx.ssl_context, server_side=True,
-                                          ssl_handshake_timeout=ctx.config.tls.handshake_timeout_seconds)
+            secure = await self._loop.start_tls(transport, self, ctx.ssl_context, server_side=True,
+                                                ssl_handshake_timeout=ctx.config.tls.handshake_timeout_seconds)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             metrics.INBOUND_TLS.labels(self._listener.mode, "failed").inc()
             logs.event("tls_failed", client=self._session.client.ip, error=str(exc) or type(exc).__name__)
@@ -351,7 +351,7 @@ class InboundProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = min(at, self._deadlines.next) if deadlines else at
-        self._timer = asyncio.get_running_loop().call_later(self._timer_at - time.monotonic(), self._on_timer)
+        self._timer = self._loop.call_later(self._timer_at - time.monotonic(), self._on_timer)
 
     def _on_timer(self) -> None:
         limits = self._ctx.config.limits
