@@ -3,7 +3,10 @@
 Bytes go into the InboundSession's sans-I/O core (session.py); each event that needs a
 decision goes to the session and the reply of its Decision comes back. Awaitable
 decisions (DNSBL, AUTH, the message's commit) run as one task at a time; replies leave
-once per batch of input (pipelining), and a 250 only after the commit's fsync.
+once per batch of input (pipelining), and a 250 only after the commit's fsync. A batch
+that waits for a decision holds the replies before it until they leave with its reply:
+the client sent the command being decided after those, so it does not wait for them
+(RFC 2920; one that does not pipeline has nothing unanswered before that command).
 
 What stays here is transport:
 - PROXY (listeners with proxy_protocol = true): only peers in trusted_proxies may
@@ -205,14 +208,17 @@ class InboundProtocol(asyncio.Protocol):
 
         Closing a socket with unread input makes the kernel send RST, which can destroy
         our 421 (or 221) before the client reads it. So: half-close, discard what the
-        client still sends, and close on its EOF or after LINGER_SECONDS.
+        client still sends, and close on its EOF or after LINGER_SECONDS. Except after a
+        QUIT with nothing sent after it: the client waits for our 221 and sends no more, so
+        close now (a FIN, as the half-close sends; saves the shutdown and reading its EOF).
         """
         transport = self._transport
         if transport is None or transport.is_closing() or self._lingering:
             return
         self._lingering = True
         self._session.release()  # the session is over: a reconnect must not count it twice
-        if not transport.can_write_eof():
+        conn = self._conn
+        if not transport.can_write_eof() or (conn.quit and conn.buffered_bytes == 0):
             transport.close()
             return
         transport.write_eof()
@@ -250,7 +256,8 @@ class InboundProtocol(asyncio.Protocol):
             else:  # NEED_DATA, PAUSED or CLOSED
                 break
         session.account()
-        self._flush()
+        if conn.pending is None:  # else the replies so far leave with the decision's (see the header)
+            self._flush()
         self._deadlines.transfer(conn.in_transfer, time.monotonic())
         if conn.pending is None and self._deadlines.next < self._timer_at:
             self._arm_timer(self._deadlines.next)  # a transfer began, or a decision kept us past a deadline
