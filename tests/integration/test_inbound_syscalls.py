@@ -1,7 +1,8 @@
-"""How replies leave the inbound worker, seen from the kernel: one write per group, at once
-for a client that waits, and the close after QUIT.
+"""The inbound worker's system calls per session, seen from the kernel (strace -f): how
+replies leave (one write per group, at once for a client that waits, the close after
+QUIT) and no getpid() in the session's own path.
 
-The server runs under `strace -f`; three clients, one after another:
+Replies: the server runs under strace; clients one after another:
 - a pipelined group that waits for the commit (MAIL, RCPT, BDAT LAST with its data, in
   one packet): its three replies, in order, in one write, after the commit;
 - a client that does not pipeline (each command alone, waiting for its reply): each reply
@@ -9,12 +10,17 @@ The server runs under `strace -f`; three clients, one after another:
 - QUIT, alone and followed by more input: the client reads 221 and the end of the
   connection, never a reset; after a QUIT alone the socket is closed at once (no
   half-close and wait for the client's EOF), after QUIT and more it lingers as before.
+
+getpid: CPython 3.11's asyncio.get_running_loop() (and current_task, asyncio.timeout,
+sleep, wait_for, Future() without a loop) asks the kernel for the pid on every call; the
+session uses the worker's loop kept in its WorkerContext instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import smtplib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import pytest
 
 from tests.integration.conftest import MtaServer, SmtpClient, queued_id
 from tests.integration.test_fsync import Syscall, parse_strace
+from workers.link import HEARTBEAT_SECONDS, LOAD_REPORT_SECONDS
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +100,47 @@ def test_replies_leave_once_per_group_at_once_when_awaited_and_quit_closes_at_on
     waiting = _socket_calls(calls, f"queued as {ids['waiting']}")
     assert len([c for c in waiting if c.name in ("write", "writev")]) == 7  # 220, EHLO, MAIL, RCPT, DATA, 250, 221
     assert [c for c in waiting if c.name == "shutdown"], "QUIT and more: the linger (half-close) is gone"
+
+
+SESSIONS = 20
+# The master's hand-off (workers/inbound/main.py on_frame and _adopt) still looks the loop
+# up once each per connection; the session itself (protocol.py, session.py) never does.
+HANDOFF_GETPIDS = 2
+
+
+def test_a_session_asks_for_no_pid(mta_server: Callable[..., MtaServer], tmp_path: Path) -> None:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not on PATH (`make test-deps` installs it)")
+    trace_path = tmp_path / "strace.txt"
+    server = mta_server(wrapper=[strace, "-f", "-tt", "-y", "-s", "64", "-e", "trace=getpid,write",
+                                 "-o", str(trace_path)])
+    for n in range(SESSIONS):
+        with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=30) as smtp:
+            code, text = smtp.sendmail(f"s{n}@client.test", [f"r{n}@local.test"],
+                                       f"Subject: {n}\r\n\r\nbody\r\n".encode()), ""
+            assert code == {}, text  # every recipient accepted
+    assert server.stop() == 0, server.log_tail()
+
+    text = trace_path.read_text(errors="replace")
+    calls = parse_strace(text)
+    replies = [c for c in calls if c.name == "write" and "socket:" in c.path
+               and ('"220 mx.test' in c.text or '"221 ' in c.text)]
+    worker = replies[-1].tid  # the inbound worker's loop thread (it answered the last QUIT)
+    first = min(c.start for c in replies if c.tid == worker and '"220 ' in c.text)
+    last = replies[-1].start
+    asked = [c for c in calls if c.name == "getpid" and c.tid == worker and first <= c.start <= last]
+    lines = text.splitlines()
+    seconds = _clock(lines[last]) - _clock(lines[first])
+    # Not per session: the worker's timers (its load report and heartbeat, workers/link.py)
+    # and, once, the notifier's connection to the scheduler (asyncio.open_unix_connection).
+    once = seconds * (1 / LOAD_REPORT_SECONDS + 1 / HEARTBEAT_SECONDS) + 12
+    assert len(asked) <= HANDOFF_GETPIDS * SESSIONS + once, \
+        (f"{len(asked)} getpid calls in {SESSIONS} sessions over {seconds:.2f} s: a per-connection "
+         "path calls asyncio's loop lookup")
+
+
+def _clock(line: str) -> float:
+    """The -tt time of a strace -f line ("PID HH:MM:SS.micro ..."), in seconds."""
+    hours, minutes, seconds = line.split()[1].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
