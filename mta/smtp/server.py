@@ -106,6 +106,7 @@ class ServerConnection:
         self.errors = 0
         self.junk = 0
         self.auth_refusals: list[str] = []  # "no_tls" / "malformed" AUTH attempts, for the app's metrics
+        self.quit = False  # the client said QUIT (we answered 221): it closes when it has read it
         self._sasl: SaslExchange | None = None
         self._out: list[bytes] = []
         self._buffer = bytearray()
@@ -376,6 +377,7 @@ class ServerConnection:
         elif isinstance(command, (Rset, Noop, Help, Vrfy, Expn)):
             return self._junk_command(command)
         elif isinstance(command, Quit):
+            self.quit = True
             self._answer(command, replies.closing(self.options.hostname))
         return None
 

@@ -2,11 +2,14 @@
 
 Built once per worker process (main.py) after the fork; read by the sessions
 (session.py decides with it, protocol.py adapts sockets to it). `sessions` holds the
-live connections so a drain can close the idle ones.
+live connections so a drain can close the idle ones. `loop` is the worker's event loop,
+looked up once: per-connection paths use it, never asyncio.get_running_loop() and the
+conveniences built on it (CPython 3.11 asks the kernel for the pid on each of those calls).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,3 +67,11 @@ class WorkerContext:
     cache: LmdbCache | None = None  # the shared cache (transferin.py's ids); None in unit tests
     shared: SharedLimits | None = None  # [cluster] redis: the cluster-wide rate windows and AUTH failures
     sessions: set[Connection] = field(default_factory=set)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop, looked up on first use (inside it) and kept."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop

@@ -25,12 +25,15 @@ class SchedulerNotifier:
         self._writer: asyncio.StreamWriter | None = None
         self._connecting = False
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: get_running_loop() costs a getpid
 
     def new(self, msgid: MessageId) -> None:
         self._ids.append(msgid)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

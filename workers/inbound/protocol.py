@@ -3,7 +3,10 @@
 Bytes go into the InboundSession's sans-I/O core (session.py); each event that needs a
 decision goes to the session and the reply of its Decision comes back. Awaitable
 decisions (DNSBL, AUTH, the message's commit) run as one task at a time; replies leave
-once per batch of input (pipelining), and a 250 only after the commit's fsync.
+once per batch of input (pipelining), and a 250 only after the commit's fsync. A batch
+that waits for a decision holds the replies before it until they leave with its reply:
+the client sent the command being decided after those, so it does not wait for them
+(RFC 2920; one that does not pipeline has nothing unanswered before that command).
 
 What stays here is transport:
 - PROXY (listeners with proxy_protocol = true): only peers in trusted_proxies may
@@ -46,6 +49,7 @@ LINGER_SECONDS = 2.0
 class InboundProtocol(asyncio.Protocol):
     def __init__(self, ctx: WorkerContext, listener: ListenerConfig) -> None:
         self._ctx = ctx
+        self._loop = ctx.loop  # never asyncio.get_running_loop() per connection: a getpid each (context.py)
         self._listener = listener
         self._session = InboundSession(ctx, listener)
         self._conn = self._session.conn
@@ -85,7 +89,7 @@ class InboundProtocol(asyncio.Protocol):
             transport.close()
             return
         self._proxy_buffer = b""
-        self._timer = asyncio.get_running_loop().call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
+        self._timer = self._loop.call_later(PROXY_HEADER_SECONDS, self._on_proxy_timeout)
 
     def _start_session(self, client: Client, early: bytes = b"") -> None:
         """`early`: bytes the client sent after a PROXY header, before our greeting."""
@@ -109,7 +113,7 @@ class InboundProtocol(asyncio.Protocol):
             self._conn.greet()
             lookup = self._session.dnsbl_lookup()
             if lookup is not None:
-                self._dnsbl = asyncio.get_running_loop().create_task(lookup)
+                self._dnsbl = self._loop.create_task(lookup)
                 self._dnsbl.add_done_callback(self._dnsbl_done)
         else:
             self._conn.refuse(decision.reply)
@@ -204,18 +208,21 @@ class InboundProtocol(asyncio.Protocol):
 
         Closing a socket with unread input makes the kernel send RST, which can destroy
         our 421 (or 221) before the client reads it. So: half-close, discard what the
-        client still sends, and close on its EOF or after LINGER_SECONDS.
+        client still sends, and close on its EOF or after LINGER_SECONDS. Except after a
+        QUIT with nothing sent after it: the client waits for our 221 and sends no more, so
+        close now (a FIN, as the half-close sends; saves the shutdown and reading its EOF).
         """
         transport = self._transport
         if transport is None or transport.is_closing() or self._lingering:
             return
         self._lingering = True
         self._session.release()  # the session is over: a reconnect must not count it twice
-        if not transport.can_write_eof():
+        conn = self._conn
+        if not transport.can_write_eof() or (conn.quit and conn.buffered_bytes == 0):
             transport.close()
             return
         transport.write_eof()
-        self._linger_timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+        self._linger_timer = self._loop.call_later(LINGER_SECONDS, transport.close)
 
     def _pump(self) -> None:
         conn, session = self._conn, self._session
@@ -249,7 +256,8 @@ class InboundProtocol(asyncio.Protocol):
             else:  # NEED_DATA, PAUSED or CLOSED
                 break
         session.account()
-        self._flush()
+        if conn.pending is None:  # else the replies so far leave with the decision's (see the header)
+            self._flush()
         self._deadlines.transfer(conn.in_transfer, time.monotonic())
         if conn.pending is None and self._deadlines.next < self._timer_at:
             self._arm_timer(self._deadlines.next)  # a transfer began, or a decision kept us past a deadline
@@ -268,7 +276,7 @@ class InboundProtocol(asyncio.Protocol):
             self._paused = False
 
     def _decide(self, decision: Coroutine[Any, Any, None]) -> None:
-        self._task = asyncio.get_running_loop().create_task(decision)
+        self._task = self._loop.create_task(decision)
         self._task.add_done_callback(self._decided)
 
     def _decided(self, task: asyncio.Task[None]) -> None:
@@ -318,10 +326,9 @@ class InboundProtocol(asyncio.Protocol):
         if self._gone or self._lingering or transport is None or transport.is_closing():
             self._task = None  # reset before our 220 left: start_tls would never finish
             return
-        loop = asyncio.get_running_loop()
         try:
-            secure = await loop.start_tls(transport, self, ctx.ssl_context, server_side=True,
-                                          ssl_handshake_timeout=ctx.config.tls.handshake_timeout_seconds)
+            secure = await self._loop.start_tls(transport, self, ctx.ssl_context, server_side=True,
+                                                ssl_handshake_timeout=ctx.config.tls.handshake_timeout_seconds)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             metrics.INBOUND_TLS.labels(self._listener.mode, "failed").inc()
             logs.event("tls_failed", client=self._session.client.ip, error=str(exc) or type(exc).__name__)
@@ -351,7 +358,7 @@ class InboundProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = min(at, self._deadlines.next) if deadlines else at
-        self._timer = asyncio.get_running_loop().call_later(self._timer_at - time.monotonic(), self._on_timer)
+        self._timer = self._loop.call_later(self._timer_at - time.monotonic(), self._on_timer)
 
     def _on_timer(self) -> None:
         limits = self._ctx.config.limits
