@@ -185,18 +185,22 @@ class Arbiter:
     # --- connections -------------------------------------------------------------
 
     def _on_listener(self, address: str, sock: socket.socket) -> None:
+        # sock._accept() (what sock.accept() wraps) gives the bare descriptor: wrapping it in
+        # a socket.socket would cost a getsockname per connection, and the master only
+        # passes it on. The connections of one burst go out together (dispatch.flush).
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _peer = sock.accept()
+                fd, _peer = sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
-                return
+                break
             except ConnectionAbortedError:
                 continue  # reset by the client before we took it: nothing to do
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: pause, never spin
                 self._dispatch.accept_failed(address, exc)
-                return
+                break
             self._dispatch.admission.backoff.accepted()
-            self._dispatch.hand(address, conn)
+            self._dispatch.hand(address, fd)
+        self._dispatch.flush()
 
     def _update_accepting(self, now: float) -> None:
         backoff = self._dispatch.admission.backoff
@@ -256,9 +260,9 @@ class Arbiter:
         for child in self._children.values():
             child.channel.close()
             for handoff in child.pending.values():
-                handoff.conn.close()
-        for _address, conn in self._orphans:
-            conn.close()
+                os.close(handoff.fd)
+        for _address, fd in self._orphans:
+            os.close(fd)
 
     def _on_channel(self, child: Child, channel: socket.socket) -> None:
         now = time.monotonic()
@@ -443,7 +447,7 @@ class Arbiter:
             sock.close()
         self._listeners.clear()
         while self._orphans:
-            self._orphans.popleft()[1].close()
+            os.close(self._orphans.popleft()[1])
         for child in self._children.values():
             if child.state is not ChildState.KILLING:
                 child.state = ChildState.RETIRING
