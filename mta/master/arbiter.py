@@ -265,43 +265,43 @@ class Arbiter:
             os.close(fd)
 
     def _on_channel(self, child: Child, channel: socket.socket) -> None:
-        now = time.monotonic()
-        while True:
-            try:
-                got = frames.recv_frame(channel)
-            except BlockingIOError:
-                return
-            except messages.MessageError as exc:
-                self._bad_frame(child, channel, exc)
-                return
-            except OSError:
-                got = None
-            if got is None:  # the child closed its end: it is exiting; _reap handles it
-                self._selector.unregister(channel)
-                self._dispatch.channel_lost(child)
-                return
-            message, fds = got
-            for fd in fds:
-                os.close(fd)
-            child.last_seen = now
-            match message:
-                case messages.Took() | messages.Refused():
-                    self._dispatch.on_answer(child, message)
-                case messages.Status(state=state, active=active):
-                    child.active = active
-                    if child.state is ChildState.STARTING and state == "ready":
-                        child.state = ChildState.READY
-                        self._urgent = True
-                        logs.event("ready", child=child.title, child_pid=child.pid)
-                case messages.NodeDrain(drained=drained) if child.kind == CONTROL:
-                    self._dispatch.admission.drained = drained  # `mta node drain|undrain`
-                    logs.event("node_drain" if drained else "node_undrain")
-                    self._urgent = True  # tell the control process at once
-                case messages.Hello():
-                    pass  # of this build: decode refuses another PROTOCOL_VERSION
-                case _:
-                    self._bad_frame(child, channel, messages.unexpected(message, "from a child"))
-                    return
+        # One frame per readiness: a frame waiting rarely has another behind it (one Took
+        # answers a burst of handoffs), so reading on to EAGAIN would cost a recvmsg per
+        # frame; a second frame makes the next select return at once.
+        try:
+            got = frames.recv_frame(channel)
+        except BlockingIOError:
+            return
+        except messages.MessageError as exc:
+            self._bad_frame(child, channel, exc)
+            return
+        except OSError:
+            got = None
+        if got is None:  # the child closed its end: it is exiting; _reap handles it
+            self._selector.unregister(channel)
+            self._dispatch.channel_lost(child)
+            return
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        child.last_seen = time.monotonic()
+        match message:
+            case messages.Took() | messages.Refused():
+                self._dispatch.on_answer(child, message)
+            case messages.Status(state=state, active=active):
+                child.active = active
+                if child.state is ChildState.STARTING and state == "ready":
+                    child.state = ChildState.READY
+                    self._urgent = True
+                    logs.event("ready", child=child.title, child_pid=child.pid)
+            case messages.NodeDrain(drained=drained) if child.kind == CONTROL:
+                self._dispatch.admission.drained = drained  # `mta node drain|undrain`
+                logs.event("node_drain" if drained else "node_undrain")
+                self._urgent = True  # tell the control process at once
+            case messages.Hello():
+                pass  # of this build: decode refuses another PROTOCOL_VERSION
+            case _:
+                self._bad_frame(child, channel, messages.unexpected(message, "from a child"))
 
     def _bad_frame(self, child: Child, channel: socket.socket, exc: messages.MessageError) -> None:
         """A bug, or a child of another build: it is never trusted again (channel_lost:

@@ -124,7 +124,9 @@ def test_a_childs_hello_and_status_make_it_ready(arbiter: Arbiter, log: io.Strin
     with end:
         frames.send_frame(end, messages.hello("child"))
         frames.send_frame(end, messages.Status("ready", 4))
-        arbiter._on_channel(child, child.channel)
+        arbiter._on_channel(child, child.channel)  # one frame per readiness: the Hello,
+        assert child.state is ChildState.STARTING
+        arbiter._on_channel(child, child.channel)  # then the Status
     assert child.state is ChildState.READY and child.active == 4 and not child.channel_lost_at
     assert "event=bad_frame" not in log.getvalue()
 
