@@ -204,3 +204,58 @@ def test_an_unacknowledged_handoff_expires(rig: Rig) -> None:
     assert len(child.pending) == 1
     rig.dispatch.expire(since + HANDOFF_TIMEOUT_SECONDS + 0.1)
     assert not child.pending and is_closed(conn) and child.load == 0
+
+
+def test_the_connections_of_one_iteration_leave_together_at_the_flush(rig: Rig) -> None:
+    """One sendmsg per frames.MAX_FDS descriptors; each entry's descriptor is its client's."""
+    child = rig.worker(101)
+    clients = [rig.client() for _ in range(frames.MAX_FDS + 2)]
+    for _client, fd in clients:
+        rig.dispatch.hand(SMTP, fd)
+    assert len(child.pending) == len(clients) and child.load == len(clients)  # counted before it is sent
+    assert rig.received(101) == []
+    rig.dispatch.flush()
+    got = []
+    while True:
+        try:
+            got.append(frames.recv_frame(rig.ends[101]))
+        except BlockingIOError:
+            break
+    assert [len(message.conns) for message, _fds in got] == [frames.MAX_FDS, 2]
+    entries = [entry for message, _fds in got for entry in message.conns]
+    fds = [fd for _message, fds in got for fd in fds]
+    assert sorted(conn_id for conn_id, _ in entries) == sorted(child.pending) and not child.unsent
+    for (client, _fd), fd in zip(clients, fds):  # in order: entry i came with descriptor i
+        with socket.socket(fileno=fd) as received:
+            received.sendall(b"x")
+            assert client.recv(1) == b"x"
+
+
+def test_a_frame_partly_refused_answers_421_for_exactly_those(rig: Rig) -> None:
+    child = rig.worker(101)
+    clients = [rig.client() for _ in range(3)]
+    for _client, fd in clients:
+        rig.dispatch.hand(SMTP, fd)
+    rig.dispatch.flush()
+    (frame,) = rig.received(101)
+    ids = [conn_id for conn_id, _ in frame.conns]
+    rig.dispatch.on_answer(child, messages.Took(tuple(ids[:1]), 1))
+    rig.dispatch.on_answer(child, messages.Refused(tuple(ids[1:]), 1))
+    assert not child.pending and child.load == 1
+    assert all(is_closed(fd) for _client, fd in clients)
+    assert read_all(clients[0][0]) == b""  # (its copy went with the frame, closed by the "worker")
+    for client, _fd in clients[1:]:
+        assert read_all(client).startswith(b"421 4.3.2 ")
+
+
+def test_a_full_channel_sends_the_frame_to_the_next_worker(rig: Rig) -> None:
+    full, other = rig.worker(101), rig.worker(102, active=5)
+    while frames.send_frame(full.channel, messages.Status("ready", 0)):
+        pass  # worker 101 is not reading
+    clients = [rig.client() for _ in range(2)]
+    for _client, fd in clients:
+        rig.dispatch.hand(SMTP, fd)  # both to 101, the least loaded
+    assert len(full.pending) == 2
+    rig.dispatch.flush()
+    assert not full.pending and not full.channel_lost_at
+    assert [len(frame.conns) for frame in rig.received(102)] == [2] and len(other.pending) == 2
