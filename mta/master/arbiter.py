@@ -4,7 +4,8 @@ One thread, no event loop, no LMDB: a selector over the listeners, the children'
 channels and the signal wake-up pipe. Signal handlers only record the signal.
 
 - Handoff (dispatch.py): every accepted socket goes to the READY inbound worker of the
-  serving generation with the lowest load over its SEQPACKET channel (SCM_RIGHTS). The
+  serving generation with the lowest load over its SEQPACKET channel (SCM_RIGHTS; one
+  frame for the sockets of one accept burst). The
   master keeps its copy until the worker acknowledges; if the worker dies first, or its
   channel fails, the connection goes to another worker. Beyond the session caps the
   master answers 421 itself (admission.py). With no READY worker the listeners are left
