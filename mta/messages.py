@@ -8,8 +8,8 @@ job/done path runs once per message).
 
   master <-> children (SEQPACKET)
     child -> master      Hello (first), then Status every second: the heartbeat
-    master -> inbound    Conn, with the socket (SCM_RIGHTS)
-    inbound -> master    Took | Refused, for every Conn
+    master -> inbound    Conn: connections, with their sockets (SCM_RIGHTS), one per entry
+    inbound -> master    Took | Refused: for every entry of a Conn, in one frame each
     master -> control    Children: the crash-looping slots, when they change
     control <-> master   NodeDrain: `mta node drain|undrain` asks; the master's state back
   peers <-> scheduler (<spool>/scheduler.sock)
@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # One Packer (packb() builds one per call). Not thread-safe: messages are encoded on each
 # process's event-loop thread (or the CLI's only one), never in an executor.
@@ -234,25 +234,25 @@ class Status:
 @_wire(2)
 @dataclass(frozen=True, slots=True)
 class Conn:
-    """master -> inbound worker, with the accepted socket (SCM_RIGHTS)."""
-    id: int
-    listener: str  # the listener's address as configured
+    """master -> inbound worker: connections accepted in one loop iteration, with their
+    sockets (SCM_RIGHTS) in the same order, one per entry (at most frames.MAX_FDS)."""
+    conns: tuple[tuple[int, str], ...]  # (id, the listener's address as configured)
 
 
 @_wire(3)
 @dataclass(frozen=True, slots=True)
 class Took:
-    """inbound -> master: Conn `id` is ours (the master closes its copy)."""
-    id: int
+    """inbound -> master: these Conn entries are ours (the master closes its copies)."""
+    ids: tuple[int, ...]
     active: int
 
 
 @_wire(4)
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """inbound -> master: Conn `id` came without its socket (the kernel drops it at our fd
-    limit); the master answers 421 and closes."""
-    id: int
+    """inbound -> master: these Conn entries came without their sockets (the kernel drops
+    the last ones of a frame at our fd limit); the master answers 421 and closes each."""
+    ids: tuple[int, ...]
     active: int
 
 

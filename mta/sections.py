@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -53,6 +54,11 @@ class ListenerConfig:
     @property
     def port(self) -> int:
         return split_hostport(self.address)[1]
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """Its socket's: an IPv6 literal host binds AF_INET6 (the master), else AF_INET."""
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
 
 @dataclass(frozen=True)

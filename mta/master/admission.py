@@ -60,17 +60,17 @@ def session_caps(limits: LimitsConfig, inbound_workers: int, fds: int) -> Sessio
     return SessionCaps(limits.max_sessions or inbound_workers * per_worker, per_worker)
 
 
-def refuse(conn: socket.socket, reply: bytes | None) -> None:
+def refuse(fd: int, reply: bytes | None) -> None:
     """Answer (unless reply is None) and close a connection the master keeps for itself."""
-    try:
-        if reply is not None:
-            conn.send(reply, socket.MSG_DONTWAIT)
-        # Closing with unread input sends RST, which can destroy the reply before the
-        # client reads it: take what is already there (at most a PROXY header) first.
-        conn.recv(DRAIN_BYTES, socket.MSG_DONTWAIT)
-    except OSError:
-        pass  # nothing to read (EAGAIN), or the client reset or left: nobody to tell
-    conn.close()
+    with socket.socket(fileno=fd) as conn:
+        try:
+            if reply is not None:
+                conn.send(reply, socket.MSG_DONTWAIT)
+            # Closing with unread input sends RST, which can destroy the reply before the
+            # client reads it: take what is already there (at most a PROXY header) first.
+            conn.recv(DRAIN_BYTES, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # nothing to read (EAGAIN), or the client reset or left: nobody to tell
 
 
 class AcceptBackoff:
@@ -143,9 +143,9 @@ class Admission:
         self._too_busy = replies.too_busy(config.server.hostname).to_bytes()
         self._smtps = frozenset(lst.address for lst in config.listener if lst.mode == "smtps")
 
-    def refuse(self, listener: str, conn: socket.socket, reason: str) -> None:
+    def refuse(self, listener: str, fd: int, reason: str) -> None:
         """421 4.3.2 and close (smtps: close); reason is the metric's (max_sessions...)."""
-        refuse(conn, None if listener in self._smtps else self._too_busy)
+        refuse(fd, None if listener in self._smtps else self._too_busy)
         metrics.INBOUND_REJECTED.labels(reason, "4xx").inc()
         self._refusals.add(reason=reason)
 

@@ -4,7 +4,8 @@ One thread, no event loop, no LMDB: a selector over the listeners, the children'
 channels and the signal wake-up pipe. Signal handlers only record the signal.
 
 - Handoff (dispatch.py): every accepted socket goes to the READY inbound worker of the
-  serving generation with the lowest load over its SEQPACKET channel (SCM_RIGHTS). The
+  serving generation with the lowest load over its SEQPACKET channel (SCM_RIGHTS; one
+  frame for the sockets of one accept burst). The
   master keeps its copy until the worker acknowledges; if the worker dies first, or its
   channel fails, the connection goes to another worker. Beyond the session caps the
   master answers 421 itself (admission.py). With no READY worker the listeners are left
@@ -185,18 +186,22 @@ class Arbiter:
     # --- connections -------------------------------------------------------------
 
     def _on_listener(self, address: str, sock: socket.socket) -> None:
+        # sock._accept() (what sock.accept() wraps) gives the bare descriptor: wrapping it in
+        # a socket.socket would cost a getsockname per connection, and the master only
+        # passes it on. The connections of one burst go out together (dispatch.flush).
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _peer = sock.accept()
+                fd, _peer = sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
-                return
+                break
             except ConnectionAbortedError:
                 continue  # reset by the client before we took it: nothing to do
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: pause, never spin
                 self._dispatch.accept_failed(address, exc)
-                return
+                break
             self._dispatch.admission.backoff.accepted()
-            self._dispatch.hand(address, conn)
+            self._dispatch.hand(address, fd)
+        self._dispatch.flush()
 
     def _update_accepting(self, now: float) -> None:
         backoff = self._dispatch.admission.backoff
@@ -256,48 +261,48 @@ class Arbiter:
         for child in self._children.values():
             child.channel.close()
             for handoff in child.pending.values():
-                handoff.conn.close()
-        for _address, conn in self._orphans:
-            conn.close()
+                os.close(handoff.fd)
+        for _address, fd in self._orphans:
+            os.close(fd)
 
     def _on_channel(self, child: Child, channel: socket.socket) -> None:
-        now = time.monotonic()
-        while True:
-            try:
-                got = frames.recv_frame(channel)
-            except BlockingIOError:
-                return
-            except messages.MessageError as exc:
-                self._bad_frame(child, channel, exc)
-                return
-            except OSError:
-                got = None
-            if got is None:  # the child closed its end: it is exiting; _reap handles it
-                self._selector.unregister(channel)
-                self._dispatch.channel_lost(child)
-                return
-            message, fds = got
-            for fd in fds:
-                os.close(fd)
-            child.last_seen = now
-            match message:
-                case messages.Took() | messages.Refused():
-                    self._dispatch.on_answer(child, message)
-                case messages.Status(state=state, active=active):
-                    child.active = active
-                    if child.state is ChildState.STARTING and state == "ready":
-                        child.state = ChildState.READY
-                        self._urgent = True
-                        logs.event("ready", child=child.title, child_pid=child.pid)
-                case messages.NodeDrain(drained=drained) if child.kind == CONTROL:
-                    self._dispatch.admission.drained = drained  # `mta node drain|undrain`
-                    logs.event("node_drain" if drained else "node_undrain")
-                    self._urgent = True  # tell the control process at once
-                case messages.Hello():
-                    pass  # of this build: decode refuses another PROTOCOL_VERSION
-                case _:
-                    self._bad_frame(child, channel, messages.unexpected(message, "from a child"))
-                    return
+        # One frame per readiness: a frame waiting rarely has another behind it (one Took
+        # answers a burst of handoffs), so reading on to EAGAIN would cost a recvmsg per
+        # frame; a second frame makes the next select return at once.
+        try:
+            got = frames.recv_frame(channel)
+        except BlockingIOError:
+            return
+        except messages.MessageError as exc:
+            self._bad_frame(child, channel, exc)
+            return
+        except OSError:
+            got = None
+        if got is None:  # the child closed its end: it is exiting; _reap handles it
+            self._selector.unregister(channel)
+            self._dispatch.channel_lost(child)
+            return
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        child.last_seen = time.monotonic()
+        match message:
+            case messages.Took() | messages.Refused():
+                self._dispatch.on_answer(child, message)
+            case messages.Status(state=state, active=active):
+                child.active = active
+                if child.state is ChildState.STARTING and state == "ready":
+                    child.state = ChildState.READY
+                    self._urgent = True
+                    logs.event("ready", child=child.title, child_pid=child.pid)
+            case messages.NodeDrain(drained=drained) if child.kind == CONTROL:
+                self._dispatch.admission.drained = drained  # `mta node drain|undrain`
+                logs.event("node_drain" if drained else "node_undrain")
+                self._urgent = True  # tell the control process at once
+            case messages.Hello():
+                pass  # of this build: decode refuses another PROTOCOL_VERSION
+            case _:
+                self._bad_frame(child, channel, messages.unexpected(message, "from a child"))
 
     def _bad_frame(self, child: Child, channel: socket.socket, exc: messages.MessageError) -> None:
         """A bug, or a child of another build: it is never trusted again (channel_lost:
@@ -443,7 +448,7 @@ class Arbiter:
             sock.close()
         self._listeners.clear()
         while self._orphans:
-            self._orphans.popleft()[1].close()
+            os.close(self._orphans.popleft()[1])
         for child in self._children.values():
             if child.state is not ChildState.KILLING:
                 child.state = ChildState.RETIRING

@@ -4,7 +4,8 @@
 then runs the worker body and exits with its return code (never returning into the
 master's loop). The master has no event loop, no threads and no LMDB handle, so a
 fork is clean. A Child records the master's view: state, generation, heartbeat,
-reported load, connections handed over but not yet acknowledged, and whether its
+reported load, connections handed over but not yet acknowledged (some perhaps not sent
+yet: they go out together at the end of the loop iteration), and whether its
 channel still works (a child whose channel failed is never handed anything again).
 """
 
@@ -34,11 +35,11 @@ class ChildState(enum.Enum):
 
 
 class Handoff(NamedTuple):
-    """A connection sent to a worker, kept by the master until the worker acknowledges it."""
+    """A connection for a worker, kept by the master until the worker acknowledges it."""
 
     listener: str  # the listener's configured address
-    conn: socket.socket
-    since: float  # monotonic time it was sent
+    fd: int  # the accepted socket (a bare descriptor: socket.socket() would cost a getsockname)
+    since: float  # monotonic time it was handed
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Child:
     last_seen: float = 0.0
     active: int = 0  # sessions the child reported
     pending: dict[int, Handoff] = field(default_factory=dict)  # by connection id: handed, unacknowledged
+    unsent: list[int] = field(default_factory=list)  # ids in pending not sent yet (Dispatcher.flush)
     kill_sent: float = 0.0
     channel_lost_at: float = 0.0  # monotonic time its channel closed or a send to it failed
     replace: bool = True  # respawn when it dies (False once retired or draining)
@@ -61,17 +63,18 @@ class Child:
     def load(self) -> int:
         return self.active + len(self.pending)
 
-    def take_pending(self) -> list[tuple[str, socket.socket]]:
+    def take_pending(self) -> list[tuple[str, int]]:
         """Its unacknowledged connections, for another worker: it is dead or dying."""
-        taken = [(handoff.listener, handoff.conn) for handoff in self.pending.values()]
+        taken = [(handoff.listener, handoff.fd) for handoff in self.pending.values()]
         self.pending.clear()
+        self.unsent.clear()
         return taken
 
     def expire_pending(self, now: float, timeout: float) -> int:
         """Close the master's copy of handoffs unacknowledged for `timeout`; how many."""
         expired = [conn_id for conn_id, handoff in self.pending.items() if now - handoff.since > timeout]
         for conn_id in expired:
-            self.pending.pop(conn_id).conn.close()
+            os.close(self.pending.pop(conn_id).fd)
         return len(expired)
 
     @property

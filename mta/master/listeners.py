@@ -17,10 +17,8 @@ class ServeError(RuntimeError):
 
 
 def bind_listener(listener: ListenerConfig) -> socket.socket:
-    host, port = listener.host, listener.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
+        sock = socket.create_server((listener.host, listener.port), family=listener.family, backlog=1024, reuse_port=False)
     except OSError as exc:
         raise ServeError(f"cannot listen on {listener.address}: {exc.strerror} "
                          "(is another server using that port?)") from None

@@ -5,10 +5,11 @@ LMDB spool (after fork, never before), starts the process's one queue writer thr
 (GroupCommitter), then takes connections from its SEQPACKET channel to the master
 (mta/messages.py):
 
-  master -> worker  Conn(id, listener) + the socket (SCM_RIGHTS)
-  worker -> master  Took(id, active)      as soon as it owns it
-  worker -> master  Refused(id, active)   the Conn came without its socket (the kernel
-                    drops it at our fd limit); the master answers 421
+  master -> worker  Conn((id, listener)...) + the sockets (SCM_RIGHTS), one per entry
+  worker -> master  Took(ids, active)     as soon as it owns them, one frame per Conn
+  worker -> master  Refused(ids, active)  entries that came without their socket (the
+                    kernel drops the last ones of a frame at our fd limit); the master
+                    answers 421
   worker -> master  Status(state "ready"|"retiring", active) every second
 
 The Status is the heartbeat: it is sent from the event loop, so a blocked loop goes
@@ -104,10 +105,11 @@ class Worker(WorkerBody):
         self.link: MasterLink | None = None
         self.ctx: WorkerContext | None = None
         self.adopting = 0  # sockets taken whose session has not started (e.g. in a TLS handshake)
+        self._loop: asyncio.AbstractEventLoop | None = None  # kept: asyncio.get_running_loop() costs a getpid
         self._watch: asyncio.Task[None] | None = None  # [cluster] redis: its prober (sharedlimits.py)
 
     async def start(self, process: WorkerProcess) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         config = self.config
         self.process, self.link = process, process.link
         self._backend = backend = open_spool(config.queue)
@@ -167,29 +169,35 @@ class Worker(WorkerBody):
         return {"sessions": len(self.ctx.sessions)}
 
     def on_frame(self, message: Message, fds: list[int]) -> None:
-        assert self.ctx is not None and self.link is not None
+        assert self.ctx is not None and self.link is not None and self._loop is not None
         if not isinstance(message, messages.Conn):
             raise messages.unexpected(message, "from the master")
-        if len(fds) != 1:  # no room for the descriptor here (MSG_CTRUNC)
-            for fd in fds:
+        conns = message.conns
+        if len(fds) > len(conns):  # the master of this build never sends that: a bug
+            raise messages.MessageError(f"a Conn of {len(conns)} entries came with {len(fds)} descriptors")
+        # At our fd limit (MSG_CTRUNC) the kernel installs the descriptors in order and
+        # drops the rest: the entries without one are refused.
+        took = conns[:len(fds)]
+        for (_conn_id, address), fd in zip(took, fds):
+            listener = self.listeners.get(address)
+            if listener is None:  # a listener this generation does not know: cannot serve it
                 os.close(fd)
-            self.link.send(messages.Refused(message.id, len(self.ctx.sessions) + self.adopting))
-            return
-        sock = socket.socket(fileno=fds[0])
-        listener = self.listeners.get(message.listener)
-        if listener is not None:
+                continue
+            # Family, type and protocol given: socket() need not ask the kernel (it still
+            # checks the descriptor with one getsockname). No setblocking: uvloop's
+            # uv_tcp_open makes it non-blocking anyway.
+            sock = socket.socket(listener.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
             self.adopting += 1  # load from now until the session exists (a TLS handshake takes a while)
-        self.link.send(messages.Took(message.id, len(self.ctx.sessions) + self.adopting))
-        if listener is None:  # a listener this generation does not know: cannot serve it
-            sock.close()
-            return
-        sock.setblocking(False)
-        asyncio.get_running_loop().create_task(self._adopt(sock, listener))
+            self._loop.create_task(self._adopt(sock, listener))
+        active = len(self.ctx.sessions) + self.adopting
+        if took:
+            self.link.send(messages.Took(tuple(conn_id for conn_id, _ in took), active))
+        if len(took) < len(conns):
+            self.link.send(messages.Refused(tuple(conn_id for conn_id, _ in conns[len(took):]), active))
 
     async def _adopt(self, sock: socket.socket, listener: ListenerConfig) -> None:
-        ctx = self.ctx
-        assert ctx is not None
-        loop = asyncio.get_running_loop()
+        ctx, loop = self.ctx, self._loop
+        assert ctx is not None and loop is not None
         implicit_tls = ctx.ssl_context if listener.mode == "smtps" else None
         try:
             if implicit_tls is None:

@@ -75,16 +75,16 @@ def run_link(master_sends: bytes, fds: list[int], on_frame: bool) -> tuple[list[
 
 
 def test_the_link_says_hello_with_this_builds_version_then_its_status(log: io.StringIO) -> None:
-    sent, gone = run_link(messages.encode(messages.Conn(1, "127.0.0.1:25")), [], on_frame=True)
+    sent, gone = run_link(messages.encode(messages.Conn(((1, "127.0.0.1:25"),))), [], on_frame=True)
     assert sent[:2] == [messages.hello("child"), messages.Status("ready", 3)]
-    assert sent[-1] == messages.Conn(1, "127.0.0.1:25") and not gone  # handed to on_frame
+    assert sent[-1] == messages.Conn(((1, "127.0.0.1:25"),)) and not gone  # handed to on_frame
 
 
 @pytest.mark.parametrize(("data", "on_frame", "says"), [
     (b"\xc1", True, "not msgpack"),
     (msgpack.packb({"t": "conn", "id": 1, "l": "x"}), True, "an untyped 'conn' frame"),
     (messages.encode(messages.Close(1)), True, "unexpected Close from the master"),
-    (messages.encode(messages.Conn(1, "x")), False, "unexpected Conn from the master"),  # a scheduler takes none
+    (messages.encode(messages.Conn(((1, "x"),))), False, "unexpected Conn from the master"),  # a scheduler takes none
 ], ids=["garbage", "untyped", "wrong-kind", "none-taken"])
 def test_a_frame_that_is_not_for_the_child_is_logged_and_the_master_given_up(
         log: io.StringIO, data: bytes, on_frame: bool, says: str) -> None:
@@ -124,7 +124,9 @@ def test_a_childs_hello_and_status_make_it_ready(arbiter: Arbiter, log: io.Strin
     with end:
         frames.send_frame(end, messages.hello("child"))
         frames.send_frame(end, messages.Status("ready", 4))
-        arbiter._on_channel(child, child.channel)
+        arbiter._on_channel(child, child.channel)  # one frame per readiness: the Hello,
+        assert child.state is ChildState.STARTING
+        arbiter._on_channel(child, child.channel)  # then the Status
     assert child.state is ChildState.READY and child.active == 4 and not child.channel_lost_at
     assert "event=bad_frame" not in log.getvalue()
 
@@ -142,13 +144,13 @@ def test_a_frame_that_is_not_for_the_master_loses_the_childs_channel(
     another worker (the housekeeping kills it if it does not exit)."""
     child, end = add_child(arbiter, 101)
     client, conn = socket.socketpair()
-    child.pending[7] = Handoff("127.0.0.1:25", conn, 0.0)
+    child.pending[7] = Handoff("127.0.0.1:25", conn.fileno(), 0.0)
     with end, client:
         end.send(data)
         frames.send_frame(end, messages.Status("ready", 9))  # never read: the channel is dropped first
         arbiter._on_channel(child, child.channel)
         assert child.channel_lost_at > 0 and child.state is ChildState.STARTING and child.active == 0
-        assert list(arbiter._dispatch.orphans) == [("127.0.0.1:25", conn)] and not child.pending
+        assert list(arbiter._dispatch.orphans) == [("127.0.0.1:25", conn.fileno())] and not child.pending
         assert f'event={event} child="inbound#1 gen0" child_pid=101' in log.getvalue() and says in log.getvalue()
         assert arbiter._dispatch.least_loaded() is None
         conn.close()
