@@ -26,6 +26,7 @@ import concurrent.futures
 import copy
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from mta import logs, metrics
 from mta.lists import bounces_owner
@@ -125,6 +126,28 @@ class Outcomes(Tracking):
     def _init_outcomes(self) -> None:
         self.writes = PendingWrites(lambda update, delete, add: self.backend.apply(update, delete, add),
                                     self._on_written)
+        self._policy: RetryPolicy | None = None
+        self._policy_key: tuple[float, float, float] | None = None
+        self._outcome_counters: dict[tuple[str, int], Any] = {}
+
+    def _retry_policy(self) -> RetryPolicy:
+        """The [delivery] back-off rules, built again only when a reload changed them."""
+        d = self.config.delivery
+        key = (d.min_backoff_seconds, d.max_backoff_seconds, d.max_queue_lifetime_seconds)
+        if self._policy is None or self._policy_key != key:
+            self._policy, self._policy_key = RetryPolicy(*key), key
+        return self._policy
+
+    def _outcome_counter(self, state: str, code: int) -> Any:
+        """mta_delivery_recipients_total's child for a recipient's new state and reply class,
+        looked up once (a .labels() call per recipient was a visible share of the CPU)."""
+        key = (state, code // 100 if code >= 200 else 0)
+        child = self._outcome_counters.get(key)
+        if child is None:
+            child = self._outcome_counters[key] = metrics.DELIVERY_OUTCOMES.labels(
+                state if state in FINAL_STATES or state == "deferred" else "retried",
+                f"{code // 100}xx" if code >= 200 else "none")
+        return child
 
     def _on_written(self, update: list[Envelope], delete: list[MessageId], bounces: list[NewMessage]) -> None:
         now = time.time()
@@ -192,20 +215,20 @@ class Outcomes(Tracking):
         envelope = self.messages.get(job.msgid)
         if envelope is None:
             return  # deleted by an operator while in flight
-        d = self.config.delivery
-        policy = RetryPolicy(d.min_backoff_seconds, d.max_backoff_seconds, d.max_queue_lifetime_seconds)
         answered = {r.index for r in replies}
         missing = [RecipientReply(i, 451, "4.3.0", "no reply for this recipient") for i in job.rcpts
                    if i not in answered]
         remote_host = remote.split("[")[0] if remote else None  # "host[address]:port" -> DSN Remote-MTA
-        with self._recounting(envelope, sorted({r.index for r in replies} | set(job.rcpts))):
-            result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=policy,
-                            hostname=self.config.server.hostname,
-                            load_body=lambda: self.backend.body(job.msgid) or b"", handoff=handoff)
+        # Recounted as _recounting does, without its context manager (once per job).
+        which = job.rcpts if answered.issubset(job.rcpts) else sorted(answered.union(job.rcpts))
+        before = self.tally.states(envelope, which, self.carried.get(job.msgid, ()))
+        result = settle(envelope, replies + missing, remote=remote_host, now=now, policy=self._retry_policy(),
+                        hostname=self.config.server.hostname,
+                        load_body=lambda: self.backend.body(job.msgid) or b"", handoff=handoff)
+        self.tally.changed(envelope, which, before, self.carried.get(job.msgid, ()))
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
-            metrics.DELIVERY_OUTCOMES.labels(rcpt.state if rcpt.state in FINAL_STATES or rcpt.state == "deferred"
-                                             else "retried", f"{r.code // 100}xx" if r.code >= 200 else "none").inc()
+            self._outcome_counter(rcpt.state, r.code).inc()
             if rcpt.state == "delivered":
                 metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),

@@ -270,18 +270,30 @@ class Tracking:
         self.tally.changed(envelope, which, before, self.carried.get(envelope.id, ()))
 
     def _carry(self, job: Job) -> None:
-        """A session carries `job` now: its ready recipients count as active."""
-        with self._recounting(self.messages.get(job.msgid), job.rcpts):
-            self.carried.setdefault(job.msgid, Counter()).update(job.rcpts)
+        """A session carries `job` now: its ready recipients count as active. (Per job
+        given: the counts move directly, a recipient at a time, without _recounting.)"""
+        carried = self.carried.get(job.msgid)
+        if carried is None:
+            carried = self.carried[job.msgid] = Counter()
+        envelope = self.messages.get(job.msgid)
+        for i in job.rcpts:
+            n = carried[i]
+            carried[i] = n + 1
+            if not n and envelope is not None and envelope.recipients[i].state == "ready":
+                self.tally.move(job.dest, "ready", "active")  # a job's recipients are all of job.dest
 
     def _uncarry(self, job: Job) -> None:
         """A session's job is over (answered, or it will not run)."""
-        with self._recounting(self.messages.get(job.msgid), job.rcpts):
-            left = self.carried[job.msgid]
-            left.subtract(job.rcpts)
-            left += Counter()  # drop the zeros
-            if not left:
-                del self.carried[job.msgid]
+        carried = self.carried[job.msgid]
+        envelope = self.messages.get(job.msgid)
+        for i in job.rcpts:
+            n = carried.pop(i, 0) - 1
+            if n > 0:
+                carried[i] = n
+            elif not n and envelope is not None and envelope.recipients[i].state == "ready":
+                self.tally.move(job.dest, "active", "ready")
+        if not carried:
+            del self.carried[job.msgid]
 
     def queue_counts(self) -> Tally:
         """Recipients per destination and state, and in total, of the whole queue: the
