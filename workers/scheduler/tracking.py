@@ -54,6 +54,7 @@ from workers.scheduler.plan import Destination, Job, Limits, Plan
 from workers.scheduler.tally import TOP_DESTINATIONS, Tally
 
 SCAN_BATCH = 500  # due entries read per read transaction by the scan
+RULES_KEPT = 4096  # destinations whose Limits and priority are kept (_rules); more: made again
 
 
 class Tracking:
@@ -78,6 +79,8 @@ class Tracking:
         self._wake: asyncio.Handle | None = None
         self._wake_at = 0.0
         self._scan_soon: asyncio.Handle | None = None
+        self._rules_config: Config | None = None  # the configuration _rules_of was made from
+        self._rules_of: dict[str, tuple[Limits, int]] = {}
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The loop the scheduler runs on, asked for once: each asyncio.get_running_loop()
@@ -277,7 +280,7 @@ class Tracking:
             carried = self.carried[job.msgid] = Counter()
         envelope = self.messages.get(job.msgid)
         for i in job.rcpts:
-            n = carried[i]
+            n = carried.get(i, 0)  # (not carried[i]: Counter.__missing__ is Python code)
             carried[i] = n + 1
             if not n and envelope is not None and envelope.recipients[i].state == "ready":
                 self.tally.move(job.dest, "ready", "active")  # a job's recipients are all of job.dest
@@ -316,10 +319,21 @@ class Tracking:
             if r.state == "ready" and i not in busy:
                 by_dest.setdefault(destination_of(r.address), []).append(i)
         for dest, rcpts in by_dest.items():
-            priority = max(envelope.priority, self.config.domain(dest).priority)
+            limits, dest_priority = self._rules(dest)
+            priority = max(envelope.priority, dest_priority)
             job = Job(next(self._jobs), envelope.id, dest, tuple(rcpts), priority, envelope.arrival)
             self.busy.setdefault(envelope.id, set()).update(rcpts)
-            self.plan.add(job, self._limits(dest))
+            self.plan.add(job, limits)
+
+    def _rules(self, dest: str) -> tuple[Limits, int]:
+        """The destination's Limits and [domain] priority, made once per configuration
+        (a reload replaces self.config) rather than per job."""
+        if self._rules_config is not self.config or len(self._rules_of) >= RULES_KEPT:
+            self._rules_config, self._rules_of = self.config, {}
+        rules = self._rules_of.get(dest)
+        if rules is None:
+            rules = self._rules_of[dest] = (self._limits(dest), self.config.domain(dest).priority)
+        return rules
 
     def _limits(self, dest: str) -> Limits:
         d, o = self.config.delivery, self.config.domain(dest)
