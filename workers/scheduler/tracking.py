@@ -313,16 +313,19 @@ class Tracking:
     # --- jobs and timers -------------------------------------------------------------------
 
     def _enqueue(self, envelope: Envelope) -> None:
-        busy = self.busy.get(envelope.id, set())
+        busy = self.busy.get(envelope.id, ())
         by_dest: dict[str, list[int]] = {}
         for i, r in enumerate(envelope.recipients):
             if r.state == "ready" and i not in busy:
                 by_dest.setdefault(destination_of(r.address), []).append(i)
+        if not by_dest:
+            return
+        busy = self.busy.setdefault(envelope.id, set())
         for dest, rcpts in by_dest.items():
             limits, dest_priority = self._rules(dest)
             priority = max(envelope.priority, dest_priority)
             job = Job(next(self._jobs), envelope.id, dest, tuple(rcpts), priority, envelope.arrival)
-            self.busy.setdefault(envelope.id, set()).update(rcpts)
+            busy.update(rcpts)
             self.plan.add(job, limits)
 
     def _rules(self, dest: str) -> tuple[Limits, int]:
