@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import dataclasses
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +41,9 @@ from workers.scheduler.plan import Job
 from workers.scheduler.tracking import Tracking
 
 FLUSH_GATHER_SECONDS = 0.01
+_ENVELOPE_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Envelope)))
+_RECIPIENT_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(Recipient)))
+_IMMUTABLE = (str, int, float, bool, type(None))
 
 Apply = Callable[[Sequence[Envelope], Sequence[MessageId], Sequence[NewMessage]], object]
 Written = Callable[[list[Envelope], list[MessageId], list[NewMessage]], None]
@@ -122,6 +127,19 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def snapshot(envelope: Envelope) -> Envelope:
+    """A copy of `envelope` for the writer thread, as copy.deepcopy would make it (the
+    loop goes on changing the recipients while the round encodes it), at a fraction of
+    its cost: built from every field; the recipients copied, their notify tuples shared
+    (immutable); the client dict copied, deeply only when a value is not a scalar."""
+    copied = Envelope(*_ENVELOPE_VALUES(envelope))
+    copied.recipients = [Recipient(*_RECIPIENT_VALUES(r)) for r in envelope.recipients]
+    client = envelope.client
+    copied.client = (client.copy() if all(type(v) in _IMMUTABLE for v in client.values())
+                     else copy.deepcopy(client))
+    return copied
+
+
 class Outcomes(Tracking):
     def _init_outcomes(self) -> None:
         self.writes = PendingWrites(lambda update, delete, add: self.backend.apply(update, delete, add),
@@ -159,7 +177,7 @@ class Outcomes(Tracking):
             self._set_on_disk(msgid, None)
         for bounce in bounces:  # committed: now it may be delivered
             if self._room_for(bounce.envelope.priority):
-                self._track(copy.deepcopy(bounce.envelope), now)
+                self._track(snapshot(bounce.envelope), now)
             else:
                 self._lower_mark(self.backend.due_key(bounce.envelope))
         self._schedule_dispatch()
@@ -187,7 +205,7 @@ class Outcomes(Tracking):
     def _check_delay(self, envelope: Envelope, now: float) -> None:
         """A message loaded when due (tracking.py): its delay notice, written with it."""
         if self._warn_if_delayed(envelope, now):
-            self.writes.update[envelope.id] = copy.deepcopy(envelope)
+            self.writes.update[envelope.id] = snapshot(envelope)
             self.writes.schedule()
 
     def _queue_notice(self, notice: NewMessage, action: str, envelope: Envelope) -> None:
@@ -246,7 +264,7 @@ class Outcomes(Tracking):
             self.writes.update.pop(job.msgid, None)
             self.writes.delete.add(job.msgid)
         else:
-            self.writes.update[job.msgid] = copy.deepcopy(envelope)
+            self.writes.update[job.msgid] = snapshot(envelope)
             if result.deferred:
                 self._add_timer(envelope.next_attempt, job.msgid)
         self.writes.schedule()
