@@ -2,9 +2,10 @@
 
 `Outcomes._settle` applies one job's replies to its envelope (outcome.py's rules), logs
 and counts them, and leaves the change pending; `PendingWrites` owns the pending
-changes (envelopes to update, ids to delete, notices to add) and writes them in one
-transaction (backend.apply(): states, retry times, deletions and notices together),
-gathering for FLUSH_GATHER_SECONDS first so one transaction carries many outcomes.
+changes (envelopes to update, each a `snapshot` taken at its change; ids to delete;
+notices to add) and writes them in one transaction (backend.apply(): states, retry
+times, deletions and notices together), gathering for FLUSH_GATHER_SECONDS first so
+one transaction carries many outcomes.
 Notices (DSNs): failure and success from `settle`; the one delay notice of a message
 is decided here when an attempt leaves it queued, and for a message loaded when due
 (`_check_delay`, called by tracking.py), and written with the envelope marked `warned`.
