@@ -232,20 +232,22 @@ class Dispatch(Outcomes):
         session = self.sessions.get(done.sid)
         if session is None or not session.jobs:
             return
-        job = next((j for j in session.jobs if j.id == done.job_id), None)
-        if job is None:
+        for job in session.jobs:  # the first one, but for a failed session's jobs sent ahead
+            if job.id == done.job_id:
+                break
+        else:
             return
         session.jobs.remove(job)
         self._uncarry(job)
         now = time.time()
-        skipped = set(done.skipped)
-        if skipped:  # held by an operator after the job was sent ahead: not attempted
+        if done.skipped:  # held by an operator after the job was sent ahead: not attempted
+            skipped = set(done.skipped)
             self._skip(job, skipped)
             job = dataclasses.replace(job, rcpts=tuple(i for i in job.rcpts if i not in skipped))
-        replies = [RecipientReply(*reply) for reply in done.replies]
+        replies = list(map(RecipientReply._make, done.replies))
         if done.failed:
             session.dest.on_session_failed(now)
-        elif any(200 <= r.code < 300 for r in replies):
+        elif any(200 <= code < 300 for _i, code, _s, _t in done.replies):
             session.dest.on_session_ok()
         if job.rcpts:
             self._settle(job, replies, done.remote, now, done.handoff)

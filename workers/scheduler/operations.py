@@ -21,7 +21,6 @@ A mixin of Scheduler (main.py) over the sessions (dispatch.py) and the queue vie
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 
@@ -30,6 +29,7 @@ from mta.messages import Message
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope
 from workers.scheduler.dispatch import Dispatch
+from workers.scheduler.flush import snapshot
 
 BULK_BATCH = 1000
 PROGRESS_SECONDS = 1.0
@@ -140,5 +140,5 @@ class Operations(Dispatch):
         if changed:
             if op in queueops.REQUEUE:
                 self._enqueue(envelope)
-            self.writes.update[envelope.id] = copy.deepcopy(envelope)
+            self.writes.update[envelope.id] = snapshot(envelope)
             logs.event(op, msgid=envelope.id, by="operator")

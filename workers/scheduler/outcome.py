@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import re
 
@@ -34,15 +35,17 @@ from mtaqueue.records import Envelope, NewMessage, Recipient
 _TEMPORARY_STATUS = re.compile(r"\d{3} (4\.\d{1,3}\.\d{1,3})\b")  # in a last_reply "451 4.3.0 text"
 
 
-@dataclass(frozen=True)
-class RecipientReply:
+class RecipientReply(NamedTuple):  # (a tuple: built per recipient per attempt, cheaper than a dataclass)
     index: int
     code: int
     status: str
     text: str
 
     def __str__(self) -> str:
-        return " ".join(part for part in (str(self.code), self.status, self.text) if part)
+        code, status, text = str(self.code), self.status, self.text
+        if status and text:
+            return f"{code} {status} {text}"
+        return " ".join(part for part in (code, status, text) if part)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,17 @@ class Tally:
         if not any(counts.values()):
             del self.by_dest[dest]
 
+    def move(self, dest: str, old: str, new: str) -> None:
+        """One recipient of `dest` goes from counted state `old` to `new`, both of
+        PER_DESTINATION (ready <-> active): its row and `queued` keep their sums."""
+        counts = self.by_dest.get(dest)
+        if counts is None or counts[old] <= 0:
+            raise AssertionError(f"queue tally: {dest} {old} = {counts and counts[old]} - 1 (a state change was not counted)")
+        counts[old] -= 1
+        counts[new] += 1
+        self.totals[old] -= 1
+        self.totals[new] += 1
+
     def add_recipients(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int],
                        sign: int) -> None:
         """Count (+1) or uncount (-1) these recipients of `envelope`; `carried`: indices in a session's job."""

@@ -27,7 +27,8 @@ write is in flight. Recipients in flight when a process died are simply `ready` 
 (in-flight state is never persisted); deferred ones of a tracked message get a timer.
 
 Invariants: every change of a tracked recipient's state, or of whether a session
-carries it, goes through `_recounting` or `_count`; `on_disk` and `spooled` change
+carries it, goes through `_recounting` or `_count` (per job, `_carry`, `_uncarry` and
+flush.py's `_settle` count the same way inline); `on_disk` and `spooled` change
 together (`_set_on_disk`). The base of Scheduler's mixins (main.py): the hooks below
 are theirs (`_schedule_dispatch`: dispatch.py; `_delete_later`, `_write_pending`,
 `_check_delay`: flush.py).
@@ -54,6 +55,7 @@ from workers.scheduler.plan import Destination, Job, Limits, Plan
 from workers.scheduler.tally import TOP_DESTINATIONS, Tally
 
 SCAN_BATCH = 500  # due entries read per read transaction by the scan
+RULES_KEPT = 4096  # destinations whose Limits and priority are kept (_rules); more: made again
 
 
 class Tracking:
@@ -78,6 +80,8 @@ class Tracking:
         self._wake: asyncio.Handle | None = None
         self._wake_at = 0.0
         self._scan_soon: asyncio.Handle | None = None
+        self._rules_config: Config | None = None  # the configuration _rules_of was made from
+        self._rules_of: dict[str, tuple[Limits, int]] = {}
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The loop the scheduler runs on, asked for once: each asyncio.get_running_loop()
@@ -253,7 +257,9 @@ class Tracking:
     # --- counting -------------------------------------------------------------------------
 
     # Every change of a tracked recipient's state, or of whether a session carries it,
-    # goes through _recounting or _count: the gauges read the running counts only.
+    # goes through _recounting or _count: the gauges read the running counts only. The
+    # per-job paths (_carry, _uncarry, Outcomes._settle) do the same without a context
+    # manager: a contextmanager and Counter arithmetic per job were a tenth of the CPU.
 
     def _count(self, envelope: Envelope, indices: Iterable[int], sign: int) -> None:
         self.tally.add_recipients(envelope, indices, self.carried.get(envelope.id, ()), sign)
@@ -270,18 +276,30 @@ class Tracking:
         self.tally.changed(envelope, which, before, self.carried.get(envelope.id, ()))
 
     def _carry(self, job: Job) -> None:
-        """A session carries `job` now: its ready recipients count as active."""
-        with self._recounting(self.messages.get(job.msgid), job.rcpts):
-            self.carried.setdefault(job.msgid, Counter()).update(job.rcpts)
+        """A session carries `job` now: its ready recipients count as active. (Per job
+        given: the counts move directly, a recipient at a time, without _recounting.)"""
+        carried = self.carried.get(job.msgid)
+        if carried is None:
+            carried = self.carried[job.msgid] = Counter()
+        envelope = self.messages.get(job.msgid)
+        for i in job.rcpts:
+            n = carried.get(i, 0)  # (not carried[i]: Counter.__missing__ is Python code)
+            carried[i] = n + 1
+            if not n and envelope is not None and envelope.recipients[i].state == "ready":
+                self.tally.move(job.dest, "ready", "active")  # a job's recipients are all of job.dest
 
     def _uncarry(self, job: Job) -> None:
         """A session's job is over (answered, or it will not run)."""
-        with self._recounting(self.messages.get(job.msgid), job.rcpts):
-            left = self.carried[job.msgid]
-            left.subtract(job.rcpts)
-            left += Counter()  # drop the zeros
-            if not left:
-                del self.carried[job.msgid]
+        carried = self.carried[job.msgid]
+        envelope = self.messages.get(job.msgid)
+        for i in job.rcpts:
+            n = carried.pop(i, 0) - 1
+            if n > 0:
+                carried[i] = n
+            elif not n and envelope is not None and envelope.recipients[i].state == "ready":
+                self.tally.move(job.dest, "active", "ready")
+        if not carried:
+            del self.carried[job.msgid]
 
     def queue_counts(self) -> Tally:
         """Recipients per destination and state, and in total, of the whole queue: the
@@ -298,16 +316,30 @@ class Tracking:
     # --- jobs and timers -------------------------------------------------------------------
 
     def _enqueue(self, envelope: Envelope) -> None:
-        busy = self.busy.get(envelope.id, set())
+        busy = self.busy.get(envelope.id, ())
         by_dest: dict[str, list[int]] = {}
         for i, r in enumerate(envelope.recipients):
             if r.state == "ready" and i not in busy:
                 by_dest.setdefault(destination_of(r.address), []).append(i)
+        if not by_dest:
+            return
+        busy = self.busy.setdefault(envelope.id, set())
         for dest, rcpts in by_dest.items():
-            priority = max(envelope.priority, self.config.domain(dest).priority)
+            limits, dest_priority = self._rules(dest)
+            priority = max(envelope.priority, dest_priority)
             job = Job(next(self._jobs), envelope.id, dest, tuple(rcpts), priority, envelope.arrival)
-            self.busy.setdefault(envelope.id, set()).update(rcpts)
-            self.plan.add(job, self._limits(dest))
+            busy.update(rcpts)
+            self.plan.add(job, limits)
+
+    def _rules(self, dest: str) -> tuple[Limits, int]:
+        """The destination's Limits and [domain] priority, made once per configuration
+        (a reload replaces self.config) rather than per job."""
+        if self._rules_config is not self.config or len(self._rules_of) >= RULES_KEPT:
+            self._rules_config, self._rules_of = self.config, {}
+        rules = self._rules_of.get(dest)
+        if rules is None:
+            rules = self._rules_of[dest] = (self._limits(dest), self.config.domain(dest).priority)
+        return rules
 
     def _limits(self, dest: str) -> Limits:
         d, o = self.config.delivery, self.config.domain(dest)
