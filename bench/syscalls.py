@@ -71,6 +71,8 @@ def syscall_result(calls: dict[str, dict[str, int]], tasks: dict[str, int], mess
         for name, n in per.items():
             by_syscall[name] = by_syscall.get(name, 0) + n
     total = sum(by_syscall.values())
+    # A kind traced but silent meanwhile (an idle control process) is a row of zeros, not missing.
+    calls = {kind: calls.get(kind, {}) for kind in {*calls, *tasks}}
     return {
         "messages_counted": messages,
         "syscalls_total": total,
