@@ -155,6 +155,12 @@ def parse_reply(lines: list[bytes], command: Verb | None = None) -> ServerReply:
     """Complete reply lines (CRLF removed) -> ServerReply (answering `command`). Raises only ProtocolError."""
     if not lines:
         raise ProtocolError("empty reply")
+    if len(lines) == 1:
+        return _parse_line(lines[0], command)
+    return _parse_lines(lines, command)
+
+
+def _parse_lines(lines: list[bytes], command: Verb | None) -> ServerReply:
     code = _check_line(lines[0])
     texts: list[str] = []
     for i, raw in enumerate(lines):
@@ -170,6 +176,20 @@ def parse_reply(lines: list[bytes], command: Verb | None = None) -> ServerReply:
         status = match.group(0)
         texts = [t[len(status):].lstrip(" ") if t.startswith(status) else t for t in texts]
     return ServerReply(code, status, tuple(texts), command)
+
+
+def _parse_line(raw: bytes, command: Verb | None) -> ServerReply:
+    """parse_reply of a single-line reply (most are; the final dot's is parsed per message)."""
+    code = _check_line(raw)
+    if raw[3:4] == b"-":
+        raise ProtocolError("multi-line reply not ended by a 'code SP' line")
+    text = raw[4:].decode("utf-8", "replace")
+    if not text.isprintable():  # every control character is unprintable
+        text = _CONTROL.sub("?", text)
+    if text[1:2] == "." and (match := _ENHANCED.match(text)) is not None and match.group(1) == str(code)[0]:
+        status = match.group(0)
+        return ServerReply(code, status, (text[len(status):].lstrip(" "),), command)
+    return ServerReply(code, "", (text,), command)
 
 
 def _check_line(raw: bytes) -> int:

@@ -312,6 +312,14 @@ def test_pipelined_replies_are_matched_in_order() -> None:
     conn.mail_from("a@b.test")  # the next transaction
 
 
+LINE_TEXT = st.tuples(
+    st.sampled_from([b"250", b"421", b"550", b"25", b"2500", b"abc", b""]),
+    st.sampled_from([b" ", b"-", b"", b"x"]),
+    st.sampled_from([b"", b"2", b"2.", b"2.1.0", b"2.1.0 ok", b"2.1.0  two", b"5.1.1 no", b"4.7.1", b"2.1.0x",
+                     b"2.1234.0 x", b"ok \x1b[31m", b"\xff\x00", b"\xe2\x80\xa8 sep", b"\x7f", b"text " * 3]),
+).map(b"".join)
+
+
 def test_a_reply_line_seen_before_answers_the_command_it_now_answers() -> None:
     """Single-line replies are parsed once and kept (client._PARSED): the same line to
     another command is that command's reply, and of the wrong class still an error."""
@@ -334,6 +342,17 @@ def test_a_reply_line_seen_before_answers_the_command_it_now_answers() -> None:
     conn.receive_data(b"250 2.0.0 ok\r\n")  # seen before, but no reply DATA may get
     with pytest.raises(ProtocolError, match="unexpected reply to DATA"):
         conn.next_event()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.binary(max_size=30), LINE_TEXT))
+def test_single_line_replies_parse_as_the_general_parser_does(raw: bytes) -> None:
+    def parsed(parse):  # type: ignore[no-untyped-def]
+        try:
+            return parse()
+        except ProtocolError as exc:
+            return str(exc)
+    assert parsed(lambda: client._parse_line(raw, Verb.DOT)) == parsed(lambda: client._parse_lines([raw], Verb.DOT))
 
 
 def test_the_parsed_reply_cache_stays_bounded() -> None:
