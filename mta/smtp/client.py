@@ -286,7 +286,7 @@ class ClientConnection:
 
     @property
     def pipelining(self) -> bool:
-        return "PIPELINING" in self.extensions
+        return "PIPELINING" in self.extensions.keywords
 
     def receive_data(self, data: bytes) -> None:
         if not self._eof:
@@ -406,7 +406,7 @@ class ClientConnection:
         if Verb.DOT in self._awaiting and not self.pipelining:
             raise LocalProtocolError("MAIL before the reply to the final dot, without PIPELINING")
         self._check_address(sender, smtputf8)
-        ext = self.extensions
+        ext = self.extensions.keywords  # the dict itself: Extensions.__contains__ is a Python call
         params: list[str] = []
         if size is not None and "SIZE" in ext:
             params.append(f"SIZE={size}")
@@ -435,7 +435,7 @@ class ClientConnection:
             raise LocalProtocolError("empty recipient")
         self._check_address(address, self._utf8)
         params: list[str] = []
-        if "DSN" in self.extensions:
+        if "DSN" in self.extensions.keywords:
             if notify:
                 params.append("NOTIFY=" + ",".join(n.upper() for n in notify))
             addr_type, semi, original = (orcpt or "").partition(";")
