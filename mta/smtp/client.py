@@ -23,6 +23,8 @@ Errors: ProtocolError is the peer's fault (a malformed or unexpected reply, byte
 after the 220 to STARTTLS); it is sticky and the connection is unusable after it.
 LocalProtocolError is ours (a command out of order, CR or LF in an address).
 
+Servers repeat a few replies ("250 2.1.5 Ok"): a single-line reply is parsed once per
+process and its ServerReply (immutable) served again (_PARSED, emptied when full).
 Pure: no asyncio, socket or time imports.
 """
 
@@ -132,10 +134,7 @@ class Extensions:
 
 NO_EXTENSIONS = Extensions({})
 
-# Single-line replies parsed before, by (line, the command it answers): servers repeat a
-# few ("250 2.1.5 Ok") and a ServerReply is immutable, so one object serves each time
-# (parsing was a tenth of a delivery worker's CPU). Not the final dot's: those carry
-# queue ids. Emptied when full.
+# Single-line replies parsed before, by (line, command); not the final dot's (queue ids).
 _PARSED: dict[tuple[bytes, Verb | None], ServerReply] = {}
 MAX_PARSED: Final = 1024
 
