@@ -74,8 +74,7 @@ class Verb(enum.Enum):
     NOOP = "NOOP"
     QUIT = "QUIT"
 
-    # Members are singletons: hashed by identity in C (Enum's own __hash__ is a Python
-    # call, and every reply looks its command up twice).
+    # Singletons: hashed by identity, in C (Enum's __hash__ is a Python call; replies look verbs up).
     __hash__ = object.__hash__
 
 
@@ -322,6 +321,8 @@ class ClientConnection:
                 seen = _PARSED.get((raw, self._awaiting[0] if self._awaiting else None))
                 if seen is not None:
                     return self._commit(seen)
+                if raw[3:4] != b"-":  # a single-line reply: parse_reply checks it
+                    return self._commit(self._parse([raw]))
             _check_line(raw)
             lines.append(raw)
             if raw[3:4] == b"-":

@@ -181,7 +181,7 @@ class OutboundTransaction:
         rcpts = message.recipients
         self.results: list[RecipientResult | None] = [None] * len(rcpts)
         self._utf8 = (message.smtputf8 or not message.sender.isascii()
-                      or not all([r.address.isascii() for r in rcpts]))
+                      or not all(r.address.isascii() for r in rcpts))
         self.body = client.canonical_body(message.body)
         self.todo: list[int] = []  # recipients not refused locally, to send RCPT for
         self.accepted: list[int] = []

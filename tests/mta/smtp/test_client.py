@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mta.smtp import client
 from mta.smtp.client import (
     CLOSED, MESSAGE_TOO_BIG, NEED_DATA, NEEDS_SMTPUTF8, ClientConnection, Extensions, LocalProtocolError,
     ProtocolError, ServerReply, Verb, bad_address, canonical_body, check_message, parse_extensions,
     parse_reply, stuff_body, xtext,
 )
-from mta.smtp import client
 from tests.mta.smtp.transcript import new_app
 
 EHLO_ALL = (b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
