@@ -23,6 +23,8 @@ Errors: ProtocolError is the peer's fault (a malformed or unexpected reply, byte
 after the 220 to STARTTLS); it is sticky and the connection is unusable after it.
 LocalProtocolError is ours (a command out of order, CR or LF in an address).
 
+Servers repeat a few replies ("250 2.1.5 Ok"): a single-line reply is parsed once per
+process and its ServerReply (immutable) served again (_PARSED, emptied when full).
 Pure: no asyncio, socket or time imports.
 """
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from mta.smtp.content import crlf_line_ends, has_bare_newline
@@ -42,6 +44,7 @@ MAX_REPLY_LINES: Final = 256  # lines in one multi-line reply
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
 _KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SUSPECT = re.compile(r"[\x00-\x1f\x7f<>]")  # what bad_address looks at more closely
 
 # Local refusals: the message never reaches DATA at this server.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "message size exceeds the size limit of the server")
@@ -71,9 +74,13 @@ class Verb(enum.Enum):
     NOOP = "NOOP"
     QUIT = "QUIT"
 
+    # Singletons: hashed by identity, in C (Enum's __hash__ is a Python call; replies look verbs up).
+    __hash__ = object.__hash__
 
-# Reply classes each command may get; anything else is a ProtocolError.
-_ALLOWED_CLASSES: Final[dict[Verb, str]] = {verb: "245" for verb in Verb} | {Verb.DATA: "345"}
+
+# Reply classes (code // 100) each command may get; anything else is a ProtocolError.
+_ALLOWED_CLASSES: Final[dict[Verb, frozenset[int]]] = (
+    {verb: frozenset((2, 4, 5)) for verb in Verb} | {Verb.DATA: frozenset((3, 4, 5))})
 
 
 class _Marker:
@@ -111,18 +118,24 @@ class Extensions:
     """The EHLO keywords (upper case) and their parameters, as the server listed them."""
 
     keywords: dict[str, str]
+    # The SIZE limit in octets; None when absent, 0 ("no fixed limit") or malformed.
+    # Worked out once: every message checks it.
+    max_size: int | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        value = self.keywords.get("SIZE", "")
+        limit = int(value) if value.isdigit() and 0 < len(value) <= 20 and int(value) > 0 else None
+        object.__setattr__(self, "max_size", limit)  # frozen
 
     def __contains__(self, keyword: str) -> bool:
         return keyword in self.keywords
 
-    @property
-    def max_size(self) -> int | None:
-        """The SIZE limit in octets; None when absent, 0 ("no fixed limit") or malformed."""
-        value = self.keywords.get("SIZE", "")
-        return int(value) if value.isdigit() and 0 < len(value) <= 20 and int(value) > 0 else None
-
 
 NO_EXTENSIONS = Extensions({})
+
+# Single-line replies parsed before, by (line, command); not the final dot's (queue ids).
+_PARSED: dict[tuple[bytes, Verb | None], ServerReply] = {}
+MAX_PARSED: Final = 1024
 
 
 def parse_extensions(lines: tuple[str, ...]) -> Extensions:
@@ -136,10 +149,16 @@ def parse_extensions(lines: tuple[str, ...]) -> Extensions:
     return Extensions(keywords)
 
 
-def parse_reply(lines: list[bytes]) -> ServerReply:
-    """Complete reply lines (CRLF removed) -> ServerReply. Raises only ProtocolError."""
+def parse_reply(lines: list[bytes], command: Verb | None = None) -> ServerReply:
+    """Complete reply lines (CRLF removed) -> ServerReply (answering `command`). Raises only ProtocolError."""
     if not lines:
         raise ProtocolError("empty reply")
+    if len(lines) == 1:
+        return _parse_line(lines[0], command)
+    return _parse_lines(lines, command)
+
+
+def _parse_lines(lines: list[bytes], command: Verb | None) -> ServerReply:
     code = _check_line(lines[0])
     texts: list[str] = []
     for i, raw in enumerate(lines):
@@ -154,7 +173,21 @@ def parse_reply(lines: list[bytes]) -> ServerReply:
     if match is not None and match.group(1) == str(code)[0]:
         status = match.group(0)
         texts = [t[len(status):].lstrip(" ") if t.startswith(status) else t for t in texts]
-    return ServerReply(code, status, tuple(texts))
+    return ServerReply(code, status, tuple(texts), command)
+
+
+def _parse_line(raw: bytes, command: Verb | None) -> ServerReply:
+    """parse_reply of a single-line reply (most are; the final dot's is parsed per message)."""
+    code = _check_line(raw)
+    if raw[3:4] == b"-":
+        raise ProtocolError("multi-line reply not ended by a 'code SP' line")
+    text = raw[4:].decode("utf-8", "replace")
+    if not text.isprintable():  # every control character is unprintable
+        text = _CONTROL.sub("?", text)
+    if text[1:2] == "." and (match := _ENHANCED.match(text)) is not None and match.group(1) == str(code)[0]:
+        status = match.group(0)
+        return ServerReply(code, status, (text[len(status):].lstrip(" "),), command)
+    return ServerReply(code, "", (text,), command)
 
 
 def _check_line(raw: bytes) -> int:
@@ -176,6 +209,8 @@ def check_message(extensions: Extensions, size: int, smtputf8: bool) -> Reply | 
 
 def bad_address(address: str) -> str | None:
     """Why `address` cannot go into a MAIL or RCPT command, or None."""
+    if _SUSPECT.search(address) is None:
+        return None  # the common case, in one search
     if _CONTROL.search(address):
         return "control character in address"
     local, _, domain = address.rpartition("@")
@@ -249,7 +284,7 @@ class ClientConnection:
 
     @property
     def pipelining(self) -> bool:
-        return "PIPELINING" in self.extensions
+        return "PIPELINING" in self.extensions.keywords
 
     def receive_data(self, data: bytes) -> None:
         if not self._eof:
@@ -271,35 +306,47 @@ class ClientConnection:
         return reply
 
     def _read_reply(self) -> ServerReply | None:
-        buf = self._buffer
+        buf, lines = self._buffer, self._lines
         while True:
             end = buf.find(b"\n")
             if end < 0:
                 if len(buf) > MAX_REPLY_LINE:
                     raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
                 return None
-            raw = bytes(buf[:end])
+            raw = bytes(buf[:end - 1] if end and buf[end - 1] == 13 else buf[:end])  # CR LF or a bare LF
             del buf[: end + 1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
             if len(raw) > MAX_REPLY_LINE:
                 raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
+            if not lines:
+                seen = _PARSED.get((raw, self._awaiting[0] if self._awaiting else None))
+                if seen is not None:
+                    return self._commit(seen)
+                if raw[3:4] != b"-":  # a single-line reply: parse_reply checks it
+                    return self._commit(self._parse([raw]))
             _check_line(raw)
-            self._lines.append(raw)
+            lines.append(raw)
             if raw[3:4] == b"-":
-                if len(self._lines) >= MAX_REPLY_LINES:
+                if len(lines) >= MAX_REPLY_LINES:
                     raise ProtocolError(f"reply of more than {MAX_REPLY_LINES} lines")
                 continue
-            lines, self._lines = self._lines, []
-            return self._commit(parse_reply(lines))
+            self._lines = []
+            return self._commit(self._parse(lines))
 
-    def _commit(self, parsed: ServerReply) -> ServerReply:
+    def _parse(self, lines: list[bytes]) -> ServerReply:
+        verb = self._awaiting[0] if self._awaiting else None
+        reply = parse_reply(lines, verb)
+        if len(lines) == 1 and verb is not None and verb is not Verb.DOT:
+            if len(_PARSED) >= MAX_PARSED:
+                _PARSED.clear()
+            _PARSED[(lines[0], verb)] = reply
+        return reply
+
+    def _commit(self, reply: ServerReply) -> ServerReply:
         if not self._awaiting:
-            raise ProtocolError(f"reply with no command outstanding: {parsed}")
+            raise ProtocolError(f"reply with no command outstanding: {reply}")
         verb = self._awaiting.popleft()
-        if str(parsed.code)[0] not in _ALLOWED_CLASSES[verb]:
-            raise ProtocolError(f"unexpected reply to {verb.value}: {parsed}")
-        reply = ServerReply(parsed.code, parsed.status, parsed.lines, verb)
+        if reply.code // 100 not in _ALLOWED_CLASSES[verb]:
+            raise ProtocolError(f"unexpected reply to {verb.value}: {reply}")
         if verb is Verb.GREETING:
             self.greeted = reply.ok
         elif verb in (Verb.EHLO, Verb.HELO) and reply.ok:
@@ -359,7 +406,7 @@ class ClientConnection:
         if Verb.DOT in self._awaiting and not self.pipelining:
             raise LocalProtocolError("MAIL before the reply to the final dot, without PIPELINING")
         self._check_address(sender, smtputf8)
-        ext = self.extensions
+        ext = self.extensions.keywords  # the dict itself: Extensions.__contains__ is a Python call
         params: list[str] = []
         if size is not None and "SIZE" in ext:
             params.append(f"SIZE={size}")
@@ -388,7 +435,7 @@ class ClientConnection:
             raise LocalProtocolError("empty recipient")
         self._check_address(address, self._utf8)
         params: list[str] = []
-        if "DSN" in self.extensions:
+        if "DSN" in self.extensions.keywords:
             if notify:
                 params.append("NOTIFY=" + ",".join(n.upper() for n in notify))
             addr_type, semi, original = (orcpt or "").partition(";")

@@ -180,8 +180,8 @@ class OutboundTransaction:
         self.message = message
         rcpts = message.recipients
         self.results: list[RecipientResult | None] = [None] * len(rcpts)
-        addresses = [message.sender] + [r.address for r in rcpts]
-        self._utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
+        self._utf8 = (message.smtputf8 or not message.sender.isascii()
+                      or not all(r.address.isascii() for r in rcpts))
         self.body = client.canonical_body(message.body)
         self.todo: list[int] = []  # recipients not refused locally, to send RCPT for
         self.accepted: list[int] = []

@@ -307,7 +307,7 @@ class DeliveryWorker(WorkerBody):
         if envelope is None:
             return Current(None, [], [], [])
         rcpts = _not_held(envelope, job_rcpts)
-        skipped = [i for i in job_rcpts if i not in rcpts]
+        skipped = [i for i in job_rcpts if i not in rcpts] if len(rcpts) < len(job_rcpts) else []
         if not rcpts:
             return Current(None, rcpts, skipped, [])
         if body is None:
@@ -318,8 +318,8 @@ class DeliveryWorker(WorkerBody):
         message = Outbound(
             msgid=envelope.id, sender=envelope.sender, body=body,
             smtputf8=envelope.smtputf8, body_type=envelope.body_type, ret=envelope.ret, envid=envelope.envid,
-            recipients=[OutboundRecipient(envelope.recipients[i].address, envelope.recipients[i].notify,
-                                          envelope.recipients[i].orcpt) for i in rcpts])
+            recipients=[OutboundRecipient(r.address, r.notify, r.orcpt)
+                        for r in map(envelope.recipients.__getitem__, rcpts)])
         return Current(message, rcpts, skipped, [])
 
     async def _deliver_local(self, current: Current) -> list[RcptReply]:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mta.smtp import client
 from mta.smtp.client import (
     CLOSED, MESSAGE_TOO_BIG, NEED_DATA, NEEDS_SMTPUTF8, ClientConnection, Extensions, LocalProtocolError,
     ProtocolError, ServerReply, Verb, bad_address, canonical_body, check_message, parse_extensions,
@@ -309,6 +310,74 @@ def test_pipelined_replies_are_matched_in_order() -> None:
     assert replies(conn)[0].command is Verb.DOT
     assert conn.accepted == 0 and tuple(conn.awaiting) == ()
     conn.mail_from("a@b.test")  # the next transaction
+
+
+LINE_TEXT = st.tuples(
+    st.sampled_from([b"250", b"421", b"550", b"25", b"2500", b"abc", b""]),
+    st.sampled_from([b" ", b"-", b"", b"x"]),
+    st.sampled_from([b"", b"2", b"2.", b"2.1.0", b"2.1.0 ok", b"2.1.0  two", b"5.1.1 no", b"4.7.1", b"2.1.0x",
+                     b"2.1234.0 x", b"ok \x1b[31m", b"\xff\x00", b"\xe2\x80\xa8 sep", b"\x7f", b"text " * 3]),
+).map(b"".join)
+
+
+def test_a_reply_line_seen_before_answers_the_command_it_now_answers() -> None:
+    """Single-line replies are parsed once and kept (client._PARSED): the same line to
+    another command is that command's reply, and of the wrong class still an error."""
+    conn = ready()
+    for _ in range(2):
+        conn.mail_from("a@b.test")
+        conn.rcpt_to("c@d.test")
+        conn.data()
+        conn.receive_data(b"250 2.0.0 ok\r\n250 2.0.0 ok\r\n354 go\r\n")
+        got = replies(conn)
+        assert [(r.command, r.code, r.status, r.text) for r in got] == [
+            (Verb.MAIL, 250, "2.0.0", "ok"), (Verb.RCPT, 250, "2.0.0", "ok"), (Verb.DATA, 354, "", "go")]
+        conn.message_body(b"hi\r\n")
+        conn.receive_data(b"250 2.0.0 ok\r\n")
+        assert replies(conn)[0].command is Verb.DOT
+    conn.mail_from("a@b.test")
+    conn.receive_data(b"250 2.0.0 ok\r\n")
+    conn.next_event()
+    conn.data()
+    conn.receive_data(b"250 2.0.0 ok\r\n")  # seen before, but no reply DATA may get
+    with pytest.raises(ProtocolError, match="unexpected reply to DATA"):
+        conn.next_event()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.binary(max_size=30), LINE_TEXT))
+def test_single_line_replies_parse_as_the_general_parser_does(raw: bytes) -> None:
+    def parsed(parse):  # type: ignore[no-untyped-def]
+        try:
+            return parse()
+        except ProtocolError as exc:
+            return str(exc)
+    assert parsed(lambda: client._parse_line(raw, Verb.DOT)) == parsed(lambda: client._parse_lines([raw], Verb.DOT))
+
+
+def test_the_parsed_reply_cache_stays_bounded() -> None:
+    conn = ready()
+    for i in range(client.MAX_PARSED + 10):
+        conn.noop()
+        conn.receive_data(b"250 2.0.0 ok %d\r\n" % i)
+        assert conn.next_event().text == f"ok {i}"  # type: ignore[union-attr]
+        assert 0 < len(client._PARSED) <= client.MAX_PARSED
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"250 2.1.0 ok", b"250 ok", b"250", b"250 5.1.1 odd", b"250 2.0.0 a\x1bb\xff",
+                                 b"250-multi", b"450 4.2.0 later"]), min_size=1, max_size=12))
+def test_cached_replies_equal_fresh_parses(lines: list[bytes]) -> None:
+    conn = ready()
+    for line in lines * 2:
+        conn.noop()
+        if line.startswith(b"250-"):
+            conn.receive_data(line + b"\r\n250 end\r\n")
+            expected = parse_reply([line, b"250 end"], Verb.NOOP)
+        else:
+            conn.receive_data(line + b"\r\n")
+            expected = parse_reply([line], Verb.NOOP)
+        assert conn.next_event() == expected
 
 
 def test_lmtp_expects_one_reply_per_accepted_recipient() -> None:
