@@ -12,7 +12,8 @@ Replies: the server runs under strace; clients one after another:
   half-close and wait for the client's EOF), after QUIT and more it lingers as before.
 
 Event log lines: written once per turn of the worker's loop, so the lines one batch of
-input makes (two recipients refused in one pipelined group) leave in one write.
+input makes (two recipients refused in one pipelined group) leave in one write; but a
+message's received line is written before its 250 leaves.
 
 getpid: CPython 3.11's asyncio.get_running_loop() (and current_task, asyncio.timeout,
 sleep, wait_for, Future() without a loop) asks the kernel for the pid on every call; the
@@ -97,6 +98,8 @@ def test_replies_leave_once_per_group_at_once_when_awaited_and_quit_closes_at_on
     assert group.text.index("250 2.1.0") < group.text.index("250 2.1.5") < group.text.index("250 2.0.0"), \
         f"the group's replies did not leave in one write: {[c.text[:90] for c in replies]}"
     assert len(replies) == 4, [c.text[:90] for c in replies]  # 220, EHLO, the group, 221
+    logged = next(c for c in calls if c.name in ("write", "writev") and f"event=received msgid={ids['bdat']}" in c.text)
+    assert logged.end < group.start, "the 250 left before its received line was written (lines wait for the turn's end)"
     assert not [c for c in bdat if c.name == "shutdown"], "a QUIT alone: closed at once, no half-close"
     assert [c for c in bdat if c.name == "close"], "the session's socket was never closed"
 

@@ -242,7 +242,7 @@ class InboundProtocol(asyncio.Protocol):
                 decision = session.check_rcpt(event)
                 conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
-                self._decide(self._answer_when(session.on_message(event)))
+                self._decide(self._answer_message(session.on_message(event)))
                 break
             elif isinstance(event, Credentials):
                 self._decide(self._answer_when(session.authenticate(event)))
@@ -295,6 +295,13 @@ class InboundProtocol(asyncio.Protocol):
 
     async def _answer_when(self, decision: Awaitable[Decision]) -> None:
         self._answer((await decision).reply)
+
+    async def _answer_message(self, verdict: Awaitable[Decision]) -> None:
+        reply = (await verdict).reply
+        # The log lines of this turn (its received line among them) leave before its 250:
+        # a worker killed now never leaves a message the client was told is queued unlogged.
+        logs.write_waiting()
+        self._answer(reply)
 
     async def _mail_later(self, command: MailFrom) -> None:
         """MAIL after the DNSBL lookup, or counted in the cluster's windows ([cluster] redis)."""
