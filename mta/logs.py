@@ -9,7 +9,8 @@ line splits on spaces outside quotes. The message id is always the field `msgid`
 The format is chosen once in the master (`set_format`); forked children inherit it.
 A process whose lines come many per event-loop turn (the scheduler: one per outcome)
 may write them once per turn (`write_each_turn(loop)`, `write_each_turn(None)` to
-write the rest and stop): one write() instead of one per line.
+write the rest and stop): one write() instead of one per line; `write_waiting()` writes
+them now, before an act that must follow them (the 250 after a received line).
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def _emit(text: str) -> None:
     _waiting.append(text)
     if len(_waiting) == 1:
         _turn_loop.call_soon(_write_waiting)
+
+
+def write_waiting() -> None:
+    """The lines waiting for the end of the turn, written now (nothing without write_each_turn)."""
+    _write_waiting()
 
 
 def _write_waiting() -> None:

@@ -6,6 +6,7 @@ server core and the workers agree. Texts never echo unsanitised client input.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -165,10 +166,12 @@ def chunk_ok(octets: int) -> Reply:
     return Reply(250, "2.0.0", f"Ok: {octets} octets received")
 
 
+@functools.lru_cache(maxsize=64)  # the same few per process: made once, not per session
 def greeting(hostname: str) -> Reply:
     return Reply(220, "", f"{hostname} ESMTP")
 
 
+@functools.lru_cache(maxsize=64)  # the same few per process: made once, not per session
 def ehlo(hostname: str, max_message_bytes: int, *, starttls: bool, auth: tuple[str, ...]) -> Reply:
     """Our EHLO reply: the extensions offered (STARTTLS before TLS only, AUTH when offered)."""
     lines = [hostname, "PIPELINING", f"SIZE {max_message_bytes}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
@@ -180,6 +183,7 @@ def ehlo(hostname: str, max_message_bytes: int, *, starttls: bool, auth: tuple[s
     return Reply(250, "", tuple(lines))
 
 
+@functools.lru_cache(maxsize=64)  # the same few per process: made once, not per session
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 

@@ -246,10 +246,9 @@ class ServerConnection:
 
     def _step_command(self) -> Event | None:
         buf = self._buffer
-        limit = MAX_AUTH_LINE if self._sasl is not None or buf[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
         end = buf.find(b"\n")
         if end < 0:
-            if len(buf) > limit:
+            if len(buf) > MAX_COMMAND_LINE and len(buf) > self._line_limit(buf):
                 self._discarding = True
                 buf.clear()
             return NEED_DATA
@@ -262,7 +261,7 @@ class ServerConnection:
             return None
         if raw.endswith(b"\r"):
             raw = raw[:-1]
-        if len(raw) + 2 > limit:
+        if len(raw) + 2 > MAX_COMMAND_LINE and len(raw) + 2 > self._line_limit(raw):
             self._sasl = None
             self._send(replies.LINE_TOO_LONG)
             return None
@@ -282,6 +281,10 @@ class ServerConnection:
             self._send(command)
             return None
         return self._dispatch(command)
+
+    def _line_limit(self, line: bytes | bytearray) -> int:
+        """The longest command line allowed for `line` (it starts where the command does)."""
+        return MAX_AUTH_LINE if self._sasl is not None or line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
 
     def _step_data(self) -> Event | None:
         buf = self._buffer

@@ -11,6 +11,10 @@ Replies: the server runs under strace; clients one after another:
   connection, never a reset; after a QUIT alone the socket is closed at once (no
   half-close and wait for the client's EOF), after QUIT and more it lingers as before.
 
+Event log lines: written once per turn of the worker's loop, so the lines one batch of
+input makes (two recipients refused in one pipelined group) leave in one write; but a
+message's received line is written before its 250 leaves.
+
 getpid: CPython 3.11's asyncio.get_running_loop() (and current_task, asyncio.timeout,
 sleep, wait_for, Future() without a loop) asks the kernel for the pid on every call; the
 session uses the worker's loop kept in its WorkerContext instead.
@@ -94,6 +98,8 @@ def test_replies_leave_once_per_group_at_once_when_awaited_and_quit_closes_at_on
     assert group.text.index("250 2.1.0") < group.text.index("250 2.1.5") < group.text.index("250 2.0.0"), \
         f"the group's replies did not leave in one write: {[c.text[:90] for c in replies]}"
     assert len(replies) == 4, [c.text[:90] for c in replies]  # 220, EHLO, the group, 221
+    logged = next(c for c in calls if c.name in ("write", "writev") and f"event=received msgid={ids['bdat']}" in c.text)
+    assert logged.end < group.start, "the 250 left before its received line was written (lines wait for the turn's end)"
     assert not [c for c in bdat if c.name == "shutdown"], "a QUIT alone: closed at once, no half-close"
     assert [c for c in bdat if c.name == "close"], "the session's socket was never closed"
 
@@ -144,3 +150,30 @@ def _clock(line: str) -> float:
     """The -tt time of a strace -f line ("PID HH:MM:SS.micro ..."), in seconds."""
     hours, minutes, seconds = line.split()[1].split(":")
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+async def _two_refused_recipients(port: int) -> None:
+    client = await SmtpClient.connect(port)
+    client.writer.write(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<first@elsewhere.test>\r\n"
+                        b"RCPT TO:<second@elsewhere.test>\r\n")
+    got = [await asyncio.wait_for(client.read_reply(), REPLY_SECONDS) for _ in range(3)]
+    assert [r.code // 100 for r in got] == [2, 5, 5], got  # relay denied: not in mynetworks
+    assert (await _reply_within(client, "QUIT")).startswith("221 ")
+    client.writer.close()
+
+
+def test_log_lines_of_one_turn_leave_in_one_write(mta_server: Callable[..., MtaServer], tmp_path: Path) -> None:
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not on PATH (`make test-deps` installs it)")
+    trace_path = tmp_path / "strace.txt"
+    server = mta_server(wrapper=[strace, "-f", "-tt", "-y", "-s", "8192", "-e", "trace=write,writev", "-o", str(trace_path)])
+    asyncio.run(_two_refused_recipients(server.port))
+    assert server.stop() == 0, server.log_tail()
+    log = server.log_path.read_text(errors="replace")
+    assert "rcpt=first@elsewhere.test" in log and "rcpt=second@elsewhere.test" in log, server.log_tail()
+
+    calls = parse_strace(trace_path.read_text(errors="replace"))
+    first = next(c for c in calls if "event=rejected" in c.text and "rcpt=first@elsewhere.test" in c.text)
+    assert "rcpt=second@elsewhere.test" in first.text, \
+        f"the two refusals of one pipelined group were written apart: {first.text[:300]}"

@@ -199,8 +199,10 @@ class Pickup:
                 announce.extend(c.message.envelope.id for c in group if c.held_for is None)
                 self._received(claimed, message)
                 listpost.log_copies(group, claimed.msgid)
+        logs.write_waiting()  # the received lines out before the files go (finish), as before a 250
         if self._crash_hook is not None and done and os.path.exists(self._crash_hook):
             logs.event("test_hook", hook=CRASH_HOOK)
+            logs.write_waiting()
             os.kill(os.getpid(), signal.SIGKILL)  # committed, files not finished: what a crash leaves
         await self._blocking(self.files.finish, done)
         for msgid in announce:

@@ -34,7 +34,7 @@ from mta.config import ListenerConfig
 from mta.smtp import replies
 from mta.smtp.commands import Expn, MailFrom, RcptTo, StartTls, Vrfy
 from mta.smtp.replies import Reply
-from mta.smtp.server import CLOSED, Credentials, Message
+from mta.smtp.server import CLOSED, NEED_DATA, PAUSED, Credentials, Message
 from mta.smtp.states import State
 from workers.inbound.context import WorkerContext
 from workers.inbound.deadlines import Deadlines
@@ -228,6 +228,8 @@ class InboundProtocol(asyncio.Protocol):
         conn, session = self._conn, self._session
         while True:
             event = conn.next_event()
+            if event is NEED_DATA or event is PAUSED or event is CLOSED:  # the most frequent: tested first
+                break
             if isinstance(event, MailFrom):
                 if session.waits_for_dnsbl or session.mail_asks_cluster:
                     self._decide(self._mail_later(event))
@@ -240,7 +242,7 @@ class InboundProtocol(asyncio.Protocol):
                 decision = session.check_rcpt(event)
                 conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
-                self._decide(self._answer_when(session.on_message(event)))
+                self._decide(self._answer_message(session.on_message(event)))
                 break
             elif isinstance(event, Credentials):
                 self._decide(self._answer_when(session.authenticate(event)))
@@ -253,7 +255,7 @@ class InboundProtocol(asyncio.Protocol):
                     self._transport.pause_reading()
                 self._decide(self._start_tls())
                 return
-            else:  # NEED_DATA, PAUSED or CLOSED
+            else:
                 break
         session.account()
         if conn.pending is None:  # else the replies so far leave with the decision's (see the header)
@@ -293,6 +295,13 @@ class InboundProtocol(asyncio.Protocol):
 
     async def _answer_when(self, decision: Awaitable[Decision]) -> None:
         self._answer((await decision).reply)
+
+    async def _answer_message(self, verdict: Awaitable[Decision]) -> None:
+        reply = (await verdict).reply
+        # The log lines of this turn (its received line among them) leave before its 250:
+        # a worker killed now never leaves a message the client was told is queued unlogged.
+        logs.write_waiting()
+        self._answer(reply)
 
     async def _mail_later(self, command: MailFrom) -> None:
         """MAIL after the DNSBL lookup, or counted in the cluster's windows ([cluster] redis)."""

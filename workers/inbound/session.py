@@ -75,10 +75,16 @@ class Client:
 
     @classmethod
     def at(cls, ip: str, port: int) -> Client:
-        return cls(ip, port, ipaddress.ip_address(ip))
+        return cls(ip, port, _parsed(ip))
 
     def within(self, networks: tuple[Network, ...]) -> bool:
         return self.address is not None and any(self.address in net for net in networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(ip: str) -> policy.IPAddress:
+    """An address parsed once while its client keeps coming back (ipaddress parses slowly)."""
+    return ipaddress.ip_address(ip)
 
 
 @functools.cache
