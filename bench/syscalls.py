@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -47,7 +48,7 @@ from peers import (
     postfix_version,
 )
 from procs import HOST, become_subreaper, free_port, log, reap_orphans, tail
-from procstat import machine_line
+from procstat import machine_line, process_kind
 from results import Outcome, Summary, failed_note, md_row, notes_cell, report_text
 from syscounts import Tracer, strace_installed
 
@@ -71,8 +72,6 @@ def syscall_result(calls: dict[str, dict[str, int]], tasks: dict[str, int], mess
         for name, n in per.items():
             by_syscall[name] = by_syscall.get(name, 0) + n
     total = sum(by_syscall.values())
-    # A kind traced but silent meanwhile (an idle control process) is a row of zeros, not missing.
-    calls = {kind: calls.get(kind, {}) for kind in {*calls, *tasks}}
     return {
         "messages_counted": messages,
         "syscalls_total": total,
@@ -86,6 +85,20 @@ def syscall_result(calls: dict[str, dict[str, int]], tasks: dict[str, int], mess
     }
 
 
+def wait_for_titles(pids: Callable[[], list[int]], deadline: float) -> str | None:
+    """Until every mta kind has a process with its own title: a child still showing the
+    master's title (forked, not yet set; the control process starts last) would be
+    counted as the master. None, or why not."""
+    while True:
+        seen = {process_kind(pid) for pid in pids()}
+        missing = [kind for kind in MTA_KINDS if kind not in seen]
+        if not missing:
+            return None
+        if time.monotonic() > deadline:
+            return f"no process titled as {', '.join(missing)} after the warm-up"
+        time.sleep(0.05)
+
+
 def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink: CountingSink) -> Outcome:
     """One traced run of one target: fresh server, warm-up, tracer on, load, arrivals, tracer off."""
     label = f"{target} --syscalls"
@@ -97,6 +110,10 @@ def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink:
         if why is not None:
             return Outcome(target, 1, ok=False, error=why, stderr_tail=handle.log_tail())
         assert handle.pids is not None  # every e2e target says which processes it has
+        if target != POSTFIX_TARGET:
+            why = wait_for_titles(handle.pids, time.monotonic() + START_TIMEOUT_SECONDS)
+            if why is not None:
+                return Outcome(target, 1, ok=False, error=why, stderr_tail=handle.log_tail())
         tracer = Tracer(handle.pids(), Path(tempfile.mkdtemp(prefix=f"strace-{target}-", dir=scratch)))
         why = tracer.wait_attached()
         if why is not None:

@@ -118,7 +118,11 @@ class Tracer:
             return f"(cannot read {self.stderr_path}: {exc})"
 
     def counts(self) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-        """count_calls of the trace, once the tracer has stopped."""
+        """count_calls of the trace, once the tracer has stopped. Threads of the traced
+        processes listed again first: one a process started while strace attached (its
+        clone not in the trace) is still of its process's kind, not "?"."""
+        for tid, kind in task_kinds(self.pids).items():
+            self.kinds.setdefault(tid, kind)
         with open(self.path, "rb") as f:
             return count_calls(f.readlines(), self.kinds)
 

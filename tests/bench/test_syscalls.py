@@ -43,7 +43,11 @@ def test_syscalls_smoke_counts_every_mta_process_kind_per_message_the_sink_recei
     assert mta["ok"] and mta["error"] is None
     result = mta["result"]
     assert result["accepted"] == result["arrived"] == result["messages_counted"] == 100
-    assert set(result["by_kind"]) == set(MTA_KINDS)
+    assert set(MTA_KINDS) <= set(result["by_kind"]), result["by_kind"].keys()
+    # A thread whose kind the trace cannot tell (started while strace attached) is "?":
+    # a handful of calls at most, never a share that would move the figures.
+    assert set(result["by_kind"]) <= {*MTA_KINDS, "?"}
+    assert result["by_kind"].get("?", {"syscalls_total": 0})["syscalls_total"] <= result["syscalls_total"] / 100
     for kind in MTA_KINDS:
         assert f"| {kind} |" in report
     # Every message passed master, inbound, scheduler and delivery: each made calls for it.
