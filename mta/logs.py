@@ -68,7 +68,7 @@ def write_each_turn(loop: asyncio.AbstractEventLoop | None) -> None:
     global _turn_loop
     _turn_loop = loop
     if loop is None:
-        _write_waiting()
+        write_waiting()
 
 
 def _emit(text: str) -> None:
@@ -78,15 +78,11 @@ def _emit(text: str) -> None:
         return
     _waiting.append(text)
     if len(_waiting) == 1:
-        _turn_loop.call_soon(_write_waiting)
+        _turn_loop.call_soon(write_waiting)
 
 
 def write_waiting() -> None:
     """The lines waiting for the end of the turn, written now (nothing without write_each_turn)."""
-    _write_waiting()
-
-
-def _write_waiting() -> None:
     if _waiting:
         text = "".join(_waiting)
         _waiting.clear()

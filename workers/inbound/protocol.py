@@ -242,7 +242,7 @@ class InboundProtocol(asyncio.Protocol):
                 decision = session.check_rcpt(event)
                 conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
-                self._decide(self._answer_message(session.on_message(event)))
+                self._decide(self._answer_when(session.on_message(event)))  # its received line leaves before its 250 (_flush)
                 break
             elif isinstance(event, Credentials):
                 self._decide(self._answer_when(session.authenticate(event)))
@@ -295,11 +295,6 @@ class InboundProtocol(asyncio.Protocol):
 
     async def _answer_when(self, decision: Awaitable[Decision]) -> None:
         self._answer((await decision).reply)
-
-    async def _answer_message(self, verdict: Awaitable[Decision]) -> None:
-        # Its received line leaves before its 250 (_flush): a worker killed now never leaves
-        # a message the client was told is queued unlogged.
-        self._answer((await verdict).reply)
 
     async def _mail_later(self, command: MailFrom) -> None:
         """MAIL after the DNSBL lookup, or counted in the cluster's windows ([cluster] redis)."""
