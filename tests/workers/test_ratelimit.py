@@ -56,9 +56,9 @@ def test_closing_every_connection_leaves_no_entry(cache: LmdbCache, clock: Clock
         limiter.open_connection(IP, trusted=False)
     for _ in range(5):
         limiter.close_connection(IP)
-    assert cache.live(f"conn/{IP}") is None
-    limiter.close_connection(IP)  # one close too many (or after the entry expired): harmless
-    assert cache.live(f"conn/{IP}") is None
+    assert limiter.connections(IP) == {}
+    limiter.close_connection(IP)  # one close too many: harmless
+    assert limiter.connections(IP) == {}
 
 
 def test_concurrency_adds_up_across_processes(cache: LmdbCache, clock: Clock) -> None:
@@ -71,7 +71,7 @@ def test_concurrency_adds_up_across_processes(cache: LmdbCache, clock: Clock) ->
     assert mine.open_connection(IP, trusted=False) == PER_IP_LIMIT
     parents.close_connection(IP)
     assert mine.open_connection(IP, trusted=False) is None
-    assert cache.live(f"conn/{IP}") == {str(os.getpid()): 2, str(os.getppid()): 1}
+    assert mine.connections(IP) == {os.getpid(): 2, os.getppid(): 1}
 
 
 def test_a_dead_workers_connections_are_dropped_at_the_limit(cache: LmdbCache, clock: Clock) -> None:
@@ -81,7 +81,7 @@ def test_a_dead_workers_connections_are_dropped_at_the_limit(cache: LmdbCache, c
     assert gone.open_connection(IP, trusted=False) is None
     limiter = RateLimiter(config, cache, clock=clock)
     assert limiter.open_connection(IP, trusted=False) is None  # the dead pid's two are forgotten
-    assert cache.live(f"conn/{IP}") == {str(os.getpid()): 1}
+    assert limiter.connections(IP) == {os.getpid(): 1}
 
 
 _WORKER = """
@@ -126,7 +126,7 @@ def test_connection_window_and_its_reset(cache: LmdbCache, clock: Clock) -> None
     assert limiter.open_connection(IP, trusted=False) == RATE_LIMIT
     assert str(CONNECTION_RATE) == "421 4.7.0 Error: too many connections from your address, try again later"
     # The refused connection gave its concurrency slot back.
-    assert cache.live(f"conn/{IP}") == {str(os.getpid()): 2}
+    assert limiter.connections(IP) == {os.getpid(): 2}
     clock.now += 59.9
     assert limiter.open_connection(IP, trusted=False) == RATE_LIMIT
     clock.now += 0.1  # now >= window_start + window_seconds: a new window
@@ -177,7 +177,7 @@ def test_trusted_clients_are_exempt_from_ip_windows_unless_configured(cache: Lmd
         assert limiter.open_connection(IP, trusted=True) is None
         assert limiter.message(IP, None, trusted=True) is None
         assert limiter.recipient(IP, None, trusted=True) is None
-    assert cache.entries() == 0 and cache.live(f"conn/{IP}") is not None  # the concurrency count alone
+    assert cache.entries() == 0 and limiter.connections(IP) == {os.getpid(): 3}  # the concurrency count alone
     strict = RateLimiter(make_config(exempt_mynetworks=False, **limits), cache, clock=clock)
     assert strict.open_connection(IP, trusted=True) is None
     assert strict.open_connection(IP, trusted=True) == RATE_LIMIT
@@ -286,7 +286,7 @@ def test_a_dead_workers_connections_are_purged_when_a_worker_starts(cache: LmdbC
     RateLimiter(make_config(), cache, clock=clock, pid=dead.pid).open_connection(IP, trusted=False)
     mine = RateLimiter(make_config(), cache, clock=clock, pid=os.getpid())  # a worker starting
     mine.open_connection(IP, trusted=False)
-    assert cache.live(f"conn/{IP}") == {str(os.getpid()): 1}
+    assert mine.connections(IP) == {os.getpid(): 1}
 
 
 def test_checks_of_a_worker_killed_mid_check_are_dropped(cache: LmdbCache, clock: Clock) -> None:

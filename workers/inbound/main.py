@@ -34,7 +34,7 @@ import socket
 import ssl
 import time
 
-from mta import logs, messages, metrics
+from mta import logs, messages, metrics, procinfo
 from mta.config import Config, ListenerConfig
 from mta.messages import Message
 from mta.smtp.server import ServerOptions
@@ -46,6 +46,7 @@ from mta.resolver import MxResolver
 from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
+from workers.inbound.conncount import ConnectionCounts
 from workers.inbound.content import Pipeline
 from workers.inbound.context import WorkerContext
 from workers.inbound.ratelimit import RateLimiter
@@ -117,6 +118,7 @@ class Worker(WorkerBody):
         self._backend = backend = open_spool(config.queue)
         committer = GroupCommitter(backend, loop, on_commit=_observe_commit)
         self._cache = cache = LmdbCache(config.cache.path, config.cache.max_size_bytes, config.cache.max_entries)
+        connections = ConnectionCounts(config.cache.path, procinfo.pid())  # its slot claimed now, not at a connect
         resolver = (MxResolver(list(config.dns.nameservers), cache, config.dns.timeout_seconds)
                     if config.policy.dnsbl else None)
         self.ctx = WorkerContext(
@@ -124,7 +126,7 @@ class Worker(WorkerBody):
             LocalRecipients(config), SchedulerNotifier(config.queue.scheduler_socket),
             ssl_context=server_context(config.tls),
             authenticator=Authenticator(config.auth, cache, config.cache.path),
-            limiter=(limiter := RateLimiter(config, cache)),
+            limiter=(limiter := RateLimiter(config, cache, connections=connections)),
             access=Access(config, resolver),
             budget=MemoryBudget(config.limits.max_worker_buffered_bytes),
             content=Pipeline(config, STAGES),
@@ -173,6 +175,7 @@ class Worker(WorkerBody):
         if self.ctx.shared is not None:
             await self.ctx.shared.close()
         self._backend.close()
+        self.ctx.limiter.close()
         self._cache.close()
         logs.write_each_turn(None)  # the last lines out now; "stopped" goes at once
         return {"sessions": len(self.ctx.sessions)}

@@ -1,9 +1,11 @@
 """Inbound rate limits and AUTH failure accounting, shared by every inbound worker process.
 
-All state lives in the shared LmdbCache (namespace "rate"), so a limit holds across the
-worker processes and survives a worker restart; each count is one `LmdbCache.update`
-(one LMDB write transaction, serialised across processes). Keys:
-  conn/<ip>                     {pid: open connections}: [limits] max_connections_per_ip
+Open connections per IP ([limits] max_connections_per_ip, always on, so on every
+connection's path) are counted in shared memory beside the cache (conncount.py: no
+system call, no lock per connection). All other state lives in the shared LmdbCache
+(namespace "rate"), so a limit holds across the worker processes and survives a worker
+restart; each count is one `LmdbCache.update` (one LMDB write transaction, serialised
+across processes). Keys:
   conn-window/<ip>              [window_start, count]: [rate] connections_per_window
   msg/ip/<ip>, msg/user/<u>     [window_start, count]: messages_per_window, user_messages_per_window
   rcpt/ip/<ip>, rcpt/user/<u>   [window_start, count]: recipients_per_window, user_recipients_per_window
@@ -22,26 +24,26 @@ instead of being locked out; `auth_end` frees the slot and counts a failure.
 Rate windows skip clients in [relay] mynetworks ("trusted") unless [rate]
 exempt_mynetworks = false; the concurrency limit and AUTH failures count everyone.
 
-Invariant: conn/<ip> counts the open connections of live processes only, except those
-of a worker killed before closing them: they are dropped the next time the limit is
-reached (or when the entry expires, a day after its last use).
+Invariant: the open connections of an address counted against its limit are those of
+live workers only: a worker killed before closing them (kill -9) stops counting when
+the limit is reached, and its slot is freed at the next worker start (conncount.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from mta import procinfo
 from mta.config import Config
 from mta.smtp import replies
 from mta.smtp.replies import Reply
 from mtaqueue.cache_lmdb import LmdbCache
+from workers.inbound.conncount import ConnectionCounts, alive
 from workers.inbound.decision import Decision
 
 CACHE_NAMESPACE: Final = "rate"
-CONNECTION_TTL_SECONDS: Final = 86_400.0  # conn/<ip> outlives any session; bounds what a killed worker leaks
 MAX_AUTH_DELAY_SECONDS: Final = 5.0
 
 CONNECTION_RATE = Reply(421, "4.7.0", "Error: too many connections from your address, try again later")
@@ -70,17 +72,17 @@ def too_many_recipients(who: str) -> Reply:
 
 class RateLimiter:
     def __init__(self, config: Config, cache: LmdbCache, *, clock: Callable[[], float] = time.time,
-                 pid: int | None = None) -> None:
-        """pid: the process whose connections this instance counts (default: this one, at construction)."""
+                 pid: int | None = None, connections: ConnectionCounts | None = None) -> None:
+        """pid: the process whose connections and AUTH checks this instance counts (default:
+        this one); connections: the node's open connections (default: mapped at first use
+        from the cache's folder)."""
         self._cache = cache
         self._clock = clock
-        self._pid = str(pid if pid is not None else os.getpid())  # msgpack map keys: strings
+        self._pid = str(pid if pid is not None else procinfo.pid())  # msgpack map keys: strings
+        self._connections = connections
         self._max_connections = config.limits.max_connections_per_ip
         self._rate = config.rate
         self._auth = config.auth
-        # Connections of workers that died without giving them back (kill -9) go now,
-        # not only when an address reaches its limit.
-        cache.purge_live(_without_dead_pids)
 
     # --- connections ------------------------------------------------------------------
 
@@ -88,21 +90,7 @@ class RateLimiter:
         """Take a concurrency slot and count the connection (unless not `rate`: the cluster
         counts it, sharedlimits.py); None when allowed, else the refusal (421,
         max_connections_per_ip or connection_rate)."""
-        refused = False
-
-        def take(counts: dict[str, int] | None) -> dict[str, int] | None:
-            nonlocal refused
-            counts = dict(counts or {})
-            refused = sum(counts.values()) >= self._max_connections
-            if refused:  # over the limit: first forget workers that died without closing
-                counts = {pid: n for pid, n in counts.items() if pid == self._pid or _alive(int(pid))}
-                refused = sum(counts.values()) >= self._max_connections
-            if not refused:
-                counts[self._pid] = counts.get(self._pid, 0) + 1
-            return counts or None
-
-        self._cache.tally(f"conn/{ip}", take)
-        if refused:
+        if not self._connections_table().take(ip, self._max_connections):
             return TOO_MANY_CONNECTIONS
         if rate and self.connection_rate(ip, trusted) is not None:
             self.close_connection(ip)
@@ -119,15 +107,21 @@ class RateLimiter:
 
     def close_connection(self, ip: str) -> None:
         """Give back the slot of an open_connection that returned None."""
+        self._connections_table().give_back(ip)
 
-        def release(counts: dict[str, int] | None) -> dict[str, int] | None:
-            counts = dict(counts or {})
-            left = counts.pop(self._pid, 0) - 1
-            if left > 0:
-                counts[self._pid] = left
-            return counts or None
+    def connections(self, ip: str) -> dict[int, int]:
+        """The open connections of `ip` by inbound worker pid, as counted now."""
+        return self._connections_table().counts(ip)
 
-        self._cache.tally(f"conn/{ip}", release)
+    def close(self) -> None:
+        """This worker's connections stop counting (at its exit); later counts admit uncounted."""
+        if self._connections is not None:
+            self._connections.close()
+
+    def _connections_table(self) -> ConnectionCounts:
+        if self._connections is None:  # mapped at first use, unless given (the worker maps it at start)
+            self._connections = ConnectionCounts(self._cache.path, int(self._pid))
+        return self._connections
 
     # --- messages and recipients -----------------------------------------------------------
 
@@ -252,17 +246,7 @@ def windows(kind: str, ip: str, user: str | None, exempt: bool, ip_limit: int, u
 def _without_dead_pids(counts: Any) -> dict[str, int] | None:
     if not isinstance(counts, dict):
         return None
-    return {pid: n for pid, n in counts.items() if _alive(int(pid))} or None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, as another user
-    return True
+    return {pid: n for pid, n in counts.items() if alive(int(pid))} or None
 
 
 def _current(value: Any, now: float, window_seconds: float) -> tuple[float, int]:
