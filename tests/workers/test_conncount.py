@@ -93,6 +93,8 @@ def test_a_full_table_fails_open_and_says_so_once(tmp_path: Path, monkeypatch: p
     assert counts.take("192.0.2.1", 1) and counts.take("192.0.2.1", 1)  # uncounted: no limit
     assert counts.counts("192.0.2.1") == {}
     assert not counts.take("10.0.0.0", 1)  # the addresses counted still are
+    counts.give_back("10.0.0.1")  # one place free again: a new address is counted
+    assert counts.take("192.0.2.2", 1) and not counts.take("192.0.2.2", 1)
     full = [line for line in log.getvalue().splitlines() if "event=connection_table_full" in line]
     assert len(full) == 1 and f"{MAX_USED} addresses" in full[0]
 

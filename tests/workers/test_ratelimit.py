@@ -200,10 +200,7 @@ def test_window_entries_expire_a_window_after_their_last_use(cache: LmdbCache, c
 
 
 class NoCache:
-    """Any use of the cache fails the test (but the purge of dead workers' counts at start)."""
-
-    def purge_live(self, fn: Any) -> int:
-        return 0
+    """Any use of the cache fails the test."""
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"the cache was used: {name}")

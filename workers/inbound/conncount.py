@@ -9,13 +9,16 @@ at worker start, never per connection) holds SLOTS worker slots. A slot belongs 
 live ConnectionCounts (its owner pid in the slot header) and only its owner writes it:
 an open-addressing table (linear probing, CAPACITY entries) of (count, address), where
 the address is the client's IP text itself (a longer string: a flagged 32-byte digest),
-so two addresses never share a count. A reader sums the count of one address over every
-claimed slot; the owner bumps the slot's sequence number (odd while it moves entries:
-a delete shifts the entries after it back) and readers retry a slot read across a move.
+so two addresses never share a count. The owner also keeps each address's position in
+a dict, so its own take and give-back are one read and one write of the count. An
+address whose count falls to 0 stays ("parked": clients come back) until PARKED_MAX of
+them are deleted together; a delete shifts the entries after it back (no tombstones)
+while the slot's sequence number is odd. A reader sums the count of one address over
+every claimed slot, reading a slot again when its sequence moved meanwhile.
 Layout version and sizes are in the file header: a file of another layout is replaced
 (rename) and the workers that mapped it keep theirs until they exit.
 
-Invariants: a slot's table holds only addresses with a count >= 1, each once; its owner
+Invariants: a slot's table holds each address at most once; its owner
 is the only writer, except at a claim (under the flock), which first frees the slots of
 dead pids and zeroes the table of the slot it takes. The count of an address never
 includes a dead worker's connections when it refuses: at the limit the slots holding
@@ -24,7 +27,7 @@ skipped from then on). Take is increment-then-check, so two workers taking the l
 place at once may both refuse, never both admit. Ordering across processes relies on
 the CPU keeping stores in order (x86-64's TSO); a torn read costs one wrong count, once.
 
-Full (no free slot at claim, or SLOTS * 3/4 of a table in use): the count fails open
+Full (no free slot at claim, or MAX_USED addresses open in one slot): the count fails open
 (connections are admitted uncounted), logged once (`event=connection_table_full`).
 """
 
@@ -45,12 +48,14 @@ MAGIC: Final = b"mtaconn1"
 SLOTS: Final = 128  # inbound workers of two generations at once (a reload), and the restarted
 CAPACITY: Final = 8192  # table entries per slot (a power of two)
 MAX_USED: Final = CAPACITY * 3 // 4  # distinct addresses one worker counts at once; more: uncounted
-ENTRY_BYTES: Final = 64  # native int64 count, then the key
+ENTRY_BYTES: Final = 64  # native int64 field (0: free, else count + 1), then the key
 KEY_BYTES: Final = ENTRY_BYTES - 8
 SLOT_HEADER_BYTES: Final = 64  # int64 owner pid, sequence, entries in use
 TABLES_OFFSET: Final = 3 * 4096  # file header (64 bytes), then the slot headers, page aligned
 TABLE_BYTES: Final = CAPACITY * ENTRY_BYTES
 FILE_BYTES: Final = TABLES_OFFSET + SLOTS * TABLE_BYTES  # sparse: only the pages in use take room
+PARKED_MAX: Final = 1024  # entries at count 0 kept (a client often comes back), then deleted together
+KEYS_KEPT: Final = 65_536  # addresses whose key and home position this worker remembers
 READ_TRIES: Final = 8  # re-reads of a slot its owner is changing; then the last read stands
 _MASK: Final = CAPACITY - 1
 _HEADER = struct.Struct("=8sqqq")  # magic, slots, capacity, slots ever claimed (the readers' range)
@@ -67,48 +72,46 @@ class ConnectionCounts:
         self.pid = pid
         self._dead: set[tuple[int, int]] = set()  # (slot, owner pid) known dead: not counted
         self._full_logged = False
+        self._at: dict[bytes, int] = {}  # this slot's entries: key -> int64 index of its field
+        self._parked = 0  # entries of this slot at count 0 (field 1)
+        self._keys: dict[str, tuple[bytes, int]] = {}  # ip -> (key, home): a client comes back
         self._mm, self._slot = _map_and_claim(self.path, pid)
         self._q = memoryview(self._mm).cast("q")  # the file as int64s
         if self._slot is None:
             self._log_full(f"all {SLOTS} worker slots in use")
         else:
             self._table = _table_offset(self._slot)
+            self._used_at, self._seq_at = _used(self._slot), _seq(self._slot)
 
     def take(self, ip: str, limit: int) -> bool:
         """Count one connection from `ip` unless that makes more than `limit` (then False)."""
         if self._slot is None:
             return True
-        key, home = _key(ip)
-        q, slot = self._q, self._slot
-        pos, mine = self._find(slot, key, home)
-        count_at = (self._table + pos * ENTRY_BYTES) >> 3
-        if mine:
-            q[count_at] = mine + 1
-        elif q[_used(slot)] >= MAX_USED:
-            self._log_full(f"{MAX_USED} addresses in one worker's table")
-            return True
+        key, home = self._key(ip)
+        q = self._q
+        at = self._at.get(key)
+        if at is None:
+            at = self._insert(key, home)
+            if at is None:
+                return True  # full: uncounted
+            mine = 1
         else:
-            offset = count_at << 3
-            self._mm[offset + 8:offset + ENTRY_BYTES] = key  # the key first: readers see count 0 until done
-            q[count_at] = 1
-            q[_used(slot)] += 1
-        if mine + 1 + self._others(key, home, False) <= limit:
+            field = q[at]
+            q[at] = field + 1
+            mine = field  # the field is the count + 1
+            if field == 1:
+                self._parked -= 1
+        if mine + self._others(key, home, False) <= limit:
             return True
-        if mine + 1 + self._others(key, home, True) <= limit:
+        if mine + self._others(key, home, True) <= limit:
             return True
-        self.give_back(ip)
+        self._uncount(at)
         return False
 
     def give_back(self, ip: str) -> None:
         """Uncount one connection of `ip` taken with take (none counted: nothing happens)."""
-        if self._slot is None:
-            return
-        key, home = _key(ip)
-        pos, mine = self._find(self._slot, key, home)
-        if mine > 1:
-            self._q[(self._table + pos * ENTRY_BYTES) >> 3] = mine - 1
-        elif mine == 1:
-            self._delete(pos)
+        if self._slot is not None and (at := self._at.get(self._key(ip)[0])) is not None:
+            self._uncount(at)
 
     def counts(self, ip: str) -> dict[int, int]:
         """The open connections of `ip` by worker pid, dead workers' included (a read)."""
@@ -128,6 +131,70 @@ class ConnectionCounts:
 
     # --- internals ---------------------------------------------------------------------
 
+    def _key(self, ip: str) -> tuple[bytes, int]:
+        found = self._keys.get(ip)
+        if found is None:
+            if len(self._keys) >= KEYS_KEPT:
+                self._keys.clear()
+            found = self._keys[ip] = _key(ip)
+        return found
+
+    def _uncount(self, at: int) -> None:
+        field = self._q[at]
+        if field > 1:
+            self._q[at] = field - 1
+            if field == 2:  # parked: deleted with others, or counted again meanwhile
+                self._parked += 1
+                if self._parked >= PARKED_MAX:
+                    self._purge()
+
+    def _insert(self, key: bytes, home: int) -> int | None:
+        """Add `key` to this slot at count 1; None when the table is full."""
+        q, used_at = self._q, self._used_at
+        if q[used_at] >= MAX_USED and self._parked:
+            self._purge()
+        if q[used_at] >= MAX_USED:
+            self._log_full(f"{MAX_USED} addresses in one worker's table")
+            return None
+        table, pos = self._table, home
+        while q[(table + pos * ENTRY_BYTES) >> 3]:  # not there (self._at): the first free entry
+            pos = (pos + 1) & _MASK
+        offset = table + pos * ENTRY_BYTES
+        self._mm[offset + 8:offset + ENTRY_BYTES] = key  # the key first: readers see a free entry until done
+        q[offset >> 3] = 2
+        q[used_at] += 1
+        self._at[key] = offset >> 3
+        return offset >> 3
+
+    def _purge(self) -> None:
+        """Delete the parked entries: the entries after each that belong at or before it
+        move back (no tombstones); readers see the sequence odd meanwhile and read again."""
+        q, mm, table = self._q, self._mm, self._table
+        seq_at, used_at = self._seq_at, self._used_at
+        q[seq_at] += 1  # odd: moving
+        for key in [key for key, at in self._at.items() if q[at] == 1]:
+            hole = (self._at.pop(key) * 8 - table) // ENTRY_BYTES  # its position
+            probe = hole
+            while True:
+                probe = (probe + 1) & _MASK
+                offset = table + probe * ENTRY_BYTES
+                field = q[offset >> 3]
+                if not field:
+                    break
+                moved = mm[offset + 8:offset + ENTRY_BYTES]
+                home = zlib.crc32(moved) & _MASK
+                if (hole < probe and hole < home <= probe) or (hole > probe and (home > hole or home <= probe)):
+                    continue  # it belongs between the hole and here: it stays
+                to = table + hole * ENTRY_BYTES
+                mm[to + 8:to + ENTRY_BYTES] = moved
+                q[to >> 3] = field
+                self._at[moved] = to >> 3
+                hole = probe
+            q[(table + hole * ENTRY_BYTES) >> 3] = 0
+            q[used_at] -= 1
+        self._parked = 0
+        q[seq_at] += 1  # even again
+
     def _others(self, key: bytes, home: int, check_alive: bool) -> int:
         """The count of `key` in the other claimed slots; `check_alive`: leave out (and
         remember) those of dead owners."""
@@ -144,55 +211,29 @@ class ConnectionCounts:
         return total
 
     def _read(self, slot: int, key: bytes, home: int) -> int:
-        """The count of `key` in another worker's slot, read again while its owner moves entries."""
+        """The count of `key` in a slot, read again while its owner moves entries."""
         q, seq_at = self._q, _seq(slot)
         n = 0
         for _ in range(READ_TRIES):
             before = q[seq_at]
-            n = self._find(slot, key, home)[1]
+            n = self._find(slot, key, home)
             if not before & 1 and q[seq_at] == before:
                 break
         return n
 
-    def _find(self, slot: int, key: bytes, home: int) -> tuple[int, int]:
-        """(position, count) of `key` in `slot`'s table; not there: (the free position, 0)."""
+    def _find(self, slot: int, key: bytes, home: int) -> int:
+        """The count of `key` in `slot`'s table (0: not there)."""
         q, mm, table = self._q, self._mm, _table_offset(slot)
         pos = home
         for _ in range(CAPACITY):  # bounded: another slot's table may be changing under us
             offset = table + pos * ENTRY_BYTES
-            n = q[offset >> 3]
-            if n <= 0:
-                return pos, 0
+            field = q[offset >> 3]
+            if field <= 0:
+                return 0
             if mm[offset + 8:offset + ENTRY_BYTES] == key:
-                return pos, n
+                return field - 1
             pos = (pos + 1) & _MASK
-        return pos, 0
-
-    def _delete(self, pos: int) -> None:
-        """Empty the entry at `pos` of this worker's table: the entries after it that
-        belong at or before it move back (no tombstones), readers told by the sequence."""
-        q, mm, table, slot = self._q, self._mm, self._table, self._slot
-        assert slot is not None
-        seq_at = _seq(slot)
-        q[seq_at] += 1  # odd: moving
-        hole = pos
-        probe = pos
-        while True:
-            probe = (probe + 1) & _MASK
-            offset = table + probe * ENTRY_BYTES
-            n = q[offset >> 3]
-            if n <= 0:
-                break
-            home = zlib.crc32(mm[offset + 8:offset + ENTRY_BYTES]) & _MASK
-            if (hole < probe and hole < home <= probe) or (hole > probe and (home > hole or home <= probe)):
-                continue  # it belongs between the hole and here: it stays
-            to = table + hole * ENTRY_BYTES
-            mm[to + 8:to + ENTRY_BYTES] = mm[offset + 8:offset + ENTRY_BYTES]
-            q[to >> 3] = n
-            hole = probe
-        q[(table + hole * ENTRY_BYTES) >> 3] = 0
-        q[_used(slot)] -= 1
-        q[seq_at] += 1  # even again
+        return 0
 
     def _log_full(self, why: str) -> None:
         if not self._full_logged:
