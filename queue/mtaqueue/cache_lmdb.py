@@ -1,16 +1,14 @@
 """The shared cache: a small LMDB-backed TTL cache used by every worker process.
 
 One environment, separate from the spool, shared by the DNS cache, the auth cache and
-the inbound rate limits (which count with `update`, a read-modify-write in one write
+the inbound rate windows (which count with `update`, a read-modify-write in one write
 transaction: LMDB serialises writers across processes). Layout (named databases):
   entry   ns + b"\\0" + key -> be64(expiry in ms) + msgpack(value)
           (keys too long for LMDB: ns + b"\\1" + blake2b(key))
   expiry  be64(expiry in ms) + entry key -> b""   (byte order is the eviction order)
   meta    b"bytes" -> be64 estimated bytes of entries + index
-  live    key -> msgpack(value): counts of live things (connections per client IP) that
-          their owners give back; no TTL, no eviction, no byte accounting, so one
-          read-modify-write touches one small tree (`tally`). Owners that die without
-          giving back are purged by `purge_live` (the rate limiter does it at start).
+  (a `live` database of earlier builds, open connections per client IP, is no longer
+  read or written: workers/inbound/conncount.py counts them in shared memory)
 
 Opened with sync and metasync off and with writemap (commits are memory writes, no
 page-write syscalls): a crash may lose the last writes, which for a cache is harmless. Open it after fork, never before: an LMDB handle must not cross a fork
@@ -70,7 +68,6 @@ class LmdbCache:
         self._entry = self._env.open_db(b"entry")
         self._expiry = self._env.open_db(b"expiry")
         self._meta = self._env.open_db(b"meta")
-        self._live = self._env.open_db(b"live")
 
     def get(self, namespace: str, key: str, now: float) -> Any | None:
         """The value, or None when absent or expired at `now`."""
@@ -130,50 +127,6 @@ class LmdbCache:
         self._check_pid()
         with self._begin() as txn:
             return int(txn.stat(self._entry)["entries"])
-
-    def tally(self, key: str, fn: Callable[[Any | None], Any | None]) -> Any | None:
-        """Read-modify-write one `live` record in one write transaction; fn(None) for none,
-        fn returning None deletes it. A full map skips the write (fn's value is returned)."""
-        self._check_pid()
-        k = key.encode()
-        value: Any | None = None
-        try:
-            with self._begin(write=True) as txn:
-                raw = txn.get(k, db=self._live)
-                value = fn(msgpack.unpackb(raw, raw=False) if raw is not None else None)
-                if value is None:
-                    if raw is not None:
-                        txn.delete(k, db=self._live)
-                else:
-                    txn.put(k, msgpack.packb(value, use_bin_type=True), db=self._live)
-        except (lmdb.MapFullError, lmdb.DiskError):
-            pass  # the count goes unrecorded: limits fail open rather than refuse
-        return value
-
-    def live(self, key: str) -> Any | None:
-        """One `live` record, or None."""
-        self._check_pid()
-        with self._begin() as txn:
-            raw = txn.get(key.encode(), db=self._live)
-        return msgpack.unpackb(raw, raw=False) if raw is not None else None
-
-    def purge_live(self, fn: Callable[[Any], Any | None]) -> int:
-        """Rewrite every `live` record through fn (None deletes it); returns the records left."""
-        self._check_pid()
-        left = 0
-        try:
-            with self._begin(write=True) as txn:
-                cursor = txn.cursor(db=self._live)
-                for key, raw in list(cursor.iternext()):
-                    value = fn(msgpack.unpackb(raw, raw=False))
-                    if value is None:
-                        txn.delete(key, db=self._live)
-                    else:
-                        txn.put(key, msgpack.packb(value, use_bin_type=True), db=self._live)
-                        left += 1
-        except (lmdb.MapFullError, lmdb.DiskError):
-            return -1
-        return left
 
     def entries_by_namespace(self) -> dict[str, int]:
         """Entries per namespace (expired ones not yet swept included): one pass over the keys."""

@@ -350,16 +350,3 @@ def test_lmdb_is_opened_without_sync_and_with_writemap(tmp_path: Path) -> None:
     c.close()
     assert flags["sync"] is False and flags["metasync"] is False and flags["writemap"] is True
     assert lmdb.version()  # the binding is the real one
-
-
-def test_live_records_count_without_expiry_and_purge(tmp_path: Path) -> None:
-    cache = LmdbCache(str(tmp_path / "cache"))
-    assert cache.tally("conn/a", lambda v: (v or 0) + 1) == 1
-    assert cache.tally("conn/a", lambda v: (v or 0) + 1) == 2
-    assert cache.tally("conn/b", lambda v: {"1": 1}) == {"1": 1}
-    assert cache.live("conn/a") == 2 and cache.entries() == 0  # not TTL entries
-    assert cache.tally("conn/a", lambda v: None) is None and cache.live("conn/a") is None
-    cache.tally("conn/c", lambda v: {"2": 3})
-    assert cache.purge_live(lambda v: v if "1" in v else None) == 1  # keeps b, drops c
-    assert cache.live("conn/b") == {"1": 1} and cache.live("conn/c") is None
-    cache.close()
