@@ -46,6 +46,18 @@ async def hold(port: int, n: int) -> list[SmtpClient]:
     return clients
 
 
+async def admitted_soon(port: int) -> SmtpClient:
+    """A session, once a place is free: a worker gives one back right after its 221 to a
+    QUIT, so a connect in another worker may come a moment before."""
+    for _ in range(50):
+        client = await SmtpClient.connect(port, helo=None)
+        if client.greeting and client.greeting.code == 220:
+            return client
+        await client.close()
+        await asyncio.sleep(0.05)
+    return client
+
+
 async def close_all(clients: list[SmtpClient]) -> None:
     for client in clients:
         await client.close()
@@ -60,7 +72,7 @@ def test_the_limit_counts_the_connections_of_every_worker(mta_server) -> None:
         held.extend(connect_pids(server)[before:])
         refused = await refused_line(server.port)
         await clients.pop().close()
-        again = await SmtpClient.connect(server.port)  # one given back: one more admitted
+        again = await admitted_soon(server.port)  # one given back: one more admitted
         code = again.greeting.code if again.greeting else 0
         await close_all([*clients, again])
         return refused, code
@@ -94,4 +106,26 @@ def test_a_worker_killed_holding_connections_does_not_lock_the_address_out(mta_s
 
     refused = asyncio.run(scenario())
     assert refused.startswith(REFUSED), refused
+    assert server.stop() == 0
+
+
+def test_a_reload_counts_the_retiring_generations_connections(mta_server) -> None:
+    server = started(mta_server(server={"inbound_workers": 1}, limits={"max_connections_per_ip": 2}), 1)
+
+    async def scenario() -> tuple[bytes, int]:
+        old = await hold(server.port, 2)  # held by generation 1, which retires once they end
+        os.kill(server.master_pid, signal.SIGHUP)
+        wait_until(lambda: re.search(rb'event=ready child="inbound#1 gen2', server.log_bytes()), 15,
+                   "generation 2 ready", server)
+        refused = await refused_line(server.port)  # generation 2 counts generation 1's two
+        await old.pop().close()
+        new = await admitted_soon(server.port)
+        code = new.greeting.code if new.greeting else 0
+        await close_all([*old, new])
+        return refused, code
+
+    refused, code = asyncio.run(scenario())
+    assert refused.startswith(REFUSED), refused
+    assert code == 220
+    assert re.search(rb"pid=\d+ event=refused client=127\.0\.0\.1 reason=max_connections_per_ip", server.log_bytes())
     assert server.stop() == 0
