@@ -117,9 +117,9 @@ class ConnectionCounts:
         """The open connections of `ip` by worker pid, dead workers' included (a read)."""
         key, home = _key(ip)
         found: dict[int, int] = {}
-        for slot in range(min(self._q[_HIGH], SLOTS)):
-            pid = self._q[_owner(slot)]
-            if pid and (n := self._read(slot, key, home)):
+        for _slot, owner_at, table in _SLOT_AT[:self._q[_HIGH]]:
+            pid = self._q[owner_at]
+            if pid and (n := self._count_in(owner_at, table, key, home)):
                 found[pid] = found.get(pid, 0) + n
         return found
 
@@ -198,42 +198,41 @@ class ConnectionCounts:
     def _others(self, key: bytes, home: int, check_alive: bool) -> int:
         """The count of `key` in the other claimed slots; `check_alive`: leave out (and
         remember) those of dead owners."""
-        q, total = self._q, 0
-        for slot in range(min(q[_HIGH], SLOTS)):
-            pid = q[_owner(slot)]
-            if slot == self._slot or not pid or (self._dead and (slot, pid) in self._dead):
+        q, total, dead, mine = self._q, 0, self._dead, self._slot
+        for slot, owner_at, table in _SLOT_AT[:q[_HIGH]]:
+            pid = q[owner_at]
+            if not pid or slot == mine or (dead and (slot, pid) in dead):
                 continue
-            n = self._read(slot, key, home)
+            n = self._count_in(owner_at, table, key, home)
             if n and check_alive and not alive(pid):
-                self._dead.add((slot, pid))
+                dead.add((slot, pid))
                 continue
             total += n
         return total
 
-    def _read(self, slot: int, key: bytes, home: int) -> int:
-        """The count of `key` in a slot, read again while its owner moves entries."""
-        q, seq_at = self._q, _seq(slot)
-        n = 0
-        for _ in range(READ_TRIES):
-            before = q[seq_at]
-            n = self._find(slot, key, home)
-            if not before & 1 and q[seq_at] == before:
+    def _count_in(self, owner_at: int, table: int, key: bytes, home: int) -> int:
+        """The count of `key` in the slot whose header is at int64 `owner_at` and table at
+        byte `table` (0: not there), read again while its owner moves entries (the
+        sequence odd, or changed meanwhile). Runs for every slot at every connection:
+        while loops, no calls."""
+        q, mm = self._q, self._mm
+        n = tries = 0
+        while tries < READ_TRIES:
+            before = q[owner_at + 1]
+            n, pos, left = 0, home, CAPACITY  # bounded: the table may be changing under us
+            while left:
+                offset = table + pos * ENTRY_BYTES
+                field = q[offset >> 3]
+                if not field:
+                    break
+                if mm[offset + 8:offset + ENTRY_BYTES] == key:
+                    n = field - 1
+                    break
+                pos, left = (pos + 1) & _MASK, left - 1
+            if not before & 1 and q[owner_at + 1] == before:
                 break
+            tries += 1
         return n
-
-    def _find(self, slot: int, key: bytes, home: int) -> int:
-        """The count of `key` in `slot`'s table (0: not there)."""
-        q, mm, table = self._q, self._mm, _table_offset(slot)
-        pos = home
-        for _ in range(CAPACITY):  # bounded: another slot's table may be changing under us
-            offset = table + pos * ENTRY_BYTES
-            field = q[offset >> 3]
-            if field <= 0:
-                return 0
-            if mm[offset + 8:offset + ENTRY_BYTES] == key:
-                return field - 1
-            pos = (pos + 1) & _MASK
-        return 0
 
     def _log_full(self, why: str) -> None:
         if not self._full_logged:
@@ -252,6 +251,7 @@ def _key(ip: str) -> tuple[bytes, int]:
 
 
 def _owner(slot: int) -> int:
+    """The int64 index of the slot's owner pid (then its sequence, then entries in use)."""
     return (_HEADER.size + slot * SLOT_HEADER_BYTES) >> 3
 
 
@@ -340,3 +340,6 @@ def _replace(path: str, header: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+_SLOT_AT: Final = [(slot, _owner(slot), _table_offset(slot)) for slot in range(SLOTS)]  # for the readers' loop
