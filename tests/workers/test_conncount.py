@@ -9,6 +9,7 @@ import random
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mta import logs
 from workers.inbound import conncount
 from workers.inbound.conncount import FILE_BYTES, FILE_NAME, MAX_USED, SLOTS, ConnectionCounts
 
+ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_SECONDS = 30.0
 
 
@@ -108,6 +110,24 @@ def test_no_free_slot_fails_open_and_says_so_once(tmp_path: Path, monkeypatch: p
     assert extra.take("192.0.2.1", 1) and extra.take("192.0.2.1", 1)
     full = [line for line in log.getvalue().splitlines() if "event=connection_table_full" in line]
     assert len(full) == 1 and f"all {SLOTS} worker slots" in full[0]
+
+
+_CLAIM = """
+import sys, time
+from workers.inbound.conncount import ConnectionCounts
+time.sleep(float(sys.argv[2]) - time.time())  # all at once
+counts = ConnectionCounts(sys.argv[1], 1)  # pid 1: alive, so no claimer frees another's slot
+print(counts._slot, flush=True)
+"""
+
+
+def test_workers_starting_at_once_claim_distinct_slots(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "queue")])}
+    start = f"{time.time() + 1.5}"
+    workers = [subprocess.Popen([sys.executable, "-c", _CLAIM, str(tmp_path), start], stdout=subprocess.PIPE,
+                                text=True, env=env) for _ in range(8)]
+    slots = [int(w.communicate(timeout=CHILD_TIMEOUT_SECONDS)[0]) for w in workers]
+    assert sorted(slots) == list(range(8))
 
 
 def test_the_file_is_private_and_another_layout_is_replaced(tmp_path: Path) -> None:

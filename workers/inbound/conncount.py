@@ -283,10 +283,16 @@ def _map_and_claim(path: str, pid: int) -> tuple[mmap.mmap, int | None]:
     the slot claimed for `pid` (None: none free), under the file's flock."""
     header = _HEADER.pack(MAGIC, SLOTS, CAPACITY, 0)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close below: the claim runs under it too
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except PermissionError as exc:
+            raise PermissionError(f"cannot open {path}: {exc.strerror}; give it to the user mta runs as "
+                                  "(chown), or delete it while mta is stopped") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the claim runs under it too
             st = os.fstat(fd)
+            if _inode(path) != st.st_ino:
+                continue  # replaced (or removed) while we waited: open the one there now
             if st.st_mode & 0o077:
                 os.fchmod(fd, 0o600)
             if st.st_size == 0:  # new: this process lays it out
@@ -295,8 +301,6 @@ def _map_and_claim(path: str, pid: int) -> tuple[mmap.mmap, int | None]:
             elif st.st_size != FILE_BYTES or os.pread(fd, 24, 0) != header[:24]:
                 _replace(path, header)  # another build's layout
                 continue
-            if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
-                continue  # replaced meanwhile by another worker
             mm = mmap.mmap(fd, FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             q = memoryview(mm).cast("q")
             try:
@@ -328,6 +332,13 @@ def _claim(q: memoryview, pid: int) -> int | None:
     q[_owner(free)] = pid
     q[_HIGH] = max(high, free + 1)
     return free
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _replace(path: str, header: bytes) -> None:
