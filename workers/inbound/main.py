@@ -137,7 +137,7 @@ class Worker(WorkerBody):
         if self.index == 1:
             self.pickup = Pickup(self.ctx, backend, on_crash=lambda: process.stop(shutdown=True))
             self.pickup.start()
-        logs.write_each_turn(loop)  # connect, received, ...: one write() per turn, not per line
+        logs.write_each_turn(loop, self.ctx.writer.schedule)  # one write() per turn, before the replies (output.py)
         # What start-up built lives as long as the process: keep it out of the collector's
         # full passes, which otherwise rescan it all every few hundred sessions. Sessions
         # make few reference cycles: collect the young after GC_YOUNG_OBJECTS, not 700.
