@@ -25,6 +25,7 @@ import uvloop
 from mta import logs
 from mta.config import LimitsConfig
 from tests.workers.test_inbound_session import SMTP, Rig
+from workers.inbound.output import TurnWriter
 from workers.inbound.protocol import InboundProtocol
 
 CLIENTS = 5
@@ -137,3 +138,16 @@ def test_a_timeout_logs_then_replies_then_half_closes(tmp_path: Path, log_writes
     assert answer == b"421 4.4.2 mx.test Error: timeout exceeded, closing connection\r\n<EOF>", answer
     (peeked,) = [peeked for text, peeked in log_writes.writes if "event=timeout" in text]
     assert peeked == [b""], f"the 421 left before its timeout line: {peeked}"
+
+
+def test_a_line_logged_first_from_a_thread_leaves_at_the_end_of_the_turn(log_writes: LogWrites) -> None:
+    """The pickup's file steps run in an executor and log there (maildrop_settled, ...)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        logs.write_each_turn(loop, TurnWriter(loop).schedule)
+        await loop.run_in_executor(None, lambda: logs.event("maildrop_settled", finished=1))
+        await asyncio.sleep(0.05)
+
+    uvloop.run(main())
+    assert [text for text, _ in log_writes.writes if "event=maildrop_settled finished=1" in text]

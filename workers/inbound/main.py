@@ -50,6 +50,7 @@ from workers.inbound.content import Pipeline
 from workers.inbound.context import WorkerContext
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
+from workers.inbound.output import TurnWriter
 from workers.inbound.pickup import Pickup
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.sharedlimits import SharedLimits
@@ -130,6 +131,7 @@ class Worker(WorkerBody):
             content=Pipeline(config, STAGES),
             cache=cache,
             shared=SharedLimits(config, limiter) if config.cluster.redis else None,
+            writer=TurnWriter(loop),
         )
         if self.ctx.shared is not None:
             self._watch = loop.create_task(self.ctx.shared.watch())

@@ -27,10 +27,12 @@ class Output(Protocol):
 
 
 class TurnWriter:
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._ready: list[Output] = []
         self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: get_running_loop() costs a getpid
+        # The worker's loop, given: a line may come first from a thread (the pickup's file
+        # steps run in an executor). None: looked up once, from inside the loop (tests).
+        self._loop = loop
 
     def mark(self, output: Output) -> None:
         """`output` writes at the end of this turn; the caller marks it once until then."""
