@@ -151,3 +151,4 @@ def test_a_line_logged_first_from_a_thread_leaves_at_the_end_of_the_turn(log_wri
 
     uvloop.run(main())
     assert [text for text, _ in log_writes.writes if "event=maildrop_settled finished=1" in text]
+

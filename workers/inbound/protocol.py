@@ -175,6 +175,7 @@ class InboundProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._conn.receive_eof()
+        self._write_now()  # the transport closes now: replies waiting for the turn's end leave first
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
