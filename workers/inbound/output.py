@@ -1,16 +1,18 @@
 """The inbound worker's output, once per turn of its event loop: the waiting log lines, then
-each session's replies, then the closes that wait for them.
+each session's replies, then the half-closes that wait for them.
 
-A session with replies ready (or a close to do after them) marks itself (`mark`); the
-event log schedules the same callback for its first waiting line (`schedule`, given to
-logs.write_each_turn). That one callback per turn writes every waiting log line in one
-write, then each marked session's replies in one transport.write each, each followed
-by the close that waited for it (`Output.write_turn`).
+A session with replies ready (or a half-close to do after them) marks itself (`mark`);
+the event log schedules the same callback for its first waiting line (`schedule`, given
+to logs.write_each_turn). That one callback per turn writes every waiting log line in
+one write, then each marked session's replies in one transport.write each, each
+followed by the half-close that waited for it (`Output.write_turn`).
 
 Invariants: a log line never follows the reply it records (the line is made before its
 reply is, and the lines leave first); a close never loses its reply (it follows the
-write). A path that must write before it acts (STARTTLS: our 220 before the handshake)
-writes at once instead, its lines first (logs.write_waiting()).
+write). A session that must write before it acts writes at once instead, its waiting
+lines first (logs.write_waiting()): our 220 to STARTTLS before the handshake, a 221
+whose socket closes at once, the replies waiting when the client's EOF closes the
+transport (protocol.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from mta import logs
 
 class Output(Protocol):
     def write_turn(self) -> None:
-        """Write what waits (replies, then a close), once; it may mark itself again later."""
+        """Write what waits (replies, then a half-close), once; it may mark itself again later."""
 
 
 class TurnWriter:

@@ -21,8 +21,8 @@ What stays here is transport:
 - Closing: after our last reply, a linger (half-close, discard input), not a reset.
 - Output: replies wait for the end of the loop's turn (output.py: the turn's log lines
   first, then each session's replies in one write, then its half-close); our 220 to
-  STARTTLS (before the handshake) and a last reply closed at once (_linger_close) are
-  written at once, the waiting lines first.
+  STARTTLS (before the handshake), a last reply closed at once (_linger_close) and what
+  waits when the client's EOF closes the transport are written at once, lines first.
 """
 
 from __future__ import annotations
