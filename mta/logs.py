@@ -10,7 +10,9 @@ The format is chosen once in the master (`set_format`); forked children inherit 
 A process whose lines come many per event-loop turn (the scheduler: one per outcome)
 may write them once per turn (`write_each_turn(loop)`, `write_each_turn(None)` to
 write the rest and stop): one write() instead of one per line; `write_waiting()` writes
-them now, before an act that must follow them (the 250 after a received line).
+them now, before an act that must follow them (the 250 after a received line). The
+inbound worker gives its own end-of-turn callback (`schedule`), which writes the lines
+and then its sessions' replies (workers/inbound/output.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ _process = "mta"
 _stream: TextIO = sys.stderr
 _json = False
 FORMATS = ("keyvalue", "json")
-_turn_loop: asyncio.AbstractEventLoop | None = None  # write_each_turn: lines wait for the end of the turn
+_schedule: Callable[[], None] | None = None  # write_each_turn: lines wait for the end of the turn
 _waiting: list[str] = []
 
 
@@ -62,23 +65,27 @@ def event(name: str, **fields: Any) -> None:
     _emit(line + "\n")
 
 
-def write_each_turn(loop: asyncio.AbstractEventLoop | None) -> None:
+def write_each_turn(loop: asyncio.AbstractEventLoop | None, schedule: Callable[[], None] | None = None) -> None:
     """Lines from now on go out together at the end of each turn of `loop` (None: the
-    lines waiting go out now, and each later line at once)."""
-    global _turn_loop
-    _turn_loop = loop
+    lines waiting go out now, and each later line at once). `schedule`, called for the
+    first line waiting, makes write_waiting() run at the end of the turn (by default
+    loop.call_soon(write_waiting))."""
+    global _schedule
     if loop is None:
+        _schedule = None
         write_waiting()
+    else:
+        _schedule = schedule or (lambda: loop.call_soon(write_waiting))
 
 
 def _emit(text: str) -> None:
-    if _turn_loop is None:
+    if _schedule is None:
         _stream.write(text)
         _stream.flush()
         return
     _waiting.append(text)
     if len(_waiting) == 1:
-        _turn_loop.call_soon(write_waiting)
+        _schedule()
 
 
 def write_waiting() -> None:

@@ -11,6 +11,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 from dataclasses import dataclass
 
@@ -19,6 +20,12 @@ LET_DIG = frozenset(string.ascii_letters + string.digits)
 MAX_LOCAL_OCTETS = 64
 MAX_DOMAIN_OCTETS = 255
 MAX_PATH_OCTETS = 256
+# The usual paths, accepted by one regular expression instead of a loop per character;
+# what they do not match goes through the loops, which accept or say why not.
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LDH_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 class AddressError(ValueError):
@@ -58,6 +65,14 @@ def split_path(arg: str) -> tuple[str, str]:
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
         raise AddressError("the address must be enclosed in <>")
+    if '"' not in arg:  # no quoted part: the first > ends the path
+        end = arg.find(">")
+        if end < 0:
+            raise AddressError("missing closing >")
+        rest = arg[end + 1:]
+        if rest and not rest.startswith(" "):
+            raise AddressError("text after the closing >")
+        return arg[: end + 1], rest.strip(" ")
     quoted = escaped = False
     for i, ch in enumerate(arg):
         if escaped:
@@ -124,6 +139,8 @@ def _split_mailbox(mailbox: str) -> tuple[str, str]:
 
 
 def _check_local(local: str) -> None:
+    if len(local) <= MAX_LOCAL_OCTETS and _DOT_ATOM.fullmatch(local) is not None:
+        return
     if not local:
         raise AddressError("empty local part")
     if len(local.encode("utf-8")) > MAX_LOCAL_OCTETS:
@@ -151,6 +168,8 @@ def _check_local(local: str) -> None:
 
 
 def _check_domain(domain: str) -> None:
+    if len(domain) <= MAX_DOMAIN_OCTETS and _LDH_DOMAIN.fullmatch(domain) is not None:
+        return
     if not domain:
         raise AddressError("empty domain")
     if len(domain.encode("utf-8")) > MAX_DOMAIN_OCTETS:

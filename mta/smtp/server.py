@@ -124,6 +124,11 @@ class ServerConnection:
         return len(self._buffer)
 
     @property
+    def has_output(self) -> bool:
+        """Replies wait for data_to_send()."""
+        return bool(self._out)
+
+    @property
     def pending(self) -> Command | Message | None:
         return self._pending
 

@@ -2,7 +2,8 @@
 
 Built once per worker process (main.py) after the fork; read by the sessions
 (session.py decides with it, protocol.py adapts sockets to it). `sessions` holds the
-live connections so a drain can close the idle ones. `loop` is the worker's event loop,
+live connections so a drain can close the idle ones; `writer` writes their replies and the
+log lines once per turn of the loop (output.py). `loop` is the worker's event loop,
 looked up once: per-connection paths use it, never asyncio.get_running_loop() and the
 conveniences built on it (CPython 3.11 asks the kernel for the pid on each of those calls).
 """
@@ -22,6 +23,7 @@ from workers.inbound.access import Access
 from workers.inbound.auth import Authenticator
 from workers.inbound.budget import MemoryBudget
 from workers.inbound.content import Pipeline
+from workers.inbound.output import TurnWriter
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.sharedlimits import SharedLimits
@@ -67,6 +69,7 @@ class WorkerContext:
     cache: LmdbCache | None = None  # the shared cache (transferin.py's ids); None in unit tests
     shared: SharedLimits | None = None  # [cluster] redis: the cluster-wide rate windows and AUTH failures
     sessions: set[Connection] = field(default_factory=set)
+    writer: TurnWriter = field(default_factory=TurnWriter)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
 
     @property

@@ -51,6 +51,7 @@ from workers.inbound.content import Pipeline
 from workers.inbound.context import WorkerContext
 from workers.inbound.ratelimit import RateLimiter
 from workers.inbound.notify import SchedulerNotifier
+from workers.inbound.output import TurnWriter
 from workers.inbound.pickup import Pickup
 from workers.inbound.policy import LocalRecipients
 from workers.inbound.sharedlimits import SharedLimits
@@ -132,6 +133,7 @@ class Worker(WorkerBody):
             content=Pipeline(config, STAGES),
             cache=cache,
             shared=SharedLimits(config, limiter) if config.cluster.redis else None,
+            writer=TurnWriter(loop),
         )
         if self.ctx.shared is not None:
             self._watch = loop.create_task(self.ctx.shared.watch())
@@ -139,7 +141,7 @@ class Worker(WorkerBody):
         if self.index == 1:
             self.pickup = Pickup(self.ctx, backend, on_crash=lambda: process.stop(shutdown=True))
             self.pickup.start()
-        logs.write_each_turn(loop)  # connect, received, ...: one write() per turn, not per line
+        logs.write_each_turn(loop, self.ctx.writer.schedule)  # one write() per turn, before the replies (output.py)
         # What start-up built lives as long as the process: keep it out of the collector's
         # full passes, which otherwise rescan it all every few hundred sessions. Sessions
         # make few reference cycles: collect the young after GC_YOUNG_OBJECTS, not 700.

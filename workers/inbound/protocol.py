@@ -19,6 +19,10 @@ What stays here is transport:
 - Timeouts: one timer, re-armed lazily from the last activity; it never fires while we
   are the ones being waited on, and fires at the deadlines no byte restarts (deadlines.py).
 - Closing: after our last reply, a linger (half-close, discard input), not a reset.
+- Output: replies wait for the end of the loop's turn (output.py: the turn's log lines
+  first, then each session's replies in one write, then its half-close); our 220 to
+  STARTTLS (before the handshake), a last reply closed at once (_linger_close) and what
+  waits when the client's EOF closes the transport are written at once, lines first.
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ class InboundProtocol(asyncio.Protocol):
         self._deadlines = Deadlines.start(ctx.config.limits, time.monotonic())
         self._peer = Client()  # the TCP peer (a proxy, on proxy_protocol listeners)
         self._proxy_buffer: bytes | None = None  # PROXY header bytes while we wait for it
-        self._lingering = False  # our last reply is sent: discard input until EOF
+        self._lingering = False  # our last reply is made: discard input until EOF
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._marked = False  # in the TurnWriter's list for this turn
+        self._half_close = False  # the linger begins after the turn's write (write_turn)
 
     # --- asyncio callbacks -------------------------------------------------------
 
@@ -118,7 +124,7 @@ class InboundProtocol(asyncio.Protocol):
         else:
             self._conn.refuse(decision.reply)
         self._arm_timer(time.monotonic() + self._ctx.config.limits.command_timeout_seconds)
-        self._flush()
+        self._send()
         if self._conn.state is State.CLOSED:
             self._linger_close()
         elif early:
@@ -169,6 +175,7 @@ class InboundProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._conn.receive_eof()
+        self._write_now()  # the transport closes now: replies waiting for the turn's end leave first
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -200,7 +207,6 @@ class InboundProtocol(asyncio.Protocol):
 
     def shut_down(self) -> None:
         self._conn.close_with(replies.shutting_down(self._ctx.config.server.hostname))
-        self._flush()
         self._linger_close()
 
     def _linger_close(self) -> None:
@@ -208,9 +214,13 @@ class InboundProtocol(asyncio.Protocol):
 
         Closing a socket with unread input makes the kernel send RST, which can destroy
         our 421 (or 221) before the client reads it. So: half-close, discard what the
-        client still sends, and close on its EOF or after LINGER_SECONDS. Except after a
+        client still sends, and close on its EOF or after LINGER_SECONDS; the half-close
+        follows the reply's write at the end of the turn (write_turn). Except after a
         QUIT with nothing sent after it: the client waits for our 221 and sends no more, so
-        close now (a FIN, as the half-close sends; saves the shutdown and reading its EOF).
+        close now (a FIN, as the half-close sends; saves the shutdown and reading its EOF),
+        the 221 written first. Now, not at the end of the turn: uvloop releases the socket
+        one turn after close(), and a client quick to close after our 221 would wake the
+        poll in between for a socket nobody reads (an epoll_ctl DEL per session).
         """
         transport = self._transport
         if transport is None or transport.is_closing() or self._lingering:
@@ -219,10 +229,11 @@ class InboundProtocol(asyncio.Protocol):
         self._session.release()  # the session is over: a reconnect must not count it twice
         conn = self._conn
         if not transport.can_write_eof() or (conn.quit and conn.buffered_bytes == 0):
+            self._write_now()
             transport.close()
             return
-        transport.write_eof()
-        self._linger_timer = self._loop.call_later(LINGER_SECONDS, transport.close)
+        self._half_close = True
+        self._mark()
 
     def _pump(self) -> None:
         conn, session = self._conn, self._session
@@ -242,7 +253,7 @@ class InboundProtocol(asyncio.Protocol):
                 decision = session.check_rcpt(event)
                 conn.reply(decision.reply, decision.rcpt)
             elif isinstance(event, Message):
-                self._decide(self._answer_when(session.on_message(event)))  # its received line leaves before its 250 (_flush)
+                self._decide(self._answer_when(session.on_message(event)))  # its received line leaves before its 250 (output.py)
                 break
             elif isinstance(event, Credentials):
                 self._decide(self._answer_when(session.authenticate(event)))
@@ -250,7 +261,7 @@ class InboundProtocol(asyncio.Protocol):
             elif isinstance(event, (Vrfy, Expn)):
                 conn.reply(session.check_vrfy(event))
             elif isinstance(event, StartTls):
-                self._flush()  # our 220 leaves; nothing more is read in plaintext
+                self._write_now()  # our 220 leaves before the handshake; nothing more is read in plaintext
                 if self._transport is not None:
                     self._transport.pause_reading()
                 self._decide(self._start_tls())
@@ -259,7 +270,7 @@ class InboundProtocol(asyncio.Protocol):
                 break
         session.account()
         if conn.pending is None:  # else the replies so far leave with the decision's (see the header)
-            self._flush()
+            self._send()
         self._deadlines.transfer(conn.in_transfer, time.monotonic())
         if conn.pending is None and self._deadlines.next < self._timer_at:
             self._arm_timer(self._deadlines.next)  # a transfer began, or a decision kept us past a deadline
@@ -290,7 +301,6 @@ class InboundProtocol(asyncio.Protocol):
         if self._task is task:
             self._task = None
         self._conn.close_with(replies.LOCAL_ERROR)
-        self._flush()
         self._linger_close()
 
     async def _answer_when(self, decision: Awaitable[Decision]) -> None:
@@ -350,11 +360,35 @@ class InboundProtocol(asyncio.Protocol):
         self._session.tls_started(info)
         self._pump()
 
-    def _flush(self) -> None:
+    def _send(self) -> None:
+        """The replies made so far leave at the end of this turn (output.py), after its log lines."""
+        if self._conn.has_output:
+            self._mark()
+
+    def _mark(self) -> None:
+        if not self._marked:
+            self._marked = True
+            self._ctx.writer.mark(self)
+
+    def write_turn(self) -> None:
+        """The TurnWriter's call at the end of the turn: the replies in one write, then the
+        half-close that waits for them (_linger_close)."""
+        self._marked = False
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        out = self._conn.data_to_send()
+        if out:
+            transport.write(out)
+        if self._half_close:
+            self._half_close = False
+            transport.write_eof()
+            self._linger_timer = self._loop.call_later(LINGER_SECONDS, transport.close)
+
+    def _write_now(self) -> None:
+        """The replies made so far, written now (a line never follows the reply it records)."""
         out = self._conn.data_to_send()
         if out and self._transport is not None and not self._transport.is_closing():
-            # A line never follows the reply it records (a test or an operator reading the
-            # log after a reply finds it); the lines of one batch still leave in one write.
             logs.write_waiting()
             self._transport.write(out)
 
@@ -384,5 +418,4 @@ class InboundProtocol(asyncio.Protocol):
         logs.event("timeout", client=self._session.client.ip, state=conn.state.value, limit=reason)
         metrics.INBOUND_REJECTED.labels(reason, "4xx").inc()
         conn.close_with(replies.timeout(self._ctx.config.server.hostname))
-        self._flush()
         self._linger_close()

@@ -1,0 +1,58 @@
+"""The inbound worker's output, once per turn of its event loop: the waiting log lines, then
+each session's replies, then the half-closes that wait for them.
+
+A session with replies ready (or a half-close to do after them) marks itself (`mark`);
+the event log schedules the same callback for its first waiting line (`schedule`, given
+to logs.write_each_turn). That one callback per turn writes every waiting log line in
+one write, then each marked session's replies in one transport.write each, each
+followed by the half-close that waited for it (`Output.write_turn`).
+
+Invariants: a log line never follows the reply it records (the line is made before its
+reply is, and the lines leave first); a close never loses its reply (it follows the
+write). A session that must write before it acts writes at once instead, its waiting
+lines first (logs.write_waiting()): our 220 to STARTTLS before the handshake, a 221
+whose socket closes at once, the replies waiting when the client's EOF closes the
+transport (protocol.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from mta import logs
+
+
+class Output(Protocol):
+    def write_turn(self) -> None:
+        """Write what waits (replies, then a half-close), once; it may mark itself again later."""
+
+
+class TurnWriter:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._ready: list[Output] = []
+        self._scheduled = False
+        # The worker's loop, given: a line may come first from a thread (the pickup's file
+        # steps run in an executor). None: looked up once, from inside the loop (tests).
+        self._loop = loop
+
+    def mark(self, output: Output) -> None:
+        """`output` writes at the end of this turn; the caller marks it once until then."""
+        self._ready.append(output)
+        if not self._scheduled:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """The turn's callback runs once at its end, whoever asks first (a session, a log line)."""
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._scheduled = False
+        ready, self._ready = self._ready, []
+        logs.write_waiting()
+        for output in ready:
+            output.write_turn()
