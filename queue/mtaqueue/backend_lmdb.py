@@ -146,9 +146,12 @@ class LmdbBackend:
                     if raw is None:
                         continue
                     stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
-                    previous = self._decoded(changes, key, raw)
-                    if previous is not None:
-                        changes.remove(key, previous)
+                    try:  # (only what the indexes need: a delete per delivered message)
+                        when, recipients = records.decode_queued(raw)
+                    except CorruptRecord:
+                        changes.drop_due_of(key)  # its due entries by a scan; its counts by a recount
+                    else:
+                        changes.remove(key, when, recipients)
                     txn.delete(key, db=self._envelope)
                     txn.delete(key, db=self._body)
                     removed += 1
