@@ -200,6 +200,16 @@ class LmdbBackend:
             raw = txn.get(msgid.encode(), db=self._envelope)
         return self._decode(msgid, raw)
 
+    def envelopes_of(self, msgids: Sequence[MessageId]) -> list[Envelope | None]:
+        """envelope() of each id, in order, one short read transaction per _SCAN_BATCH ids
+        (the scheduler's New: an inbound group commit's ids at once)."""
+        raws: list[bytes | None] = []
+        for start in range(0, len(msgids), _SCAN_BATCH):
+            with self._env.begin(buffers=False) as txn:
+                get, table = txn.get, self._envelope
+                raws += [get(msgid.encode(), db=table) for msgid in msgids[start:start + _SCAN_BATCH]]
+        return [self._decode(msgid, raw) for msgid, raw in zip(msgids, raws)]
+
     def _decode(self, msgid: MessageId, raw: bytes | None) -> Envelope | None:
         if raw is None:
             return None
