@@ -184,11 +184,12 @@ class Tracking:
         a scan may find a bounce in the spool before the flush that wrote it tracks it."""
         if envelope.id in self.messages:
             return
-        if all(r.state in FINAL_STATES for r in envelope.recipients):
+        states = [r.state for r in envelope.recipients]  # (one walk, then C: once per message)
+        if FINAL_STATES.issuperset(states):
             self._delete_later(envelope.id)  # finished but not deleted before a crash
             return
         self._set_on_disk(envelope.id, self._disk_states(envelope))
-        if envelope.next_attempt > now and any(r.state == "deferred" for r in envelope.recipients):
+        if envelope.next_attempt > now and "deferred" in states:
             self._add_timer(envelope.next_attempt, envelope.id)
         else:
             for r in envelope.recipients:
