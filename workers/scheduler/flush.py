@@ -150,6 +150,7 @@ class Outcomes(Tracking):
         self._policy: RetryPolicy | None = None
         self._policy_key: tuple[float, float, float] | None = None
         self._outcome_counters: dict[tuple[str, int], Any] = {}
+        self._delivered_delays: list[float] = []  # this turn's delivered recipients' arrival-to-delivery seconds
 
     def _retry_policy(self) -> RetryPolicy:
         """The [delivery] back-off rules, built again only when a reload changed them."""
@@ -169,6 +170,25 @@ class Outcomes(Tracking):
                 state if state in FINAL_STATES or state == "deferred" else "retried",
                 f"{code // 100}xx" if code >= 200 else "none")
         return child
+
+    def _count_delivered(self, seconds: float) -> None:
+        """A recipient delivered `seconds` after its message arrived: counted in
+        mta_delivery_recipients_total and the latency histogram at the end of the turn,
+        with the turn's others (each inc or observe writes the metrics mmap under a lock)."""
+        if not self._delivered_delays:
+            try:
+                self._event_loop().call_soon(self._publish_delivered)
+            except RuntimeError:  # no loop: a test driving the scheduler by hand
+                self._delivered_delays.append(seconds)
+                self._publish_delivered()
+                return
+        self._delivered_delays.append(seconds)
+
+    def _publish_delivered(self) -> None:
+        delays, self._delivered_delays = self._delivered_delays, []
+        if delays:
+            self._outcome_counter("delivered", 250).inc(len(delays))
+            metrics.observe_all(metrics.DELIVERY_LATENCY_SECONDS, delays)
 
     def _on_written(self, update: list[Envelope], delete: list[MessageId], bounces: list[NewMessage]) -> None:
         now = time.time()
@@ -255,9 +275,10 @@ class Outcomes(Tracking):
         self.tally.changed(envelope, which, before, self.carried.get(job.msgid, ()))
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
-            self._outcome_counter(rcpt.state, r.code).inc()
             if rcpt.state == "delivered":
-                metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
+                self._count_delivered(now - envelope.arrival)
+            else:
+                self._outcome_counter(rcpt.state, r.code).inc()
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         if result.bounce is not None:
@@ -277,7 +298,6 @@ class Outcomes(Tracking):
         message is finished."""
         carried = self.carried.get(job.msgid, ())
         recipients, tally = envelope.recipients, self.tally
-        counter = self._outcome_counter("delivered", 250)
         for r in replies:
             rcpt = recipients[r.index]
             old = counted_state(rcpt.state, r.index in carried)
@@ -285,8 +305,7 @@ class Outcomes(Tracking):
             rcpt.last_reply = reply = str(r)
             rcpt.state = "delivered"
             tally.add(destination_of(rcpt.address), old, -1)  # (a state not counted: no-op)
-            counter.inc()
-            metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
+            self._count_delivered(now - envelope.arrival)
             logs.event("delivered", msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=reply,
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         envelope.attempts += 1

@@ -132,6 +132,7 @@ class Scheduler(Operations, WorkerBody):
             await self.leases.release_all()
         await self.writes.flush_all()
         self.writes.close()
+        self._publish_delivered()  # (the last turn's, should the loop not turn again)
         self.backend.close()
         logs.write_each_turn(None)  # the last lines out now; "stopped" goes at once
         return {"in_flight_sessions": len(self.sessions)}
