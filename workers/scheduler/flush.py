@@ -2,11 +2,12 @@
 
 `Outcomes._settle` applies one job's replies to its envelope (outcome.py's rules), logs
 and counts them, and leaves the change pending (the common outcome, every recipient 2xx
-and no success notice asked for, inline: `_settle_delivered`, the same result); `PendingWrites` owns the pending
-changes (envelopes to update, each a `snapshot` taken at its change; ids to delete;
-notices to add) and writes them in one transaction (backend.apply(): states, retry
-times, deletions and notices together), gathering for FLUSH_GATHER_SECONDS first so
-one transaction carries many outcomes.
+and no success notice asked for, inline: `_settle_delivered`, the same result; delivered
+recipients reach their counter and latency histogram once per event-loop turn);
+`PendingWrites` owns the pending changes (envelopes to update, each a `snapshot` taken
+at its change; ids to delete; notices to add) and writes them in one transaction
+(backend.apply(): states, retry times, deletions and notices together), gathering for
+FLUSH_GATHER_SECONDS first so one transaction carries many outcomes.
 Notices (DSNs): failure and success from `settle`; the one delay notice of a message
 is decided here when an attempt leaves it queued, and for a message loaded when due
 (`_check_delay`, called by tracking.py), and written with the envelope marked `warned`.
