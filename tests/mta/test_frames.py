@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import pytest
-
 from mta import frames, messages
 
 DONE = [messages.Done(1, n, ((0, 250, "2.0.0", "ok"),), "mx.test[127.0.0.9]:25") for n in range(40)]
@@ -37,20 +35,21 @@ def read_all(chunks: list[bytes], eof: bool = True) -> tuple[list[list[messages.
 
 def test_frames_come_whole_and_in_order_however_the_bytes_are_cut() -> None:
     wire = b"".join(frames.encode_stream_frame(m) for m in [*DONE[:20], NEW, *DONE[20:]])
+    async def fed_at_once(chunks: list[bytes]) -> list[messages.Message]:
+        reader = asyncio.StreamReader()
+        incoming = frames.StreamFrameReader(reader)
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        got: list[messages.Message] = []
+        while (burst := await incoming.read()) is not None:
+            assert burst
+            got += burst
+        return got
+
     for size in (1, 3, 7, 100, 4096, len(wire)):
         chunks = [wire[i:i + size] for i in range(0, len(wire), size)]
-        async def main() -> list[messages.Message]:
-            reader = asyncio.StreamReader()
-            incoming = frames.StreamFrameReader(reader)
-            for chunk in chunks:
-                reader.feed_data(chunk)
-            reader.feed_eof()
-            got: list[messages.Message] = []
-            while (burst := await incoming.read()) is not None:
-                assert burst
-                got += burst
-            return got
-        assert asyncio.run(main()) == [*DONE[:20], NEW, *DONE[20:]], size
+        assert asyncio.run(fed_at_once(chunks)) == [*DONE[:20], NEW, *DONE[20:]], size
     bursts, error = read_all([wire])
     assert error is None and bursts == [[*DONE[:20], NEW, *DONE[20:]]]  # one await for all that was there
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import uvloop
+from mtaqueue.ids import MessageId
+from mtaqueue.records import Envelope, NewMessage, Recipient
 from prometheus_client import REGISTRY
 
 from mta import logs, messages
-from mtaqueue.ids import MessageId
-from mtaqueue.records import Envelope, NewMessage, Recipient
 from tests.workers.test_scheduler_tally import FakeWriter, config, new_scheduler
 from workers.scheduler import flush
 from workers.scheduler.dispatch import WorkerLink
