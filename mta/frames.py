@@ -3,7 +3,8 @@ stream sockets.
 
 Master <-> children: one message per SOCK_SEQPACKET packet, optionally with fds.
 Scheduler <-> delivery workers, inbound workers, the control process and the CLI: a Unix
-stream socket with each message prefixed by its length (4 bytes, big-endian).
+stream socket with each message prefixed by its length (4 bytes, big-endian); bursts are
+written once (StreamFrames) and read at once (StreamFrameReader).
 
 SEQPACKET keeps packet boundaries, so a frame never arrives split and the file
 descriptors passed with it (SCM_RIGHTS) belong to exactly that frame. A frame that is
@@ -97,6 +98,53 @@ async def read_stream_frame(reader: asyncio.StreamReader) -> Message | None:
             raise
         return None
     return messages.decode(await reader.readexactly(_length(head)))
+
+
+class StreamFrameReader:
+    """The frames of one stream, every whole one its reader holds at once: one await per
+    burst instead of two per frame (a delivery worker's Done frames come many per turn).
+    Frames come in order; the one after a frame that is not a message is never read."""
+
+    READ_BYTES = 256 * 1024
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._buffer = bytearray()
+        self._error: messages.MessageError | None = None  # met after frames still to be handled
+
+    async def read(self) -> list[Message] | None:
+        """The next frames (at least one); None at a clean EOF between frames. MessageError
+        for a frame that is not a message or is over MAX_STREAM_FRAME_BYTES (after the
+        frames before it), IncompleteReadError at EOF inside a frame."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            found = self._split()
+            if found:
+                return found
+            chunk = await self._reader.read(self.READ_BYTES)
+            if not chunk:
+                if self._buffer:
+                    raise asyncio.IncompleteReadError(bytes(self._buffer), None)
+                return None
+            self._buffer += chunk
+
+    def _split(self) -> list[Message]:
+        found: list[Message] = []
+        buffer, at = self._buffer, 0
+        try:
+            while len(buffer) - at >= _LENGTH.size:
+                end = at + _LENGTH.size + _length(buffer[at:at + _LENGTH.size])
+                if len(buffer) < end:
+                    break
+                found.append(messages.decode(bytes(buffer[at + _LENGTH.size:end])))
+                at = end
+        except messages.MessageError as exc:
+            if not found:
+                raise
+            self._error = exc  # raised at the next read, once these are handled
+        del buffer[:at]
+        return found
 
 
 def recv_stream_frame(sock: socket.socket) -> Message:

@@ -16,6 +16,7 @@ control process serves the merged view (`render()`). Labels are low-cardinality 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import os
@@ -276,3 +277,19 @@ def render_destinations(top: Sequence[Sequence[Any]], other: Sequence[int]) -> b
     for state, value in zip(("ready", "active", "deferred"), other):
         recipients.add_metric(["other", state], value)
     return generate_latest(_Families([recipients, connections, limit]))
+
+
+def observe_all(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """histogram.observe(a) for each of `amounts` (an unlabelled histogram, or a child), with
+    the sum and each bucket written once, not once per observation (in multiprocess mode
+    every write takes the values' lock and packs into the mmap: ~3 us an observe())."""
+    if not amounts:
+        return
+    bounds = histogram._upper_bounds  # ascending, +Inf last: observe()'s first bound >= the amount
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1
+    histogram._sum.inc(sum(amounts))
+    for bucket, n in zip(histogram._buckets, counts):
+        if n:
+            bucket.inc(n)

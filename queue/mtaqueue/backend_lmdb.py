@@ -146,9 +146,12 @@ class LmdbBackend:
                     if raw is None:
                         continue
                     stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
-                    previous = self._decoded(changes, key, raw)
-                    if previous is not None:
-                        changes.remove(key, previous)
+                    try:  # (only what the indexes need: a delete per delivered message)
+                        when, recipients = records.decode_queued(raw)
+                    except CorruptRecord:
+                        changes.drop_due_of(key)  # its due entries by a scan; its counts by a recount
+                    else:
+                        changes.remove(key, when, recipients)
                     txn.delete(key, db=self._envelope)
                     txn.delete(key, db=self._body)
                     removed += 1
@@ -196,6 +199,16 @@ class LmdbBackend:
         with self._env.begin() as txn:
             raw = txn.get(msgid.encode(), db=self._envelope)
         return self._decode(msgid, raw)
+
+    def envelopes_of(self, msgids: Sequence[MessageId]) -> list[Envelope | None]:
+        """envelope() of each id, in order, one short read transaction per _SCAN_BATCH ids
+        (the scheduler's New: an inbound group commit's ids at once)."""
+        raws: list[bytes | None] = []
+        for start in range(0, len(msgids), _SCAN_BATCH):
+            with self._env.begin(buffers=False) as txn:
+                get, table = txn.get, self._envelope
+                raws += [get(msgid.encode(), db=table) for msgid in msgids[start:start + _SCAN_BATCH]]
+        return [self._decode(msgid, raw) for msgid, raw in zip(msgids, raws)]
 
     def _decode(self, msgid: MessageId, raw: bytes | None) -> Envelope | None:
         if raw is None:

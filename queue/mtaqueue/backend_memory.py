@@ -76,6 +76,10 @@ class MemoryBackend:
         return copy.deepcopy(found) if found is not None else None
 
     @_locked
+    def envelopes_of(self, msgids: Sequence[MessageId]) -> list[Envelope | None]:
+        return [self.envelope(msgid) for msgid in msgids]
+
+    @_locked
     def body(self, msgid: MessageId) -> bytes | None:
         return self._bodies.get(msgid)
 

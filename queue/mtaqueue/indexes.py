@@ -11,7 +11,8 @@ A destination is records.destination_of(address). "active" is never stored (it i
 scheduler's view of a ready recipient in a session's job); were it met, it counts as ready.
 
 `Changes` is one write transaction's bookkeeping: the writer hands it each envelope's
-old and new form (add, replace, remove); deletes of index keys happen at once, puts wait
+old and new form (add, replace; remove takes only what records.decode_queued reads of the
+old one: a delete decodes no more); deletes of index keys happen at once, puts wait
 for `flush` (one putmulti per table), and count deltas are summed per (destination,
 state) over the whole transaction and written at `flush`, one get + put per changed key
 (a group commit of 25 messages at 2 domains: 3 keys, the totals included). `replace`
@@ -149,10 +150,12 @@ class Changes:
             self._plus += pairs
             self._bydest_puts += [_prefix(dest) + key for dest in {dest for dest, _ in pairs}]
 
-    def remove(self, key: bytes, old: Envelope) -> None:
-        pairs, due = queued(old)
-        if due:
-            self._delete(_pack_ms(old.next_attempt) + key, self._due, self._due_puts)
+    def remove(self, key: bytes, next_attempt: float, recipients: Iterable[tuple[str, str]]) -> None:
+        """A stored envelope goes, known by its next attempt and each recipient's (address,
+        state): what records.decode_queued reads, without decoding the whole record."""
+        pairs = [(destination_of(address), COUNTED[state]) for address, state in recipients if state in COUNTED]
+        if any([state != "held" for _, state in pairs]):
+            self._delete(_pack_ms(next_attempt) + key, self._due, self._due_puts)
         if self.cursor is None or key <= self.cursor:
             self._count(pairs, key, -1)
 

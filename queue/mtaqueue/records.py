@@ -1,6 +1,7 @@
 """Queue records: the envelope of one message with per-recipient state, and its codec.
 
-Envelopes are stored as msgpack maps with short keys; `decode(encode(e)) == e`.
+Envelopes are stored as msgpack maps with short keys; `decode(encode(e)) == e`;
+`decode_queued` reads only what the spool's indexes keep (a delete's read).
 Recipient states: ready, active, deferred, held, delivered, bounced.
 `destination_of` is the one rule for a recipient's destination (the spool's indexes,
 the scheduler's queues and counts, the operator's --domain).
@@ -21,6 +22,7 @@ import msgpack
 
 from mtaqueue.ids import MessageId
 
+_unpackb = msgpack.unpackb
 RECIPIENT_STATES = ("ready", "active", "deferred", "held", "delivered", "bounced")
 
 
@@ -81,13 +83,13 @@ def encode(envelope: Envelope) -> bytes:
 
 def decode(raw: bytes) -> Envelope:
     try:
-        d = msgpack.unpackb(raw)
+        d = _unpackb(raw)
+        # Positional, in Envelope's field order (keywords cost a visible share per message).
         envelope = Envelope(
-            id=MessageId(d["i"]), sender=d["s"], size=d["z"], arrival=d["a"], next_attempt=d["n"],
-            priority=d["p"], attempts=d["t"], ret=d["R"], envid=d["E"], body_type=d["B"],
-            smtputf8=d["U"], client=d["c"], warned=d.get("W", False),  # (absent in records before it)
-            recipients=[Recipient(a, tuple(n) if type(n) is list else _not_a_list(n), o, s, t, lr)
-                        for a, n, o, s, t, lr in d["r"]],
+            d["i"], d["s"],
+            [Recipient(a, tuple(n) if type(n) is list else _not_a_list(n), o, s, t, lr) for a, n, o, s, t, lr in d["r"]],
+            d["z"], d["a"], d["n"], d["p"], d["t"], d["R"], d["E"], d["B"], d["U"], d["c"],
+            d.get("W", False),  # (absent in records before it)
         )
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:  # UnicodeDecodeError is a ValueError
         raise CorruptRecord(f"{type(exc).__name__}: {exc}") from None
@@ -95,6 +97,22 @@ def decode(raw: bytes) -> Envelope:
     if wrong is not None:
         raise CorruptRecord(f"field {wrong} has the wrong type or value")
     return envelope
+
+
+def decode_queued(raw: bytes) -> tuple[float, list[tuple[str, str]]]:
+    """What the spool's indexes keep of an encoded envelope, without the rest of decode's
+    work: its next attempt and each recipient's (address, state), checked as decode checks
+    them (the spool's deletes need no more). CorruptRecord when they do not hold."""
+    try:
+        d = _unpackb(raw)
+        when, recipients = d["n"], [(r[0], r[3]) for r in d["r"]]
+    except (ValueError, KeyError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise CorruptRecord(f"{type(exc).__name__}: {exc}") from None
+    if type(when) not in _NUMBER or not 0 <= when < MAX_TIME:
+        raise CorruptRecord("field next_attempt has the wrong type or value")
+    if not recipients or not all([type(a) is str and s in RECIPIENT_STATES for a, s in recipients]):
+        raise CorruptRecord("field recipients has the wrong type or value")
+    return when, recipients
 
 
 def _not_a_list(notify: object) -> None:

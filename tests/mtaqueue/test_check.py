@@ -208,12 +208,18 @@ def test_an_undecodable_envelope_is_moved_to_corrupt_once(tmp_path: Path) -> Non
     assert [q[0] for q in report.quarantined] == [bad.envelope.id, updated.envelope.id]
 
 
-def test_a_write_over_an_undecodable_envelope_drops_its_due_entry(tmp_path: Path) -> None:
-    spool = LmdbBackend(str(tmp_path / "q"), 64 * MIB)
-    rnd = random.Random(6)
+def _two_committed(path: Path, seed: int) -> tuple[NewMessage, NewMessage]:
+    """Two messages committed to a new spool at `path`, closed (to be damaged through LMDB)."""
+    spool = LmdbBackend(str(path), 64 * MIB)
+    rnd = random.Random(seed)
     first, second = _message(rnd, 1), _message(rnd, 2)
     spool.commit([first, second])
     spool.close()
+    return first, second
+
+
+def test_a_write_over_an_undecodable_envelope_drops_its_due_entry(tmp_path: Path) -> None:
+    first, second = _two_committed(tmp_path / "q", 6)
     with _table(tmp_path / "q") as (txn, table):
         txn.put(first.envelope.id.encode(), b"\xc1garbage", db=table)
         txn.put(second.envelope.id.encode(), b"\x93\x01\x02", db=table)
@@ -222,6 +228,44 @@ def test_a_write_over_an_undecodable_envelope_drops_its_due_entry(tmp_path: Path
     spool.apply(update=[first.envelope], delete=[second.envelope.id])  # the scheduler's copy wins
     assert spool.due(4e9, 10) == [] and spool.due(6e9, 10) == [first.envelope.id]
     assert spool.envelope(first.envelope.id) == first.envelope and spool.body(second.envelope.id) is None
+    spool.close()
+
+
+def test_what_a_delete_reads_of_a_record_is_what_decode_reads_or_corrupt() -> None:
+    """records.decode_queued (a delete's read: next attempt, each recipient's address and
+    state) gives decode's values wherever decode succeeds, and refuses those fields damaged."""
+    raw = records.encode(_message(random.Random(7), 1).envelope)
+    for at in range(len(raw)):
+        for value in (0x00, 0xFF, 0xC1, 0xC3, raw[at] ^ 0x20):
+            flipped = bytes(raw[:at]) + bytes([value]) + raw[at + 1:]
+            try:
+                envelope = records.decode(flipped)
+            except CorruptRecord:
+                continue
+            assert records.decode_queued(flipped) == (envelope.next_attempt,
+                                                      [(r.address, r.state) for r in envelope.recipients])
+    fields = msgpack.unpackb(raw)
+    for damage in ({"n": 1e300}, {"n": True}, {"n": "soon"}, {"r": []}, {"r": [["a@b", None, None, "lost", 0, None]]},
+                   {"r": [[7, None, None, "ready", 0, None]]}, {"r": [["a@b"]]}, {"r": "ready"}):
+        with pytest.raises(CorruptRecord):
+            records.decode_queued(msgpack.packb({**fields, **damage}))
+
+
+def test_a_delete_takes_back_what_a_record_is_indexed_by_even_when_the_rest_is_damaged(tmp_path: Path) -> None:
+    client_damaged, state_damaged = _two_committed(tmp_path / "q", 8)
+    with _table(tmp_path / "q") as (txn, table):
+        for victim, damage in ((client_damaged, {"c": "192.0.2.1"}), (state_damaged, {"r": [["u0@d0.test", None,
+                                                                                          None, "lost", 0, None]]})):
+            key = victim.envelope.id.encode()
+            txn.put(key, msgpack.packb({**msgpack.unpackb(txn.get(key, db=table)), **damage}), db=table)
+    spool = LmdbBackend(str(tmp_path / "q"), 64 * MIB)
+    spool.apply(delete=[client_damaged.envelope.id])  # its queue fields are sound: taken back exactly
+    assert spool.due(2e9, 10) == [state_damaged.envelope.id]
+    assert spool.destination_counts() == {"d0.test": {"ready": 1, "deferred": 0, "held": 0}}
+    assert spool._env.begin().get(b"recount", db=spool._meta) is None
+    spool.apply(delete=[state_damaged.envelope.id])  # its recipients unknown: a recount at the next open
+    assert spool.due(2e9, 10) == [] and spool.totals()["messages"] == 0
+    assert spool._env.begin().get(b"recount", db=spool._meta) == b"1"
     spool.close()
 
 

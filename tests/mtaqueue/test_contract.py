@@ -80,7 +80,18 @@ def test_envelopes_iterates_in_id_order_across_batches(tmp_path) -> None:
     msgs = [message(body=b"b", when=1000.0 + i) for i in range(2500)]
     b.commit(msgs)
     assert [e.id for e in b.envelopes()] == sorted(m.envelope.id for m in msgs)
+    assert b.envelopes_of([m.envelope.id for m in reversed(msgs)]) == [m.envelope for m in reversed(msgs)]
     b.close()
+
+
+def test_envelopes_of_gives_each_in_the_order_asked_none_for_one_not_stored(backend: QueueBackend) -> None:
+    first, gone, last = message(when=1000.0), message(when=2000.0), message(when=3000.0)
+    backend.commit([first, gone, last])
+    backend.delete([gone.envelope.id])
+    never = new_id(4000.0)
+    assert backend.envelopes_of([last.envelope.id, gone.envelope.id, first.envelope.id, never, last.envelope.id]) == [
+        last.envelope, None, first.envelope, None, last.envelope]
+    assert backend.envelopes_of([]) == []
 
 
 def test_lmdb_survives_reopen(tmp_path) -> None:

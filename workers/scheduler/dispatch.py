@@ -247,8 +247,11 @@ class Dispatch(Outcomes):
         replies = list(map(RecipientReply._make, done.replies))
         if done.failed:
             session.dest.on_session_failed(now)
-        elif any(200 <= code < 300 for _i, code, _s, _t in done.replies):
-            session.dest.on_session_ok()
+        else:
+            for _i, code, _s, _t in done.replies:  # (a loop, not any() over a generator: per Done)
+                if 200 <= code < 300:
+                    session.dest.on_session_ok()
+                    break
         if job.rcpts:
             self._settle(job, replies, done.remote, now, done.handoff)
         self._evict(job.msgid)  # nothing more to send and nothing to write (e.g. held meanwhile)

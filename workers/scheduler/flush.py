@@ -1,11 +1,13 @@
 """Outcomes applied in memory at once, written to the spool in batches by one writer thread.
 
 `Outcomes._settle` applies one job's replies to its envelope (outcome.py's rules), logs
-and counts them, and leaves the change pending; `PendingWrites` owns the pending
-changes (envelopes to update, each a `snapshot` taken at its change; ids to delete;
-notices to add) and writes them in one transaction (backend.apply(): states, retry
-times, deletions and notices together), gathering for FLUSH_GATHER_SECONDS first so
-one transaction carries many outcomes.
+and counts them, and leaves the change pending (the common outcome, every recipient 2xx
+and no success notice asked for, inline: `_settle_delivered`, the same result; delivered
+recipients reach their counter and latency histogram once per event-loop turn);
+`PendingWrites` owns the pending changes (envelopes to update, each a `snapshot` taken
+at its change; ids to delete; notices to add) and writes them in one transaction
+(backend.apply(): states, retry times, deletions and notices together), gathering for
+FLUSH_GATHER_SECONDS first so one transaction carries many outcomes.
 Notices (DSNs): failure and success from `settle`; the one delay notice of a message
 is decided here when an attempt leaves it queued, and for a message loaded when due
 (`_check_delay`, called by tracking.py), and written with the envelope marked `warned`.
@@ -34,11 +36,12 @@ from typing import Any
 from mta import logs, metrics
 from mta.lists import bounces_owner
 from mta.messages import Handoff
-from mta.queueops import FINAL_STATES
+from mta.queueops import FINAL_STATES, destination_of
 from mtaqueue.ids import MessageId
 from mtaqueue.records import Envelope, NewMessage, Recipient
 from workers.scheduler.outcome import RecipientReply, RetryPolicy, delay_notice, settle
 from workers.scheduler.plan import Job
+from workers.scheduler.tally import counted_state
 from workers.scheduler.tracking import Tracking
 
 FLUSH_GATHER_SECONDS = 0.01
@@ -148,6 +151,7 @@ class Outcomes(Tracking):
         self._policy: RetryPolicy | None = None
         self._policy_key: tuple[float, float, float] | None = None
         self._outcome_counters: dict[tuple[str, int], Any] = {}
+        self._delivered_delays: list[float] = []  # this turn's delivered recipients' arrival-to-delivery seconds
 
     def _retry_policy(self) -> RetryPolicy:
         """The [delivery] back-off rules, built again only when a reload changed them."""
@@ -167,6 +171,25 @@ class Outcomes(Tracking):
                 state if state in FINAL_STATES or state == "deferred" else "retried",
                 f"{code // 100}xx" if code >= 200 else "none")
         return child
+
+    def _count_delivered(self, seconds: float) -> None:
+        """A recipient delivered `seconds` after its message arrived: counted in
+        mta_delivery_recipients_total and the latency histogram at the end of the turn,
+        with the turn's others (each inc or observe writes the metrics mmap under a lock)."""
+        if not self._delivered_delays:
+            try:
+                self._event_loop().call_soon(self._publish_delivered)
+            except RuntimeError:  # no loop: a test driving the scheduler by hand
+                self._delivered_delays.append(seconds)
+                self._publish_delivered()
+                return
+        self._delivered_delays.append(seconds)
+
+    def _publish_delivered(self) -> None:
+        delays, self._delivered_delays = self._delivered_delays, []
+        if delays:
+            self._outcome_counter("delivered", 250).inc(len(delays))
+            metrics.observe_all(metrics.DELIVERY_LATENCY_SECONDS, delays)
 
     def _on_written(self, update: list[Envelope], delete: list[MessageId], bounces: list[NewMessage]) -> None:
         now = time.time()
@@ -234,6 +257,12 @@ class Outcomes(Tracking):
         envelope = self.messages.get(job.msgid)
         if envelope is None:
             return  # deleted by an operator while in flight
+        if _delivered_only(envelope, job, replies, handoff):
+            finished = self._settle_delivered(envelope, job, replies, remote, now)
+            if not finished:
+                self._warn_if_delayed(envelope, now)
+            self._written_after(envelope, job.msgid, finished, deferred=False)
+            return
         answered = {r.index for r in replies}
         missing = [RecipientReply(i, 451, "4.3.0", "no reply for this recipient") for i in job.rcpts
                    if i not in answered]
@@ -247,9 +276,10 @@ class Outcomes(Tracking):
         self.tally.changed(envelope, which, before, self.carried.get(job.msgid, ()))
         for r in replies + missing:
             rcpt = envelope.recipients[r.index]
-            self._outcome_counter(rcpt.state, r.code).inc()
             if rcpt.state == "delivered":
-                metrics.DELIVERY_LATENCY_SECONDS.observe(now - envelope.arrival)
+                self._count_delivered(now - envelope.arrival)
+            else:
+                self._outcome_counter(rcpt.state, r.code).inc()
             logs.event(rcpt.state, msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=str(r),
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         if result.bounce is not None:
@@ -260,12 +290,51 @@ class Outcomes(Tracking):
             self._warn_if_delayed(envelope, now)
         if result.retry_now:  # refused for this transaction only (452 4.5.3): a new one at once
             self._enqueue(envelope)
-        if result.finished and not self.busy.get(job.msgid):
-            self._forget(job.msgid)
-            self.writes.update.pop(job.msgid, None)
-            self.writes.delete.add(job.msgid)
+        self._written_after(envelope, job.msgid, result.finished, deferred=bool(result.deferred))
+
+    def _settle_delivered(self, envelope: Envelope, job: Job, replies: list[RecipientReply], remote: str | None,
+                          now: float) -> bool:
+        """The common outcome (`_delivered_only`): what settle() and the recount of _settle
+        do for it, inline: each recipient delivered, counted out, logged. Whether the
+        message is finished."""
+        carried = self.carried.get(job.msgid, ())
+        recipients, tally = envelope.recipients, self.tally
+        for r in replies:
+            rcpt = recipients[r.index]
+            old = counted_state(rcpt.state, r.index in carried)
+            rcpt.attempts += 1
+            rcpt.last_reply = reply = str(r)
+            rcpt.state = "delivered"
+            tally.add(destination_of(rcpt.address), old, -1)  # (a state not counted: no-op)
+            self._count_delivered(now - envelope.arrival)
+            logs.event("delivered", msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=reply,
+                       attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
+        envelope.attempts += 1
+        return all(r.state in FINAL_STATES for r in recipients)
+
+    def _written_after(self, envelope: Envelope, msgid: MessageId, finished: bool, deferred: bool) -> None:
+        """A settled job's change goes into the next write: the message's delete once it is
+        finished and no other job of it runs, else its new envelope (and its retry timer)."""
+        if finished and not self.busy.get(msgid):
+            self._forget(msgid)
+            self.writes.update.pop(msgid, None)
+            self.writes.delete.add(msgid)
         else:
-            self.writes.update[job.msgid] = snapshot(envelope)
-            if result.deferred:
-                self._add_timer(envelope.next_attempt, job.msgid)
+            self.writes.update[msgid] = snapshot(envelope)
+            if deferred:
+                self._add_timer(envelope.next_attempt, msgid)
         self.writes.schedule()
+
+
+def _delivered_only(envelope: Envelope, job: Job, replies: list[RecipientReply], handoff: Handoff) -> bool:
+    """Every recipient of `job` answered once, each with a 2xx, and none of them asked for
+    a success notice: settle() would only mark them delivered."""
+    if len(replies) != len(job.rcpts):
+        return False
+    for r in replies:
+        if not 200 <= r.code < 300:
+            return False
+        if handoff != "passed" and envelope.recipients[r.index].notify is not None:
+            return False  # NOTIFY given: maybe SUCCESS (the general path asks should_notify)
+    return len(job.rcpts) == 1 and replies[0].index == job.rcpts[0] or sorted(
+        r.index for r in replies) == sorted(job.rcpts)

@@ -132,6 +132,7 @@ class Scheduler(Operations, WorkerBody):
             await self.leases.release_all()
         await self.writes.flush_all()
         self.writes.close()
+        self._publish_delivered()  # (the last turn's, should the loop not turn again)
         self.backend.close()
         logs.write_each_turn(None)  # the last lines out now; "stopped" goes at once
         return {"in_flight_sessions": len(self.sessions)}
@@ -183,24 +184,26 @@ class Scheduler(Operations, WorkerBody):
                 self.workers.append(link)
                 logs.event("delivery_worker", worker_pid=link.pid, capacity=link.capacity)
                 self._schedule_dispatch()
-            while hello is not None and (message := await frames.read_stream_frame(reader)) is not None:
-                match message:
-                    case messages.New(ids=ids):
-                        self._on_new(ids)
-                    case messages.Done() if link is not None:
-                        self._on_done(message)
-                    case messages.Closed(sid=sid, ok=ok) if link is not None:
-                        self._on_closed(link, sid, ok)
-                    case messages.QueueCommand():  # on disk before the answer; progress while it runs
-                        answer = await self._command(message, lambda m: writer.write(frames.encode_stream_frame(m)))
-                        writer.write(frames.encode_stream_frame(answer))
-                    case messages.ActiveQuery():  # the outcomes already in are on disk before the answer:
-                        await self.writes.flush_now()  # the asker (an export) reads the spool next
-                        writer.write(frames.encode_stream_frame(self._query(message)))
-                    case messages.GaugeQuery():
-                        writer.write(frames.encode_stream_frame(self._query(message)))
-                    case _:
-                        raise messages.unexpected(message, f"from a {hello.role} peer")
+            incoming = frames.StreamFrameReader(reader)  # a burst of frames per await
+            while hello is not None and (burst := await incoming.read()) is not None:
+                for message in burst:
+                    match message:
+                        case messages.New(ids=ids):
+                            self._on_new(ids)
+                        case messages.Done() if link is not None:
+                            self._on_done(message)
+                        case messages.Closed(sid=sid, ok=ok) if link is not None:
+                            self._on_closed(link, sid, ok)
+                        case messages.QueueCommand():  # on disk before the answer; progress while it runs
+                            answer = await self._command(message, lambda m: writer.write(frames.encode_stream_frame(m)))
+                            writer.write(frames.encode_stream_frame(answer))
+                        case messages.ActiveQuery():  # the outcomes already in are on disk before the answer:
+                            await self.writes.flush_now()  # the asker (an export) reads the spool next
+                            writer.write(frames.encode_stream_frame(self._query(message)))
+                        case messages.GaugeQuery():
+                            writer.write(frames.encode_stream_frame(self._query(message)))
+                        case _:
+                            raise messages.unexpected(message, f"from a {hello.role} peer")
         except messages.MessageError as exc:  # a bug, or a peer of another build: drop it
             logs.event(exc.event, peer=hello and hello.role, peer_pid=hello and hello.pid, error=str(exc))
         except (ConnectionError, asyncio.IncompleteReadError) as exc:

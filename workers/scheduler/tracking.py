@@ -126,16 +126,12 @@ class Tracking:
     def _on_new(self, ids: Iterable[str]) -> None:
         """Committed by an inbound worker: tracked at once when there is room."""
         now = time.time()
-        for raw in ids:
-            if not is_id(raw):
-                continue
-            msgid = MessageId(raw)
-            # A finished message stays in the spool until its delete is committed: a scan
-            # that finds it then must not deliver it again.
-            if msgid in self.messages or self._write_pending(msgid):
-                continue
-            envelope = self.backend.envelope(msgid)
-            if envelope is None:
+        # A finished message stays in the spool until its delete is committed: a scan
+        # that finds it then must not deliver it again.
+        wanted = [MessageId(raw) for raw in ids
+                  if is_id(raw) and raw not in self.messages and not self._write_pending(MessageId(raw))]
+        for msgid, envelope in zip(wanted, self.backend.envelopes_of(wanted)):  # one read for the New
+            if envelope is None or msgid in self.messages:  # (an id twice in one New: tracked once)
                 continue
             if self._room_for(envelope.priority):
                 self._track(envelope, now)
@@ -188,11 +184,12 @@ class Tracking:
         a scan may find a bounce in the spool before the flush that wrote it tracks it."""
         if envelope.id in self.messages:
             return
-        if all(r.state in FINAL_STATES for r in envelope.recipients):
+        states = [r.state for r in envelope.recipients]  # (one walk, then C: once per message)
+        if FINAL_STATES.issuperset(states):
             self._delete_later(envelope.id)  # finished but not deleted before a crash
             return
         self._set_on_disk(envelope.id, self._disk_states(envelope))
-        if envelope.next_attempt > now and any(r.state == "deferred" for r in envelope.recipients):
+        if envelope.next_attempt > now and "deferred" in states:
             self._add_timer(envelope.next_attempt, envelope.id)
         else:
             for r in envelope.recipients:
