@@ -36,8 +36,9 @@ from typing import Final
 from mta.smtp.content import crlf_line_ends, has_bare_newline
 from mta.smtp.replies import Reply
 from mta.smtp.serverreplies import (  # noqa: F401 - the reply side, re-exported for the client's callers
-    _ALLOWED_CLASSES, _CONTROL, _DATA, _DOT, _MAIL, _PARSED, _RCPT, MAX_PARSED, MAX_REPLY_LINE, MAX_REPLY_LINES,
-    NO_EXTENSIONS, Extensions, ProtocolError, ServerReply, Verb, _check_line, parse_extensions, parse_reply,
+    _ALLOWED_CLASSES, _CONTROL, _DATA, _DOT, _MAIL, _PARSED, _RCPT, _STARTTLS, MAX_PARSED, MAX_REPLY_LINE,
+    MAX_REPLY_LINES, NO_EXTENSIONS, Extensions, ProtocolError, ServerReply, Verb, _check_line, parse_extensions,
+    parse_reply,
 )
 
 _SUSPECT = re.compile(r"[\x00-\x1f\x7f<>]")  # what bad_address looks at more closely
@@ -354,7 +355,7 @@ class ClientConnection:
     def _check_ready(self, helo: bool) -> None:
         if not self.greeted:
             raise LocalProtocolError("command before a 2xx greeting")
-        if self._tls_pending or Verb.STARTTLS in self._awaiting:
+        if self._tls_pending or _STARTTLS in self._awaiting:
             raise LocalProtocolError("command between STARTTLS and the handshake")
         if helo and not self.helo_done:
             raise LocalProtocolError("command before EHLO/HELO was accepted")

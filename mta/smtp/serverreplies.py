@@ -51,7 +51,7 @@ class Verb(enum.Enum):
 
 
 # The per-message verbs as globals: reading a member through its Enum class costs ~4 times more.
-_MAIL, _RCPT, _DATA, _DOT = Verb.MAIL, Verb.RCPT, Verb.DATA, Verb.DOT
+_MAIL, _RCPT, _DATA, _DOT, _STARTTLS = Verb.MAIL, Verb.RCPT, Verb.DATA, Verb.DOT, Verb.STARTTLS
 
 
 # Reply classes (code // 100) each command may get; anything else is a ProtocolError.
@@ -65,10 +65,12 @@ class ServerReply(ReplyClass):
     status: str  # enhanced status code "x.y.z" (RFC 3463), "" when the reply has none
     lines: tuple[str, ...]  # text of each line, status removed, control characters replaced
     command: Verb | None = None  # what it answers; None from parse_reply()
+    # The lines' text joined (empty lines left out): made once, as the reply is (most are
+    # parsed once per process), read for every recipient it answers.
+    text: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def text(self) -> str:
-        return " ".join(line for line in self.lines if line)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", " ".join(line for line in self.lines if line))  # frozen
 
     def __str__(self) -> str:
         return " ".join(str(part) for part in (self.code, self.status, self.text) if part)
