@@ -23,27 +23,24 @@ Errors: ProtocolError is the peer's fault (a malformed or unexpected reply, byte
 after the 220 to STARTTLS); it is sticky and the connection is unusable after it.
 LocalProtocolError is ours (a command out of order, CR or LF in an address).
 
-Servers repeat a few replies ("250 2.1.5 Ok"): a single-line reply is parsed once per
-process and its ServerReply (immutable) served again (_PARSED, emptied when full).
-Pure: no asyncio, socket or time imports.
+Replies are parsed by serverreplies.py (ServerReply, Extensions; a single-line reply
+once per process, _PARSED). Pure: no asyncio, socket or time imports.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Final
 
 from mta.smtp.content import crlf_line_ends, has_bare_newline
-from mta.smtp.replies import Reply, ReplyClass
+from mta.smtp.replies import Reply
+from mta.smtp.serverreplies import (  # noqa: F401 - the reply side, re-exported for the client's callers
+    _ALLOWED_CLASSES, _CONTROL, _DATA, _DOT, _MAIL, _PARSED, _RCPT, _STARTTLS, MAX_PARSED, MAX_REPLY_LINE,
+    MAX_REPLY_LINES, NO_EXTENSIONS, Extensions, ProtocolError, ServerReply, Verb, _check_line, parse_extensions,
+    parse_reply,
+)
 
-MAX_REPLY_LINE: Final = 4096  # octets; RFC 5321 says 512, real servers send longer text
-MAX_REPLY_LINES: Final = 256  # lines in one multi-line reply
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
-_KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SUSPECT = re.compile(r"[\x00-\x1f\x7f<>]")  # what bad_address looks at more closely
 
 # Local refusals: the message never reaches DATA at this server.
@@ -51,36 +48,8 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "message size exceeds the size limit of th
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "SMTPUTF8 is required, but was not offered by the server")
 
 
-class ProtocolError(Exception):
-    """The server broke the protocol; the connection cannot be used any more."""
-
-
 class LocalProtocolError(Exception):
     """We broke the protocol: a bug in the caller, never the peer's doing."""
-
-
-class Verb(enum.Enum):
-    """What a reply answers."""
-
-    GREETING = "greeting"
-    EHLO = "EHLO"  # LHLO under LMTP
-    HELO = "HELO"
-    STARTTLS = "STARTTLS"
-    MAIL = "MAIL FROM"
-    RCPT = "RCPT TO"
-    DATA = "DATA"
-    DOT = "end of data"
-    RSET = "RSET"
-    NOOP = "NOOP"
-    QUIT = "QUIT"
-
-    # Singletons: hashed by identity, in C (Enum's __hash__ is a Python call; replies look verbs up).
-    __hash__ = object.__hash__
-
-
-# Reply classes (code // 100) each command may get; anything else is a ProtocolError.
-_ALLOWED_CLASSES: Final[dict[Verb, frozenset[int]]] = (
-    {verb: frozenset((2, 4, 5)) for verb in Verb} | {Verb.DATA: frozenset((3, 4, 5))})
 
 
 class _Marker:
@@ -95,106 +64,7 @@ NEED_DATA = _Marker("NEED_DATA")  # feed more bytes with receive_data()
 CLOSED = _Marker("CLOSED")  # the server closed the connection; no reply is coming
 
 
-@dataclass(frozen=True, slots=True)
-class ServerReply(ReplyClass):
-    code: int
-    status: str  # enhanced status code "x.y.z" (RFC 3463), "" when the reply has none
-    lines: tuple[str, ...]  # text of each line, status removed, control characters replaced
-    command: Verb | None = None  # what it answers; None from parse_reply()
-
-    @property
-    def text(self) -> str:
-        return " ".join(line for line in self.lines if line)
-
-    def __str__(self) -> str:
-        return " ".join(str(part) for part in (self.code, self.status, self.text) if part)
-
-
 Event = ServerReply | _Marker
-
-
-@dataclass(frozen=True, slots=True)
-class Extensions:
-    """The EHLO keywords (upper case) and their parameters, as the server listed them."""
-
-    keywords: dict[str, str]
-    # The SIZE limit in octets; None when absent, 0 ("no fixed limit") or malformed.
-    # Worked out once: every message checks it.
-    max_size: int | None = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        value = self.keywords.get("SIZE", "")
-        limit = int(value) if value.isdigit() and 0 < len(value) <= 20 and int(value) > 0 else None
-        object.__setattr__(self, "max_size", limit)  # frozen
-
-    def __contains__(self, keyword: str) -> bool:
-        return keyword in self.keywords
-
-
-NO_EXTENSIONS = Extensions({})
-
-# Single-line replies parsed before, by (line, command); not the final dot's (queue ids).
-_PARSED: dict[tuple[bytes, Verb | None], ServerReply] = {}
-MAX_PARSED: Final = 1024
-
-
-def parse_extensions(lines: tuple[str, ...]) -> Extensions:
-    """The lines of a 250 EHLO reply -> Extensions (the first line is the greeting)."""
-    keywords: dict[str, str] = {}
-    for line in lines[1:]:
-        keyword, _, params = line.strip().partition(" ")
-        keyword = keyword.upper()
-        if _KEYWORD.fullmatch(keyword):
-            keywords[keyword] = params.strip()
-    return Extensions(keywords)
-
-
-def parse_reply(lines: list[bytes], command: Verb | None = None) -> ServerReply:
-    """Complete reply lines (CRLF removed) -> ServerReply (answering `command`). Raises only ProtocolError."""
-    if not lines:
-        raise ProtocolError("empty reply")
-    if len(lines) == 1:
-        return _parse_line(lines[0], command)
-    return _parse_lines(lines, command)
-
-
-def _parse_lines(lines: list[bytes], command: Verb | None) -> ServerReply:
-    code = _check_line(lines[0])
-    texts: list[str] = []
-    for i, raw in enumerate(lines):
-        if _check_line(raw) != code:
-            raise ProtocolError("multi-line reply with mixed reply codes")
-        last = i == len(lines) - 1
-        if (raw[3:4] == b"-") == last:
-            raise ProtocolError("multi-line reply not ended by a 'code SP' line")
-        texts.append(_CONTROL.sub("?", raw[4:].decode("utf-8", "replace")))
-    status = ""
-    match = _ENHANCED.match(texts[0])
-    if match is not None and match.group(1) == str(code)[0]:
-        status = match.group(0)
-        texts = [t[len(status):].lstrip(" ") if t.startswith(status) else t for t in texts]
-    return ServerReply(code, status, tuple(texts), command)
-
-
-def _parse_line(raw: bytes, command: Verb | None) -> ServerReply:
-    """parse_reply of a single-line reply (most are; the final dot's is parsed per message)."""
-    code = _check_line(raw)
-    if raw[3:4] == b"-":
-        raise ProtocolError("multi-line reply not ended by a 'code SP' line")
-    text = raw[4:].decode("utf-8", "replace")
-    if not text.isprintable():  # every control character is unprintable
-        text = _CONTROL.sub("?", text)
-    if text[1:2] == "." and (match := _ENHANCED.match(text)) is not None and match.group(1) == str(code)[0]:
-        status = match.group(0)
-        return ServerReply(code, status, (text[len(status):].lstrip(" "),), command)
-    return ServerReply(code, "", (text,), command)
-
-
-def _check_line(raw: bytes) -> int:
-    code, sep = raw[:3], raw[3:4]
-    if len(code) != 3 or not code.isdigit() or code[:1] not in b"2345" or sep not in (b"", b" ", b"-"):
-        raise ProtocolError(f"malformed reply line {raw[:40]!r}")
-    return int(code)
 
 
 def check_message(extensions: Extensions, size: int, smtputf8: bool) -> Reply | None:
@@ -335,7 +205,7 @@ class ClientConnection:
     def _parse(self, lines: list[bytes]) -> ServerReply:
         verb = self._awaiting[0] if self._awaiting else None
         reply = parse_reply(lines, verb)
-        if len(lines) == 1 and verb is not None and verb is not Verb.DOT:
+        if len(lines) == 1 and verb is not None:
             if len(_PARSED) >= MAX_PARSED:
                 _PARSED.clear()
             _PARSED[(lines[0], verb)] = reply
@@ -347,7 +217,17 @@ class ClientConnection:
         verb = self._awaiting.popleft()
         if reply.code // 100 not in _ALLOWED_CLASSES[verb]:
             raise ProtocolError(f"unexpected reply to {verb.value}: {reply}")
-        if verb is Verb.GREETING:
+        if verb is _DOT:
+            return reply  # the transaction ended on our side with the content
+        if verb is _RCPT:
+            self.accepted += reply.ok
+        elif verb is _MAIL:
+            self._in_mail = self._in_mail and reply.ok
+        elif verb is _DATA:
+            self._data_ok = reply.code == 354
+            if self._data_ok and self.lmtp and self.accepted == 0:
+                raise ProtocolError("354 to DATA with no accepted recipient (RFC 2033 4.2)")
+        elif verb is Verb.GREETING:
             self.greeted = reply.ok
         elif verb in (Verb.EHLO, Verb.HELO) and reply.ok:
             self.helo_done = True
@@ -358,14 +238,6 @@ class ClientConnection:
                 # Plaintext sent after the 220 would be read as if it came over TLS.
                 raise ProtocolError("data after the 220 reply to STARTTLS (response injection)")
             self._tls_pending = True
-        elif verb is Verb.MAIL and not reply.ok:
-            self._in_mail = False
-        elif verb is Verb.RCPT and reply.ok:
-            self.accepted += 1
-        elif verb is Verb.DATA:
-            self._data_ok = reply.code == 354
-            if self._data_ok and self.lmtp and self.accepted == 0:
-                raise ProtocolError("354 to DATA with no accepted recipient (RFC 2033 4.2)")
         elif verb is Verb.RSET and reply.ok:
             self._end_transaction()
         return reply
@@ -403,7 +275,7 @@ class ClientConnection:
         self._check_ready(helo=True)
         if self._in_mail:
             raise LocalProtocolError("MAIL inside a transaction")
-        if Verb.DOT in self._awaiting and not self.pipelining:
+        if _DOT in self._awaiting and not self.pipelining:
             raise LocalProtocolError("MAIL before the reply to the final dot, without PIPELINING")
         self._check_address(sender, smtputf8)
         ext = self.extensions.keywords  # the dict itself: Extensions.__contains__ is a Python call
@@ -426,7 +298,7 @@ class ClientConnection:
         self._data_ok = False
         self.accepted = 0
         self._utf8 = smtputf8
-        return self._command(Verb.MAIL, " ".join([f"MAIL FROM:<{sender}>", *params]))
+        return self._command(_MAIL, " ".join([f"MAIL FROM:<{sender}>", *params]))
 
     def rcpt_to(self, address: str, notify: tuple[str, ...] | None = None, orcpt: str | None = None) -> bytes:
         if not self._in_mail:
@@ -442,12 +314,12 @@ class ClientConnection:
             encoded = xtext(original) if semi and addr_type.isascii() and addr_type else None
             if encoded:
                 params.append(f"ORCPT={addr_type};{encoded}")
-        return self._command(Verb.RCPT, " ".join([f"RCPT TO:<{address}>", *params]))
+        return self._command(_RCPT, " ".join([f"RCPT TO:<{address}>", *params]))
 
     def data(self) -> bytes:
         if not self._in_mail:
             raise LocalProtocolError("DATA without MAIL")
-        return self._command(Verb.DATA, "DATA")
+        return self._command(_DATA, "DATA")
 
     def message_body(self, body: bytes, canonical: bool = False) -> bytes:
         """After the 354: the content, stuffed and terminated (b"" sends a lone dot);
@@ -457,7 +329,7 @@ class ClientConnection:
         if not self._data_ok or self._awaiting:
             raise LocalProtocolError("message body before the 354 reply to DATA")
         replies = self.accepted if self.lmtp else 1
-        self._awaiting.extend([Verb.DOT] * replies)
+        self._awaiting.extend([_DOT] * replies)
         self._end_transaction()
         return stuff_body(body, canonical)
 
@@ -483,7 +355,7 @@ class ClientConnection:
     def _check_ready(self, helo: bool) -> None:
         if not self.greeted:
             raise LocalProtocolError("command before a 2xx greeting")
-        if self._tls_pending or Verb.STARTTLS in self._awaiting:
+        if self._tls_pending or _STARTTLS in self._awaiting:
             raise LocalProtocolError("command between STARTTLS and the handshake")
         if helo and not self.helo_done:
             raise LocalProtocolError("command before EHLO/HELO was accepted")

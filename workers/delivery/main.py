@@ -213,12 +213,13 @@ class DeliveryWorker(WorkerBody):
         if self._out is not None:
             self._out.send(message)
 
-    def _transaction(self, outbound: OutboundSession | None) -> _Sending:
-        """A message is going out: a drain lets this session finish it (drain()). Cut at
-        the drain's deadline, its connection is dropped: no QUIT in the middle of it."""
+    def _transaction(self) -> _Sending:
+        """For the session running in this task, `with sending.over(outbound)` around each
+        message going out: a drain lets it finish (drain()). Cut at the drain's deadline,
+        its connection is dropped: no QUIT in the middle of it."""
         task = asyncio.current_task(self._loop)  # with the loop given: no getpid()
         assert task is not None
-        return _Sending(self._sending, task, outbound)
+        return _Sending(self._sending, task)
 
     async def _route(self, dest: str) -> Route:
         config = self.config
@@ -387,6 +388,7 @@ class DeliverySession:
 
     async def run(self) -> None:
         worker = self.worker
+        self.sending = worker._transaction()
         try:
             route = await worker._route(self.dest)
             while (job := await self._next_job()) is not None:
@@ -429,7 +431,7 @@ class DeliverySession:
             self.done(job, current)
             return True
         if route.kind == "maildir":
-            with worker._transaction(None):
+            with self.sending.over(None):
                 replies = await worker._deliver_local(current)
             self.done(job, current, replies=replies, handoff="delivered")
             return True
@@ -448,7 +450,7 @@ class DeliverySession:
                 if current.message is None:
                     break
             assert current.message is not None
-            with worker._transaction(outbound):
+            with self.sending.over(outbound):
                 results = await outbound.send(current.message, self.follow)
             if outbound.announced is not None:
                 metrics.DELIVERY_PIPELINED.inc()
@@ -468,14 +470,19 @@ class DeliverySession:
 
 
 class _Sending:
-    """The `with` of DeliveryWorker._transaction (a class: @contextmanager's generator
-    costs a few microseconds per message)."""
+    """The `with` of DeliveryWorker._transaction, one per session (a class made once:
+    @contextmanager's generator costs a few microseconds per message)."""
 
     __slots__ = ("outbound", "sending", "task")
 
-    def __init__(self, sending: set[asyncio.Task[None]], task: asyncio.Task[None],
-                 outbound: OutboundSession | None) -> None:
-        self.sending, self.task, self.outbound = sending, task, outbound
+    def __init__(self, sending: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        self.sending, self.task = sending, task
+        self.outbound: OutboundSession | None = None
+
+    def over(self, outbound: OutboundSession | None) -> _Sending:
+        """This message goes out on `outbound` (None: to Maildir)."""
+        self.outbound = outbound
+        return self
 
     def __enter__(self) -> None:
         self.sending.add(self.task)

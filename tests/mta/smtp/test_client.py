@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mta.smtp import client
+from mta.smtp import client, serverreplies
 from mta.smtp.client import (
     CLOSED, MESSAGE_TOO_BIG, NEED_DATA, NEEDS_SMTPUTF8, ClientConnection, Extensions, LocalProtocolError,
     ProtocolError, ServerReply, Verb, bad_address, canonical_body, check_message, parse_extensions,
@@ -352,7 +352,7 @@ def test_single_line_replies_parse_as_the_general_parser_does(raw: bytes) -> Non
             return parse()
         except ProtocolError as exc:
             return str(exc)
-    assert parsed(lambda: client._parse_line(raw, Verb.DOT)) == parsed(lambda: client._parse_lines([raw], Verb.DOT))
+    assert parsed(lambda: serverreplies._parse_line(raw, Verb.DOT)) == parsed(lambda: serverreplies._parse_lines([raw], Verb.DOT))
 
 
 def test_the_parsed_reply_cache_stays_bounded() -> None:
