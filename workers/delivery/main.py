@@ -179,8 +179,10 @@ class DeliveryWorker(WorkerBody):
             writer.write(frames.encode_stream_frame(messages.hello("delivery", CAPACITY)))
             try:
                 if await frames.read_hello(reader) is not None:  # a scheduler of another build is refused here
-                    while (message := await frames.read_stream_frame(reader)) is not None:
-                        self._on_frame(message)
+                    incoming = frames.StreamFrameReader(reader)  # a burst of frames per await
+                    while (burst := await incoming.read()) is not None:
+                        for message in burst:
+                            self._on_frame(message)
             except messages.MessageError as exc:  # a bug, or another build: drop the connection
                 logs.event(exc.event, peer="scheduler", error=str(exc))
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
