@@ -177,3 +177,25 @@ def test_log_lines_of_one_turn_leave_in_one_write(mta_server: Callable[..., MtaS
     first = next(c for c in calls if "event=rejected" in c.text and "rcpt=first@elsewhere.test" in c.text)
     assert "rcpt=second@elsewhere.test" in first.text, \
         f"the two refusals of one pipelined group were written apart: {first.text[:300]}"
+
+
+def test_a_handed_over_connection_is_named_once(mta_server: Callable[..., MtaServer], tmp_path: Path) -> None:
+    """The worker adopts the master's descriptor without a socket.socket of its own (whose
+    constructor checks it with a getsockname): the one getsockname per session is uvloop's
+    transport learning its names. Sessions work and leave no descriptor behind."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not on PATH (`make test-deps` installs it)")
+    trace_path = tmp_path / "strace.txt"
+    server = mta_server(wrapper=[strace, "-f", "-tt", "-y", "-e", "trace=getsockname,write", "-o", str(trace_path)])
+    for n in range(SESSIONS):
+        with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=30) as smtp:
+            assert smtp.sendmail(f"s{n}@client.test", [f"r{n}@local.test"], f"Subject: {n}\r\n\r\nbody\r\n") == {}
+    assert server.stop() == 0, server.log_tail()
+
+    calls = parse_strace(trace_path.read_text(errors="replace"))
+    workers = {c.tid for c in calls if c.name == "write" and '"221 ' in c.text}  # the loops that answered QUIT
+    named = [c for c in calls if c.name == "getsockname" and c.tid in workers and "AF_INET" in c.text]
+    # One per session (uvloop's), and the start-up probe's connection; two each before.
+    assert SESSIONS <= len(named) <= SESSIONS + 2, \
+        f"{len(named)} getsockname calls on TCP sockets for {SESSIONS} sessions"

@@ -197,10 +197,9 @@ class Worker(WorkerBody):
             if listener is None:  # a listener this generation does not know: cannot serve it
                 os.close(fd)
                 continue
-            # Family, type and protocol given: socket() need not ask the kernel (it still
-            # checks the descriptor with one getsockname). No setblocking: uvloop's
-            # uv_tcp_open makes it non-blocking anyway.
-            sock = socket.socket(listener.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
+            # No setblocking: uvloop's uv_tcp_open makes it non-blocking anyway.
+            sock = (_Handed(fd, listener.family) if listener.mode != "smtps"
+                    else socket.socket(listener.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd))
             self.adopting += 1  # load from now until the session exists (a TLS handshake takes a while)
             self._loop.create_task(self._adopt(sock, listener))
         active = len(self.ctx.sessions) + self.adopting
@@ -209,7 +208,7 @@ class Worker(WorkerBody):
         if len(took) < len(conns):
             self.link.send(messages.Refused(tuple(conn_id for conn_id, _ in conns[len(took):]), active))
 
-    async def _adopt(self, sock: socket.socket, listener: ListenerConfig) -> None:
+    async def _adopt(self, sock: socket.socket | _Handed, listener: ListenerConfig) -> None:
         ctx, loop = self.ctx, self._loop
         assert ctx is not None and loop is not None
         implicit_tls = ctx.ssl_context if listener.mode == "smtps" else None
@@ -225,7 +224,11 @@ class Worker(WorkerBody):
             if implicit_tls is not None:
                 metrics.INBOUND_TLS.labels("smtps", "failed").inc()
             logs.event("adopt_failed", listener=listener.address, error=str(exc) or type(exc).__name__)
-            sock.close()
+            _close_unadopted(sock)
+        except asyncio.CancelledError:  # stopping: a descriptor uvloop never opened is closed
+            if isinstance(sock, _Handed):
+                sock.discard()
+            raise
         finally:
             self.adopting -= 1
 
@@ -233,3 +236,42 @@ class Worker(WorkerBody):
         if self.ctx is not None:
             metrics.INBOUND_BUFFERED.set(self.ctx.budget.held)  # sampled with the heartbeat, once a second
         return self.adopting + (len(self.ctx.sessions) if self.ctx is not None else 0)
+
+
+class _Handed:
+    """A connection's descriptor from the master, as loop.connect_accepted_socket takes it
+    (family, type, fileno(), close()). A socket.socket(fileno=) would first check the
+    descriptor with a getsockname: a system call per connection, and uvloop's transport
+    asks for the names itself. Once uvloop's handle has opened the descriptor, libuv owns
+    and closes it, and uvloop then calls close() (at once, where it would detach a
+    socket.socket): close() only records that. `discard` is ours, for an adoption that
+    failed or was cancelled before that: it closes a descriptor uvloop did not close.
+    Plain listeners only: smtps keeps a socket.socket, since a failed handshake may close
+    its transport after connect_accepted_socket has returned."""
+
+    __slots__ = ("_fd", "family", "type")
+
+    def __init__(self, fd: int, family: int) -> None:
+        self.family = family
+        self.type = socket.SOCK_STREAM
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        self._fd = -1  # libuv has closed it
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _close_unadopted(sock: socket.socket | _Handed) -> None:
+    """After a failed adoption: the descriptor closed unless uvloop did (a socket.socket
+    it detached closes nothing)."""
+    if isinstance(sock, _Handed):
+        sock.discard()
+    else:
+        sock.close()
