@@ -16,8 +16,9 @@ import io
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
@@ -29,6 +30,7 @@ from workers.inbound.output import TurnWriter
 from workers.inbound.protocol import InboundProtocol
 
 CLIENTS = 5
+T = TypeVar("T")
 REPLY_SECONDS = 5.0
 
 
@@ -81,6 +83,13 @@ async def _read_until(client: socket.socket, marker: bytes, eof: bool = False) -
     raise AssertionError(f"no {marker!r} within {REPLY_SECONDS} s: {got!r}")
 
 
+def _run(rig: Rig, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return uvloop.run(main())
+    finally:
+        rig.close()
+
+
 async def _serve(rig: Rig, log_writes: LogWrites, clients: int) -> tuple[asyncio.AbstractServer, list[socket.socket]]:
     logs.write_each_turn(asyncio.get_running_loop(), rig.ctx.writer.schedule)  # as the worker does
     server = await asyncio.get_running_loop().create_server(lambda: InboundProtocol(rig.ctx, SMTP), "127.0.0.1", 0)
@@ -109,10 +118,7 @@ def test_the_lines_of_one_turn_leave_in_one_write_before_its_replies(tmp_path: P
             client.close()
         return answers
 
-    try:
-        answers = uvloop.run(main())
-    finally:
-        rig.close()
+    answers = _run(rig, main)
     assert all(a.startswith(b"554 5.7.1 Relay access denied") for a in answers), answers
     refusals = [(text, peeked) for text, peeked in log_writes.writes if "event=rejected" in text]
     assert len(refusals) == 1, f"the turn's refusals left in {len(refusals)} log writes, not one"
@@ -131,10 +137,7 @@ def test_a_timeout_logs_then_replies_then_half_closes(tmp_path: Path, log_writes
         client.close()
         return answer
 
-    try:
-        answer = uvloop.run(main())
-    finally:
-        rig.close()
+    answer = _run(rig, main)
     assert answer == b"421 4.4.2 mx.test Error: timeout exceeded, closing connection\r\n<EOF>", answer
     (peeked,) = [peeked for text, peeked in log_writes.writes if "event=timeout" in text]
     assert peeked == [b""], f"the 421 left before its timeout line: {peeked}"

@@ -122,9 +122,10 @@ class Worker(WorkerBody):
         connections = ConnectionCounts(config.cache.path, procinfo.pid())  # its slot claimed now, not at a connect
         resolver = (MxResolver(list(config.dns.nameservers), cache, config.dns.timeout_seconds)
                     if config.policy.dnsbl else None)
+        turns = TurnWriter(loop)
         self.ctx = WorkerContext(
             config, {lst.address: server_options(config, lst) for lst in config.listener}, committer,
-            LocalRecipients(config), SchedulerNotifier(config.queue.scheduler_socket),
+            LocalRecipients(config), SchedulerNotifier(config.queue.scheduler_socket, turns),
             ssl_context=server_context(config.tls),
             authenticator=Authenticator(config.auth, cache, config.cache.path),
             limiter=(limiter := RateLimiter(config, cache, connections=connections)),
@@ -133,7 +134,7 @@ class Worker(WorkerBody):
             content=Pipeline(config, STAGES),
             cache=cache,
             shared=SharedLimits(config, limiter) if config.cluster.redis else None,
-            writer=TurnWriter(loop),
+            writer=turns,
         )
         if self.ctx.shared is not None:
             self._watch = loop.create_task(self.ctx.shared.watch())

@@ -1,7 +1,8 @@
 """Tell the scheduler about newly committed messages, batched, best effort.
 
 After each durable commit the inbound worker calls `new(msgid)`; ids collected during
-one event loop iteration go out as one `messages.New` on the scheduler's Unix socket
+one event loop iteration go out as one `messages.New` on the scheduler's Unix socket, at
+the turn's end with the sessions' replies (the worker's TurnWriter, output.py)
 (after a Hello on each new connection); while it is unreachable they wait (up to
 MAX_PENDING). A lost notification costs latency, never mail: the scheduler loads the
 spool when it starts and rescans the due index periodically.
@@ -13,30 +14,32 @@ import asyncio
 
 from mta import frames, messages
 from mtaqueue.ids import MessageId
+from workers.inbound.output import TurnWriter
 
 RECONNECT_SECONDS = 1.0
 MAX_PENDING = 100_000  # ids kept while the scheduler is unreachable
 
 
 class SchedulerNotifier:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, turns: TurnWriter) -> None:
         self._path = path
+        self._turns = turns
         self._ids: list[str] = []
         self._writer: asyncio.StreamWriter | None = None
         self._connecting = False
-        self._flush_scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: get_running_loop() costs a getpid
+        self._marked = False  # marked on the TurnWriter: write_turn runs at this turn's end
 
     def new(self, msgid: MessageId) -> None:
         self._ids.append(msgid)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+        self._mark()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
+    def _mark(self) -> None:
+        if not self._marked:
+            self._marked = True
+            self._turns.mark(self)
+
+    def write_turn(self) -> None:
+        self._marked = False
         writer = self._writer
         if writer is None or writer.is_closing():
             self._writer = None
@@ -59,12 +62,8 @@ class SchedulerNotifier:
         except OSError:  # the scheduler is (re)starting: try again while ids wait
             await asyncio.sleep(RECONNECT_SECONDS)
         self._connecting = False
-        self._flush_later()
-
-    def _flush_later(self) -> None:
-        if self._ids and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._ids:
+            self._mark()
 
     def close(self) -> None:
         if self._writer is not None:
