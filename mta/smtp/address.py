@@ -47,9 +47,7 @@ class Address:
 
     @property
     def text(self) -> str:
-        if self.is_null:
-            return ""
-        return f"{self.local}@{self.domain}" if self.domain else self.local
+        return f"{self.local}@{self.domain}" if self.domain else self.local  # null: local is "" too
 
     @property
     def domain_key(self) -> str:

@@ -7,7 +7,7 @@ server core and the workers agree. Texts never echo unsanitised client input.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ReplyClass:
@@ -34,10 +34,16 @@ class Reply:
     code: int
     status: str  # enhanced status code "x.y.z", or "" where none applies (220, EHLO)
     text: str | tuple[str, ...]
+    # Made with the value, read per reply sent (most are the constants below, sent per message).
+    positive: bool = field(init=False, repr=False, compare=False)  # 2xx or 3xx
+    wire: bytes = field(init=False, repr=False, compare=False)  # as sent: "code-"/"code " lines, CRLF
 
-    @property
-    def positive(self) -> bool:
-        return self.code < 400
+    def __post_init__(self) -> None:
+        lines = self.lines
+        out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
+        out.append(f"{self.code} {lines[-1]}\r\n")
+        object.__setattr__(self, "positive", self.code < 400)  # frozen
+        object.__setattr__(self, "wire", "".join(out).encode("utf-8", "replace"))
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -46,25 +52,11 @@ class Reply:
         return tuple(f"{prefix}{t}" for t in texts)
 
     def to_bytes(self) -> bytes:
-        wire = _WIRE.get(self)
-        if wire is None:
-            lines = self.lines
-            out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
-            out.append(f"{self.code} {lines[-1]}\r\n")
-            wire = "".join(out).encode("utf-8", "replace")
-            if len(_WIRE) >= _WIRE_MAX:  # replies with a queue id in them come and go
-                _WIRE.clear()
-            _WIRE[self] = wire
-        return wire
+        return self.wire
 
     def __str__(self) -> str:
         return " ".join((str(self.code), *self.lines))
 
-
-# The wire form of replies sent recently: most are the constants below, sent for every
-# message; bounded, since some carry a queue id or an address.
-_WIRE: dict[Reply, bytes] = {}
-_WIRE_MAX = 1024
 
 # Positive
 OK = Reply(250, "2.0.0", "Ok")

@@ -43,6 +43,7 @@ from mta.smtp.commands import (
 )
 from mta.smtp.content import crlf_line_ends, has_bare_newline, too_many_received
 from mta.smtp.framing import ChunkReader, DataReader
+from mta.smtp.options import ServerOptions
 from mta.smtp.replies import Reply
 from mta.smtp.sasl import Credentials, SaslExchange
 from mta.smtp.states import State, Step
@@ -64,23 +65,6 @@ class _Marker:
 NEED_DATA: Final = _Marker("NEED_DATA")  # feed more bytes
 PAUSED: Final = _Marker("PAUSED")  # a decision is pending: call reply() first
 CLOSED: Final = _Marker("CLOSED")  # flush data_to_send() and close the connection
-
-
-@dataclass(frozen=True, slots=True)
-class ServerOptions:
-    hostname: str
-    max_message_bytes: int = 25 * 1024**2
-    max_recipients: int = 100
-    max_errors: int = 20
-    max_received_headers: int = 50
-    bare_newline: str = "reject"  # or "normalize"
-    max_junk_commands: int = 100  # NOOP/RSET/HELP/VRFY/EXPN per session, then 421 4.7.0
-    starttls: bool = False  # a certificate is there: offer STARTTLS until TLS is active
-    auth_mechanisms: tuple[str, ...] = ()  # e.g. ("PLAIN", "LOGIN"); empty: AUTH not offered
-    auth_plaintext: bool = False  # offer AUTH without TLS as well
-    auth_required: bool = False  # MAIL needs a successful AUTH first (submission)
-    vrfy: bool = False  # hand VRFY to the application (else 252 for everyone)
-    expn: bool = False  # hand EXPN to the application (else 502)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +94,9 @@ class ServerConnection:
         self._sasl: SaslExchange | None = None
         self._out: list[bytes] = []
         self._buffer = bytearray()
-        self._pending: Command | Message | None = None
+        # The event awaiting reply() (or tls_started()); read-only for the application. An
+        # attribute, not a property: the worker reads it several times per input.
+        self.pending: Command | Message | None = None
         self._discarding = False  # inside an over-long command line
         self._data = DataReader()  # DATA: the end of data and the stuffed lines
         self._refusal: Reply | None = None  # DATA/BDAT: content is being dropped; the reply at its end
@@ -129,19 +115,15 @@ class ServerConnection:
         return bool(self._out)
 
     @property
-    def pending(self) -> Command | Message | None:
-        return self._pending
-
-    @property
     def held_bytes(self) -> int:
         """Octets held for this connection: unprocessed input, BDAT chunks, a Message awaiting its verdict."""
-        waiting = len(self._pending.data) if isinstance(self._pending, Message) else 0
+        waiting = len(self.pending.data) if isinstance(self.pending, Message) else 0
         return len(self._buffer) + self._bdat.size + waiting
 
     @property
     def in_transfer(self) -> bool:
         """Reading message content: from our 354 or the first BDAT to the end of the data."""
-        return self._pending is None and (self.state in (State.DATA, State.BDAT) or self._bdat.left is not None)
+        return self.pending is None and (self.state in (State.DATA, State.BDAT) or self._bdat.left is not None)
 
     def refuse_content(self, reply: Reply) -> bool:
         """The application cannot hold this transfer (e.g. worker memory): read the rest of it,
@@ -187,7 +169,7 @@ class ServerConnection:
         while True:
             if self.state is State.CLOSED:
                 return CLOSED
-            if self._pending is not None:
+            if self.pending is not None:
                 return PAUSED
             if self.state is State.DATA:
                 event = self._step_data()
@@ -205,39 +187,38 @@ class ServerConnection:
     def reply(self, reply: Reply, accepted: RcptTo | None = None) -> None:
         """Answer the pending MailFrom, RcptTo, Message, Credentials, Vrfy or Expn; `accepted`:
         a RcptTo as the transaction keeps it, when policy rewrote it (the bare <postmaster>)."""
-        pending = self._pending
-        if pending is None or isinstance(pending, StartTls):
+        pending = self.pending
+        kind = type(pending)  # one of the event classes, compared by identity: no subclasses
+        if pending is None or kind is StartTls:
             raise RuntimeError(f"reply() with pending {pending!r}")  # our bug, not the peer's
-        self._pending = None
+        self.pending = None
         if self.state is State.CLOSED:  # closed (timeout, shutdown) while the app decided
             return
         if reply.code == 421:  # e.g. a lockout: a 421 always ends the session
             self._send(reply)
             self.state = states.after(self.state, Step.CLOSE)
-            return
-        if isinstance(pending, Credentials):
+        elif kind is RcptTo:
+            if reply.positive:
+                self._rcpts.append(accepted or pending)
+            self._answer(pending, reply)
+        elif kind is MailFrom:
+            if reply.positive:
+                self._mail = pending
+            self._answer(pending, reply)
+        elif kind is Message:
+            self._end_message(reply)
+        elif kind is Credentials:
             if reply.positive:
                 self.authenticated = pending.username
             self._send(reply)
-            return
-        if isinstance(pending, (Vrfy, Expn)):
+        else:  # Vrfy, Expn: no state change
             self._send(reply)
-            return
-        if isinstance(pending, Message):
-            self._end_message(reply)
-            return
-        if reply.positive:
-            if isinstance(pending, MailFrom):
-                self._mail = pending
-            elif isinstance(pending, RcptTo):
-                self._rcpts.append(accepted or pending)
-        self._answer(pending, reply)
 
     def tls_started(self) -> None:
         """The handshake after our 220 to STARTTLS succeeded: start the session over."""
-        if not isinstance(self._pending, StartTls):
-            raise RuntimeError(f"tls_started() with pending {self._pending!r}")
-        self._pending = None
+        if not isinstance(self.pending, StartTls):
+            raise RuntimeError(f"tls_started() with pending {self.pending!r}")
+        self.pending = None
         # The buffer was cleared when STARTTLS was answered and reading stayed paused until
         # the handshake: what is buffered now came encrypted (a client's EHLO may already be here).
         self.tls_active = True
@@ -335,59 +316,64 @@ class ServerConnection:
     # --- commands ----------------------------------------------------------------
 
     def _dispatch(self, command: Command) -> Event | None:
-        if isinstance(command, Bdat):
-            return self._start_bdat(command)
-        if isinstance(command, Auth):
-            return self._start_auth(command)
-        if isinstance(command, StartTls) and self.tls_active:
+        kind = type(command)  # parse_command's classes, compared by identity: no subclasses
+        if kind is Bdat:
+            return self._start_bdat(command)  # type: ignore[arg-type]
+        if kind is Auth:
+            return self._start_auth(command)  # type: ignore[arg-type]
+        if kind is StartTls and self.tls_active:
             self._send(replies.TLS_ACTIVE)
             return None
         error = states.sequence_error(self.state, command)
         if error is not None:
             self._send(error)
             return None
-        if isinstance(command, (Helo, Ehlo)):
-            self._reset_transaction()
-            self.helo_name = command.name
-            self.esmtp = isinstance(command, Ehlo)
-            self._answer(command, self._ehlo_reply() if self.esmtp else Reply(250, "", self.options.hostname))
-        elif isinstance(command, StartTls):
-            if not self.options.starttls:
-                self._send(replies.TLS_NOT_AVAILABLE)
-                return None
-            self._buffer.clear()  # pipelined behind STARTTLS in plaintext: never executed
-            self._send(replies.START_TLS)
-            self._pending = command
-            return command
-        elif isinstance(command, MailFrom):
-            if self.options.auth_required and self.authenticated is None:
-                self._send(replies.AUTH_REQUIRED)
-                return None
-            if command.size is not None and command.size > self.options.max_message_bytes:
-                self._send(replies.SIZE_EXCEEDED)
-                return None
-            self._pending = command
-            return command
-        elif isinstance(command, RcptTo):
-            if len(self._rcpts) >= self.options.max_recipients:
-                self._send(replies.TOO_MANY_RECIPIENTS)
-                return None
-            self._pending = command
-            return command
-        elif isinstance(command, Data):
-            if self._buffer:
-                self._send(replies.SYNC_ERROR)
-                self.state = states.after(self.state, Step.CLOSE)
-                return None
-            self._answer(command, replies.START_DATA)
-            self._buffer += b"\r\n"  # the CRLF that ended DATA starts the first line
-            self._data.reset()
-        elif isinstance(command, (Rset, Noop, Help, Vrfy, Expn)):
-            return self._junk_command(command)
-        elif isinstance(command, Quit):
-            self.quit = True
-            self._answer(command, replies.closing(self.options.hostname))
-        return None
+        return _ON_COMMAND[kind](self, command)
+
+    def _hello(self, command: Helo | Ehlo) -> None:
+        self._reset_transaction()
+        self.helo_name = command.name
+        self.esmtp = type(command) is Ehlo
+        self._answer(command, self._ehlo_reply() if self.esmtp else Reply(250, "", self.options.hostname))
+
+    def _start_tls(self, command: StartTls) -> Event | None:
+        if not self.options.starttls:
+            self._send(replies.TLS_NOT_AVAILABLE)
+            return None
+        self._buffer.clear()  # pipelined behind STARTTLS in plaintext: never executed
+        self._send(replies.START_TLS)
+        self.pending = command
+        return command
+
+    def _mail_from(self, command: MailFrom) -> Event | None:
+        if self.options.auth_required and self.authenticated is None:
+            self._send(replies.AUTH_REQUIRED)
+            return None
+        if command.size is not None and command.size > self.options.max_message_bytes:
+            self._send(replies.SIZE_EXCEEDED)
+            return None
+        self.pending = command
+        return command
+
+    def _rcpt_to(self, command: RcptTo) -> Event | None:
+        if len(self._rcpts) >= self.options.max_recipients:
+            self._send(replies.TOO_MANY_RECIPIENTS)
+            return None
+        self.pending = command
+        return command
+
+    def _start_data(self, command: Data) -> None:
+        if self._buffer:
+            self._send(replies.SYNC_ERROR)
+            self.state = states.after(self.state, Step.CLOSE)
+            return
+        self._answer(command, replies.START_DATA)
+        self._buffer += b"\r\n"  # the CRLF that ended DATA starts the first line
+        self._data.reset()
+
+    def _quit(self, command: Quit) -> None:
+        self.quit = True
+        self._answer(command, replies.closing(self.options.hostname))
 
     def _junk_command(self, command: Rset | Noop | Help | Vrfy | Expn) -> Event | None:
         self.junk += 1
@@ -407,7 +393,7 @@ class ServerConnection:
         elif isinstance(command, Expn) and not self.options.expn:
             self._send(replies.EXPN_DISABLED)
         else:  # VRFY/EXPN enabled: the application looks the address up
-            self._pending = command
+            self.pending = command
             return command
         return None
 
@@ -429,7 +415,7 @@ class ServerConnection:
         if self._sasl.done:
             self._sasl = None
         if isinstance(result, Credentials):
-            self._pending = result
+            self.pending = result
             return result
         if result is replies.AUTH_MALFORMED:
             self.auth_refusals.append("malformed")
@@ -461,7 +447,7 @@ class ServerConnection:
             return self._end_message(replies.TOO_MANY_HOPS)
         assert self._mail is not None and self._rcpts, "message without an envelope"
         message = Message(self._mail, tuple(self._rcpts), data)
-        self._pending = message
+        self.pending = message
         return message
 
     def _end_message(self, reply: Reply) -> None:
@@ -483,12 +469,21 @@ class ServerConnection:
         self._refusal = None
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
+        self._out.append(reply.wire)
         # Errors count against the client; 421s and our own system trouble (4.3.x: queue
         # full or failing) do not: a client must not be cut off for our full disk.
         if reply.code >= 400 and reply.code != 421 and not reply.status.startswith("4.3."):
             self.errors += 1
             if self.errors >= self.options.max_errors:
-                self._out.append(replies.too_many_errors(self.options.hostname).to_bytes())
+                self._out.append(replies.too_many_errors(self.options.hostname).wire)
                 self.state = states.after(self.state, Step.CLOSE)
+
+
+# What _dispatch does with each command that passed its sequence check (BDAT and AUTH have their own).
+_ON_COMMAND: Final = {
+    Helo: ServerConnection._hello, Ehlo: ServerConnection._hello, StartTls: ServerConnection._start_tls,
+    MailFrom: ServerConnection._mail_from, RcptTo: ServerConnection._rcpt_to, Data: ServerConnection._start_data,
+    Quit: ServerConnection._quit, Rset: ServerConnection._junk_command, Noop: ServerConnection._junk_command,
+    Help: ServerConnection._junk_command, Vrfy: ServerConnection._junk_command, Expn: ServerConnection._junk_command,
+}
 

@@ -99,9 +99,14 @@ SEQUENCE_ERRORS: Final[dict[State, dict[type, Reply]]] = {
 }
 
 
+# The tables above with a row, maybe empty, for every state: one lookup per command.
+_POSITIVE_ROWS: Final = {state: ON_POSITIVE_REPLY.get(state, {}) for state in State}
+_SEQUENCE_ROWS: Final = {state: SEQUENCE_ERRORS.get(state, {}) for state in State}
+
+
 def after_positive(state: State, command: object) -> State:
     """The state after a positive reply to `command` in `state` (unchanged if none listed)."""
-    return ON_POSITIVE_REPLY.get(state, {}).get(type(command), state)
+    return _POSITIVE_ROWS[state].get(type(command), state)
 
 
 def after(state: State, step: Step) -> State:
@@ -113,4 +118,4 @@ def after(state: State, step: Step) -> State:
 
 
 def sequence_error(state: State, command: object) -> Reply | None:
-    return SEQUENCE_ERRORS.get(state, {}).get(type(command))
+    return _SEQUENCE_ROWS[state].get(type(command))

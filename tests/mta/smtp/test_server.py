@@ -112,3 +112,13 @@ def test_an_overlong_sasl_response_split_over_reads_ends_the_exchange() -> None:
     assert app.feed(b"A" * 13000) == b""  # no line end yet: discarded while it streams
     assert app.feed(b"AAAA\r\n").startswith(b"500 5.5.2")
     assert app.feed(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"  # a command again, not a SASL response
+
+
+def test_every_command_has_its_handler() -> None:
+    """_dispatch looks commands up by class: one parse_command may return and no handler
+    takes would raise KeyError mid-session (BDAT and AUTH are handled before the table)."""
+    import typing
+
+    from mta.smtp import commands, server
+    handled = set(server._ON_COMMAND) | {commands.Bdat, commands.Auth}
+    assert handled == set(typing.get_args(commands.Command))
