@@ -39,11 +39,19 @@ class Reply:
     wire: bytes = field(init=False, repr=False, compare=False)  # as sent: "code-"/"code " lines, CRLF
 
     def __post_init__(self) -> None:
+        if type(self.text) is str:  # one line, as most are (queued's, per message): no tuples
+            wire = f"{self.code} {self.status} {self.text}\r\n" if self.status else f"{self.code} {self.text}\r\n"
+        else:
+            wire = self._wire_from_lines()
+        object.__setattr__(self, "positive", self.code < 400)  # frozen
+        object.__setattr__(self, "wire", wire.encode("utf-8", "replace"))
+
+    def _wire_from_lines(self) -> str:
+        """The wire form of any number of lines: the reference for __post_init__'s one-line case."""
         lines = self.lines
         out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
         out.append(f"{self.code} {lines[-1]}\r\n")
-        object.__setattr__(self, "positive", self.code < 400)  # frozen
-        object.__setattr__(self, "wire", "".join(out).encode("utf-8", "replace"))
+        return "".join(out)
 
     @property
     def lines(self) -> tuple[str, ...]:

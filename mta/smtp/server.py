@@ -238,7 +238,7 @@ class ServerConnection:
                 self._discarding = True
                 buf.clear()
             return NEED_DATA
-        raw = bytes(buf[:end])
+        raw = buf[:end]  # a bytearray copy: decoded, never kept
         del buf[: end + 1]
         if self._discarding:
             self._discarding = False
@@ -251,7 +251,7 @@ class ServerConnection:
             self._sasl = None
             self._send(replies.LINE_TOO_LONG)
             return None
-        if b"\r" in raw or b"\x00" in raw:
+        if 13 in raw or 0 in raw:  # CR, NUL: an int is a memchr, b"\r" in raw a failed int conversion first
             self._send(replies.BAD_CHARACTERS)
             return None
         try:
