@@ -62,6 +62,12 @@ class _Marker:
         return self.name
 
 
+# The states tested per command, read from module constants: an Enum member read through its
+# class costs ~80 ns on CPython 3.11 (the metaclass defeats the attribute cache), these ~10.
+_CLOSED: Final = State.CLOSED
+_DATA: Final = State.DATA
+_TRANSFERRING: Final = (State.DATA, State.BDAT)
+
 NEED_DATA: Final = _Marker("NEED_DATA")  # feed more bytes
 PAUSED: Final = _Marker("PAUSED")  # a decision is pending: call reply() first
 CLOSED: Final = _Marker("CLOSED")  # flush data_to_send() and close the connection
@@ -123,7 +129,7 @@ class ServerConnection:
     @property
     def in_transfer(self) -> bool:
         """Reading message content: from our 354 or the first BDAT to the end of the data."""
-        return self.pending is None and (self.state in (State.DATA, State.BDAT) or self._bdat.left is not None)
+        return self.pending is None and (self.state in _TRANSFERRING or self._bdat.left is not None)
 
     def refuse_content(self, reply: Reply) -> bool:
         """The application cannot hold this transfer (e.g. worker memory): read the rest of it,
@@ -154,7 +160,7 @@ class ServerConnection:
             self.state = states.after(self.state, Step.CLOSE)
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is not State.CLOSED:
+        if self.state is not _CLOSED:
             self._buffer += data
 
     def receive_eof(self) -> None:
@@ -167,11 +173,11 @@ class ServerConnection:
 
     def next_event(self) -> Event:
         while True:
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 return CLOSED
             if self.pending is not None:
                 return PAUSED
-            if self.state is State.DATA:
+            if self.state is _DATA:
                 event = self._step_data()
             elif self._bdat.left is not None:
                 event = self._step_bdat()
@@ -192,7 +198,7 @@ class ServerConnection:
         if pending is None or kind is StartTls:
             raise RuntimeError(f"reply() with pending {pending!r}")  # our bug, not the peer's
         self.pending = None
-        if self.state is State.CLOSED:  # closed (timeout, shutdown) while the app decided
+        if self.state is _CLOSED:  # closed (timeout, shutdown) while the app decided
             return
         if reply.code == 421:  # e.g. a lockout: a 421 always ends the session
             self._send(reply)
