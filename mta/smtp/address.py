@@ -26,6 +26,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _LDH_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_USUAL_MAILBOX = re.compile(rf"({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)")  # local@domain, both as above
 
 
 class AddressError(ValueError):
@@ -89,9 +90,10 @@ def split_path(arg: str) -> tuple[str, str]:
 
 def parse_path(path: str, utf8: bool, allow_postmaster: bool = False) -> Address:
     """Validate a bracketed path; return its Address (source route stripped)."""
-    if not path.isascii() and not utf8:
+    is_ascii = path.isascii()
+    if not is_ascii and not utf8:
         raise AddressError("non-ASCII address without SMTPUTF8", needs_utf8=True)
-    if len(path.encode("utf-8")) > MAX_PATH_OCTETS:
+    if (len(path) if is_ascii else len(path.encode("utf-8"))) > MAX_PATH_OCTETS:
         raise AddressError(f"path longer than {MAX_PATH_OCTETS} octets")
     inner = path[1:-1]
     if inner == "":
@@ -106,6 +108,16 @@ def parse_path(path: str, utf8: bool, allow_postmaster: bool = False) -> Address
             _check_domain(hop[1:])
     if allow_postmaster and inner.lower() == "postmaster":
         return Address(inner, "")
+    usual = _USUAL_MAILBOX.fullmatch(inner)  # dot-atom@domain, ASCII: one match, not the checks one by one
+    if usual is not None:
+        local, domain = usual.groups()
+        if len(local) <= MAX_LOCAL_OCTETS and len(domain) <= MAX_DOMAIN_OCTETS:
+            return Address(local, domain)
+    return _mailbox(inner)
+
+
+def _mailbox(inner: str) -> Address:
+    """Any mailbox, each check saying why not: the reference that parse_path's usual case matches."""
     local, domain = _split_mailbox(inner)
     _check_local(local)
     if domain.startswith("["):
