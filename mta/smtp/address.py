@@ -15,6 +15,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from mta.smtp.quickinit import quick_init
+
 ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
 LET_DIG = frozenset(string.ascii_letters + string.digits)
 MAX_LOCAL_OCTETS = 64
@@ -37,6 +39,7 @@ class AddressError(ValueError):
         self.needs_utf8 = needs_utf8
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Address:
     local: str

@@ -16,19 +16,23 @@ from dataclasses import dataclass
 
 from mta.smtp import replies
 from mta.smtp.address import Address, AddressError, parse_path, split_path
+from mta.smtp.quickinit import quick_init
 from mta.smtp.replies import Reply
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Helo:
     name: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Ehlo:
     name: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class MailFrom:
     address: Address
@@ -39,6 +43,7 @@ class MailFrom:
     envid: str | None = None  # xtext-decoded
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RcptTo:
     address: Address

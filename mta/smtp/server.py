@@ -44,6 +44,7 @@ from mta.smtp.commands import (
 from mta.smtp.content import crlf_line_ends, has_bare_newline, too_many_received
 from mta.smtp.framing import ChunkReader, DataReader
 from mta.smtp.options import ServerOptions
+from mta.smtp.quickinit import quick_init
 from mta.smtp.replies import Reply
 from mta.smtp.sasl import Credentials, SaslExchange
 from mta.smtp.states import State, Step
@@ -73,6 +74,7 @@ PAUSED: Final = _Marker("PAUSED")  # a decision is pending: call reply() first
 CLOSED: Final = _Marker("CLOSED")  # flush data_to_send() and close the connection
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Message:
     """A complete message awaiting the application's verdict (usually a queue commit)."""
