@@ -246,15 +246,13 @@ class ServerConnection:
                 self._discarding = True
                 buf.clear()
             return NEED_DATA
-        raw = buf[:end]  # a bytearray copy: decoded, never kept
+        raw = buf[: end - 1 if end and buf[end - 1] == 13 else end]  # without its CRLF (or LF); decoded, never kept
         del buf[: end + 1]
         if self._discarding:
             self._discarding = False
             self._sasl = None  # an over-long SASL response ends the exchange
             self._send(replies.LINE_TOO_LONG)
             return None
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
         if len(raw) + 2 > MAX_COMMAND_LINE and len(raw) + 2 > self._line_limit(raw):
             self._sasl = None
             self._send(replies.LINE_TOO_LONG)
@@ -270,7 +268,7 @@ class ServerConnection:
         if self._sasl is not None:
             return self._sasl_step(self._sasl.respond(line))
         utf8 = self._mail is not None and self._mail.smtputf8
-        command = parse_command(line, utf8=utf8)
+        command = parse_command(line, utf8)
         if isinstance(command, Reply):
             self._send(command)
             return None
