@@ -18,6 +18,7 @@ and then its sessions' replies (workers/inbound/output.py).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -43,8 +44,9 @@ def set_format(name: str) -> None:
 
 
 def setup(process: str, stream: TextIO | None = None) -> None:
-    global _process, _stream
+    global _process, _stream, _head
     _process = process
+    _head = ""
     if stream is not None:
         _stream = stream
 
@@ -58,11 +60,29 @@ def event(name: str, **fields: Any) -> None:
                       for k, v in fields.items() if v is not None)
         _emit(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    line = f"ts={stamp} proc={_process} pid={procinfo.pid()} event={name}"
+    line = f"ts={stamp}{_head or _new_head()}{name}"
     for key, value in fields.items():
         if value is not None:
-            line += f" {key}={_quote(value)}"
+            # An int is digits and a sign: never quoted (_quote would return str(value)).
+            line += f" {key}={value}" if type(value) is int else f" {key}={_quote(value)}"
     _emit(line + "\n")
+
+
+_head = ""  # " proc=... pid=... event=" of this process, made at its first line after setup or a fork
+
+
+def _new_head() -> str:
+    global _head
+    _head = f" proc={_process} pid={procinfo.pid()} event="
+    return _head
+
+
+def _forked() -> None:
+    global _head
+    _head = ""
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def write_each_turn(loop: asyncio.AbstractEventLoop | None, schedule: Callable[[], None] | None = None) -> None:

@@ -158,7 +158,7 @@ class InboundSession:
         # Decided once per session, like Postfix's smtpd: a reload during it changes the next one.
         self.trusted = client.within(self.ctx.config.relay.mynetworks)
         logs.event("connect", client=client.ip, listener=self.listener.address, tls=self.tls_info or None)
-        _listener_counters(self.listener.address)[0].inc()
+        self.ctx.writer.count(_listener_counters(self.listener.address)[0])
 
     def _connect_verdict(self, refusal: Decision | None) -> Decision:
         if refusal is None:
@@ -314,11 +314,15 @@ class InboundSession:
     def account(self, gone: bool = False) -> None:
         """After each batch of input: count the AUTH exchanges the core refused alone, and
         report what the session holds to the worker's memory budget (0 once it is gone)."""
-        for result in self.conn.auth_refusals:
-            AUTH_ATTEMPTS.labels(result).inc()
-        self.conn.auth_refusals.clear()
+        conn = self.conn
+        if conn.auth_refusals:
+            for result in conn.auth_refusals:
+                AUTH_ATTEMPTS.labels(result).inc()
+            conn.auth_refusals.clear()
         budget = self.ctx.budget
-        self._held = budget.report(self._held, 0 if gone else budget.cost(self.conn))
+        held = 0 if gone else budget.cost(conn)
+        if held != self._held:  # most batches change nothing: no report
+            self._held = budget.report(self._held, held)
 
     def tls_started(self, info: str) -> None:
         """The STARTTLS handshake completed: the session starts over, nothing learned before kept."""
@@ -485,8 +489,9 @@ class InboundSession:
             if quarantine is None and copy.held_for is None:
                 self.ctx.notifier.new(copy.message.envelope.id)
         _, messages, octets = _listener_counters(self.listener.address)
-        messages.inc()
-        octets.inc(len(stored.body))
+        writer = self.ctx.writer  # written before the 250 leaves (output.py)
+        writer.count(messages)
+        writer.count(octets, len(stored.body))
         return Decision(replies.queued(msgid))
 
 
