@@ -53,7 +53,7 @@ def setup(process: str, stream: TextIO | None = None) -> None:
 
 def event(name: str, **fields: Any) -> None:
     now = time.time()
-    stamp = f"{_second_stamp(int(now))}.{int(now % 1 * 1000):03d}Z"
+    stamp = _second_stamp(int(now)) + _MILLIS[int(now % 1 * 1000)]
     if _json:
         record = {"ts": stamp, "proc": _process, "pid": procinfo.pid(), "event": name}
         record.update((k, v if isinstance(v, (int, float, bool)) else str(v))
@@ -62,9 +62,14 @@ def event(name: str, **fields: Any) -> None:
         return
     line = f"ts={stamp}{_head or _new_head()}{name}"
     for key, value in fields.items():
-        if value is not None:
-            # An int is digits and a sign: never quoted (_quote would return str(value)).
-            line += f" {key}={value}" if type(value) is int else f" {key}={_quote(value)}"
+        if value is None:
+            continue
+        # The usual values, an int (digits and a sign) or a plain ASCII word (an address, an
+        # id), read as they are without _quote: it would return them unchanged.
+        if type(value) is int or (type(value) is str and _plain(value) is not None):
+            line += f" {key}={value}"
+        else:
+            line += f" {key}={_quote(value)}"
     _emit(line + "\n")
 
 
@@ -128,7 +133,9 @@ def _second_stamp(second: int) -> str:
     return _stamped[1]
 
 
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # the stamp's end, by millisecond
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
+_plain = re.compile(r'[!#-<>-\[\]-~]+').fullmatch  # printable ASCII but space, '"', '=' and '\\'
 
 
 def _quote(value: Any) -> str:

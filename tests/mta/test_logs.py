@@ -128,3 +128,12 @@ def test_a_forked_child_writes_its_own_pid_and_process_name() -> None:
     parent_lines = out.getvalue().splitlines()
     assert [split_fields(line)["pid"] for line in parent_lines] == [str(os.getpid())] * 2
     assert split_fields(child_line)["pid"] == str(pid) and split_fields(child_line)["event"] == "after"
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7f)) | st.text())
+def test_a_value_written_as_it_is_reads_the_same_as_quoted(value: str) -> None:
+    """event() writes a plain ASCII word without _quote, the reference: only where _quote leaves it as it is."""
+    line = capture("keyvalue", reply=value)
+    assert line.endswith(f" reply={logs._quote(value)}\n")
+    if logs._plain(value) is not None:
+        assert logs._quote(value) == value
