@@ -454,8 +454,9 @@ class InboundSession:
             targets = self.ctx.local.expand(address)
             orcpt = rcpt.orcpt or (f"rfc822;{address}" if targets != [address] else None)
             for target in targets:
-                if target.lower() not in seen:
-                    seen.add(target.lower())
+                key = target.lower()
+                if key not in seen:
+                    seen.add(key)
                     out.append(Recipient(target, rcpt.notify, orcpt))
         return out
 
