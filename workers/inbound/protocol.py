@@ -44,7 +44,7 @@ from mta.smtp.states import State
 from workers.inbound.context import WorkerContext
 from workers.inbound.deadlines import Deadlines
 from workers.inbound.decision import Decision
-from workers.inbound.session import Client, InboundSession
+from workers.inbound.session import UNKNOWN_CLIENT, Client, InboundSession
 
 HIGH_WATER = 256 * 1024
 PROXY_HEADER_SECONDS = 5.0
@@ -67,7 +67,7 @@ class InboundProtocol(asyncio.Protocol):
         self._timer_at = 0.0  # when it fires (time.monotonic())
         self._last_activity = 0.0
         self._deadlines = Deadlines.start(ctx.config.limits, time.monotonic())
-        self._peer = Client()  # the TCP peer (a proxy, on proxy_protocol listeners)
+        self._peer = UNKNOWN_CLIENT  # the TCP peer (a proxy, on proxy_protocol listeners)
         self._proxy_buffer: bytes | None = None  # PROXY header bytes while we wait for it
         self._lingering = False  # our last reply is made: discard input until EOF
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -366,8 +366,9 @@ class InboundProtocol(asyncio.Protocol):
 
     def _send(self) -> None:
         """The replies made so far leave at the end of this turn (output.py), after its log lines."""
-        if self._conn.has_output:
-            self._mark()
+        if self._conn.has_output and not self._marked:  # _mark(), one call less per batch of input
+            self._marked = True
+            self._ctx.writer.mark(self)
 
     def _mark(self) -> None:
         if not self._marked:

@@ -81,6 +81,9 @@ class Client:
         return self.address is not None and any(self.address in net for net in networks)
 
 
+UNKNOWN_CLIENT = Client()  # before the connect is decided (immutable: one for every session)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parsed(ip: str) -> policy.IPAddress:
     """An address parsed once while its client keeps coming back (ipaddress parses slowly)."""
@@ -99,7 +102,7 @@ class InboundSession:
         self.ctx = ctx
         self.listener = listener
         self.conn = ServerConnection(ctx.server_options[listener.address], tls=listener.mode == "smtps")
-        self.client = Client()
+        self.client = UNKNOWN_CLIENT
         self.trusted = False  # in [relay] mynetworks: may relay, exempt from the rate windows; HELO grants nothing
         self.user: User | None = None  # authenticated
         self.tls_info = ""  # "TLSv1.3 with cipher ..." once encrypted
