@@ -5,7 +5,9 @@
     -> {"ts": "2026-11-29T06:43:03.120Z", "proc": "inbound", "pid": 812, "event": "received", ...}
 
 key=value: values with spaces, quotes or `=` are double-quoted with escapes, so every
-line splits on spaces outside quotes. The message id is always the field `msgid`.
+line splits on spaces outside quotes (`_quote`; an int or a plain ASCII word is written
+as it is without it). The message id is always the field `msgid`. The ` proc= pid=`
+part is made once per process (again after `setup` or a fork).
 The format is chosen once in the master (`set_format`); forked children inherit it.
 A process whose lines come many per event-loop turn (the scheduler: one per outcome)
 may write them once per turn (`write_each_turn(loop)`, `write_each_turn(None)` to
