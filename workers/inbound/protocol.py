@@ -41,10 +41,11 @@ from mta.smtp.commands import Expn, MailFrom, RcptTo, StartTls, Vrfy
 from mta.smtp.replies import Reply
 from mta.smtp.server import CLOSED, NEED_DATA, PAUSED, Credentials, Message
 from mta.smtp.states import State
+from workers.inbound.client import UNKNOWN_CLIENT, Client
 from workers.inbound.context import WorkerContext
 from workers.inbound.deadlines import Deadlines
 from workers.inbound.decision import Decision
-from workers.inbound.session import UNKNOWN_CLIENT, Client, InboundSession
+from workers.inbound.session import InboundSession
 
 HIGH_WATER = 256 * 1024
 PROXY_HEADER_SECONDS = 5.0

@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from mta import logs, metrics, submission
-from mta.config import ListenerConfig, Network
+from mta.config import ListenerConfig
 from mta.smtp import replies
 from mta.smtp.commands import Expn, MailFrom, RcptTo, Vrfy
 from mta.smtp.replies import Reply
@@ -59,35 +57,11 @@ from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from workers.inbound import content, listpost, policy, transferin
 from workers.inbound.auth import AUTH_ATTEMPTS
+from workers.inbound.client import UNKNOWN_CLIENT, Client
 from workers.inbound.context import WorkerContext
 from workers.inbound.decision import Decision
 from workers.inbound.ratelimit import AUTH_BUSY, AUTH_BUSY_POLL_SECONDS, AUTH_BUSY_SECONDS, LOCKED_OUT
 from workers.inbound.received import received_header
-
-
-@dataclass(frozen=True, slots=True)
-class Client:
-    """Who is connected: the peer, or the source a trusted proxy's PROXY header named."""
-
-    ip: str = "unknown"
-    port: int = 0
-    address: policy.IPAddress | None = None  # None: never in mynetworks (no IP peer, or PROXY LOCAL)
-
-    @classmethod
-    def at(cls, ip: str, port: int) -> Client:
-        return cls(ip, port, _parsed(ip))
-
-    def within(self, networks: tuple[Network, ...]) -> bool:
-        return self.address is not None and any(self.address in net for net in networks)
-
-
-UNKNOWN_CLIENT = Client()  # before the connect is decided (immutable: one for every session)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parsed(ip: str) -> policy.IPAddress:
-    """An address parsed once while its client keeps coming back (ipaddress parses slowly)."""
-    return ipaddress.ip_address(ip)
 
 
 @functools.cache
@@ -317,13 +291,11 @@ class InboundSession:
     def account(self, gone: bool = False) -> None:
         """After each batch of input: count the AUTH exchanges the core refused alone, and
         report what the session holds to the worker's memory budget (0 once it is gone)."""
-        conn = self.conn
-        if conn.auth_refusals:
-            for result in conn.auth_refusals:
-                AUTH_ATTEMPTS.labels(result).inc()
-            conn.auth_refusals.clear()
+        for result in self.conn.auth_refusals:
+            AUTH_ATTEMPTS.labels(result).inc()
+        self.conn.auth_refusals.clear()
         budget = self.ctx.budget
-        held = 0 if gone else budget.cost(conn)
+        held = 0 if gone else budget.cost(self.conn)
         if held != self._held:  # most batches change nothing: no report
             self._held = budget.report(self._held, held)
 
@@ -493,9 +465,8 @@ class InboundSession:
             if quarantine is None and copy.held_for is None:
                 self.ctx.notifier.new(copy.message.envelope.id)
         _, messages, octets = _listener_counters(self.listener.address)
-        writer = self.ctx.writer  # written before the 250 leaves (output.py)
-        writer.count(messages)
-        writer.count(octets, len(stored.body))
+        self.ctx.writer.count(messages)  # written before the 250 leaves (output.py)
+        self.ctx.writer.count(octets, len(stored.body))
         return Decision(replies.queued(msgid))
 
 
