@@ -5,7 +5,9 @@
     -> {"ts": "2026-11-29T06:43:03.120Z", "proc": "inbound", "pid": 812, "event": "received", ...}
 
 key=value: values with spaces, quotes or `=` are double-quoted with escapes, so every
-line splits on spaces outside quotes. The message id is always the field `msgid`.
+line splits on spaces outside quotes (`_quote`; an int or a plain ASCII word is written
+as it is without it). The message id is always the field `msgid`. The ` proc= pid=`
+part is made once per process (again after `setup` or a fork).
 The format is chosen once in the master (`set_format`); forked children inherit it.
 A process whose lines come many per event-loop turn (the scheduler: one per outcome)
 may write them once per turn (`write_each_turn(loop)`, `write_each_turn(None)` to
@@ -18,6 +20,7 @@ and then its sessions' replies (workers/inbound/output.py).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -43,26 +46,50 @@ def set_format(name: str) -> None:
 
 
 def setup(process: str, stream: TextIO | None = None) -> None:
-    global _process, _stream
+    global _process, _stream, _head
     _process = process
+    _head = ""
     if stream is not None:
         _stream = stream
 
 
 def event(name: str, **fields: Any) -> None:
     now = time.time()
-    stamp = f"{_second_stamp(int(now))}.{int(now % 1 * 1000):03d}Z"
+    stamp = _second_stamp(int(now)) + _MILLIS[int(now % 1 * 1000)]
     if _json:
         record = {"ts": stamp, "proc": _process, "pid": procinfo.pid(), "event": name}
         record.update((k, v if isinstance(v, (int, float, bool)) else str(v))
                       for k, v in fields.items() if v is not None)
         _emit(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    line = f"ts={stamp} proc={_process} pid={procinfo.pid()} event={name}"
+    line = f"ts={stamp}{_head or _new_head()}{name}"
     for key, value in fields.items():
-        if value is not None:
+        if value is None:
+            continue
+        # The usual values, an int (digits and a sign) or a plain ASCII word (an address, an
+        # id), read as they are without _quote: it would return them unchanged.
+        if type(value) is int or (type(value) is str and _plain(value) is not None):
+            line += f" {key}={value}"
+        else:
             line += f" {key}={_quote(value)}"
     _emit(line + "\n")
+
+
+_head = ""  # " proc=... pid=... event=" of this process, made at its first line after setup or a fork
+
+
+def _new_head() -> str:
+    global _head
+    _head = f" proc={_process} pid={procinfo.pid()} event="
+    return _head
+
+
+def _forked() -> None:
+    global _head
+    _head = ""
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def write_each_turn(loop: asyncio.AbstractEventLoop | None, schedule: Callable[[], None] | None = None) -> None:
@@ -108,7 +135,9 @@ def _second_stamp(second: int) -> str:
     return _stamped[1]
 
 
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # the stamp's end, by millisecond
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
+_plain = re.compile(r'[!#-<>-\[\]-~]+').fullmatch  # printable ASCII but space, '"', '=' and '\\'
 
 
 def _quote(value: Any) -> str:

@@ -97,3 +97,43 @@ def test_lines_of_one_turn_go_out_in_one_write_in_order() -> None:
     assert seen[1][0] == 1 and [split_fields(line)["n"] for line in seen[1][1].splitlines(keepends=True)] == list("01234")
     assert seen[2][0] == 2 and seen[2][1].splitlines()[-1].endswith("event=late n=5")
     assert seen[3][0] == 3 and seen[3][1].endswith("event=stopped\n")
+
+
+@given(st.integers())
+def test_an_int_field_reads_as_its_digits_unquoted(value: int) -> None:
+    line = capture("keyvalue", size=value, flag=True)
+    assert line.endswith(f" size={value} flag=True\n") and split_fields(line)["size"] == logs._quote(value)
+
+
+def test_a_forked_child_writes_its_own_pid_and_process_name() -> None:
+    import os
+
+    out = io.StringIO()
+    logs.setup("parent", stream=out)
+    try:
+        logs.event("before")  # the parent's line head is made now; the child must not reuse it
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child (no setup of its own): its line through the pipe, then gone without pytest's teardown
+            logs.event("after")
+            os.write(write, out.getvalue().splitlines(keepends=True)[-1].encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as pipe:
+            child_line = pipe.read()
+        logs.event("again")
+    finally:
+        logs.setup("test", stream=sys.stderr)
+    parent_lines = out.getvalue().splitlines()
+    assert [split_fields(line)["pid"] for line in parent_lines] == [str(os.getpid())] * 2
+    assert split_fields(child_line)["pid"] == str(pid) and split_fields(child_line)["event"] == "after"
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7f)) | st.text())
+def test_a_value_written_as_it_is_reads_the_same_as_quoted(value: str) -> None:
+    """event() writes a plain ASCII word without _quote, the reference: only where _quote leaves it as it is."""
+    line = capture("keyvalue", reply=value)
+    assert line.endswith(f" reply={logs._quote(value)}\n")
+    if logs._plain(value) is not None:
+        assert logs._quote(value) == value

@@ -155,3 +155,37 @@ def test_a_line_logged_first_from_a_thread_leaves_at_the_end_of_the_turn(log_wri
     uvloop.run(main())
     assert [text for text, _ in log_writes.writes if "event=maildrop_settled finished=1" in text]
 
+
+
+def test_the_counts_of_one_turn_are_written_once_per_metric_before_its_lines(log_writes: LogWrites) -> None:
+    """The sessions' hot counters (connections, messages, bytes, active sessions): one write
+    per metric and turn, before the turn's lines and replies; nothing written for a net 0."""
+    written: list[tuple[str, float, int]] = []  # metric, amount, log writes made before it
+
+    class Metric:  # what the writer asks of a prometheus child
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inc(self, amount: float = 1) -> None:
+            written.append((self.name, amount, len(log_writes.writes)))
+
+    async def main() -> list[tuple[str, float, int]]:
+        loop = asyncio.get_running_loop()
+        writer = TurnWriter(loop)
+        logs.write_each_turn(loop, writer.schedule)
+        messages, octets, sessions = Metric("messages"), Metric("octets"), Metric("sessions")
+        for size in (100, 24, 900):
+            writer.count(sessions)
+            writer.count(messages)
+            writer.count(octets, size)
+            logs.event("received", size=size)
+            writer.count(sessions, -1)
+        first_turn = list(written)
+        await asyncio.sleep(0.01)
+        writer.count(messages)
+        writer.before_replies()  # a reply written at once: the count goes first
+        return first_turn
+
+    assert uvloop.run(main()) == []  # nothing before the end of the turn
+    assert written == [("messages", 3, 0), ("octets", 1024, 0), ("messages", 1, 1)], written
+    assert len(log_writes.writes) == 1 and log_writes.writes[0][0].count("event=received") == 3

@@ -27,3 +27,10 @@ def test_every_field_goes_and_origin_reads_the_topmost() -> None:
     data = FIELD + FIELD.replace(b"a.test", b"c.test") + REST
     assert origin(data) == ("66204F527A796350D850A", "a.test")
     assert strip(data) == REST
+
+
+@pytest.mark.parametrize("name", [b"x-mta-transfer", b"X-MTA-TRANSFER", b"x-Mta-tRANSFER"])
+def test_the_field_name_is_read_in_any_case(name: bytes) -> None:
+    data = FIELD.replace(b"X-Mta-Transfer", name) + REST
+    assert origin(data) == ("66204F527A796350D850A", "a.test")
+    assert strip(data) == REST

@@ -37,6 +37,8 @@ class MemoryBudget:
     def cost(conn: ServerConnection) -> int:
         """What a session counts: its held bytes, twice while they are message content."""
         held = conn.held_bytes
+        if not held:  # the most frequent, between commands: nothing more to ask the core
+            return 0
         return 2 * held if conn.in_transfer or isinstance(conn.pending, Message) else held
 
     def report(self, before: int, now: int) -> int:

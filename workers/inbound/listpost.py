@@ -62,11 +62,13 @@ def split(stored: NewMessage, lists: Lists, expand: Expand = lambda address: [ad
     """The messages to store for `stored` (see the module's header); [Copy(stored)] when it
     has no list recipient. `expand`: a member's final addresses (LocalRecipients.expand:
     aliases, a list's -owner and -bounces)."""
+    if not lists:  # no list configured: nothing to look up
+        return [Copy(stored)]
     envelope = stored.envelope
     others: list[Recipient] = []
     posted: list[MailingList] = []
     for rcpt in envelope.recipients:
-        found = lists.find(rcpt.address) if lists else None
+        found = lists.find(rcpt.address)
         if found is None or found[1] != "post":
             others.append(rcpt)
         elif found[0] not in posted:

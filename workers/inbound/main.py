@@ -180,6 +180,7 @@ class Worker(WorkerBody):
         self._backend.close()
         self.ctx.limiter.close()
         self._cache.close()
+        self.ctx.writer.before_replies()  # the turn's counts, before the process's files are merged
         logs.write_each_turn(None)  # the last lines out now; "stopped" goes at once
         return {"sessions": len(self.ctx.sessions)}
 

@@ -194,6 +194,8 @@ def dsn_ret(requested: str | None, recipients: Sequence[RcptTo], *, trusted: boo
 def message_priority(config: Config, *, sender: str, recipients: Sequence[str], listener: str,
                      user: str | None = None) -> int:
     """The highest priority among matching [[priority_rule]]s (0 when none matches)."""
+    if not config.priority_rule:  # the usual configuration: no domain to work out
+        return 0
     sender_domain = sender.rpartition("@")[2].lower()
     rcpt_domains = {r.rpartition("@")[2].lower() for r in recipients}
     best = 0

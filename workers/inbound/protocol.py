@@ -19,10 +19,11 @@ What stays here is transport:
 - Timeouts: one timer, re-armed lazily from the last activity; it never fires while we
   are the ones being waited on, and fires at the deadlines no byte restarts (deadlines.py).
 - Closing: after our last reply, a linger (half-close, discard input), not a reset.
-- Output: replies wait for the end of the loop's turn (output.py: the turn's log lines
-  first, then each session's replies in one write, then its half-close); our 220 to
-  STARTTLS (before the handshake), a last reply closed at once (_linger_close) and what
-  waits when the client's EOF closes the transport are written at once, lines first.
+- Output: replies wait for the end of the loop's turn (output.py: the turn's metric counts
+  and log lines first, then each session's replies in one write, then its half-close); our
+  220 to STARTTLS (before the handshake), a last reply closed at once (_linger_close) and
+  what waits when the client's EOF closes the transport are written at once, counts and
+  lines first.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from mta.smtp.commands import Expn, MailFrom, RcptTo, StartTls, Vrfy
 from mta.smtp.replies import Reply
 from mta.smtp.server import CLOSED, NEED_DATA, PAUSED, Credentials, Message
 from mta.smtp.states import State
+from workers.inbound.client import UNKNOWN_CLIENT, Client
 from workers.inbound.context import WorkerContext
 from workers.inbound.deadlines import Deadlines
 from workers.inbound.decision import Decision
-from workers.inbound.session import Client, InboundSession
+from workers.inbound.session import InboundSession
 
 HIGH_WATER = 256 * 1024
 PROXY_HEADER_SECONDS = 5.0
@@ -66,7 +68,7 @@ class InboundProtocol(asyncio.Protocol):
         self._timer_at = 0.0  # when it fires (time.monotonic())
         self._last_activity = 0.0
         self._deadlines = Deadlines.start(ctx.config.limits, time.monotonic())
-        self._peer = Client()  # the TCP peer (a proxy, on proxy_protocol listeners)
+        self._peer = UNKNOWN_CLIENT  # the TCP peer (a proxy, on proxy_protocol listeners)
         self._proxy_buffer: bytes | None = None  # PROXY header bytes while we wait for it
         self._lingering = False  # our last reply is made: discard input until EOF
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -84,7 +86,7 @@ class InboundProtocol(asyncio.Protocol):
             self._session.tls_info = tls.describe(transport.get_extra_info("ssl_object"))
             metrics.INBOUND_TLS.labels(self._listener.mode, "ok").inc()
         self._ctx.sessions.add(self)
-        metrics.INBOUND_ACTIVE_SESSIONS.inc()
+        self._ctx.writer.count(metrics.INBOUND_ACTIVE_SESSIONS)
         self._last_activity = time.monotonic()
         if not self._listener.proxy_protocol:
             self._start_session(self._peer)
@@ -183,7 +185,7 @@ class InboundProtocol(asyncio.Protocol):
             return
         self._gone = True
         self._ctx.sessions.discard(self)
-        metrics.INBOUND_ACTIVE_SESSIONS.dec()
+        self._ctx.writer.count(metrics.INBOUND_ACTIVE_SESSIONS, -1)
         self._session.release()
         if self._dnsbl is not None:
             self._dnsbl.cancel()
@@ -269,18 +271,21 @@ class InboundProtocol(asyncio.Protocol):
             else:
                 break
         session.account()
-        if conn.pending is None:  # else the replies so far leave with the decision's (see the header)
+        pending = conn.pending
+        if pending is None:  # else the replies so far leave with the decision's (see the header)
             self._send()
-        self._deadlines.transfer(conn.in_transfer, time.monotonic())
-        if conn.pending is None and self._deadlines.next < self._timer_at:
-            self._arm_timer(self._deadlines.next)  # a transfer began, or a decision kept us past a deadline
+        deadlines, in_transfer = self._deadlines, conn.in_transfer
+        if in_transfer != (deadlines.transfer_end is not None):  # the clock is read when a transfer starts or ends
+            deadlines.transfer(in_transfer, time.monotonic())
+        if pending is None and deadlines.next < self._timer_at:
+            self._arm_timer(deadlines.next)  # a transfer began, or a decision kept us past a deadline
         transport = self._transport
         if transport is None:
             return
         if event is CLOSED:
             self._linger_close()
             return
-        backed_up = conn.pending is not None and conn.buffered_bytes > HIGH_WATER
+        backed_up = pending is not None and conn.buffered_bytes > HIGH_WATER
         if backed_up and not self._paused:
             transport.pause_reading()
             self._paused = True
@@ -362,8 +367,9 @@ class InboundProtocol(asyncio.Protocol):
 
     def _send(self) -> None:
         """The replies made so far leave at the end of this turn (output.py), after its log lines."""
-        if self._conn.has_output:
-            self._mark()
+        if self._conn.has_output and not self._marked:  # _mark(), one call less per batch of input
+            self._marked = True
+            self._ctx.writer.mark(self)
 
     def _mark(self) -> None:
         if not self._marked:
@@ -386,10 +392,10 @@ class InboundProtocol(asyncio.Protocol):
             self._linger_timer = self._loop.call_later(LINGER_SECONDS, transport.close)
 
     def _write_now(self) -> None:
-        """The replies made so far, written now (a line never follows the reply it records)."""
+        """The replies made so far, written now (a line or count never follows the reply it records)."""
         out = self._conn.data_to_send()
         if out and self._transport is not None and not self._transport.is_closing():
-            logs.write_waiting()
+            self._ctx.writer.before_replies()
             self._transport.write(out)
 
     def _arm_timer(self, at: float, deadlines: bool = True) -> None:

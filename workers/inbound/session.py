@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from mta import logs, metrics, submission
-from mta.config import ListenerConfig, Network
+from mta.config import ListenerConfig
 from mta.smtp import replies
 from mta.smtp.commands import Expn, MailFrom, RcptTo, Vrfy
 from mta.smtp.replies import Reply
@@ -59,32 +57,11 @@ from mta.users import User
 from mtaqueue import Envelope, NewMessage, QueueError, QueueFull, Recipient, new_id
 from workers.inbound import content, listpost, policy, transferin
 from workers.inbound.auth import AUTH_ATTEMPTS
+from workers.inbound.client import UNKNOWN_CLIENT, Client
 from workers.inbound.context import WorkerContext
 from workers.inbound.decision import Decision
 from workers.inbound.ratelimit import AUTH_BUSY, AUTH_BUSY_POLL_SECONDS, AUTH_BUSY_SECONDS, LOCKED_OUT
 from workers.inbound.received import received_header
-
-
-@dataclass(frozen=True, slots=True)
-class Client:
-    """Who is connected: the peer, or the source a trusted proxy's PROXY header named."""
-
-    ip: str = "unknown"
-    port: int = 0
-    address: policy.IPAddress | None = None  # None: never in mynetworks (no IP peer, or PROXY LOCAL)
-
-    @classmethod
-    def at(cls, ip: str, port: int) -> Client:
-        return cls(ip, port, _parsed(ip))
-
-    def within(self, networks: tuple[Network, ...]) -> bool:
-        return self.address is not None and any(self.address in net for net in networks)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parsed(ip: str) -> policy.IPAddress:
-    """An address parsed once while its client keeps coming back (ipaddress parses slowly)."""
-    return ipaddress.ip_address(ip)
 
 
 @functools.cache
@@ -99,7 +76,7 @@ class InboundSession:
         self.ctx = ctx
         self.listener = listener
         self.conn = ServerConnection(ctx.server_options[listener.address], tls=listener.mode == "smtps")
-        self.client = Client()
+        self.client = UNKNOWN_CLIENT
         self.trusted = False  # in [relay] mynetworks: may relay, exempt from the rate windows; HELO grants nothing
         self.user: User | None = None  # authenticated
         self.tls_info = ""  # "TLSv1.3 with cipher ..." once encrypted
@@ -158,7 +135,7 @@ class InboundSession:
         # Decided once per session, like Postfix's smtpd: a reload during it changes the next one.
         self.trusted = client.within(self.ctx.config.relay.mynetworks)
         logs.event("connect", client=client.ip, listener=self.listener.address, tls=self.tls_info or None)
-        _listener_counters(self.listener.address)[0].inc()
+        self.ctx.writer.count(_listener_counters(self.listener.address)[0])
 
     def _connect_verdict(self, refusal: Decision | None) -> Decision:
         if refusal is None:
@@ -318,7 +295,9 @@ class InboundSession:
             AUTH_ATTEMPTS.labels(result).inc()
         self.conn.auth_refusals.clear()
         budget = self.ctx.budget
-        self._held = budget.report(self._held, 0 if gone else budget.cost(self.conn))
+        held = 0 if gone else budget.cost(self.conn)
+        if held != self._held:  # most batches change nothing: no report
+            self._held = budget.report(self._held, held)
 
     def tls_started(self, info: str) -> None:
         """The STARTTLS handshake completed: the session starts over, nothing learned before kept."""
@@ -450,8 +429,9 @@ class InboundSession:
             targets = self.ctx.local.expand(address)
             orcpt = rcpt.orcpt or (f"rfc822;{address}" if targets != [address] else None)
             for target in targets:
-                if target.lower() not in seen:
-                    seen.add(target.lower())
+                key = target.lower()
+                if key not in seen:
+                    seen.add(key)
                     out.append(Recipient(target, rcpt.notify, orcpt))
         return out
 
@@ -485,8 +465,8 @@ class InboundSession:
             if quarantine is None and copy.held_for is None:
                 self.ctx.notifier.new(copy.message.envelope.id)
         _, messages, octets = _listener_counters(self.listener.address)
-        messages.inc()
-        octets.inc(len(stored.body))
+        self.ctx.writer.count(messages)  # written before the 250 leaves (output.py)
+        self.ctx.writer.count(octets, len(stored.body))
         return Decision(replies.queued(msgid))
 
 

@@ -33,13 +33,18 @@ REMEMBER_SECONDS: Final = 7 * 86400.0
 HEAD_BYTES: Final = 65536  # the header is near the top: the next hop's Received only precedes it
 _FIELD: Final = re.compile(rb"^X-Mta-Transfer:[ \t]*id=([0-9A-Z]{1,64});[ \t]*from=([^\r\n;]{1,255})\r?$",
                            re.IGNORECASE | re.MULTILINE)
+_NAME: Final = HEADER.lower() + b":"  # in every _FIELD match, as bytes.lower() (ASCII, as IGNORECASE on bytes) has it
 
 
 def _find(body: bytes) -> re.Match[bytes] | None:
     """The topmost X-Mta-Transfer field in the header of `body`."""
     head = body[:HEAD_BYTES]
     end = head.find(b"\r\n\r\n")
-    return _FIELD.search(head if end < 0 else head[:end + 2])
+    if end >= 0:
+        head = head[:end + 2]
+    if _NAME not in head.lower():  # the usual message: no regular expression over its header
+        return None
+    return _FIELD.search(head)
 
 
 def origin(body: bytes) -> tuple[str, str] | None:
