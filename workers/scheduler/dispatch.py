@@ -35,7 +35,7 @@ from mta import frames, logs, messages
 from mta.messages import Message
 from workers.scheduler.flush import Outcomes
 from workers.scheduler.leases import Leases
-from workers.scheduler.outcome import RecipientReply
+from workers.scheduler.outcome import reply_of
 from workers.scheduler.plan import Destination, Job
 
 LOOKAHEAD = 3  # jobs a session may hold: the one running and two sent ahead (see _next_for)
@@ -143,11 +143,15 @@ class Dispatch(Outcomes):
         if session.closing or self._draining:  # failed (a job sent ahead comes back) or draining:
             self._close(session)  # nothing more goes to it
             return
-        if (session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.cap
-                and len(self.sessions) <= self.max_sessions()):  # above a shrunk cluster share: close
-            while (len(session.jobs) < LOOKAHEAD and len(dest)
-                   and session.jobs_sent < dest.limits.max_messages_per_connection
-                   and (not session.jobs or self._window_full(dest)) and dest.take_token(now)):
+        per_connection, cap, most, sessions = (dest.limits.max_messages_per_connection, dest.cap,
+                                               self.max_sessions(), len(self.sessions))
+        # (More sessions than max_sessions: the cluster share shrank, this one closes.)
+        if session.jobs_sent < per_connection and dest.in_flight <= cap and sessions <= most:
+            # The window is full when no new session may open for `dest`: more of its jobs
+            # go ahead on open ones (giving jobs changes neither count).
+            window_full = dest.in_flight >= cap or sessions >= most
+            while (len(session.jobs) < LOOKAHEAD and len(dest) and session.jobs_sent < per_connection
+                   and (not session.jobs or window_full) and dest.take_token(now)):
                 self._give(session, dest.pop(), now)
             if session.jobs:
                 return
@@ -157,10 +161,6 @@ class Dispatch(Outcomes):
                 return
         if not session.jobs:
             self._close(session)  # otherwise after the job sent ahead
-
-    def _window_full(self, dest: Destination) -> bool:
-        """No new session may open for `dest`: more of its jobs go ahead on open ones."""
-        return dest.in_flight >= dest.cap or len(self.sessions) >= self.max_sessions()
 
     def max_sessions(self) -> int:
         """Sessions the node may have open: [delivery] max_connections, within its share of
@@ -244,7 +244,7 @@ class Dispatch(Outcomes):
             skipped = set(done.skipped)
             self._skip(job, skipped)
             job = dataclasses.replace(job, rcpts=tuple(i for i in job.rcpts if i not in skipped))
-        replies = list(map(RecipientReply._make, done.replies))
+        replies = list(map(reply_of, done.replies))
         if done.failed:
             session.dest.on_session_failed(now)
         else:

@@ -310,7 +310,10 @@ class Outcomes(Tracking):
             logs.event("delivered", msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=reply,
                        attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
         envelope.attempts += 1
-        return all(r.state in FINAL_STATES for r in recipients)
+        for rcpt in recipients:  # (a loop, not all() over a generator: per message)
+            if rcpt.state not in FINAL_STATES:
+                return False
+        return True
 
     def _written_after(self, envelope: Envelope, msgid: MessageId, finished: bool, deferred: bool) -> None:
         """A settled job's change goes into the next write: the message's delete once it is

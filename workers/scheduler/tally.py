@@ -63,17 +63,17 @@ class Tally:
         counts = self.by_dest.get(dest)
         if counts is None:
             counts = self.by_dest[dest] = dict.fromkeys(COUNTED, 0)
-        counts[state] += n
+        counts[state] = count = counts[state] + n
         self.totals[state] += n
-        if counts[state] < 0:
-            raise AssertionError(f"queue tally: {dest} {state} = {counts[state]} (a state change was not counted)")
+        if count < 0:
+            raise AssertionError(f"queue tally: {dest} {state} = {count} (a state change was not counted)")
         if state != "held":
             queued = self.queued.get(dest, 0) + n
             if queued:
                 self.queued[dest] = queued
             else:
                 del self.queued[dest]
-        if not any(counts.values()):
+        if not count and not any(counts.values()):  # (only a count at 0 can leave the row empty)
             del self.by_dest[dest]
 
     def move(self, dest: str, old: str, new: str) -> None:
@@ -90,9 +90,13 @@ class Tally:
     def add_recipients(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int],
                        sign: int) -> None:
         """Count (+1) or uncount (-1) these recipients of `envelope`; `carried`: indices in a session's job."""
+        recipients, totals = envelope.recipients, self.totals
         for i in indices:
-            r = envelope.recipients[i]
-            self.add(destination_of(r.address), counted_state(r.state, i in carried), sign)
+            r = recipients[i]
+            state = r.state
+            if state not in totals:
+                continue  # delivered, bounced: not counted (as add() would say)
+            self.add(destination_of(r.address), counted_state(state, i in carried), sign)
 
     def states(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int]) -> list[str]:
         """The counted states of these recipients now (for `changed`, after they change)."""
