@@ -238,8 +238,7 @@ class Dispatch(Outcomes):
         else:
             return
         session.jobs.remove(job)
-        self._uncarry(job)
-        now = time.time()
+        given, now = job, time.time()
         if done.skipped:  # held by an operator after the job was sent ahead: not attempted
             skipped = set(done.skipped)
             self._skip(job, skipped)
@@ -254,6 +253,9 @@ class Dispatch(Outcomes):
                     break
         if job.rcpts:
             self._settle(job, replies, done.remote, now, done.handoff)
+        # Uncarried once its outcome is counted: a recipient settled leaves "active" for
+        # its new state at once (not back to "ready" first, then out: one count, not two).
+        self._uncarry(given)
         self._evict(job.msgid)  # nothing more to send and nothing to write (e.g. held meanwhile)
         if done.failed:
             self._close(session)

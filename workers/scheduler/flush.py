@@ -298,7 +298,7 @@ class Outcomes(Tracking):
         do for it, inline: each recipient delivered, counted out, logged. Whether the
         message is finished."""
         carried = self.carried.get(job.msgid, ())
-        recipients, tally = envelope.recipients, self.tally
+        recipients, tally, age = envelope.recipients, self.tally, now - envelope.arrival
         for r in replies:
             rcpt = recipients[r.index]
             old = counted_state(rcpt.state, r.index in carried)
@@ -306,9 +306,9 @@ class Outcomes(Tracking):
             rcpt.last_reply = reply = str(r)
             rcpt.state = "delivered"
             tally.add(destination_of(rcpt.address), old, -1)  # (a state not counted: no-op)
-            self._count_delivered(now - envelope.arrival)
+            self._count_delivered(age)
             logs.event("delivered", msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=reply,
-                       attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
+                       attempts=rcpt.attempts, delay=round(age, 3))
         envelope.attempts += 1
         for rcpt in recipients:  # (a loop, not all() over a generator: per message)
             if rcpt.state not in FINAL_STATES:
