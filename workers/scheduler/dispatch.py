@@ -182,15 +182,17 @@ class Dispatch(Outcomes):
         that shrank (a failed session, a reload) below the open sessions closes parked ones."""
         for name in list(self.parked):
             parked, dest = self.parked[name], self.plan.destinations.get(name)
-            if dest is not None and dest.in_flight > dest.cap:
-                closing = sum(1 for s in self.sessions.values() if s.dest is dest and s.closing)
-                for session in list(parked.values())[:dest.in_flight - closing - dest.cap]:
-                    self._close(session)
-            while (parked and dest is not None and len(dest) and now >= dest.suspended_until
-                   and dest.in_flight <= dest.cap and dest.take_token(now)):
-                _sid, session = parked.popitem()
-                session.idle_since = 0.0
-                self._give(session, dest.pop(), now)
+            if dest is not None:
+                cap = dest.cap  # (closing sessions and giving jobs change neither it nor in_flight)
+                if dest.in_flight > cap:
+                    closing = sum(1 for s in self.sessions.values() if s.dest is dest and s.closing)
+                    for session in list(parked.values())[:dest.in_flight - closing - cap]:
+                        self._close(session)
+                while (parked and len(dest) and now >= dest.suspended_until and dest.in_flight <= cap
+                       and dest.take_token(now)):
+                    _sid, session = parked.popitem()
+                    session.idle_since = 0.0
+                    self._give(session, dest.pop(), now)
             if not parked:
                 self.parked.pop(name, None)
 
