@@ -127,8 +127,8 @@ class Tracking:
         now = time.time()
         # A finished message stays in the spool until its delete is committed: a scan
         # that finds it then must not deliver it again.
-        wanted = [MessageId(raw) for raw in ids
-                  if is_id(raw) and raw not in self.messages and not self._write_pending(MessageId(raw))]
+        wanted = [msgid for msgid in map(MessageId, ids)
+                  if is_id(msgid) and msgid not in self.messages and not self._write_pending(msgid)]
         for msgid, envelope in zip(wanted, self.backend.envelopes_of(wanted)):  # one read for the New
             if envelope is None or msgid in self.messages:  # (an id twice in one New: tracked once)
                 continue
