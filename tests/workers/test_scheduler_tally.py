@@ -155,10 +155,13 @@ class Driver:
             s._dispatch()
         elif kind == "done" and (carried := self.carried_sessions()):
             session = rnd.choice(carried)
-            rcpts = [i for i in session.job.rcpts if rnd.random() < 0.95]  # sometimes one is not answered
+            # Recipients held since the job was given are skipped, as the delivery worker does.
+            job, envelope = session.job, s.messages.get(session.job.msgid)
+            skipped = tuple(i for i in job.rcpts if envelope is not None and envelope.recipients[i].state == "held")
+            rcpts = [i for i in job.rcpts if i not in skipped and rnd.random() < 0.95]  # sometimes one is not answered
             replies = tuple((i, *rnd.choice(REPLIES)) for i in rcpts)
-            s._on_done(messages.Done(session.sid, session.job.id, replies, "mx.test[127.0.0.9]:25",
-                                     failed=rnd.random() < 0.05))
+            s._on_done(messages.Done(session.sid, job.id, replies, "mx.test[127.0.0.9]:25",
+                                     failed=rnd.random() < 0.05, skipped=skipped))
         elif kind == "closed" and s.sessions:
             session = rnd.choice(list(s.sessions.values()))
             s._on_closed(session.worker, session.sid, True)

@@ -35,7 +35,7 @@ from mta import frames, logs, messages
 from mta.messages import Message
 from workers.scheduler.flush import Outcomes
 from workers.scheduler.leases import Leases
-from workers.scheduler.outcome import RecipientReply
+from workers.scheduler.outcome import reply_of
 from workers.scheduler.plan import Destination, Job
 
 LOOKAHEAD = 3  # jobs a session may hold: the one running and two sent ahead (see _next_for)
@@ -143,11 +143,15 @@ class Dispatch(Outcomes):
         if session.closing or self._draining:  # failed (a job sent ahead comes back) or draining:
             self._close(session)  # nothing more goes to it
             return
-        if (session.jobs_sent < dest.limits.max_messages_per_connection and dest.in_flight <= dest.cap
-                and len(self.sessions) <= self.max_sessions()):  # above a shrunk cluster share: close
-            while (len(session.jobs) < LOOKAHEAD and len(dest)
-                   and session.jobs_sent < dest.limits.max_messages_per_connection
-                   and (not session.jobs or self._window_full(dest)) and dest.take_token(now)):
+        per_connection, cap, most, sessions = (dest.limits.max_messages_per_connection, dest.cap,
+                                               self.max_sessions(), len(self.sessions))
+        # (More sessions than max_sessions: the cluster share shrank, this one closes.)
+        if session.jobs_sent < per_connection and dest.in_flight <= cap and sessions <= most:
+            # The window is full when no new session may open for `dest`: more of its jobs
+            # go ahead on open ones (giving jobs changes neither count).
+            window_full = dest.in_flight >= cap or sessions >= most
+            while (len(session.jobs) < LOOKAHEAD and len(dest) and session.jobs_sent < per_connection
+                   and (not session.jobs or window_full) and dest.take_token(now)):
                 self._give(session, dest.pop(), now)
             if session.jobs:
                 return
@@ -157,10 +161,6 @@ class Dispatch(Outcomes):
                 return
         if not session.jobs:
             self._close(session)  # otherwise after the job sent ahead
-
-    def _window_full(self, dest: Destination) -> bool:
-        """No new session may open for `dest`: more of its jobs go ahead on open ones."""
-        return dest.in_flight >= dest.cap or len(self.sessions) >= self.max_sessions()
 
     def max_sessions(self) -> int:
         """Sessions the node may have open: [delivery] max_connections, within its share of
@@ -182,15 +182,17 @@ class Dispatch(Outcomes):
         that shrank (a failed session, a reload) below the open sessions closes parked ones."""
         for name in list(self.parked):
             parked, dest = self.parked[name], self.plan.destinations.get(name)
-            if dest is not None and dest.in_flight > dest.cap:
-                closing = sum(1 for s in self.sessions.values() if s.dest is dest and s.closing)
-                for session in list(parked.values())[:dest.in_flight - closing - dest.cap]:
-                    self._close(session)
-            while (parked and dest is not None and len(dest) and now >= dest.suspended_until
-                   and dest.in_flight <= dest.cap and dest.take_token(now)):
-                _sid, session = parked.popitem()
-                session.idle_since = 0.0
-                self._give(session, dest.pop(), now)
+            if dest is not None:
+                cap = dest.cap  # (closing sessions and giving jobs change neither it nor in_flight)
+                if dest.in_flight > cap:
+                    closing = sum(1 for s in self.sessions.values() if s.dest is dest and s.closing)
+                    for session in list(parked.values())[:dest.in_flight - closing - cap]:
+                        self._close(session)
+                while (parked and len(dest) and now >= dest.suspended_until and dest.in_flight <= cap
+                       and dest.take_token(now)):
+                    _sid, session = parked.popitem()
+                    session.idle_since = 0.0
+                    self._give(session, dest.pop(), now)
             if not parked:
                 self.parked.pop(name, None)
 
@@ -238,13 +240,12 @@ class Dispatch(Outcomes):
         else:
             return
         session.jobs.remove(job)
-        self._uncarry(job)
-        now = time.time()
+        given, now = job, time.time()
         if done.skipped:  # held by an operator after the job was sent ahead: not attempted
             skipped = set(done.skipped)
             self._skip(job, skipped)
             job = dataclasses.replace(job, rcpts=tuple(i for i in job.rcpts if i not in skipped))
-        replies = list(map(RecipientReply._make, done.replies))
+        replies = list(map(reply_of, done.replies))
         if done.failed:
             session.dest.on_session_failed(now)
         else:
@@ -254,6 +255,9 @@ class Dispatch(Outcomes):
                     break
         if job.rcpts:
             self._settle(job, replies, done.remote, now, done.handoff)
+        # Uncarried once its outcome is counted: a recipient settled leaves "active" for
+        # its new state at once (not back to "ready" first, then out: one count, not two).
+        self._uncarry(given)
         self._evict(job.msgid)  # nothing more to send and nothing to write (e.g. held meanwhile)
         if done.failed:
             self._close(session)

@@ -298,7 +298,7 @@ class Outcomes(Tracking):
         do for it, inline: each recipient delivered, counted out, logged. Whether the
         message is finished."""
         carried = self.carried.get(job.msgid, ())
-        recipients, tally = envelope.recipients, self.tally
+        recipients, tally, age = envelope.recipients, self.tally, now - envelope.arrival
         for r in replies:
             rcpt = recipients[r.index]
             old = counted_state(rcpt.state, r.index in carried)
@@ -306,11 +306,14 @@ class Outcomes(Tracking):
             rcpt.last_reply = reply = str(r)
             rcpt.state = "delivered"
             tally.add(destination_of(rcpt.address), old, -1)  # (a state not counted: no-op)
-            self._count_delivered(now - envelope.arrival)
+            self._count_delivered(age)
             logs.event("delivered", msgid=job.msgid, rcpt=rcpt.address, relay=remote, reply=reply,
-                       attempts=rcpt.attempts, delay=round(now - envelope.arrival, 3))
+                       attempts=rcpt.attempts, delay=round(age, 3))
         envelope.attempts += 1
-        return all(r.state in FINAL_STATES for r in recipients)
+        for rcpt in recipients:  # (a loop, not all() over a generator: per message)
+            if rcpt.state not in FINAL_STATES:
+                return False
+        return True
 
     def _written_after(self, envelope: Envelope, msgid: MessageId, finished: bool, deferred: bool) -> None:
         """A settled job's change goes into the next write: the message's delete once it is

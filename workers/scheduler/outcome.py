@@ -20,6 +20,7 @@ Pure: `now` and the body loader are passed in.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -46,6 +47,11 @@ class RecipientReply(NamedTuple):  # (a tuple: built per recipient per attempt, 
         if status and text:
             return f"{code} {status} {text}"
         return " ".join(part for part in (code, status, text) if part)
+
+
+# A RecipientReply from a Done's reply, whose arity and types messages.decode has checked:
+# tuple.__new__ straight, in C (RecipientReply._make is Python code, per recipient).
+reply_of = functools.partial(tuple.__new__, RecipientReply)
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,12 @@ class Tally:
     def __init__(self) -> None:
         self.totals: dict[str, int] = dict.fromkeys(COUNTED, 0)
         self.by_dest: dict[str, dict[str, int]] = {}
-        self.queued: dict[str, int] = {}  # ready + active + deferred, destinations with any only
 
     @classmethod
     def of(cls, by_dest: Mapping[str, Mapping[str, int]]) -> Tally:
         """A tally of counts summed elsewhere (the gauges: the spool's counts with the
-        scheduler's view): rows taken as given, totals and queued derived from them. No
-        invariant check: while a write is in flight a row may be off by its messages."""
+        scheduler's view): rows taken as given, totals derived from them. No invariant
+        check: while a write is in flight a row may be off by its messages."""
         tally = cls()
         for dest, counts in by_dest.items():
             row = {state: counts.get(state, 0) for state in COUNTED}
@@ -53,9 +52,14 @@ class Tally:
             tally.by_dest[dest] = row
             for state, n in row.items():
                 tally.totals[state] += n
-            if queued := sum(row[state] for state in PER_DESTINATION):
-                tally.queued[dest] = queued
         return tally
+
+    @property
+    def queued(self) -> dict[str, int]:
+        """Ready + active + deferred per destination, destinations with any only: made when
+        asked (top(), every GAUGE_SECONDS), not kept in step at every add()."""
+        return {dest: queued for dest, counts in self.by_dest.items()
+                if (queued := counts["ready"] + counts["active"] + counts["deferred"])}
 
     def add(self, dest: str, state: str, n: int) -> None:
         if state not in self.totals:
@@ -63,17 +67,11 @@ class Tally:
         counts = self.by_dest.get(dest)
         if counts is None:
             counts = self.by_dest[dest] = dict.fromkeys(COUNTED, 0)
-        counts[state] += n
+        counts[state] = count = counts[state] + n
         self.totals[state] += n
-        if counts[state] < 0:
-            raise AssertionError(f"queue tally: {dest} {state} = {counts[state]} (a state change was not counted)")
-        if state != "held":
-            queued = self.queued.get(dest, 0) + n
-            if queued:
-                self.queued[dest] = queued
-            else:
-                del self.queued[dest]
-        if not any(counts.values()):
+        if count < 0:
+            raise AssertionError(f"queue tally: {dest} {state} = {count} (a state change was not counted)")
+        if not count and not any(counts.values()):  # (only a count at 0 can leave the row empty)
             del self.by_dest[dest]
 
     def move(self, dest: str, old: str, new: str) -> None:
@@ -90,9 +88,13 @@ class Tally:
     def add_recipients(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int],
                        sign: int) -> None:
         """Count (+1) or uncount (-1) these recipients of `envelope`; `carried`: indices in a session's job."""
+        recipients, totals = envelope.recipients, self.totals
         for i in indices:
-            r = envelope.recipients[i]
-            self.add(destination_of(r.address), counted_state(r.state, i in carried), sign)
+            r = recipients[i]
+            state = r.state
+            if state not in totals:
+                continue  # delivered, bounced: not counted (as add() would say)
+            self.add(destination_of(r.address), counted_state(state, i in carried), sign)
 
     def states(self, envelope: Envelope, indices: Iterable[int], carried: Collection[int]) -> list[str]:
         """The counted states of these recipients now (for `changed`, after they change)."""
@@ -121,8 +123,7 @@ class Tally:
         return best, other
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tally) and (self.totals, self.by_dest, self.queued) == (
-            other.totals, other.by_dest, other.queued)
+        return isinstance(other, Tally) and (self.totals, self.by_dest) == (other.totals, other.by_dest)
 
     def __repr__(self) -> str:
         return f"Tally(totals={self.totals}, by_dest={self.by_dest}, queued={self.queued})"

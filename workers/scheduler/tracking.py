@@ -41,7 +41,6 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -72,7 +71,7 @@ class Tracking:
         self.timers: list[tuple[float, MessageId]] = []
         self.tally = Tally()
         self.spooled = Tally()
-        self.carried: dict[MessageId, Counter[int]] = {}
+        self.carried: dict[MessageId, dict[int, int]] = {}  # per message: recipient index -> sessions' jobs carrying it
         self.destination_gauges: dict[str, Any] = {"top": [], "other": [0, 0, 0]}
         self.mark = b""  # due entries below it are tracked or handled (the scan starts here)
         self.backlog = False  # the last scan stopped for want of room: due mail waits in the spool
@@ -128,8 +127,8 @@ class Tracking:
         now = time.time()
         # A finished message stays in the spool until its delete is committed: a scan
         # that finds it then must not deliver it again.
-        wanted = [MessageId(raw) for raw in ids
-                  if is_id(raw) and raw not in self.messages and not self._write_pending(MessageId(raw))]
+        wanted = [msgid for msgid in map(MessageId, ids)
+                  if is_id(msgid) and msgid not in self.messages and not self._write_pending(msgid)]
         for msgid, envelope in zip(wanted, self.backend.envelopes_of(wanted)):  # one read for the New
             if envelope is None or msgid in self.messages:  # (an id twice in one New: tracked once)
                 continue
@@ -277,10 +276,10 @@ class Tracking:
         given: the counts move directly, a recipient at a time, without _recounting.)"""
         carried = self.carried.get(job.msgid)
         if carried is None:
-            carried = self.carried[job.msgid] = Counter()
+            carried = self.carried[job.msgid] = {}  # (a dict: a Counter() is two Python calls to make)
         envelope = self.messages.get(job.msgid)
         for i in job.rcpts:
-            n = carried.get(i, 0)  # (not carried[i]: Counter.__missing__ is Python code)
+            n = carried.get(i, 0)
             carried[i] = n + 1
             if not n and envelope is not None and envelope.recipients[i].state == "ready":
                 self.tally.move(job.dest, "ready", "active")  # a job's recipients are all of job.dest
