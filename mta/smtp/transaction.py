@@ -180,8 +180,10 @@ class OutboundTransaction:
         self.message = message
         rcpts = message.recipients
         self.results: list[RecipientResult | None] = [None] * len(rcpts)
-        self._utf8 = (message.smtputf8 or not message.sender.isascii()
-                      or not all(r.address.isascii() for r in rcpts))
+        utf8 = message.smtputf8 or not message.sender.isascii()
+        for r in rcpts:  # a loop, not all(genexpr): no generator per message
+            utf8 = utf8 or not r.address.isascii()
+        self._utf8 = utf8
         self.body = client.canonical_body(message.body)
         self.todo: list[int] = []  # recipients not refused locally, to send RCPT for
         self.accepted: list[int] = []
@@ -227,7 +229,7 @@ class OutboundTransaction:
         self.waiting = stage is not _CONTENT and stage is not _DONE
 
     def recipient_results(self) -> list[RecipientResult]:
-        assert all(r is not None for r in self.results), "a recipient without a result"
+        assert None not in self.results, "a recipient without a result"
         return self.results  # type: ignore[return-value]
 
     # --- commands ----------------------------------------------------------------------
@@ -242,8 +244,8 @@ class OutboundTransaction:
         """MAIL, every RCPT and DATA as one pipelined group; replies come back in order."""
         self.announced = True
         conn, rcpts = self._conn, self.message.recipients
-        return b"".join([self._mail(), *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
-                                         for i in self.todo), conn.data()])
+        return b"".join([self._mail(), *[conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
+                                         for i in self.todo], conn.data()])
 
     def content(self, after: OutboundTransaction | None = None) -> list[bytes]:
         """The content, stuffed and ended; `after`'s commands behind it when it has any."""
