@@ -26,14 +26,14 @@ from pathlib import Path
 
 from mta.smtp.client import CLOSED, ClientConnection, ServerReply
 from mta.smtp.transaction import (
+    _CONTENT,
+    _DONE,
     Outbound,
     OutboundOpening,
     OutboundRecipient,
     OutboundTransaction,
     RecipientResult,
     SessionError,
-    _CONTENT,
-    _DONE,
 )
 from tests.mta.smtp.transcript import unescape
 
