@@ -275,10 +275,10 @@ class ClientConnection:
         self._check_ready(helo=True)
         if self._in_mail:
             raise LocalProtocolError("MAIL inside a transaction")
-        if _DOT in self._awaiting and not self.pipelining:
+        ext = self.extensions.keywords  # the dict itself: Extensions.__contains__ is a Python call
+        if _DOT in self._awaiting and "PIPELINING" not in ext:
             raise LocalProtocolError("MAIL before the reply to the final dot, without PIPELINING")
         self._check_address(sender, smtputf8)
-        ext = self.extensions.keywords  # the dict itself: Extensions.__contains__ is a Python call
         params: list[str] = []
         if size is not None and "SIZE" in ext:
             params.append(f"SIZE={size}")
@@ -361,6 +361,8 @@ class ClientConnection:
             raise LocalProtocolError("command before EHLO/HELO was accepted")
 
     def _check_address(self, address: str, utf8: bool) -> None:
+        if _SUSPECT.search(address) is None and (utf8 or address.isascii()):
+            return  # the common case, as in bad_address: one search, no call
         why = bad_address(address)
         if why is not None:
             raise LocalProtocolError(why)

@@ -68,9 +68,12 @@ class ServerReply(ReplyClass):
     # The lines' text joined (empty lines left out): made once, as the reply is (most are
     # parsed once per process), read for every recipient it answers.
     text: str = field(init=False, compare=False, repr=False)
+    # ReplyClass.ok as a value, not a property call: read several times per message.
+    ok: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text", " ".join(line for line in self.lines if line))  # frozen
+        object.__setattr__(self, "ok", 200 <= self.code < 300)
 
     def __str__(self) -> str:
         return " ".join(str(part) for part in (self.code, self.status, self.text) if part)

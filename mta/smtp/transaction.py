@@ -159,6 +159,8 @@ class OutboundOpening:
 
 
 # What a transaction is doing (the text goes into failure replies); compared with `is`.
+# Set together with `waiting` (a reply is due), which is True in every stage but
+# _CONTENT and _DONE: two assignments where it moves on, not a call per reply.
 _MAIL: Final = "sending MAIL FROM"
 _RCPT: Final = "sending RCPT TO"
 _DATA: Final = "sending DATA"
@@ -180,8 +182,10 @@ class OutboundTransaction:
         self.message = message
         rcpts = message.recipients
         self.results: list[RecipientResult | None] = [None] * len(rcpts)
-        self._utf8 = (message.smtputf8 or not message.sender.isascii()
-                      or not all(r.address.isascii() for r in rcpts))
+        utf8 = message.smtputf8 or not message.sender.isascii()
+        for r in rcpts:  # a loop, not all(genexpr): no generator per message
+            utf8 = utf8 or not r.address.isascii()
+        self._utf8 = utf8
         self.body = client.canonical_body(message.body)
         self.todo: list[int] = []  # recipients not refused locally, to send RCPT for
         self.accepted: list[int] = []
@@ -208,7 +212,7 @@ class OutboundTransaction:
             else:
                 self.todo.append(i)
         if self.todo:
-            self._to(_MAIL)
+            self.doing, self.waiting = _MAIL, True
 
     # --- state -------------------------------------------------------------------------
 
@@ -222,12 +226,8 @@ class OutboundTransaction:
         """The next message's commands may ride this content (PIPELINING)."""
         return self._pipelined
 
-    def _to(self, stage: str) -> None:
-        self.doing = stage
-        self.waiting = stage is not _CONTENT and stage is not _DONE
-
     def recipient_results(self) -> list[RecipientResult]:
-        assert all(r is not None for r in self.results), "a recipient without a result"
+        assert None not in self.results, "a recipient without a result"
         return self.results  # type: ignore[return-value]
 
     # --- commands ----------------------------------------------------------------------
@@ -242,14 +242,14 @@ class OutboundTransaction:
         """MAIL, every RCPT and DATA as one pipelined group; replies come back in order."""
         self.announced = True
         conn, rcpts = self._conn, self.message.recipients
-        return b"".join([self._mail(), *(conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
-                                         for i in self.todo), conn.data()])
+        return b"".join([self._mail(), *[conn.rcpt_to(rcpts[i].address, rcpts[i].notify, rcpts[i].orcpt)
+                                         for i in self.todo], conn.data()])
 
     def content(self, after: OutboundTransaction | None = None) -> list[bytes]:
         """The content, stuffed and ended; `after`'s commands behind it when it has any."""
         if self.doing is not _CONTENT:
             raise client.LocalProtocolError("content before a 354 with recipients accepted")
-        self._to(_DOT)
+        self.doing, self.waiting = _DOT, True
         parts = [self._conn.message_body(self.body, canonical=True)]  # canonical_body made it canonical
         if after is not None and self._pipelined and after.doing is _MAIL:
             parts.append(after.announce())
@@ -268,9 +268,9 @@ class OutboundTransaction:
             if not reply.ok:
                 self._resolve(self.todo, reply)
                 if not self._pipelined:
-                    self._to(_DONE)
+                    self.doing, self.waiting = _DONE, False
                     return b""
-            self._to(_RCPT)
+            self.doing, self.waiting = _RCPT, True
             return self._rcpt()
         if stage is _RCPT:
             i = self.todo[self._next]
@@ -283,15 +283,15 @@ class OutboundTransaction:
             if self._next < len(self.todo):
                 return self._rcpt()
             if self._pipelined or self.accepted:
-                self._to(_DATA)
+                self.doing, self.waiting = _DATA, True
                 return b"" if self._pipelined else self._conn.data()
             return self._reset()
         if stage is _DATA:
             if reply.code == 354 and not self.accepted:
-                self._to(_EMPTY)
+                self.doing, self.waiting = _EMPTY, True
                 return self._conn.message_body(b"")
             if reply.code == 354:
-                self._to(_CONTENT)
+                self.doing, self.waiting = _CONTENT, False
                 return b""
             self._resolve(self.accepted, reply)
             return self._reset()
@@ -305,17 +305,17 @@ class OutboundTransaction:
                     return b""
             else:
                 self._resolve(self.accepted, reply)
-            self._to(_DONE)
+            self.doing, self.waiting = _DONE, False
             return b""
         if stage is _RSET:
             self.rset_refused = not reply.ok
-            self._to(_DONE)
+            self.doing, self.waiting = _DONE, False
             return b""
         raise client.LocalProtocolError(f"reply fed to a transaction while {stage}")
 
     def fail(self, code: int, status: str, text: str) -> None:
         """The connection failed mid-transaction: recipients not yet answered get this reply."""
-        self._to(_DONE)
+        self.doing, self.waiting = _DONE, False
         for i, rcpt in enumerate(self.message.recipients):
             if self.results[i] is None:
                 self.results[i] = RecipientResult(rcpt.address, code, status, text)
@@ -335,9 +335,9 @@ class OutboundTransaction:
 
     def _reset(self) -> bytes:
         if not self._mail_ok:
-            self._to(_DONE)
+            self.doing, self.waiting = _DONE, False
             return b""
-        self._to(_RSET)
+        self.doing, self.waiting = _RSET, True
         return self._conn.rset()
 
     def _resolve(self, indices: list[int] | tuple[int, ...], reply: ServerReply) -> None:

@@ -280,7 +280,7 @@ class OutboundSession:
         """What a 2xx from this server means for a success notice (RFC 3461 5.2.2): a server
         that offers DSN got NOTIFY and reports success itself (Postfix's rule, LMTP too);
         without DSN an LMTP server delivered (final), an SMTP server relayed."""
-        if "DSN" in self._conn.extensions:
+        if "DSN" in self._conn.extensions.keywords:
             return "passed"
         return "delivered" if self._conn.lmtp else "relayed"
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from mta.smtp.client import CLOSED, ClientConnection, ServerReply
 from mta.smtp.transaction import (
+    _CONTENT,
+    _DONE,
     Outbound,
     OutboundOpening,
     OutboundRecipient,
@@ -62,6 +64,13 @@ def _reply(conn: ClientConnection) -> Generator[None, None, ServerReply]:
         yield
 
 
+def _moved(txn: OutboundTransaction, command: bytes = b"") -> bytes:
+    """The transaction's rule for `waiting` (set with each stage, not worked out from it)
+    holds after every step: a reply is due in every stage but the content and done."""
+    assert txn.waiting is (txn.doing is not _CONTENT and txn.doing is not _DONE), (txn.doing, txn.waiting)
+    return command
+
+
 def client(conn: ClientConnection, tls: str, messages: list[Outbound], out: list[bytes],
            done: list[Done]) -> Generator[None, None, None]:
     """session.py's loop, synchronous: yields when it needs more of the server's bytes."""
@@ -80,18 +89,20 @@ def client(conn: ClientConnection, tls: str, messages: list[Outbound], out: list
     for k, message in enumerate(messages):
         txn, ahead = ahead or OutboundTransaction(conn, message), None
         try:
-            out.append(txn.start())
+            out.append(_moved(txn, txn.start()))
             while txn.waiting:
-                out.append(txn.receive((yield from _reply(conn))))
+                out.append(_moved(txn, txn.receive((yield from _reply(conn)))))
             if txn.content_due:
                 following = messages[k + 1] if k + 1 < len(messages) and txn.may_announce else None
                 after = OutboundTransaction(conn, following) if following is not None else None
                 out.extend(txn.content(after))
+                _moved(txn)
                 ahead = after if after is not None and after.announced else None
                 while txn.waiting:
-                    txn.receive((yield from _reply(conn)))
+                    _moved(txn, txn.receive((yield from _reply(conn))))
         except _Dropped:
             txn.fail(451, "4.4.2", "lost connection")
+            _moved(txn)
             done.append(txn.recipient_results())
             return
         done.append(txn.recipient_results())

@@ -17,6 +17,7 @@ from mta.smtp.client import (
     ProtocolError, ServerReply, Verb, bad_address, canonical_body, check_message, parse_extensions,
     parse_reply, stuff_body, xtext,
 )
+from mta.smtp.replies import ReplyClass
 from tests.mta.smtp.transcript import new_app
 
 EHLO_ALL = (b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
@@ -46,6 +47,16 @@ def test_single_line_reply_with_enhanced_status() -> None:
     reply = parse_reply([b"550 5.1.1 <x@y>: Recipient address rejected"])
     assert (reply.code, reply.status, reply.text) == (550, "5.1.1", "<x@y>: Recipient address rejected")
     assert reply.permanent and not reply.temporary and not reply.ok
+
+
+@pytest.mark.parametrize("code", [200, 220, 250, 299, 354, 421, 450, 550, 554, 599])
+def test_ok_is_the_reply_class_rule_for_single_and_multi_line_replies(code: int) -> None:
+    """ServerReply keeps `ok` as a value made with the reply (read per command); it is
+    ReplyClass.ok's rule, whichever way the reply was parsed."""
+    rule = ReplyClass.ok.fget  # type: ignore[attr-defined]
+    for lines in ([f"{code} text".encode()], [f"{code}-a".encode(), f"{code} b".encode()]):
+        reply = parse_reply(lines, Verb.RCPT)
+        assert reply.ok is rule(reply) is (200 <= code < 300)
 
 
 def test_multi_line_reply_strips_the_status_from_every_line() -> None:
