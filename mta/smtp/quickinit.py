@@ -11,7 +11,8 @@ inter-process messages, by another route (a mutable twin class).
     @dataclass(frozen=True, slots=True)
     class RcptTo: ...
 
-Only for classes without __post_init__, InitVar or default factories (checked).
+Only for classes without __post_init__, InitVar, keyword-only fields or default factories
+(checked).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def quick_init(cls: type[_T]) -> type[_T]:
     params = cls.__dataclass_params__  # type: ignore[attr-defined]
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     assert params.frozen and "__slots__" in cls.__dict__ and not hasattr(cls, "__post_init__"), cls
-    assert all(f.init and f.default_factory is dataclasses.MISSING for f in fields), cls
+    assert all(f.init and not f.kw_only and f.default_factory is dataclasses.MISSING for f in fields), cls
     env: dict[str, Any] = {}
     args, body = [], []
     for i, field in enumerate(fields):
