@@ -181,7 +181,7 @@ def e2e_comparison_json(summaries: Sequence, build: Build) -> dict:
 
 def syscall_pairs(summaries: Sequence, build: Build) -> list[tuple[str, dict, str, dict]]:
     """(this row, its result, other row, its result) for every pair that both worked."""
-    good = {s.target: s.good[0] for s in summaries if s.good}
+    good = {s.target: s.median_run("syscalls_per_message") for s in summaries if s.good}
     return [(t, good[t], other_row(t, build), good[other_row(t, build)])
             for t in good if "@" not in t and other_row(t, build) in good]
 
@@ -212,7 +212,7 @@ def render_syscalls_comparison(summaries: Sequence, build: Build, order: Sequenc
     if not doc["rows"]:
         return ""
     parts = [(f"This build ({this_build().describe()}) against {build.describe()}: system calls "
-              "per relayed message (one traced run each):")]
+              "per relayed message (each build's median run):")]
     for row in doc["rows"]:
         lines = [f"| kind | {row['this']} | {row['other']} | this/other |", "|---|---:|---:|---:|"]
         kinds = [k for k in order if k in row["by_kind"]] + [k for k in row["by_kind"] if k not in order]

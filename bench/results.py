@@ -44,6 +44,12 @@ class Summary:
         values = [r[key] for r in self.good if r.get(key) is not None]
         return statistics.median(values) if values else None
 
+    def median_run(self, key: str) -> dict:
+        """The good run whose `key` is the median (the lower middle one of an even count):
+        a whole run, so its parts (a count per process kind) add up to its total."""
+        runs = sorted(self.good, key=lambda r: r[key])
+        return runs[(len(runs) - 1) // 2]
+
     def spread(self, key: str) -> tuple[float, float] | None:
         values = [r[key] for r in self.good if r.get(key) is not None]
         return (min(values), max(values)) if len(values) > 1 else None

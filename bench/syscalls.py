@@ -11,7 +11,9 @@ daemons the master forks meanwhile are followed), the load (--messages one-messa
 connections over --sessions), the wait for every accepted message at the sink, the
 tracer stopped. Each count is divided by the messages that arrived at the sink
 meanwhile; the table shows, per kind, calls per message in all and for the target's
-top syscalls, and the JSON keeps every kind's count of every syscall.
+top syscalls, and the JSON keeps every kind's count of every syscall. With --repeat N,
+N runs per target (interleaved): the table shows the median run whole (results.py
+median_run), its heading every run's total.
 
 Tracing slows every call a lot (each one stops the process twice), so the run's rates
 are not reported: only counts. A run is FAILED unless every accepted message arrived.
@@ -99,25 +101,26 @@ def wait_for_titles(pids: Callable[[], list[int]], deadline: float) -> str | Non
         time.sleep(0.05)
 
 
-def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink: CountingSink) -> Outcome:
+def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink: CountingSink,
+                     repeat: int = 1) -> Outcome:
     """One traced run of one target: fresh server, warm-up, tracer on, load, arrivals, tracer off."""
-    label = f"{target} --syscalls"
+    label = f"{target} --syscalls" + (f" repeat {repeat}/{args.repeat}" if args.repeat > 1 else "")
     handle, port, why = start_fresh(target, label, f"syscalls-{target}-", args, scratch, sink)
     tracer = None
     try:
         if why is None:
             why = warm_up(label, port, args.size, args, sink)
         if why is not None:
-            return Outcome(target, 1, ok=False, error=why, stderr_tail=handle.log_tail())
+            return Outcome(target, repeat, ok=False, error=why, stderr_tail=handle.log_tail())
         assert handle.pids is not None  # every e2e target says which processes it has
         if target != POSTFIX_TARGET:
             why = wait_for_titles(handle.pids, time.monotonic() + START_TIMEOUT_SECONDS)
             if why is not None:
-                return Outcome(target, 1, ok=False, error=why, stderr_tail=handle.log_tail())
+                return Outcome(target, repeat, ok=False, error=why, stderr_tail=handle.log_tail())
         tracer = Tracer(handle.pids(), Path(tempfile.mkdtemp(prefix=f"strace-{target}-", dir=scratch)))
         why = tracer.wait_attached()
         if why is not None:
-            return Outcome(target, 1, ok=False, error=why, stderr_tail=handle.log_tail())
+            return Outcome(target, repeat, ok=False, error=why, stderr_tail=handle.log_tail())
         log(f"{label}: strace attached to {len(tracer.pids)} processes; {args.messages} messages, "
             f"{args.sessions} sessions, {args.size} bytes")
         base = sink.count()
@@ -130,7 +133,7 @@ def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink:
         why = tracer.stop()
         calls, tasks = tracer.counts()
         result.update(arrived=arrived, **syscall_result(calls, tasks, min(arrived, accepted)))
-        outcome = Outcome(target, 1, ok=accepted > 0 and arrival is not None and why is None, result=result)
+        outcome = Outcome(target, repeat, ok=accepted > 0 and arrival is not None and why is None, result=result)
         if why is not None:
             outcome.error = why
         elif accepted == 0 or arrival is None:
@@ -141,7 +144,7 @@ def measure_syscalls(target: str, args: argparse.Namespace, scratch: Path, sink:
             f"{result['syscalls_per_message']:.1f} syscalls per message")
         return outcome
     except (subprocess.TimeoutExpired, RuntimeError, OSError) as exc:
-        return Outcome(target, 1, ok=False, error=f"load run failed: {exc}", stderr_tail=handle.log_tail())
+        return Outcome(target, repeat, ok=False, error=f"load run failed: {exc}", stderr_tail=handle.log_tail())
     finally:
         if tracer is not None:
             tracer.stop()
@@ -159,11 +162,14 @@ def kind_order(target: str, kinds: dict) -> list[str]:
 
 def render_target_table(s: SyscallSummary) -> str:
     """Kinds x top syscalls, calls per relayed message, with the target's total row."""
-    result = s.good[0]
+    result = s.median_run("syscalls_per_message")
     top = list(result["by_syscall_per_message"])[:TOP_SYSCALLS]
     messages = result["messages_counted"]
+    runs = sorted(r["syscalls_per_message"] for r in s.good)
+    median = (f"; the median of {len(runs)} runs: {', '.join(f'{v:.1f}' for v in runs)}"
+              if len(runs) > 1 else "")
     rows = [(f"**{s.target}**: {result['syscalls_per_message']:.1f} syscalls per relayed message "
-             f"({result['syscalls_total']} calls, {messages} messages)\n"),
+             f"({result['syscalls_total']} calls, {messages} messages{median})\n"),
             "| kind | tasks | all | " + " | ".join(top) + " | others |",
             "|---|---:|---:|" + "---:|" * (len(top) + 1)]
     for kind in kind_order(s.target, result["by_kind"]):
@@ -188,7 +194,7 @@ def render_syscalls(summaries: list[SyscallSummary]) -> str:
         else:
             notes = ([s.skipped] if s.skipped else []) + failed_note(s)
             parts.append(f"**{s.target}**: {notes_cell(notes) or 'no run'}")
-    totals = {s.target: s.good[0]["syscalls_per_message"] for s in summaries if s.good}
+    totals = {s.target: s.median_run("syscalls_per_message")["syscalls_per_message"] for s in summaries if s.good}
     if totals.get(POSTFIX_TARGET) and len(totals) > 1:
         parts.append("Against Postfix: " + "; ".join(
             f"{t} {v:.1f} per message, {v / totals[POSTFIX_TARGET]:.2f}x Postfix's "
@@ -215,23 +221,26 @@ def run_syscalls(args: argparse.Namespace, scratch: Path) -> tuple[str, dict, bo
         why = sink.wait_ready(START_TIMEOUT_SECONDS)
         if why is not None:
             raise SystemExit(f"bench: the sink did not start: {why}\n{tail(sink.stderr_path)}")
-        for s in summaries:
-            if not s.skipped:
-                s.outcomes.append(measure_syscalls(s.target, args, scratch, sink))
-                reap_orphans(keep={sink.proc.pid})
+        for repeat in range(1, args.repeat + 1):  # targets interleaved, as --e2e does
+            for s in summaries:
+                if not s.skipped:
+                    s.outcomes.append(measure_syscalls(s.target, args, scratch, sink, repeat))
+                    reap_orphans(keep={sink.proc.pid})
     finally:
         sink.stop()
     build = args.against_build
     pf = f"Postfix {postfix_version()}" if any(s.target == POSTFIX_TARGET and s.good for s in summaries) else "no Postfix"
     report = report_text(f"mta bench --syscalls: {args.messages} messages of {args.size} B, {args.sessions} "
-                         f"sessions, {args.per_session} per connection, warm-up {args.warmup} (not traced); "
+                         f"sessions, {args.per_session} per connection, warm-up {args.warmup} (not traced), "
+                         f"{args.repeat} run(s) per target (the median run shown); "
                          f"strace -f on every server process, calls per message that arrived at the sink "
                          f"({sink.kind}); mta: {args.delivery_workers} delivery worker(s); {pf}; {machine_line()}",
                          render_syscalls(summaries), summaries,
                          render_syscalls_comparison(summaries, build, MTA_KINDS) if build else "")
     doc = {"sink": sink.kind, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "targets": [{"target": s.target, "skipped": s.skipped or None,
-                        "syscalls_per_message": s.good[0]["syscalls_per_message"] if s.good else None,
+                        "syscalls_per_message": (s.median_run("syscalls_per_message")["syscalls_per_message"]
+                                                 if s.good else None),
                         "runs": [vars(o) for o in s.outcomes]} for s in summaries]}
     if build is not None:
         doc["against"] = syscalls_comparison_json(summaries, build)

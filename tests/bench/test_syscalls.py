@@ -102,3 +102,31 @@ def test_a_trace_is_counted_per_call_start_for_the_kind_of_the_task_at_that_time
         "idle": {},  # traced, made no call: still a row
     }
     assert tasks == {"master": 3, "smtpd": 1, "?": 1, "idle": 1}
+
+
+@pytest.mark.integration
+def test_syscalls_with_repeat_reports_the_median_run_and_names_every_run(tmp_path: Path) -> None:
+    out = tmp_path / "syscalls.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run"), "--syscalls", "--smoke", "--targets", "mta", "--repeat", "3",
+         "--quiet", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    [mta] = json.loads(out.read_text())["syscalls"]["targets"]
+    runs = [r["result"]["syscalls_per_message"] for r in mta["runs"]]
+    assert [r["repeat"] for r in mta["runs"]] == [1, 2, 3] and all(r["ok"] for r in mta["runs"])
+    assert mta["syscalls_per_message"] == sorted(runs)[1]
+    report = done.stdout.decode()
+    assert f"**mta-1w**: {sorted(runs)[1]:.1f} syscalls per relayed message" in report
+    assert "the median of 3 runs: " + ", ".join(f"{v:.1f}" for v in sorted(runs)) in report
+
+
+def test_the_median_run_is_a_whole_run_the_lower_middle_of_an_even_count() -> None:
+    results = bench_module("results")
+    summary = results.Summary("mta-1w", [
+        results.Outcome("mta-1w", i, ok=True, result={"syscalls_per_message": v, "kind": i})
+        for i, v in enumerate([33.5, 30.1, 32.0, 31.2], start=1)])
+    summary.outcomes.append(results.Outcome("mta-1w", 5, ok=False, result=None, error="strace failed"))
+    assert summary.median_run("syscalls_per_message") == {"syscalls_per_message": 31.2, "kind": 4}
+    summary.outcomes.pop(0)
+    assert summary.median_run("syscalls_per_message")["syscalls_per_message"] == 31.2
