@@ -140,7 +140,7 @@ class Admission:
         if caps != self.caps:
             logs.event("admission", fd_limit=fds, max_sessions=caps.total, max_sessions_per_worker=caps.per_worker)
         self.caps = caps
-        self._too_busy = replies.too_busy(config.server.hostname).to_bytes()
+        self._too_busy = replies.too_busy(config.server.hostname).wire
         self._smtps = frozenset(lst.address for lst in config.listener if lst.mode == "smtps")
 
     def refuse(self, listener: str, fd: int, reason: str) -> None:

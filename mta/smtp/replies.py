@@ -59,9 +59,6 @@ class Reply:
         prefix = f"{self.status} " if self.status else ""
         return tuple(f"{prefix}{t}" for t in texts)
 
-    def to_bytes(self) -> bytes:
-        return self.wire
-
     def __str__(self) -> str:
         return " ".join((str(self.code), *self.lines))
 

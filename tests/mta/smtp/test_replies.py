@@ -14,7 +14,6 @@ MADE = [replies.queued("4XyZ12"), replies.greeting("mx.test"), replies.closing("
 @pytest.mark.parametrize("reply", CONSTANTS + MADE, ids=str)
 def test_the_wire_form_is_the_lines_form(reply: Reply) -> None:
     assert reply.wire == reply._wire_from_lines().encode("utf-8", "replace")
-    assert reply.to_bytes() is reply.wire
     assert reply.positive is (reply.code < 400)
 
 
