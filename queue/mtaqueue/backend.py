@@ -3,6 +3,9 @@
 Contract (tests/mtaqueue/test_contract.py runs it against every backend):
 - commit(messages) stores all of them in one durable transaction or none of them;
   it raises QueueFull when the store has no room, QueueIOError on any other failure.
+- begin_commit() is commit() in three steps for the group committer (committer.py):
+  begun and ended (commit or abort) in one thread, `add`ed to once, from any one thread,
+  in between. add raises what commit() would (then abort); commit may raise it too.
 - Nothing half-written is ever visible: an envelope is listed only with its body.
 - apply() is the scheduler's one transaction for delivery outcomes: updated envelopes
   (states, attempts, next attempt: the due index moves with them), finished messages
@@ -46,8 +49,15 @@ class QueueStats:
     map_used_bytes: int = 0  # LMDB: pages in use up to the last one written, free pages included
 
 
+class PendingCommit(Protocol):
+    def add(self, messages: Sequence[NewMessage]) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class QueueBackend(Protocol):
     def commit(self, messages: Sequence[NewMessage]) -> None: ...
+    def begin_commit(self) -> PendingCommit: ...
     def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
               add: Sequence[NewMessage] = ()) -> None: ...  # one transaction; `add` ignores the size limit
     def envelope(self, msgid: MessageId) -> Envelope | None: ...

@@ -116,72 +116,83 @@ class LmdbBackend:
         # bounce commit together, and the map's headroom is there for exactly this.
         self._write(update=update, delete=delete, add=add, enforce_limit=False)
 
+    def begin_commit(self) -> _PendingCommit:
+        """commit() in steps (backend.PendingCommit): the group committer begins and ends
+        the transaction in its writer thread and adds to it on its event loop."""
+        try:
+            return _PendingCommit(self, self._env.begin(write=True, buffers=True))
+        except lmdb.Error as exc:
+            raise _queue_error(exc) from exc
+
     def _write(self, *, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
                add: Sequence[NewMessage] = (), enforce_limit: bool, added: list[MessageId] | None = None) -> int:
         """One transaction; the messages deleted. With `added` (add_new): only the messages
         of `add` new to the imported and envelope tables are added, their ids appended."""
-        removed = 0
         try:
             # buffers=True: reads are views into the map, not copies (a deletion reads the
             # body only for its length); each is used before the next write in this txn.
             with self._env.begin(write=True, buffers=True) as txn:
-                stored = self._stored_bytes(txn)
-                changes = Changes(txn, self._dbs)
-                for envelope in update:
-                    key = envelope.id.encode()
-                    old = txn.get(key, db=self._envelope)
-                    if old is None:
-                        continue  # deleted meanwhile (e.g. by an operator): nothing to update
-                    raw = records.encode(envelope)
-                    stored += len(raw) - len(old)
-                    previous = self._decoded(changes, key, old)
-                    txn.put(key, raw, db=self._envelope)
-                    if previous is None:
-                        changes.add(key, envelope)
-                    else:
-                        changes.replace(key, previous, envelope)
-                for msgid in delete:
-                    key = msgid.encode()
-                    raw = txn.get(key, db=self._envelope)
-                    if raw is None:
-                        continue
-                    stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
-                    try:  # (only what the indexes need: a delete per delivered message)
-                        when, recipients = records.decode_queued(raw)
-                    except CorruptRecord:
-                        changes.drop_due_of(key)  # its due entries by a scan; its counts by a recount
-                    else:
-                        changes.remove(key, when, recipients)
-                    txn.delete(key, db=self._envelope)
-                    txn.delete(key, db=self._body)
-                    removed += 1
-                envelopes, bodies = [], []
-                stamp = _BE64.pack(int(time.time() * 1000))
-                for m in add:
-                    key = m.envelope.id.encode()
-                    if added is not None:
-                        if txn.get(key, db=self._imported) is not None or txn.get(key, db=self._envelope) is not None:
-                            continue
-                        txn.put(key, stamp, db=self._imported)
-                        added.append(m.envelope.id)
-                    raw = records.encode(m.envelope)
-                    stored += len(raw) + len(m.body)
-                    if enforce_limit and stored > self.max_size_bytes:
-                        raise QueueFull(f"the queue holds its limit of {self.max_size_bytes} bytes "
-                                        "([queue] max_size_bytes)")
-                    envelopes.append((key, raw))
-                    bodies.append((key, m.body))
-                    changes.add(key, m.envelope)
-                if envelopes:  # one C loop per table (a group commit: ~25 messages)
-                    if txn.cursor(db=self._envelope).putmulti(envelopes, overwrite=False)[1] != len(envelopes):
-                        raise QueueIOError(f"a message id of {', '.join(m.envelope.id for m in add)} already exists")
-                    txn.cursor(db=self._body).putmulti(bodies)
-                changes.flush()
-                txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
-        except (lmdb.MapFullError, lmdb.DiskError) as exc:
-            raise QueueFull(str(exc)) from exc
+                return self._fill(txn, update, delete, add, enforce_limit, added)
         except lmdb.Error as exc:
-            raise QueueIOError(str(exc)) from exc
+            raise _queue_error(exc) from exc
+
+    def _fill(self, txn: lmdb.Transaction, update: Sequence[Envelope], delete: Sequence[MessageId],
+              add: Sequence[NewMessage], enforce_limit: bool, added: list[MessageId] | None) -> int:
+        """_write's changes in `txn`; the messages deleted."""
+        removed = 0
+        stored = self._stored_bytes(txn)
+        changes = Changes(txn, self._dbs)
+        for envelope in update:
+            key = envelope.id.encode()
+            old = txn.get(key, db=self._envelope)
+            if old is None:
+                continue  # deleted meanwhile (e.g. by an operator): nothing to update
+            raw = records.encode(envelope)
+            stored += len(raw) - len(old)
+            previous = self._decoded(changes, key, old)
+            txn.put(key, raw, db=self._envelope)
+            if previous is None:
+                changes.add(key, envelope)
+            else:
+                changes.replace(key, previous, envelope)
+        for msgid in delete:
+            key = msgid.encode()
+            raw = txn.get(key, db=self._envelope)
+            if raw is None:
+                continue
+            stored -= len(raw) + len(txn.get(key, db=self._body) or b"")
+            try:  # (only what the indexes need: a delete per delivered message)
+                when, recipients = records.decode_queued(raw)
+            except CorruptRecord:
+                changes.drop_due_of(key)  # its due entries by a scan; its counts by a recount
+            else:
+                changes.remove(key, when, recipients)
+            txn.delete(key, db=self._envelope)
+            txn.delete(key, db=self._body)
+            removed += 1
+        envelopes, bodies = [], []
+        stamp = _BE64.pack(int(time.time() * 1000))
+        for m in add:
+            key = m.envelope.id.encode()
+            if added is not None:
+                if txn.get(key, db=self._imported) is not None or txn.get(key, db=self._envelope) is not None:
+                    continue
+                txn.put(key, stamp, db=self._imported)
+                added.append(m.envelope.id)
+            raw = records.encode(m.envelope)
+            stored += len(raw) + len(m.body)
+            if enforce_limit and stored > self.max_size_bytes:
+                raise QueueFull(f"the queue holds its limit of {self.max_size_bytes} bytes "
+                                "([queue] max_size_bytes)")
+            envelopes.append((key, raw))
+            bodies.append((key, m.body))
+            changes.add(key, m.envelope)
+        if envelopes:  # one C loop per table (a group commit: ~25 messages)
+            if txn.cursor(db=self._envelope).putmulti(envelopes, overwrite=False)[1] != len(envelopes):
+                raise QueueIOError(f"a message id of {', '.join(m.envelope.id for m in add)} already exists")
+            txn.cursor(db=self._body).putmulti(bodies)
+        changes.flush()
+        txn.put(_BYTES, _BE64.pack(max(stored, 0)), db=self._meta)
         return removed
 
     @staticmethod
@@ -440,3 +451,37 @@ class LmdbBackend:
 
     def close(self) -> None:
         self._env.close()
+
+
+def _queue_error(exc: lmdb.Error) -> QueueFull | QueueIOError:
+    """The queue's error for LMDB's: no room (map or disk full) or any other failure."""
+    if isinstance(exc, (lmdb.MapFullError, lmdb.DiskError)):
+        return QueueFull(str(exc))
+    return QueueIOError(str(exc))
+
+
+class _PendingCommit:
+    """A write transaction begun in one thread (which must end it: LMDB's write lock is
+    that thread's), added to once from another, e.g. the event loop's: its puts then
+    run without handing the GIL to and fro between the two (backend.PendingCommit)."""
+
+    __slots__ = ("_backend", "_txn")
+
+    def __init__(self, backend: LmdbBackend, txn: lmdb.Transaction) -> None:
+        self._backend = backend
+        self._txn = txn
+
+    def add(self, messages: Sequence[NewMessage]) -> None:
+        try:
+            self._backend._fill(self._txn, (), (), messages, True, None)
+        except lmdb.Error as exc:
+            raise _queue_error(exc) from exc
+
+    def commit(self) -> None:
+        try:
+            self._txn.commit()
+        except lmdb.Error as exc:
+            raise _queue_error(exc) from exc
+
+    def abort(self) -> None:
+        self._txn.abort()

@@ -53,6 +53,9 @@ class MemoryBackend:
             self._bodies[m.envelope.id] = bytes(m.body)
         self._used += size
 
+    def begin_commit(self) -> _PendingCommit:
+        return _PendingCommit(self)
+
     @_locked
     def apply(self, update: Sequence[Envelope] = (), delete: Sequence[MessageId] = (),
               add: Sequence[NewMessage] = ()) -> None:
@@ -164,3 +167,20 @@ class MemoryBackend:
     def close(self) -> None:
         self._envelopes.clear()
         self._bodies.clear()
+
+
+class _PendingCommit:
+    """commit() in steps (backend.PendingCommit): the messages are stored at commit."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self._backend = backend
+        self._messages: Sequence[NewMessage] = ()
+
+    def add(self, messages: Sequence[NewMessage]) -> None:
+        self._messages = messages
+
+    def commit(self) -> None:
+        self._backend.commit(self._messages)
+
+    def abort(self) -> None:
+        self._messages = ()

@@ -1,29 +1,47 @@
 """Group commit: one writer thread per process turns concurrent commits into one fsync.
 
-`await committer.commit(message)` queues the message; the writer thread takes every
-message waiting at that moment, commits them in one transaction (one fsync), and
-resolves each caller's future on its event loop. A batch that fails with QueueFull is
-retried one caller at a time, so one large message cannot fail its neighbours.
-`commit_all(messages)` is one caller's group (a message and its mailing lists' copies):
-always in one transaction, stored together or not at all. Writes never run on the
-event loop thread.
+`await committer.commit(message)` queues the message; the messages waiting when a
+round starts (up to MAX_BATCH callers) are stored in one transaction (one fsync), then each caller's future is
+resolved on its event loop. `commit_all(messages)` is one caller's group (a message and
+its mailing lists' copies): always in one transaction, stored together or not at all.
+A round that fails with QueueFull is retried one group at a time, so one large message
+cannot fail its neighbours. The fsync never runs on the event loop thread.
+
+A round, in three steps (backend.PendingCommit): the writer thread begins the
+transaction (LMDB's write lock is the thread's that takes it, and taking it may wait
+for another process's commit), the event loop adds the messages waiting to it in one
+callback, and the writer commits it. The puts run on the loop, which holds the GIL
+anyway: written from the writer thread, each of them (about five a message) released
+the GIL and, with the loop busy, handed it to the loop and back, a few futex calls
+each; a round now hands it over a few times whatever its size. The loop owns the
+waiting messages and whether a round is under way (`_active`); the writer hands it a
+turn (`_turns`: a round's outcome to resolve, a transaction to fill), and the loop
+answers a fill through `_filled`. The writer holds the write lock while it waits for
+the fill: should the loop itself wait for that lock (a read that finds a damaged record
+moves it aside in a write transaction of its own), the writer gives the round up after
+FILL_WAIT_SECONDS and the loop asks for it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
 from collections.abc import Callable
 
-from mtaqueue.backend import QueueBackend, QueueError, QueueFull
+from mtaqueue.backend import PendingCommit, QueueBackend, QueueError, QueueFull, QueueIOError
 from mtaqueue.records import NewMessage
 
-MAX_BATCH = 512
+MAX_BATCH = 512  # groups in one transaction; the rest wait for the next round
+FILL_WAIT_SECONDS = 1.0  # a round whose fill the loop has not begun by then is given up
+_ROUND = object()
 _STOP = object()
 
 Batch = list[tuple[tuple[NewMessage, ...], asyncio.Future[None]]]
+Outcome = list[QueueError | None]
+Turn = tuple["tuple[Batch, Outcome] | None", bool, "PendingCommit | QueueError | None"]
 
 
 class GroupCommitter:
@@ -31,8 +49,19 @@ class GroupCommitter:
                  on_commit: Callable[[int, float], None] | None = None) -> None:
         self._backend = backend
         self._loop = loop
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._on_commit = on_commit  # (messages, seconds), called in the writer thread
+        self._waiting: Batch = []  # the loop's: the groups for the next round
+        self._active = False  # the loop's: a round is under way or asked for (_ROUND sent)
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # From the writer to the loop (appended and popped whole: atomic): a round's batch
+        # and outcome to resolve (or None); whether to fill; the transaction to fill, or
+        # the error that kept it from beginning.
+        self._turns: collections.deque[Turn] = collections.deque()
+        self._filled = threading.Lock()  # released by the loop when the fill is done
+        self._filled.acquire()
+        self._asking = threading.Lock()  # guards _asked: a fill asked for, neither begun nor given up
+        self._asked = False
+        self._taken: tuple[Batch, BaseException | None] = ([], None)  # the fill's batch and error
         self._thread = threading.Thread(target=self._run, name="queue-writer", daemon=True)
         self._thread.start()
 
@@ -42,46 +71,109 @@ class GroupCommitter:
     async def commit_all(self, messages: tuple[NewMessage, ...]) -> None:
         """`messages` in one transaction: all are stored, or none (the error is raised)."""
         future: asyncio.Future[None] = self._loop.create_future()
-        self._inbox.put((messages, future))
+        self._waiting.append((messages, future))
+        if not self._active:
+            self._active = True
+            self._inbox.put(_ROUND)
         await future
 
     def close(self) -> None:
-        """Finish what is queued, then stop the writer thread."""
+        """Finish what is waiting, then stop the writer thread. Called on the loop's
+        thread, which cannot run the writer's turns meanwhile: close takes them."""
+        if self._waiting and not self._active:
+            self._active = True
+            self._inbox.put(_ROUND)
         self._inbox.put(_STOP)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._take_turn()
+            self._thread.join(0.001)
+        while self._turns:
+            self._take_turn()
+
+    # --- the writer thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is _STOP:
-                return
-            batch: Batch = [item]  # type: ignore[list-item]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    more = self._inbox.get_nowait()
-                except queue.Empty:
+        while self._inbox.get() is _ROUND:
+            done: tuple[Batch, Outcome] | None = None
+            while True:
+                started = time.monotonic()
+                pending = self._begin()
+                if not self._hand(done, True, pending):
+                    return
+                if not self._filled.acquire(timeout=FILL_WAIT_SECONDS) and self._give_up(pending):
                     break
-                if more is _STOP:
-                    stop = True
+                batch, error = self._taken
+                if not batch:  # the loop had nothing waiting: it is idle again
+                    if not isinstance(pending, QueueError):
+                        pending.abort()
                     break
-                batch.append(more)  # type: ignore[arg-type]
-            self._commit(batch)
-            if stop:
-                return
+                done = self._finish(pending, batch, error, started)
+                if not self._waiting:  # (a hint: the loop starts the next round if one is due)
+                    if not self._hand(done, False, None):
+                        return
+                    break
 
-    def _commit(self, batch: Batch) -> None:
-        started = time.monotonic()
+    def _begin(self) -> PendingCommit | QueueError:
         try:
-            self._backend.commit([m for group, _ in batch for m in group])
-            outcome: list[QueueError | None] = [None] * len(batch)
-        except QueueFull as exc:
-            outcome = [exc] if len(batch) == 1 else [self._commit_one(group) for group, _ in batch]
+            return self._backend.begin_commit()
         except QueueError as exc:
-            outcome = [exc] * len(batch)
+            return exc
+        except Exception as exc:  # a defect: the round's callers answer 451, the writer goes on
+            return QueueIOError(f"the commit failed: {exc!r}")
+
+    def _give_up(self, pending: PendingCommit | QueueError) -> bool:
+        """The loop has not filled the round in FILL_WAIT_SECONDS: give the round up (and
+        the write lock: the loop may be waiting for it, e.g. to move a damaged record
+        aside, and would never fill), unless its fill has begun. True when given up: the
+        loop asks for the round again when it takes the turn."""
+        with self._asking:
+            asked, self._asked = self._asked, False
+        if asked:
+            if not isinstance(pending, QueueError):
+                pending.abort()
+            return True
+        self._filled.acquire()  # being filled: the loop is not waiting for us
+        return False
+
+    def _hand(self, done: tuple[Batch, Outcome] | None, fill: bool,
+              pending: PendingCommit | QueueError | None) -> bool:
+        """Give the loop a turn; False when the loop is gone (nobody waits any more)."""
+        if fill:
+            with self._asking:
+                self._asked = True
+        self._turns.append((done, fill, pending))
+        try:
+            self._loop.call_soon_threadsafe(self._take_turn)
+        except RuntimeError:  # the loop is closed
+            if pending is not None and not isinstance(pending, QueueError):
+                pending.abort()
+            return False
+        return True
+
+    def _finish(self, pending: PendingCommit | QueueError, batch: Batch,
+                error: BaseException | None, started: float) -> tuple[Batch, Outcome]:
+        """Commit (or abort) the filled transaction; the batch's outcome, one per group."""
+        if isinstance(pending, QueueError):
+            error = pending
+        elif error is None:
+            try:
+                pending.commit()
+            except Exception as exc:
+                error = exc
+        else:
+            pending.abort()
+        outcome: Outcome
+        if error is None:
+            outcome = [None] * len(batch)
+        elif isinstance(error, QueueFull) and len(batch) > 1:
+            outcome = [self._commit_one(group) for group, _ in batch]
+        elif isinstance(error, QueueError):
+            outcome = [error] * len(batch)
+        else:  # a defect in the fill: the callers answer 451, the writer goes on
+            outcome = [QueueIOError(f"the commit failed: {error!r}")] * len(batch)
         if self._on_commit is not None:
             self._on_commit(len(batch), time.monotonic() - started)
-        self._loop.call_soon_threadsafe(_resolve, batch, outcome)
+        return batch, outcome
 
     def _commit_one(self, group: tuple[NewMessage, ...]) -> QueueError | None:
         try:
@@ -90,8 +182,38 @@ class GroupCommitter:
             return exc
         return None
 
+    # --- the loop's side --------------------------------------------------------------
 
-def _resolve(batch: Batch, outcome: list[QueueError | None]) -> None:
+    def _take_turn(self) -> None:
+        try:
+            done, fill, pending = self._turns.popleft()
+        except IndexError:  # (taken by close already)
+            return
+        if done is not None:
+            _resolve(*done)
+        if fill:
+            with self._asking:
+                fill, self._asked = self._asked, False  # (False: the writer gave the round up)
+        if not fill:
+            if self._waiting:
+                self._inbox.put(_ROUND)
+            else:
+                self._active = False
+            return
+        batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+        error: BaseException | None = None
+        if not batch:
+            self._active = False
+        elif pending is not None and not isinstance(pending, QueueError):
+            try:
+                pending.add([m for group, _ in batch for m in group])
+            except Exception as exc:  # (raised to the callers by _finish, in the writer)
+                error = exc
+        self._taken = batch, error
+        self._filled.release()
+
+
+def _resolve(batch: Batch, outcome: Outcome) -> None:
     for (_, future), error in zip(batch, outcome):
         if future.done():  # the session went away while we were committing
             continue

@@ -1,5 +1,6 @@
 """The queue backend contract, run against every implementation."""
 
+import concurrent.futures
 from collections.abc import Iterator
 
 import pytest
@@ -61,6 +62,29 @@ def test_full_raises_queue_full_and_keeps_what_was_stored(backend: QueueBackend)
         assert backend.body(m.envelope.id) == m.body
     assert backend.delete([m.envelope.id for m in kept[: len(kept) // 2]]) == len(kept) // 2
     backend.commit([message(body=b"y" * 20_000)])  # room again
+
+
+def test_begin_commit_is_commit_begun_and_ended_in_one_thread_added_to_in_another(backend: QueueBackend) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as writer:  # one thread: LMDB's write lock is its
+        pending = writer.submit(backend.begin_commit).result()
+        kept = [message(rcpts=2), message()]
+        pending.add(kept)  # this thread: the event loop's, in the committer
+        writer.submit(pending.commit).result()
+        assert {e.id for e in backend.envelopes()} == {m.envelope.id for m in kept}
+        assert backend.totals()["ready"] == 3
+
+        dropped = writer.submit(backend.begin_commit).result()
+        dropped.add([message()])
+        writer.submit(dropped.abort).result()
+        assert {e.id for e in backend.envelopes()} == {m.envelope.id for m in kept}
+
+        full = writer.submit(backend.begin_commit).result()
+        with pytest.raises(QueueFull):
+            full.add([message(body=b"x" * (2 * MIB))])
+            writer.submit(full.commit).result()  # (the memory backend stores, and checks, here)
+        writer.submit(full.abort).result()
+        backend.commit([message()])  # the write lock was given back
+    assert backend.stats().messages == 3
 
 
 def test_delete_and_due_order(backend: QueueBackend) -> None:
