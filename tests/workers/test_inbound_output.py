@@ -189,3 +189,33 @@ def test_the_counts_of_one_turn_are_written_once_per_metric_before_its_lines(log
     assert uvloop.run(main()) == []  # nothing before the end of the turn
     assert written == [("messages", 3, 0), ("octets", 1024, 0), ("messages", 1, 1)], written
     assert len(log_writes.writes) == 1 and log_writes.writes[0][0].count("event=received") == 3
+
+
+def test_replies_still_leave_when_the_log_cannot_be_written(tmp_path: Path, log_writes: LogWrites) -> None:
+    """A log stream that fails (a full disk, a reader gone: EPIPE) loses its lines, never
+    the turn's replies: the client is answered and its session goes on."""
+
+    class Broken(LogWrites):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    broken = Broken()
+    logs.setup("test", stream=broken)
+    rig = Rig(tmp_path)
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        handler: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: handler.append(context))
+        server, (client,) = await _serve(rig, broken, 1)  # the greeting came through
+        client.sendall(b"EHLO c.test\r\n")
+        answer = await _read_until(client, b"250 ")
+        client.sendall(b"RCPT TO:<r@elsewhere.test>\r\n")  # a 503, logged as a refusal
+        answer += await _read_until(client, b"\r\n")
+        server.close()
+        client.close()
+        assert handler and isinstance(handler[0].get("exception"), OSError)  # reported, not silent
+        return answer
+
+    answer = _run(rig, main)
+    assert b"250-mx.test" in answer and b"503 5.5.1" in answer, answer

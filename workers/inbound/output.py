@@ -80,6 +80,8 @@ class TurnWriter:
     def _write(self) -> None:
         self._scheduled = False
         ready, self._ready = self._ready, []
-        self.before_replies()
-        for output in ready:
-            output.write_turn()
+        try:
+            self.before_replies()
+        finally:  # a log that cannot be written (disk full, reader gone) loses its lines, not the replies
+            for output in ready:
+                output.write_turn()
