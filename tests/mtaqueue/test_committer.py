@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from mtaqueue import Envelope, NewMessage, QueueFull, Recipient, new_id
 from mtaqueue.backend import QueueIOError
 from mtaqueue.backend_lmdb import LmdbBackend
-from mtaqueue.committer import FILL_WAIT_SECONDS, MAX_BATCH, GroupCommitter
+from mtaqueue.committer import FILL_WAIT_SECONDS, LOOP_FILL_BYTES, MAX_BATCH, GroupCommitter
 
 MIB = 1024 * 1024
 
@@ -72,6 +74,34 @@ def commit_together(backend: LmdbBackend, messages: list[NewMessage]) -> list[in
     return rounds
 
 
+class Signalling(LmdbBackend):
+    """The real backend, telling when the writer has begun a round (holds the write lock);
+    `hold_second`: the second round's begin waits that long first (as it would for the
+    write lock another process holds)."""
+
+    def __init__(self, path: str, size: int, hold_second: float = 0.0) -> None:
+        super().__init__(path, size)
+        self.begun = threading.Event()
+        self.rounds = 0
+        self.hold_second = hold_second
+
+    def begin_commit(self):  # type: ignore[no-untyped-def]
+        self.rounds += 1
+        if self.rounds == 2:
+            time.sleep(self.hold_second)
+        pending = super().begin_commit()
+        self.begun.set()
+        return pending
+
+
+def run_within(seconds: float, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """asyncio.run(main()) in a thread of its own; fails when it has not returned in time."""
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    runner.start()
+    runner.join(seconds)
+    assert not runner.is_alive(), f"not done within {seconds} s: the loop and the writer wait for each other"
+
+
 def test_messages_waiting_together_share_one_transaction(tmp_path: Path) -> None:
     backend = LmdbBackend(str(tmp_path / "q"), MIB)
     messages = [message(100) for _ in range(30)]
@@ -109,11 +139,8 @@ def test_close_on_the_loop_finishes_the_messages_waiting(tmp_path: Path) -> None
         committer.close()  # blocks the loop until the writer has stopped
         results.extend(await asyncio.gather(*tasks, return_exceptions=True))
 
-    runner = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    runner.start()
-    runner.join(30)
     try:
-        assert not runner.is_alive(), "close() never returned"
+        run_within(30, run)
         assert results == [None] * 5
         assert {e.id for e in backend.envelopes()} == {m.envelope.id for m in messages}
     finally:
@@ -147,15 +174,6 @@ def test_a_loop_waiting_for_the_write_lock_gets_it_and_the_round_is_stored_after
     """The writer holds the write lock while it waits for the loop's fill; should the loop
     need the lock itself (moving a damaged record aside writes), the writer gives the round
     up after FILL_WAIT_SECONDS, and stores it in the next: no deadlock."""
-
-    class Signalling(LmdbBackend):
-        begun = threading.Event()
-
-        def begin_commit(self):  # type: ignore[no-untyped-def]
-            pending = super().begin_commit()
-            self.begun.set()
-            return pending
-
     backend = Signalling(str(tmp_path / "q"), MIB)
     first, later = message(100), message(100)
     backend.commit([first])
@@ -173,12 +191,100 @@ def test_a_loop_waiting_for_the_write_lock_gets_it_and_the_round_is_stored_after
         await task
         committer.close()
 
-    runner = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    runner.start()
-    runner.join(30)
     try:
-        assert not runner.is_alive(), "deadlocked: the loop and the writer wait for each other"
+        run_within(30, run)
         assert done and done[0] >= FILL_WAIT_SECONDS * 0.9  # it waited for the round to be given up
         assert [e.id for e in backend.envelopes()] == [later.envelope.id]
+    finally:
+        backend.close()
+
+
+def test_close_in_the_turn_after_a_round_was_given_up_stores_what_waits(tmp_path: Path) -> None:
+    backend = Signalling(str(tmp_path / "q"), MIB)
+    waiting = message(100)
+    resolved: list[bool] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        committer = GroupCommitter(backend, loop)
+        task = loop.create_task(committer.commit(waiting))
+        await asyncio.sleep(0)  # the round is asked for
+        assert backend.begun.wait(10)
+        time.sleep(FILL_WAIT_SECONDS + 0.3)  # a loop this busy: the writer gives the round up
+        committer.close()  # in the same busy stretch: the round is asked for again, and stored
+        done, _ = await asyncio.wait([task], timeout=5)
+        resolved.append(bool(done) and task.exception() is None)
+
+    try:
+        run_within(30, run)
+        assert resolved == [True]
+        assert [e.id for e in backend.envelopes()] == [waiting.envelope.id]
+    finally:
+        backend.close()
+
+
+def test_a_full_queue_and_a_broken_message_in_one_round_are_each_answered(tmp_path: Path) -> None:
+    """The round fails with QueueFull, so each group is tried alone: the big one is refused
+    as full (452), the broken one as a failure (451), and the writer goes on."""
+    backend = LmdbBackend(str(tmp_path / "q"), MIB)
+    big, broken, later = message(2 * MIB), message(100), message(100)
+    broken.envelope.client = {"ip": object()}
+
+    async def run() -> list[BaseException | None]:
+        committer = GroupCommitter(backend, asyncio.get_running_loop())
+        try:
+            errors = await asyncio.gather(committer.commit(big), committer.commit(broken), return_exceptions=True)
+            await committer.commit(later)
+            return errors
+        finally:
+            committer.close()
+
+    errors: list[BaseException | None] = []
+
+    async def main() -> None:
+        errors.extend(await run())
+
+    try:
+        run_within(30, main)  # (a writer thread that died would leave `later` waiting forever)
+        full, failed = errors
+        assert isinstance(full, QueueFull)
+        assert isinstance(failed, QueueIOError) and "the commit failed" in str(failed)
+        assert [e.id for e in backend.envelopes()] == [later.envelope.id]
+    finally:
+        backend.close()
+
+
+def test_a_committed_round_is_answered_without_waiting_for_the_next_rounds_write_lock(tmp_path: Path) -> None:
+    backend = Signalling(str(tmp_path / "q"), MIB, hold_second=1.0)
+    answered: list[float] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        committer = GroupCommitter(backend, loop, on_commit=lambda _n, _s: time.sleep(0.1))
+        started = time.monotonic()
+        first = loop.create_task(committer.commit(message(100)))
+        await asyncio.sleep(0.05)  # the first round is committing: the second waits behind it
+        second = loop.create_task(committer.commit(message(100)))
+        await first
+        answered.append(time.monotonic() - started)
+        await second
+        committer.close()
+
+    try:
+        run_within(30, run)
+        assert answered and answered[0] < 0.8, answered  # not held for the second round's lock (1 s)
+        assert backend.stats().messages == 2
+    finally:
+        backend.close()
+
+
+def test_a_round_of_big_messages_is_stored(tmp_path: Path) -> None:
+    """More than LOOP_FILL_BYTES in a round: the writer thread copies them, not the loop."""
+    backend = LmdbBackend(str(tmp_path / "q"), 8 * MIB)
+    messages = [message(LOOP_FILL_BYTES // 2 + 1) for _ in range(3)]
+    try:
+        rounds = commit_together(backend, messages)
+        assert sum(rounds) == 3
+        assert {backend.body(m.envelope.id) for m in messages} == {m.body for m in messages}
     finally:
         backend.close()
