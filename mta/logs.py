@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -94,15 +95,20 @@ os.register_at_fork(after_in_child=_forked)
 
 def write_each_turn(loop: asyncio.AbstractEventLoop | None, schedule: Callable[[], None] | None = None) -> None:
     """Lines from now on go out together at the end of each turn of `loop` (None: the
-    lines waiting go out now, and each later line at once). `schedule`, called for the
-    first line waiting, makes write_waiting() run at the end of the turn (by default
-    loop.call_soon(write_waiting))."""
+    lines waiting go out now, and each later line at once). Called on the loop's thread.
+    `schedule`, called for the first line waiting (from whichever thread logs it), makes
+    write_waiting() run at the end of the turn (by default loop.call_soon(write_waiting),
+    thread-safely from another thread: a writer thread's line wakes the loop)."""
     global _schedule
     if loop is None:
         _schedule = None
         write_waiting()
+    elif schedule is not None:
+        _schedule = schedule
     else:
-        _schedule = schedule or (lambda: loop.call_soon(write_waiting))
+        thread = threading.get_ident()
+        _schedule = lambda: (loop.call_soon if threading.get_ident() == thread  # noqa: E731
+                             else loop.call_soon_threadsafe)(write_waiting)
 
 
 def _emit(text: str) -> None:
@@ -118,8 +124,9 @@ def _emit(text: str) -> None:
 def write_waiting() -> None:
     """The lines waiting for the end of the turn, written now (nothing without write_each_turn)."""
     if _waiting:
-        text = "".join(_waiting)
-        _waiting.clear()
+        n = len(_waiting)  # (a thread may add a line meanwhile: it stays for the next write)
+        text = "".join(_waiting[:n])
+        del _waiting[:n]
         _stream.write(text)
         _stream.flush()
 

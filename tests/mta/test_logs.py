@@ -1,10 +1,17 @@
 """Event log lines: key=value quoting and the JSON format."""
 
+import asyncio
 import io
 import json
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,8 +76,6 @@ class CountingStream(io.StringIO):
 
 
 def test_lines_of_one_turn_go_out_in_one_write_in_order() -> None:
-    import asyncio
-
     out = CountingStream()
     seen: list[tuple[int, str]] = []
 
@@ -97,6 +102,53 @@ def test_lines_of_one_turn_go_out_in_one_write_in_order() -> None:
     assert seen[1][0] == 1 and [split_fields(line)["n"] for line in seen[1][1].splitlines(keepends=True)] == list("01234")
     assert seen[2][0] == 2 and seen[2][1].splitlines()[-1].endswith("event=late n=5")
     assert seen[3][0] == 3 and seen[3][1].endswith("event=stopped\n")
+
+
+class TimedStream(io.StringIO):
+    """The log stream: when (time.monotonic()) each write was made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def write(self, text: str) -> int:
+        self.times.append(time.monotonic())
+        return super().write(text)
+
+
+def line_from_a_thread_while_the_loop_sleeps(schedule: Callable[[asyncio.AbstractEventLoop], object],
+                                             run: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run) -> float:
+    """Seconds from a line logged by another thread (a writer thread's) to its write, while
+    the loop sleeps with nothing else to wake it for 3 s. `schedule(loop)` sets up the
+    turn's writes."""
+    out = TimedStream()
+    logged: list[float] = []
+
+    async def main() -> None:
+        schedule(asyncio.get_running_loop())
+
+        def log() -> None:
+            time.sleep(0.3)  # the loop is asleep in its poll by now
+            logged.append(time.monotonic())
+            logs.event("from_a_thread")
+
+        threading.Thread(target=log).start()
+        await asyncio.sleep(3)
+
+    logs.setup("test", stream=out)
+    try:
+        run(main())
+    finally:
+        logs.write_each_turn(None)
+        logs.setup("test", stream=sys.stderr)
+    assert "event=from_a_thread" in out.getvalue() and logged and out.times
+    return out.times[0] - logged[0]
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_line_logged_from_another_thread_wakes_the_loop_to_write_it(
+        run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    assert line_from_a_thread_while_the_loop_sleeps(logs.write_each_turn, run) < 1.5  # not at its next wake-up
 
 
 @given(st.integers())

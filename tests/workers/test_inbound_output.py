@@ -25,6 +25,7 @@ import uvloop
 
 from mta import logs
 from mta.config import LimitsConfig
+from tests.mta.test_logs import line_from_a_thread_while_the_loop_sleeps
 from tests.workers.test_inbound_session import SMTP, Rig
 from workers.inbound.output import TurnWriter
 from workers.inbound.protocol import InboundProtocol
@@ -219,3 +220,13 @@ def test_replies_still_leave_when_the_log_cannot_be_written(tmp_path: Path, log_
 
     answer = _run(rig, main)
     assert b"250-mx.test" in answer and b"503 5.5.1" in answer, answer
+
+
+def test_a_line_logged_first_from_a_thread_wakes_the_loop_to_write_it() -> None:
+    """The pickup's file steps log from an executor thread: the turn's callback is scheduled
+    thread-safely, so the line leaves at once, not at the loop's next wake-up."""
+
+    def schedule(loop: asyncio.AbstractEventLoop) -> None:
+        logs.write_each_turn(loop, TurnWriter(loop).schedule)
+
+    assert line_from_a_thread_while_the_loop_sleeps(schedule) < 1.5
