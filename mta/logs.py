@@ -39,6 +39,7 @@ _json = False
 FORMATS = ("keyvalue", "json")
 _schedule: Callable[[], None] | None = None  # write_each_turn: lines wait for the end of the turn
 _waiting: list[str] = []
+_waiting_lock = threading.Lock()  # append + "the first?" and take-all, each one step across threads
 
 
 def set_format(name: str) -> None:
@@ -116,19 +117,22 @@ def _emit(text: str) -> None:
         _stream.write(text)
         _stream.flush()
         return
-    _waiting.append(text)
-    if len(_waiting) == 1:
+    with _waiting_lock:  # (another thread may log meanwhile: one of the two schedules the write)
+        _waiting.append(text)
+        first = len(_waiting) == 1
+    if first:
         _schedule()
 
 
 def write_waiting() -> None:
     """The lines waiting for the end of the turn, written now (nothing without write_each_turn)."""
-    if _waiting:
-        n = len(_waiting)  # (a thread may add a line meanwhile: it stays for the next write)
-        text = "".join(_waiting[:n])
-        del _waiting[:n]
-        _stream.write(text)
-        _stream.flush()
+    if not _waiting:
+        return
+    with _waiting_lock:  # taken whole: a line added after it schedules the next write
+        text = "".join(_waiting)
+        _waiting.clear()
+    _stream.write(text)
+    _stream.flush()
 
 
 _stamped = (-1, "")

@@ -151,6 +151,50 @@ def test_a_line_logged_from_another_thread_wakes_the_loop_to_write_it(
     assert line_from_a_thread_while_the_loop_sleeps(logs.write_each_turn, run) < 1.5  # not at its next wake-up
 
 
+def test_lines_logged_by_a_thread_and_the_loop_at_once_are_all_written() -> None:
+    """The first line waiting schedules the turn's write: with a thread logging while the
+    loop logs and writes, every line is still written (none left waiting unscheduled)."""
+    out = io.StringIO()
+    counts: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        logs.write_each_turn(loop)
+        stop = threading.Event()
+
+        def other() -> None:
+            while not stop.is_set():
+                logs.event("from_thread")
+                counts.append(1)
+
+        thread = threading.Thread(target=other)
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads between nearly any two bytecodes
+        try:
+            thread.start()
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                for _ in range(20):
+                    logs.event("from_loop")
+                await asyncio.sleep(0)
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(previous)
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+
+    logs.setup("test", stream=out)
+    try:
+        uvloop.run(main())
+        waiting = len(logs._waiting)  # before write_each_turn(None) would write them
+    finally:
+        logs.write_each_turn(None)
+        logs.setup("test", stream=sys.stderr)
+    assert waiting == 0, f"{waiting} lines left waiting with no write scheduled"
+    assert out.getvalue().count("event=from_thread") == len(counts)
+
+
 @given(st.integers())
 def test_an_int_field_reads_as_its_digits_unquoted(value: int) -> None:
     line = capture("keyvalue", size=value, flag=True)
