@@ -4,7 +4,12 @@ and real Maildirs: what is committed and announced, what is stored, and in which
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from mta import config as mta_config
 from mta.smtp.transaction import Outbound, OutboundRecipient
@@ -12,6 +17,7 @@ from mtaqueue.backend_lmdb import LmdbBackend
 from mtaqueue.committer import GroupCommitter
 from workers.delivery.localbox import LocalDelivery
 from workers.delivery.localjob import LocalJobs
+from workers.delivery.vacationlog import VacationLog
 
 MIB = 1024 * 1024
 BODY = b"From: alice@client.test\r\nTo: bob@local.test\r\nSubject: hi\r\nMessage-ID: <m1@client.test>\r\n\r\nbody\r\n"
@@ -81,3 +87,48 @@ def test_a_full_queue_defers_the_recipient_and_stores_nothing_for_it(tmp_path: P
     assert stored(bob) == [] and len(stored(carol)) == 1
     assert announced == []
     assert not (bob / ".mta-vacation").exists()
+
+
+def test_a_job_cancelled_while_its_vacation_record_is_written_closes_the_record_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drain's deadline cancels the job while the executor writes the vacation record:
+    the record's descriptor (and lock) is closed only once that write is done."""
+    bob = box(tmp_path, "bob", 'require "vacation"; vacation "away"; keep;')
+    config = mta_config.parse({"local": {"maildir_root": str(tmp_path / "mail")},
+                               "relay": {"local_domains": ["local.test"]}, "server": {"hostname": "mx.test"}})
+    spool = LmdbBackend(str(tmp_path / "spool"), 4 * MIB)
+    writing, closed_during_write = threading.Event(), []
+    record = VacationLog.record
+
+    def slow_record(self: VacationLog, *args: object) -> None:
+        writing.set()
+        time.sleep(0.5)  # the cancellation arrives meanwhile
+        try:
+            os.fstat(self._fd)
+        except OSError:
+            closed_during_write.append(True)
+        record(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VacationLog, "record", slow_record)
+    message = Outbound("M1", "alice@client.test", [OutboundRecipient("bob@local.test")], BODY)
+
+    async def run() -> bool:
+        loop = asyncio.get_running_loop()
+        committer = GroupCommitter(spool, loop)
+        try:
+            delivery = LocalDelivery(config)
+            local = LocalJobs(lambda: config, lambda: delivery, committer, lambda ids: None)
+            job = loop.create_task(local.deliver(message, [0]))
+            await loop.run_in_executor(None, writing.wait, 10)
+            job.cancel()
+            await asyncio.wait({job})
+            return job.cancelled()
+        finally:
+            committer.close()
+
+    try:
+        assert asyncio.run(run())
+        assert closed_during_write == []  # written through a descriptor still open (and locked)
+        assert len((bob / ".mta-vacation").read_text().splitlines()) == 1  # and the reply was recorded
+    finally:
+        spool.close()

@@ -94,8 +94,8 @@ class LocalJobs:
             for item in work:
                 reply = item.plan.vacation if item.plan is not None else None
                 if reply is not None and item.index not in failed and item.mailbox in logs_held:
-                    await loop.run_in_executor(None, logs_held[item.mailbox].record,
-                                               reply.to, reply.handle, reply.days, now)
+                    await _to_the_end(loop.run_in_executor(None, logs_held[item.mailbox].record,
+                                                           reply.to, reply.handle, reply.days, now))
         finally:
             for held in logs_held.values():
                 held.close()
@@ -240,3 +240,19 @@ def _vacation_reply(msgid: str, rcpt: OutboundRecipient, reply: Reply, now: floa
         client={"protocol": "sieve-vacation", "origin": msgid, "mailbox": rcpt.address},
     )
     return NewMessage(envelope, body)
+
+
+async def _to_the_end(work: asyncio.Future[None]) -> None:
+    """Await an executor's `work`; cancelled meanwhile (a drain's deadline), wait for its
+    thread to be done before the cancellation goes on: the caller's `finally` closes the
+    descriptor the thread writes (closed under it, its number could be another file's by
+    the time it writes, and the lock would go early)."""
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            try:
+                await asyncio.wait({work})
+            except asyncio.CancelledError:
+                continue
+        raise
