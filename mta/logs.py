@@ -40,6 +40,8 @@ FORMATS = ("keyvalue", "json")
 _schedule: Callable[[], None] | None = None  # write_each_turn: lines wait for the end of the turn
 _waiting: list[str] = []
 _waiting_lock = threading.Lock()  # append + "the first?" and take-all, each one step across threads
+_loop: asyncio.AbstractEventLoop | None = None  # write_each_turn's loop, and its thread
+_loop_thread = 0
 
 
 def set_format(name: str) -> None:
@@ -97,19 +99,18 @@ os.register_at_fork(after_in_child=_forked)
 def write_each_turn(loop: asyncio.AbstractEventLoop | None, schedule: Callable[[], None] | None = None) -> None:
     """Lines from now on go out together at the end of each turn of `loop` (None: the
     lines waiting go out now, and each later line at once). Called on the loop's thread.
-    `schedule`, called for the first line waiting (from whichever thread logs it), makes
-    write_waiting() run at the end of the turn (by default loop.call_soon(write_waiting),
-    thread-safely from another thread: a writer thread's line wakes the loop)."""
-    global _schedule
+    `schedule`, called on the loop's thread for the first line waiting, makes
+    write_waiting() run at the end of the turn (by default loop.call_soon(write_waiting)).
+    A first line from another thread (the pickup's executor, a writer thread) has it
+    called through loop.call_soon_threadsafe: that wakes the loop, and call_soon from
+    another thread would touch libuv's handles off the loop."""
+    global _schedule, _loop, _loop_thread
     if loop is None:
         _schedule = None
         write_waiting()
-    elif schedule is not None:
-        _schedule = schedule
     else:
-        thread = threading.get_ident()
-        _schedule = lambda: (loop.call_soon if threading.get_ident() == thread  # noqa: E731
-                             else loop.call_soon_threadsafe)(write_waiting)
+        _schedule = schedule or (lambda: loop.call_soon(write_waiting))
+        _loop, _loop_thread = loop, threading.get_ident()
 
 
 def _emit(text: str) -> None:
@@ -121,7 +122,11 @@ def _emit(text: str) -> None:
         _waiting.append(text)
         first = len(_waiting) == 1
     if first:
-        _schedule()
+        if threading.get_ident() == _loop_thread:
+            _schedule()
+        else:
+            assert _loop is not None  # (set with _schedule)
+            _loop.call_soon_threadsafe(_schedule)
 
 
 def write_waiting() -> None:

@@ -139,8 +139,10 @@ class GroupCommitter:
             return QueueIOError(f"the commit failed: {exc!r}")
 
     @staticmethod
-    def _add(pending: PendingCommit | QueueError, batch: Batch) -> BaseException | None:
-        if isinstance(pending, QueueError):
+    def _add(pending: PendingCommit | QueueError | None, batch: Batch) -> BaseException | None:
+        """The batch added to the transaction (on the loop, or in the writer for a big one);
+        the error it raised."""
+        if pending is None or isinstance(pending, QueueError):
             return None  # (_finish answers with it)
         try:
             pending.add([m for group, _ in batch for m in group])
@@ -245,14 +247,11 @@ class GroupCommitter:
         fill_here = False
         try:
             if not batch:
-                self._active = False
+                self._active, error = False, None
             elif sum(len(m.body) for group, _ in batch for m in group) > LOOP_FILL_BYTES:
-                fill_here = True  # the writer copies them
-            elif pending is not None and not isinstance(pending, QueueError):
-                pending.add([m for group, _ in batch for m in group])
-            error = None
-        except Exception as exc:  # (answered to the callers by _finish, in the writer)
-            error = exc
+                fill_here, error = True, None  # the writer copies them
+            else:
+                error = self._add(pending, batch)  # (answered to the callers by _finish, in the writer)
         finally:  # whatever happened, the writer hears of it (it holds the write lock)
             self._taken = batch, error, fill_here
             self._filled.release()

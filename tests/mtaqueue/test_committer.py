@@ -94,6 +94,17 @@ class Signalling(LmdbBackend):
         return pending
 
 
+async def commit_begun(backend: Signalling, message: NewMessage) -> tuple[GroupCommitter, asyncio.Task[None]]:
+    """A committer, and a commit of `message` whose round the writer has begun: it holds the
+    write lock and waits for this loop (blocked here until then) to fill it."""
+    loop = asyncio.get_running_loop()
+    committer = GroupCommitter(backend, loop)
+    task = loop.create_task(committer.commit(message))
+    await asyncio.sleep(0)  # the round is asked for
+    assert backend.begun.wait(10)
+    return committer, task
+
+
 def run_within(seconds: float, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """asyncio.run(main()) in a thread of its own; fails when it has not returned in time."""
     runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
@@ -180,11 +191,7 @@ def test_a_loop_waiting_for_the_write_lock_gets_it_and_the_round_is_stored_after
     done: list[float] = []
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
-        committer = GroupCommitter(backend, loop)
-        task = loop.create_task(committer.commit(later))
-        await asyncio.sleep(0)  # the round is asked for
-        assert backend.begun.wait(10)  # the writer has the write lock and waits for this loop
+        committer, task = await commit_begun(backend, later)
         started = time.monotonic()
         backend.delete([first.envelope.id])  # this loop's own write transaction
         done.append(time.monotonic() - started)
@@ -205,11 +212,7 @@ def test_close_in_the_turn_after_a_round_was_given_up_stores_what_waits(tmp_path
     resolved: list[bool] = []
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
-        committer = GroupCommitter(backend, loop)
-        task = loop.create_task(committer.commit(waiting))
-        await asyncio.sleep(0)  # the round is asked for
-        assert backend.begun.wait(10)
+        committer, task = await commit_begun(backend, waiting)
         time.sleep(FILL_WAIT_SECONDS + 0.3)  # a loop this busy: the writer gives the round up
         committer.close()  # in the same busy stretch: the round is asked for again, and stored
         done, _ = await asyncio.wait([task], timeout=5)
@@ -278,13 +281,40 @@ def test_a_committed_round_is_answered_without_waiting_for_the_next_rounds_write
         backend.close()
 
 
-def test_a_round_of_big_messages_is_stored(tmp_path: Path) -> None:
-    """More than LOOP_FILL_BYTES in a round: the writer thread copies them, not the loop."""
-    backend = LmdbBackend(str(tmp_path / "q"), 8 * MIB)
-    messages = [message(LOOP_FILL_BYTES // 2 + 1) for _ in range(3)]
+class AddsRecorded(LmdbBackend):
+    """The real backend, noting which thread adds each round's messages to its transaction."""
+
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__(path, size)
+        self.adders: list[int] = []
+
+    def begin_commit(self):  # type: ignore[no-untyped-def]
+        backend, pending = self, super().begin_commit()
+
+        class Noted:
+            commit, abort = pending.commit, pending.abort
+
+            def add(self, messages: list[NewMessage]) -> None:
+                backend.adders.append(threading.get_ident())
+                pending.add(messages)
+
+        return Noted()
+
+
+def test_a_round_is_filled_on_the_loop_and_a_big_one_by_the_writer(tmp_path: Path) -> None:
+    """The puts of a round run on the event loop (from the writer thread, py-lmdb's GIL
+    release around each one handed the GIL to the busy loop and back: the futex calls of
+    issue 21); more than LOOP_FILL_BYTES of messages in a round, the writer copies them
+    (it would stall the loop's sessions) and they are stored all the same."""
+    backend = AddsRecorded(str(tmp_path / "q"), 8 * MIB)
+    small = [message(100) for _ in range(5)]
+    big = [message(LOOP_FILL_BYTES // 2 + 1) for _ in range(3)]
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
     try:
-        rounds = commit_together(backend, messages)
-        assert sum(rounds) == 3
-        assert {backend.body(m.envelope.id) for m in messages} == {m.body for m in messages}
+        assert sum(commit_together(backend, small)) == 5
+        assert backend.adders == [loop_thread]
+        assert sum(commit_together(backend, big)) == 3
+        assert len(backend.adders) == 2 and backend.adders[1] != loop_thread
+        assert {backend.body(m.envelope.id) for m in small + big} == {m.body for m in small + big}
     finally:
         backend.close()

@@ -22,7 +22,6 @@ transport (protocol.py).
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Protocol
 
 from mta import logs
@@ -37,12 +36,10 @@ class TurnWriter:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._ready: list[Output] = []
         self._scheduled = False
-        # The worker's loop, given (made on the loop's thread): a line may come first from
-        # another thread (the pickup's file steps run in an executor), which must schedule
-        # the callback thread-safely (call_soon would touch libuv's handles from it and
-        # not wake the loop). None: looked up once, from inside the loop (tests).
+        # The worker's loop, given: asyncio.get_running_loop() costs a getpid. None: looked
+        # up once, from inside the loop (tests). (A line logged first from another thread
+        # reaches schedule() on the loop's thread: logs.write_each_turn.)
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self._counts: dict[Any, float] = {}  # metric (a Counter's or Gauge's child) -> amount this turn
 
     def mark(self, output: Output) -> None:
@@ -57,10 +54,7 @@ class TurnWriter:
             self._scheduled = True
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            if threading.get_ident() == self._loop_thread:
-                self._loop.call_soon(self._write)
-            else:
-                self._loop.call_soon_threadsafe(self._write)
+            self._loop.call_soon(self._write)
 
     def count(self, metric: Any, amount: float = 1) -> None:
         """metric.inc(amount) at the end of this turn (a Gauge's amount may be negative)."""
