@@ -18,16 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import free_port
 from tests.integration.tlscerts import Pki
 
 REDIS_SERVER = "/usr/bin/redis-server"
 START_SECONDS = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -35,7 +30,7 @@ class RedisServer:
                  host: str = "127.0.0.1", port: int | None = None, wrapper: Sequence[str] = ()) -> None:
         self.directory = directory
         self.host = host
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self.pki = pki
         self.extra = extra  # more redis-server arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
         self.wrapper = list(wrapper)

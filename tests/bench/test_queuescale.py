@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = REPO_ROOT / "bench"
 MTA_PROCESSES = {"master", "inbound#1", "scheduler#1", "delivery#1", "control#1"}
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_queue_scale_fills_restarts_and_drains_every_message_once(tmp_path: Path) -> None:

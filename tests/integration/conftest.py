@@ -45,14 +45,19 @@ _MASTER_PID = re.compile(rb"proc=master pid=(\d+)")
 
 # --- config ------------------------------------------------------------------------------
 
-def free_port(besides: int = 0) -> int:
-    """A loopback port nobody listens on right now (the kernel picks it), other than
-    `besides` (a port picked before but not bound yet: the kernel may hand it out again)."""
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the kernel picks it) and that this test
+    process has not been given before: ports picked together (a server's listeners, its control
+    port) are not bound until the server starts, and the kernel may hand one out twice."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port != besides:
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
             return port
 
 
@@ -71,7 +76,7 @@ def server_config(port: int, spool: Path, **sections: dict[str, Any]) -> dict[st
         # Per-test DNS cache, and a resolver on a loopback port where nothing answers:
         # no test can ever reach the machine's own resolver.
         "cache": {"path": str(spool.parent / f"{spool.name}-cache")},
-        "control": {"listen": f"127.0.0.1:{free_port(besides=port)}", "metrics_dir": str(spool.parent / f"{spool.name}-metrics")},
+        "control": {"listen": f"127.0.0.1:{free_port()}", "metrics_dir": str(spool.parent / f"{spool.name}-metrics")},
         "dns": {"nameservers": ["127.0.0.1:9"], "timeout_seconds": 1},
     }
     for name, values in sections.items():

@@ -182,10 +182,7 @@ def start_dovecot(tmp_path: Path, mail_user: str, users: Mapping[str, DovecotUse
     try:
         base.chmod(0o755)
         (base / "users").write_text("".join(user.line(address) for address, user in users.items()))
-        ports: set[int] = set()
-        while len(ports) < 4:  # four different ones (the kernel may hand one out twice)
-            ports.add(free_port())
-        dovecot = Dovecot(*sorted(ports), base)
+        dovecot = Dovecot(*(free_port() for _ in range(4)), base)
         dovecot.mail_root.mkdir(mode=0o755)
         conf = base / "dovecot.conf"
         conf.write_text(_CONF.format(
