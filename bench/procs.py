@@ -47,10 +47,19 @@ def log(msg: str) -> None:
     print(f"{_log_name}: {msg}", file=sys.stderr, flush=True)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on now and not handed out before in this run: ports
+    picked together are bound only later, and the kernel may hand one out twice."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def greets(port: int, timeout: float = 1.0) -> bool:
