@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MtaServer, wait_until
+from tests.integration.conftest import MtaServer, free_port, wait_until
 from tests.integration.dns_fixtures import dns_server  # noqa: F401
 from tests.integration.dns_server import DnsServer
 from tests.integration.sink import SmtpSink
@@ -22,11 +22,9 @@ pytestmark = pytest.mark.integration
 def shared_port(addresses: list[str]) -> int:
     """A port free on every one of `addresses` ([delivery] port is one number for all MX)."""
     for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((addresses[0], 0))
-            port = probe.getsockname()[1]
+        port = free_port()  # never one handed to another part of this test
         try:
-            for address in addresses[1:]:
+            for address in addresses:
                 with socket.socket() as other:
                     other.bind((address, port))
             return port
