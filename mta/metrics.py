@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import glob
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,18 +47,31 @@ def _files_locked(exclusive: bool) -> Iterator[str]:
         yield directory
 
 
+class _Files(multiprocess.MultiProcessCollector):
+    """MultiProcessCollector without the files of processes still creating them.
+
+    A process's first metric creates its file empty and only then sizes it: a scrape in
+    that instant (a worker just spawned) would fail on the stock collector, reading no
+    header. The process has counted nothing yet, so leaving its file out loses nothing.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        return self.merge([path for path in files if os.path.getsize(path) > 0], accumulate=True)
+
+
 def render() -> bytes:
     """The merged view of every process's metric files (the control process serves it)."""
     with _files_locked(exclusive=False):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        _Files(registry)
         return generate_latest(registry)
 
 
 def merged() -> list[Metric]:
     """The merged metric families, as render() shows them (the web UI's overview reads them)."""
     with _files_locked(exclusive=False):
-        return list(multiprocess.MultiProcessCollector(CollectorRegistry()).collect())
+        return list(_Files(CollectorRegistry()).collect())
 
 
 def process_dead(pid: int) -> None:

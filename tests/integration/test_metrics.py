@@ -152,6 +152,25 @@ def test_readyz_is_false_during_a_drain_and_restarts_do_not_grow_the_directory(m
     assert server.proc.wait(15) == 0
 
 
+def test_a_scrape_that_meets_a_damaged_metrics_file_gets_an_answer_and_the_next_one_works(mta_server) -> None:
+    # A file whose header claims more than it holds (disk damage, a hand edit): the scrape
+    # answers 500 at once and closes (it used to leave the connection open until Prometheus
+    # timed out), the control process stays up, and scrapes work again once it is gone.
+    server = mta_server()
+    wait_until(lambda: get(server, "/healthz")[0] == 200, 10, "the control process", server)
+    metrics_dir = Path(re.search(r'metrics_dir = "([^"]+)"', server.config_path.read_text()).group(1))  # type: ignore[union-attr]
+    damaged = metrics_dir / "counter_999999.db"
+    damaged.write_bytes((1 << 20).to_bytes(4, "little") + bytes(4))
+    started = time.monotonic()
+    status, body = get(server, "/metrics")
+    assert (status, body) == (500, "internal error: the mta log has the details\n")
+    assert time.monotonic() - started < 4  # answered, not left to the client's timeout
+    assert "control: answering b'GET' b'/metrics'" in server.log_bytes().decode()
+    damaged.unlink()
+    status, body = get(server, "/metrics")
+    assert status == 200 and "mta_inbound_connections_total" in body
+
+
 def test_json_logs_carry_the_message_id_through_its_life(mta_server) -> None:
     server = mta_server(log={"format": "json"})
 

@@ -32,10 +32,17 @@ def relaying(mta_server, sink: SmtpSink) -> MtaServer:  # type: ignore[no-untype
 
 
 def connect(server: MtaServer) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(server.spool / "scheduler.sock"))
-    return sock
+    """A connection to the scheduler's socket (the server greets before the scheduler listens)."""
+    def attempt() -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect(str(server.spool / "scheduler.sock"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
+        return sock
+    return wait_until(attempt, 10, "the scheduler's socket", server)
 
 
 def closed_after(sock: socket.socket) -> bool:

@@ -181,7 +181,6 @@ class Control(WorkerBody):
                        crash_looping=",".join(self.crash_looping) or None)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tls = self.tls
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
             headers = _headers(head)
@@ -196,6 +195,28 @@ class Control(WorkerBody):
         method, _, rest = head.partition(b"\r\n")[0].partition(b" ")
         target, _, version = rest.partition(b" ")
         path, _, query = target.partition(b"?")
+        try:
+            reply = await self._answer(method, path, query, headers, payload, writer)
+        except Exception as exc:  # a defect: the client still gets an answer, the log the traceback
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": f"control: answering {method[:16]!r} {path[:200]!r}", "exception": exc})
+            reply = Reply(b"500 Internal Server Error", b"internal error: the mta log has the details\n",
+                          b"text/plain; charset=utf-8", SECURITY_HEADERS)
+        try:
+            if isinstance(reply.body, bytes):
+                writer.write(_head(reply, b"Content-Length: %d\r\n" % len(reply.body)) + reply.body)
+                await writer.drain()
+            else:
+                await _send_parts(writer, reply, reply.body, chunked=version != b"HTTP/1.0")
+        except (ConnectionError, TimeoutError):
+            pass  # the client left, or stopped reading: nothing more to tell it
+        writer.close()
+
+    async def _answer(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes], payload: bytes,
+                      writer: asyncio.StreamWriter) -> Reply:
+        """The reply to one request: the API and web UI (behind the transport and request
+        checks), /metrics, or the plain routes."""
+        tls = self.tls
         if path.startswith(b"/api/") or path == b"/ui" or path.startswith(b"/ui/"):
             peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
             client = peer[0] if isinstance(peer, tuple) else None
@@ -213,19 +234,10 @@ class Control(WorkerBody):
             logs.event("api", method=method.decode("ascii", "replace"), path=path[:200].decode("ascii", "replace"),
                        status=int(reply.status[:3]), client=client,
                        refused=refusal and refusal.reason, seen=refusal and refusal.seen)
-        elif method == b"GET" and path == b"/metrics":
-            reply = await self._metrics()
-        else:
-            reply = self._route(method, path)
-        try:
-            if isinstance(reply.body, bytes):
-                writer.write(_head(reply, b"Content-Length: %d\r\n" % len(reply.body)) + reply.body)
-                await writer.drain()
-            else:
-                await _send_parts(writer, reply, reply.body, chunked=version != b"HTTP/1.0")
-        except (ConnectionError, TimeoutError):
-            pass  # the client left, or stopped reading: nothing more to tell it
-        writer.close()
+            return reply
+        if method == b"GET" and path == b"/metrics":
+            return await self._metrics()
+        return self._route(method, path)
 
     async def _api(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes],
                    payload: bytes) -> tuple[Reply, Refusal | None]:
