@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,16 +49,33 @@ def _files_locked(exclusive: bool) -> Iterator[str]:
 
 
 class _Files(multiprocess.MultiProcessCollector):
-    """MultiProcessCollector without the files of processes still creating them.
+    """MultiProcessCollector without the files of processes still creating them, and
+    naming a damaged file.
 
     A process's first metric creates its file empty and only then sizes it: a scrape in
     that instant (a worker just spawned) would fail on the stock collector, reading no
     header. The process has counted nothing yet, so leaving its file out loses nothing.
+    A file that does not parse raises OSError, as a vanished one does: the scrape says
+    which file, and the callers' handling of unreadable files applies.
     """
 
     def collect(self) -> Iterator[Metric]:
-        files = glob.glob(os.path.join(self._path, "*.db"))
-        return self.merge([path for path in files if os.path.getsize(path) > 0], accumulate=True)
+        files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if os.path.getsize(path) > 0]
+        try:
+            return self.merge(files, accumulate=True)
+        except (RuntimeError, struct.error) as exc:  # what prometheus-client raises for a file it cannot parse
+            raise OSError(f"{_damaged(files)} is damaged ({exc}): remove it, or restart mta "
+                          "(which clears the directory)") from exc
+
+
+def _damaged(files: list[str]) -> str:
+    """The first of `files` that does not parse (the merge does not say which)."""
+    for path in files:
+        try:
+            list(MmapedDict.read_all_values_from_file(path))
+        except (RuntimeError, struct.error):
+            return path
+    return "a metrics file"
 
 
 def render() -> bytes:
